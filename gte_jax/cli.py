@@ -1,0 +1,49 @@
+"""`gte-jax` command line: one entry point, one module per subcommand.
+
+Each subcommand lives beside the code it drives and exposes ``main(argv) -> int``; this file only
+dispatches, so `gte-jax encode --help` imports nothing the encoder does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("gte_jax.train", "train a model (any stage) from a config"),
+    "export": ("gte_jax.export", "write a Hugging Face / sentence-transformers directory"),
+    "encode": ("gte_jax.encode", "embed texts from a .txt or .jsonl file into a .npy array"),
+    "eval": ("gte_jax.evaluation", "retrieval (BEIR format) and STS evaluation"),
+    "mine": ("gte_jax.mining", "mine hard negatives for stage-2 fine-tuning"),
+    "data": ("gte_jax.data.cli", "inspect the data mixture, build TFDS datasets"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: gte-jax <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run `gte-jax <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from gte_jax import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"gte-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
