@@ -1,0 +1,165 @@
+"""Orbax checkpoints with exact resume: train state (params, optimizer, step, RNG) + data state.
+
+One checkpoint = two items saved together under ``<workdir>/checkpoints/<step>/``:
+``state`` (a pytree of jax.Arrays, saved with their shardings) and ``data`` (the data iterator's
+JSON state, so a resumed run draws exactly the batches it would have drawn). Orbax writes each step
+into a temporary directory and renames it when complete, so a run killed mid-save leaves no
+half-written step behind; a step that is complete on disk but unreadable (bit rot, a truncated copy)
+is skipped with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a workdir could be restored."""
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs that carry each leaf's sharding, so restore places arrays where they live."""
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+    """Saves every ``every_steps`` steps (and on demand), keeps ``max_to_keep``, restores the newest
+    readable step."""
+
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        *,
+        every_steps: int,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+    ):
+        self.directory = epath.Path(directory)
+        self.every_steps = int(every_steps)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, self.every_steps),
+            max_to_keep=max_to_keep,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data")
+        )
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(
+        self, step: int, state: Any, data_state: Mapping[str, Any], *, force: bool = False
+    ) -> bool:
+        """Save if ``step`` is due (or ``force``); returns whether a save was started."""
+        if not force and (self.every_steps <= 0 or step % self.every_steps != 0):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))
+            ),
+            force=True,
+        )
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+        """Restore ``step`` (default: the newest readable one). Returns (step, state, data_state),
+        or None when the directory holds no checkpoint at all."""
+        candidates = self.steps
+        if step is not None:
+            if step not in candidates:
+                raise CheckpointError(
+                    f"no checkpoint for step {step} in {self.directory}; available: {candidates}"
+                )
+            candidates = [step]
+        if not candidates:
+            return None
+        failures = []
+        for s in reversed(candidates):
+            try:
+                restored = self._manager.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as e:  # orbax raises many types for a damaged step
+                failures.append(f"step {s}: {type(e).__name__}: {e}")
+                log.warning(
+                    "checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                    self.directory,
+                    s,
+                    type(e).__name__,
+                    str(e)[:300],
+                )
+                continue
+            if failures:
+                log.warning(
+                    "resumed from step %d after skipping %d damaged step(s)", s, len(failures)
+                )
+            return s, restored["state"], dict(restored["data"])
+        raise CheckpointError(
+            f"none of the checkpoints in {self.directory} could be restored:\n  "
+            + "\n  ".join(failures)
+            + "\nMove the damaged step directories away (or start a fresh --workdir) and rerun."
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (what a TPU VM gets before preemption, and SLURM before a time limit): the loop
+    saves at the next step boundary and exits cleanly instead of losing work since the last save."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._previous = None
+
+    def install(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
+        self._event.set()
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
