@@ -1,0 +1,321 @@
+"""Contrastive losses on the global batch: GTE's joint-partition loss and InfoNCE.
+
+Both are written as plain math on global arrays (big_vision style): inside one ``jax.jit`` with the
+batch sharded over ``"data"``, XLA inserts the all-gathers of the candidate embeddings. A
+``shard_map`` twin (:func:`sharded_contrastive_loss`) computes the same numbers with an explicit
+``all_gather`` for when the gather pattern must be pinned down; both call the same row kernel.
+
+Conventions (see docs/design.md):
+  * ``q``, ``d``: [n, D] L2-normalised query / positive-document embeddings; ``neg``: [n, K, D]
+    hard negatives (K per query), also normalised. Cosine similarity is therefore a dot product.
+  * ``q_ids``, ``d_ids``, ``neg_ids``: int text ids over the global batch and all roles; equal ids
+    mean identical strings. ``None`` means "all texts distinct".
+  * ``valid``: [n] (1 = real example). Padding rows add nothing to the loss and their texts
+    (query, document and negatives) are never candidates.
+
+Masking rule (one rule for every term, decided on the text, never on embeddings): in the row of
+example i, a candidate whose text is identical to q_i's or to d_i's text is removed (-inf before
+logsumexp), except the positive pair (q_i, d_i) itself; the self terms (q_i, q_i) and (d_i, d_i)
+are always removed. "Identical to d_i" catches a positive that appears twice in the batch (the
+classic false negative); "identical to q_i" catches a query repeated as a document or as a query.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+GTE_TEMPERATURE = 0.01  # GTE §3: τ = 0.01.
+INFONCE_TEMPERATURE = 0.05  # sentence-transformers MultipleNegativesRankingLoss: scale 20.
+
+# Why HIGHEST: logits are cosines divided by τ = 0.01, so the bf16-pass default of TPU/GPU f32
+# matmuls (~3 significant digits) would put errors of ~0.1-0.4 on the logits. The similarity
+# matmuls are tiny next to the encoder, so full precision costs nothing that matters.
+_PRECISION = lax.Precision.HIGHEST
+
+
+class _Candidates(NamedTuple):
+    """Everything a row is scored against: all queries and all documents of the global batch."""
+
+    q: Array  # [n, D] all queries (candidates of the q→q and d→q terms)
+    docs: Array  # [M, D] all positives then all hard negatives, M = n + n*K
+    q_ids: Array  # [n]
+    doc_ids: Array  # [M]
+    q_ok: Array  # [n] bool: this query may act as a candidate (its example is valid)
+    doc_ok: Array  # [M] bool
+
+
+class _Rows(NamedTuple):
+    """The rows (examples) scored by one call: all of them, or one device's shard."""
+
+    q: Array  # [r, D]
+    d: Array  # [r, D]
+    index: Array  # [r] global index of each row (position of d_i among the candidate docs)
+    q_ids: Array  # [r]
+    d_ids: Array  # [r]
+
+
+def _default_ids(n: int, k: int) -> tuple[Array, Array, Array]:
+    """Distinct ids for every text: queries 0..n-1, documents n..2n-1, negatives 2n.."""
+    q_ids = jnp.arange(n, dtype=jnp.int32)
+    return q_ids, q_ids + n, (2 * n + jnp.arange(n * k, dtype=jnp.int32)).reshape(n, k)
+
+
+def _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid):
+    """Casts to float32, fills default ids / validity, and flattens the negatives."""
+    q = jnp.asarray(q, jnp.float32)
+    d = jnp.asarray(d, jnp.float32)
+    n = q.shape[0]
+    if d.shape != q.shape:
+        raise ValueError(f"q and d must have the same shape [n, D], got {q.shape} and {d.shape}")
+    k = 0 if neg is None else neg.shape[1]
+    if neg is not None:
+        neg = jnp.asarray(neg, jnp.float32)
+        if neg.ndim != 3 or neg.shape[0] != n or neg.shape[2] != q.shape[1]:
+            raise ValueError(f"neg must be [n, K, D] = [{n}, K, {q.shape[1]}], got {neg.shape}")
+    dq, dd, dn = _default_ids(n, k)
+    q_ids = dq if q_ids is None else jnp.asarray(q_ids, jnp.int32)
+    d_ids = dd if d_ids is None else jnp.asarray(d_ids, jnp.int32)
+    if neg is not None:
+        neg_ids = dn if neg_ids is None else jnp.asarray(neg_ids, jnp.int32)
+    valid = jnp.ones((n,), jnp.bool_) if valid is None else jnp.asarray(valid).astype(jnp.bool_)
+    return q, d, neg, q_ids, d_ids, neg_ids, valid
+
+
+def _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid) -> _Candidates:
+    if neg is None:
+        docs, doc_ids, doc_ok = d, d_ids, valid
+    else:
+        n, k, dim = neg.shape
+        docs = jnp.concatenate([d, neg.reshape(n * k, dim)], axis=0)  # [n + n*K, D]
+        doc_ids = jnp.concatenate([d_ids, neg_ids.reshape(n * k)])
+        doc_ok = jnp.concatenate([valid, jnp.repeat(valid, k)])  # negatives of padding rows: out
+    return _Candidates(q, docs, q_ids, doc_ids, valid, doc_ok)
+
+
+def _row_losses(
+    kind: str, rows: _Rows, cands: _Candidates, temperature: float, symmetric: bool
+) -> dict[str, Array]:
+    """Per-row loss and metric sums for ``rows`` against all candidates. Shapes: r rows."""
+    n = cands.q.shape[0]
+    m = cands.docs.shape[0]
+    sim_qd = jnp.einsum("rd,md->rm", rows.q, cands.docs, precision=_PRECISION)  # [r, M] s(q_i,c_j)
+    is_pos = jnp.arange(m)[None, :] == rows.index[:, None]  # [r, M]: c_j is d_i
+    is_self = jnp.arange(n)[None, :] == rows.index[:, None]  # [r, n]: q_j is q_i
+
+    def same_text(ids):  # [r, C]: candidate text identical to q_i's or d_i's text
+        return (ids[None, :] == rows.q_ids[:, None]) | (ids[None, :] == rows.d_ids[:, None])
+
+    dup_doc = same_text(cands.doc_ids)  # [r, M]
+    dup_q = same_text(cands.q_ids)  # [r, n]
+    # The positive is kept even for padding rows, so no row is all -inf (its gradient would be NaN).
+    keep_qd = is_pos | (cands.doc_ok[None, :] & ~dup_doc)  # [r, M]
+    pos = jnp.sum(jnp.where(is_pos, sim_qd, 0.0), axis=1)  # [r] s(q_i, d_i)
+
+    def masked(sim, keep):
+        return jnp.where(keep, sim / temperature, -jnp.inf)
+
+    logits_qd = masked(sim_qd, keep_qd)  # [r, M]
+    if kind == "gte" or symmetric:
+        sim_dq = jnp.einsum("rd,nd->rn", rows.d, cands.q, precision=_PRECISION)  # [r, n] s(q_j,d_i)
+        logits_dq = masked(sim_dq, is_self | (cands.q_ok[None, :] & ~dup_q))  # [r, n]
+    if kind == "gte":
+        sim_qq = jnp.einsum("rd,nd->rn", rows.q, cands.q, precision=_PRECISION)  # [r, n]
+        sim_dd = jnp.einsum("rd,md->rm", rows.d, cands.docs, precision=_PRECISION)  # [r, M]
+        logits_qq = masked(sim_qq, ~is_self & cands.q_ok[None, :] & ~dup_q)
+        logits_dd = masked(sim_dd, ~is_pos & cands.doc_ok[None, :] & ~dup_doc)
+        # One joint partition function Z_i over all four terms: [r, 2M + 2n].
+        joint = jnp.concatenate([logits_qd, logits_qq, logits_dq, logits_dd], axis=1)
+        loss = jax.nn.logsumexp(joint, axis=1) - pos / temperature
+    elif kind == "infonce":
+        loss = jax.nn.logsumexp(logits_qd, axis=1) - pos / temperature
+        if symmetric:
+            loss = 0.5 * (loss + jax.nn.logsumexp(logits_dq, axis=1) - pos / temperature)
+    else:
+        raise ValueError(f"unknown loss kind {kind!r}; expected 'gte' or 'infonce'")
+
+    neg_keep = keep_qd & ~is_pos  # [r, M]: the q→d negatives actually in the softmax
+    return {
+        "loss": loss,
+        "correct": (jnp.argmax(logits_qd, axis=1) == rows.index).astype(jnp.float32),
+        "pos_sim": pos,
+        "neg_sim_sum": jnp.sum(jnp.where(neg_keep, sim_qd, 0.0), axis=1),
+        "neg_count": jnp.sum(neg_keep, axis=1).astype(jnp.float32),
+    }
+
+
+def _row_sums(per_row: dict[str, Array], valid_rows: Array) -> dict[str, Array]:
+    w = valid_rows.astype(jnp.float32)
+    sums = {k: jnp.sum(w * v) for k, v in per_row.items()}
+    sums["count"] = jnp.sum(w)
+    return sums
+
+
+def _finalize(sums: dict[str, Array]) -> tuple[Array, Metrics]:
+    count = jnp.maximum(sums["count"], 1.0)
+    loss = sums["loss"] / count
+    metrics = {
+        "loss": loss,
+        "accuracy": sums["correct"] / count,
+        "pos_sim": sums["pos_sim"] / count,
+        "neg_sim": sums["neg_sim_sum"] / jnp.maximum(sums["neg_count"], 1.0),
+        "num_examples": sums["count"],
+    }
+    return loss, metrics
+
+
+def _global_loss(kind, q, d, *, temperature, q_ids, d_ids, neg, neg_ids, valid, symmetric):
+    q, d, neg, q_ids, d_ids, neg_ids, valid = _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid)
+    cands = _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid)
+    rows = _Rows(q, d, jnp.arange(q.shape[0]), q_ids, d_ids)
+    per_row = _row_losses(kind, rows, cands, temperature, symmetric)
+    return _finalize(_row_sums(per_row, valid))
+
+
+def gte_loss(
+    q: Array,
+    d: Array,
+    *,
+    temperature: float = GTE_TEMPERATURE,
+    q_ids: Array | None = None,
+    d_ids: Array | None = None,
+    neg: Array | None = None,
+    neg_ids: Array | None = None,
+    valid: Array | None = None,
+) -> tuple[Array, Metrics]:
+    """GTE's improved contrastive loss with one joint partition function (Li et al., 2023, §3).
+
+    With s the cosine and τ the temperature, for example i::
+
+        Z_i = Σ_j e^{s(q_i,d_j)/τ} + Σ_{j≠i} e^{s(q_i,q_j)/τ} + Σ_j e^{s(q_j,d_i)/τ}
+              + Σ_{j≠i} e^{s(d_j,d_i)/τ}
+        L   = -(1/n) Σ_i log(e^{s(q_i,d_i)/τ} / Z_i)
+
+    The positive appears twice in Z_i (in the q→d and the d→q sums), as in the paper.
+
+    Hard negatives: they are extra *documents*, so they join every sum where d_j ranges over
+    documents: the q→d sum (candidates for q_i) and the d→d sum (candidates for d_i) — all n*K
+    negatives of the batch, not only those mined for query i. They never act as queries, so the
+    q→q and d→q sums are unchanged. Masking and padding follow the module docstring.
+
+    Returns ``(loss, metrics)`` with metrics ``loss``, ``accuracy`` (in-batch q→d top-1 over the
+    same candidates as the q→d sum), ``pos_sim`` (mean s(q_i, d_i)), ``neg_sim`` (mean q→d
+    similarity over the unmasked negatives) and ``num_examples``. Computed in float32.
+    """
+    return _global_loss(
+        "gte",
+        q,
+        d,
+        temperature=temperature,
+        q_ids=q_ids,
+        d_ids=d_ids,
+        neg=neg,
+        neg_ids=neg_ids,
+        valid=valid,
+        symmetric=False,
+    )
+
+
+def infonce_loss(
+    q: Array,
+    d: Array,
+    *,
+    temperature: float = INFONCE_TEMPERATURE,
+    q_ids: Array | None = None,
+    d_ids: Array | None = None,
+    neg: Array | None = None,
+    neg_ids: Array | None = None,
+    valid: Array | None = None,
+    symmetric: bool = False,
+) -> tuple[Array, Metrics]:
+    """InfoNCE with in-batch negatives: L = -(1/n) Σ_i log(e^{s(q_i,d_i)/τ} / Σ_c e^{s(q_i,c)/τ}).
+
+    c ranges over all positives and all hard negatives of the batch (q→d). With ``symmetric``,
+    the d→q loss (d_i against all queries; negatives are not queries) is averaged in.
+    Masking, padding and metrics as in :func:`gte_loss`.
+    """
+    return _global_loss(
+        "infonce",
+        q,
+        d,
+        temperature=temperature,
+        q_ids=q_ids,
+        d_ids=d_ids,
+        neg=neg,
+        neg_ids=neg_ids,
+        valid=valid,
+        symmetric=symmetric,
+    )
+
+
+LOSSES = {"gte": gte_loss, "infonce": infonce_loss}
+
+
+def contrastive_loss(name: str, q: Array, d: Array, **kwargs: Any) -> tuple[Array, Metrics]:
+    """Dispatches to :func:`gte_loss` (``"gte"``) or :func:`infonce_loss` (``"infonce"``)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name](q, d, **kwargs)
+
+
+def sharded_contrastive_loss(
+    name: str,
+    mesh: jax.sharding.Mesh,
+    q: Array,
+    d: Array,
+    *,
+    temperature: float | None = None,
+    q_ids: Array | None = None,
+    d_ids: Array | None = None,
+    neg: Array | None = None,
+    neg_ids: Array | None = None,
+    valid: Array | None = None,
+    symmetric: bool = False,
+    data_axis: str = "data",
+) -> tuple[Array, Metrics]:
+    """The same loss as :func:`contrastive_loss`, as a ``shard_map`` over ``data_axis``.
+
+    Each device all-gathers the candidate embeddings (q, d, negatives) and scores only its own
+    rows, so the logits live as [n/P, 2M + 2n] per device; the sums are ``psum``-ed. The gradient
+    of ``all_gather`` is a reduce-scatter, so this is differentiable as is. The batch size must be
+    divisible by the size of ``data_axis``.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    if temperature is None:
+        temperature = GTE_TEMPERATURE if name == "gte" else INFONCE_TEMPERATURE
+    q, d, neg, q_ids, d_ids, neg_ids, valid = _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid)
+    n = q.shape[0]
+    shards = mesh.shape[data_axis]
+    if n % shards:
+        raise ValueError(f"batch size {n} is not divisible by the {data_axis!r} axis ({shards})")
+    args = (q, d, q_ids, d_ids, valid) + (() if neg is None else (neg, neg_ids))
+
+    def local(q_l, d_l, q_ids_l, d_ids_l, valid_l, *neg_l):
+        def gather(x):
+            return lax.all_gather(x, data_axis, tiled=True)
+
+        neg_all, neg_ids_all = (None, None) if not neg_l else (gather(neg_l[0]), gather(neg_l[1]))
+        cands = _candidates(
+            gather(q_l), gather(d_l), neg_all, gather(q_ids_l), gather(d_ids_l), neg_ids_all,
+            gather(valid_l),
+        )  # fmt: skip
+        start = lax.axis_index(data_axis) * q_l.shape[0]
+        rows = _Rows(q_l, d_l, start + jnp.arange(q_l.shape[0]), q_ids_l, d_ids_l)
+        per_row = _row_losses(name, rows, cands, temperature, symmetric)
+        return lax.psum(_row_sums(per_row, valid_l), data_axis)
+
+    spec = jax.sharding.PartitionSpec(data_axis)
+    sums = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=tuple(spec for _ in args),
+        out_specs=jax.sharding.PartitionSpec(),
+    )(*args)
+    return _finalize(sums)
