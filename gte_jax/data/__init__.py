@@ -1,0 +1,1 @@
+"""Input pipeline: sources, α-mixture sampler, tokenisation and batching (docs/design.md)."""

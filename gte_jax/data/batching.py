@@ -1,0 +1,396 @@
+"""From sampled records to the batch dict of docs/design.md: tokenise, bucket, pad, slice.
+
+Division of labour over processes: every process fetches the *texts* of the whole global batch
+(cheap; needed so text ids are exact over the global batch), but tokenises and materialises only
+its contiguous slice ``[p * B/P, (p + 1) * B/P)``. The padded length must be the same everywhere,
+so the processes agree on the longest tokenised length with one tiny all-gather of two int32s per
+batch (``agree_lengths``; a no-op for one process) and pad to the smallest bucket that holds it.
+The alternative rule without communication -- every process tokenises the whole global batch
+just to learn the lengths -- would make tokenisation cost O(global batch) per host, the thing the
+split is meant to avoid; character-count estimates are not exact and would truncate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gte_jax.data.mixture import MixtureSampler
+from gte_jax.data.sources import BadInputError, PairRecord, Source
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def bucket_lengths(max_length: int, min_bucket: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``min_bucket`` below ``max_length``, then ``max_length`` itself.
+
+    e.g. (16, 32, 64, 128) for 128 and (16, 32, 64, 128, 200) for 200: at most ~log2(max) shapes
+    to compile, and a batch is never padded to more than twice its longest text.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    out = []
+    b = min_bucket
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    out.append(max_length)
+    return tuple(out)
+
+
+def pick_bucket(length: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """The contiguous rows of the global batch that ``process_index`` materialises."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by process_count "
+            f"{process_count}: choose a batch size that is a multiple of the process count"
+        )
+    per = global_batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
+def assign_text_ids(
+    queries: Sequence[str], docs: Sequence[str], negatives: Sequence[Sequence[str]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids equal ⇔ identical strings, over all roles of the (global) batch.
+
+    Decided on the raw text (before prefixes/instructions): the same content must not serve as
+    a negative of itself whether it appears as a query or a document.
+    """
+    table: dict[str, int] = {}
+
+    def ids(texts: Sequence[str]) -> list[int]:
+        return [table.setdefault(t, len(table)) for t in texts]
+
+    q = np.asarray(ids(queries), dtype=np.int32)
+    d = np.asarray(ids(docs), dtype=np.int32)
+    k = len(negatives[0]) if len(negatives) else 0
+    n = np.asarray([ids(row) for row in negatives], dtype=np.int32).reshape(len(negatives), k)
+    return q, d, n
+
+
+def pad_ids(
+    rows: Sequence[Sequence[int]], length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """[N, length] int32 ids and attention mask; rows must already fit (truncated upstream)."""
+    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), length), dtype=np.int32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------
+# Global batch plan: the texts of one global batch, identical on every process
+
+
+@dataclasses.dataclass
+class GlobalBatchPlan:
+    step: int
+    sources: list[str]  # [B] source name of each example
+    queries: list[str]  # [B] raw texts
+    query_prefixes: list[str]  # [B]
+    pool_query_prefix: list[bool]  # [B]
+    docs: list[str]  # [B]
+    doc_prefixes: list[str]  # [B]
+    negatives: list[list[str]]  # [B][K]
+    query_text_id: np.ndarray  # [B]
+    doc_text_id: np.ndarray  # [B]
+    neg_text_id: np.ndarray  # [B, K]
+
+    @property
+    def size(self) -> int:
+        return len(self.queries)
+
+
+def _fill_negatives(rec: PairRecord, k: int, where: str) -> list[str]:
+    if k == 0:
+        return []
+    if not rec.negatives:
+        raise BadInputError(
+            f"{where}: record has no negatives but the source asks for num_negatives={k}; set "
+            "num_negatives=0 for this source or filter records without negatives"
+        )
+    # Fewer negatives than K: cycle through the record's own (duplicates share a text id).
+    return [rec.negatives[j % len(rec.negatives)] for j in range(k)]
+
+
+def make_plan(
+    step: int, drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source], num_negatives: int
+) -> GlobalBatchPlan:
+    names, queries, qpre, pool, docs, dpre, negs = [], [], [], [], [], [], []
+    for name, index in drawn:
+        src = sources[name]
+        rec = src[index]
+        opts = src.options
+        names.append(name)
+        queries.append(rec.query)
+        qpre.append(rec.instruction or opts.query_prefix)
+        pool.append(opts.pool_query_prefix)
+        docs.append(rec.positive)
+        dpre.append(opts.doc_prefix)
+        negs.append(_fill_negatives(rec, num_negatives, f"source {name!r} record {index}"))
+    q_id, d_id, n_id = assign_text_ids(queries, docs, negs)
+    return GlobalBatchPlan(step, names, queries, qpre, pool, docs, dpre, negs, q_id, d_id, n_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenising one process's slice
+
+
+@dataclasses.dataclass
+class TokenizedSlice:
+    query_ids: list[list[int]]
+    query_pool: list[list[int]] | None
+    doc_ids: list[list[int]]
+    neg_ids: list[list[int]]  # [b * K] row-major
+    rows: slice
+
+    def max_lengths(self) -> np.ndarray:
+        """[2] int32: longest query, longest doc/negative of this slice."""
+        lq = max((len(r) for r in self.query_ids), default=1)
+        ld = max((len(r) for r in self.doc_ids + self.neg_ids), default=1)
+        return np.asarray([lq, ld], dtype=np.int32)
+
+
+def _tokenize(tokenizer, prefixes: Sequence[str], texts: Sequence[str], max_length: int):
+    full = [p + t for p, t in zip(prefixes, texts, strict=True)]
+    enc = tokenizer(full, truncation=True, max_length=max_length, add_special_tokens=True)
+    return enc["input_ids"]
+
+
+def _tokenize_with_pool(tokenizer, prefixes, texts, max_length, pool_prefix):
+    """Ids plus a pool mask excluding the (non-special) tokens that lie inside the prefix."""
+    full = [p + t for p, t in zip(prefixes, texts, strict=True)]
+    enc = tokenizer(
+        full,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    pools = []
+    for i, offsets in enumerate(enc["offset_mapping"]):
+        n_prefix = 0 if pool_prefix[i] else len(prefixes[i])
+        special = enc["special_tokens_mask"][i]
+        pools.append(
+            [int(sp == 1 or end > n_prefix) for (_, end), sp in zip(offsets, special, strict=True)]
+        )
+    return enc["input_ids"], pools
+
+
+def tokenize_slice(
+    plan: GlobalBatchPlan,
+    tokenizer,
+    rows: slice,
+    *,
+    query_max_length: int,
+    doc_max_length: int,
+    with_pool_mask: bool,
+) -> TokenizedSlice:
+    q_pre, q_txt = plan.query_prefixes[rows], plan.queries[rows]
+    if with_pool_mask:
+        q_ids, q_pool = _tokenize_with_pool(
+            tokenizer, q_pre, q_txt, query_max_length, plan.pool_query_prefix[rows]
+        )
+    else:
+        q_ids, q_pool = _tokenize(tokenizer, q_pre, q_txt, query_max_length), None
+    d_pre = plan.doc_prefixes[rows]
+    d_ids = _tokenize(tokenizer, d_pre, plan.docs[rows], doc_max_length)
+    negs = plan.negatives[rows]
+    flat_negs = [t for row in negs for t in row]
+    flat_pre = [p for p, row in zip(d_pre, negs, strict=True) for _ in row]
+    n_ids = _tokenize(tokenizer, flat_pre, flat_negs, doc_max_length) if flat_negs else []
+    return TokenizedSlice(q_ids, q_pool, d_ids, n_ids, rows)
+
+
+def materialize(
+    plan: GlobalBatchPlan,
+    tok: TokenizedSlice,
+    *,
+    query_length: int,
+    doc_length: int,
+    pad_id: int,
+    num_negatives: int,
+) -> dict[str, np.ndarray]:
+    """The process-local batch dict (docs/design.md table), padded to the agreed bucket lengths."""
+    b = len(tok.query_ids)
+    q_ids, q_mask = pad_ids(tok.query_ids, query_length, pad_id)
+    d_ids, d_mask = pad_ids(tok.doc_ids, doc_length, pad_id)
+    out = {
+        "query_input_ids": q_ids,
+        "query_attention_mask": q_mask,
+        "doc_input_ids": d_ids,
+        "doc_attention_mask": d_mask,
+        "query_text_id": plan.query_text_id[tok.rows],
+        "doc_text_id": plan.doc_text_id[tok.rows],
+        "valid": np.ones((b,), dtype=np.int32),
+    }
+    if tok.query_pool is not None:
+        out["query_pool_mask"], _ = pad_ids(tok.query_pool, query_length, 0)
+    if num_negatives:
+        n_ids, n_mask = pad_ids(tok.neg_ids, doc_length, pad_id)
+        out["neg_input_ids"] = n_ids.reshape(b, num_negatives, doc_length)
+        out["neg_attention_mask"] = n_mask.reshape(b, num_negatives, doc_length)
+        out["neg_text_id"] = plan.neg_text_id[tok.rows]
+    return out
+
+
+def allgather_max(local: np.ndarray) -> np.ndarray:
+    """Element-wise max of ``local`` over all JAX processes (one small collective)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+
+
+def to_global(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
+    """Global ``jax.Array`` s, batch axis 0 sharded over mesh axis ``"data"``.
+
+    Each process passes its own slice (rows ``process_slice(...)``); the global shape is the
+    local one with axis 0 times the process count.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The iterator training uses
+
+
+class PairBatchIterator:
+    """Infinite iterator of process-local batch dicts over an α-mixture of sources.
+
+    Args:
+      sources: the sources (names must be unique).
+      tokenizer: a Hugging Face fast tokenizer.
+      global_batch_size: examples per global batch (per-source override: ``options.batch_size``).
+      seed, alpha, mixed, weights: see :class:`~gte_jax.data.mixture.MixtureSampler`.
+      query_max_length, doc_max_length: token budgets (special tokens and prefix included).
+      process_index, process_count: this process's slice of each global batch.
+      min_bucket: smallest padded length; buckets are :func:`bucket_lengths`.
+      agree_lengths: ``[2] int32 -> [2] int32`` max over processes; default: identity for one
+        process, :func:`allgather_max` otherwise.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        tokenizer,
+        *,
+        global_batch_size: int,
+        seed: int = 0,
+        alpha: float = 0.5,
+        query_max_length: int = 64,
+        doc_max_length: int = 256,
+        process_index: int = 0,
+        process_count: int = 1,
+        mixed: bool = False,
+        weights: Sequence[float] | None = None,
+        min_bucket: int = 16,
+        agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
+        self.sources = {s.name: s for s in sources}
+        if len(self.sources) != len(sources):
+            raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.process_index, self.process_count = process_index, process_count
+        self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
+        self.query_buckets = bucket_lengths(query_max_length, min_bucket)
+        self.doc_buckets = bucket_lengths(doc_max_length, min_bucket)
+        self.sampler = MixtureSampler(
+            {s.name: len(s) for s in sources},
+            global_batch_size,
+            alpha=alpha,
+            seed=seed,
+            batch_sizes={s.name: s.options.batch_size for s in sources},
+            mixed=mixed,
+            weights=weights,
+        )
+        for bs in self.sampler.batch_sizes:
+            process_slice(bs, process_index, process_count)  # divisibility check
+        ks = {s.name: s.num_negatives for s in sources}
+        if mixed and len(set(ks.values())) > 1:
+            raise ValueError(f"mixed batches need one num_negatives for all sources, got {ks}")
+        self.num_negatives = ks
+        # One key set for every batch (jit would retrace otherwise).
+        self.with_pool_mask = any(not s.options.pool_query_prefix for s in sources)
+        if agree_lengths is None:
+            agree_lengths = allgather_max if process_count > 1 else (lambda x: x)
+        self.agree_lengths = agree_lengths
+
+    def __iter__(self) -> PairBatchIterator:
+        return self
+
+    def next_plan(self) -> GlobalBatchPlan:
+        """Advances the sampler and fetches the global batch's texts (same on every process)."""
+        step = self.sampler.step
+        drawn = self.sampler.next()
+        k = self.num_negatives[drawn[0][0]]
+        return make_plan(step, drawn, self.sources, k)
+
+    def materialize(self, plan: GlobalBatchPlan) -> dict[str, np.ndarray]:
+        """Tokenises this process's slice of ``plan`` and pads it to the agreed buckets."""
+        rows = process_slice(plan.size, self.process_index, self.process_count)
+        tok = tokenize_slice(
+            plan,
+            self.tokenizer,
+            rows,
+            query_max_length=self.query_max_length,
+            doc_max_length=self.doc_max_length,
+            with_pool_mask=self.with_pool_mask,
+        )
+        lq, ld = (int(x) for x in self.agree_lengths(tok.max_lengths()))
+        return materialize(
+            plan,
+            tok,
+            query_length=pick_bucket(lq, self.query_buckets),
+            doc_length=pick_bucket(ld, self.doc_buckets),
+            pad_id=self.pad_id,
+            num_negatives=len(plan.negatives[0]),
+        )
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.materialize(self.next_plan())
+
+    def get_state(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.get_state()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.sampler.set_state(state["sampler"])
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per source: size, read / used / skipped (+ reasons), drawn batches and examples."""
+        st = self.sampler.get_state()["sources"]
+        return {
+            name: {
+                **src.stats(),
+                "drawn_batches": st[name]["drawn_batches"],
+                "drawn_examples": st[name]["drawn_examples"],
+                "epoch": st[name]["epoch"],
+            }
+            for name, src in self.sources.items()
+        }

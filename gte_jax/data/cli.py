@@ -1,0 +1,150 @@
+"""`gte-jax data inspect|build`: look at the data mixture without a model, prepare TFDS datasets.
+
+    gte-jax data inspect --config configs/demo_data.py [--config.data.alpha=1.0] [--steps 100]
+    gte-jax data build --builder msmarco_triples --data_dir DIR [--manual_dir DIR]
+    gte-jax data build --config CONFIG      # every data.sources entry with `tfds` set
+
+``inspect`` prints one JSON object on stdout:
+``{"steps", "alpha", "sources": {name: {size, expected_share, observed_share, skipped}}}`` where
+the shares are of drawn batches (of examples with ``mixed_batches``), and a few decoded batches on
+stderr. Exit codes: 0 ok, 2 bad usage / config / input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from gte_jax.config import ConfigError, load_config
+from gte_jax.data.sources import BadInputError
+
+logger = logging.getLogger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gte-jax data", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="draw batches without a model and report the mixture")
+    ins.add_argument("--config", required=True, help="config file (get_config() -> ConfigDict)")
+    ins.add_argument("--steps", type=int, default=100, help="global batches to draw")
+    ins.add_argument("--show", type=int, default=2, help="decoded example batches on stderr")
+    b = sub.add_parser("build", help="prepare TFDS builders (array_record) into a data dir")
+    b.add_argument("--config", help="build every data.sources entry that names a tfds dataset")
+    b.add_argument(
+        "--builder", help="builder name, e.g. msmarco_triples, squad_pairs, nli_triplets"
+    )
+    b.add_argument("--data_dir", help="TFDS data dir (default: data.data_dir of the config)")
+    b.add_argument("--manual_dir", help="directory holding already downloaded source files")
+    return p
+
+
+def _decode_rows(tokenizer, batch, rows: int = 3) -> list[dict[str, str]]:
+    out = []
+    for i in range(min(rows, batch["query_input_ids"].shape[0])):
+        row = {
+            "query": tokenizer.decode(batch["query_input_ids"][i], skip_special_tokens=True),
+            "doc": tokenizer.decode(batch["doc_input_ids"][i], skip_special_tokens=True),
+        }
+        if "neg_input_ids" in batch:
+            row["negatives"] = [
+                tokenizer.decode(n, skip_special_tokens=True) for n in batch["neg_input_ids"][i]
+            ]
+        out.append(row)
+    return out
+
+
+def inspect_main(args, overrides: list[str]) -> int:
+    from gte_jax.data.pipeline import build_iterator
+
+    config = load_config(args.config, overrides)
+    if "data" not in config:
+        raise ConfigError(f"{args.config}: the config has no `data` group")
+    it = build_iterator(config.data)
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    for step in range(args.steps):
+        plan = it.next_plan()
+        batch = it.materialize(plan)
+        if step < args.show:
+            shapes = {k: list(v.shape) for k, v in batch.items()}
+            print(
+                json.dumps(
+                    {
+                        "step": step,
+                        "source": plan.sources[0],
+                        "shapes": shapes,
+                        "examples": _decode_rows(it.tokenizer, batch),
+                    },
+                    ensure_ascii=False,
+                ),
+                file=sys.stderr,
+            )
+    stats = it.stats()
+    sampler = it.sampler
+    unit = "drawn_examples" if sampler.mixed else "drawn_batches"
+    total = sum(s[unit] for s in stats.values())
+    expected = sampler.expected_shares()
+    report = {
+        "steps": args.steps,
+        "alpha": sampler.alpha,
+        "sources": {
+            name: {
+                "size": s["size"],
+                "expected_share": round(expected[name], 6),
+                "observed_share": round(s[unit] / total, 6),
+                "skipped": s["skipped"],
+            }
+            for name, s in stats.items()
+        },
+    }
+    print(json.dumps(report))
+    return 0
+
+
+def build_main(args, overrides: list[str]) -> int:
+    from data_pipelines import build_dataset
+
+    targets: list[tuple[str, str | None]] = []
+    data_dir = args.data_dir
+    if args.config:
+        config = load_config(args.config, overrides)
+        data_dir = data_dir or config.data.get("data_dir") or None
+        targets += [(s["tfds"], None) for s in config.data.get("sources", []) if s.get("tfds")]
+    if args.builder:
+        targets.append((args.builder, None))
+    if not targets:
+        raise ConfigError("nothing to build: pass --builder NAME or a --config with tfds sources")
+    if not data_dir:
+        raise ConfigError("no data dir: pass --data_dir or set data.data_dir in the config")
+    for name, _ in targets:
+        path = build_dataset(name, data_dir=data_dir, manual_dir=args.manual_dir)
+        print(json.dumps({"built": name, "path": str(path)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        parser.print_usage(sys.stderr)
+        print(
+            f"gte-jax data: unrecognised arguments {bad} (overrides are --config.a.b=v)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.command == "inspect":
+            return inspect_main(args, rest)
+        return build_main(args, rest)
+    except (ConfigError, BadInputError, FileNotFoundError, ValueError) as e:
+        print(f"gte-jax data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

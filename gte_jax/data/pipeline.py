@@ -1,0 +1,173 @@
+"""Builds sources and the batch iterator from a config's ``data`` group.
+
+``data`` fields (defaults in :func:`default_data_config`; GTE §3.1 for α = 0.5):
+
+- ``tokenizer``: local Hugging Face tokenizer directory (``AutoTokenizer.from_pretrained``).
+- ``train_files``: comma-separated JSONL files (``query``/``positive``[/``negatives``]), each a
+  source named by its file stem. Combined with ``sources``.
+- ``sources``: list of dicts, one per source, fields as in ``SOURCE_DEFAULTS``: ``name``; either
+  ``path`` (comma-separated local JSONL/TSV/Parquet files, ``format`` guessed from the suffix) or
+  ``tfds`` (a prepared TFDS dataset name read from ``data_dir``, ``split``); field names
+  ``query_field``/``positive_field``/``negatives_field``/``instruction_field`` (TSV: column
+  indices "0", "1", ... unless ``tsv_header``); ``query_prefix``/``doc_prefix``;
+  ``pool_query_prefix`` (False: emit ``query_pool_mask`` without the prefix tokens);
+  ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
+- ``data_dir``: TFDS data directory for ``tfds`` sources and ``gte-jax data build``.
+- ``alpha``, ``seed``, ``batch_size`` (global), ``mixed_batches`` (ablation: mix sources within a
+  batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``on_bad_input``
+  (skip|error), ``max_text_chars``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from gte_jax.config import ConfigError
+from gte_jax.data.batching import PairBatchIterator
+from gte_jax.data.sources import FieldMap, Source, SourceOptions, from_files, from_tfds
+
+DEMO_DIR = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
+
+SOURCE_DEFAULTS: dict[str, Any] = {
+    "name": "",
+    "path": "",
+    "format": "",
+    "tfds": "",
+    "split": "train",
+    "query_field": "query",
+    "positive_field": "positive",
+    "negatives_field": "negatives",
+    "instruction_field": "instruction",
+    "tsv_header": False,
+    "query_prefix": "",
+    "doc_prefix": "",
+    "pool_query_prefix": True,
+    "batch_size": 0,
+    "num_negatives": -1,
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.tokenizer = ""
+    c.train_files = ""
+    c.sources = []
+    c.data_dir = ""
+    c.alpha = 0.5  # GTE §3.1: p_i ∝ n_i^0.5
+    c.seed = 0
+    c.batch_size = 32
+    c.mixed_batches = False
+    c.query_max_length = 64
+    c.doc_max_length = 256
+    c.min_bucket = 16
+    c.on_bad_input = "skip"
+    c.max_text_chars = 100_000
+    return c
+
+
+def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    specs = []
+    for path in (p.strip() for p in str(data.get("train_files", "")).split(",")):
+        if path:
+            specs.append({**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path})
+    for i, raw in enumerate(data.get("sources", [])):
+        raw = dict(raw)
+        unknown = set(raw) - set(SOURCE_DEFAULTS)
+        if unknown:
+            raise ConfigError(
+                f"data.sources[{i}]: unknown field(s) {sorted(unknown)}; known: "
+                f"{sorted(SOURCE_DEFAULTS)}"
+            )
+        spec = {**SOURCE_DEFAULTS, **raw}
+        if not spec["name"]:
+            spec["name"] = pathlib.Path(spec["path"].split(",")[0]).stem or spec["tfds"]
+        if bool(spec["path"]) == bool(spec["tfds"]):
+            raise ConfigError(
+                f"data.sources[{i}] ({spec['name']!r}): set exactly one of path, tfds"
+            )
+        specs.append(spec)
+    if not specs:
+        raise ConfigError("no data sources: set data.train_files or data.sources in the config")
+    return specs
+
+
+def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
+    out = []
+    for spec in _source_specs(data):
+        options = SourceOptions(
+            query_prefix=spec["query_prefix"],
+            doc_prefix=spec["doc_prefix"],
+            pool_query_prefix=bool(spec["pool_query_prefix"]),
+            batch_size=int(spec["batch_size"]) or None,
+            num_negatives=None if int(spec["num_negatives"]) < 0 else int(spec["num_negatives"]),
+        )
+        fields = FieldMap(
+            spec["query_field"],
+            spec["positive_field"],
+            spec["negatives_field"] or None,
+            spec["instruction_field"] or None,
+        )
+        common = dict(
+            fields=fields,
+            options=options,
+            on_bad_input=data.get("on_bad_input", "skip"),
+            max_text_chars=int(data.get("max_text_chars", 100_000)),
+        )
+        if spec["path"]:
+            out.append(
+                from_files(
+                    spec["name"],
+                    spec["path"],
+                    fmt=spec["format"] or None,
+                    tsv_header=bool(spec["tsv_header"]),
+                    **common,
+                )
+            )
+        else:
+            out.append(
+                from_tfds(
+                    spec["name"],
+                    spec["tfds"],
+                    data_dir=data.get("data_dir") or None,
+                    split=spec["split"],
+                    **common,
+                )
+            )
+    return out
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path:
+        raise ConfigError("data.tokenizer is empty: set it to a local tokenizer directory")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_iterator(
+    data: ml_collections.ConfigDict,
+    *,
+    tokenizer=None,
+    sources: list[Source] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    **kwargs: Any,
+) -> PairBatchIterator:
+    """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`)."""
+    return PairBatchIterator(
+        sources if sources is not None else build_sources(data),
+        tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
+        global_batch_size=int(data.batch_size),
+        seed=int(data.seed),
+        alpha=float(data.alpha),
+        mixed=bool(data.get("mixed_batches", False)),
+        query_max_length=int(data.query_max_length),
+        doc_max_length=int(data.doc_max_length),
+        min_bucket=int(data.get("min_bucket", 16)),
+        process_index=process_index,
+        process_count=process_count,
+        **kwargs,
+    )

@@ -1,0 +1,460 @@
+"""Pair sources: a name plus random access to validated (query, positive, negatives) records.
+
+A source is read either from a prepared TFDS dataset (array_record, via ``as_data_source``) or
+straight from local JSONL / TSV / Parquet files (quick fine-tunes without a build step).
+
+Bad input (malformed JSON, missing or empty fields, undecodable bytes, over-long texts) follows a
+policy: ``"skip"`` (default) drops the record, counts it and logs the first few with ``file:line``;
+``"error"`` raises :class:`BadInputError` naming ``file:line``. Per source the invariant
+``read == used + skipped`` holds and :meth:`Source.stats` returns the counts for the run summary.
+
+Local files are validated eagerly (they are small by assumption), so ``Source[i]`` only ever returns
+valid records and the mixture sampler's index math never depends on the data. TFDS datasets are
+validated when they are built (the builders in ``data_pipelines/`` use the same parser); a record
+that still fails at read time (e.g. a catalogue dataset mapped with a field mapping) is replaced by
+the next valid record in storage order, so the result stays a pure function of the index.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("skip", "error")
+FORMATS = ("jsonl", "tsv", "parquet")
+# How many bad records per source are logged individually before only counting.
+MAX_REPORTED = 5
+# A text longer than this (characters) is treated as broken input, not as a long document:
+# truncation to the token budget handles ordinary long texts.
+DEFAULT_MAX_TEXT_CHARS = 100_000
+
+
+class BadInputError(ValueError):
+    """A record that cannot be used; the message names ``file:line`` and what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+    """One training example. ``instruction`` (may be empty) overrides the source's query prefix."""
+
+    query: str
+    positive: str
+    negatives: tuple[str, ...] = ()
+    instruction: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldMap:
+    """Which input fields hold the query, positive, negatives and (optional) instruction.
+
+    ``negatives`` may name a field holding one string or a list of strings. For TSV files the
+    fields are column indices given as strings ("0", "1", ...) or header names when the file has
+    a header (``tsv_header=True`` on the source).
+    """
+
+    query: str = "query"
+    positive: str = "positive"
+    negatives: str | None = "negatives"
+    instruction: str | None = "instruction"
+
+
+@dataclasses.dataclass
+class SourceStats:
+    read: int = 0
+    used: int = 0
+    skipped: int = 0
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_text(value: Any, what: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInputError(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    if not isinstance(value, str):
+        raise BadInputError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+class RecordParser:
+    """Turns one raw row (a dict, or a list for header-less TSV) into a :class:`PairRecord`.
+
+    Raises :class:`BadInputError` with a reason (without location: the caller adds ``file:line``).
+    Shared by the direct file readers below and the TFDS builders in ``data_pipelines/``.
+    """
+
+    def __init__(
+        self,
+        fields: FieldMap = FieldMap(),
+        *,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        min_negatives: int = 0,
+    ):
+        self.fields = fields
+        self.max_text_chars = max_text_chars
+        self.min_negatives = min_negatives
+
+    def _get(self, row: Any, key: str | None, required: bool) -> Any:
+        if key is None:
+            return None
+        if isinstance(row, (list, tuple)):
+            try:
+                return row[int(key)]
+            except (IndexError, ValueError):
+                if required:
+                    raise BadInputError(
+                        f"missing column {key!r} (row has {len(row)} columns)"
+                    ) from None
+                return None
+        if not isinstance(row, Mapping):
+            raise BadInputError(f"expected an object/row, got {type(row).__name__}")
+        if key not in row or row[key] is None:
+            if required:
+                raise BadInputError(f"missing field {key!r} (fields present: {sorted(row)})")
+            return None
+        return row[key]
+
+    def _text(self, value: Any, what: str) -> str:
+        text = _as_text(value, what).strip()
+        if not text:
+            raise BadInputError(f"{what} is empty")
+        if len(text) > self.max_text_chars:
+            raise BadInputError(
+                f"{what} has {len(text)} characters (> max_text_chars={self.max_text_chars})"
+            )
+        return text
+
+    def __call__(self, row: Any) -> PairRecord:
+        f = self.fields
+        query = self._text(self._get(row, f.query, True), f"field {f.query!r}")
+        positive = self._text(self._get(row, f.positive, True), f"field {f.positive!r}")
+        raw_negs = self._get(row, f.negatives, False)
+        if raw_negs is None:
+            negs: list[Any] = []
+        elif isinstance(raw_negs, (str, bytes)):
+            negs = [raw_negs]
+        else:
+            negs = list(raw_negs)
+        negatives = tuple(self._text(n, f"field {f.negatives!r}[{i}]") for i, n in enumerate(negs))
+        if len(negatives) < self.min_negatives:
+            raise BadInputError(
+                f"needs at least {self.min_negatives} negative(s) in field {f.negatives!r}, "
+                f"has {len(negatives)}"
+            )
+        raw_instr = self._get(row, f.instruction, False)
+        instruction = "" if raw_instr is None else _as_text(raw_instr, f"field {f.instruction!r}")
+        return PairRecord(query, positive, negatives, instruction)
+
+
+# --------------------------------------------------------------------------------------------
+# Raw row readers: yield (location, row or exception) so the policy lives in one place.
+
+
+def _iter_jsonl(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue  # blank lines are layout, not records
+            loc = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield loc, BadInputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            try:
+                yield loc, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield loc, BadInputError(f"malformed JSON: {e.msg} (column {e.colno})")
+
+
+def _iter_tsv(path: pathlib.Path, header: bool) -> Iterator[tuple[str, Any]]:
+    names: list[str] | None = None
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            loc = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield loc, BadInputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            cols = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
+            if header and names is None:
+                names = cols
+                continue
+            yield loc, (dict(zip(names, cols, strict=False)) if names is not None else cols)
+
+
+def _iter_parquet(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            row_no += 1
+            yield f"{path}:row {row_no}", row
+
+
+def iter_raw_rows(path: str | pathlib.Path, fmt: str, *, tsv_header: bool = False):
+    """Yields ``(location, row)`` for every record of one file; ``row`` may be a BadInputError."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; check the source's `path` in the config")
+    if fmt == "jsonl":
+        yield from _iter_jsonl(path)
+    elif fmt == "tsv":
+        yield from _iter_tsv(path, tsv_header)
+    elif fmt == "parquet":
+        yield from _iter_parquet(path)
+    else:
+        raise ValueError(f"unknown format {fmt!r} for {path}: use one of {FORMATS}")
+
+
+def guess_format(path: str | pathlib.Path) -> str:
+    suffix = pathlib.Path(path).suffix.lower()
+    fmt = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".parquet": "parquet"}.get(suffix)
+    if fmt is None:
+        raise ValueError(f"cannot tell the format of {path}: set `format` to one of {FORMATS}")
+    return fmt
+
+
+class BadInputAccounting:
+    """Applies the bad-input policy and keeps per-source counts (``read == used + skipped``)."""
+
+    def __init__(self, source: str, policy: str = "skip"):
+        if policy not in POLICIES:
+            raise ValueError(f"on_bad_input={policy!r}: use one of {POLICIES}")
+        self.source = source
+        self.policy = policy
+        self.stats = SourceStats()
+
+    def ok(self) -> None:
+        self.stats.read += 1
+        self.stats.used += 1
+
+    def bad(self, location: str, err: BadInputError) -> None:
+        self.stats.read += 1
+        if self.policy == "error":
+            raise BadInputError(
+                f"{location}: {err} (source {self.source!r}); fix or remove the record, "
+                "or set on_bad_input='skip' to drop bad records"
+            ) from err
+        self.stats.skipped += 1
+        reason = str(err).split(" (")[0]
+        self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+        if self.stats.skipped <= MAX_REPORTED:
+            logger.warning("%s: skipped bad record of source %r: %s", location, self.source, err)
+        elif self.stats.skipped == MAX_REPORTED + 1:
+            logger.warning("source %r: more bad records; only counting from now on", self.source)
+
+
+def parse_rows(
+    rows: Iterator[tuple[str, Any]], parser: RecordParser, acct: BadInputAccounting
+) -> Iterator[tuple[str, PairRecord]]:
+    """Yields ``(location, record)`` for the valid rows, accounting for the bad ones."""
+    for loc, row in rows:
+        try:
+            if isinstance(row, BadInputError):
+                raise row
+            rec = parser(row)
+        except BadInputError as e:
+            acct.bad(loc, e)
+            continue
+        acct.ok()
+        yield loc, rec
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    """How a source's texts are presented to the model (per source, from the config).
+
+    query_prefix / doc_prefix: prepended to queries / documents (and negatives), e.g. E5's
+      "query: " / "passage: ", or an instruction "Instruct: ...\\nQuery: ".
+    pool_query_prefix: False -> the batch carries ``query_pool_mask`` excluding prefix tokens.
+    batch_size: global batch size when this source is drawn (None: the run's batch size).
+    num_negatives: K hard negatives per query (None: 1 if the source has negatives, else 0).
+    """
+
+    query_prefix: str = ""
+    doc_prefix: str = ""
+    pool_query_prefix: bool = True
+    batch_size: int | None = None
+    num_negatives: int | None = None
+
+
+class Source:
+    """A named, random-access collection of valid :class:`PairRecord` s."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        getter: Callable[[int], PairRecord],
+        *,
+        options: SourceOptions = SourceOptions(),
+        accounting: BadInputAccounting | None = None,
+        has_negatives: bool = False,
+    ):
+        self.name = name
+        self._size = size
+        self._get = getter
+        self.options = options
+        self.accounting = accounting or BadInputAccounting(name)
+        self.has_negatives = has_negatives
+        if size == 0:
+            raise ValueError(
+                f"source {name!r} has no valid records ({self.accounting.stats.as_dict()}); "
+                "check its path and field names"
+            )
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> PairRecord:
+        return self._get(int(index))
+
+    @property
+    def num_negatives(self) -> int:
+        if self.options.num_negatives is not None:
+            return self.options.num_negatives
+        return 1 if self.has_negatives else 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"size": len(self), **self.accounting.stats.as_dict()}
+
+    def __repr__(self) -> str:
+        return f"Source({self.name!r}, size={len(self)})"
+
+
+def from_records(
+    name: str, records: Sequence[PairRecord], *, options: SourceOptions = SourceOptions()
+) -> Source:
+    """An in-memory source (tests, programmatic use)."""
+    records = list(records)
+    acct = BadInputAccounting(name)
+    acct.stats.read = acct.stats.used = len(records)
+    has_negs = bool(records) and all(r.negatives for r in records)
+    return Source(
+        name,
+        len(records),
+        records.__getitem__,
+        options=options,
+        accounting=acct,
+        has_negatives=has_negs,
+    )
+
+
+def from_files(
+    name: str,
+    paths: str | pathlib.Path | Sequence[str | pathlib.Path],
+    *,
+    fmt: str | None = None,
+    fields: FieldMap = FieldMap(),
+    options: SourceOptions = SourceOptions(),
+    on_bad_input: str = "skip",
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    tsv_header: bool = False,
+) -> Source:
+    """Reads local JSONL / TSV / Parquet files directly, validating every record up front."""
+    if isinstance(paths, (str, pathlib.Path)):
+        paths = [p for p in str(paths).split(",") if p]
+    acct = BadInputAccounting(name, on_bad_input)
+    min_negs = 1 if (options.num_negatives or 0) > 0 else 0
+    parser = RecordParser(fields, max_text_chars=max_text_chars, min_negatives=min_negs)
+    records: list[PairRecord] = []
+    for path in paths:
+        rows = iter_raw_rows(path, fmt or guess_format(path), tsv_header=tsv_header)
+        records.extend(rec for _, rec in parse_rows(rows, parser, acct))
+    if acct.stats.skipped:
+        logger.warning(
+            "source %r: skipped %d of %d records", name, acct.stats.skipped, acct.stats.read
+        )
+    # Auto K (num_negatives=None) is 1 only if every record has a negative to give.
+    has_negs = bool(records) and all(r.negatives for r in records)
+    return Source(
+        name,
+        len(records),
+        records.__getitem__,
+        options=options,
+        accounting=acct,
+        has_negatives=has_negs,
+    )
+
+
+PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction")
+
+
+def from_tfds(
+    name: str,
+    tfds_name: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "train",
+    fields: FieldMap = PAIR_FIELDS,
+    options: SourceOptions = SourceOptions(),
+    on_bad_input: str = "skip",
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+) -> Source:
+    """A prepared TFDS dataset (array_record) read through ``as_data_source``.
+
+    ``tfds_name`` is any name ``tfds.builder`` accepts (``"msmarco_triples"``,
+    ``"local_pairs/my_config:1.0.0"``, a catalogue dataset such as ``"squad"``) and ``fields``
+    maps its features onto query / positive / negatives / instruction (nested features as
+    ``"a/b"``). Nothing is downloaded: build it first (``gte-jax data build``).
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        ds = builder.as_data_source(split=split)
+    except Exception as e:  # TFDS raises several types for "not prepared"
+        raise FileNotFoundError(
+            f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared under data_dir="
+            f"{data_dir!r}: run `gte-jax data build` or tfds build first ({e})"
+        ) from e
+    acct = BadInputAccounting(name, on_bad_input)
+    min_negs = 1 if (options.num_negatives or 0) > 0 else 0
+    parser = RecordParser(fields, max_text_chars=max_text_chars, min_negatives=min_negs)
+    n = len(ds)
+
+    def flat(example: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(example)
+        for key in (fields.query, fields.positive, fields.negatives, fields.instruction):
+            if key and "/" in key:
+                value: Any = example
+                for part in key.split("/"):
+                    value = value.get(part) if isinstance(value, Mapping) else None
+                out[key] = value
+        return out
+
+    def get(index: int) -> PairRecord:
+        for k in range(n):
+            i = (index + k) % n
+            try:
+                rec = parser(flat(ds[i]))
+            except BadInputError as e:
+                acct.bad(f"{tfds_name}[{split}]:{i}", e)
+                continue
+            acct.ok()
+            return rec
+        raise BadInputError(f"{tfds_name}[{split}]: no valid record; check the field mapping")
+
+    feats = getattr(builder.info, "features", None)
+    has_negs = bool(fields.negatives) and feats is not None and fields.negatives in feats.keys()
+    return Source(name, n, get, options=options, accounting=acct, has_negatives=has_negs)
