@@ -1,0 +1,338 @@
+"""Flax NNX encoder for the BERT family: BERT (MiniLM, GTE, BGE, E5) and RoBERTa / XLM-R.
+
+The module tree mirrors Hugging Face's ``BertModel`` so that weight names map one to one
+(see ``gte_jax.hf``): post-LayerNorm blocks, absolute position embeddings, token types.
+
+Numerics: parameters are float32; matmuls run in ``EncoderConfig.dtype`` (float32 or bfloat16);
+LayerNorm and the attention softmax always run in float32. Dropout is on iff a ``dropout_rng`` is
+passed, so the forward pass is a pure function of (params, inputs, key) — GradCache replays the
+same key in both passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# HF `model_type` -> whether position ids start after the padding index (fairseq convention).
+SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+# The HF config fields EncoderConfig reads, with BERT-base defaults where HF has one.
+_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of a BERT-family encoder (HF field names) plus our numerics switches."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"
+    # Compute dtype of matmuls / activations. float32 on CPU (bf16 is ~4x slower there).
+    dtype: Any = jnp.float32
+    # Parameters stay float32 whatever the compute dtype (optimizer maths, exact export).
+    param_dtype: Any = jnp.float32
+    # Rematerialise each layer in the backward pass (activation memory ~ 1 layer instead of L).
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; use one of "
+                f"{sorted(SUPPORTED_MODEL_TYPES)} (BERT / RoBERTa / XLM-R encoders)."
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_offset(self) -> int:
+        """First position id of a real token: 0 for BERT, pad_token_id + 1 for RoBERTa/XLM-R."""
+        return self.pad_token_id + 1 if SUPPORTED_MODEL_TYPES[self.model_type] else 0
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence the position table can hold."""
+        return self.max_position_embeddings - self.position_offset
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> EncoderConfig:
+        """Build from an HF ``config.json`` dict; ``overrides`` set dtype / remat / dropout."""
+        model_type = hf.get("model_type", "bert")
+        pos_type = hf.get("position_embedding_type", "absolute") or "absolute"
+        if pos_type != "absolute":
+            raise ValueError(
+                f"position_embedding_type {pos_type!r} is not supported (only 'absolute')."
+            )
+        if hf.get("is_decoder") or hf.get("add_cross_attention"):
+            raise ValueError("decoder / cross-attention BERT configs are not supported.")
+        kwargs = {name: hf[name] for name in _HF_FIELDS if hf.get(name) is not None}
+        kwargs["model_type"] = model_type
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF ``config.json`` fields this config determines (merge over the original dict)."""
+        out = {name: getattr(self, name) for name in _HF_FIELDS}
+        out["model_type"] = self.model_type
+        out["position_embedding_type"] = "absolute"
+        return out
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout (as torch): identity when ``rng`` is None or ``rate`` is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def explicit_attention(
+    q: jax.Array,  # [batch, q_len, heads, head_dim]
+    k: jax.Array,  # [batch, kv_len, heads, head_dim]
+    v: jax.Array,  # [batch, kv_len, heads, head_dim]
+    mask: jax.Array,  # [batch, 1, 1, kv_len] bool, True = attend
+    *,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """Softmax attention with dropout on the probabilities (what HF BERT does in training).
+
+    The fused ``jax.nn.dot_product_attention`` has no attention dropout, so this path is taken only
+    when attention dropout is active; it follows the same maths (float32 logits and softmax).
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum(
+        "btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32
+    )  # [batch, heads, q_len, kv_len]
+    logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)  # float32
+    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [batch, q_len, heads, head_dim]
+
+
+class Embeddings(nnx.Module):
+    """word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        init = nnx.initializers.normal(0.02)
+        pd = config.param_dtype
+        self.word_embeddings = nnx.Embed(
+            config.vocab_size, config.hidden_size, param_dtype=pd, embedding_init=init, rngs=rngs
+        )
+        self.position_embeddings = nnx.Embed(
+            config.max_position_embeddings,
+            config.hidden_size,
+            param_dtype=pd,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        self.token_type_embeddings = nnx.Embed(
+            config.type_vocab_size,
+            config.hidden_size,
+            param_dtype=pd,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        self.layer_norm = _layer_norm(config, rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [batch, length]
+        token_type_ids: jax.Array,  # [batch, length]
+        position_ids: jax.Array,  # [batch, length]
+        dropout_rng: jax.Array | None,
+    ) -> jax.Array:
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids)
+            + self.token_type_embeddings(token_type_ids)
+        )  # [batch, length, embed] float32
+        x = self.layer_norm(x).astype(self.config.dtype)
+        return dropout(x, self.config.hidden_dropout_prob, dropout_rng)
+
+
+def _layer_norm(config: EncoderConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # float32 and the two-pass variance, as torch.nn.LayerNorm computes it.
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        dtype=jnp.float32,
+        param_dtype=config.param_dtype,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+def _linear(config: EncoderConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class EncoderLayer(nnx.Module):
+    """One post-LN transformer block: self-attention + residual + LN, MLP + residual + LN."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, f = config.hidden_size, config.intermediate_size
+        self.query = _linear(config, d, d, rngs)
+        self.key = _linear(config, d, d, rngs)
+        self.value = _linear(config, d, d, rngs)
+        self.attention_output = _linear(config, d, d, rngs)
+        self.attention_layer_norm = _layer_norm(config, rngs)
+        self.intermediate = _linear(config, d, f, rngs)
+        self.output = _linear(config, f, d, rngs)
+        self.output_layer_norm = _layer_norm(config, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,  # [batch, length, embed]
+        mask: jax.Array,  # [batch, 1, 1, length] bool
+        dropout_rng: jax.Array | None,
+    ) -> jax.Array:
+        cfg = self.config
+        b, n = x.shape[0], x.shape[1]
+        heads = (b, n, cfg.num_attention_heads, cfg.head_dim)
+        attn_rng, attn_out_rng, mlp_rng = _split(dropout_rng, 3)
+        q = self.query(x).reshape(heads)  # [batch, length, heads, head_dim]
+        k = self.key(x).reshape(heads)  # [batch, length, heads, head_dim]
+        v = self.value(x).reshape(heads)  # [batch, length, heads, head_dim]
+        if attn_rng is not None and cfg.attention_probs_dropout_prob > 0.0:
+            ctx = explicit_attention(
+                q,
+                k,
+                v,
+                mask,
+                dropout_rate=cfg.attention_probs_dropout_prob,
+                dropout_rng=attn_rng,
+            )
+        else:
+            # Fused kernel (cuDNN flash attention on GPU, XLA elsewhere); softmax in float32.
+            ctx = jax.nn.dot_product_attention(
+                q, k, v, mask=mask
+            )  # [batch, length, heads, head_dim]
+        ctx = ctx.reshape(b, n, cfg.hidden_size)  # [batch, length, embed]
+        h = dropout(self.attention_output(ctx), cfg.hidden_dropout_prob, attn_out_rng)
+        x = self.attention_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
+            cfg.dtype
+        )  # [batch, length, embed]
+        h = ACTIVATIONS[cfg.hidden_act](self.intermediate(x))  # [batch, length, mlp]
+        h = dropout(self.output(h), cfg.hidden_dropout_prob, mlp_rng)  # [batch, length, embed]
+        return self.output_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
+            cfg.dtype
+        )
+
+
+def _layer_forward(
+    layer: EncoderLayer, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None
+) -> jax.Array:
+    return layer(x, mask, dropout_rng)
+
+
+def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
+    """Position ids as HF RoBERTa/XLM-R make them: pad_token_id + 1 + rank among non-pad tokens.
+
+    Pad tokens get ``pad_token_id`` itself; the count runs over non-pad tokens, so left padding
+    shifts nothing.
+    """
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)  # [batch, length]
+    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class TransformerEncoder(nnx.Module):
+    """BERT / RoBERTa / XLM-R encoder: ids -> last hidden states [batch, length, embed]."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = Embeddings(config, rngs=rngs)
+        self.layers = nnx.List(
+            [EncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [batch, length] int32
+        attention_mask: jax.Array,  # [batch, length] int32, 1 = real token
+        token_type_ids: jax.Array | None = None,  # [batch, length] int32
+        position_ids: jax.Array | None = None,  # [batch, length] int32
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.config
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            if cfg.position_offset:
+                position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
+            else:
+                position_ids = jnp.broadcast_to(
+                    jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
+                )
+        # Keys only are masked: rows at pad positions still attend to the real tokens (as HF),
+        # so no softmax row is empty unless a whole sequence is padding.
+        mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
+        rngs = _split(dropout_rng, cfg.num_hidden_layers + 1)
+        x = self.embeddings(input_ids, token_type_ids, position_ids, rngs[0])
+        forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
+        for layer, rng in zip(self.layers, rngs[1:], strict=True):
+            x = forward(layer, x, mask, rng)  # [batch, length, embed]
+        return x

@@ -1,0 +1,100 @@
+"""Bi-encoder: one shared transformer tower for queries and documents, pooled to one vector.
+
+tower -> pooling -> optional linear projection (sentence-transformers ``Dense``) -> optional L2
+normalisation. Output is always float32, whatever the tower's compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gte_jax.models.bert import EncoderConfig, TransformerEncoder
+from gte_jax.models.pooling import POOLING_MODES, l2_normalize, pool
+
+# Activations a projection may apply after its matmul (sentence-transformers Dense's choices).
+PROJECTION_ACTIVATIONS = {"identity": lambda x: x, "tanh": jnp.tanh}
+
+
+class BiEncoder(nnx.Module):
+    """Embeds token ids into one vector per text: ``__call__(ids, mask, ...) -> [batch, dim]``."""
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        *,
+        pooling: str = "mean",
+        normalize: bool = True,
+        projection_dim: int | None = None,
+        projection_bias: bool = True,
+        projection_activation: str = "identity",
+        rngs: nnx.Rngs,
+    ):
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLING_MODES}.")
+        if projection_activation not in PROJECTION_ACTIVATIONS:
+            raise ValueError(
+                f"unknown projection_activation {projection_activation!r}; "
+                f"use one of {sorted(PROJECTION_ACTIVATIONS)}."
+            )
+        self.config = config
+        self.pooling = pooling
+        self.normalize = normalize
+        self.projection_activation = projection_activation
+        self.encoder = TransformerEncoder(config, rngs=rngs)
+        # float32 projection: it acts on the float32 pooled vector.
+        self.projection = (
+            nnx.Linear(
+                config.hidden_size,
+                projection_dim,
+                use_bias=projection_bias,
+                param_dtype=config.param_dtype,
+                rngs=rngs,
+            )
+            if projection_dim
+            else None
+        )
+
+    @property
+    def embedding_dim(self) -> int:
+        return (
+            self.projection.out_features if self.projection is not None else self.config.hidden_size
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [batch, length] int32
+        attention_mask: jax.Array,  # [batch, length] int32
+        token_type_ids: jax.Array | None = None,  # [batch, length] int32
+        pool_mask: jax.Array | None = None,  # [batch, length] int32, 1 = pooled
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        return self.embed(
+            input_ids, attention_mask, token_type_ids, pool_mask, dropout_rng=dropout_rng
+        )
+
+    def embed(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        pool_mask: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+    ) -> jax.Array:
+        """``__call__`` with the pooling mode / normalisation overridable per call."""
+        hidden = self.encoder(
+            input_ids, attention_mask, token_type_ids, dropout_rng=dropout_rng
+        )  # [batch, length, embed]
+        x = pool(hidden, attention_mask, pooling or self.pooling, pool_mask=pool_mask)
+        if self.projection is not None:
+            x = PROJECTION_ACTIVATIONS[self.projection_activation](
+                self.projection(x)
+            )  # [batch, dim]
+        if self.normalize if normalize is None else normalize:
+            x = l2_normalize(x)
+        return x.astype(jnp.float32)
