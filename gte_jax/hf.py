@@ -1,0 +1,644 @@
+"""Hugging Face / sentence-transformers I/O: local safetensors directories <-> ``BiEncoder``.
+
+Loading reads ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
+with ``safetensors.numpy`` — no PyTorch — and maps torch names onto our module tree (torch
+``Linear`` weights are (out, in): transposed). The sentence-transformers files, when present, decide
+pooling, normalisation, projection and max length. Export writes a directory that both
+``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load with the same
+embeddings as ours, plus a model card.
+
+Safety: configs that need remote code (``auto_map``, ``trust_remote_code``) and pickled weights
+(``*.bin`` / ``*.pt``) are refused, never executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import pathlib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from gte_jax.models.bert import EncoderConfig
+from gte_jax.models.encoder import BiEncoder
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Name prefixes of task-head checkpoints (BertForMaskedLM, RobertaForMaskedLM, ...).
+_PREFIXES = ("bert.", "roberta.")
+# Tensors that are not encoder parameters: buffers and task heads. Pooler weights are kept and
+# written back on export (unused by sentence embeddings, but AutoModel expects them).
+_IGNORED = re.compile(
+    r"(^|\.)(position_ids|token_type_ids)$|^(cls|lm_head|classifier|qa_outputs)\."
+)
+_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+
+# sentence-transformers pooling names <-> ours.
+_ST_TO_POOLING = {
+    "mean": "mean",
+    "cls": "cls",
+    "lasttoken": "last",
+    "weightedmean": "weighted_mean",
+}
+_POOLING_TO_ST = {v: k for k, v in _ST_TO_POOLING.items()}
+_ST_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_ST_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+}
+_ACTIVATION_TO_ST = {v: k for k, v in _ST_ACTIVATIONS.items()}
+# Legacy module paths: every sentence-transformers release from 2.x to 6.x resolves them.
+_ST_MODULE_TYPES = {
+    "Transformer": "sentence_transformers.models.Transformer",
+    "Pooling": "sentence_transformers.models.Pooling",
+    "Dense": "sentence_transformers.models.Dense",
+    "Normalize": "sentence_transformers.models.Normalize",
+}
+
+
+@dataclasses.dataclass
+class PretrainedInfo:
+    """What a loaded directory said beyond the weights; export writes it back."""
+
+    source: str = ""
+    hf_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_seq_length: int | None = None
+    include_prompt: bool = True
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity_fn_name: str | None = None
+    # Tensors we carry but do not train (the BERT pooler), torch names -> arrays.
+    extra_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+
+def param_names(config: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """torch name (``BertModel`` layout) -> (path in ``BiEncoder``'s param state, transpose?)."""
+    emb = ("encoder", "embeddings")
+    names: dict[str, tuple[tuple[Any, ...], bool]] = {
+        "embeddings.word_embeddings.weight": (emb + ("word_embeddings", "embedding"), False),
+        "embeddings.position_embeddings.weight": (
+            emb + ("position_embeddings", "embedding"),
+            False,
+        ),
+        "embeddings.token_type_embeddings.weight": (
+            emb + ("token_type_embeddings", "embedding"),
+            False,
+        ),
+        "embeddings.LayerNorm.weight": (emb + ("layer_norm", "scale"), False),
+        "embeddings.LayerNorm.bias": (emb + ("layer_norm", "bias"), False),
+    }
+    linears = {
+        "attention.self.query": "query",
+        "attention.self.key": "key",
+        "attention.self.value": "value",
+        "attention.output.dense": "attention_output",
+        "intermediate.dense": "intermediate",
+        "output.dense": "output",
+    }
+    norms = {
+        "attention.output.LayerNorm": "attention_layer_norm",
+        "output.LayerNorm": "output_layer_norm",
+    }
+    for i in range(config.num_hidden_layers):
+        layer = ("encoder", "layers", i)
+        for torch_name, ours in linears.items():
+            names[f"encoder.layer.{i}.{torch_name}.weight"] = (layer + (ours, "kernel"), True)
+            names[f"encoder.layer.{i}.{torch_name}.bias"] = (layer + (ours, "bias"), False)
+        for torch_name, ours in norms.items():
+            names[f"encoder.layer.{i}.{torch_name}.weight"] = (layer + (ours, "scale"), False)
+            names[f"encoder.layer.{i}.{torch_name}.bias"] = (layer + (ours, "bias"), False)
+    return names
+
+
+def _canonical_name(name: str) -> str:
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    # TF-era checkpoints name LayerNorm parameters gamma/beta; transformers renames them too.
+    return re.sub(
+        r"LayerNorm\.gamma$",
+        "LayerNorm.weight",
+        re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name),
+    )
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e}); fix or re-create the file.") from e
+
+
+def _refuse_remote_code(directory: pathlib.Path) -> None:
+    for name in ("config.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.exists() and "auto_map" in _read_json(path):
+            raise ValueError(
+                f"{path} has an `auto_map`: this model needs custom (remote) Python code, which "
+                "gte-jax never runs. Use a model whose architecture is a plain BERT / RoBERTa / "
+                "XLM-R (no `auto_map`, no trust_remote_code)."
+            )
+    for name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
+        path = directory / name
+        if path.exists() and _asks_remote_code(_read_json(path)):
+            raise ValueError(
+                f"{path} asks for trust_remote_code: gte-jax does not run remote code. Use a model "
+                "that loads without it."
+            )
+
+
+def _asks_remote_code(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        return obj.get("trust_remote_code") is True or any(map(_asks_remote_code, obj.values()))
+    if isinstance(obj, list):
+        return any(map(_asks_remote_code, obj))
+    return False
+
+
+def load_safetensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists."""
+    directory = pathlib.Path(directory)
+    single, index = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no `weight_map`; it is not a safetensors shard index.")
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).exists():
+                raise FileNotFoundError(f"{index} lists shard {shard!r}, missing from {directory}.")
+            tensors.update(load_file(directory / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise ValueError(f"{index}: tensors listed but not found in the shards: {missing[:10]}")
+        return tensors
+    pickles = sorted(p.name for pattern in _PICKLE_PATTERNS for p in directory.glob(pattern))
+    if pickles:
+        raise ValueError(
+            f"{directory} has only pickled weights ({', '.join(pickles)}); gte-jax never loads "
+            "pickles (they can run arbitrary code). Convert them once, in an environment you "
+            "trust, to safetensors, e.g. `transformers.AutoModel.from_pretrained(DIR)"
+            ".save_pretrained(OUT, safe_serialization=True)`, and load OUT."
+        )
+    raise FileNotFoundError(
+        f"{directory} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}: not a Hugging Face "
+        "model directory."
+    )
+
+
+def _read_sentence_transformers(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]]:
+    """Parse modules.json and friends: -> (transformer dir, settings for BiEncoder / info)."""
+    settings: dict[str, Any] = {}
+    modules_path = directory / "modules.json"
+    transformer_dir = directory
+    if modules_path.exists():
+        for module in sorted(_read_json(modules_path), key=lambda m: m.get("idx", 0)):
+            kind = module.get("type", "").rsplit(".", 1)[-1]
+            if not module.get("type", "").startswith("sentence_transformers.") or (
+                kind not in _ST_MODULE_TYPES
+            ):
+                raise ValueError(
+                    f"{modules_path}: module {module.get('type')!r} is not supported; gte-jax "
+                    f"reads sentence-transformers {sorted(_ST_MODULE_TYPES)} modules only."
+                )
+            module_dir = directory / module.get("path", "")
+            if kind == "Transformer":
+                transformer_dir = module_dir
+            elif kind == "Pooling":
+                settings.update(_read_pooling(module_dir / "config.json"))
+            elif kind == "Dense":
+                settings.update(_read_dense(module_dir))
+            elif kind == "Normalize":
+                settings["normalize"] = True
+        settings.setdefault("normalize", False)
+    for folder in dict.fromkeys((transformer_dir, directory)):
+        st_config = folder / "sentence_bert_config.json"
+        if st_config.exists():
+            max_len = _read_json(st_config).get("max_seq_length")
+            if max_len:
+                settings["max_seq_length"] = int(max_len)
+            break
+    st_model = directory / "config_sentence_transformers.json"
+    if st_model.exists():
+        st = _read_json(st_model)
+        settings["prompts"] = dict(st.get("prompts") or {})
+        settings["default_prompt_name"] = st.get("default_prompt_name")
+        settings["similarity_fn_name"] = st.get("similarity_fn_name")
+    return transformer_dir, settings
+
+
+def _read_pooling(path: pathlib.Path) -> dict[str, Any]:
+    cfg = _read_json(path)
+    modes = cfg.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _ST_LEGACY_POOLING_KEYS.items() if cfg.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in _ST_TO_POOLING:
+        raise ValueError(
+            f"{path}: pooling {modes} is not supported; gte-jax pools with exactly one of "
+            f"{sorted(_ST_TO_POOLING)}."
+        )
+    return {
+        "pooling": _ST_TO_POOLING[modes[0]],
+        "include_prompt": bool(cfg.get("include_prompt", True)),
+    }
+
+
+def _read_dense(module_dir: pathlib.Path) -> dict[str, Any]:
+    cfg = _read_json(module_dir / "config.json")
+    activation = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in _ST_ACTIVATIONS or cfg.get("use_residual"):
+        raise ValueError(
+            f"{module_dir}: Dense with activation {activation!r} "
+            f"(use_residual={cfg.get('use_residual', False)}) is not supported; supported "
+            f"activations: {sorted(_ST_ACTIVATIONS)}, without residual."
+        )
+    tensors = load_safetensors(module_dir)
+    weight = tensors["linear.weight"]  # [out, in]
+    return {
+        "projection_dim": int(cfg["out_features"]),
+        "projection_bias": bool(cfg.get("bias", True)),
+        "projection_activation": _ST_ACTIVATIONS[activation],
+        "projection_tensors": {
+            "kernel": weight.T,
+            **({"bias": tensors["linear.bias"]} if "linear.bias" in tensors else {}),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_tokenizer(directory: str | pathlib.Path):
+    """``AutoTokenizer.from_pretrained`` on a local directory, offline, no remote code."""
+    from transformers import AutoTokenizer
+
+    directory = pathlib.Path(directory)
+    _refuse_remote_code(directory)
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def load_pretrained(
+    path: str | pathlib.Path, *, dtype: Any = jnp.float32, **config_overrides: Any
+) -> tuple[BiEncoder, Any, PretrainedInfo]:
+    """Load a local HF / sentence-transformers directory -> (BiEncoder, tokenizer, info).
+
+    ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to
+    ``EncoderConfig`` (e.g. ``remat=True``, ``hidden_dropout_prob=0.0``).
+    """
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; pass a local model directory.")
+    _refuse_remote_code(directory)
+    transformer_dir, st = _read_sentence_transformers(directory)
+    if transformer_dir != directory:
+        _refuse_remote_code(transformer_dir)
+    if not (transformer_dir / "config.json").exists():
+        raise FileNotFoundError(f"{transformer_dir} has no config.json: not a Hugging Face model.")
+    hf_config = _read_json(transformer_dir / "config.json")
+    config = EncoderConfig.from_hf(hf_config, dtype=dtype, **config_overrides)
+    tensors = load_safetensors(transformer_dir)
+
+    model = nnx.eval_shape(
+        lambda: BiEncoder(
+            config,
+            pooling=st.get("pooling", "mean"),
+            normalize=st.get("normalize", False),
+            projection_dim=st.get("projection_dim"),
+            projection_bias=st.get("projection_bias", True),
+            projection_activation=st.get("projection_activation", "identity"),
+            rngs=nnx.Rngs(0),
+        )
+    )
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    canonical = {_canonical_name(k): v for k, v in tensors.items()}
+    names = param_names(config)
+    missing = sorted(set(names) - set(canonical))
+    if missing:
+        raise ValueError(
+            f"{transformer_dir}: {len(missing)} encoder tensors missing, e.g. {missing[:8]}. "
+            "Expected a BERT / RoBERTa / XLM-R checkpoint (names with or without a 'bert.' / "
+            "'roberta.' prefix)."
+        )
+    for name, (where, transpose) in names.items():
+        array = canonical[name].astype(np.float32)
+        _set_leaf(pure, where, array.T if transpose else array, name)
+    if "projection_tensors" in st:
+        for leaf, array in st["projection_tensors"].items():
+            _set_leaf(pure, ("projection", leaf), array.astype(np.float32), f"Dense {leaf}")
+    extra = {k: v for k, v in canonical.items() if k.startswith("pooler.")}
+    ignored = sorted(
+        k for k in canonical if k not in names and k not in extra and _IGNORED.search(k)
+    )
+    unexpected = sorted(set(canonical) - set(names) - set(extra) - set(ignored))
+    if extra or ignored:
+        logger.info(
+            "%s: not part of the encoder, not trained: %s", transformer_dir, sorted(extra) + ignored
+        )
+    if unexpected:
+        logger.warning("%s: ignoring unexpected tensors %s", transformer_dir, unexpected[:20])
+    state.replace_by_pure_dict(pure)
+    model = nnx.merge(graphdef, state)
+
+    max_len = st.get("max_seq_length") or config.max_length
+    info = PretrainedInfo(
+        source=str(directory),
+        hf_config=hf_config,
+        max_seq_length=min(int(max_len), config.max_length),
+        include_prompt=st.get("include_prompt", True),
+        prompts=st.get("prompts", {}),
+        default_prompt_name=st.get("default_prompt_name"),
+        similarity_fn_name=st.get("similarity_fn_name"),
+        extra_tensors=extra,
+    )
+    tokenizer = load_tokenizer(transformer_dir)
+    return model, tokenizer, info
+
+
+def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> None:
+    *parents, leaf = tuple(path)
+    node = tree
+    for key in parents:
+        node = node[key]
+    expected = tuple(node[leaf].shape)
+    if tuple(array.shape) != expected:
+        raise ValueError(
+            f"tensor {name}: shape {tuple(array.shape)} does not fit the config's {expected}; "
+            "config.json and the weights disagree."
+        )
+    node[leaf] = jnp.asarray(array)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _params_numpy(model: BiEncoder) -> dict[str, Any]:
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    )
+
+
+def _get_leaf(tree: dict, path: Iterable[Any]) -> np.ndarray:
+    node = tree
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("sentence-transformers", "transformers", "gte-jax"):
+        try:
+            out[package.replace("-", "_")] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_pretrained(
+    model: BiEncoder,
+    tokenizer: Any,
+    out_dir: str | pathlib.Path,
+    *,
+    card: dict[str, Any] | None = None,
+    info: PretrainedInfo | None = None,
+) -> pathlib.Path:
+    """Write a directory that transformers' AutoModel and SentenceTransformer both load.
+
+    ``info`` (from ``load_pretrained``) carries what the source said beyond our params: the
+    original config fields, prompts, max length, the untrained pooler. ``card`` fills the model
+    card: keys ``model_name``, ``base_model``, ``language``, ``license``, ``description``,
+    ``stages`` (list of str or dict), ``data_sources`` (list), ``metrics`` (dict name -> value).
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = info or PretrainedInfo()
+    config = model.config
+    params = _params_numpy(model)
+
+    tensors = {
+        name: np.ascontiguousarray(
+            _get_leaf(params, where).T if transpose else _get_leaf(params, where)
+        )
+        for name, (where, transpose) in param_names(config).items()
+    }
+    tensors.update(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in info.extra_tensors.items()}
+    )
+    save_file(tensors, out / SAFETENSORS_FILE, metadata={"format": "pt"})
+
+    hf = {
+        k: v
+        for k, v in info.hf_config.items()
+        if k not in ("_name_or_path", "transformers_version", "torch_dtype", "auto_map")
+    }
+    hf.update(config.to_hf())
+    hf["architectures"] = [_ARCHITECTURES[config.model_type]]
+    hf["dtype"] = "float32"
+    _write_json(out / "config.json", hf)
+
+    max_seq_length = info.max_seq_length or min(
+        int(getattr(tokenizer, "model_max_length", config.max_length)), config.max_length
+    )
+    # sentence-transformers >= 6 keeps max_seq_length in the tokenizer config; older ones in
+    # sentence_bert_config.json: write both.
+    saved_max = tokenizer.model_max_length
+    tokenizer.model_max_length = max_seq_length
+    try:
+        tokenizer.save_pretrained(str(out))
+    finally:
+        tokenizer.model_max_length = saved_max
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_MODULE_TYPES["Transformer"]}]
+    _write_json(
+        out / "sentence_bert_config.json",
+        {"max_seq_length": max_seq_length, "do_lower_case": False},
+    )
+    pooling_cfg = {"word_embedding_dimension": config.hidden_size}
+    st_mode = _POOLING_TO_ST[model.pooling]
+    pooling_cfg.update({key: mode == st_mode for key, mode in _ST_LEGACY_POOLING_KEYS.items()})
+    pooling_cfg["include_prompt"] = info.include_prompt
+    _write_json(out / "1_Pooling" / "config.json", pooling_cfg)
+    modules.append(
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_MODULE_TYPES["Pooling"]}
+    )
+    if model.projection is not None:
+        dense_dir = out / f"{len(modules)}_Dense"
+        proj = params["projection"]
+        dense = {"linear.weight": np.ascontiguousarray(proj["kernel"].T)}
+        if "bias" in proj:
+            dense["linear.bias"] = np.ascontiguousarray(proj["bias"])
+        dense_dir.mkdir(parents=True, exist_ok=True)
+        save_file(dense, dense_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
+        _write_json(
+            dense_dir / "config.json",
+            {
+                "in_features": config.hidden_size,
+                "out_features": model.embedding_dim,
+                "bias": "bias" in proj,
+                "activation_function": _ACTIVATION_TO_ST[model.projection_activation],
+            },
+        )
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": dense_dir.name,
+                "type": _ST_MODULE_TYPES["Dense"],
+            }
+        )
+    if model.normalize:
+        norm_dir = out / f"{len(modules)}_Normalize"
+        _write_json(norm_dir / "config.json", {})
+        modules.append(
+            {
+                "idx": len(modules),
+                "name": str(len(modules)),
+                "path": norm_dir.name,
+                "type": _ST_MODULE_TYPES["Normalize"],
+            }
+        )
+    _write_json(out / "modules.json", modules)
+    _write_json(
+        out / "config_sentence_transformers.json",
+        {
+            "__version__": _versions(),
+            "model_type": "SentenceTransformer",
+            "prompts": info.prompts,
+            "default_prompt_name": info.default_prompt_name,
+            "similarity_fn_name": info.similarity_fn_name or "cosine",
+        },
+    )
+    (out / "README.md").write_text(
+        model_card(model, info, card or {}, max_seq_length), encoding="utf-8"
+    )
+    logger.info(
+        "exported %s (%s, dim %d) to %s", config.model_type, model.pooling, model.embedding_dim, out
+    )
+    return out
+
+
+def model_card(
+    model: BiEncoder, info: PretrainedInfo, card: dict[str, Any], max_seq_length: int
+) -> str:
+    """A sentence-transformers style README.md: YAML header, architecture, training, metrics."""
+    config = model.config
+    base_model = (
+        card.get("base_model") or info.hf_config.get("_name_or_path") or info.source or None
+    )
+    sources = list(card.get("data_sources") or [])
+    header = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]
+    header += [
+        "tags:",
+        "- sentence-transformers",
+        "- feature-extraction",
+        "- sentence-similarity",
+        "- gte-jax",
+    ]
+    if base_model:
+        header.append(f"base_model: {json.dumps(str(base_model))}")
+    for key in ("language", "license"):
+        if card.get(key):
+            header.append(f"{key}: {card[key]}")
+    if sources:
+        header.append("datasets:")
+        header += [f"- {json.dumps(str(s))}" for s in sources]
+    header.append("---")
+
+    name = card.get("model_name", "gte-jax text-embedding model")
+    lines = header + ["", f"# {name}", ""]
+    if card.get("description"):
+        lines += [str(card["description"]), ""]
+    lines += [
+        "Trained with gte-jax (GTE multi-stage contrastive recipe, JAX/Flax).",
+        "",
+        "## Model",
+        "",
+        f"- Architecture: {_ARCHITECTURES[config.model_type]}, {config.num_hidden_layers} layers, "
+        f"hidden size {config.hidden_size}, {config.num_attention_heads} heads",
+        f"- Base model: {base_model or 'trained from scratch / unknown'}",
+        f"- Pooling: {model.pooling}"
+        + ("" if info.include_prompt else " (prompt tokens excluded)"),
+        f"- Embedding dimension: {model.embedding_dim}"
+        + (
+            f" (linear projection, {model.projection_activation})"
+            if model.projection is not None
+            else ""
+        ),
+        f"- Normalised: {'yes (use cosine or dot product)' if model.normalize else 'no'}",
+        f"- Max sequence length: {max_seq_length} tokens",
+    ]
+    if info.prompts:
+        lines.append(
+            "- Prompts: " + ", ".join(f"`{k}`: {json.dumps(v)}" for k, v in info.prompts.items())
+        )
+    stages = card.get("stages") or []
+    if stages:
+        lines += ["", "## Training stages", ""]
+        for i, stage in enumerate(stages, 1):
+            if isinstance(stage, dict):
+                detail = ", ".join(f"{k}: {v}" for k, v in stage.items() if k != "name")
+                lines.append(
+                    f"{i}. {stage.get('name', f'stage {i}')}" + (f" — {detail}" if detail else "")
+                )
+            else:
+                lines.append(f"{i}. {stage}")
+    if sources:
+        lines += ["", "## Training data", ""] + [f"- {s}" for s in sources]
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        for key, value in metrics.items():
+            lines.append(
+                f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
+            )
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        'model = SentenceTransformer("PATH_TO_THIS_DIRECTORY")',
+        'embeddings = model.encode(["first text", "second text"])',
+        "```",
+        "",
+        "With gte-jax: `gte-jax encode --model PATH_TO_THIS_DIRECTORY --input texts.txt --output emb.npy`.",
+        "",
+    ]
+    return "\n".join(lines)
