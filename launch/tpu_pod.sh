@@ -283,7 +283,7 @@ step_install() {
   local pack
   pack="git -C $(quote "$REPO_DIR") ls-files -z --cached --others --exclude-standard"
   pack+=" | tar --null -C $(quote "$REPO_DIR") -T - -czf $(quote "$tarball")"
-  if ((DRY_RUN)); then printf '%s\n' "$pack"; else bash -c "$pack"; fi
+  if ((DRY_RUN)); then printf '%s\n' "$pack"; else bash -o pipefail -c "$pack"; fi
   run "${TPU[@]}" scp "$tarball" "$NAME:gte-jax-src.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
   ssh_workers all "set -e; rm -rf ~/$REMOTE_SRC.new && mkdir -p ~/$REMOTE_SRC.new && \
 tar -xzf ~/gte-jax-src.tar.gz -C ~/$REMOTE_SRC.new && rm -rf ~/$REMOTE_SRC && \
