@@ -88,6 +88,8 @@ class PretrainedInfo:
     similarity_fn_name: str | None = None
     # Tensors we carry but do not train (the BERT pooler), torch names -> arrays.
     extra_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Where config.json / weights / tokenizer live (a subfolder in old sentence-transformers dirs).
+    transformer_dir: str = ""
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -314,6 +316,14 @@ def load_pretrained(
     ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to
     ``EncoderConfig`` (e.g. ``remat=True``, ``hidden_dropout_prob=0.0``).
     """
+    model, info = load_model(path, dtype=dtype, **config_overrides)
+    return model, load_tokenizer(info.transformer_dir), info
+
+
+def load_model(
+    path: str | pathlib.Path, *, dtype: Any = jnp.float32, **config_overrides: Any
+) -> tuple[BiEncoder, PretrainedInfo]:
+    """``load_pretrained`` without the tokenizer (weights + sentence-transformers settings)."""
     directory = pathlib.Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; pass a local model directory.")
@@ -379,9 +389,9 @@ def load_pretrained(
         default_prompt_name=st.get("default_prompt_name"),
         similarity_fn_name=st.get("similarity_fn_name"),
         extra_tensors=extra,
+        transformer_dir=str(transformer_dir),
     )
-    tokenizer = load_tokenizer(transformer_dir)
-    return model, tokenizer, info
+    return model, info
 
 
 def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> None:
@@ -558,9 +568,7 @@ def model_card(
 ) -> str:
     """A sentence-transformers style README.md: YAML header, architecture, training, metrics."""
     config = model.config
-    base_model = (
-        card.get("base_model") or info.hf_config.get("_name_or_path") or info.source or None
-    )
+    base_model = card.get("base_model") or info.source or None
     sources = list(card.get("data_sources") or [])
     header = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]
     header += [

@@ -1,0 +1,253 @@
+"""Embedding texts with a trained model: the ``Embedder`` class and the ``gte-jax encode`` command.
+
+Texts are tokenised once, sorted by length and padded to a few bucket lengths (multiples of 16,
+then 32, then 64) and batch sizes (powers of two), so a whole corpus compiles a handful of shapes;
+results come back in the input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gte_jax.models.encoder import BiEncoder
+from gte_jax.models.pooling import POOLING_MODES
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_length(n: int, max_length: int) -> int:
+    """Round a token count up to the next bucket: 16-steps to 64, 32-steps to 256, then 64-steps."""
+    step = 16 if n <= 64 else 32 if n <= 256 else 64
+    return min(max(step, -(-n // step) * step), max_length)
+
+
+def _bucket_rows(n: int, batch_size: int) -> int:
+    """Rows a (last, partial) batch is padded to: the next power of two, at most batch_size."""
+    return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+class Embedder:
+    """Encodes lists of texts to float32 embeddings with a ``BiEncoder`` and its tokenizer."""
+
+    def __init__(
+        self,
+        model: BiEncoder,
+        tokenizer: Any,
+        *,
+        max_length: int | None = None,
+        include_prompt: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        model_limit = model.config.max_length
+        tokenizer_limit = getattr(tokenizer, "model_max_length", None) or model_limit
+        self.max_length = min(max_length or tokenizer_limit, model_limit)
+        # False: tokens of a prefix are not pooled (sentence-transformers' include_prompt).
+        self.include_prompt = include_prompt
+        self._graphdef, self._state = nnx.split(model)
+        self._forward = jax.jit(self._embed, static_argnames=("pooling", "normalize"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> Embedder:
+        """Load a local HF / sentence-transformers directory (see ``gte_jax.hf.load_pretrained``)."""
+        from gte_jax.hf import load_pretrained
+
+        model, tokenizer, info = load_pretrained(path, dtype=dtype)
+        return cls(
+            model,
+            tokenizer,
+            max_length=info.max_seq_length,
+            include_prompt=info.include_prompt,
+        )
+
+    def _embed(
+        self, state, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize
+    ):
+        model = nnx.merge(self._graphdef, state)
+        return model.embed(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            pool_mask,
+            pooling=pooling,
+            normalize=normalize,
+        )  # [batch, dim]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        max_length: int | None = None,
+        prefix: str = "",
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embed ``texts`` -> float32 [len(texts), dim], in input order.
+
+        ``prefix`` is prepended to every text (e.g. "query: "); ``pooling`` / ``normalize``
+        override the model's settings for this call.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not one string; wrap it in a list.")
+        if pooling is not None and pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; use one of {POOLING_MODES}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        max_length = min(max_length or self.max_length, self.model.config.max_length)
+        out = np.zeros((len(texts), self.model.embedding_dim), np.float32)
+        if not texts:
+            return out
+        encoded = self.tokenizer(
+            [prefix + text for text in texts],
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            return_attention_mask=False,
+        )
+        ids = encoded["input_ids"]
+        type_ids = encoded.get("token_type_ids")
+        # sentence-transformers' prompt length: the prefix's tokens with the leading special
+        # token, without the trailing one.
+        prompt_length = 0
+        if prefix and not self.include_prompt:
+            prompt_length = len(self.tokenizer(prefix)["input_ids"]) - 1
+        pad_id = self.tokenizer.pad_token_id or 0
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=len(texts), desc="encode", unit="text", file=sys.stderr, disable=not show_progress
+        ) as bar:
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                length = bucket_length(max(len(ids[i]) for i in rows), max_length)
+                n_rows = _bucket_rows(len(rows), batch_size)
+                input_ids = np.full((n_rows, length), pad_id, np.int32)
+                attention_mask = np.zeros((n_rows, length), np.int32)
+                token_types = np.zeros((n_rows, length), np.int32) if type_ids else None
+                for r, i in enumerate(rows):
+                    input_ids[r, : len(ids[i])] = ids[i]
+                    attention_mask[r, : len(ids[i])] = 1
+                    if token_types is not None:
+                        token_types[r, : len(ids[i])] = type_ids[i]
+                pool_mask = None
+                if prompt_length:
+                    pool_mask = np.ones((n_rows, length), np.int32)
+                    pool_mask[:, :prompt_length] = 0
+                embeddings = self._forward(
+                    self._state,
+                    input_ids,
+                    attention_mask,
+                    token_types,
+                    pool_mask,
+                    pooling=pooling or self.model.pooling,
+                    normalize=self.model.normalize if normalize is None else normalize,
+                )
+                out[rows] = np.asarray(embeddings)[: len(rows)]
+                bar.update(len(rows))
+        return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+class InputError(ValueError):
+    """A malformed input file; the message names file:line."""
+
+
+def read_texts(path: str | pathlib.Path) -> list[str]:
+    """Texts from a .txt (one per line, empty lines kept) or .jsonl (field "text") file."""
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise InputError(f"{path}: unsupported input type {suffix!r}; use .txt or .jsonl.")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file.")
+    texts = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid UTF-8 ({e.reason}).") from e
+            if suffix == ".txt":
+                texts.append(line)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: invalid JSON ({e.msg}).") from e
+            if not isinstance(record, dict) or "text" not in record:
+                raise InputError(f'{path}:{number}: expected a JSON object with a "text" field.')
+            if not isinstance(record["text"], str):
+                raise InputError(
+                    f'{path}:{number}: "text" must be a string, got {type(record["text"]).__name__}.'
+                )
+            texts.append(record["text"])
+    return texts
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gte-jax encode",
+        description="Embed texts from a .txt (one per line) or .jsonl (field 'text') file.",
+    )
+    parser.add_argument("--model", required=True, help="local HF / sentence-transformers directory")
+    parser.add_argument("--input", required=True, help=".txt or .jsonl file")
+    parser.add_argument("--output", required=True, help="where to write the float32 [N, dim] .npy")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None, help="default: the model's")
+    parser.add_argument("--prefix", default="", help='prepended to every text, e.g. "query: "')
+    parser.add_argument(
+        "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
+    )
+    parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        texts = read_texts(args.input)
+    except InputError as e:
+        print(f"gte-jax encode: error: {e}", file=sys.stderr)
+        return 2
+    output = pathlib.Path(args.output)
+    if not output.parent.is_dir():
+        print(f"gte-jax encode: error: {output.parent} does not exist.", file=sys.stderr)
+        return 2
+    try:
+        embedder = Embedder.from_pretrained(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"gte-jax encode: error: {e}", file=sys.stderr)
+        return 2
+    embeddings = embedder.encode(
+        texts,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        prefix=args.prefix,
+        pooling=args.pooling,
+        normalize=False if args.no_normalize else None,
+        show_progress=True,
+    )
+    with output.open("wb") as f:
+        np.save(f, embeddings)
+    print(
+        f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {output}", file=sys.stderr
+    )
+    return 0
