@@ -455,6 +455,9 @@ def from_tfds(
             return rec
         raise BadInputError(f"{tfds_name}[{split}]: no valid record; check the field mapping")
 
-    feats = getattr(builder.info, "features", None)
-    has_negs = bool(fields.negatives) and feats is not None and fields.negatives in feats.keys()
+    # Auto K without scanning the whole dataset: 1 if the first records all carry negatives.
+    probe = (
+        [flat(ds[i]).get(fields.negatives) for i in range(min(n, 16))] if fields.negatives else []
+    )
+    has_negs = bool(probe) and all(p is not None and len(p) > 0 for p in probe)
     return Source(name, n, get, options=options, accounting=acct, has_negatives=has_negs)

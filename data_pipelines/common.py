@@ -1,0 +1,87 @@
+"""What every pair builder shares: the feature spec, file resolution, bad-input accounting."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import pathlib
+from typing import Any
+
+import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core.utils import py_utils
+
+from gte_jax.data.sources import BadInputAccounting, PairRecord
+
+logger = logging.getLogger(__name__)
+
+HOMEPAGE = "https://github.com/gte-jax"
+
+
+class PairBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of our builders (not registered itself)."""
+
+    # TFDS 4.9.10 finds a packaged builder's source through `importlib_resources`, which its
+    # dependencies do not install (ModuleNotFoundError on first use); the file is all it needs.
+    @py_utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
+
+
+def pair_features() -> tfds.features.FeaturesDict:
+    """One example = one training pair; the feature names are what gte_jax.data reads by default."""
+    return tfds.features.FeaturesDict(
+        {
+            "query": tfds.features.Text(),
+            "positive": tfds.features.Text(),
+            "negatives": tfds.features.Sequence(tfds.features.Text()),
+            "instruction": tfds.features.Text(),
+        }
+    )
+
+
+def example(rec: PairRecord, instruction: str = "") -> dict[str, Any]:
+    return {
+        "query": rec.query,
+        "positive": rec.positive,
+        "negatives": list(rec.negatives),
+        "instruction": rec.instruction or instruction,
+    }
+
+
+MANUAL_INSTRUCTIONS = (
+    "Optional: put the original file(s) ({files}) in the manual dir "
+    "(`--manual_dir`, tfds DownloadConfig(manual_dir=...)) to skip the download."
+)
+
+
+def local_or_download(dl_manager, filename: str, url: str) -> pathlib.Path:
+    """``filename`` from the manual dir if it is there, else downloaded (and extracted) from url."""
+    try:
+        manual = pathlib.Path(dl_manager.manual_dir)
+    except AssertionError:  # no manual dir, or an empty one
+        manual = None
+    if manual is not None:
+        hits = sorted(manual.rglob(filename))
+        if hits:
+            return hits[0]
+    fetched = pathlib.Path(dl_manager.download_and_extract(url))
+    if fetched.is_file():
+        return fetched
+    hits = sorted(fetched.rglob(filename))
+    if not hits:
+        raise FileNotFoundError(f"{url} unpacked to {fetched} without a {filename}")
+    return hits[0]
+
+
+def log_accounting(acct: BadInputAccounting) -> None:
+    s = acct.stats
+    logger.info(
+        "%s: read %d, used %d, skipped %d %s",
+        acct.source,
+        s.read,
+        s.used,
+        s.skipped,
+        s.reasons or "",
+    )

@@ -1,0 +1,201 @@
+"""Tokenise / bucket / slice: the batch dict of docs/design.md, multi-process slicing, resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from gte_jax.data.batching import (
+    PairBatchIterator,
+    assign_text_ids,
+    bucket_lengths,
+    pick_bucket,
+    to_global,
+)
+from gte_jax.data.pipeline import DEMO_DIR
+from gte_jax.data.sources import PairRecord, SourceOptions, from_files, from_records
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+def _sources():
+    triplets = [
+        PairRecord(f"question {i} " * (1 + i % 7), f"answer {i % 5}", (f"wrong {i % 3}",))
+        for i in range(10)
+    ]
+    return [
+        from_files("bible", DEMO_DIR / "bible_kjv_web_ot.jsonl"),
+        from_files(
+            "chat",
+            DEMO_DIR / "chat_qa.jsonl",
+            options=SourceOptions("query: ", "passage: ", pool_query_prefix=False),
+        ),
+        from_records("tri", triplets, options=SourceOptions(batch_size=4, num_negatives=2)),
+    ]
+
+
+def _iterator(tokenizer, **kw):
+    args = dict(global_batch_size=8, seed=1, alpha=0.0, query_max_length=32, doc_max_length=64)
+    return PairBatchIterator(_sources(), tokenizer, **{**args, **kw})
+
+
+def test_batch_matches_design_table_and_tokenizer(tokenizer):
+    it = _iterator(tokenizer)
+    for _ in range(12):
+        plan = it.next_plan()
+        batch = it.materialize(plan)
+        assert len(set(plan.sources)) == 1
+        src = it.sources[plan.sources[0]]
+        b = plan.size
+        lq, ld = batch["query_input_ids"].shape[1], batch["doc_input_ids"].shape[1]
+        for key, shape in [
+            ("query_input_ids", (b, lq)),
+            ("query_attention_mask", (b, lq)),
+            ("query_pool_mask", (b, lq)),
+            ("doc_input_ids", (b, ld)),
+            ("doc_attention_mask", (b, ld)),
+            ("query_text_id", (b,)),
+            ("doc_text_id", (b,)),
+            ("valid", (b,)),
+        ]:
+            assert batch[key].shape == shape and batch[key].dtype == np.int32, key
+        # Unpadded ids are exactly the tokenizer's, prefix included.
+        full_q = [p + q for p, q in zip(plan.query_prefixes, plan.queries, strict=True)]
+        ref = tokenizer(full_q, truncation=True, max_length=32)["input_ids"]
+        for i, row in enumerate(ref):
+            n = batch["query_attention_mask"][i].sum()
+            assert list(batch["query_input_ids"][i, :n]) == row
+            assert np.all(batch["query_input_ids"][i, n:] == tokenizer.pad_token_id)
+        # Bucket: the smallest of the bucket set that holds the longest text.
+        assert lq == pick_bucket(max(map(len, ref)), bucket_lengths(32))
+        assert lq in bucket_lengths(32) and ld in bucket_lengths(64)
+        if src.num_negatives:
+            k = src.num_negatives
+            assert batch["neg_input_ids"].shape == (b, k, ld)
+            assert batch["neg_attention_mask"].shape == (b, k, ld)
+            assert batch["neg_text_id"].shape == (b, k)
+        else:
+            assert "neg_input_ids" not in batch
+        # Pool mask: instruction tokens of the prefix are excluded, everything else pooled.
+        n_prefix = len(tokenizer(src.options.query_prefix, add_special_tokens=False)["input_ids"])
+        excluded = (batch["query_attention_mask"] - batch["query_pool_mask"]).sum(axis=1)
+        expected = 0 if src.options.pool_query_prefix else n_prefix
+        assert np.all(excluded == expected)
+        assert np.all(batch["query_pool_mask"] <= batch["query_attention_mask"])
+
+
+def test_text_ids_equal_iff_identical_strings():
+    q = ["a", "b", "a", "c"]
+    d = ["c", "x", "b", "y"]
+    n = [["x", "a"], ["z", "z"], ["b", "q"], ["y", "a"]]
+    qi, di, ni = assign_text_ids(q, d, n)
+    texts = q + d + [t for row in n for t in row]
+    ids = np.concatenate([qi, di, ni.reshape(-1)])
+    for (ta, ia), (tb, ib) in itertools.combinations(zip(texts, ids, strict=True), 2):
+        assert (ta == tb) == (ia == ib)
+
+
+def test_bucket_lengths_are_tight():
+    for max_len in (16, 100, 128, 512):
+        buckets = bucket_lengths(max_len)
+        assert buckets[-1] == max_len and list(buckets) == sorted(set(buckets))
+        for length in range(1, max_len + 1):
+            b = pick_bucket(length, buckets)
+            assert length <= b and (b == buckets[0] or b < 2 * length)
+
+
+class _ThreadAllGather:
+    """In-process stand-in for the per-batch all-gather of the processes' longest lengths."""
+
+    def __init__(self, n: int):
+        self.slots = [None] * n
+        self.gathered, self.read = threading.Barrier(n), threading.Barrier(n)
+
+    def for_process(self, i: int):
+        def agree(local):
+            self.slots[i] = local
+            self.gathered.wait()
+            out = np.max(np.stack(self.slots), axis=0)
+            self.read.wait()
+            return out
+
+        return agree
+
+
+def test_two_processes_split_the_global_batch(tokenizer):
+    steps = 10
+    single = _iterator(tokenizer)
+    ref = []
+    for _ in range(steps):
+        plan = single.next_plan()
+        ref.append((plan.sources[0], single.materialize(plan)))
+
+    gather = _ThreadAllGather(2)
+    out: dict[int, list] = {0: [], 1: []}
+
+    def run(p: int):
+        it = _iterator(
+            tokenizer, process_index=p, process_count=2, agree_lengths=gather.for_process(p)
+        )
+        for _ in range(steps):
+            plan = it.next_plan()
+            out[p].append((plan.sources[0], it.materialize(plan)))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for step in range(steps):
+        (s0, b0), (s1, b1), (sr, br) = out[0][step], out[1][step], ref[step]
+        assert s0 == s1 == sr  # same source sequence everywhere
+        half = br["valid"].shape[0] // 2
+        assert b0["valid"].shape[0] == b1["valid"].shape[0] == half
+        assert b0.keys() == b1.keys() == br.keys()
+        for key in br:  # disjoint contiguous slices that together are the global batch
+            np.testing.assert_array_equal(np.concatenate([b0[key], b1[key]]), br[key], key)
+
+
+def test_resume_through_json_continues_exactly(tokenizer):
+    ref = _iterator(tokenizer)
+    full = [next(ref) for _ in range(14)]
+    first = _iterator(tokenizer)
+    for _ in range(5):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    resumed = _iterator(tokenizer)
+    resumed.set_state(state)
+    for expected in full[5:]:
+        got = next(resumed)
+        assert got.keys() == expected.keys()
+        for key in got:
+            np.testing.assert_array_equal(got[key], expected[key])
+    stats = resumed.stats()
+    assert sum(s["drawn_batches"] for s in stats.values()) == 14
+    # The continuation crossed an epoch boundary of the small triplet source.
+    assert stats["tri"]["epoch"] > state["sampler"]["sources"]["tri"]["epoch"]
+
+
+def test_to_global_shards_batch_axis_over_data(tokenizer):
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+    mesh = jax.make_mesh((8,), ("data",))
+    it = _iterator(tokenizer)
+    local = next(it)
+    glob = to_global(local, mesh)
+    for key, value in local.items():
+        assert glob[key].shape == value.shape
+        np.testing.assert_array_equal(np.asarray(glob[key]), value)
+        assert len(glob[key].sharding.device_set) == 8
+        assert glob[key].sharding.spec[0] == "data"

@@ -1,0 +1,53 @@
+"""`gte-jax data inspect` on the bundled demo config."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from gte_jax.data import cli
+
+CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo_data.py"
+
+
+def test_inspect_reports_mixture(capsys, minilm_dir):
+    rc = cli.main(
+        [
+            "inspect",
+            "--config",
+            str(CONFIG),
+            "--steps",
+            "40",
+            "--config.data.batch_size=8",
+            "--config.data.alpha=1.0",
+            "--config.data.sources.2.batch_size=8",
+            f"--config.data.tokenizer={minilm_dir}",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0
+    report = json.loads(out)  # exactly one JSON object on stdout
+    assert report["steps"] == 40 and report["alpha"] == 1.0
+    # Sizes and α = 1 shares computed independently from the bundled files.
+    files = {"bible": "bible_kjv_web_ot", "chat_qa": "chat_qa", "news": "news_lead_body"}
+    demo = CONFIG.parents[1] / "gte_jax" / "resources" / "demo"
+    sizes = {
+        name: sum(1 for line in (demo / f"{stem}.jsonl").read_text().splitlines() if line.strip())
+        for name, stem in files.items()
+    }
+    total = sum(sizes.values())
+    assert set(report["sources"]) == set(sizes)
+    for name, rec in report["sources"].items():
+        assert rec["size"] == sizes[name] and rec["skipped"] == 0
+        assert np.isclose(rec["expected_share"], sizes[name] / total, atol=1e-6)
+        assert np.isclose(rec["observed_share"] * 40, round(rec["observed_share"] * 40), atol=1e-3)
+    assert np.isclose(sum(r["observed_share"] for r in report["sources"].values()), 1.0)
+    assert "examples" in err  # decoded batches on stderr
+
+
+def test_unknown_key_exits_2(capsys):
+    rc = cli.main(["inspect", "--config", str(CONFIG), "--config.data.nope=1"])
+    assert rc == 2
+    assert "unknown config key 'data.nope'" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""Sources: bad-input policies and accounting, TSV / Parquet / JSONL readers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import pytest
+
+from gte_jax.data.sources import BadInputError, FieldMap, from_files
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "broken_pairs.jsonl"
+MAX_CHARS = 1000
+
+
+def _independent_check(path: pathlib.Path) -> tuple[list[int], list[int]]:
+    """(good line numbers, bad line numbers) by a plain reading of the rules."""
+    good, bad = [], []
+    for no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            texts = [row["query"], row["positive"], *row.get("negatives", [])]
+            ok = all(isinstance(t, str) and t.strip() and len(t) <= MAX_CHARS for t in texts)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError):
+            ok = False
+        (good if ok else bad).append(no)
+    return good, bad
+
+
+def test_skip_policy_counts_and_reports_file_line(caplog):
+    good, bad = _independent_check(FIXTURE)
+    assert good and bad
+    with caplog.at_level(logging.WARNING, logger="gte_jax.data.sources"):
+        src = from_files("broken", FIXTURE, max_text_chars=MAX_CHARS)
+    st = src.stats()
+    assert st["read"] == st["used"] + st["skipped"]
+    assert (st["used"], st["skipped"]) == (len(good), len(bad))
+    assert len(src) == len(good)
+    lines = FIXTURE.read_bytes().split(b"\n")
+    for i in range(len(src)):  # the kept records are the good lines, in file order
+        assert json.loads(lines[good[i] - 1])["query"] == src[i].query
+    # The first few are reported with file:line.
+    assert f"{FIXTURE}:{bad[0]}:" in caplog.text
+
+
+def test_error_policy_raises_with_file_line():
+    _, bad = _independent_check(FIXTURE)
+    with pytest.raises(BadInputError, match=rf"{FIXTURE.name}:{bad[0]}:"):
+        from_files("broken", FIXTURE, on_bad_input="error", max_text_chars=MAX_CHARS)
+
+
+def test_tsv_and_parquet_readers(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [("q one", "p one", "n one"), ("q two", "p two", "n two")]
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("".join("\t".join(r) + "\n" for r in rows) + "only one column\n")
+    src = from_files("t", tsv, fields=FieldMap("0", "1", "2", None))
+    assert [(r.query, r.positive, r.negatives) for r in (src[0], src[1])] == [
+        (q, p, (n,)) for q, p, n in rows
+    ]
+    assert src.stats()["skipped"] == 1 and src.num_negatives == 1
+
+    table = pa.table(
+        {"question": [r[0] for r in rows] + [""], "answer": [r[1] for r in rows] + ["x"]}
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    src = from_files("p", tmp_path / "t.parquet", fields=FieldMap("question", "answer", None, None))
+    assert [(src[i].query, src[i].positive) for i in range(len(src))] == [r[:2] for r in rows]
+    st = src.stats()
+    assert (st["read"], st["skipped"]) == (3, 1)
