@@ -1,0 +1,264 @@
+"""GradCache (Gao et al., 2021): the exact gradient of a huge-batch contrastive loss in chunks.
+
+The contrastive loss couples all examples, but it depends on the parameters only through the
+embeddings. So:
+
+1. pass 1 embeds the global batch chunk by chunk with no gradient (no activations kept);
+2. the loss and its gradient w.r.t. the [B, D] embeddings are computed on the whole batch;
+3. pass 2 re-runs each chunk under ``jax.vjp`` and pulls the cached embedding gradient back to
+   the parameters, accumulating over chunks in a ``lax.scan``.
+
+Peak activation memory is that of one chunk; the price is one extra forward. Pass 2 must see the
+same dropout masks as pass 1: chunk k of role r (``query``/``doc``/``neg``) always gets the key
+``fold_in(fold_in(rng, ROLE_INDEX[r]), k)``, also in :func:`embed_batch`, the plain
+(non-cached) path, so both paths give the same numbers for the same ``num_chunks``.
+
+Chunk layout: example b goes to chunk ``b % num_chunks``, row ``b // num_chunks``. Why strided:
+the batch is split over ``"data"`` in contiguous blocks, so reshaping [B] -> [B/C, C] keeps the
+split on the major axis at no cost, and after the swap to [C, B/C] every chunk is spread over all
+devices. Contiguous chunks would put each chunk on a few devices and leave the rest idle.
+
+Interfaces:
+  * ``embed_fn(params, inputs, rng) -> [b, D]`` float32, where ``inputs`` is a dict with one role's
+    model inputs with the role prefix stripped (``input_ids``, ``attention_mask``, optional
+    ``pool_mask`` / ``token_type_ids``; all [b, L]) and ``rng`` a key or ``None`` (no dropout).
+    :func:`bi_encoder_embed_fn` builds it for an NNX ``BiEncoder``.
+  * ``loss_fn(embeddings, batch) -> (loss, metrics)`` with ``embeddings = {"query": [B, D],
+    "doc": [B, D], "neg": [B, K, D] (if the batch has negatives)}``; :func:`make_loss_fn` builds
+    it from :mod:`gte_jax.losses` and the batch's text ids / ``valid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from gte_jax import losses
+
+Array = jax.Array
+Params = Any
+Batch = Mapping[str, Array]
+EmbedFn = Callable[[Params, dict[str, Array], Array | None], Array]
+LossFn = Callable[[dict[str, Array], Batch], tuple[Array, dict[str, Array]]]
+
+ROLES = ("query", "doc", "neg")
+ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
+_NOT_MODEL_INPUTS = ("text_id",)
+
+
+def role_inputs(batch: Batch, role: str) -> dict[str, Array]:
+    """The model inputs of one role, role prefix stripped: ``doc_input_ids`` -> ``input_ids``."""
+    prefix = role + "_"
+    return {
+        key[len(prefix) :]: value
+        for key, value in batch.items()
+        if key.startswith(prefix) and key[len(prefix) :] not in _NOT_MODEL_INPUTS
+    }
+
+
+def batch_roles(batch: Batch) -> tuple[str, ...]:
+    """The roles present in the batch: query and doc always, neg when hard negatives are given."""
+    for role in ("query", "doc"):
+        if f"{role}_input_ids" not in batch:
+            raise KeyError(f"batch has no '{role}_input_ids'; keys: {sorted(batch)}")
+    return ROLES if "neg_input_ids" in batch else ROLES[:2]
+
+
+def _constrain(x: Array, mesh: jax.sharding.Mesh | None, spec: PartitionSpec) -> Array:
+    if mesh is not None:
+        return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    if not jax.sharding.get_abstract_mesh().empty:  # a mesh set with jax.set_mesh
+        return lax.with_sharding_constraint(x, spec)
+    return x
+
+
+def split_chunks(
+    x: Array, num_chunks: int, mesh: jax.sharding.Mesh | None = None, data_axis: str = "data"
+) -> Array:
+    """[B, ...] -> [num_chunks, B/num_chunks, ...]; example b -> (b % num_chunks, b // num_chunks).
+
+    The second (within-chunk) axis carries the ``data_axis`` split of the batch, without moving
+    any data (see the module docstring).
+    """
+    b = x.shape[0]
+    if b % num_chunks:
+        raise ValueError(f"batch size {b} is not divisible by num_chunks={num_chunks}")
+    x = x.reshape(b // num_chunks, num_chunks, *x.shape[1:])  # [B/C, C, ...], split stays on B/C
+    x = jnp.swapaxes(x, 0, 1)  # [C, B/C, ...]
+    return _constrain(x, mesh, PartitionSpec(None, data_axis))
+
+
+def merge_chunks(x: Array, mesh: jax.sharding.Mesh | None = None, data_axis: str = "data") -> Array:
+    """Inverse of :func:`split_chunks`: [C, B/C, ...] -> [B, ...]."""
+    x = jnp.swapaxes(x, 0, 1)  # [B/C, C, ...]
+    x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # [B, ...]
+    return _constrain(x, mesh, PartitionSpec(data_axis))
+
+
+def chunk_keys(rng: Array | None, role: str, num_chunks: int) -> Array | None:
+    """[num_chunks] dropout keys of one role; chunk k gets fold_in(fold_in(rng, role), k)."""
+    if rng is None:
+        return None
+    role_key = jax.random.fold_in(rng, ROLE_INDEX[role])
+    return jax.vmap(lambda k: jax.random.fold_in(role_key, k))(jnp.arange(num_chunks))
+
+
+def _embed_chunk(
+    embed_fn: EmbedFn, params: Params, inputs: dict[str, Array], rng: Array | None, role: str
+) -> Array:
+    """Embeds one chunk of one role; hard negatives [c, K, L] are flattened to [c*K, L] and back."""
+    if role != "neg":
+        return embed_fn(params, inputs, rng)  # [c, D]
+    c, k = inputs["input_ids"].shape[:2]
+    flat = {name: v.reshape(c * k, *v.shape[2:]) for name, v in inputs.items()}  # [c*K, L]
+    emb = embed_fn(params, flat, rng)  # [c*K, D]
+    return emb.reshape(c, k, emb.shape[-1])  # [c, K, D]
+
+
+def _chunked_inputs(batch, num_chunks, mesh, data_axis):
+    roles = batch_roles(batch)
+    return roles, {
+        role: jax.tree.map(
+            lambda x: split_chunks(x, num_chunks, mesh, data_axis), role_inputs(batch, role)
+        )
+        for role in roles
+    }
+
+
+def embed_batch(
+    embed_fn: EmbedFn,
+    params: Params,
+    batch: Batch,
+    rng: Array | None,
+    num_chunks: int = 1,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
+) -> dict[str, Array]:
+    """Differentiable embedding of every role, chunk by chunk with the GradCache dropout keys.
+
+    This is the plain path: ``jax.value_and_grad`` through it keeps the activations of all chunks.
+    """
+    roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
+    out = {}
+    for role in roles:
+        keys = chunk_keys(rng, role, num_chunks)
+
+        def one(xs, role=role):
+            inputs, key = xs
+            return _embed_chunk(embed_fn, params, inputs, key, role)
+
+        out[role] = merge_chunks(lax.map(one, (chunks[role], keys)), mesh, data_axis)
+    return out
+
+
+def plain_value_and_grad(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    rng: Array | None,
+    num_chunks: int = 1,
+    **kwargs: Any,
+) -> tuple[tuple[Array, dict[str, Array]], Params]:
+    """``jax.value_and_grad`` of ``loss_fn(embed_batch(...))``: same numbers as GradCache, more memory."""
+
+    def total(p):
+        return loss_fn(embed_batch(embed_fn, p, batch, rng, num_chunks, **kwargs), batch)
+
+    return jax.value_and_grad(total, has_aux=True)(params)
+
+
+def cached_value_and_grad(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    params: Params,
+    batch: Batch,
+    rng: Array | None,
+    num_chunks: int,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
+) -> tuple[tuple[Array, dict[str, Array]], Params]:
+    """GradCache: ``((loss, metrics), grads)`` equal to :func:`plain_value_and_grad`.
+
+    ``batch`` is the global batch (design.md format). ``mesh`` (or a mesh set with
+    ``jax.set_mesh``) pins the chunks to ``P(None, data_axis)``; without one, XLA's propagation
+    usually finds the same layout. Per-layer rematerialisation inside a chunk is the model's job
+    (``EncoderConfig.remat``): remat of the whole ``embed_fn`` here would recompute the forward
+    right before its own backward and save nothing.
+    """
+    roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
+    keys = {role: chunk_keys(rng, role, num_chunks) for role in roles}
+    frozen = lax.stop_gradient(params)
+
+    # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
+    embeddings = {}
+    for role in roles:
+
+        def embed_one(xs, role=role):
+            inputs, key = xs
+            return _embed_chunk(embed_fn, frozen, inputs, key, role)
+
+        emb = lax.map(embed_one, (chunks[role], keys[role]))  # [C, B/C, (K,) D]
+        embeddings[role] = merge_chunks(emb, mesh, data_axis)  # [B, (K,) D]
+
+    (loss, metrics), emb_grads = jax.value_and_grad(lambda e: loss_fn(e, batch), has_aux=True)(
+        embeddings
+    )
+
+    # Pass 2: per chunk, vjp of the encoder with the cached embedding gradient; sum over chunks.
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for role in roles:
+
+        def backward_one(acc, xs, role=role):
+            inputs, key, emb_grad = xs
+            _, pullback = jax.vjp(lambda p: _embed_chunk(embed_fn, p, inputs, key, role), params)
+            (chunk_grads,) = pullback(emb_grad)
+            return jax.tree.map(jnp.add, acc, chunk_grads), None
+
+        cached = split_chunks(emb_grads[role], num_chunks, mesh, data_axis)  # [C, B/C, (K,) D]
+        grads, _ = lax.scan(backward_one, grads, (chunks[role], keys[role], cached))
+    return (loss, metrics), grads
+
+
+def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:
+    """A ``loss_fn(embeddings, batch)`` for :mod:`gte_jax.losses`, reading the batch's text ids
+    (``query_text_id``, ``doc_text_id``, ``neg_text_id``) and ``valid`` when present."""
+
+    def loss_fn(embeddings: dict[str, Array], batch: Batch):
+        return losses.contrastive_loss(
+            name,
+            embeddings["query"],
+            embeddings["doc"],
+            neg=embeddings.get("neg"),
+            q_ids=batch.get("query_text_id"),
+            d_ids=batch.get("doc_text_id"),
+            neg_ids=batch.get("neg_text_id"),
+            valid=batch.get("valid"),
+            **loss_kwargs,
+        )
+
+    return loss_fn
+
+
+def bi_encoder_embed_fn(graphdef: Any) -> EmbedFn:
+    """``embed_fn`` for an NNX bi-encoder split as ``graphdef, params = nnx.split(model, nnx.Param)``.
+
+    Calls ``nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids=...,
+    pool_mask=..., dropout_rng=rng)`` (docs/design.md), so it is a pure function of its inputs.
+    """
+    from flax import nnx
+
+    def embed_fn(params: Params, inputs: dict[str, Array], rng: Array | None) -> Array:
+        model = nnx.merge(graphdef, params)
+        extra = {k: inputs[k] for k in ("token_type_ids", "pool_mask") if k in inputs}
+        out = model(inputs["input_ids"], inputs["attention_mask"], dropout_rng=rng, **extra)
+        return out.astype(jnp.float32)
+
+    return embed_fn
