@@ -69,14 +69,16 @@ def _default_ids(n: int, k: int) -> tuple[Array, Array, Array]:
 
 def _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid):
     """Casts to float32, fills default ids / validity, and flattens the negatives."""
-    q = jnp.asarray(q, jnp.float32)
-    d = jnp.asarray(d, jnp.float32)
+    # At least float32 (bf16 embeddings are upcast); float64 stays, for finite-difference tests.
+    dtype = jnp.promote_types(jnp.result_type(q), jnp.float32)
+    q = jnp.asarray(q, dtype)
+    d = jnp.asarray(d, dtype)
     n = q.shape[0]
     if d.shape != q.shape:
         raise ValueError(f"q and d must have the same shape [n, D], got {q.shape} and {d.shape}")
     k = 0 if neg is None else neg.shape[1]
     if neg is not None:
-        neg = jnp.asarray(neg, jnp.float32)
+        neg = jnp.asarray(neg, dtype)
         if neg.ndim != 3 or neg.shape[0] != n or neg.shape[2] != q.shape[1]:
             raise ValueError(f"neg must be [n, K, D] = [{n}, K, {q.shape[1]}], got {neg.shape}")
     dq, dd, dn = _default_ids(n, k)
@@ -206,7 +208,8 @@ def gte_loss(
 
     Returns ``(loss, metrics)`` with metrics ``loss``, ``accuracy`` (in-batch q→d top-1 over the
     same candidates as the q→d sum), ``pos_sim`` (mean s(q_i, d_i)), ``neg_sim`` (mean q→d
-    similarity over the unmasked negatives) and ``num_examples``. Computed in float32.
+    similarity over the unmasked negatives) and ``num_examples``. Computed in float32 (or
+    float64 if given).
     """
     return _global_loss(
         "gte",

@@ -1,0 +1,211 @@
+"""Losses against a NumPy float64 reference written term by term from the formulas."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gte_jax import losses
+
+
+def normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_case(n=6, k=2, dim=16, seed=0, negatives=True, duplicates=False, padding=False):
+    rs = np.random.RandomState(seed)
+    q = normalize(rs.randn(n, dim))
+    d = normalize(q + 0.8 * rs.randn(n, dim))  # positives close to their query
+    case = {"q": q, "d": d, "q_ids": np.arange(n), "d_ids": n + np.arange(n)}
+    if negatives:
+        case["neg"] = normalize(d[:, None, :] + 1.0 * rs.randn(n, k, dim))
+        case["neg_ids"] = (2 * n + np.arange(n * k)).reshape(n, k)
+    if duplicates:
+        case["q_ids"][4] = case["q_ids"][1]  # a repeated query
+        case["d_ids"][3] = case["d_ids"][0]  # a repeated positive (false negative for row 0)
+        case["d_ids"][5] = case["q_ids"][2]  # a document identical to another query
+        if negatives:
+            case["neg_ids"][2, 0] = case["d_ids"][1]  # a mined "negative" that is d_1 itself
+            case["neg_ids"][4, 1] = case["neg_ids"][0, 0]  # the same negative mined twice
+    case["valid"] = np.ones(n, np.int32)
+    if padding:
+        case["valid"][[2, n - 1]] = 0
+    return case
+
+
+def reference(case, tau, kind="gte", symmetric=False):
+    """Loop-by-loop float64 loss and metrics; one Python term per e^{s/τ} of the formulas."""
+    q, d = case["q"], case["d"]
+    n = len(q)
+    q_ids, d_ids, valid = case["q_ids"], case["d_ids"], case["valid"]
+    # Documents: (embedding, text id, from a valid example, is d_i for row i?).
+    docs = [(d[j], d_ids[j], valid[j], j) for j in range(n)]
+    if "neg" in case:
+        for j, kk in itertools.product(range(n), range(case["neg"].shape[1])):
+            docs.append((case["neg"][j, kk], case["neg_ids"][j, kk], valid[j], None))
+
+    def lse(terms):
+        m = max(terms)
+        return m + np.log(sum(np.exp(t - m) for t in terms))
+
+    total, correct, pos_sum, neg_sum, neg_count, rows = 0.0, 0, 0.0, 0.0, 0, 0
+    for i in range(n):
+        if not valid[i]:
+            continue
+
+        def same(t, i=i):
+            return t == q_ids[i] or t == d_ids[i]
+
+        pos = q[i] @ d[i] / tau
+        qd = []  # q→d: s(q_i, c) for every document c
+        for emb, t, ok, owner in docs:
+            if owner == i:
+                qd.append(pos)
+            elif ok and not same(t):
+                qd.append(q[i] @ emb / tau)
+                neg_sum += q[i] @ emb
+                neg_count += 1
+        qq = [q[i] @ q[j] / tau for j in range(n) if j != i and valid[j] and not same(q_ids[j])]
+        dq = [q[j] @ d[i] / tau for j in range(n) if j == i or (valid[j] and not same(q_ids[j]))]
+        dd = [emb @ d[i] / tau for emb, t, ok, owner in docs if owner != i and ok and not same(t)]
+        if kind == "gte":
+            loss = lse(qd + qq + dq + dd) - pos
+        else:
+            loss = lse(qd) - pos
+            if symmetric:
+                loss = 0.5 * (loss + lse(dq) - pos)
+        total += loss
+        correct += int(max(qd) == pos)
+        pos_sum += q[i] @ d[i]
+        rows += 1
+    return total / rows, {
+        "loss": total / rows,
+        "accuracy": correct / rows,
+        "pos_sim": pos_sum / rows,
+        "neg_sim": neg_sum / neg_count,
+        "num_examples": rows,
+    }
+
+
+def run(fn, case, **kwargs):
+    args = {
+        k: jnp.asarray(v, jnp.float32 if v.dtype.kind == "f" else jnp.int32)
+        for k, v in case.items()
+    }
+    q, d = args.pop("q"), args.pop("d")
+    return jax.jit(lambda q, d, a: fn(q, d, **a, **kwargs))(q, d, args)
+
+
+CASES = [
+    dict(negatives=False),
+    dict(negatives=True),
+    dict(negatives=True, duplicates=True),
+    dict(negatives=True, duplicates=True, padding=True),
+    dict(negatives=False, duplicates=True, padding=True),
+]
+
+
+def check(got, want):
+    loss, metrics = got
+    ref_loss, ref_metrics = want
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-6)
+    for key, value in ref_metrics.items():
+        np.testing.assert_allclose(float(metrics[key]), value, rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("case_kw", CASES)
+def test_gte_loss_matches_numpy_reference(case_kw):
+    case = make_case(**case_kw)
+    check(run(losses.gte_loss, case), reference(case, 0.01))
+    check(run(losses.gte_loss, case, temperature=0.1), reference(case, 0.1))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("case_kw", CASES[1::2])
+def test_infonce_matches_numpy_reference(case_kw, symmetric):
+    case = make_case(**case_kw)
+    got = run(losses.infonce_loss, case, temperature=0.05, symmetric=symmetric)
+    check(got, reference(case, 0.05, kind="infonce", symmetric=symmetric))
+
+
+def test_dispatcher_and_errors():
+    case = make_case(duplicates=True)
+    check(
+        run(lambda q, d, **a: losses.contrastive_loss("gte", q, d, **a), case),
+        reference(case, 0.01),
+    )
+    with pytest.raises(ValueError, match="unknown loss"):
+        losses.contrastive_loss("triplet", case["q"], case["d"])
+
+
+def test_duplicate_masking_changes_the_loss_and_accuracy_is_in_batch_top1():
+    case = make_case(negatives=False, duplicates=True)
+    distinct = dict(case, q_ids=np.arange(6), d_ids=10 + np.arange(6))
+    assert not np.isclose(
+        float(run(losses.gte_loss, case)[0]), float(run(losses.gte_loss, distinct)[0])
+    )
+    # q_i = e_i. d_3 is the positive of q_3 but lies closer to q_0 than d_0 does: row 0 is wrong
+    # (top-1 = d_3) unless d_3 is the same text as d_0, in which case it is masked out of row 0.
+    e = np.eye(4)
+    q = e
+    d = normalize(np.stack([e[0] + 0.6 * e[1], e[1], e[2], e[0] + 0.3 * e[3]]))
+    same = {"q": q, "d": d, "q_ids": np.arange(4), "d_ids": np.array([10, 11, 12, 10])}
+    other = dict(same, d_ids=np.array([10, 11, 12, 13]))
+    assert float(run(losses.gte_loss, same)[1]["accuracy"]) == 1.0
+    assert float(run(losses.gte_loss, other)[1]["accuracy"]) == 0.75
+    _, metrics = run(losses.infonce_loss, other)
+    np.testing.assert_allclose(float(metrics["pos_sim"]), np.mean(np.sum(q * d, axis=1)), rtol=1e-6)
+    off_diagonal = (q @ d.T)[~np.eye(4, dtype=bool)]
+    np.testing.assert_allclose(float(metrics["neg_sim"]), off_diagonal.mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_padding_rows_are_ignored():
+    case = make_case(padding=True)
+    other = dict(case)
+    rs = np.random.RandomState(5)
+    for key in ("q", "d"):
+        other[key] = case[key].copy()
+        other[key][2] = normalize(rs.randn(16))  # change only a padding row
+    other["neg"] = case["neg"].copy()
+    other["neg"][2] = normalize(rs.randn(2, 16))
+    a, b = run(losses.gte_loss, case), run(losses.gte_loss, other)
+    np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-6)
+    assert float(a[1]["num_examples"]) == 4
+
+
+def finite_difference_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = eps
+        g[idx] = (f(x + e) - f(x - e)) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("name", ["gte", "infonce"])
+def test_gradients_match_central_finite_differences_float64(name):
+    case = make_case(n=4, k=1, dim=3, seed=2, padding=True)
+    case["valid"][2] = 1  # only row 3 is padding
+    case["d_ids"][2] = case["d_ids"][0]  # duplicate positive
+    case["neg_ids"][1, 0] = case["q_ids"][3]  # a negative identical to another query
+    with jax.enable_x64(True):
+        ids = {k: jnp.asarray(case[k]) for k in ("q_ids", "d_ids", "neg_ids", "valid")}
+        kw = dict(temperature=0.05, symmetric=True) if name == "infonce" else dict(temperature=0.05)
+
+        @jax.jit
+        def loss(x):  # x = concat of q, d, neg, flattened: [n*D + n*D + n*K*D]
+            q, d, neg = x[:12].reshape(4, 3), x[12:24].reshape(4, 3), x[24:].reshape(4, 1, 3)
+            return losses.contrastive_loss(name, q, d, neg=neg, **ids, **kw)[0]
+
+        x = np.concatenate([case["q"].ravel(), case["d"].ravel(), case["neg"].ravel()])
+        grad = np.asarray(jax.grad(loss)(jnp.asarray(x)))
+        assert grad.dtype == np.float64
+        fd = finite_difference_grad(lambda v: float(loss(jnp.asarray(v))), x)
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+    assert np.abs(grad).max() > 1e-2
+    # Padding row 3: its embeddings get no gradient.
+    assert np.all(grad[9:12] == 0) and np.all(grad[21:24] == 0) and np.all(grad[33:36] == 0)
