@@ -12,6 +12,7 @@ same key in both passes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -131,8 +132,33 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout (as torch): identity when ``rng`` is None or ``rate`` is 0."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    return _drop(x, rate, jax.random.uniform(rng, x.shape))
+
+
+def _drop(x: jax.Array, rate: float, uniform: jax.Array | None) -> jax.Array:
+    """Dropout given U[0, 1) draws of x's shape: keep where uniform >= rate, scale by 1/(1-rate)."""
+    if uniform is None or rate == 0.0:
+        return x
+    return jnp.where(uniform >= rate, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _uniforms(
+    rng: jax.Array | None, shapes: list[tuple[int, ...] | None]
+) -> list[jax.Array | None]:
+    """U[0, 1) draws for several dropout sites from one PRNG call (None for a site that is off).
+
+    One threefry call per layer instead of one per site: each call site is a sizeable kernel for
+    XLA to compile, and a 12-layer model has 37 of them.
+    """
+    if rng is None:
+        return [None] * len(shapes)
+    sizes = [math.prod(shape) if shape is not None else 0 for shape in shapes]
+    flat = jax.random.uniform(rng, (sum(sizes),))  # [all sites' elements]
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(None if shape is None else flat[start : start + size].reshape(shape))
+        start += size
+    return out
 
 
 def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -146,7 +172,7 @@ def explicit_attention(
     mask: jax.Array,  # [batch, 1, 1, kv_len] bool, True = attend
     *,
     dropout_rate: float,
-    dropout_rng: jax.Array | None,
+    dropout_uniform: jax.Array | None,  # [batch, heads, q_len, kv_len] U[0, 1) draws
 ) -> jax.Array:
     """Softmax attention with dropout on the probabilities (what HF BERT does in training).
 
@@ -159,7 +185,7 @@ def explicit_attention(
     )  # [batch, heads, q_len, kv_len]
     logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)  # float32
-    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    probs = _drop(probs, dropout_rate, dropout_uniform).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [batch, q_len, heads, head_dim]
 
 
@@ -252,18 +278,27 @@ class EncoderLayer(nnx.Module):
         cfg = self.config
         b, n = x.shape[0], x.shape[1]
         heads = (b, n, cfg.num_attention_heads, cfg.head_dim)
-        attn_rng, attn_out_rng, mlp_rng = _split(dropout_rng, 3)
+        attn_drop = dropout_rng is not None and cfg.attention_probs_dropout_prob > 0.0
+        hidden_drop = cfg.hidden_dropout_prob > 0.0
+        attn_u, attn_out_u, mlp_u = _uniforms(
+            dropout_rng,
+            [
+                (b, cfg.num_attention_heads, n, n) if attn_drop else None,
+                (b, n, cfg.hidden_size) if hidden_drop else None,
+                (b, n, cfg.hidden_size) if hidden_drop else None,
+            ],
+        )
         q = self.query(x).reshape(heads)  # [batch, length, heads, head_dim]
         k = self.key(x).reshape(heads)  # [batch, length, heads, head_dim]
         v = self.value(x).reshape(heads)  # [batch, length, heads, head_dim]
-        if attn_rng is not None and cfg.attention_probs_dropout_prob > 0.0:
+        if attn_drop:
             ctx = explicit_attention(
                 q,
                 k,
                 v,
                 mask,
                 dropout_rate=cfg.attention_probs_dropout_prob,
-                dropout_rng=attn_rng,
+                dropout_uniform=attn_u,
             )
         else:
             # Fused kernel (cuDNN flash attention on GPU, XLA elsewhere); softmax in float32.
@@ -271,12 +306,12 @@ class EncoderLayer(nnx.Module):
                 q, k, v, mask=mask
             )  # [batch, length, heads, head_dim]
         ctx = ctx.reshape(b, n, cfg.hidden_size)  # [batch, length, embed]
-        h = dropout(self.attention_output(ctx), cfg.hidden_dropout_prob, attn_out_rng)
+        h = _drop(self.attention_output(ctx), cfg.hidden_dropout_prob, attn_out_u)
         x = self.attention_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
             cfg.dtype
         )  # [batch, length, embed]
         h = ACTIVATIONS[cfg.hidden_act](self.intermediate(x))  # [batch, length, mlp]
-        h = dropout(self.output(h), cfg.hidden_dropout_prob, mlp_rng)  # [batch, length, embed]
+        h = _drop(self.output(h), cfg.hidden_dropout_prob, mlp_u)  # [batch, length, embed]
         return self.output_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
             cfg.dtype
         )
