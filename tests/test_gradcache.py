@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,49 +115,52 @@ def assert_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol * scale)
 
 
-@pytest.mark.parametrize("loss_name,negatives", [("gte", False), ("gte", True), ("infonce", True)])
-def test_gradcache_equals_plain_with_dropout(negatives, loss_name):
-    params = init_params()
-    batch = make_batch(negatives=negatives)
-    rng = key(7)
-    loss_fn = gradcache.make_loss_fn(loss_name)
-    num_chunks = 4
+NUM_CHUNKS = 2
+# One jit object per path, so a test that repeats a shape reuses the executable.
+CACHED = jax.jit(gradcache.cached_value_and_grad, static_argnums=(0, 1, 5))
+PLAIN = jax.jit(gradcache.plain_value_and_grad, static_argnums=(0, 1, 5))
 
-    cached = jax.jit(gradcache.cached_value_and_grad, static_argnums=(0, 1, 5))
-    (loss, metrics), grads = cached(encode, loss_fn, params, batch, rng, num_chunks)
-    (ref_loss, ref_metrics), ref_grads = reference_value_and_grad(
-        params, batch, rng, num_chunks, loss_fn
+
+@functools.cache
+def problem(loss_name: str, negatives: bool):
+    """Params, a 32-example batch, a key, the loss_fn and the hand-written reference result."""
+    params, batch, rng = init_params(), make_batch(n=32, negatives=negatives), key(7)
+    loss_fn = gradcache.make_loss_fn(loss_name)
+    ref = reference_value_and_grad(params, batch, rng, NUM_CHUNKS, loss_fn)
+    return params, batch, rng, loss_fn, ref
+
+
+@pytest.mark.parametrize("loss_name,negatives", [("gte", False), ("gte", True), ("infonce", True)])
+def test_gradcache_equals_plain_with_dropout(loss_name, negatives):
+    params, batch, rng, loss_fn, ((ref_loss, ref_metrics), ref_grads) = problem(
+        loss_name, negatives
     )
+    (loss, metrics), grads = CACHED(encode, loss_fn, params, batch, rng, NUM_CHUNKS)
     assert np.isfinite(float(loss))
     assert_close(loss, ref_loss)
     assert_close(metrics, ref_metrics)
     assert_close(grads, ref_grads)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
-
     if loss_name == "gte" and negatives:
-        plain = jax.jit(gradcache.plain_value_and_grad, static_argnums=(0, 1, 5))
-        (p_loss, _), p_grads = plain(encode, loss_fn, params, batch, rng, num_chunks)
+        (p_loss, _), p_grads = PLAIN(encode, loss_fn, params, batch, rng, NUM_CHUNKS)
         assert_close(p_loss, ref_loss)
         assert_close(p_grads, ref_grads)
 
 
 def test_dropout_is_on_and_keys_differ_by_chunk_and_role():
-    params = init_params()
-    batch = make_batch()
+    params, batch = init_params(), make_batch()
     rng = key(1)
-    embed = jax.jit(gradcache.embed_batch, static_argnums=(0, 4))
-    with_dropout = embed(encode, params, batch, rng, 4)
-    without = embed(encode, params, batch, None, 4)
-    assert not np.allclose(with_dropout["query"], without["query"], atol=1e-3)
-    keys = np.stack(
-        [jax.random.key_data(gradcache.chunk_keys(rng, role, 4)) for role in gradcache.ROLES]
-    ).reshape(12, -1)
-    assert len({tuple(row) for row in keys}) == 12
+    inputs = gradcache.role_inputs(batch, "query")
+    keys = {role: gradcache.chunk_keys(rng, role, 4) for role in gradcache.ROLES}
+    with_dropout = encode(params, inputs, keys["query"][0])
+    assert not np.allclose(with_dropout, encode(params, inputs, None), atol=1e-3)
+    raw = np.stack([jax.random.key_data(k) for k in keys.values()]).reshape(12, -1)
+    assert len({tuple(row) for row in raw}) == 12
 
 
 def test_gradcache_without_dropout_equals_unchunked_encoder():
     params = init_params(3)
-    batch = make_batch(seed=3)
+    batch = make_batch(n=32, seed=3)
     loss_fn = gradcache.make_loss_fn("gte")
 
     def unchunked(p):
@@ -168,8 +173,7 @@ def test_gradcache_without_dropout_equals_unchunked_encoder():
         return loss_fn(emb, batch)
 
     (ref_loss, _), ref_grads = jax.jit(jax.value_and_grad(unchunked, has_aux=True))(params)
-    cached = jax.jit(gradcache.cached_value_and_grad, static_argnums=(0, 1, 5))
-    (loss, _), grads = cached(encode, loss_fn, params, batch, None, 8)
+    (loss, _), grads = CACHED(encode, loss_fn, params, batch, None, 4)
     assert_close(loss, ref_loss)
     assert_close(grads, ref_grads)
 
@@ -194,27 +198,18 @@ def test_chunks_keep_the_data_sharding():
 
 @pytest.mark.parametrize("negatives", [False, True])
 def test_gradcache_on_8_device_mesh_equals_one_device(negatives):
-    params = init_params()
-    batch = make_batch(n=32, negatives=negatives)
-    rng = key(11)
-    loss_fn = gradcache.make_loss_fn("gte")
-    num_chunks = 2
-
-    (ref_loss, ref_metrics), ref_grads = jax.jit(
-        gradcache.cached_value_and_grad, static_argnums=(0, 1, 5)
-    )(encode, loss_fn, params, batch, rng, num_chunks)
-
+    params, batch, rng, loss_fn, ((ref_loss, ref_metrics), ref_grads) = problem("gte", negatives)
     mesh = sharding.make_mesh()
     g_batch = sharding.global_batch(batch, mesh)
     g_params = sharding.shard_params(params, mesh)
+    assert g_batch["query_input_ids"].sharding.spec == P("data")
     step = jax.jit(
         lambda p, b, r: gradcache.cached_value_and_grad(
-            encode, loss_fn, p, b, r, num_chunks, mesh=mesh
+            encode, loss_fn, p, b, r, NUM_CHUNKS, mesh=mesh
         ),
         out_shardings=sharding.replicated(mesh),
     )
     (loss, metrics), grads = step(g_params, g_batch, rng)
-    assert g_batch["query_input_ids"].sharding.spec == P("data")
     assert_close(loss, ref_loss)
     assert_close(metrics, ref_metrics)
     assert_close(grads, ref_grads)
