@@ -8,6 +8,7 @@ results come back in the input order.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import pathlib
@@ -37,6 +38,17 @@ def _bucket_rows(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
+# Module level, graphdef static: every Embedder of one architecture shares the compiled shapes.
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "normalize"))
+def _embed(
+    graphdef, state, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize
+):
+    model = nnx.merge(graphdef, state)
+    return model.embed(
+        input_ids, attention_mask, token_type_ids, pool_mask, pooling=pooling, normalize=normalize
+    )  # [batch, dim]
+
+
 class Embedder:
     """Encodes lists of texts to float32 embeddings with a ``BiEncoder`` and its tokenizer."""
 
@@ -56,7 +68,6 @@ class Embedder:
         # False: tokens of a prefix are not pooled (sentence-transformers' include_prompt).
         self.include_prompt = include_prompt
         self._graphdef, self._state = nnx.split(model)
-        self._forward = jax.jit(self._embed, static_argnames=("pooling", "normalize"))
 
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> Embedder:
@@ -70,19 +81,6 @@ class Embedder:
             max_length=info.max_seq_length,
             include_prompt=info.include_prompt,
         )
-
-    def _embed(
-        self, state, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize
-    ):
-        model = nnx.merge(self._graphdef, state)
-        return model.embed(
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            pool_mask,
-            pooling=pooling,
-            normalize=normalize,
-        )  # [batch, dim]
 
     def encode(
         self,
@@ -147,7 +145,8 @@ class Embedder:
                 if prompt_length:
                     pool_mask = np.ones((n_rows, length), np.int32)
                     pool_mask[:, :prompt_length] = 0
-                embeddings = self._forward(
+                embeddings = _embed(
+                    self._graphdef,
                     self._state,
                     input_ids,
                     attention_mask,

@@ -43,8 +43,9 @@ class BiEncoder(nnx.Module):
         self.normalize = normalize
         self.projection_activation = projection_activation
         self.encoder = TransformerEncoder(config, rngs=rngs)
-        # float32 projection: it acts on the float32 pooled vector.
-        self.projection = (
+        # float32 projection: it acts on the float32 pooled vector. nnx.data: a data attribute even
+        # when None, so a projection can be attached to a loaded model later.
+        self.projection = nnx.data(
             nnx.Linear(
                 config.hidden_size,
                 projection_dim,
