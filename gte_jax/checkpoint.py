@@ -60,7 +60,12 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
         )
 
     @property
@@ -140,12 +145,13 @@ class Checkpointer:
         for s in reversed(candidates):
             try:
                 meta = self._manager.item_metadata(s)["state"]
+                meta = getattr(meta, "tree", meta)
                 abstract = jax.tree.map(
                     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
                 )
-                restored = self._manager.restore(
-                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-                )
+                # The fallback covers checkpoints written by another topology (e.g. 2 processes).
+                restore = ocp.args.StandardRestore(abstract, fallback_sharding=device)
+                restored = self._manager.restore(s, args=ocp.args.Composite(state=restore))
                 return s, restored["state"]
             except Exception as e:  # orbax raises many types for a damaged step
                 failures.append(f"step {s}: {type(e).__name__}: {e}")

@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
         )
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # orbax logs every save/restore step at INFO through absl; keep the console for our own lines.
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:

@@ -1,0 +1,292 @@
+"""The training loop with the real (tiny) BERT: mesh invariance, GradCache equality, exact resume
+after SIGKILL, two processes == one, NaN handling, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from gte_jax import sharding as shd
+from gte_jax import train
+from gte_jax.checkpoint import Checkpointer
+from gte_jax.data.pipeline import DEMO_DIR, build_iterator, build_sources, default_data_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FINETUNE_FILE = DEMO_DIR / "bible_finetune.jsonl"  # triples: one hard negative per query
+
+
+def _iterator(tokenizer, batch_size=16):
+    data = default_data_config()
+    data.train_files = str(FINETUNE_FILE)
+    data.batch_size = batch_size
+    data.query_max_length = 32
+    data.doc_max_length = 32
+    return build_iterator(data, tokenizer=tokenizer, sources=build_sources(data))
+
+
+def _setup(tiny_model_dir, lr=1e-3):
+    from gte_jax import hf
+
+    model, tokenizer, _ = hf.load_pretrained(tiny_model_dir)
+    model_fn, params = train.ModelFn.from_module(model)
+    tcfg = ml_collections.ConfigDict(
+        {"learning_rate": lr, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0}
+    )
+    tx, _ = train.make_optimizer(tcfg, total_steps=10)
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(0)),
+    }
+    return model_fn, tx, state, tokenizer
+
+
+def _run_steps(mesh, model_fn, tx, state, batches, **step_kwargs):
+    step = jax.jit(
+        train.make_train_step(
+            model_fn,
+            tx,
+            loss_name="gte",
+            loss_kwargs={"temperature": 0.05},
+            mesh=mesh,
+            **step_kwargs,
+        )
+    )
+    state = shd.shard_params(jax.device_get(state), mesh)
+    metrics = []
+    for b in batches:
+        state, m = step(state, shd.global_batch(b, mesh))
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def _assert_trees_close(a, b, rtol, atol):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def test_8_device_mesh_equals_1_device_with_dropout_and_negatives(tiny_model_dir):
+    assert len(jax.devices()) == 8
+    model_fn, tx, state, tok = _setup(tiny_model_dir)
+    it = _iterator(tok)
+    batches = [next(it) for _ in range(2)]
+    assert batches[0]["neg_input_ids"].shape[:2] == (16, 1)
+    one = shd.make_mesh(devices=jax.devices()[:1])
+    eight = shd.make_mesh()
+    s1, m1 = _run_steps(one, model_fn, tx, state, batches)
+    s8, m8 = _run_steps(eight, model_fn, tx, state, batches)
+    for a, b in zip(m1, m8, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    _assert_trees_close(s1["params"], s8["params"], rtol=1e-4, atol=1e-6)
+    # The steps did move the params (the comparison above is not between two copies of the init).
+    moved = max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(
+            jax.tree.leaves(s1["params"]), jax.tree.leaves(state["params"]), strict=True
+        )
+    )
+    assert moved > 1e-4
+
+
+def test_gradcache_step_equals_plain_step(tiny_model_dir):
+    model_fn, tx, state, tok = _setup(tiny_model_dir)
+    batches = [next(_iterator(tok))]
+    mesh = shd.make_mesh()
+    plain, mp = _run_steps(mesh, model_fn, tx, state, batches, num_chunks=2, gradcache=False)
+    cached, mc = _run_steps(mesh, model_fn, tx, state, batches, num_chunks=2, gradcache=True)
+    np.testing.assert_allclose(mp[0]["loss"], mc[0]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(mp[0]["grad_norm"], mc[0]["grad_norm"], rtol=1e-5)
+    _assert_trees_close(plain["params"], cached["params"], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- CLI runs
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _train_cmd(tiny_model_dir, workdir, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "gte_jax.cli",
+        "train",
+        "--config",
+        str(REPO / "configs" / "finetune.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.model.init_from={tiny_model_dir}",
+        f"--config.data.train_files={FINETUNE_FILE}",
+        "--config.data.query_max_length=32",
+        "--config.data.doc_max_length=32",
+        "--config.train.batch_size=8",
+        "--config.train.num_steps=8",
+        "--config.train.learning_rate=1e-3",
+        "--config.loss.name=gte",
+        "--config.checkpoint.every_steps=1",
+        "--config.train.progress_bar=false",
+        "--config.export.enabled=false",
+        "--log_level=WARNING",
+        *extra,
+    ]
+
+
+def _final_state(workdir):
+    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", every_steps=0)
+    step, state = ckpt.restore_unsharded()
+    ckpt.close()
+    return step, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    out = subprocess.run(
+        _train_cmd(tiny_model_dir, workdir),
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 8 and summary["examples"] == 64
+    return workdir
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
+    tiny_model_dir, tmp_path, uninterrupted
+):
+    rng = random.Random(1234)
+    workdir = tmp_path / "killed"
+    kills = 0
+    for _attempt in range(12):
+        proc = subprocess.Popen(
+            _train_cmd(tiny_model_dir, workdir),
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if kills < 3:
+            # Kill once the run has made progress since the last start (a new checkpoint).
+            before = set(_steps(workdir))
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                if set(_steps(workdir)) - before:
+                    time.sleep(rng.uniform(0.0, 1.5))  # anywhere within the next steps
+                    break
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate()
+                kills += 1
+                continue
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        break
+    assert kills == 3
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["completed"] and summary["resumed_from_step"] > 0
+    step_a, a = _final_state(uninterrupted)
+    step_b, b = _final_state(workdir)
+    assert step_a == step_b == 8
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _steps(workdir):
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    if not ckpt_dir.exists():
+        return []
+    return [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, uninterrupted):
+    """The uninterrupted run used one process with 2 devices; here 2 processes x 1 device each
+    read their own half of every global batch."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(
+                tiny_model_dir,
+                tmp_path / "two",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    step_a, a = _final_state(uninterrupted)
+    step_b, b = _final_state(tmp_path / "two")
+    assert step_a == step_b == 8
+    _assert_trees_close(a["params"], b["params"], rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp_path):
+    out = subprocess.run(
+        _train_cmd(
+            tiny_model_dir,
+            tmp_path / "nan",
+            "--config.loss.temperature=0.0",  # cos/0: the loss is NaN on every step
+            "--config.train.max_consecutive_nonfinite=3",
+        ),
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1
+    assert "NaN/Inf for 3 steps in a row" in out.stderr
+    assert "learning_rate" in out.stderr
+
+
+def test_cli_rejects_unknown_override_and_missing_model(tiny_model_dir, tmp_path):
+    from gte_jax.cli import main
+
+    assert main(["train", "--config", str(REPO / "configs/finetune.py"), "--workdir",
+                 str(tmp_path), "--config.train.no_such_field=1"]) == 2  # fmt: skip
+    rc = main(["train", "--config", str(REPO / "configs/finetune.py"), "--workdir",
+               str(tmp_path), "--config.model.init_from=/nonexistent/model",
+               f"--config.data.train_files={FINETUNE_FILE}"])  # fmt: skip
+    assert rc == 1
