@@ -22,7 +22,7 @@ Interfaces:
   * ``embed_fn(params, inputs, rng) -> [b, D]`` float32, where ``inputs`` is a dict with one role's
     model inputs with the role prefix stripped (``input_ids``, ``attention_mask``, optional
     ``pool_mask`` / ``token_type_ids``; all [b, L]) and ``rng`` a key or ``None`` (no dropout).
-    :func:`bi_encoder_embed_fn` builds it for an NNX ``BiEncoder``.
+    For an NNX ``BiEncoder`` it is ``nnx.merge(graphdef, params)(...)`` (``train.make_embed_fn``).
   * ``loss_fn(embeddings, batch) -> (loss, metrics)`` with ``embeddings = {"query": [B, D],
     "doc": [B, D], "neg": [B, K, D] (if the batch has negatives)}``; :func:`make_loss_fn` builds
     it from :mod:`gte_jax.losses` and the batch's text ids / ``valid``.
@@ -122,6 +122,12 @@ def _embed_chunk(
 
 def _chunked_inputs(batch, num_chunks, mesh, data_axis):
     roles = batch_roles(batch)
+    b = batch["query_input_ids"].shape[0]
+    if mesh is not None and (b % num_chunks or (b // num_chunks) % mesh.shape[data_axis]):
+        raise ValueError(
+            f"batch size {b} must split into num_chunks={num_chunks} chunks whose size is a "
+            f"multiple of the {data_axis!r} axis ({mesh.shape[data_axis]} devices)"
+        )
     return roles, {
         role: jax.tree.map(
             lambda x: split_chunks(x, num_chunks, mesh, data_axis), role_inputs(batch, role)
@@ -245,20 +251,3 @@ def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:
         )
 
     return loss_fn
-
-
-def bi_encoder_embed_fn(graphdef: Any) -> EmbedFn:
-    """``embed_fn`` for an NNX bi-encoder split as ``graphdef, params = nnx.split(model, nnx.Param)``.
-
-    Calls ``nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids=...,
-    pool_mask=..., dropout_rng=rng)`` (docs/design.md), so it is a pure function of its inputs.
-    """
-    from flax import nnx
-
-    def embed_fn(params: Params, inputs: dict[str, Array], rng: Array | None) -> Array:
-        model = nnx.merge(graphdef, params)
-        extra = {k: inputs[k] for k in ("token_type_ids", "pool_mask") if k in inputs}
-        out = model(inputs["input_ids"], inputs["attention_mask"], dropout_rng=rng, **extra)
-        return out.astype(jnp.float32)
-
-    return embed_fn

@@ -213,3 +213,11 @@ def test_gradcache_on_8_device_mesh_equals_one_device(negatives):
     assert_close(loss, ref_loss)
     assert_close(metrics, ref_metrics)
     assert_close(grads, ref_grads)
+
+
+def test_chunk_smaller_than_the_data_axis_is_refused():
+    params, batch, rng, loss_fn, _ = problem("gte", False)
+    with pytest.raises(ValueError, match="multiple of the 'data' axis"):
+        gradcache.cached_value_and_grad(
+            encode, loss_fn, params, batch, rng, 8, mesh=sharding.make_mesh()
+        )
