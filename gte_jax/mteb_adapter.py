@@ -1,0 +1,150 @@
+"""A gte-jax model as an encoder that the ``mteb`` package can evaluate.
+
+    import mteb
+    from gte_jax.mteb_adapter import MTEBEncoder
+
+    model = MTEBEncoder("runs/demo/finetune/export", query_prefix="query: ", doc_prefix="passage: ")
+    mteb.evaluate(model, mteb.get_tasks(tasks=["SciFact"]))
+
+Written against mteb 2.x's ``EncoderProtocol`` (``mteb/models/models_protocols.py``, checked with
+mteb 2.26): ``encode(inputs: DataLoader[BatchedInput], *, task_metadata, hf_split, hf_subset,
+prompt_type=None, **kwargs) -> array``, where each batch is a dict whose ``"text"`` holds the texts
+(a corpus text is already ``title + " " + text``), plus ``similarity`` / ``similarity_pairwise``
+and ``mteb_model_meta``. A plain list of strings is accepted too (mteb 1.x and sentence-transformers
+style). mteb is not a dependency of gte-jax: this module imports it only to build the model
+metadata, and works without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from gte_jax.encode import Embedder
+
+logger = logging.getLogger(__name__)
+
+
+def _texts(inputs: Any) -> list[str]:
+    """The texts of a DataLoader of ``{"text": [...]}`` batches, or of a list of strings."""
+    if isinstance(inputs, str):
+        raise TypeError("encode() takes a list of texts or a DataLoader, not one string.")
+    texts: list[str] = []
+    for item in inputs:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, Mapping) and "text" in item:
+            batch = item["text"]
+            texts.extend([batch] if isinstance(batch, str) else batch)
+        else:
+            raise TypeError(
+                "expected texts or batches with a 'text' field (mteb's BatchedInput); got "
+                f"{type(item).__name__}. Only text tasks are supported."
+            )
+    return texts
+
+
+def _unit(x: Any) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class MTEBEncoder:
+    """A gte-jax ``Embedder`` behind mteb's ``EncoderProtocol``.
+
+    ``prompts`` maps mteb's prompt keys to prefixes; the first key present wins, in mteb's order:
+    ``"<task name>-<query|document>"``, ``"<task name>"``, ``"<task type>-<query|document>"``,
+    ``"<task type>"``, ``"query"`` / ``"document"``. ``query_prefix`` / ``doc_prefix`` fill the last
+    two. Similarity is cosine (what gte-jax trains for)."""
+
+    def __init__(
+        self,
+        model: str | pathlib.Path | Embedder,
+        *,
+        query_prefix: str = "",
+        doc_prefix: str = "",
+        prompts: Mapping[str, str] | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        name: str | None = None,
+        revision: str | None = None,
+    ):
+        if isinstance(model, Embedder):
+            self.embedder = model
+            source = "gte-jax/in-memory"
+        else:
+            from gte_jax.evaluation import load_embedder
+
+            self.embedder = load_embedder(model)
+            source = str(model)
+        self.prompts = {"query": query_prefix, "document": doc_prefix, **(prompts or {})}
+        self.batch_size = batch_size
+        self.max_length = max_length
+        # mteb caches results under the model's name: default to "gte-jax/<directory name>".
+        self.name = name or f"gte-jax/{pathlib.PurePath(source).name}"
+        self.revision = revision or "local"
+
+    def prefix(self, task_metadata: Any = None, prompt_type: Any = None) -> str:
+        """The prefix for one task and prompt type (mteb's priority order, see the class doc)."""
+        kind = getattr(prompt_type, "value", prompt_type)
+        task = getattr(task_metadata, "name", None)
+        task_type = getattr(task_metadata, "type", None)
+        keys = []
+        for scope in (task, task_type):
+            if scope:
+                keys += [f"{scope}-{kind}"] if kind else []
+                keys.append(scope)
+        if kind:
+            keys.append(kind)
+        return next((self.prompts[k] for k in keys if k in self.prompts), "")
+
+    def encode(
+        self,
+        inputs: Iterable[Any],
+        *,
+        task_metadata: Any = None,
+        hf_split: str | None = None,
+        hf_subset: str | None = None,
+        prompt_type: Any = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """float32 [N, dim] embeddings of the texts in ``inputs`` (mteb's ``EncodeKwargs``:
+        ``batch_size`` is honoured, ``show_progress_bar`` too; other keys are ignored)."""
+        return self.embedder.encode(
+            _texts(inputs),
+            batch_size=int(kwargs.get("batch_size") or self.batch_size),
+            max_length=self.max_length,
+            prefix=self.prefix(task_metadata, prompt_type),
+            show_progress=bool(kwargs.get("show_progress_bar", False)),
+        )
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """Cosine similarity matrix [N1, N2]."""
+        return _unit(np.atleast_2d(embeddings1)) @ _unit(np.atleast_2d(embeddings2)).T
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """Cosine of each row pair [N]."""
+        return np.sum(_unit(np.atleast_2d(embeddings1)) * _unit(np.atleast_2d(embeddings2)), -1)
+
+    @property
+    def mteb_model_meta(self) -> Any:
+        """``mteb.ModelMeta`` when mteb is installed (name, revision, cosine similarity, dims)."""
+        try:
+            from mteb.models.model_meta import ModelMeta, ScoringFunction
+        except ImportError:
+            return None
+        config = self.embedder.model.config
+        return ModelMeta.create_empty(
+            {
+                "name": self.name,
+                "revision": self.revision,
+                "embed_dim": self.embedder.model.embedding_dim,
+                "max_tokens": self.embedder.max_length or config.max_length,
+                "similarity_fn_name": ScoringFunction.COSINE,
+                "framework": ["JAX"],
+            }
+        )

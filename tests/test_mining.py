@@ -1,0 +1,150 @@
+"""Hard-negative mining: the rules against a NumPy re-implementation, the guards, the CLI."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from gte_jax import cli, mining
+from gte_jax.encode import Embedder
+
+DEMO = pathlib.Path(mining.__file__).parent / "resources" / "demo"
+MAX_LENGTH = 32  # short texts keep the test fast; both sides use the same embedder settings
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm_dir) -> Embedder:
+    return Embedder.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rows = [json.loads(x) for x in (DEMO / "bible_kjv_web_ot.jsonl").read_text().splitlines()]
+    pairs = [(r["query"], r["positive"]) for r in rows[:10]]
+    # The corpus holds the pairs' own positives and queries (rules must drop them) + distractors.
+    corpus = [r["positive"] for r in rows[:40]] + [q for q, _ in pairs[:3]]
+    return pairs, corpus
+
+
+def _reference(embedder, pairs, corpus, k, skip_top, max_similarity):
+    """The module docstring's rules on a full NumPy similarity matrix."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    enc = lambda t: unit(embedder.encode(t, batch_size=64, max_length=MAX_LENGTH))  # noqa: E731
+    q, p, c = enc([a for a, _ in pairs]), enc([b for _, b in pairs]), enc(corpus)
+    sims = q.astype(np.float64) @ c.T.astype(np.float64)
+    out = []
+    for i, (query, positive) in enumerate(pairs):
+        order = np.argsort(-sims[i], kind="stable")
+        ranked = [j for j in order if corpus[j] not in (query, positive)]
+        limit = max_similarity * float(q[i] @ p[i])
+        out.append([corpus[j] for j in ranked[skip_top:] if sims[i, j] <= limit][:k])
+    return out, sims
+
+
+def _mine(embedder, pairs, corpus, **kw):
+    return mining.mine_hard_negatives(
+        embedder, pairs, corpus, max_length=MAX_LENGTH, batch_size=64, **kw
+    )
+
+
+def test_rules_match_numpy_reference(embedder, data):
+    pairs, corpus = data
+    no_guard = float("inf")
+    top5 = _mine(embedder, pairs, corpus, num_negatives=5, max_similarity=no_guard)
+    ref5, _ = _reference(embedder, pairs, corpus, 5, 0, no_guard)
+    assert top5 == ref5
+    for (query, positive), negs in zip(pairs, top5, strict=True):
+        assert len(negs) == 5 and positive not in negs and query not in negs
+        assert len(set(negs)) == 5
+    # skip-top: the same ranking, shifted by R.
+    skipped = _mine(embedder, pairs, corpus, num_negatives=3, skip_top=2, max_similarity=no_guard)
+    assert skipped == [negs[2:5] for negs in top5]
+
+
+def test_false_negative_guard(embedder, data):
+    pairs, corpus = data
+    x = 0.5  # paraphrase pairs: sim(q, pos) ~ 0.9, so the guard drops the closest verses
+    guarded = _mine(embedder, pairs, corpus, num_negatives=4, max_similarity=x)
+    ref, sims = _reference(embedder, pairs, corpus, 4, 0, x)
+    assert guarded == ref
+    position = {t: j for j, t in enumerate(corpus)}
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
+    q = unit(embedder.encode([a for a, _ in pairs], max_length=MAX_LENGTH))
+    p = unit(embedder.encode([b for _, b in pairs], max_length=MAX_LENGTH))
+    dropped_any = False
+    for i, negs in enumerate(guarded):
+        limit = x * float(q[i] @ p[i])
+        assert all(sims[i, position[t]] <= limit + 1e-6 for t in negs)
+        others = [j for j, t in enumerate(corpus) if t not in pairs[i]]
+        dropped_any |= bool((sims[i, others] > limit).any())
+    assert dropped_any, "the guard never fired: the test data no longer exercises it"
+
+
+def test_all_positives_of_a_query_are_excluded(embedder):
+    # The same query twice with two positives: neither positive is a negative of either pair.
+    pairs = [
+        ("the lord is my shepherd", "a shepherd cares for sheep"),
+        ("the lord is my shepherd", "the lord guides me"),
+    ]
+    corpus = ["a shepherd cares for sheep", "the lord guides me", "stock prices fell", "rain"]
+    negs = _mine(embedder, pairs, corpus, num_negatives=4, max_similarity=float("inf"))
+    assert [sorted(n) for n in negs] == [["rain", "stock prices fell"]] * 2
+
+
+def _write(path: pathlib.Path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_cli_mine(tmp_path, minilm_dir, data, capsys):
+    pairs, corpus = data
+    _write(tmp_path / "pairs.jsonl", [{"query": q, "positive": p} for q, p in pairs])
+    _write(tmp_path / "corpus.jsonl", [{"_id": str(i), "text": t} for i, t in enumerate(corpus)])
+    out = tmp_path / "mined.jsonl"
+    rc = cli.main(
+        ["mine", "--model", str(minilm_dir), "--pairs", str(tmp_path / "pairs.jsonl")]
+        + ["--corpus", str(tmp_path / "corpus.jsonl"), "--output", str(out)]
+        + ["--num-negatives", "3", "--skip-top", "1", "--max-similarity", "0.95"]
+        + ["--max-length", str(MAX_LENGTH), "--candidates", "6"]
+    )
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert summary["pairs_read"] == len(pairs)
+    assert (
+        summary["pairs_written"]
+        == len(records)
+        == len(pairs) - summary["pairs_dropped_no_negatives"]
+    )
+    assert (
+        summary["pairs_with_fewer_than_k"]
+        == sum(len(r["negatives"]) < 3 for r in records) + (summary["pairs_dropped_no_negatives"])
+    )
+    for r in records:
+        assert set(r) == {"query", "positive", "negatives"}
+        assert 1 <= len(r["negatives"]) <= 3
+        assert r["positive"] not in r["negatives"] and r["query"] not in r["negatives"]
+        assert set(r["negatives"]) <= set(corpus)
+
+
+@pytest.mark.parametrize(
+    "pairs_lines, corpus_lines, where",
+    [
+        (['{"query": "a", "positive": "b"}', "", "{oops"], ['{"text": "x"}'], "pairs.jsonl:3"),
+        (['{"query": "a"}'], ['{"text": "x"}'], 'pairs.jsonl:1: missing field "positive"'),
+        (['{"query": "a", "positive": "b"}'], ['{"text": "x"}', '{"_id": "1"}'], "corpus.jsonl:2"),
+    ],
+)
+def test_cli_mine_bad_input(tmp_path, minilm_dir, capsys, pairs_lines, corpus_lines, where):
+    (tmp_path / "pairs.jsonl").write_text("\n".join(pairs_lines) + "\n")
+    (tmp_path / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    rc = cli.main(
+        ["mine", "--model", str(minilm_dir), "--pairs", str(tmp_path / "pairs.jsonl")]
+        + ["--corpus", str(tmp_path / "corpus.jsonl"), "--output", str(tmp_path / "o.jsonl")]
+        + ["--num-negatives", "2"]
+    )
+    assert rc == 2
+    assert where in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
