@@ -318,6 +318,40 @@ def test_prefixed_task_checkpoint_loads_encoder_and_notes_heads(tmp_path, caplog
     assert np.abs(np.asarray(ours) - expected.numpy()).max() <= 1e-5
 
 
+def test_xlmr_export_loads_in_transformers(minilm, tmp_path):
+    """An XLM-R tower (positions offset by padding_idx + 1) exports as XLMRobertaModel."""
+    torch.manual_seed(0)
+    config = transformers.XLMRobertaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+    )
+    transformers.XLMRobertaModel(config).save_pretrained(
+        str(tmp_path / "src"), safe_serialization=True
+    )
+    model, info = load_model(tmp_path / "src")
+    # The tokenizer only has to be written; transformers' model load does not use it.
+    out = export_pretrained(model, minilm[1], tmp_path / "out", info=info)
+    ref = transformers.AutoModel.from_pretrained(str(out), local_files_only=True).eval()
+    assert type(ref).__name__ == "XLMRobertaModel"
+    ids = np.random.default_rng(0).integers(3, 99, size=(2, 9))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    ids[1, :3] = 1
+    with torch.no_grad():
+        expected = ref(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).last_hidden_state
+    ours = model.encoder(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    real = mask.astype(bool)
+    assert np.abs(np.asarray(ours) - expected.numpy())[real].max() <= 1e-5
+
+
 def test_missing_tensors_are_listed(tmp_path):
     from safetensors.numpy import save_file
 

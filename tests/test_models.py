@@ -28,10 +28,11 @@ from gte_jax.models import (  # noqa: E402
 from gte_jax.models.bert import ACTIVATIONS, explicit_attention  # noqa: E402
 
 FLOAT32_TOL = 1e-5
-# bfloat16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.4%); over 2 layers the L2-normalised
-# pooled vectors stay within BF16_TOL (max abs) and BF16_COS (cosine) of float32.
-BF16_TOL = 3e-2
-BF16_COS = 0.999
+# bfloat16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.4%). On the 2-layer test model the
+# L2-normalised pooled vectors differ from float32 by ~2e-3 (max abs), cosine ~0.999994; the
+# bounds below leave a 5x margin.
+BF16_TOL = 1e-2
+BF16_COS = 0.9999
 
 SMALL = dict(
     vocab_size=99,
