@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
@@ -307,11 +306,10 @@ def test_ignore_identical_ids(tmp_path, embedder):
     assert result["mrr@10"] == 1.0
 
 
-def test_eval_suite_matches_evaluate(tmp_path, minilm_dir):
-    from gte_jax.hf import load_pretrained
-
+def test_eval_suite_matches_evaluate(tmp_path, embedder):
+    # The hook takes the module and tokenizer the train loop holds in memory.
+    model, tokenizer = embedder.model, embedder.tokenizer
     beir_dir = _beir_subset(tmp_path / "beir", num_queries=6, extra_docs=10)
-    model, tokenizer, info = load_pretrained(minilm_dir)
     sets = [{"name": "bible", "kind": "beir", "path": str(beir_dir), "query_prefix": "q: "}]
     suite = evaluation.EvalSuite(sets, batch_size=8)
     metrics = suite(model, tokenizer)
@@ -336,7 +334,7 @@ def test_load_embedder_workdir_export_and_errors(tmp_path, minilm_dir):
     workdir = tmp_path / "run" / "finetune"
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "base_model").mkdir()
-    shutil.copytree(minilm_dir, workdir / "export")
+    (workdir / "export").symlink_to(minilm_dir, target_is_directory=True)
     embedder = evaluation.load_embedder(workdir)
     assert embedder.model.embedding_dim == 384
     with pytest.raises(FileNotFoundError, match=r"\['finetune'\]"):
@@ -347,10 +345,10 @@ def test_load_embedder_workdir_export_and_errors(tmp_path, minilm_dir):
 
 
 def test_cli_eval_bundled_set(minilm_dir, capsys):
-    # max_length 24 and batch 256: one compiled shape for the whole set, so this stays fast.
+    # max_length 16 and batch 256: one compiled shape for the whole set, so this stays fast.
     rc = cli.main(
         ["eval", "--model", str(minilm_dir), "--beir", str(BIBLE_EVAL)]
-        + ["--max-length", "24", "--batch-size", "256"]
+        + ["--max-length", "16", "--batch-size", "256"]
     )
     out, _ = capsys.readouterr()
     assert rc == 0
