@@ -341,6 +341,29 @@ def test_load_embedder_workdir_export_and_errors(tmp_path, minilm_dir):
         evaluation.load_embedder(tmp_path / "run")
 
 
+def test_load_embedder_workdir_checkpoint(tmp_path, minilm_dir, embedder):
+    # No export/: the newest checkpoint's params go into base_model's architecture.
+    import jax
+
+    from gte_jax.checkpoint import Checkpointer
+    from gte_jax.train import ModelFn
+
+    workdir = tmp_path / "stage"
+    workdir.mkdir()
+    (workdir / "base_model").symlink_to(minilm_dir, target_is_directory=True)
+    model_fn, params = ModelFn.from_module(embedder.model)
+    changed = jax.tree.map(lambda x: x * 1.05, params)  # [every weight scaled]
+    ckpt = Checkpointer(workdir / "checkpoints", every_steps=1, async_save=False)
+    ckpt.save(3, {"params": changed}, {}, force=True)
+    ckpt.close()
+    texts = ["In the beginning God created the heaven and the earth."]
+    got = evaluation.load_embedder(workdir).encode(texts)
+    want = Embedder(model_fn.module(changed), embedder.tokenizer).encode(texts)
+    base = embedder.encode(texts)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(got - base).max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
