@@ -292,8 +292,12 @@ def read_beir(directory: str | pathlib.Path, split: str = "test") -> BeirData:
         )
     qrels: dict[str, dict[str, int]] = {}
     qrels_line: dict[str, int] = {}
-    with qrels_path.open(encoding="utf-8", errors="strict") as f:
-        for number, line in enumerate(f, 1):
+    with qrels_path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{qrels_path}:{number}: not valid UTF-8 ({e.reason}).") from e
             fields = line.rstrip("\r\n").split("\t")
             if number == 1 and fields[0].strip().lower() in ("query-id", "query_id", "qid"):
                 continue
