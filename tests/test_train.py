@@ -290,3 +290,27 @@ def test_cli_rejects_unknown_override_and_missing_model(tiny_model_dir, tmp_path
                str(tmp_path), "--config.model.init_from=/nonexistent/model",
                f"--config.data.train_files={FINETUNE_FILE}"])  # fmt: skip
     assert rc == 1
+
+
+def test_export_cli_writes_what_sentence_transformers_loads(uninterrupted, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from gte_jax import hf
+    from gte_jax.cli import main
+    from gte_jax.encode import Embedder
+
+    out = tmp_path / "exported"
+    assert main(["export", "--workdir", str(uninterrupted), "--output", str(out)]) == 0
+    # Reference: the trained params straight from the checkpoint, in our own model.
+    model, tokenizer, _ = hf.load_pretrained(uninterrupted / "base_model")
+    model_fn, _ = train.ModelFn.from_module(model)
+    _, state = _final_state(uninterrupted)
+    trained = Embedder(model_fn.module(state["params"]), tokenizer)
+    texts = ["In the beginning God created the heaven and the earth.", "", "naïve café ☕"]
+    ours = trained.encode(texts)
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(st, ours, atol=1e-5)
+    base = Embedder(model, tokenizer).encode(texts)
+    assert np.abs(base - ours).max() > 1e-3  # the export carries the training, not the init
+
+    assert main(["export", "--workdir", str(tmp_path / "nothing"), "--output", str(out)]) == 2

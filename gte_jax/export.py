@@ -1,0 +1,50 @@
+"""`gte-jax export`: a training workdir's checkpoint -> a Hugging Face / sentence-transformers dir."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gte-jax export",
+        description="Write model.safetensors, config.json, tokenizer and sentence-transformers files "
+        "for a checkpoint of a training workdir. The result loads with "
+        "transformers.AutoModel.from_pretrained and sentence_transformers.SentenceTransformer.",
+    )
+    parser.add_argument("--workdir", required=True, help="a gte-jax training workdir (one stage)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--model-name", default=None, help="name for the model card")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from etils import epath
+
+    from gte_jax.checkpoint import CheckpointError
+    from gte_jax.train import TrainingError, export_workdir
+
+    workdir = epath.Path(args.workdir)
+    card = {}
+    summary = workdir / "summary.json"
+    if summary.exists():  # a finished run: put its stage and metrics on the card
+        s = json.loads(summary.read_text())
+        card["stages"] = [{"name": s.get("stage"), "steps": s.get("steps")}]
+        card["data_sources"] = sorted(s.get("sources", {}))
+        card["metrics"] = {k: v for k, v in (s.get("eval") or {}).items() if k != "step"}
+    if args.model_name:
+        card["model_name"] = args.model_name
+    try:
+        out = export_workdir(workdir, args.output, step=args.step, card=card)
+    except (TrainingError, CheckpointError, FileNotFoundError) as e:
+        print(f"gte-jax export: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output": str(out), "workdir": str(workdir), "step": args.step or "latest"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
