@@ -51,3 +51,23 @@ def test_unknown_key_exits_2(capsys):
     rc = cli.main(["inspect", "--config", str(CONFIG), "--config.data.nope=1"])
     assert rc == 2
     assert "unknown config key 'data.nope'" in capsys.readouterr().err
+
+
+def test_inspect_reads_a_stage_of_a_training_config(capsys):
+    """configs/demo.py is a two-stage training config: inspect follows `stage:` references to the
+    model's tokenizer and uses train.batch_size as the global batch."""
+    import pathlib
+
+    from gte_jax.cli import main
+
+    demo = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+    assert main(["data", "inspect", "--config", demo, "--stage", "finetune", "--steps", "3",
+                 "--show", "1"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert list(report["sources"]) == ["bible_hn"]
+    shown = json.loads(captured.err.strip().splitlines()[0])
+    assert shown["shapes"]["query_input_ids"][0] == 16  # the finetune stage's train.batch_size
+    assert shown["shapes"]["neg_input_ids"][:2] == [16, 1]
+    assert main(["data", "inspect", "--config", demo, "--stage", "nope"]) == 2
+    assert "pretrain" in capsys.readouterr().err

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="draw batches without a model and report the mixture")
     ins.add_argument("--config", required=True, help="config file (get_config() -> ConfigDict)")
     ins.add_argument("--steps", type=int, default=100, help="global batches to draw")
+    ins.add_argument("--stage", default=None, help="stage of a multi-stage config (default: first)")
     ins.add_argument("--show", type=int, default=2, help="decoded example batches on stderr")
     b = sub.add_parser("build", help="prepare TFDS builders (array_record) into a data dir")
     b.add_argument("--config", help="build every data.sources entry that names a tfds dataset")
@@ -55,13 +56,42 @@ def _decode_rows(tokenizer, batch, rows: int = 3) -> list[dict[str, str]]:
     return out
 
 
+def training_data_config(config, stage: str | None, path: str):
+    """The ``data`` group a training run would use: the named (or first) stage of a multi-stage
+    config, ``train.batch_size`` as the global batch and the model's tokenizer when
+    ``data.tokenizer`` is unset."""
+    root = config
+    if "stages" in config:
+        stage = stage or config.stages[0]
+        if stage not in config.stages:
+            raise ConfigError(f"--stage {stage!r}: the config's stages are {list(config.stages)}")
+        config = config[stage]
+    if "data" not in config:
+        raise ConfigError(f"{path}: the config has no `data` group")
+    data = config.data.copy_and_resolve_references()
+    if "train" in config and config.train.get("batch_size"):
+        data.batch_size = int(config.train.batch_size)
+    if not data.get("tokenizer") and "model" in config:
+        from gte_jax.train import is_workdir, resolve_model_path
+
+        model = str(config.model.init_from)
+        seen = set()
+        while model.startswith("stage:") and model not in seen:  # same tokenizer as that stage
+            seen.add(model)
+            model = str(root[model.split(":", 1)[1]].model.init_from)
+        path = resolve_model_path(model)
+        data.tokenizer = str(path / "base_model" if is_workdir(path) else path)
+    if data.get("max_length", 0):
+        data.query_max_length = data.doc_max_length = int(data.max_length)
+    return data
+
+
 def inspect_main(args, overrides: list[str]) -> int:
     from gte_jax.data.pipeline import build_iterator
 
     config = load_config(args.config, overrides)
-    if "data" not in config:
-        raise ConfigError(f"{args.config}: the config has no `data` group")
-    it = build_iterator(config.data)
+    data = training_data_config(config, args.stage, args.config)
+    it = build_iterator(data)
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     for step in range(args.steps):
