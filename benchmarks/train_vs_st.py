@@ -35,7 +35,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # gte-jax data layouts compared; each is a set of ``config.data`` overrides.
 VARIANTS: dict[str, dict] = {
-    "pow2": {},  # power-of-two bucket lengths (the default layout before packing)
+    "pow2": {"bucket_multiple": 0},  # power-of-two bucket lengths
+    "mult16": {"bucket_multiple": 16},  # lengths in multiples of 16: less padding, more shapes
 }
 
 

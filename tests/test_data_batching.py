@@ -113,6 +113,28 @@ def test_bucket_lengths_are_tight():
             assert length <= b and (b == buckets[0] or b < 2 * length)
 
 
+@pytest.mark.parametrize("multiple", [8, 16, 32])
+def test_bucket_multiples_pad_less_than_one_multiple(multiple):
+    for max_len in (16, 100, 128, 512):
+        buckets = bucket_lengths(max_len, multiple=multiple)
+        assert buckets[-1] == max_len and list(buckets) == sorted(set(buckets))
+        assert all(b % multiple == 0 for b in buckets[:-1]) and buckets[0] >= min(16, max_len)
+        for length in range(1, max_len + 1):
+            b = pick_bucket(length, buckets)
+            assert length <= b and (b == buckets[0] or b - length < multiple)
+
+
+def test_bucket_multiple_reaches_the_batch(tokenizer):
+    it = _iterator(tokenizer, bucket_multiple=8)
+    for _ in range(6):
+        batch = next(it)
+        for role in ("query", "doc"):
+            mask = batch[f"{role}_attention_mask"]
+            longest = int(mask.sum(axis=1).max())
+            assert mask.shape[1] % 8 == 0 and mask.shape[1] >= longest
+            assert mask.shape[1] - longest < 8 or mask.shape[1] == 16  # 16: the smallest bucket
+
+
 class _ThreadAllGather:
     """In-process stand-in for the per-batch all-gather of the processes' longest lengths."""
 

@@ -29,19 +29,30 @@ logger = logging.getLogger(__name__)
 # Pure helpers
 
 
-def bucket_lengths(max_length: int, min_bucket: int = 16) -> tuple[int, ...]:
-    """Powers of two from ``min_bucket`` below ``max_length``, then ``max_length`` itself.
+def bucket_lengths(max_length: int, min_bucket: int = 16, multiple: int = 0) -> tuple[int, ...]:
+    """The padded lengths a batch may take, ending with ``max_length`` itself.
 
-    e.g. (16, 32, 64, 128) for 128 and (16, 32, 64, 128, 200) for 200: at most ~log2(max) shapes
-    to compile, and a batch is never padded to more than twice its longest text.
+    ``multiple == 0``: powers of two from ``min_bucket``, e.g. (16, 32, 64, 128) for 128 and
+    (16, 32, 64, 128, 200) for 200: at most ~log2(max) shapes to compile, and a batch is never
+    padded to more than twice its longest text. ``multiple > 0``: every multiple of it from the
+    first one >= ``min_bucket``, e.g. (16, 32, 48, ..., 128) for 16: at most ``multiple - 1``
+    pad tokens per row beyond the longest text, for up to max/multiple shapes to compile.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
+    if multiple < 0:
+        raise ValueError(f"bucket multiple must be >= 0, got {multiple}")
     out = []
-    b = min_bucket
-    while b < max_length:
-        out.append(b)
-        b *= 2
+    if multiple:
+        b = max(multiple, -(-min_bucket // multiple) * multiple)
+        while b < max_length:
+            out.append(b)
+            b += multiple
+    else:
+        b = min_bucket
+        while b < max_length:
+            out.append(b)
+            b *= 2
     out.append(max_length)
     return tuple(out)
 
@@ -290,7 +301,8 @@ class PairBatchIterator:
       seed, alpha, mixed, weights: see :class:`~gte_jax.data.mixture.MixtureSampler`.
       query_max_length, doc_max_length: token budgets (special tokens and prefix included).
       process_index, process_count: this process's slice of each global batch.
-      min_bucket: smallest padded length; buckets are :func:`bucket_lengths`.
+      min_bucket, bucket_multiple: padded lengths are :func:`bucket_lengths` (powers of two, or
+        multiples of ``bucket_multiple`` when > 0).
       agree_lengths: ``[2] int32 -> [2] int32`` max over processes; default: identity for one
         process, :func:`allgather_max` otherwise.
     """
@@ -310,6 +322,7 @@ class PairBatchIterator:
         mixed: bool = False,
         weights: Sequence[float] | None = None,
         min_bucket: int = 16,
+        bucket_multiple: int = 0,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self.sources = {s.name: s for s in sources}
@@ -319,8 +332,8 @@ class PairBatchIterator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.process_index, self.process_count = process_index, process_count
         self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
-        self.query_buckets = bucket_lengths(query_max_length, min_bucket)
-        self.doc_buckets = bucket_lengths(doc_max_length, min_bucket)
+        self.query_buckets = bucket_lengths(query_max_length, min_bucket, bucket_multiple)
+        self.doc_buckets = bucket_lengths(doc_max_length, min_bucket, bucket_multiple)
         self.sampler = MixtureSampler(
             {s.name: len(s) for s in sources},
             global_batch_size,

@@ -14,7 +14,8 @@
   ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
 - ``data_dir``: TFDS data directory for ``tfds`` sources and ``gte-jax data build``.
 - ``alpha``, ``seed``, ``batch_size`` (global), ``mixed_batches`` (ablation: mix sources within a
-  batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``on_bad_input``
+  batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``bucket_multiple`` (0: power-of-two padded lengths; e.g. 16:
+  multiples of 16 -- less padding, more shapes to compile), ``on_bad_input``
   (skip|error), ``max_text_chars``.
 """
 
@@ -63,6 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.query_max_length = 64
     c.doc_max_length = 256
     c.min_bucket = 16
+    c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding)
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
     return c
@@ -167,6 +169,7 @@ def build_iterator(
         query_max_length=int(data.query_max_length),
         doc_max_length=int(data.doc_max_length),
         min_bucket=int(data.get("min_bucket", 16)),
+        bucket_multiple=int(data.get("bucket_multiple", 0)),
         process_index=process_index,
         process_count=process_count,
         **kwargs,
