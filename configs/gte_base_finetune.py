@@ -18,6 +18,7 @@ def get_config(arg: str | None = None):
     c = stage_config("finetune")
     c.model.init_from = ""  # stage 1's workdir (its newest checkpoint) or an exported directory
     c.model.dtype = "bfloat16"
+    c.model.attention_dropout = 0.0  # ours: keeps the fused attention kernels on TPU/GPU
 
     c.data.data_dir = ""  # "" = TFDS default (~/tensorflow_datasets); gs:// works
     one_negative = {"num_negatives": 1}  # GTE §4.1: one hard negative per query

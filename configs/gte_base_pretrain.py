@@ -23,9 +23,12 @@ def get_config(arg: str | None = None):
     c = stage_config("pretrain")
     c.model.init_from = ""  # a local BERT-base directory (config.json + model.safetensors)
     c.model.dtype = "bfloat16"  # TPU/GPU; on CPU use float32 (--config.model.dtype=float32)
+    c.model.attention_dropout = 0.0  # ours: keeps the fused attention kernels on TPU/GPU
     c.model.remat = True  # activation memory of one layer per chunk
 
-    c.data.data_dir = ""  # TFDS data dir of `gte-jax data build` ("" = ~/tensorflow_datasets; gs:// ok)
+    c.data.data_dir = (
+        ""  # TFDS data dir of `gte-jax data build` ("" = ~/tensorflow_datasets; gs:// ok)
+    )
     pairs_only = {"num_negatives": 0}  # stage 1: in-batch negatives only
     c.data.sources = [
         {"name": "msmarco", "tfds": "msmarco_triples", **pairs_only},

@@ -22,6 +22,9 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU.
     c.model.remat = False  # recompute each layer's activations in the backward pass
     c.model.dropout = -1.0  # -1: the checkpoint's own dropout rates
+    # Attention-probability dropout alone (-1: as above). 0 keeps jax.nn.dot_product_attention's
+    # fused kernels (cuDNN flash attention, TPU) in training: they have no dropout.
+    c.model.attention_dropout = -1.0
     c.model.train_dropout = True
 
     c.data = default_data_config()

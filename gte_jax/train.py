@@ -240,6 +240,8 @@ def load_model_for_training(model_cfg: Any):
     if model_cfg.get("dropout", None) is not None and model_cfg.dropout >= 0:
         overrides["hidden_dropout_prob"] = float(model_cfg.dropout)
         overrides["attention_probs_dropout_prob"] = float(model_cfg.dropout)
+    if model_cfg.get("attention_dropout", -1.0) >= 0:
+        overrides["attention_probs_dropout_prob"] = float(model_cfg.attention_dropout)
     if is_workdir(path):
         model, tokenizer, info = hf.load_pretrained(path / "base_model", dtype=dtype, **overrides)
         ckpt = Checkpointer(path / "checkpoints", every_steps=0)
