@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from gte_jax.cli import positive_int
 from gte_jax.encode import Embedder, InputError
 
 logger = logging.getLogger(__name__)
@@ -621,8 +622,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix-query", "--query-prefix", dest="prefix_query", default="")
     parser.add_argument("--prefix-doc", "--doc-prefix", dest="prefix_doc", default="")
     parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=None, help="default: the model's")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument(
+        "--max-length", type=positive_int, default=None, help="default: the model's"
+    )
     return parser
 
 

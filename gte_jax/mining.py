@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from gte_jax.cli import positive_int
 from gte_jax.encode import Embedder, InputError
 from gte_jax.evaluation import doc_text, iter_jsonl, jsonl_field, load_embedder, search
 
@@ -141,8 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--query-prefix", "--prefix-query", dest="query_prefix", default="")
     parser.add_argument("--doc-prefix", "--prefix-doc", dest="doc_prefix", default="")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=None, help="default: the model's")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument(
+        "--max-length", type=positive_int, default=None, help="default: the model's"
+    )
     return parser
 
 
