@@ -37,6 +37,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict] = {
     "pow2": {"bucket_multiple": 0},  # power-of-two bucket lengths
     "mult16": {"bucket_multiple": 16},  # lengths in multiples of 16: less padding, more shapes
+    "packed": {"packing": True},  # several texts per 128-token row, rows rounded to 1
+    "packed_rows4": {"packing": True, "packing_row_multiple": 4},  # rows rounded to 4: fewer shapes
 }
 
 
@@ -138,7 +140,7 @@ def run_st(args, queries, docs, out_dir: pathlib.Path) -> dict:
         "examples": examples,
         "train_seconds": round(seconds, 2),
         "examples_per_second": round(examples / seconds, 3),
-        "final_loss": round(float(out.training_loss), 4),
+        "mean_train_loss": round(float(out.training_loss), 4),  # HF: mean over the run
         "torch_threads": torch.get_num_threads(),
     }
 

@@ -22,6 +22,9 @@ Interfaces:
   * ``embed_fn(params, inputs, rng) -> [b, D]`` float32, where ``inputs`` is a dict with one role's
     model inputs with the role prefix stripped (``input_ids``, ``attention_mask``, optional
     ``pool_mask`` / ``token_type_ids``; all [b, L]) and ``rng`` a key or ``None`` (no dropout).
+    Packed batches add ``segment_ids`` / ``position_ids`` [R, L] and ``slot_index`` [b] (or
+    [b, K]); ``embed_fn`` then returns ``slot_index.shape + (D,)``. Packing runs with one chunk
+    only (plain or GradCache with ``num_chunks == 1``).
     For an NNX ``BiEncoder`` it is ``nnx.merge(graphdef, params)(...)`` (``train.make_embed_fn``).
   * ``loss_fn(embeddings, batch) -> (loss, metrics)`` with ``embeddings = {"query": [B, D],
     "doc": [B, D], "neg": [B, K, D] (if the batch has negatives)}``; :func:`make_loss_fn` builds
@@ -108,11 +111,19 @@ def chunk_keys(rng: Array | None, role: str, num_chunks: int) -> Array | None:
     return jax.vmap(lambda k: jax.random.fold_in(role_key, k))(jnp.arange(num_chunks))
 
 
+def is_packed(batch: Batch) -> bool:
+    """Whether the batch holds packed rows (``<role>_segment_ids`` + ``<role>_slot_index``)."""
+    return "query_slot_index" in batch
+
+
 def _embed_chunk(
     embed_fn: EmbedFn, params: Params, inputs: dict[str, Array], rng: Array | None, role: str
 ) -> Array:
-    """Embeds one chunk of one role; hard negatives [c, K, L] are flattened to [c*K, L] and back."""
-    if role != "neg":
+    """Embeds one chunk of one role; hard negatives [c, K, L] are flattened to [c*K, L] and back.
+
+    Packed inputs ([R, L] rows + ``slot_index`` [B] or [B, K]) come out in ``slot_index``'s
+    shape already."""
+    if role != "neg" or "slot_index" in inputs:
         return embed_fn(params, inputs, rng)  # [c, D]
     c, k = inputs["input_ids"].shape[:2]
     flat = {name: v.reshape(c * k, *v.shape[2:]) for name, v in inputs.items()}  # [c*K, L]
@@ -122,6 +133,13 @@ def _embed_chunk(
 
 def _chunked_inputs(batch, num_chunks, mesh, data_axis):
     roles = batch_roles(batch)
+    if is_packed(batch) and num_chunks != 1:
+        # Chunks would have to split rows and examples consistently (texts of a row in one
+        # chunk); not done yet.
+        raise ValueError(
+            f"sequence packing (data.packing=True) with GradCache chunks (num_chunks={num_chunks})"
+            " is not supported yet: set data.packing=False or train.gradcache_chunk_size=0"
+        )
     b = batch["query_input_ids"].shape[0]
     if mesh is not None and (b % num_chunks or (b // num_chunks) % mesh.shape[data_axis]):
         raise ValueError(

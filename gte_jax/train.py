@@ -118,7 +118,8 @@ def make_embed_fn(model_fn: ModelFn):
 
     def embed_fn(params, inputs, rng):
         model = model_fn.module(params)
-        extra = {k: inputs[k] for k in ("token_type_ids", "pool_mask") if k in inputs}
+        optional = ("token_type_ids", "pool_mask", "segment_ids", "position_ids", "slot_index")
+        extra = {k: inputs[k] for k in optional if k in inputs}  # the last three: packed rows
         out = model(inputs["input_ids"], inputs["attention_mask"], dropout_rng=rng, **extra)
         return out.astype(jnp.float32)
 
@@ -313,6 +314,7 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
         sources=sources,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        local_data_devices=mesh.shape["data"] // jax.process_count(),
     )
     num_records = sum(len(s) for s in sources)
     total_steps = _total_steps(tcfg, num_records, batch_size)
@@ -389,7 +391,7 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
             batch = shd.global_batch(local, mesh)
             state, metrics = jit_step(state, batch)
             step += 1
-            examples += int(local["query_input_ids"].shape[0]) * jax.process_count()
+            examples += int(local["valid"].shape[0]) * jax.process_count()  # [B] even when packed
             m = _host_metrics(metrics)
             if m["finite"] < 0.5:
                 bad_in_a_row += 1

@@ -12,6 +12,7 @@ split is meant to avoid; character-count estimates are not exact and would trunc
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -264,6 +265,137 @@ def materialize(
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Sequence packing: several texts per row, so that padding nearly vanishes
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: rows of text indices, each row's lengths sum <= capacity.
+
+    Longest text first, each into the fullest row it still fits (ties: the older row); within a
+    row, texts keep their placement order. Deterministic; O(n log n) plus list inserts.
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free tokens, row index)
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = int(lengths[i])
+        if n > capacity:
+            raise ValueError(f"text {i} has {n} tokens, more than the packed row length {capacity}")
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            room, r = free.pop(at)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
+        else:
+            rows.append([i])
+            bisect.insort(free, (capacity - n, len(rows) - 1))
+    return rows
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def packed_arrays(
+    texts: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[int]],
+    *,
+    num_rows: int,
+    length: int,
+    pad_id: int,
+    slot_offset: int = 0,
+    pool: Sequence[Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """One role's packed model inputs (keys without the role prefix).
+
+    ``input_ids`` / ``attention_mask`` / ``segment_ids`` (1, 2, ... per text of a row, 0 = pad) /
+    ``position_ids`` (0, 1, ... from each text's first token; the model adds RoBERTa's offset)
+    [num_rows, length], optional ``pool_mask`` [num_rows, length], and ``slot_index`` [n]: text i
+    lies in row r as the s-th text (s from 0) -> ``slot_offset + r * length + s``. The slot axis
+    has ``length`` entries per row (a row holds at most ``length`` texts), so it needs no bucket
+    of its own; ``slot_offset`` makes the index global over the processes' rows.
+    """
+    ids = np.full((num_rows, length), pad_id, dtype=np.int32)
+    mask = np.zeros((num_rows, length), dtype=np.int32)
+    segments = np.zeros((num_rows, length), dtype=np.int32)
+    positions = np.zeros((num_rows, length), dtype=np.int32)
+    pooled = np.zeros((num_rows, length), dtype=np.int32) if pool is not None else None
+    slot_index = np.full((len(texts),), -1, dtype=np.int32)
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} packed rows do not fit in num_rows={num_rows}")
+    for r, members in enumerate(rows):
+        start = 0
+        for s, i in enumerate(members):
+            n = len(texts[i])
+            ids[r, start : start + n] = texts[i]
+            mask[r, start : start + n] = 1
+            segments[r, start : start + n] = s + 1
+            positions[r, start : start + n] = np.arange(n)
+            if pooled is not None:
+                pooled[r, start : start + n] = pool[i]
+            slot_index[i] = slot_offset + r * length + s
+            start += n
+    if (slot_index < 0).any():
+        raise ValueError("every text must be placed in exactly one row")
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "segment_ids": segments,
+        "position_ids": positions,
+        "slot_index": slot_index,
+    }
+    if pooled is not None:
+        out["pool_mask"] = pooled
+    return out
+
+
+def materialize_packed(
+    plan: GlobalBatchPlan,
+    tok: TokenizedSlice,
+    *,
+    query_length: int,
+    doc_length: int,
+    pad_id: int,
+    num_negatives: int,
+    row_multiple: int = 1,
+    process_index: int = 0,
+    agree_rows: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+) -> dict[str, np.ndarray]:
+    """The process-local batch with every role packed (docs/design.md, "Packed batches").
+
+    Row counts are agreed over processes (max) and rounded up to ``row_multiple`` (a multiple of
+    the process's devices on the data axis), so every process holds the same [R, L] shapes.
+    """
+    b = len(tok.query_ids)
+    roles = [("query", tok.query_ids, query_length, tok.query_pool)]
+    roles.append(("doc", tok.doc_ids, doc_length, None))
+    if num_negatives:
+        roles.append(("neg", tok.neg_ids, doc_length, None))
+    layouts = [pack_rows([len(t) for t in texts], length) for _, texts, length, _ in roles]
+    counts = agree_rows(np.asarray([max(len(rows), 1) for rows in layouts], dtype=np.int32))
+    out = {}
+    for (role, texts, length, pool), rows, count in zip(roles, layouts, counts, strict=True):
+        num_rows = round_up(int(count), row_multiple)
+        arrays = packed_arrays(
+            texts,
+            rows,
+            num_rows=num_rows,
+            length=length,
+            pad_id=pad_id,
+            slot_offset=process_index * num_rows * length,
+            pool=pool,
+        )
+        if role == "neg":
+            arrays["slot_index"] = arrays["slot_index"].reshape(b, num_negatives)
+        out.update({f"{role}_{key}": value for key, value in arrays.items()})
+    out["query_text_id"] = plan.query_text_id[tok.rows]
+    out["doc_text_id"] = plan.doc_text_id[tok.rows]
+    if num_negatives:
+        out["neg_text_id"] = plan.neg_text_id[tok.rows]
+    out["valid"] = np.ones((b,), dtype=np.int32)
+    return out
+
+
 def allgather_max(local: np.ndarray) -> np.ndarray:
     """Element-wise max of ``local`` over all JAX processes (one small collective)."""
     from jax.experimental import multihost_utils
@@ -303,7 +435,11 @@ class PairBatchIterator:
       process_index, process_count: this process's slice of each global batch.
       min_bucket, bucket_multiple: padded lengths are :func:`bucket_lengths` (powers of two, or
         multiples of ``bucket_multiple`` when > 0).
-      agree_lengths: ``[2] int32 -> [2] int32`` max over processes; default: identity for one
+      packing: pack several texts per row (:func:`materialize_packed`) instead of one text per
+        padded row; rows are ``query_max_length`` / ``doc_max_length`` long.
+      pack_row_multiple: with packing, each role's row count is rounded up to a multiple of this
+        (at least the process's devices on the data axis; larger: fewer shapes to compile).
+      agree_lengths: ``[n] int32 -> [n] int32`` max over processes (lengths, or row counts); default: identity for one
         process, :func:`allgather_max` otherwise.
     """
 
@@ -323,6 +459,8 @@ class PairBatchIterator:
         weights: Sequence[float] | None = None,
         min_bucket: int = 16,
         bucket_multiple: int = 0,
+        packing: bool = False,
+        pack_row_multiple: int = 1,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self.sources = {s.name: s for s in sources}
@@ -334,6 +472,9 @@ class PairBatchIterator:
         self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
         self.query_buckets = bucket_lengths(query_max_length, min_bucket, bucket_multiple)
         self.doc_buckets = bucket_lengths(doc_max_length, min_bucket, bucket_multiple)
+        self.packing, self.pack_row_multiple = bool(packing), int(pack_row_multiple)
+        if self.pack_row_multiple < 1:
+            raise ValueError(f"pack_row_multiple must be >= 1, got {pack_row_multiple}")
         self.sampler = MixtureSampler(
             {s.name: len(s) for s in sources},
             global_batch_size,
@@ -376,6 +517,18 @@ class PairBatchIterator:
             doc_max_length=self.doc_max_length,
             with_pool_mask=self.with_pool_mask,
         )
+        if self.packing:
+            return materialize_packed(
+                plan,
+                tok,
+                query_length=self.query_max_length,
+                doc_length=self.doc_max_length,
+                pad_id=self.pad_id,
+                num_negatives=len(plan.negatives[0]),
+                row_multiple=self.pack_row_multiple,
+                process_index=self.process_index,
+                agree_rows=self.agree_lengths,
+            )
         lq, ld = (int(x) for x in self.agree_lengths(tok.max_lengths()))
         return materialize(
             plan,

@@ -14,13 +14,18 @@
   ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
 - ``data_dir``: TFDS data directory for ``tfds`` sources and ``gte-jax data build``.
 - ``alpha``, ``seed``, ``batch_size`` (global), ``mixed_batches`` (ablation: mix sources within a
-  batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``bucket_multiple`` (0: power-of-two padded lengths; e.g. 16:
-  multiples of 16 -- less padding, more shapes to compile), ``on_bad_input``
+  batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``on_bad_input``
   (skip|error), ``max_text_chars``.
+- ``bucket_multiple``: 0 pads to power-of-two lengths; k > 0 to multiples of k (less padding,
+  more shapes to compile).
+- ``packing``: several texts per row of ``*_max_length`` tokens with block-diagonal attention
+  (docs/design.md, "Packed batches"); ``packing_row_multiple``: packed row counts are rounded up
+  to a multiple of both this and the process's data devices (fewer shapes to compile).
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 from typing import Any
 
@@ -65,6 +70,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.doc_max_length = 256
     c.min_bucket = 16
     c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding)
+    c.packing = False  # several texts per row: almost no padding (not with GradCache chunks)
+    c.packing_row_multiple = 1  # packed rows per role: a multiple of this and of the local devices
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
     return c
@@ -156,9 +163,13 @@ def build_iterator(
     sources: list[Source] | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    local_data_devices: int = 1,
     **kwargs: Any,
 ) -> PairBatchIterator:
-    """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`)."""
+    """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`).
+
+    ``local_data_devices``: this process's devices on the mesh's data axis (packed row counts
+    must split evenly over them)."""
     return PairBatchIterator(
         sources if sources is not None else build_sources(data),
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
@@ -170,6 +181,10 @@ def build_iterator(
         doc_max_length=int(data.doc_max_length),
         min_bucket=int(data.get("min_bucket", 16)),
         bucket_multiple=int(data.get("bucket_multiple", 0)),
+        packing=bool(data.get("packing", False)),
+        pack_row_multiple=math.lcm(
+            int(local_data_devices), int(data.get("packing_row_multiple", 1) or 1)
+        ),
         process_index=process_index,
         process_count=process_count,
         **kwargs,

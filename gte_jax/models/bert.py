@@ -169,7 +169,7 @@ def explicit_attention(
     q: jax.Array,  # [batch, q_len, heads, head_dim]
     k: jax.Array,  # [batch, kv_len, heads, head_dim]
     v: jax.Array,  # [batch, kv_len, heads, head_dim]
-    mask: jax.Array,  # [batch, 1, 1, kv_len] bool, True = attend
+    mask: jax.Array,  # [batch, 1, 1 or q_len, kv_len] bool, True = attend
     *,
     dropout_rate: float,
     dropout_uniform: jax.Array | None,  # [batch, heads, q_len, kv_len] U[0, 1) draws
@@ -272,7 +272,7 @@ class EncoderLayer(nnx.Module):
     def __call__(
         self,
         x: jax.Array,  # [batch, length, embed]
-        mask: jax.Array,  # [batch, 1, 1, length] bool
+        mask: jax.Array,  # [batch, 1, 1 or length, length] bool
         dropout_rng: jax.Array | None,
     ) -> jax.Array:
         cfg = self.config
@@ -333,6 +333,27 @@ def roberta_position_ids(input_ids: jax.Array, pad_token_id: int) -> jax.Array:
     return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """0, 1, 2, ... from the first token of each segment of a packed row ([batch, length])."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    starts = jnp.where(segment_ids != previous, index, 0)  # [batch, length]
+    return index - jax.lax.cummax(starts, axis=1)
+
+
+def packed_attention_mask(segment_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[batch, 1, length, length] bool: token i attends key j iff j is real and in i's segment.
+
+    Block-diagonal, so each text of a packed row sees only itself. Pad queries (segment 0) attend
+    to every real key, as in the unpacked path, so no softmax row is empty unless the whole row is
+    padding; their outputs are never pooled.
+    """
+    real_key = attention_mask.astype(bool)[:, None, :]  # [batch, 1, length]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, length, length]
+    pad_query = (segment_ids == 0)[:, :, None]  # [batch, length, 1]
+    return (real_key & (same | pad_query))[:, None]
+
+
 class TransformerEncoder(nnx.Module):
     """BERT / RoBERTa / XLM-R encoder: ids -> last hidden states [batch, length, embed]."""
 
@@ -350,11 +371,29 @@ class TransformerEncoder(nnx.Module):
         token_type_ids: jax.Array | None = None,  # [batch, length] int32
         position_ids: jax.Array | None = None,  # [batch, length] int32
         *,
+        segment_ids: jax.Array | None = None,  # [batch, length] int32, packed rows
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
+        """Hidden states [batch, length, embed].
+
+        Packed rows (``segment_ids`` given: 1, 2, ... per text, 0 on padding): attention is
+        block-diagonal per segment, and ``position_ids`` count from 0 at each text's first token
+        (derived from ``segment_ids`` when None); the model adds its position offset (RoBERTa /
+        XLM-R: pad_token_id + 1), so each text is embedded as if it were alone in its row.
+        Otherwise ``position_ids`` are the absolute ids of the position table, as in HF.
+        """
         cfg = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        if segment_ids is not None:
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
+            position_ids = position_ids + cfg.position_offset
+            mask = packed_attention_mask(segment_ids, attention_mask)  # [batch, 1, length, length]
+        else:
+            # Keys only are masked: rows at pad positions still attend to the real tokens (as
+            # HF), so no softmax row is empty unless a whole sequence is padding.
+            mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
         if position_ids is None:
             if cfg.position_offset:
                 position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)
@@ -362,9 +401,6 @@ class TransformerEncoder(nnx.Module):
                 position_ids = jnp.broadcast_to(
                     jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
                 )
-        # Keys only are masked: rows at pad positions still attend to the real tokens (as HF),
-        # so no softmax row is empty unless a whole sequence is padding.
-        mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
         rngs = _split(dropout_rng, cfg.num_hidden_layers + 1)
         x = self.embeddings(input_ids, token_type_ids, position_ids, rngs[0])
         forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gte_jax.models.bert import EncoderConfig, TransformerEncoder
-from gte_jax.models.pooling import POOLING_MODES, l2_normalize, pool
+from gte_jax.models.pooling import POOLING_MODES, l2_normalize, pool, pool_segments
 
 # Activations a projection may apply after its matmul (sentence-transformers Dense's choices).
 PROJECTION_ACTIVATIONS = {"identity": lambda x: x, "tanh": jnp.tanh}
@@ -70,10 +70,20 @@ class BiEncoder(nnx.Module):
         token_type_ids: jax.Array | None = None,  # [batch, length] int32
         pool_mask: jax.Array | None = None,  # [batch, length] int32, 1 = pooled
         *,
+        segment_ids: jax.Array | None = None,  # [rows, length] int32, packed rows
+        position_ids: jax.Array | None = None,  # [rows, length] int32, from 0 per packed text
+        slot_index: jax.Array | None = None,  # [n, ...] int32 row * length + slot per text
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
         return self.embed(
-            input_ids, attention_mask, token_type_ids, pool_mask, dropout_rng=dropout_rng
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            pool_mask,
+            segment_ids=segment_ids,
+            position_ids=position_ids,
+            slot_index=slot_index,
+            dropout_rng=dropout_rng,
         )
 
     def embed(
@@ -83,15 +93,37 @@ class BiEncoder(nnx.Module):
         token_type_ids: jax.Array | None = None,
         pool_mask: jax.Array | None = None,
         *,
+        segment_ids: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        slot_index: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
         pooling: str | None = None,
         normalize: bool | None = None,
     ) -> jax.Array:
-        """``__call__`` with the pooling mode / normalisation overridable per call."""
+        """``__call__`` with the pooling mode / normalisation overridable per call.
+
+        Packed rows (docs/design.md, "Packed batches"): ``segment_ids`` numbers the texts of
+        each row, ``slot_index`` picks each text's pooled vector out of the [rows * length]
+        slots, so the output is [*slot_index.shape, dim], one vector per text.
+        """
+        mode = pooling or self.pooling
         hidden = self.encoder(
-            input_ids, attention_mask, token_type_ids, dropout_rng=dropout_rng
-        )  # [batch, length, embed]
-        x = pool(hidden, attention_mask, pooling or self.pooling, pool_mask=pool_mask)
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            segment_ids=segment_ids,
+            dropout_rng=dropout_rng,
+        )  # [rows, length, embed]
+        if segment_ids is None:
+            x = pool(hidden, attention_mask, mode, pool_mask=pool_mask)  # [batch, embed]
+        else:
+            if slot_index is None:
+                raise ValueError("packed rows (segment_ids) need slot_index to pick the texts")
+            slots = pool_segments(hidden, attention_mask, segment_ids, mode, pool_mask=pool_mask)
+            slots = slots.reshape(-1, slots.shape[-1])  # [rows * length, embed]
+            # A gather of pooled vectors only: across devices XLA moves [n, embed], not tokens.
+            x = jnp.take(slots, slot_index, axis=0)  # [*slot_index.shape, embed]
         if self.projection is not None:
             x = PROJECTION_ACTIVATIONS[self.projection_activation](
                 self.projection(x)

@@ -56,6 +56,51 @@ def pool(
     return jnp.where(has_any, picked, 0.0)
 
 
+def pool_segments(
+    hidden: jax.Array,  # [rows, length, embed]
+    attention_mask: jax.Array,  # [rows, length], 1 = real token
+    segment_ids: jax.Array,  # [rows, length], 1, 2, ... per packed text, 0 = pad
+    mode: str,
+    *,
+    pool_mask: jax.Array | None = None,  # [rows, length], 1 = pooled
+) -> jax.Array:
+    """:func:`pool` of every text of packed rows: [rows, slots = length, embed] float32.
+
+    Slot s of a row is its segment s + 1 (a row holds at most ``length`` texts, so ``length``
+    slots always suffice and the slot axis needs no shape bucket of its own); an empty slot is a
+    zero vector. Per segment the maths is that of :func:`pool` on the text alone: ``cls`` is the
+    segment's first pooled token, ``last`` its last, and ``weighted_mean`` counts its weights
+    1, 2, ... from the segment's first token.
+    """
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling mode {mode!r}; use one of {POOLING_MODES}.")
+    hidden = hidden.astype(jnp.float32)
+    length = hidden.shape[1]
+    slots = jnp.arange(1, length + 1, dtype=segment_ids.dtype)[None, :, None]  # [1, slots, 1]
+    member = segment_ids[:, None, :] == slots  # [rows, slots, length]
+    real = member & attention_mask.astype(bool)[:, None, :]  # [rows, slots, length]
+    pooled = real.astype(jnp.float32)
+    if pool_mask is not None:
+        pooled = pooled * pool_mask.astype(jnp.float32)[:, None, :]
+    if mode == "mean":
+        total = jnp.einsum("rsl,rld->rsd", pooled, hidden)  # [rows, slots, embed]
+        count = jnp.sum(pooled, axis=2, keepdims=True)  # [rows, slots, 1]
+        return total / jnp.maximum(count, 1e-9)
+    if mode == "weighted_mean":
+        first_real = jnp.argmax(real, axis=2)  # [rows, slots]: segment start
+        positions = jnp.arange(1, length + 1, dtype=jnp.float32)[None, None, :]  # [1, 1, length]
+        weights = pooled * (positions - first_real[:, :, None])  # [rows, slots, length]
+        total = jnp.einsum("rsl,rld->rsd", weights, hidden)  # [rows, slots, embed]
+        return total / jnp.maximum(jnp.sum(weights, axis=2, keepdims=True), 1e-9)
+    has_any = jnp.any(pooled > 0, axis=2, keepdims=True)  # [rows, slots, 1]
+    if mode == "cls":
+        index = jnp.argmax(pooled, axis=2)  # [rows, slots] first pooled token
+    else:
+        index = length - 1 - jnp.argmax(pooled[:, :, ::-1], axis=2)  # [rows, slots] last one
+    picked = jnp.take_along_axis(hidden, index[:, :, None], axis=1)  # [rows, slots, embed]
+    return jnp.where(has_any, picked, 0.0)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize's definition)."""
     norm = jnp.linalg.norm(x, axis=-1, keepdims=True)

@@ -1,0 +1,301 @@
+"""Sequence packing: layout invariants, multi-process slices, packed == unpacked embeddings (real
+MiniLM, every pooling mode; XLM-R position offset); the train step is in test_packing_train.py."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gte_jax.data.batching import (
+    PairBatchIterator,
+    pack_rows,
+    packed_arrays,
+    pad_ids,
+)
+from gte_jax.data.pipeline import DEMO_DIR
+from gte_jax.data.sources import SourceOptions, from_files
+from gte_jax.models.bert import EncoderConfig, segment_positions
+from gte_jax.models.encoder import BiEncoder
+from gte_jax.models.pooling import POOLING_MODES, pool, pool_segments
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+def _texts_of(batch: dict, role: str) -> list[list[int]]:
+    """Each example's token ids read back out of a packed batch through slot_index (global rows)."""
+    ids, seg = batch[f"{role}_input_ids"], batch[f"{role}_segment_ids"]
+    length = ids.shape[1]
+    out = []
+    for slot in batch[f"{role}_slot_index"].reshape(-1):
+        row, s = divmod(int(slot), length)
+        out.append(ids[row][seg[row] == s + 1].tolist())
+    return out
+
+
+def _unpadded(batch: dict, role: str) -> list[list[int]]:
+    ids, mask = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+    ids, mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+    return [row[m == 1].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_rows_places_every_text_once_within_capacity(seed):
+    rng = np.random.default_rng(seed)
+    capacity = int(rng.integers(8, 64))
+    lengths = rng.integers(1, capacity + 1, size=int(rng.integers(1, 80))).tolist()
+    rows = pack_rows(lengths, capacity)
+    placed = sorted(i for row in rows for i in row)
+    assert placed == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+    # Best-fit decreasing is within 11/9 OPT + 1 rows; the token count bounds OPT from below.
+    assert len(rows) <= 11 / 9 * np.ceil(sum(lengths) / capacity) + 1
+
+    texts = [list(range(100 * i, 100 * i + n)) for i, n in enumerate(lengths)]
+    arrays = packed_arrays(texts, rows, num_rows=len(rows) + 1, length=capacity, pad_id=0)
+    assert arrays["input_ids"].shape == (len(rows) + 1, capacity)
+    assert not arrays["attention_mask"][-1].any()  # the rounding row is empty
+    np.testing.assert_array_equal(arrays["attention_mask"], arrays["segment_ids"] > 0)
+    for i, slot in enumerate(arrays["slot_index"]):
+        row, s = divmod(int(slot), capacity)
+        here = arrays["segment_ids"][row] == s + 1
+        assert arrays["input_ids"][row][here].tolist() == texts[i]
+        assert arrays["position_ids"][row][here].tolist() == list(range(lengths[i]))
+    np.testing.assert_array_equal(
+        np.asarray(segment_positions(jnp.asarray(arrays["segment_ids"])))
+        * arrays["attention_mask"],
+        arrays["position_ids"],
+    )
+    with pytest.raises(ValueError, match="more than the packed row length"):
+        pack_rows([capacity + 1], capacity)
+
+
+def _sources():
+    return [
+        from_files("bible_hn", DEMO_DIR / "bible_finetune.jsonl"),  # one hard negative each
+        from_files(
+            "chat",
+            DEMO_DIR / "chat_qa.jsonl",
+            options=SourceOptions("query: ", "passage: ", pool_query_prefix=False, num_negatives=0),
+        ),
+    ]
+
+
+def _iterator(tokenizer, **kw):
+    args = dict(global_batch_size=16, seed=3, alpha=0.0, query_max_length=32, doc_max_length=48)
+    return PairBatchIterator(_sources(), tokenizer, **{**args, **kw})
+
+
+def test_packed_batch_holds_the_same_texts_as_the_padded_one(tokenizer):
+    padded, packed = _iterator(tokenizer), _iterator(tokenizer, packing=True, pack_row_multiple=4)
+    for _ in range(6):
+        ref, got = next(padded), next(packed)
+        b = ref["valid"].shape[0]
+        for role in ("query", "doc", "neg"):
+            if f"{role}_input_ids" not in ref:
+                assert f"{role}_input_ids" not in got
+                continue
+            assert got[f"{role}_input_ids"].shape[0] % 4 == 0
+            assert got[f"{role}_slot_index"].shape == ref[f"{role}_input_ids"].shape[:-1]
+            assert _texts_of(got, role) == _unpadded(ref, role)
+            rows = got[f"{role}_attention_mask"]
+            assert rows.shape[1] == (32 if role == "query" else 48)
+            assert rows.sum() == ref[f"{role}_attention_mask"].sum()  # no token lost
+        for key in ("query_text_id", "doc_text_id", "neg_text_id", "valid"):
+            if key in ref:
+                np.testing.assert_array_equal(got[key], ref[key])
+                assert got[key].shape[0] == b
+        if "query_pool_mask" in ref:  # the prefix exclusion follows the tokens into the rows
+            pools = [
+                got["query_pool_mask"][divmod(int(s), 32)[0]][
+                    got["query_segment_ids"][divmod(int(s), 32)[0]] == divmod(int(s), 32)[1] + 1
+                ].tolist()
+                for s in got["query_slot_index"]
+            ]
+            ref_pools = [
+                p[m == 1].tolist()
+                for p, m in zip(ref["query_pool_mask"], ref["query_attention_mask"], strict=True)
+            ]
+            assert pools == ref_pools
+
+
+class _ThreadAllGather:
+    def __init__(self, n: int):
+        self.slots = [None] * n
+        self.gathered, self.read = threading.Barrier(n), threading.Barrier(n)
+
+    def for_process(self, i: int):
+        def agree(local):
+            self.slots[i] = local
+            self.gathered.wait()
+            out = np.max(np.stack(self.slots), axis=0)
+            self.read.wait()
+            return out
+
+        return agree
+
+
+def test_two_processes_pack_complementary_slices(tokenizer):
+    steps = 5
+    single = _iterator(tokenizer)
+    ref = [next(single) for _ in range(steps)]
+    gather = _ThreadAllGather(2)
+    out: dict[int, list] = {0: [], 1: []}
+
+    def run(p: int):
+        it = _iterator(
+            tokenizer,
+            packing=True,
+            pack_row_multiple=2,
+            process_index=p,
+            process_count=2,
+            agree_lengths=gather.for_process(p),
+        )
+        out[p] = [next(it) for _ in range(steps)]
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for step in range(steps):
+        b0, b1, br = out[0][step], out[1][step], ref[step]
+        assert b0.keys() == b1.keys()
+        for key in b0:  # same shapes everywhere: the global array is their concatenation
+            assert b0[key].shape == b1[key].shape, key
+        glob = {k: np.concatenate([b0[k], b1[k]]) for k in b0}
+        for role in ("query", "doc", "neg"):
+            if f"{role}_input_ids" in br:
+                assert _texts_of(glob, role) == _unpadded(br, role)
+        np.testing.assert_array_equal(glob["doc_text_id"], br["doc_text_id"])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _pack_inputs(texts, length, pad_id, pools=None):
+    rows = pack_rows([len(t) for t in texts], length)
+    a = packed_arrays(texts, rows, num_rows=len(rows), length=length, pad_id=pad_id, pool=pools)
+    return {k: jnp.asarray(v) for k, v in a.items()}
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    from gte_jax import hf
+
+    model, tok, _ = hf.load_pretrained(minilm_dir)
+    return model, tok
+
+
+def test_packed_embeddings_equal_unpacked_minilm_every_pooling(minilm):
+    model, tok = minilm
+    sentences = [
+        "In the beginning God created the heavens and the earth.",
+        "A short one.",
+        "How do I reset my password if I no longer have access to my email account?",
+        "query: what is the capital of France",
+        "The quick brown fox jumps over the lazy dog, again and again and again.",
+        "Yes.",
+        "Packing puts several texts in one row; attention must stay within each text.",
+    ]
+    texts = tok(sentences)["input_ids"]
+    rng = np.random.default_rng(0)
+    # Pool masks that drop a prefix of 0-3 tokens after [CLS] (an instruction), as the data side does.
+    pools = [
+        [1] + [int(j >= k) for j in range(1, len(t))]
+        for t, k in zip(texts, rng.integers(0, 4, len(texts)), strict=True)
+    ]
+    longest = max(len(t) for t in texts)
+    ids, mask = pad_ids(texts, longest, tok.pad_token_id)
+    pool_mask, _ = pad_ids(pools, longest, 0)
+    packed = _pack_inputs(texts, 48, tok.pad_token_id, pools)
+    assert packed["input_ids"].shape[0] < len(texts)  # several texts do share rows
+    # The whole BiEncoder path once (mean pooling, prefix excluded) ...
+    ref = model.embed(jnp.asarray(ids), jnp.asarray(mask), pool_mask=jnp.asarray(pool_mask))
+    got = model.embed(
+        packed["input_ids"],
+        packed["attention_mask"],
+        pool_mask=packed["pool_mask"],
+        segment_ids=packed["segment_ids"],
+        position_ids=packed["position_ids"],
+        slot_index=packed["slot_index"],
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    # ... then every pooling mode, with and without a pool mask, on the two layouts' states.
+    hidden = model.encoder(jnp.asarray(ids), jnp.asarray(mask))  # [texts, longest, embed]
+    rows = model.encoder(
+        packed["input_ids"],
+        packed["attention_mask"],
+        position_ids=packed["position_ids"],
+        segment_ids=packed["segment_ids"],
+    )  # [rows, 48, embed]
+    for mode in POOLING_MODES:
+        for with_pool in (False, True):
+            ref = pool(hidden, jnp.asarray(mask), mode, pool_mask=pool_mask if with_pool else None)
+            slots = pool_segments(
+                rows,
+                packed["attention_mask"],
+                packed["segment_ids"],
+                mode,
+                pool_mask=packed["pool_mask"] if with_pool else None,
+            )
+            got = slots.reshape(-1, slots.shape[-1])[packed["slot_index"]]
+            np.testing.assert_allclose(
+                np.asarray(got), np.asarray(ref), atol=1e-5, err_msg=f"{mode} pool={with_pool}"
+            )
+
+
+def test_packed_embeddings_equal_unpacked_xlmr_position_offset():
+    hf_cfg = {
+        "model_type": "xlm-roberta",
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 40,  # 38 positions after the offset of 2
+        "type_vocab_size": 1,
+        "pad_token_id": 1,
+        "layer_norm_eps": 1e-5,
+    }
+    cfg = EncoderConfig.from_hf(hf_cfg)
+    assert cfg.position_offset == 2
+    rng = np.random.default_rng(1)
+    texts = [rng.integers(3, 300, size=int(n)).tolist() for n in (5, 38, 12, 3, 20, 9, 30)]
+    longest = max(len(t) for t in texts)
+    ids, mask = pad_ids(texts, longest, cfg.pad_token_id)
+    packed = _pack_inputs(texts, 38, cfg.pad_token_id)
+    graphdef, state = nnx.split(BiEncoder(cfg, pooling="cls", rngs=nnx.Rngs(0)))
+    apply = jax.jit(lambda st, *a, **kw: nnx.merge(graphdef, st)(*a, **kw))
+    ref = apply(state, jnp.asarray(ids), jnp.asarray(mask))  # HF RoBERTa positions from the pads
+    for positions in (packed["position_ids"], None):  # None: derived from segment_ids
+        got = apply(
+            state,
+            packed["input_ids"],
+            packed["attention_mask"],
+            segment_ids=packed["segment_ids"],
+            position_ids=positions,
+            slot_index=packed["slot_index"],
+        )
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+
+
+def test_packing_with_gradcache_chunks_is_refused(tokenizer):
+    from gte_jax import gradcache as gc
+
+    it = _iterator(tokenizer, packing=True)
+    batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+    with pytest.raises(ValueError, match="not supported yet"):
+        gc.embed_batch(lambda p, x, r: None, None, batch, None, num_chunks=2)
