@@ -3,6 +3,7 @@ MiniLM, every pooling mode; XLM-R position offset); the train step is in test_pa
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import jax
@@ -299,3 +300,12 @@ def test_packing_with_gradcache_chunks_is_refused(tokenizer):
     batch = {k: jnp.asarray(v) for k, v in next(it).items()}
     with pytest.raises(ValueError, match="not supported yet"):
         gc.embed_batch(lambda p, x, r: None, None, batch, None, num_chunks=2)
+
+
+def test_data_inspect_decodes_packed_examples_like_padded_ones(tokenizer):
+    from gte_jax.data.cli import _decode_rows
+
+    for packed, padded in zip(
+        _iterator(tokenizer, packing=True), itertools.islice(_iterator(tokenizer), 3), strict=False
+    ):
+        assert _decode_rows(tokenizer, packed, rows=16) == _decode_rows(tokenizer, padded, rows=16)

@@ -17,6 +17,8 @@ import json
 import logging
 import sys
 
+import numpy as np
+
 from gte_jax.config import ConfigError, load_config
 from gte_jax.data.sources import BadInputError
 
@@ -41,16 +43,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _example_ids(batch, role: str, i: int) -> list:
+    """Token ids of example i's texts of one role (one, or K for ``neg``), packed or not."""
+    ids = batch[f"{role}_input_ids"]
+    if f"{role}_slot_index" not in batch:
+        return list(ids[i].reshape(-1, ids.shape[-1]))
+    length, segments = ids.shape[1], batch[f"{role}_segment_ids"]
+    rows_slots = [divmod(int(s), length) for s in np.atleast_1d(batch[f"{role}_slot_index"][i])]
+    return [ids[r][segments[r] == s + 1] for r, s in rows_slots]
+
+
 def _decode_rows(tokenizer, batch, rows: int = 3) -> list[dict[str, str]]:
     out = []
-    for i in range(min(rows, batch["query_input_ids"].shape[0])):
+    for i in range(min(rows, batch["valid"].shape[0])):
+        query, doc = (_example_ids(batch, role, i)[0] for role in ("query", "doc"))
         row = {
-            "query": tokenizer.decode(batch["query_input_ids"][i], skip_special_tokens=True),
-            "doc": tokenizer.decode(batch["doc_input_ids"][i], skip_special_tokens=True),
+            "query": tokenizer.decode(query, skip_special_tokens=True),
+            "doc": tokenizer.decode(doc, skip_special_tokens=True),
         }
         if "neg_input_ids" in batch:
             row["negatives"] = [
-                tokenizer.decode(n, skip_special_tokens=True) for n in batch["neg_input_ids"][i]
+                tokenizer.decode(n, skip_special_tokens=True) for n in _example_ids(batch, "neg", i)
             ]
         out.append(row)
     return out
