@@ -196,7 +196,11 @@ _OFFLINE_MODELS = {
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on; the message says what to do."""
+    """The run cannot start or go on with this config / input; the message says what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss stayed NaN/Inf; the run stopped (its last good checkpoint is kept)."""
 
 
 def resolve_model_path(spec: str) -> epath.Path:
@@ -297,17 +301,24 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     if shd.process_batch_slice(mesh, batch_size) != expected:
         raise TrainingError("this process's devices do not hold its slice of the batch")
 
-    model, tokenizer, info = load_model_for_training(config.model)
-    if is_main and not (workdir / "base_model").exists():
-        from gte_jax import hf
-
-        hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info)
-
+    # Sources first: a bad data config fails in seconds, before the model is loaded or written.
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.batch_size = batch_size
     if data_cfg.get("max_length", 0):  # one budget for queries and documents
         data_cfg.query_max_length = data_cfg.doc_max_length = int(data_cfg.max_length)
     sources = build_sources(data_cfg)
+
+    model, tokenizer, info = load_model_for_training(config.model)
+    longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
+    if longest > model.config.max_length:
+        raise TrainingError(
+            f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
+            "lower data.query_max_length / data.doc_max_length"
+        )
+    if is_main and not (workdir / "base_model").exists():
+        from gte_jax import hf
+
+        hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info)
     iterator = build_iterator(
         data_cfg,
         tokenizer=tokenizer,
@@ -402,7 +413,7 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
                     bad_in_a_row,
                 )
                 if bad_in_a_row >= max_bad:
-                    raise TrainingError(
+                    raise TrainingDiverged(
                         f"loss or gradients were NaN/Inf for {bad_in_a_row} steps in a row (at step "
                         f"{step}); no update was applied on those steps. Lower train.learning_rate, "
                         "raise train.warmup_ratio, or set loss.temperature higher; the last good "
@@ -634,10 +645,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
     parser.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument("--log_level", default="INFO")
+    # JAX's own spelling (underscores) and the dashed one of the other commands both work.
+    parser.add_argument(
+        "--coordinator_address",
+        "--coordinator-address",
+        default=None,
+        help="host:port of process 0 (multi-process; also JAX_COORDINATOR_ADDRESS)",
+    )
+    parser.add_argument("--num_processes", "--num-processes", type=int, default=None)
+    parser.add_argument("--process_id", "--process-id", type=int, default=None)
+    parser.add_argument("--log_level", "--log-level", default="INFO")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -650,14 +667,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"gte-jax train: {e}", file=sys.stderr)
+        print(f"gte-jax train: error: {e}", file=sys.stderr)
         return 2
     shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         summaries = run(config, args.workdir)
-    except (TrainingError, ConfigError, FileNotFoundError, ValueError) as e:
+    except TrainingDiverged as e:  # the run itself failed: exit 1
         print(f"gte-jax train: error: {e}", file=sys.stderr)
         return 1
+    except (TrainingError, ConfigError, FileNotFoundError, ValueError) as e:  # bad config/input
+        print(f"gte-jax train: error: {e}", file=sys.stderr)
+        return 2
     for s in summaries:
         keys = (
             "stage",

@@ -157,11 +157,10 @@ def test_train_without_data_sources_fails_before_training(tiny_model_dir, tmp_pa
     workdir = tmp_path / "w"
     argv = ["train", "--config", str(FINETUNE_CONFIG), "--workdir", str(workdir)]
     rc, out, err = _run([*argv, f"--config.model.init_from={tiny_model_dir}"], capsys)
-    assert rc != 0 and not out
+    assert rc == 2 and not out  # bad input: exit 2, like every other subcommand
     assert "no data sources" in err and "data.train_files" in err
     assert not (workdir / "checkpoints").exists()
-    # Documented here, not asserted: bad *input* found once the run starts (no data, a missing
-    # model or data file) exits 1 from `gte-jax train`, where every other subcommand exits 2.
+    assert not (workdir / "base_model").exists()  # the data config is checked before the model
 
 
 def test_export_workdir_without_checkpoints_exits_2(tiny_model_dir, tmp_path, capsys):

@@ -289,7 +289,7 @@ def test_cli_rejects_unknown_override_and_missing_model(tiny_model_dir, tmp_path
     rc = main(["train", "--config", str(REPO / "configs/finetune.py"), "--workdir",
                str(tmp_path), "--config.model.init_from=/nonexistent/model",
                f"--config.data.train_files={FINETUNE_FILE}"])  # fmt: skip
-    assert rc == 1
+    assert rc == 2
 
 
 def test_export_cli_writes_what_sentence_transformers_loads(uninterrupted, tmp_path):
