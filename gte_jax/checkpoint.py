@@ -11,6 +11,7 @@ is skipped with a warning and the previous one is used.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -25,6 +26,14 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No checkpoint in a workdir could be restored."""
+
+
+def absolute_path(path: str | epath.PathLike) -> epath.Path:
+    """Local paths made absolute (orbax refuses relative ones); gs:// and other URLs unchanged."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def abstract_like(tree: Any) -> Any:
@@ -50,7 +59,7 @@ class Checkpointer:
         max_to_keep: int | None = 3,
         async_save: bool = True,
     ):
-        self.directory = epath.Path(directory)
+        self.directory = absolute_path(directory)
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, self.every_steps),

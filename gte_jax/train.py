@@ -277,12 +277,12 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     """Runs one stage to ``train.num_steps`` (resuming from ``workdir`` if it holds checkpoints) and
     returns the run summary."""
     from gte_jax import sharding as shd
-    from gte_jax.checkpoint import Checkpointer, PreemptionFlag, abstract_like
+    from gte_jax.checkpoint import Checkpointer, PreemptionFlag, absolute_path, abstract_like
     from gte_jax.data import batching
     from gte_jax.data.pipeline import build_iterator, build_sources
     from gte_jax.metrics import MetricWriter
 
-    workdir = epath.Path(workdir)
+    workdir = absolute_path(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -612,7 +612,9 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     """One stage, or each stage of a multi-stage config in order (``config.stages``), each in
     ``workdir/<stage>``; a stage whose ``model.init_from`` is ``"stage:<name>"`` starts from that
     stage's final checkpoint."""
-    workdir = epath.Path(workdir)
+    from gte_jax.checkpoint import absolute_path
+
+    workdir = absolute_path(workdir)
     if "stages" not in config:
         return [train_stage(config, workdir)]
     summaries = []

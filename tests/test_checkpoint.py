@@ -83,3 +83,17 @@ def test_all_damaged_raises_with_instructions(tmp_path, mesh):
     with pytest.raises(CheckpointError, match="fresh --workdir"):
         ckpt.restore(abstract_like(_state(0, mesh)))
     ckpt.close()
+
+
+def test_relative_directory_works(tmp_path, mesh, monkeypatch):
+    """`gte-jax train --workdir runs/demo`: orbax needs absolute paths, the Checkpointer makes them."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer("runs/demo/checkpoints", every_steps=1)
+    ckpt.save(1, _state(1, mesh), {"cursor": 1})
+    ckpt.close()
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "1").is_dir()
+    ckpt = Checkpointer("runs/demo/checkpoints", every_steps=1)
+    step, state, _ = ckpt.restore(abstract_like(_state(0, mesh)))
+    ckpt.close()
+    assert step == 1
+    _assert_equal(state, _state(1, mesh))
