@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from etils import epath
 
 log = logging.getLogger(__name__)
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
 
 
 def _scalar(value: Any) -> float | None:
@@ -48,12 +50,16 @@ class MetricWriter:
             if v is not None:
                 scalars[f"{prefix}{key}"] = v
         if self._jsonl is not None:
-            row = {"step": int(step), **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}}
+            row = {
+                "step": int(step),
+                **{k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()},
+            }
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for key, v in scalars.items():
-                self._tb.add_scalar(key, v, global_step=int(step))
+                # TensorBoard tags allow [A-Za-z0-9_./-]: "ndcg@10" -> "ndcg_at_10".
+                self._tb.add_scalar(_TAG_UNSAFE.sub("_", key.replace("@", "_at_")), v, int(step))
 
     def flush(self) -> None:
         if self._tb is not None:
