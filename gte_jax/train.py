@@ -470,10 +470,11 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
             for name, s in stats.items()
         },
     }
+    card = _card(config, summary)
+    if is_main and summary["completed"]:
+        (workdir / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     if summary["completed"] and config.get("export", {}).get("enabled", False):
-        summary["export"] = str(
-            export_workdir(workdir, workdir / "export", card=_card(config, summary))
-        )
+        summary["export"] = str(export_workdir(workdir, workdir / "export", card=card))
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -565,20 +566,35 @@ def _preempted(flag) -> bool:
 
 
 def _card(config: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
-    return {
+    """Model-card facts of this stage, chained after those of the stage it started from (a
+    workdir's ``card.json``), so a stage-2 export names the original base model and both stages."""
+    card = {
         "base_model": str(config.model.init_from),
-        "stages": [
-            {
-                "name": summary["stage"],
-                "steps": summary["steps"],
-                "batch_size": int(config.train.batch_size),
-                "loss": f"{config.loss.name} (τ={config.loss.temperature})",
-                "learning_rate": float(config.train.learning_rate),
-            }
-        ],
-        "data_sources": sorted(summary.get("sources", {})),
-        "metrics": {k: v for k, v in (summary.get("eval") or {}).items() if k != "step"},
+        "stages": [],
+        "data_sources": [],
     }
+    try:
+        parent = epath.Path(str(config.model.init_from))
+        if is_workdir(parent) and (parent / "card.json").exists():
+            earlier = json.loads((parent / "card.json").read_text())
+            card["base_model"] = earlier.get("base_model", card["base_model"])
+            card["stages"] = list(earlier.get("stages", []))
+            card["data_sources"] = list(earlier.get("data_sources", []))
+    except (OSError, ValueError):  # the card is documentation: never fail a run over it
+        log.warning("could not read the model card of %s", config.model.init_from)
+    card["stages"].append(
+        {
+            "name": summary["stage"],
+            "steps": summary["steps"],
+            "batch_size": int(config.train.batch_size),
+            "loss": f"{config.loss.name} (τ={config.loss.temperature})",
+            "learning_rate": float(config.train.learning_rate),
+            "data": sorted(summary.get("sources", {})),
+        }
+    )
+    card["data_sources"] = sorted(set(card["data_sources"]) | set(summary.get("sources", {})))
+    card["metrics"] = {k: v for k, v in (summary.get("eval") or {}).items() if k != "step"}
+    return card
 
 
 def export_workdir(
