@@ -18,6 +18,16 @@ example i, a candidate whose text is identical to q_i's or to d_i's text is remo
 logsumexp), except the positive pair (q_i, d_i) itself; the self terms (q_i, q_i) and (d_i, d_i)
 are always removed. "Identical to d_i" catches a positive that appears twice in the batch (the
 classic false negative); "identical to q_i" catches a query repeated as a document or as a query.
+
+Memory: the rows are scored ``block_size`` at a time (:func:`_blocked_row_losses`): a ``lax.map``
+over row blocks, each under ``jax.checkpoint``, so the forward and the backward hold the logits
+of one block, [block, 2M + 2n], never those of the whole batch, [n, 2M + 2n]. The backward
+recomputes a block's logits (one more pass of similarity matmuls, small next to the encoder).
+Blocks are strided like GradCache's chunks (row i -> block i % B): with the rows split over
+``"data"`` in contiguous shards, every block then spans all devices and no rows move to form it.
+XLA still picks how to split a block's work (on the 8-device CPU mesh it gathers the block's
+rows and splits the candidates instead); either way each device holds ~1/P of a block's logits
+(tests/test_losses.py checks the compiled memory).
 """
 
 from __future__ import annotations
@@ -33,6 +43,9 @@ Metrics = dict[str, Array]
 
 GTE_TEMPERATURE = 0.01  # GTE §3: τ = 0.01.
 INFONCE_TEMPERATURE = 0.05  # sentence-transformers MultipleNegativesRankingLoss: scale 20.
+# Rows scored at once. 1024 rows x (2M + 2n) float32 logits, e.g. 64 MiB per logits-sized array at
+# n = 4096 without negatives; None = the whole batch in one block.
+DEFAULT_BLOCK_SIZE = 1024
 
 # Why HIGHEST: logits are cosines divided by τ = 0.01, so the bf16-pass default of TPU/GPU f32
 # matmuls (~3 significant digits) would put errors of ~0.1-0.4 on the logits. The similarity
@@ -152,6 +165,46 @@ def _row_losses(
     }
 
 
+def _blocked_row_losses(
+    kind: str,
+    rows: _Rows,
+    cands: _Candidates,
+    temperature: float,
+    symmetric: bool,
+    block_size: int | None,
+) -> dict[str, Array]:
+    """:func:`_row_losses` in strided row blocks of at most ``block_size`` rows; same [r] outputs.
+
+    Row i goes to block ``i % B``, position ``i // B`` (B blocks, rows padded with zeros up to a
+    multiple of B; padded rows are scored against the candidates and dropped). Each block runs
+    under ``jax.checkpoint``: the backward keeps only the block's inputs and recomputes its logits.
+    """
+    r = rows.q.shape[0]
+    if block_size is None or r <= block_size:
+        return _row_losses(kind, rows, cands, temperature, symmetric)
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive number of rows or None, not {block_size}")
+    num_blocks = -(-r // block_size)
+    per_block = -(-r // num_blocks)  # <= block_size
+    pad = num_blocks * per_block - r
+
+    def split(x):  # [r, ...] -> [B, r/B, ...]; the row split over devices stays on axis 1
+        if pad:  # a padded row is q = d = 0 with index 0: its positive keeps it finite
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        x = x.reshape(per_block, num_blocks, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    def merge(x):  # [B, r/B] -> [r]
+        return jnp.swapaxes(x, 0, 1).reshape(num_blocks * per_block)[:r]
+
+    def block(block_rows: _Rows) -> dict[str, Array]:
+        return _row_losses(kind, block_rows, cands, temperature, symmetric)
+
+    # prevent_cse=False: inside lax.map (a scan) CSE cannot undo the rematerialisation.
+    per_row = lax.map(jax.checkpoint(block, prevent_cse=False), _Rows(*map(split, rows)))
+    return {key: merge(value) for key, value in per_row.items()}
+
+
 def _row_sums(per_row: dict[str, Array], valid_rows: Array) -> dict[str, Array]:
     w = valid_rows.astype(jnp.float32)
     sums = {k: jnp.sum(w * v) for k, v in per_row.items()}
@@ -172,11 +225,13 @@ def _finalize(sums: dict[str, Array]) -> tuple[Array, Metrics]:
     return loss, metrics
 
 
-def _global_loss(kind, q, d, *, temperature, q_ids, d_ids, neg, neg_ids, valid, symmetric):
+def _global_loss(
+    kind, q, d, *, temperature, q_ids, d_ids, neg, neg_ids, valid, symmetric, block_size
+):
     q, d, neg, q_ids, d_ids, neg_ids, valid = _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid)
     cands = _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid)
     rows = _Rows(q, d, jnp.arange(q.shape[0]), q_ids, d_ids)
-    per_row = _row_losses(kind, rows, cands, temperature, symmetric)
+    per_row = _blocked_row_losses(kind, rows, cands, temperature, symmetric, block_size)
     return _finalize(_row_sums(per_row, valid))
 
 
@@ -190,6 +245,7 @@ def gte_loss(
     neg: Array | None = None,
     neg_ids: Array | None = None,
     valid: Array | None = None,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Array, Metrics]:
     """GTE's improved contrastive loss with one joint partition function (Li et al., 2023, §3).
 
@@ -209,7 +265,8 @@ def gte_loss(
     Returns ``(loss, metrics)`` with metrics ``loss``, ``accuracy`` (in-batch q→d top-1 over the
     same candidates as the q→d sum), ``pos_sim`` (mean s(q_i, d_i)), ``neg_sim`` (mean q→d
     similarity over the unmasked negatives) and ``num_examples``. Computed in float32 (or
-    float64 if given).
+    float64 if given). ``block_size``: rows scored at once (module docstring, "Memory"); the
+    numbers do not depend on it beyond float rounding.
     """
     return _global_loss(
         "gte",
@@ -222,6 +279,7 @@ def gte_loss(
         neg_ids=neg_ids,
         valid=valid,
         symmetric=False,
+        block_size=block_size,
     )
 
 
@@ -236,12 +294,13 @@ def infonce_loss(
     neg_ids: Array | None = None,
     valid: Array | None = None,
     symmetric: bool = False,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Array, Metrics]:
     """InfoNCE with in-batch negatives: L = -(1/n) Σ_i log(e^{s(q_i,d_i)/τ} / Σ_c e^{s(q_i,c)/τ}).
 
     c ranges over all positives and all hard negatives of the batch (q→d). With ``symmetric``,
     the d→q loss (d_i against all queries; negatives are not queries) is averaged in.
-    Masking, padding and metrics as in :func:`gte_loss`.
+    Masking, padding, metrics and ``block_size`` as in :func:`gte_loss`.
     """
     return _global_loss(
         "infonce",
@@ -254,6 +313,7 @@ def infonce_loss(
         neg_ids=neg_ids,
         valid=valid,
         symmetric=symmetric,
+        block_size=block_size,
     )
 
 
@@ -281,13 +341,15 @@ def sharded_contrastive_loss(
     valid: Array | None = None,
     symmetric: bool = False,
     data_axis: str = "data",
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Array, Metrics]:
     """The same loss as :func:`contrastive_loss`, as a ``shard_map`` over ``data_axis``.
 
     Each device all-gathers the candidate embeddings (q, d, negatives) and scores only its own
-    rows, so the logits live as [n/P, 2M + 2n] per device; the sums are ``psum``-ed. The gradient
+    rows, so the logits live as [min(n/P, block_size), 2M + 2n] per device; the sums are
+    ``psum``-ed. The gradient
     of ``all_gather`` is a reduce-scatter, so this is differentiable as is. The batch size must be
-    divisible by the size of ``data_axis``.
+    divisible by the size of ``data_axis``. ``block_size`` blocks each device's own rows.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
@@ -311,7 +373,7 @@ def sharded_contrastive_loss(
         )  # fmt: skip
         start = lax.axis_index(data_axis) * q_l.shape[0]
         rows = _Rows(q_l, d_l, start + jnp.arange(q_l.shape[0]), q_ids_l, d_ids_l)
-        per_row = _row_losses(name, rows, cands, temperature, symmetric)
+        per_row = _blocked_row_losses(name, rows, cands, temperature, symmetric, block_size)
         return lax.psum(_row_sums(per_row, valid_l), data_axis)
 
     spec = jax.sharding.PartitionSpec(data_axis)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gte_jax import losses
+from gte_jax import losses, sharding
 
 
 def normalize(x):
@@ -209,3 +212,138 @@ def test_gradients_match_central_finite_differences_float64(name):
     assert np.abs(grad).max() > 1e-2
     # Padding row 3: its embeddings get no gradient.
     assert np.all(grad[9:12] == 0) and np.all(grad[21:24] == 0) and np.all(grad[33:36] == 0)
+
+
+# --- Row-blocked loss (block_size) == whole-batch loss, on 1 device and on the 8-device mesh ---
+
+N = 16  # rows; divisible by the 8 devices and by the 4 of the data axis of a (4, 2) mesh
+
+
+def case_args(n=N, k=2, dim=8, seed=3, **kw):
+    case = make_case(n=n, k=k, dim=dim, seed=seed, duplicates=True, padding=True, **kw)
+    if n > 13:  # repeats in later blocks too
+        case["q_ids"][9] = case["q_ids"][1]
+        case["d_ids"][13] = case["d_ids"][6]
+    args = {
+        key: jnp.asarray(v, jnp.float32 if v.dtype.kind == "f" else jnp.int32)
+        for key, v in case.items()
+    }
+    return {"q": args.pop("q"), "d": args.pop("d"), "neg": args.pop("neg")}, args
+
+
+def value_and_grad(loss_fn):
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=0, has_aux=True))
+
+
+def assert_same(got, want, rtol=1e-5, atol=1e-6):
+    for path, g, w in zip(
+        jax.tree_util.tree_leaves_with_path(want),
+        jax.tree.leaves(got),
+        jax.tree.leaves(want),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(w), rtol=rtol, atol=atol, err_msg=str(path[0])
+        )
+
+
+KINDS = [("gte", {}), ("infonce", {"symmetric": True})]
+
+
+@pytest.mark.parametrize("name,kwargs", KINDS)
+def test_blocked_equals_unblocked_value_metrics_and_gradients(name, kwargs):
+    embs, args = case_args()
+
+    def loss(e, block_size):
+        return losses.contrastive_loss(
+            name, e["q"], e["d"], neg=e["neg"], block_size=block_size, **args, **kwargs
+        )
+
+    want = value_and_grad(functools.partial(loss, block_size=None))(embs)
+    assert float(want[0][1]["num_examples"]) == N - 2
+    # 3 and 5 do not divide 16 (padded blocks); 4: 4 blocks of 4; 16: one block (unblocked path).
+    for block_size in (1, 3, 4, 5, 16):
+        got = value_and_grad(functools.partial(loss, block_size=block_size))(embs)
+        assert_same(got, want)
+    # Default block (1024) >= N: the unblocked code path, bit for bit.
+    got = value_and_grad(functools.partial(loss, block_size=losses.DEFAULT_BLOCK_SIZE))(embs)
+    assert_same(got, want, rtol=0, atol=0)
+
+
+def test_blocked_grad_is_exact_in_float64():
+    embs, args = case_args(n=7, k=2, dim=4)
+    with jax.enable_x64(True):
+        embs = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), embs)
+
+        def loss(e, block_size):
+            return losses.gte_loss(e["q"], e["d"], neg=e["neg"], block_size=block_size, **args)
+
+        want = value_and_grad(functools.partial(loss, block_size=None))(embs)
+        got = value_and_grad(functools.partial(loss, block_size=3))(embs)
+        assert got[1]["q"].dtype == jnp.float64
+    assert_same(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_block_size_must_be_positive():
+    embs, args = case_args()
+    with pytest.raises(ValueError, match="block_size"):
+        losses.gte_loss(embs["q"], embs["d"], block_size=0)
+
+
+@pytest.mark.parametrize("name,kwargs", KINDS)
+def test_blocked_on_the_mesh_matches_one_device(name, kwargs):
+    """Rows sharded over "data": the jitted global loss (strided blocks) and the shard_map loss
+    (blocks of each device's rows) give the single-device unblocked numbers."""
+    embs, args = case_args()
+    mesh = sharding.make_mesh(model=2)  # data = 4
+
+    def global_loss(e, a, block_size):
+        return losses.contrastive_loss(
+            name, e["q"], e["d"], neg=e["neg"], block_size=block_size, **a, **kwargs
+        )
+
+    def sharded_loss(e, a, block_size):
+        return losses.sharded_contrastive_loss(
+            name, mesh, e["q"], e["d"], neg=e["neg"], block_size=block_size, **a, **kwargs
+        )
+
+    want = jax.jit(
+        jax.value_and_grad(functools.partial(global_loss, block_size=None), has_aux=True)
+    )(embs, args)
+    rows = NamedSharding(mesh, P("data"))
+    g_embs, g_args = jax.device_put((embs, args), rows)
+    for fn, block_size in [
+        (global_loss, 4),
+        (global_loss, 3),
+        (sharded_loss, 2),
+        (sharded_loss, 3),
+    ]:
+        vg = jax.jit(jax.value_and_grad(functools.partial(fn, block_size=block_size), has_aux=True))
+        assert_same(vg(g_embs, g_args), want)
+
+
+def test_blocked_loss_memory_on_eight_devices():
+    """XLA's compiled scratch memory: blocks cut the logits memory on one device, and on the
+    8-device mesh the blocked loss needs less per device than on one device (the work of each
+    block is split over the devices, not replicated)."""
+    n, dim = 2048, 16
+    rs = np.random.RandomState(0)
+    q = rs.randn(n, dim).astype(np.float32)
+    d = rs.randn(n, dim).astype(np.float32)
+    mesh = sharding.make_mesh()  # 8 x 1
+    rows = NamedSharding(mesh, P("data"))
+
+    def temp_mib(block_size, shard):
+        fn = jax.jit(
+            jax.grad(lambda q, d: losses.gte_loss(q, d, block_size=block_size)[0], argnums=(0, 1))
+        )
+        a = jax.device_put((q, d), rows) if shard else (q, d)
+        return fn.lower(*a).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+    logits_mib = n * 4 * n * 4 / 2**20  # one [n, 2n + 2M] float32 array, M = n: 64 MiB
+    whole = temp_mib(None, shard=False)
+    blocked = temp_mib(256, shard=False)
+    assert whole >= logits_mib  # the whole-batch logits (and their gradient) are materialised
+    assert blocked < whole / 4
+    blocked_mesh = temp_mib(256, shard=True)
+    assert blocked_mesh < blocked / 2, (blocked_mesh, blocked)
