@@ -35,9 +35,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # gte-jax data layouts compared; each is a set of ``config.data`` overrides.
 VARIANTS: dict[str, dict] = {
-    "pow2": {"bucket_multiple": 0},  # power-of-two bucket lengths
-    "mult16": {"bucket_multiple": 16},  # lengths in multiples of 16: less padding, more shapes
-    "packed": {"packing": True},  # several texts per 128-token row, rows rounded to 1
+    "pow2": {"packing": False, "bucket_multiple": 0},  # power-of-two bucket lengths
+    "mult16": {"packing": False, "bucket_multiple": 16},  # multiples of 16: less pad, more shapes
+    "packed": {"packing": True, "packing_row_multiple": 1},  # several texts per 128-token row
     "packed_rows4": {"packing": True, "packing_row_multiple": 4},  # rows rounded to 4: fewer shapes
 }
 
