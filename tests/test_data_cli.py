@@ -67,7 +67,9 @@ def test_inspect_reads_a_stage_of_a_training_config(capsys):
     report = json.loads(captured.out.strip().splitlines()[-1])
     assert list(report["sources"]) == ["bible_hn"]
     shown = json.loads(captured.err.strip().splitlines()[0])
-    assert shown["shapes"]["query_input_ids"][0] == 16  # the finetune stage's train.batch_size
-    assert shown["shapes"]["neg_input_ids"][:2] == [16, 1]
+    assert shown["shapes"]["valid"] == [16]  # the finetune stage's train.batch_size
+    # One hard negative per example, in the padded ([B, K, L] ids) or packed ([B, K] slots) layout.
+    neg = shown["shapes"].get("neg_slot_index", shown["shapes"]["neg_input_ids"])
+    assert neg[:2] == [16, 1]
     assert main(["data", "inspect", "--config", demo, "--stage", "nope"]) == 2
     assert "pretrain" in capsys.readouterr().err
