@@ -20,6 +20,23 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+_COMPILES = {"train", "export", "encode", "eval", "mine"}
+
+
+def _enable_compilation_cache() -> None:
+    """Persist XLA executables across runs (a resumed or repeated run skips its compiles, which
+    cost 5-20 s per shape on a CPU). GTE_JAX_COMPILATION_CACHE=DIR moves it; empty turns it off."""
+    import os
+
+    default = os.path.join(os.path.expanduser("~"), ".cache", "gte_jax", "xla")
+    path = os.environ.get("GTE_JAX_COMPILATION_CACHE", default)
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts and lengths: a bad value is a usage error (exit 2), not a crash."""
     import argparse
@@ -57,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"gte-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name in _COMPILES and "-h" not in rest and "--help" not in rest:
+        _enable_compilation_cache()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -120,9 +121,14 @@ def test_gradcache_step_equals_plain_step(tiny_model_dir):
 # ----------------------------------------------------------------------------- CLI runs
 
 
+# The CLI persists XLA executables (gte_jax.cli): restarts after a kill reuse them.
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "gte_jax_test_xla_cache")
+
+
 def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(
+        GTE_JAX_COMPILATION_CACHE=XLA_CACHE,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
@@ -212,6 +218,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
         assert proc.returncode == 0, err[-3000:]
         break
     assert kills == 3
+    assert any(pathlib.Path(XLA_CACHE).iterdir())  # executables persisted for the restarts
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] > 0
     step_a, a = _final_state(uninterrupted)
