@@ -359,32 +359,57 @@ def materialize_packed(
     num_negatives: int,
     row_multiple: int = 1,
     process_index: int = 0,
+    groups: int = 1,
     agree_rows: Callable[[np.ndarray], np.ndarray] = lambda x: x,
 ) -> dict[str, np.ndarray]:
     """The process-local batch with every role packed (docs/design.md, "Packed batches").
 
-    Row counts are agreed over processes (max) and rounded up to ``row_multiple`` (a multiple of
-    the process's devices on the data axis), so every process holds the same [R, L] shapes.
+    The process's examples are split into ``groups`` contiguous blocks, one per local device on
+    the data axis, and each block is packed into its own rows: a device's rows hold exactly its
+    examples, so the global layout (and the dropout masks drawn on it) depends on the number of
+    data devices only, not on how they are spread over processes. Row counts per device are
+    agreed over devices and processes (max) and rounded up to ``row_multiple``, so every device
+    holds the same [R, L] shapes.
     """
     b = len(tok.query_ids)
+    if b % groups:
+        raise ValueError(f"{b} examples do not split over {groups} local devices")
+    per = b // groups
+    blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
     roles = [("query", tok.query_ids, query_length, tok.query_pool)]
     roles.append(("doc", tok.doc_ids, doc_length, None))
     if num_negatives:
         roles.append(("neg", tok.neg_ids, doc_length, None))
-    layouts = [pack_rows([len(t) for t in texts], length) for _, texts, length, _ in roles]
-    counts = agree_rows(np.asarray([max(len(rows), 1) for rows in layouts], dtype=np.int32))
-    out = {}
-    for (role, texts, length, pool), rows, count in zip(roles, layouts, counts, strict=True):
-        num_rows = round_up(int(count), row_multiple)
-        arrays = packed_arrays(
-            texts,
-            rows,
-            num_rows=num_rows,
-            length=length,
-            pad_id=pad_id,
-            slot_offset=process_index * num_rows * length,
-            pool=pool,
+
+    def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
+        k = len(texts) // b
+        return [texts[i] for e in block for i in range(e * k, (e + 1) * k)]
+
+    layouts = [
+        [pack_rows([len(t) for t in texts_of(texts, blk)], length) for blk in blocks]
+        for _, texts, length, _ in roles
+    ]
+    counts = agree_rows(
+        np.asarray(
+            [max(max(len(rows), 1) for rows in per_block) for per_block in layouts], np.int32
         )
+    )
+    out = {}
+    for (role, texts, length, pool), per_block, count in zip(roles, layouts, counts, strict=True):
+        num_rows = round_up(int(count), row_multiple)  # per device
+        parts = [
+            packed_arrays(
+                texts_of(texts, blk),
+                rows,
+                num_rows=num_rows,
+                length=length,
+                pad_id=pad_id,
+                slot_offset=(process_index * groups + g) * num_rows * length,
+                pool=None if pool is None else texts_of(pool, blk),
+            )
+            for g, (blk, rows) in enumerate(zip(blocks, per_block, strict=True))
+        ]
+        arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         if role == "neg":
             arrays["slot_index"] = arrays["slot_index"].reshape(b, num_negatives)
         out.update({f"{role}_{key}": value for key, value in arrays.items()})
@@ -437,8 +462,9 @@ class PairBatchIterator:
         multiples of ``bucket_multiple`` when > 0).
       packing: pack several texts per row (:func:`materialize_packed`) instead of one text per
         padded row; rows are ``query_max_length`` / ``doc_max_length`` long.
-      pack_row_multiple: with packing, each role's row count is rounded up to a multiple of this
-        (at least the process's devices on the data axis; larger: fewer shapes to compile).
+      pack_row_multiple: with packing, each device's row count per role is rounded up to a
+        multiple of this (larger: fewer shapes to compile).
+      pack_groups: the process's devices on the data axis; each packs its own examples.
       agree_lengths: ``[n] int32 -> [n] int32`` max over processes (lengths, or row counts); default: identity for one
         process, :func:`allgather_max` otherwise.
     """
@@ -461,6 +487,7 @@ class PairBatchIterator:
         bucket_multiple: int = 0,
         packing: bool = False,
         pack_row_multiple: int = 1,
+        pack_groups: int = 1,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self.sources = {s.name: s for s in sources}
@@ -473,6 +500,7 @@ class PairBatchIterator:
         self.query_buckets = bucket_lengths(query_max_length, min_bucket, bucket_multiple)
         self.doc_buckets = bucket_lengths(doc_max_length, min_bucket, bucket_multiple)
         self.packing, self.pack_row_multiple = bool(packing), int(pack_row_multiple)
+        self.pack_groups = int(pack_groups)
         if self.pack_row_multiple < 1:
             raise ValueError(f"pack_row_multiple must be >= 1, got {pack_row_multiple}")
         self.sampler = MixtureSampler(
@@ -527,6 +555,7 @@ class PairBatchIterator:
                 num_negatives=len(plan.negatives[0]),
                 row_multiple=self.pack_row_multiple,
                 process_index=self.process_index,
+                groups=self.pack_groups,
                 agree_rows=self.agree_lengths,
             )
         lq, ld = (int(x) for x in self.agree_lengths(tok.max_lengths()))

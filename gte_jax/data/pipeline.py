@@ -25,7 +25,6 @@
 
 from __future__ import annotations
 
-import math
 import pathlib
 from typing import Any
 
@@ -71,7 +70,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.min_bucket = 16
     c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding)
     c.packing = False  # several texts per row: almost no padding (not with GradCache chunks)
-    c.packing_row_multiple = 1  # packed rows per role: a multiple of this and of the local devices
+    c.packing_row_multiple = 1  # packed rows per device and role: a multiple of this
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
     return c
@@ -168,8 +167,8 @@ def build_iterator(
 ) -> PairBatchIterator:
     """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`).
 
-    ``local_data_devices``: this process's devices on the mesh's data axis (packed row counts
-    must split evenly over them)."""
+    ``local_data_devices``: this process's devices on the mesh's data axis (with packing, each
+    packs its own examples into its own rows)."""
     return PairBatchIterator(
         sources if sources is not None else build_sources(data),
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
@@ -182,9 +181,8 @@ def build_iterator(
         min_bucket=int(data.get("min_bucket", 16)),
         bucket_multiple=int(data.get("bucket_multiple", 0)),
         packing=bool(data.get("packing", False)),
-        pack_row_multiple=math.lcm(
-            int(local_data_devices), int(data.get("packing_row_multiple", 1) or 1)
-        ),
+        pack_row_multiple=int(data.get("packing_row_multiple", 1) or 1),
+        pack_groups=int(local_data_devices),
         process_index=process_index,
         process_count=process_count,
         **kwargs,
