@@ -183,6 +183,44 @@ def test_two_processes_pack_complementary_slices(tokenizer):
         np.testing.assert_array_equal(glob["doc_text_id"], br["doc_text_id"])
 
 
+def test_packed_layout_depends_on_data_devices_not_processes(tokenizer):
+    """1 process x 2 devices packs exactly like 2 processes x 1 device (same arrays, bit for
+    bit), so dropout masks drawn on the global layout do not depend on the process count."""
+    steps = 4
+    one = _iterator(tokenizer, packing=True, pack_row_multiple=2, pack_groups=2)
+    ref = [next(one) for _ in range(steps)]
+    gather = _ThreadAllGather(2)
+    out: dict[int, list] = {0: [], 1: []}
+
+    def run(p: int):
+        it = _iterator(
+            tokenizer,
+            packing=True,
+            pack_row_multiple=2,
+            process_index=p,
+            process_count=2,
+            agree_lengths=gather.for_process(p),
+        )
+        out[p] = [next(it) for _ in range(steps)]
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for step in range(steps):
+        glob = {k: np.concatenate([out[0][step][k], out[1][step][k]]) for k in out[0][step]}
+        assert glob.keys() == ref[step].keys()
+        for key, value in ref[step].items():
+            np.testing.assert_array_equal(glob[key], value, err_msg=key)
+        # each device's rows hold only its own examples: slots of device g's examples lie in
+        # device g's rows
+        rows = ref[step]["doc_input_ids"].shape[0] // 2
+        b = ref[step]["valid"].shape[0]
+        slots = ref[step]["doc_slot_index"] // ref[step]["doc_input_ids"].shape[1]
+        assert (slots[: b // 2] < rows).all() and (slots[b // 2 :] >= rows).all()
+
+
 # ----------------------------------------------------------------------------- model
 
 
