@@ -148,10 +148,8 @@ class _ThreadAllGather:
         return agree
 
 
-def test_two_processes_pack_complementary_slices(tokenizer):
-    steps = 5
-    single = _iterator(tokenizer)
-    ref = [next(single) for _ in range(steps)]
+def _two_processes_packed(tokenizer, steps: int) -> dict[int, list]:
+    """Packed batches of two simulated processes (threads; the row-count all-gather is real)."""
     gather = _ThreadAllGather(2)
     out: dict[int, list] = {0: [], 1: []}
 
@@ -171,6 +169,14 @@ def test_two_processes_pack_complementary_slices(tokenizer):
         t.start()
     for t in threads:
         t.join(timeout=60)
+    return out
+
+
+def test_two_processes_pack_complementary_slices(tokenizer):
+    steps = 5
+    single = _iterator(tokenizer)
+    ref = [next(single) for _ in range(steps)]
+    out = _two_processes_packed(tokenizer, steps)
     for step in range(steps):
         b0, b1, br = out[0][step], out[1][step], ref[step]
         assert b0.keys() == b1.keys()
@@ -189,25 +195,7 @@ def test_packed_layout_depends_on_data_devices_not_processes(tokenizer):
     steps = 4
     one = _iterator(tokenizer, packing=True, pack_row_multiple=2, pack_groups=2)
     ref = [next(one) for _ in range(steps)]
-    gather = _ThreadAllGather(2)
-    out: dict[int, list] = {0: [], 1: []}
-
-    def run(p: int):
-        it = _iterator(
-            tokenizer,
-            packing=True,
-            pack_row_multiple=2,
-            process_index=p,
-            process_count=2,
-            agree_lengths=gather.for_process(p),
-        )
-        out[p] = [next(it) for _ in range(steps)]
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    out = _two_processes_packed(tokenizer, steps)
     for step in range(steps):
         glob = {k: np.concatenate([out[0][step][k], out[1][step][k]]) for k in out[0][step]}
         assert glob.keys() == ref[step].keys()
