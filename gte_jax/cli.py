@@ -50,6 +50,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_encoding_arguments(parser, *, batch_size: int, prefixes: bool = False) -> None:
+    """The options every command that embeds texts shares: ``--batch-size``, ``--max-length`` and,
+    with ``prefixes``, ``--query-prefix`` / ``--doc-prefix`` (``--prefix-query`` / ``--prefix-doc``
+    also accepted; destinations ``query_prefix`` / ``doc_prefix``)."""
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    parser.add_argument(
+        "--max-length", type=positive_int, default=None, help="default: the model's"
+    )
+    if prefixes:
+        parser.add_argument("--query-prefix", "--prefix-query", dest="query_prefix", default="")
+        parser.add_argument("--doc-prefix", "--prefix-doc", dest="doc_prefix", default="")
+
+
 def _usage() -> str:
     lines = ["usage: gte-jax <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gte_jax.cli import positive_int
+from gte_jax.cli import add_encoding_arguments
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
 
@@ -210,10 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local HF / sentence-transformers directory")
     parser.add_argument("--input", required=True, help=".txt or .jsonl file")
     parser.add_argument("--output", required=True, help="where to write the float32 [N, dim] .npy")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument(
-        "--max-length", type=positive_int, default=None, help="default: the model's"
-    )
+    add_encoding_arguments(parser, batch_size=32)
     parser.add_argument("--prefix", default="", help='prepended to every text, e.g. "query: "')
     parser.add_argument(
         "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gte_jax.cli import positive_int
+from gte_jax.cli import add_encoding_arguments
 from gte_jax.encode import Embedder, InputError
 
 logger = logging.getLogger(__name__)
@@ -619,28 +619,20 @@ def _parser() -> argparse.ArgumentParser:
         "--beir", help="directory with corpus.jsonl, queries.jsonl, qrels/<split>.tsv"
     )
     what.add_argument("--sts", help="JSONL with sentence1, sentence2, score")
-    parser.add_argument("--prefix-query", "--query-prefix", dest="prefix_query", default="")
-    parser.add_argument("--prefix-doc", "--doc-prefix", dest="prefix_doc", default="")
     parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument(
-        "--max-length", type=positive_int, default=None, help="default: the model's"
-    )
+    add_encoding_arguments(parser, batch_size=64, prefixes=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.batch_size < 1:
-        print("gte-jax eval: error: --batch-size must be >= 1.", file=sys.stderr)
-        return 2
     try:
         result = evaluate(
             args.model,
             beir_dir=args.beir,
             sts_file=args.sts,
-            prefix_query=args.prefix_query,
-            prefix_doc=args.prefix_doc,
+            prefix_query=args.query_prefix,
+            prefix_doc=args.doc_prefix,
             split=args.split,
             batch_size=args.batch_size,
             max_length=args.max_length,

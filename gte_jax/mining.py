@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from gte_jax.cli import positive_int
+from gte_jax.cli import add_encoding_arguments
 from gte_jax.encode import Embedder, InputError
 from gte_jax.evaluation import doc_text, iter_jsonl, jsonl_field, load_embedder, search
 
@@ -140,12 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--candidates", type=int, default=None, help="default: skip_top + 4 * K + 8"
     )
-    parser.add_argument("--query-prefix", "--prefix-query", dest="query_prefix", default="")
-    parser.add_argument("--doc-prefix", "--prefix-doc", dest="doc_prefix", default="")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument(
-        "--max-length", type=positive_int, default=None, help="default: the model's"
-    )
+    add_encoding_arguments(parser, batch_size=64, prefixes=True)
     return parser
 
 

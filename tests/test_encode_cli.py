@@ -56,6 +56,10 @@ def test_bucket_lengths_are_few_and_capped():
     assert len({bucket_length(n, 256) for n in range(1, 257)}) == 10
 
 
+def _argv(model, source, output) -> list[str]:
+    return ["encode", "--model", str(model), "--input", str(source), "--output", str(output)]
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl"])
 def test_encode_writes_the_embedder_output(tiny_model_dir, expected, tmp_path, kind):
     source = tmp_path / f"texts.{kind}"
@@ -65,15 +69,7 @@ def test_encode_writes_the_embedder_output(tiny_model_dir, expected, tmp_path, k
         lines = [json.dumps({"text": t, "id": i}, ensure_ascii=False) for i, t in enumerate(TEXTS)]
         source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     output = tmp_path / "out.npy"
-    argv = [
-        "encode",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(source),
-        "--output",
-        str(output),
-    ]
+    argv = _argv(tiny_model_dir, source, output)
     assert cli.main(argv + ["--batch-size", "2"]) == 0
     got = np.load(output)
     assert got.dtype == np.float32 and got.shape == (len(TEXTS), 32)
@@ -85,15 +81,7 @@ def test_encode_options_reach_the_embedder(tiny_model_dir, tmp_path):
     source = tmp_path / "texts.txt"
     source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     output = tmp_path / "out.npy"
-    argv = [
-        "encode",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(source),
-        "--output",
-        str(output),
-    ]
+    argv = _argv(tiny_model_dir, source, output)
     options = ["--prefix", "query: ", "--pooling", "cls", "--no-normalize", "--max-length", "8"]
     assert cli.main(argv + options) == 0
     embedder = Embedder.from_pretrained(tiny_model_dir)
@@ -115,15 +103,7 @@ def test_bad_jsonl_line_is_named(tiny_model_dir, tmp_path, capsys, line, message
     source = tmp_path / "bad.jsonl"
     source.write_text('{"text": "fine"}\n{"text": "also fine"}\n' + line + "\n", encoding="utf-8")
     output = tmp_path / "out.npy"
-    argv = [
-        "encode",
-        "--model",
-        str(tiny_model_dir),
-        "--input",
-        str(source),
-        "--output",
-        str(output),
-    ]
+    argv = _argv(tiny_model_dir, source, output)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"{source}:3:" in err and message in err

@@ -349,6 +349,13 @@ def from_records(
     records = list(records)
     acct = BadInputAccounting(name)
     acct.stats.read = acct.stats.used = len(records)
+    return _in_memory(name, records, options, acct)
+
+
+def _in_memory(
+    name: str, records: list[PairRecord], options: SourceOptions, acct: BadInputAccounting
+) -> Source:
+    # Auto K (num_negatives=None) is 1 only if every record has a negative to give.
     has_negs = bool(records) and all(r.negatives for r in records)
     return Source(
         name,
@@ -385,16 +392,7 @@ def from_files(
         logger.warning(
             "source %r: skipped %d of %d records", name, acct.stats.skipped, acct.stats.read
         )
-    # Auto K (num_negatives=None) is 1 only if every record has a negative to give.
-    has_negs = bool(records) and all(r.negatives for r in records)
-    return Source(
-        name,
-        len(records),
-        records.__getitem__,
-        options=options,
-        accounting=acct,
-        has_negatives=has_negs,
-    )
+    return _in_memory(name, records, options, acct)
 
 
 PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction")
