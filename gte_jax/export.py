@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_name:
         card["model_name"] = args.model_name
     try:
-        out = export_workdir(workdir, args.output, step=args.step, card=card)
+        out, step = export_workdir(workdir, args.output, step=args.step, card=card)
     except (TrainingError, CheckpointError, FileNotFoundError) as e:
         print(f"gte-jax export: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"output": str(out), "workdir": str(workdir), "step": args.step or "latest"}))
+    print(json.dumps({"output": str(out), "workdir": str(workdir), "step": step}))
     return 0
 
 

@@ -474,7 +474,7 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     if is_main and summary["completed"]:
         (workdir / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     if summary["completed"] and config.get("export", {}).get("enabled", False):
-        summary["export"] = str(export_workdir(workdir, workdir / "export", card=card))
+        summary["export"] = str(export_workdir(workdir, workdir / "export", card=card)[0])
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -603,8 +603,9 @@ def export_workdir(
     *,
     step: int | None = None,
     card: Mapping[str, Any] | None = None,
-) -> epath.Path:
-    """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir``."""
+) -> tuple[epath.Path, int]:
+    """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
+    its newest readable one); returns (output, the step exported)."""
     from gte_jax import hf
     from gte_jax.checkpoint import Checkpointer
 
@@ -621,7 +622,7 @@ def export_workdir(
         card = dict(card or {})
         card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
         hf.export_pretrained(model, tokenizer, output, card=card, info=info)
-    return epath.Path(output)
+    return epath.Path(output), step
 
 
 def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:

@@ -299,7 +299,7 @@ def test_cli_rejects_unknown_override_and_missing_model(tiny_model_dir, tmp_path
     assert rc == 2
 
 
-def test_export_cli_writes_what_sentence_transformers_loads(uninterrupted, tmp_path):
+def test_export_cli_writes_what_sentence_transformers_loads(uninterrupted, tmp_path, capsys):
     from sentence_transformers import SentenceTransformer
 
     from gte_jax import hf
@@ -308,6 +308,7 @@ def test_export_cli_writes_what_sentence_transformers_loads(uninterrupted, tmp_p
 
     out = tmp_path / "exported"
     assert main(["export", "--workdir", str(uninterrupted), "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 8  # the newest checkpoint, by number
     # Reference: the trained params straight from the checkpoint, in our own model.
     model, tokenizer, _ = hf.load_pretrained(uninterrupted / "base_model")
     model_fn, _ = train.ModelFn.from_module(model)
