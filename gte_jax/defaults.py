@@ -26,6 +26,14 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     # fused kernels (cuDNN flash attention, TPU) in training: they have no dropout.
     c.model.attention_dropout = -1.0
     c.model.train_dropout = True
+    # L2-normalise the embedding (cosine similarity), in training and in the export's Normalize
+    # module. The GTE and InfoNCE losses assume unit vectors: a plain HF encoder (no
+    # sentence-transformers Normalize module) is trained and exported normalised too.
+    c.model.normalize = True
+    # Whether prompt tokens (prefixes, instructions) are pooled, for every source and role, in
+    # training, encode, eval and the export (sentence-transformers' Pooling.include_prompt):
+    # "auto" keeps the base model's own setting (true when it has none); "true" | "false".
+    c.model.include_prompt = "auto"
 
     c.data = default_data_config()
 
@@ -43,6 +51,9 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.train.warmup_steps = 0  # > 0 wins over warmup_ratio
     c.train.schedule = "linear"  # linear | cosine | constant, after warmup
     c.train.weight_decay = 0.01  # not on biases / LayerNorm
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-6
     c.train.max_grad_norm = 1.0
     c.train.seed = 0
     c.train.gradcache = False  # GradCache: memory bounded by the chunk, not the batch
@@ -64,7 +75,7 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}].
     c.eval.sets = []
     c.eval.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
-    c.eval.at_start = False  # evaluate the initial model too (the "before" number)
+    c.eval.at_start = True  # evaluate the initial model at step 0 too (the "before" number)
     c.eval.batch_size = 64
     c.eval.max_length = 0  # 0: the model's own max length
     c.eval.best_metric = ""  # e.g. "bible/ndcg@10": keep the best model in <workdir>/best

@@ -24,6 +24,7 @@ from flax import nnx
 from gte_jax.cli import add_encoding_arguments
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
+from gte_jax.prompts import resolve_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Embedder:
         *,
         max_length: int | None = None,
         include_prompt: bool = True,
+        prompts: dict[str, str] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -68,19 +70,28 @@ class Embedder:
         self.max_length = min(max_length or tokenizer_limit, model_limit)
         # False: tokens of a prefix are not pooled (sentence-transformers' include_prompt).
         self.include_prompt = include_prompt
+        # Named prompts (sentence-transformers' ``prompts``): encode(..., prompt_name="query").
+        self.prompts = dict(prompts or {})
         self._graphdef, self._state = nnx.split(model)
 
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> Embedder:
-        """Load a local HF / sentence-transformers directory (see ``gte_jax.hf.load_pretrained``)."""
-        from gte_jax.hf import load_pretrained
+        """Load a model directory, a gte-jax workdir or a known offline model name (the one rule
+        of ``gte_jax.workdir.load_embedder``)."""
+        from gte_jax.workdir import load_embedder
 
-        model, tokenizer, info = load_pretrained(path, dtype=dtype)
+        return load_embedder(path, dtype=dtype)
+
+    @classmethod
+    def from_loaded(cls, model: BiEncoder, tokenizer: Any, info: Any) -> Embedder:
+        """From ``(model, tokenizer, PretrainedInfo)``: the model's max length, prompts and
+        ``include_prompt`` as its directory says."""
         return cls(
             model,
             tokenizer,
             max_length=info.max_seq_length,
             include_prompt=info.include_prompt,
+            prompts=info.prompts,
         )
 
     def encode(
@@ -92,12 +103,21 @@ class Embedder:
         pooling: str | None = None,
         normalize: bool | None = None,
         show_progress: bool = False,
+        prompt_name: str | None = None,
     ) -> np.ndarray:
         """Embed ``texts`` -> float32 [len(texts), dim], in input order.
 
-        ``prefix`` is prepended to every text (e.g. "query: "); ``pooling`` / ``normalize``
-        override the model's settings for this call.
+        ``prefix`` is prepended to every text (e.g. "query: "), or ``prompt_name`` names one of
+        the model's prompts (as in sentence-transformers); with ``include_prompt`` False its
+        tokens are not pooled (:mod:`gte_jax.prompts`). ``pooling`` / ``normalize`` override
+        the model's settings for this call.
         """
+        from gte_jax.prompts import prompt_length as _prompt_length
+
+        if prompt_name is not None:
+            if prefix:
+                raise ValueError("pass prefix or prompt_name, not both")
+            prefix = resolve_prompt(self.prompts, prompt_name, None)
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts, not one string; wrap it in a list.")
         if pooling is not None and pooling not in POOLING_MODES:
@@ -117,11 +137,7 @@ class Embedder:
         )
         ids = encoded["input_ids"]
         type_ids = encoded.get("token_type_ids")
-        # sentence-transformers' prompt length: the prefix's tokens with the leading special
-        # token, without the trailing one.
-        prompt_length = 0
-        if prefix and not self.include_prompt:
-            prompt_length = len(self.tokenizer(prefix)["input_ids"]) - 1
+        prompt_length = 0 if self.include_prompt else _prompt_length(self.tokenizer, prefix)
         pad_id = self.tokenizer.pad_token_id or 0
         order = np.argsort([-len(x) for x in ids], kind="stable")
 
@@ -207,11 +223,21 @@ def _parser() -> argparse.ArgumentParser:
         prog="gte-jax encode",
         description="Embed texts from a .txt (one per line) or .jsonl (field 'text') file.",
     )
-    parser.add_argument("--model", required=True, help="local HF / sentence-transformers directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="HF / sentence-transformers directory, gte-jax workdir, or all-MiniLM-L6-v2",
+    )
     parser.add_argument("--input", required=True, help=".txt or .jsonl file")
     parser.add_argument("--output", required=True, help="where to write the float32 [N, dim] .npy")
     add_encoding_arguments(parser, batch_size=32)
-    parser.add_argument("--prefix", default="", help='prepended to every text, e.g. "query: "')
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prefix", default="", help='prepended to every text, e.g. "query: "')
+    prompt.add_argument(
+        "--prompt-name",
+        default=None,
+        help="one of the model's prompts (config_sentence_transformers.json), e.g. query",
+    )
     parser.add_argument(
         "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
     )
@@ -232,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         embedder = Embedder.from_pretrained(args.model)
+        prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
     except (FileNotFoundError, ValueError) as e:
         print(f"gte-jax encode: error: {e}", file=sys.stderr)
         return 2
@@ -239,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         texts,
         batch_size=args.batch_size,
         max_length=args.max_length,
-        prefix=args.prefix,
+        prefix=prefix,
         pooling=args.pooling,
         normalize=False if args.no_normalize else None,
         show_progress=True,

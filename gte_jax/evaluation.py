@@ -33,6 +33,7 @@ from jax import lax
 
 from gte_jax.cli import add_encoding_arguments
 from gte_jax.encode import Embedder, InputError
+from gte_jax.workdir import load_embedder  # noqa: F401  (re-exported: one model-resolution rule)
 
 logger = logging.getLogger(__name__)
 
@@ -444,41 +445,6 @@ def evaluate_sts(
     }
 
 
-def load_embedder(path: str | pathlib.Path) -> Embedder:
-    """An ``Embedder`` for an exported HF / sentence-transformers directory or a gte-jax workdir.
-
-    A workdir (checkpoints/ + base_model/) is read from its ``export/`` when a finished stage wrote
-    one; otherwise the newest checkpoint's parameters are loaded straight into ``base_model``'s
-    architecture (``train.load_model_for_training``), nothing written to disk."""
-    path = pathlib.Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory; pass a model directory or a workdir.")
-    if (path / "export" / "config.json").is_file():
-        return Embedder.from_pretrained(path / "export")
-    if (path / "checkpoints").exists() and (path / "base_model").exists():
-        import ml_collections
-
-        from gte_jax.train import TrainingError, load_model_for_training
-
-        try:
-            model, tokenizer, info = load_model_for_training(
-                ml_collections.ConfigDict({"init_from": str(path)})
-            )
-        except TrainingError as e:
-            raise ValueError(f"{path}: cannot load the workdir's checkpoint: {e}") from e
-        return Embedder(
-            model, tokenizer, max_length=info.max_seq_length, include_prompt=info.include_prompt
-        )
-    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        stages = sorted(p.name for p in path.iterdir() if (p / "checkpoints").exists())
-        hint = f" It holds the stage workdirs {stages}: pass one of them." if stages else ""
-        raise FileNotFoundError(
-            f"{path} is neither a model directory (config.json) nor a gte-jax workdir "
-            f"(checkpoints/ + base_model/).{hint}"
-        )
-    return Embedder.from_pretrained(path)
-
-
 def evaluate(
     model: str | pathlib.Path | Embedder,
     *,
@@ -612,7 +578,9 @@ def _parser() -> argparse.ArgumentParser:
         "prints one JSON object.",
     )
     parser.add_argument(
-        "--model", required=True, help="exported HF / sentence-transformers dir, or a workdir"
+        "--model",
+        required=True,
+        help="HF / sentence-transformers directory, gte-jax workdir, or all-MiniLM-L6-v2",
     )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument(

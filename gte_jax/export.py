@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from etils import epath
 
     from gte_jax.checkpoint import CheckpointError
-    from gte_jax.train import TrainingError, export_workdir
+    from gte_jax.workdir import export_workdir
 
     workdir = epath.Path(args.workdir)
     card = {}
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         card["model_name"] = args.model_name
     try:
         out, step = export_workdir(workdir, args.output, step=args.step, card=card)
-    except (TrainingError, CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
         print(f"gte-jax export: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"output": str(out), "workdir": str(workdir), "step": step}))

@@ -58,15 +58,16 @@ class MTEBEncoder:
 
     ``prompts`` maps mteb's prompt keys to prefixes; the first key present wins, in mteb's order:
     ``"<task name>-<query|document>"``, ``"<task name>"``, ``"<task type>-<query|document>"``,
-    ``"<task type>"``, ``"query"`` / ``"document"``. ``query_prefix`` / ``doc_prefix`` fill the last
-    two. Similarity is cosine (what gte-jax trains for)."""
+    ``"<task type>"``, ``"query"`` / ``"document"``. The model's own prompts (those it was trained
+    with, from its directory) come first, then ``prompts``; ``query_prefix`` / ``doc_prefix``, when
+    given, set the last two. Similarity is cosine (what gte-jax trains for)."""
 
     def __init__(
         self,
         model: str | pathlib.Path | Embedder,
         *,
-        query_prefix: str = "",
-        doc_prefix: str = "",
+        query_prefix: str | None = None,
+        doc_prefix: str | None = None,
         prompts: Mapping[str, str] | None = None,
         batch_size: int = 64,
         max_length: int | None = None,
@@ -77,11 +78,15 @@ class MTEBEncoder:
             self.embedder = model
             source = "gte-jax/in-memory"
         else:
-            from gte_jax.evaluation import load_embedder
+            from gte_jax.workdir import load_embedder
 
             self.embedder = load_embedder(model)
             source = str(model)
-        self.prompts = {"query": query_prefix, "document": doc_prefix, **(prompts or {})}
+        self.prompts = {**self.embedder.prompts, **(prompts or {})}
+        if query_prefix is not None:
+            self.prompts["query"] = query_prefix
+        if doc_prefix is not None:
+            self.prompts["document"] = doc_prefix
         self.batch_size = batch_size
         self.max_length = max_length
         # mteb caches results under the model's name: default to "gte-jax/<directory name>".

