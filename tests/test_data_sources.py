@@ -68,6 +68,25 @@ def test_truncated_json_line_is_reported_whole(tmp_path, caplog):
         from_files("cut", path, on_bad_input="error")
 
 
+@pytest.mark.parametrize(
+    "setting,key",
+    [("train_files", "data.train_files"), ("sources", "data.sources[1].path")],
+)
+def test_missing_file_names_the_setting_the_user_wrote(tmp_path, setting, key):
+    from gte_jax.data.pipeline import build_sources, default_data_config
+
+    good, missing = tmp_path / "good.jsonl", tmp_path / "missing.jsonl"
+    good.write_text('{"query": "q", "positive": "p"}\n')
+    data = default_data_config()
+    if setting == "train_files":
+        data.train_files = f"{good},{missing}"
+    else:
+        data.sources = [{"path": str(good)}, {"name": "second", "path": str(missing)}]
+    with pytest.raises(FileNotFoundError) as info:
+        build_sources(data)
+    assert str(info.value) == f"{missing}: no such file; check {key} in the config"
+
+
 def test_tsv_and_parquet_readers(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -220,7 +220,7 @@ def iter_raw_rows(path: str | pathlib.Path, fmt: str, *, tsv_header: bool = Fals
     """Yields ``(location, row)`` for every record of one file; ``row`` may be a BadInputError."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; check the source's `path` in the config")
+        raise FileNotFoundError(f"{path}: no such file")
     if fmt == "jsonl":
         yield from _iter_jsonl(path)
     elif fmt == "tsv":
