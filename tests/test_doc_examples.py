@@ -110,3 +110,15 @@ def test_the_scan_finds_the_known_examples():
 @pytest.mark.parametrize("where,spec,overrides", EXAMPLES, ids=[f"{w} {s}" for w, s, _ in EXAMPLES])
 def test_documented_example_loads(where, spec, overrides):
     load_config(REPO / spec, overrides)
+
+
+def test_readme_sts_example_is_what_the_reader_reads(tmp_path):
+    from gte_jax.evaluation import read_sts
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"An STS file.*?```jsonl\n(.*?)```", readme, re.S)
+    assert block, "README.md shows no STS example"
+    path = tmp_path / "sts.jsonl"
+    path.write_text(block.group(1), encoding="utf-8")
+    first, second, scores = read_sts(path)
+    assert len(first) == len(second) == len(scores) == 2 and scores[0] > scores[1]
