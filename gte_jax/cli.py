@@ -7,6 +7,7 @@ dispatches, so `gte-jax encode --help` imports nothing the encoder does not need
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 # subcommand -> (module, one-line help)
@@ -35,6 +36,33 @@ def _enable_compilation_cache() -> None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", path)
+
+
+class _QuietBackendProbe(logging.Filter):
+    """Drops JAX's INFO line "Unable to initialize backend 'tpu': ... libtpu.so ..." that every
+    run prints on a machine without a TPU (JAX probes each backend it knows when JAX_PLATFORMS is
+    unset). Kept: that line when a TPU is visible (the reason it went unused), and everything
+    else: a backend that was asked for and fails raises, and JAX warns by itself when it falls
+    back to the CPU beside a TPU or a GPU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno > logging.INFO or not message.startswith(
+            "Unable to initialize backend 'tpu'"
+        ):
+            return True
+        try:
+            from jax._src import hardware_utils
+
+            return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+        except Exception:  # JAX internals moved: keep the line rather than guess
+            return True
+
+
+def _quiet_backend_probe() -> None:
+    probe = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _QuietBackendProbe) for f in probe.filters):
+        probe.addFilter(_QuietBackendProbe())
 
 
 def positive_int(text: str) -> int:
@@ -87,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"gte-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    _quiet_backend_probe()
     if name in _COMPILES and "-h" not in rest and "--help" not in rest:
         _enable_compilation_cache()
     module = importlib.import_module(SUBCOMMANDS[name][0])

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from gte_jax.cli import add_encoding_arguments
+from gte_jax.data.sources import describe_json_error
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.prompts import resolve_prompt
@@ -207,7 +208,9 @@ def read_texts(path: str | pathlib.Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: invalid JSON ({e.msg}).") from e
+                raise InputError(
+                    f"{path}:{number}: invalid JSON ({describe_json_error(e, line)})."
+                ) from e
             if not isinstance(record, dict) or "text" not in record:
                 raise InputError(f'{path}:{number}: expected a JSON object with a "text" field.')
             if not isinstance(record["text"], str):

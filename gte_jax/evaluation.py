@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from gte_jax.cli import add_encoding_arguments
+from gte_jax.data.sources import describe_json_error
 from gte_jax.encode import Embedder, InputError
 from gte_jax.workdir import load_embedder  # noqa: F401  (re-exported: one model-resolution rule)
 
@@ -247,7 +248,9 @@ def iter_jsonl(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: invalid JSON ({e.msg}).") from e
+                raise InputError(
+                    f"{path}:{number}: invalid JSON ({describe_json_error(e, line)})."
+                ) from e
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object.")
             yield number, record

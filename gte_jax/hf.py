@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder
@@ -425,6 +425,12 @@ def _get_leaf(tree: dict, path: Iterable[Any]) -> np.ndarray:
     return node
 
 
+def _write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+    # Not safetensors' save_file: it creates the file with mode 600 whatever the umask, so the
+    # weights were the one file of an export that other users could not read.
+    path.write_bytes(save(tensors, metadata={"format": "pt"}))
+
+
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -470,7 +476,7 @@ def export_pretrained(
     tensors.update(
         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in info.extra_tensors.items()}
     )
-    save_file(tensors, out / SAFETENSORS_FILE, metadata={"format": "pt"})
+    _write_safetensors(out / SAFETENSORS_FILE, tensors)
 
     hf = {
         k: v
@@ -514,7 +520,7 @@ def export_pretrained(
         if "bias" in proj:
             dense["linear.bias"] = np.ascontiguousarray(proj["bias"])
         dense_dir.mkdir(parents=True, exist_ok=True)
-        save_file(dense, dense_dir / SAFETENSORS_FILE, metadata={"format": "pt"})
+        _write_safetensors(dense_dir / SAFETENSORS_FILE, dense)
         _write_json(
             dense_dir / "config.json",
             {

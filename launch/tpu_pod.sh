@@ -50,11 +50,12 @@ Flags:
   --worker N|all            worker(s) whose log `logs` follows (default 0)
   --dry-run                 print the commands instead of running them
   -h, --help                this help
-  -- ARGS...                passed to `gte-jax train` unchanged, e.g. -- --config.optim.lr=1e-4
+  -- ARGS...                passed to `gte-jax train` unchanged,
+                            e.g. -- --config.train.learning_rate=1e-4
 
 Examples:
   launch/tpu_pod.sh --name gte-v5e --zone us-west4-a --accelerator-type v5litepod-64 --queued \
-      --spot --config configs/stage1.py --workdir gs://my-bucket/gte/stage1 up logs
+      --spot --config configs/gte_base_pretrain.py --workdir gs://my-bucket/gte/stage1 up logs
   launch/tpu_pod.sh --name gte-v5e --zone us-west4-a --queued delete
 EOF
 }

@@ -104,6 +104,40 @@ def test_exit_codes_reach_the_shell():
     assert usage.returncode == 2 and "--input" in usage.stderr
 
 
+def test_no_libtpu_probe_line_on_a_cpu_machine(tmp_path):
+    """JAX_PLATFORMS unset (as for a user): JAX's "Unable to initialize backend 'tpu'" INFO line
+    does not reach the console; the command's own error does."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    argv = ["train", "--config", str(FINETUNE_CONFIG), "--workdir", str(tmp_path / "w")]
+    run = subprocess.run(
+        [sys.executable, "-m", "gte_jax.cli", *argv],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "no data sources" in run.stderr
+    assert "Unable to initialize backend" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("tpu_chips,level,kept", [(0, "INFO", False), (4, "INFO", True),
+                                                  (0, "WARNING", True)])  # fmt: skip
+def test_backend_probe_filter_keeps_what_matters(monkeypatch, tpu_chips, level, kept):
+    import logging
+
+    from jax._src import hardware_utils
+
+    monkeypatch.setattr(
+        hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None)
+    )
+    record = logging.LogRecord(
+        "jax._src.xla_bridge", getattr(logging, level), __file__, 1,
+        "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so", None, None,
+    )  # fmt: skip
+    other = logging.LogRecord(
+        "jax._src.xla_bridge", logging.INFO, __file__, 1, "anything else", None, None
+    )
+    probe = cli._QuietBackendProbe()
+    assert probe.filter(record) is kept and probe.filter(other)
+
+
 # ----------------------------------------------------------------------------- --help
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 
 import pytest
 
@@ -50,6 +51,40 @@ def test_error_policy_raises_with_file_line():
     _, bad = _independent_check(FIXTURE)
     with pytest.raises(BadInputError, match=rf"{FIXTURE.name}:{bad[0]}:"):
         from_files("broken", FIXTURE, on_bad_input="error", max_text_chars=MAX_CHARS)
+
+
+def test_truncated_json_line_is_reported_whole(tmp_path, caplog):
+    """json's messages stop at "...starting at"; ours name file:line, the column and the cause."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"query": "q", "positive": "p"}\n{"query": "q", "positive": "cut sho\n')
+    with caplog.at_level(logging.WARNING, logger="gte_jax.data.sources"):
+        from_files("cut", path)
+    want = (
+        f"{path}:2: skipped bad record of source 'cut': malformed JSON (unterminated string "
+        "starting at column 28; the line ends before the JSON object does)"
+    )
+    assert want in caplog.text
+    with pytest.raises(BadInputError, match=re.escape(f"{path}:2: malformed JSON (un")):
+        from_files("cut", path, on_bad_input="error")
+
+
+@pytest.mark.parametrize(
+    "setting,key",
+    [("train_files", "data.train_files"), ("sources", "data.sources[1].path")],
+)
+def test_missing_file_names_the_setting_the_user_wrote(tmp_path, setting, key):
+    from gte_jax.data.pipeline import build_sources, default_data_config
+
+    good, missing = tmp_path / "good.jsonl", tmp_path / "missing.jsonl"
+    good.write_text('{"query": "q", "positive": "p"}\n')
+    data = default_data_config()
+    if setting == "train_files":
+        data.train_files = f"{good},{missing}"
+    else:
+        data.sources = [{"path": str(good)}, {"name": "second", "path": str(missing)}]
+    with pytest.raises(FileNotFoundError) as info:
+        build_sources(data)
+    assert str(info.value) == f"{missing}: no such file; check {key} in the config"
 
 
 def test_tsv_and_parquet_readers(tmp_path):

@@ -93,7 +93,11 @@ def test_encode_options_reach_the_embedder(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "line,message",
     [
-        ('{"text": "ok"', "invalid JSON"),
+        (
+            '{"text": "ok"',
+            "invalid JSON (expecting ',' delimiter at column 14; "
+            "the line ends before the JSON object does).",
+        ),
         ('{"title": "no text"}', '"text" field'),
         ('{"text": 3}', "must be a string"),
         ('["text"]', '"text" field'),

@@ -411,7 +411,7 @@ def test_cli_eval_bad_inputs(tmp_path, minilm_dir, capsys):
     )
     err = capsys.readouterr().err
     n = len((beir / "corpus.jsonl").read_text().splitlines())
-    assert f"corpus.jsonl:{n}: invalid JSON" in err
+    assert f"corpus.jsonl:{n}: invalid JSON (expecting value at column 26; the line ends" in err
 
     assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--sts", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -228,6 +230,30 @@ def test_projection_last_token_and_excluded_prompt_export(minilm, tmp_path):
         False,
     )
     assert info2.prompts == {"query": "query: "}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_files_follow_the_umask(minilm_dir, tmp_path, umask):
+    """Every exported file, the weights included, gets the mode a plain open() gives (safetensors'
+    own save_file made model.safetensors 600 whatever the umask)."""
+    from conftest import TINY_BERT
+
+    from gte_jax.hf import load_tokenizer
+    from gte_jax.models.bert import EncoderConfig
+
+    model = BiEncoder(EncoderConfig.from_hf(TINY_BERT), projection_dim=8, rngs=nnx.Rngs(0))
+    old = os.umask(umask)
+    try:
+        out = export_pretrained(model, load_tokenizer(minilm_dir), tmp_path / "export")
+    finally:
+        os.umask(old)
+    modes = {
+        str(f.relative_to(out)): oct(stat.S_IMODE(f.stat().st_mode))
+        for f in out.rglob("*")
+        if f.is_file()
+    }
+    assert {"model.safetensors", "2_Dense/model.safetensors"} <= modes.keys()
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
 # ----------------------------------------------------------------------------- refusals, formats

@@ -80,7 +80,8 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     specs = []
     for path in (p.strip() for p in str(data.get("train_files", "")).split(",")):
         if path:
-            specs.append({**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path})
+            spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
+            specs.append({**spec, "config_key": "data.train_files"})
     for i, raw in enumerate(data.get("sources", [])):
         raw = dict(raw)
         if "pool_query_prefix" in raw:
@@ -102,7 +103,7 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"data.sources[{i}] ({spec['name']!r}): set exactly one of path, tfds"
             )
-        specs.append(spec)
+        specs.append({**spec, "config_key": f"data.sources[{i}].path"})
     if not specs:
         raise ConfigError("no data sources: set data.train_files or data.sources in the config")
     return specs
@@ -130,15 +131,17 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
             max_text_chars=int(data.get("max_text_chars", 100_000)),
         )
         if spec["path"]:
-            out.append(
-                from_files(
+            try:
+                source = from_files(
                     spec["name"],
                     spec["path"],
                     fmt=spec["format"] or None,
                     tsv_header=bool(spec["tsv_header"]),
                     **common,
                 )
-            )
+            except FileNotFoundError as e:  # name the setting the user wrote the path in
+                raise FileNotFoundError(f"{e}; check {spec['config_key']} in the config") from e
+            out.append(source)
         else:
             out.append(
                 from_tfds(

@@ -168,14 +168,23 @@ def _iter_jsonl(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
                 continue  # blank lines are layout, not records
             loc = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 yield loc, BadInputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
             try:
                 yield loc, json.loads(text)
             except json.JSONDecodeError as e:
-                yield loc, BadInputError(f"malformed JSON: {e.msg} (column {e.colno})")
+                yield loc, BadInputError(f"malformed JSON ({describe_json_error(e, text)})")
+
+
+def describe_json_error(e: json.JSONDecodeError, line: str) -> str:
+    """What is wrong with one JSON line, as a whole phrase: json's own messages stop where it
+    appends the position ("Unterminated string starting at"), so add the column here."""
+    what, end = e.msg.removesuffix(" at"), len(line.rstrip())
+    cut = e.msg.startswith("Unterminated") or e.pos >= end
+    hint = "; the line ends before the JSON object does" if cut else ""
+    return f"{what[:1].lower()}{what[1:]} at column {min(e.pos, end) + 1}{hint}"
 
 
 def _iter_tsv(path: pathlib.Path, header: bool) -> Iterator[tuple[str, Any]]:
@@ -211,7 +220,7 @@ def iter_raw_rows(path: str | pathlib.Path, fmt: str, *, tsv_header: bool = Fals
     """Yields ``(location, row)`` for every record of one file; ``row`` may be a BadInputError."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file; check the source's `path` in the config")
+        raise FileNotFoundError(f"{path}: no such file")
     if fmt == "jsonl":
         yield from _iter_jsonl(path)
     elif fmt == "tsv":
