@@ -28,7 +28,7 @@ Interfaces:
     For an NNX ``BiEncoder`` it is ``nnx.merge(graphdef, params)(...)`` (``train.make_embed_fn``).
   * ``loss_fn(embeddings, batch) -> (loss, metrics)`` with ``embeddings = {"query": [B, D],
     "doc": [B, D], "neg": [B, K, D] (if the batch has negatives)}``; :func:`make_loss_fn` builds
-    it from :mod:`gte_jax.losses` and the batch's text ids / ``valid``.
+    it from :mod:`gte_jax.losses` and the batch's text ids / ``valid`` / ``neg_valid``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ LossFn = Callable[[dict[str, Array], Batch], tuple[Array, dict[str, Array]]]
 
 ROLES = ("query", "doc", "neg")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
-_NOT_MODEL_INPUTS = ("text_id",)
+_NOT_MODEL_INPUTS = ("text_id", "valid")  # neg_valid: the loss's, not the model's
 
 
 def role_inputs(batch: Batch, role: str) -> dict[str, Array]:
@@ -253,7 +253,8 @@ def cached_value_and_grad(
 
 def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:
     """A ``loss_fn(embeddings, batch)`` for :mod:`gte_jax.losses`, reading the batch's text ids
-    (``query_text_id``, ``doc_text_id``, ``neg_text_id``) and ``valid`` when present."""
+    (``query_text_id``, ``doc_text_id``, ``neg_text_id``), ``valid`` and ``neg_valid`` (placeholder
+    negatives of records with fewer than K) when present."""
 
     def loss_fn(embeddings: dict[str, Array], batch: Batch):
         return losses.contrastive_loss(
@@ -265,6 +266,7 @@ def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:
             d_ids=batch.get("doc_text_id"),
             neg_ids=batch.get("neg_text_id"),
             valid=batch.get("valid"),
+            neg_valid=batch.get("neg_valid") if "neg" in embeddings else None,
             **loss_kwargs,
         )
 

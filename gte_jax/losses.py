@@ -12,6 +12,9 @@ Conventions (see docs/design.md):
     mean identical strings. ``None`` means "all texts distinct".
   * ``valid``: [n] (1 = real example). Padding rows add nothing to the loss and their texts
     (query, document and negatives) are never candidates.
+  * ``neg_valid``: [n, K] (1 = a real negative). A record with fewer than K negatives carries
+    placeholders marked 0 here: they are never candidates (no term in any partition sum, GTE or
+    InfoNCE), so the loss equals the loss computed without them. ``None``: all real.
 
 Masking rule (one rule for every term, decided on the text, never on embeddings): in the row of
 example i, a candidate whose text is identical to q_i's or to d_i's text is removed (-inf before
@@ -80,8 +83,9 @@ def _default_ids(n: int, k: int) -> tuple[Array, Array, Array]:
     return q_ids, q_ids + n, (2 * n + jnp.arange(n * k, dtype=jnp.int32)).reshape(n, k)
 
 
-def _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid):
-    """Casts to float32, fills default ids / validity, and flattens the negatives."""
+def _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid=None):
+    """Casts to float32, fills default ids / validity (``neg_valid`` [n, K] bool, or None
+    without negatives)."""
     # At least float32 (bf16 embeddings are upcast); float64 stays, for finite-difference tests.
     dtype = jnp.promote_types(jnp.result_type(q), jnp.float32)
     q = jnp.asarray(q, dtype)
@@ -100,17 +104,27 @@ def _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid):
     if neg is not None:
         neg_ids = dn if neg_ids is None else jnp.asarray(neg_ids, jnp.int32)
     valid = jnp.ones((n,), jnp.bool_) if valid is None else jnp.asarray(valid).astype(jnp.bool_)
-    return q, d, neg, q_ids, d_ids, neg_ids, valid
+    if neg is None:
+        neg_valid = None
+    elif neg_valid is None:
+        neg_valid = jnp.ones((n, k), jnp.bool_)
+    else:
+        neg_valid = jnp.asarray(neg_valid).astype(jnp.bool_)
+        if neg_valid.shape != (n, k):
+            raise ValueError(f"neg_valid must be [n, K] = [{n}, {k}], got {neg_valid.shape}")
+    return q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid
 
 
-def _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid) -> _Candidates:
+def _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid) -> _Candidates:
     if neg is None:
         docs, doc_ids, doc_ok = d, d_ids, valid
     else:
         n, k, dim = neg.shape
         docs = jnp.concatenate([d, neg.reshape(n * k, dim)], axis=0)  # [n + n*K, D]
         doc_ids = jnp.concatenate([d_ids, neg_ids.reshape(n * k)])
-        doc_ok = jnp.concatenate([valid, jnp.repeat(valid, k)])  # negatives of padding rows: out
+        # Negatives of padding rows and placeholder negatives (neg_valid 0) are never candidates.
+        neg_ok = valid[:, None] & neg_valid  # [n, K]
+        doc_ok = jnp.concatenate([valid, neg_ok.reshape(n * k)])
     return _Candidates(q, docs, q_ids, doc_ids, valid, doc_ok)
 
 
@@ -226,10 +240,12 @@ def _finalize(sums: dict[str, Array]) -> tuple[Array, Metrics]:
 
 
 def _global_loss(
-    kind, q, d, *, temperature, q_ids, d_ids, neg, neg_ids, valid, symmetric, block_size
+    kind, q, d, *, temperature, q_ids, d_ids, neg, neg_ids, valid, neg_valid, symmetric, block_size
 ):
-    q, d, neg, q_ids, d_ids, neg_ids, valid = _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid)
-    cands = _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid)
+    q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid = _prepare(
+        q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid
+    )
+    cands = _candidates(q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid)
     rows = _Rows(q, d, jnp.arange(q.shape[0]), q_ids, d_ids)
     per_row = _blocked_row_losses(kind, rows, cands, temperature, symmetric, block_size)
     return _finalize(_row_sums(per_row, valid))
@@ -245,6 +261,7 @@ def gte_loss(
     neg: Array | None = None,
     neg_ids: Array | None = None,
     valid: Array | None = None,
+    neg_valid: Array | None = None,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Array, Metrics]:
     """GTE's improved contrastive loss with one joint partition function (Li et al., 2023, §3).
@@ -260,7 +277,8 @@ def gte_loss(
     Hard negatives: they are extra *documents*, so they join every sum where d_j ranges over
     documents: the q→d sum (candidates for q_i) and the d→d sum (candidates for d_i) — all n*K
     negatives of the batch, not only those mined for query i. They never act as queries, so the
-    q→q and d→q sums are unchanged. Masking and padding follow the module docstring.
+    q→q and d→q sums are unchanged. Masking, padding and ``neg_valid`` (placeholder negatives of
+    records with fewer than K) follow the module docstring.
 
     Returns ``(loss, metrics)`` with metrics ``loss``, ``accuracy`` (in-batch q→d top-1 over the
     same candidates as the q→d sum), ``pos_sim`` (mean s(q_i, d_i)), ``neg_sim`` (mean q→d
@@ -278,6 +296,7 @@ def gte_loss(
         neg=neg,
         neg_ids=neg_ids,
         valid=valid,
+        neg_valid=neg_valid,
         symmetric=False,
         block_size=block_size,
     )
@@ -293,6 +312,7 @@ def infonce_loss(
     neg: Array | None = None,
     neg_ids: Array | None = None,
     valid: Array | None = None,
+    neg_valid: Array | None = None,
     symmetric: bool = False,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Array, Metrics]:
@@ -312,6 +332,7 @@ def infonce_loss(
         neg=neg,
         neg_ids=neg_ids,
         valid=valid,
+        neg_valid=neg_valid,
         symmetric=symmetric,
         block_size=block_size,
     )
@@ -339,6 +360,7 @@ def sharded_contrastive_loss(
     neg: Array | None = None,
     neg_ids: Array | None = None,
     valid: Array | None = None,
+    neg_valid: Array | None = None,
     symmetric: bool = False,
     data_axis: str = "data",
     block_size: int | None = DEFAULT_BLOCK_SIZE,
@@ -355,21 +377,25 @@ def sharded_contrastive_loss(
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     if temperature is None:
         temperature = GTE_TEMPERATURE if name == "gte" else INFONCE_TEMPERATURE
-    q, d, neg, q_ids, d_ids, neg_ids, valid = _prepare(q, d, neg, q_ids, d_ids, neg_ids, valid)
+    q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid = _prepare(
+        q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid
+    )
     n = q.shape[0]
     shards = mesh.shape[data_axis]
     if n % shards:
         raise ValueError(f"batch size {n} is not divisible by the {data_axis!r} axis ({shards})")
-    args = (q, d, q_ids, d_ids, valid) + (() if neg is None else (neg, neg_ids))
+    args = (q, d, q_ids, d_ids, valid) + (() if neg is None else (neg, neg_ids, neg_valid))
 
     def local(q_l, d_l, q_ids_l, d_ids_l, valid_l, *neg_l):
         def gather(x):
             return lax.all_gather(x, data_axis, tiled=True)
 
-        neg_all, neg_ids_all = (None, None) if not neg_l else (gather(neg_l[0]), gather(neg_l[1]))
+        neg_all, neg_ids_all, neg_valid_all = (
+            (None, None, None) if not neg_l else tuple(gather(x) for x in neg_l)
+        )
         cands = _candidates(
             gather(q_l), gather(d_l), neg_all, gather(q_ids_l), gather(d_ids_l), neg_ids_all,
-            gather(valid_l),
+            gather(valid_l), neg_valid_all,
         )  # fmt: skip
         start = lax.axis_index(data_axis) * q_l.shape[0]
         rows = _Rows(q_l, d_l, start + jnp.arange(q_l.shape[0]), q_ids_l, d_ids_l)

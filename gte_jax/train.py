@@ -192,6 +192,11 @@ def make_train_step(
 LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0}
 
 
+# Per-source counts the summary reports (read = used + skipped; records short of K negatives are
+# kept with a validity mask and counted).
+_SOURCE_STATS = ("size", "read", "used", "skipped", "num_negatives", "records_short_of_negatives")
+
+
 class TrainingError(RuntimeError):
     """The run cannot start or go on with this config / input; the message says what to do."""
 
@@ -597,7 +602,7 @@ class _Loop:
             "eval": self.evaluator.last,
             "best": self.evaluator.best_summary(),
             "sources": {
-                name: {k: s[k] for k in ("size", "read", "used", "skipped") if k in s}
+                name: {k: s[k] for k in _SOURCE_STATS if k in s}
                 for name, s in stats.items()
             },
         }

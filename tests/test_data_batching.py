@@ -224,3 +224,29 @@ def test_to_global_shards_batch_axis_over_data(tokenizer):
         np.testing.assert_array_equal(np.asarray(glob[key]), value)
         assert len(glob[key].sharding.device_set) == 8
         assert glob[key].sharding.spec[0] == "data"
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_records_short_of_negatives_carry_a_validity_mask(tokenizer, packing):
+    """Issue 9 items 5/17: records with fewer than K negatives are kept; the batch has K slots
+    per example and ``neg_valid`` [B, K] marks the real ones (both layouts)."""
+    records = [
+        PairRecord(f"question {i}", f"answer {i}", tuple(f"wrong {i} {j}" for j in range(i % 4)))
+        for i in range(8)
+    ]
+    src = from_records("short", records, options=SourceOptions(num_negatives=3))
+    assert src.stats()["records_short_of_negatives"] == 6  # 0, 1 or 2 negatives of 3
+    it = PairBatchIterator(
+        [src], tokenizer, global_batch_size=8, query_max_length=32, doc_max_length=32,
+        packing=packing,
+    )  # fmt: skip
+    plan = it.next_plan()
+    batch = it.materialize(plan)
+    by_query = {r.query: r for r in records}
+    want = [[int(j < len(by_query[q].negatives)) for j in range(3)] for q in plan.queries]
+    np.testing.assert_array_equal(batch["neg_valid"], want)
+    assert batch["neg_valid"].dtype == np.int32
+    key = "neg_slot_index" if packing else "neg_input_ids"
+    assert batch[key].shape[:2] == (8, 3)
+    for i, q in enumerate(plan.queries):  # the real negatives come first, in record order
+        assert plan.negatives[i][: len(by_query[q].negatives)] == list(by_query[q].negatives)

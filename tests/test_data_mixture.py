@@ -83,3 +83,54 @@ def test_set_state_rejects_a_different_data_config():
     other = MixtureSampler({**SIZES, "small": 11}, 4, seed=0)
     with pytest.raises(ValueError, match="size changed"):
         other.set_state(state)
+
+
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (dict(alpha=1.0), "alpha changed from 0.5 to 1.0"),
+        (dict(weights=[1.0, 1.0, 2.0]), "mixture weights changed from the alpha rule"),
+        (dict(sizes={"small": 10, "mid": 400, "big": 5000}), "source order changed"),
+        (dict(batch_sizes={"small": 2}), "'small' batch size changed from 4 to 2"),
+    ],
+)
+def test_set_state_refuses_a_changed_mixture_and_says_what_changed(changed, message):
+    """Issue 9 item 4: α, weights, source order and per-source batch size are part of the
+    stream; a resume with any of them changed would silently produce other batches."""
+    kw = dict(sizes=SIZES, alpha=0.5, seed=0)
+    first = MixtureSampler(kw["sizes"], 4, alpha=kw["alpha"], seed=0)
+    for _ in range(5):
+        first.next()
+    state = json.loads(json.dumps(first.get_state()))
+    kw.update(changed)
+    other = MixtureSampler(kw.pop("sizes"), 4, **kw)
+    with pytest.raises(ValueError, match=message):
+        other.set_state(state)
+
+
+def test_set_state_refuses_changed_explicit_weights():
+    first = MixtureSampler(SIZES, 4, seed=0, weights=[1, 1, 1])
+    state = json.loads(json.dumps(first.get_state()))
+    MixtureSampler(SIZES, 4, seed=0, weights=[2, 2, 2]).set_state(state)  # same normalised mix
+    with pytest.raises(ValueError, match="mixture weights changed from"):
+        MixtureSampler(SIZES, 4, seed=0, weights=[1, 1, 2]).set_state(state)
+
+
+def test_set_state_accepts_an_old_state_without_the_mixture_fields_with_a_warning(caplog):
+    ref = MixtureSampler(SIZES, 4, seed=2)
+    full = [ref.next() for _ in range(20)]
+    first = MixtureSampler(SIZES, 4, seed=2)
+    for _ in range(8):
+        first.next()
+    state = json.loads(json.dumps(first.get_state()))
+    del state["order"], state["weights"]  # as saved before they were recorded
+    for s in state["sources"].values():
+        del s["batch_size"], s["prob"]
+    resumed = MixtureSampler(SIZES, 4, seed=2)
+    with caplog.at_level("WARNING", logger="gte_jax.data.mixture"):
+        resumed.set_state(state)
+    assert "older version" in caplog.text
+    assert [resumed.next() for _ in range(12)] == full[8:]
+    # What an old state holds is still checked: α was always saved.
+    with pytest.raises(ValueError, match="alpha changed"):
+        MixtureSampler(SIZES, 4, seed=2, alpha=0.0).set_state(state)

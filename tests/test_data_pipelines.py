@@ -113,3 +113,71 @@ def test_local_pairs_builder_skips_bad_lines(tmp_path):
         direct[i].query for i in range(len(direct))
     )
     assert {ds[i]["instruction"] for i in range(len(ds))} == {b"query: "}
+
+
+def _short_and_long_rows() -> list[dict]:
+    """60 records; every 9th has no negatives, every 7th a positive too long for max 40 chars."""
+    rows = []
+    for i in range(60):
+        row = {"query": f"query {i}", "positive": f"positive {i}", "negatives": [f"neg {i}"]}
+        if i % 9 == 4:
+            row["negatives"] = []
+        if i % 7 == 3:
+            row["positive"] = "a long positive " * 5  # valid when built, too long when read
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shortneg_dir(tmp_path_factory):
+    from data_pipelines import LocalPairs, LocalPairsConfig
+
+    tmp = tmp_path_factory.mktemp("shortneg")
+    (tmp / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _short_and_long_rows()))
+    cfg = LocalPairsConfig(name="shortneg", files={"train": [str(tmp / "x.jsonl")]})
+    LocalPairs(config=cfg, data_dir=str(tmp), file_format="array_record").download_and_prepare()
+    return tmp
+
+
+def test_tfds_source_skips_bad_records_instead_of_duplicating_the_next(shortneg_dir):
+    """Issue 9 item 7: a record that fails at read time is skipped and counted like a file
+    source's: not replaced by the next valid one (a duplicate), not counted in the α sizes."""
+    from gte_jax.data.sources import from_tfds
+
+    rows = _short_and_long_rows()
+    src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
+    good = [r for r in rows if len(r["positive"]) <= 40]
+    assert len(src) == len(good)  # what the α mixture weights see
+    st = src.stats()
+    assert (st["read"], st["used"], st["skipped"]) == (60, len(good), 60 - len(good))
+    got = sorted(src[i].query for i in range(len(src)))
+    assert got == sorted(r["query"] for r in good)  # each valid record once: no stand-ins
+    assert sorted(src[i].query for i in range(len(src))) == got  # a pure function of the index
+
+
+def test_tfds_source_keeps_records_short_of_negatives(shortneg_dir):
+    """Issue 9 item 5 for TFDS: K is decided once, on the whole dataset; a record without
+    negatives (anywhere, not only in the first 16) is kept with a masked negative, counted, and
+    never raises mid-run."""
+    import types
+
+    from gte_jax.data.batching import PairBatchIterator
+    from gte_jax.data.sources import from_tfds
+
+    rows = {r["query"]: r for r in _short_and_long_rows()}
+    src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir))
+    assert len(src) == 60 and src.num_negatives == 1
+    short = [q for q, r in rows.items() if not r["negatives"]]
+    assert src.stats()["records_short_of_negatives"] == len(short) > 0
+
+    it = PairBatchIterator([src], types.SimpleNamespace(pad_token_id=0), global_batch_size=6)
+    masked = set()
+    for _ in range(20):  # two epochs: every record drawn
+        plan = it.next_plan()
+        for q, negs, ok in zip(plan.queries, plan.negatives, plan.neg_valid, strict=True):
+            assert ok.tolist() == [int(bool(rows[q]["negatives"]))]
+            if ok[0]:
+                assert negs == rows[q]["negatives"]
+            else:
+                masked.add(q)
+    assert masked == set(short)

@@ -108,3 +108,38 @@ def test_tsv_and_parquet_readers(tmp_path):
     assert [(src[i].query, src[i].positive) for i in range(len(src))] == [r[:2] for r in rows]
     st = src.stats()
     assert (st["read"], st["skipped"]) == (3, 1)
+
+
+def _short_of_negatives_file(path: pathlib.Path) -> list[dict]:
+    """10 records: 6 with two negatives, 2 with one, 2 with none (issue 9 item 5)."""
+    rows = []
+    for i in range(10):
+        negs = [f"neg {i} a", f"neg {i} b"][: 2 if i < 6 else 1 if i < 8 else 0]
+        rows.append({"query": f"query {i}", "positive": f"pos {i}", "negatives": negs})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_auto_k_keeps_and_counts_records_short_of_negatives(tmp_path, caplog):
+    """Auto K is decided once (the most common count among records with negatives, logged);
+    records with fewer are kept with their missing negatives masked, and counted."""
+    from gte_jax.data.batching import make_plan
+    from gte_jax.data.sources import SourceOptions
+
+    rows = _short_of_negatives_file(tmp_path / "s.jsonl")
+    with caplog.at_level(logging.INFO, logger="gte_jax.data.sources"):
+        src = from_files("s", tmp_path / "s.jsonl")
+    assert src.num_negatives == 2  # not 0 because some records lack negatives
+    assert "num_negatives auto = 2" in caplog.text and "4 of 10 records" in caplog.text
+    st = src.stats()
+    assert (st["used"], st["num_negatives"], st["records_short_of_negatives"]) == (10, 2, 4)
+    plan = make_plan(0, [("s", i) for i in range(10)], {"s": src}, src.num_negatives)
+    for i, row in enumerate(rows):
+        m = len(row["negatives"])
+        assert plan.negatives[i][:m] == row["negatives"]
+        assert plan.neg_valid[i].tolist() == [1] * m + [0] * (2 - m)
+    # An explicit K keeps every record too (records without negatives used to be skipped).
+    src3 = from_files("s", tmp_path / "s.jsonl", options=SourceOptions(num_negatives=3))
+    assert len(src3) == 10 and src3.stats()["records_short_of_negatives"] == 10
+    plan = make_plan(0, [("s", i) for i in range(10)], {"s": src3}, 3)
+    assert plan.neg_valid.sum(axis=1).tolist() == [len(r["negatives"]) for r in rows]

@@ -19,7 +19,9 @@ def normalize(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_case(n=6, k=2, dim=16, seed=0, negatives=True, duplicates=False, padding=False):
+def make_case(
+    n=6, k=2, dim=16, seed=0, negatives=True, duplicates=False, padding=False, short=False
+):
     rs = np.random.RandomState(seed)
     q = normalize(rs.randn(n, dim))
     d = normalize(q + 0.8 * rs.randn(n, dim))  # positives close to their query
@@ -37,6 +39,13 @@ def make_case(n=6, k=2, dim=16, seed=0, negatives=True, duplicates=False, paddin
     case["valid"] = np.ones(n, np.int32)
     if padding:
         case["valid"][[2, n - 1]] = 0
+    if short and negatives:  # records with fewer than K negatives: placeholders masked out
+        case["neg_valid"] = np.ones((n, k), np.int32)
+        case["neg_valid"][1, k - 1] = 0  # one short
+        case["neg_valid"][3, :] = 0  # none at all
+        # A placeholder's embedding is arbitrary: make it one that would dominate if it counted.
+        case["neg"][1, k - 1] = q[1]
+        case["neg"][3, 0] = d[0]
     return case
 
 
@@ -48,8 +57,10 @@ def reference(case, tau, kind="gte", symmetric=False):
     # Documents: (embedding, text id, from a valid example, is d_i for row i?).
     docs = [(d[j], d_ids[j], valid[j], j) for j in range(n)]
     if "neg" in case:
+        neg_valid = case.get("neg_valid", np.ones(case["neg"].shape[:2], np.int32))
         for j, kk in itertools.product(range(n), range(case["neg"].shape[1])):
-            docs.append((case["neg"][j, kk], case["neg_ids"][j, kk], valid[j], None))
+            if neg_valid[j, kk]:  # a missing negative is simply not there
+                docs.append((case["neg"][j, kk], case["neg_ids"][j, kk], valid[j], None))
 
     def lse(terms):
         m = max(terms)
@@ -109,6 +120,7 @@ CASES = [
     dict(negatives=True, duplicates=True),
     dict(negatives=True, duplicates=True, padding=True),
     dict(negatives=False, duplicates=True, padding=True),
+    dict(negatives=True, duplicates=True, padding=True, short=True),
 ]
 
 
@@ -180,6 +192,65 @@ def test_padding_rows_are_ignored():
     assert float(a[1]["num_examples"]) == 4
 
 
+@pytest.mark.parametrize("name,kwargs", [("gte", {}), ("infonce", {"symmetric": True})])
+def test_masked_negatives_equal_the_loss_without_them(name, kwargs):
+    """Issue 9 item 17: a record with fewer than K negatives carries placeholders with
+    neg_valid = 0; they add nothing to any partition sum, whatever their embeddings."""
+
+    def loss(case):
+        fn = functools.partial(losses.contrastive_loss, name, temperature=0.05, **kwargs)
+        return run(fn, case)
+
+    case = make_case(duplicates=True, short=True)
+    got = loss(case)
+    check(got, reference(case, 0.05, kind=name, symmetric=kwargs.get("symmetric", False)))
+    # Other placeholder embeddings: the same numbers.
+    other = dict(case, neg=case["neg"].copy())
+    other["neg"][3] = normalize(np.random.RandomState(9).randn(2, 16))
+    np.testing.assert_allclose(float(loss(other)[0]), float(got[0]), rtol=1e-6)
+    # Every negative missing == no negatives at all.
+    none = dict(case, neg_valid=np.zeros_like(case["neg_valid"]))
+    without = {k: v for k, v in case.items() if k not in ("neg", "neg_ids", "neg_valid")}
+    np.testing.assert_allclose(float(loss(none)[0]), float(loss(without)[0]), rtol=1e-6)
+
+
+def test_masked_negatives_gradients_match_the_reference_without_them_float64():
+    """The gradient with masked placeholders is the float64 finite-difference gradient of the
+    NumPy reference that never sees them; the placeholders get exactly zero gradient."""
+    n, k, dim = 4, 2, 3
+    case = make_case(n=n, k=k, dim=dim, seed=4, duplicates=False, short=True)
+    sizes = (n * dim, n * dim, n * k * dim)
+
+    def unpack(x, xp):
+        q, d, neg = xp.split(x, np.cumsum(sizes)[:2])
+        return q.reshape(n, dim), d.reshape(n, dim), neg.reshape(n, k, dim)
+
+    x = np.concatenate([case["q"].ravel(), case["d"].ravel(), case["neg"].ravel()])
+    for name, kw in [("gte", {}), ("infonce", {"symmetric": True})]:
+        with jax.enable_x64(True):
+            ids = {key: jnp.asarray(case[key]) for key in ("q_ids", "d_ids", "neg_ids", "valid")}
+
+            @jax.jit
+            def loss(x, name=name, kw=kw, ids=ids):
+                q, d, neg = unpack(x, jnp)
+                return losses.contrastive_loss(
+                    name, q, d, neg=neg, neg_valid=jnp.asarray(case["neg_valid"]),
+                    temperature=0.05, **ids, **kw,
+                )[0]  # fmt: skip
+
+            grad = np.asarray(jax.grad(loss)(jnp.asarray(x)))
+        assert grad.dtype == np.float64
+
+        def ref_loss(v, name=name, kw=kw):
+            q, d, neg = unpack(v, np)
+            return reference(dict(case, q=q, d=d, neg=neg), 0.05, kind=name, **kw)[0]
+
+        np.testing.assert_allclose(grad, finite_difference_grad(ref_loss, x), rtol=1e-6, atol=1e-8)
+        g_neg = unpack(grad, np)[2]
+        assert np.all(g_neg[case["neg_valid"] == 0] == 0)
+        assert np.abs(g_neg[case["neg_valid"] == 1]).max() > 1e-3
+
+
 def finite_difference_grad(f, x, eps=1e-6):
     g = np.zeros_like(x)
     for idx in np.ndindex(x.shape):
@@ -220,7 +291,7 @@ N = 16  # rows; divisible by the 8 devices and by the 4 of the data axis of a (4
 
 
 def case_args(n=N, k=2, dim=8, seed=3, **kw):
-    case = make_case(n=n, k=k, dim=dim, seed=seed, duplicates=True, padding=True, **kw)
+    case = make_case(n=n, k=k, dim=dim, seed=seed, duplicates=True, padding=True, short=True, **kw)
     if n > 13:  # repeats in later blocks too
         case["q_ids"][9] = case["q_ids"][1]
         case["d_ids"][13] = case["d_ids"][6]

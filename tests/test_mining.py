@@ -112,21 +112,91 @@ def test_cli_mine(tmp_path, minilm_dir, data, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     records = [json.loads(x) for x in out.read_text().splitlines()]
-    assert summary["pairs_read"] == len(pairs)
-    assert (
-        summary["pairs_written"]
-        == len(records)
-        == len(pairs) - summary["pairs_dropped_no_negatives"]
-    )
-    assert (
-        summary["pairs_with_fewer_than_k"]
-        == sum(len(r["negatives"]) < 3 for r in records) + (summary["pairs_dropped_no_negatives"])
-    )
+    assert summary["pairs_read"] == summary["pairs_written"] == len(records) == len(pairs)
+    assert [(r["query"], r["positive"]) for r in records] == pairs
+    assert summary["pairs_with_fewer_than_k"] == sum(len(r["negatives"]) < 3 for r in records)
+    by_source = {s: 0 for s in mining.NEGATIVE_SOURCES}
     for r in records:
-        assert set(r) == {"query", "positive", "negatives"}
-        assert 1 <= len(r["negatives"]) <= 3
+        assert set(r) == {"query", "positive", "negatives", "negatives_source"}
+        assert len(r["negatives"]) == len(r["negatives_source"]) <= 3
         assert r["positive"] not in r["negatives"] and r["query"] not in r["negatives"]
-        assert set(r["negatives"]) <= set(corpus)
+        assert set(r["negatives"]) <= set(corpus) and len(set(r["negatives"])) == len(
+            r["negatives"]
+        )
+        for s in r["negatives_source"]:
+            by_source[s] += 1
+    assert summary["negatives_by_source"] == by_source
+
+
+def test_cli_mine_never_drops_a_pair_whatever_the_filter_does(tmp_path, minilm_dir, data, capsys):
+    """Issue 9 item 17: a guard that rejects every candidate used to drop every pair."""
+    pairs, corpus = data
+    _write(tmp_path / "pairs.jsonl", [{"query": q, "positive": p} for q, p in pairs])
+    _write(tmp_path / "corpus.jsonl", [{"text": t} for t in corpus])
+    out = tmp_path / "mined.jsonl"
+    base = ["mine", "--model", str(minilm_dir), "--pairs", str(tmp_path / "pairs.jsonl")]
+    base += ["--corpus", str(tmp_path / "corpus.jsonl"), "--output", str(out)]
+    base += ["--num-negatives", "2", "--max-length", str(MAX_LENGTH), "--max-similarity=-100"]
+    # Depth beyond the corpus: nothing passes, nothing is left to draw at random: kept, empty.
+    assert cli.main(base) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["query"], r["positive"]) for r in records] == pairs
+    assert summary["pairs_written"] == summary["pairs_without_negatives"] == len(pairs)
+    # A shallow search: random corpus texts beyond the searched ranks fill every pair.
+    assert cli.main(base + ["--candidates", "4", "--fallback-depth", "8"]) == 0
+    summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["query"], r["positive"]) for r in records] == pairs
+    assert all(r["negatives_source"] == ["random", "random"] for r in records)
+    assert summary["negatives_by_source"] == {"mined": 0, "deeper": 0, "random": 2 * len(pairs)}
+    assert summary["pairs_with_fewer_than_k"] == 0
+
+
+class _FixedEmbedder:
+    """Embeddings given by hand: text -> vector (the prefix and lengths are ignored)."""
+
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.vectors = vectors
+
+    def encode(self, texts, batch_size=64, max_length=None, prefix=""):
+        return np.stack([self.vectors[t] for t in texts]).astype(np.float32)
+
+
+def _fan(cosines: np.ndarray) -> np.ndarray:
+    """Unit vectors in the plane whose cosine with (1, 0) is each of ``cosines``."""
+    return np.stack([cosines, np.sqrt(1 - cosines**2)], axis=1)
+
+
+def test_filter_removing_all_top_candidates_falls_back_to_deeper_ranks():
+    """A query the model ranks badly: sim(q, pos) = 0.5, so the guard (0.95 x 0.5) rejects the
+    30 candidates above cosine 0.475, all of the top 10 searched for "mined" negatives; the
+    next ranks pass it and are taken, best first, marked "deeper"; then random corpus texts
+    beyond the deeper ranks, marked "random". The pair is never dropped."""
+    cos = np.round(0.99 - 0.02 * np.arange(40), 2)  # ranks 1..40: 0.99, 0.97, ..., 0.21
+    corpus = [f"doc {j}" for j in range(40)]
+    vectors = dict(zip(corpus, _fan(cos), strict=True))
+    vectors["q"] = np.array([1.0, 0.0])
+    vectors["pos"] = np.array([0.5, -np.sqrt(0.75)])
+    passing = [j for j in range(40) if cos[j] <= 0.95 * 0.5]
+    assert passing[0] == 26  # ranks 27.. pass the guard
+    emb = _FixedEmbedder(vectors)
+    kw = dict(num_negatives=3, candidates=10)
+    (deeper,) = mining.mine_negatives(emb, [("q", "pos")], corpus, fallback_depth=30, **kw)
+    assert deeper.negatives == ["doc 26", "doc 27", "doc 28"]
+    assert deeper.sources == ["deeper"] * 3
+    # Ranks 27..28 only are searched deeper: the third negative is drawn from ranks 29..40.
+    (mixed,) = mining.mine_negatives(emb, [("q", "pos")], corpus, fallback_depth=28, **kw)
+    assert mixed.negatives[:2] == ["doc 26", "doc 27"]
+    assert mixed.sources == ["deeper", "deeper", "random"]
+    assert mixed.negatives[2] in corpus[28:]
+    # The old behaviour (no fallback) loses the pair: now it keeps what there is.
+    (none,) = mining.mine_negatives(emb, [("q", "pos")], corpus, fallback_depth=10, **kw)
+    assert none.sources == ["random"] * 3 and set(none.negatives) <= set(corpus[10:])
+    (kept,) = mining.mine_negatives(
+        emb, [("q", "pos")], corpus, num_negatives=3, candidates=40, max_similarity=-1.0
+    )
+    assert kept.negatives == [] and kept.sources == []
 
 
 @pytest.mark.parametrize(

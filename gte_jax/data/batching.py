@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gte_jax.data.mixture import MixtureSampler
-from gte_jax.data.sources import BadInputError, PairRecord, Source
+from gte_jax.data.sources import PairRecord, Source
 from gte_jax.prompts import PromptLengths, pool_masks
 
 logger = logging.getLogger(__name__)
@@ -121,32 +121,33 @@ class GlobalBatchPlan:
     query_prefixes: list[str]  # [B] the source's query prefix, or the record's instruction
     docs: list[str]  # [B]
     doc_prefixes: list[str]  # [B]
-    negatives: list[list[str]]  # [B][K]
+    negatives: list[list[str]]  # [B][K]; placeholders (NEG_PLACEHOLDER) where neg_valid is 0
     query_text_id: np.ndarray  # [B]
     doc_text_id: np.ndarray  # [B]
     neg_text_id: np.ndarray  # [B, K]
+    neg_valid: np.ndarray  # [B, K] int32: 1 = a real negative, 0 = the record had fewer than K
 
     @property
     def size(self) -> int:
         return len(self.queries)
 
 
-def _fill_negatives(rec: PairRecord, k: int, where: str) -> list[str]:
-    if k == 0:
-        return []
-    if not rec.negatives:
-        raise BadInputError(
-            f"{where}: record has no negatives but the source asks for num_negatives={k}; set "
-            "num_negatives=0 for this source or filter records without negatives"
-        )
-    # Fewer negatives than K: cycle through the record's own (duplicates share a text id).
-    return [rec.negatives[j % len(rec.negatives)] for j in range(k)]
+# The text standing in for a missing negative (a record with fewer than K): it is tokenised like
+# any text (a few tokens, so every row keeps K negatives and one shape) and masked out of the loss
+# by ``neg_valid``. Parsed records never hold an empty text, so it is never a real text's twin.
+NEG_PLACEHOLDER = ""
+
+
+def _fill_negatives(rec: PairRecord, k: int) -> tuple[list[str], list[int]]:
+    """The first K of the record's negatives, placeholders after them, and their validity."""
+    real = list(rec.negatives[:k])
+    return real + [NEG_PLACEHOLDER] * (k - len(real)), [1] * len(real) + [0] * (k - len(real))
 
 
 def make_plan(
     step: int, drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source], num_negatives: int
 ) -> GlobalBatchPlan:
-    names, queries, qpre, docs, dpre, negs = [], [], [], [], [], []
+    names, queries, qpre, docs, dpre, negs, neg_ok = [], [], [], [], [], [], []
     for name, index in drawn:
         src = sources[name]
         rec = src[index]
@@ -156,9 +157,12 @@ def make_plan(
         qpre.append(rec.instruction or opts.query_prefix)
         docs.append(rec.positive)
         dpre.append(opts.doc_prefix)
-        negs.append(_fill_negatives(rec, num_negatives, f"source {name!r} record {index}"))
+        texts, ok = _fill_negatives(rec, num_negatives)
+        negs.append(texts)
+        neg_ok.append(ok)
     q_id, d_id, n_id = assign_text_ids(queries, docs, negs)
-    return GlobalBatchPlan(step, names, queries, qpre, docs, dpre, negs, q_id, d_id, n_id)
+    n_ok = np.asarray(neg_ok, dtype=np.int32).reshape(len(drawn), num_negatives)
+    return GlobalBatchPlan(step, names, queries, qpre, docs, dpre, negs, q_id, d_id, n_id, n_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +253,7 @@ def materialize(
             n_pool, _ = pad_ids(tok.neg_pool, doc_length, 0)
             out["neg_pool_mask"] = n_pool.reshape(b, num_negatives, doc_length)
         out["neg_text_id"] = plan.neg_text_id[tok.rows]
+        out["neg_valid"] = plan.neg_valid[tok.rows]
     return out
 
 
@@ -404,6 +409,7 @@ def materialize_packed(
     out["doc_text_id"] = plan.doc_text_id[tok.rows]
     if num_negatives:
         out["neg_text_id"] = plan.neg_text_id[tok.rows]
+        out["neg_valid"] = plan.neg_valid[tok.rows]
     out["valid"] = np.ones((b,), dtype=np.int32)
     return out
 
@@ -506,7 +512,10 @@ class PairBatchIterator:
             process_slice(bs, process_index, process_count)  # divisibility check
         ks = {s.name: s.num_negatives for s in sources}
         if mixed and len(set(ks.values())) > 1:
-            raise ValueError(f"mixed batches need one num_negatives for all sources, got {ks}")
+            # One batch holds every source: K is the largest, the others' rows are padded with
+            # masked placeholder negatives.
+            logger.info("mixed batches: num_negatives %s -> %d for all", ks, max(ks.values()))
+            ks = dict.fromkeys(ks, max(ks.values()))
         self.num_negatives = ks
         # include_prompt=False: every batch carries pool masks without the prompt tokens (one key
         # set for every batch, or jit would retrace).

@@ -62,8 +62,12 @@ def _decode_rows(tokenizer, batch, rows: int = 3) -> list[dict[str, str]]:
             "doc": tokenizer.decode(doc, skip_special_tokens=True),
         }
         if "neg_input_ids" in batch:
-            row["negatives"] = [
-                tokenizer.decode(n, skip_special_tokens=True) for n in _example_ids(batch, "neg", i)
+            negs = _example_ids(batch, "neg", i)
+            real = batch["neg_valid"][i] if "neg_valid" in batch else [1] * len(negs)
+            row["negatives"] = [  # placeholders of a record short of K are not shown
+                tokenizer.decode(n, skip_special_tokens=True)
+                for n, ok in zip(negs, real, strict=True)
+                if ok
             ]
         out.append(row)
     return out

@@ -14,11 +14,14 @@ lines of index math; grain (through TFDS ``as_data_source``) remains the record 
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 # Domain-separation tags so the step stream and the permutations never share random bits.
 _TAG_SOURCE = 0x5EED_0001
@@ -68,9 +71,16 @@ class MixtureSampler:
         self.alpha = float(alpha)
         self.seed = int(seed)
         self.mixed = bool(mixed)
+        self.weights: dict[str, float] | None = None  # explicit weights, normalised
         if weights is not None:
             w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (len(self.names),) or np.any(w < 0) or w.sum() <= 0:
+                raise ValueError(
+                    f"weights must be {len(self.names)} non-negative numbers (one per source, "
+                    f"in the order {self.names}) with a positive sum, got {list(weights)}"
+                )
             self.probs = w / w.sum()
+            self.weights = {n: float(x) for n, x in zip(self.names, self.probs, strict=True)}
         else:
             self.probs = mixture_weights(self.sizes, self.alpha)
         overrides = {k: v for k, v in (batch_sizes or {}).items() if v}
@@ -160,9 +170,14 @@ class MixtureSampler:
             "seed": self.seed,
             "alpha": self.alpha,
             "mixed": self.mixed,
+            # The mixture itself, so that set_state can refuse a resume with another mixture.
+            "order": list(self.names),
+            "weights": self.weights,  # None: the α rule
             "sources": {
                 name: {
                     "size": self.sizes[i],
+                    "batch_size": self.batch_sizes[i],
+                    "prob": float(self.probs[i]),
                     "epoch": self.epoch[i],
                     "offset": self.offset[i],
                     "drawn_batches": self.drawn_batches[i],
@@ -173,22 +188,63 @@ class MixtureSampler:
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continues from ``state``. Refuses (ValueError naming what changed) a state saved with
+        another seed, batch mode, source set, source size, α, explicit weights, source order or
+        per-source batch size: each would silently give another stream of batches.
+
+        A state saved before the order, weights and batch sizes were recorded is accepted with a
+        logged warning; what it holds (seed, mode, sources, sizes, α) is still checked."""
         problems = []
         if int(state["seed"]) != self.seed:
             problems.append(f"seed {state['seed']} != {self.seed}")
         if bool(state.get("mixed", False)) != self.mixed:
             problems.append("mixed-batch mode differs")
-        if set(state["sources"]) != set(self.names):
-            problems.append(f"sources {sorted(state['sources'])} != {sorted(self.names)}")
+        saved = state["sources"]
+        same_sources = set(saved) == set(self.names)
+        if not same_sources:
+            problems.append(f"sources {sorted(saved)} != {sorted(self.names)}")
         else:
             for i, name in enumerate(self.names):
-                if int(state["sources"][name]["size"]) != self.sizes[i]:
+                if int(saved[name]["size"]) != self.sizes[i]:
                     problems.append(f"source {name!r} size changed to {self.sizes[i]}")
+                if (
+                    "batch_size" in saved[name]
+                    and int(saved[name]["batch_size"]) != (self.batch_sizes[i])
+                ):
+                    problems.append(
+                        f"source {name!r} batch size changed from {saved[name]['batch_size']} "
+                        f"to {self.batch_sizes[i]}"
+                    )
+            if "order" in state and list(state["order"]) != self.names:
+                problems.append(
+                    f"source order changed from {list(state['order'])} to {self.names} (the "
+                    "order fixes which source each draw picks)"
+                )
+        saved_weights = state.get("weights")
+        now_weights = self.weights
+        if "weights" in state and (saved_weights is None) != (now_weights is None):
+            problems.append(
+                f"mixture weights changed from {saved_weights or 'the alpha rule'} to "
+                f"{now_weights or 'the alpha rule'}"
+            )
+        elif saved_weights is not None and now_weights is not None and same_sources:
+            if not all(abs(saved_weights[k] - now_weights[k]) <= 1e-12 for k in self.names):
+                problems.append(f"mixture weights changed from {saved_weights} to {now_weights}")
+        if saved_weights is None and now_weights is None and "alpha" in state:
+            if float(state["alpha"]) != self.alpha:
+                problems.append(f"alpha changed from {state['alpha']} to {self.alpha}")
         if problems:
             raise ValueError(
                 "sampler state does not match this data configuration ("
                 + "; ".join(problems)
                 + "): resume with the run's original data config, or start a fresh run"
+            )
+        missing = [k for k in ("order", "weights") if k not in state]
+        if missing or not all("batch_size" in saved[n] for n in self.names):
+            logger.warning(
+                "sampler state was saved by an older version (no source order, weights or batch "
+                "sizes in it): resuming without checking them; if the mixture changed since, the "
+                "batches to come differ from the original run's"
             )
         self.step = int(state["step"])
         for i, name in enumerate(self.names):

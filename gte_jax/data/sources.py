@@ -8,11 +8,19 @@ policy: ``"skip"`` (default) drops the record, counts it and logs the first few 
 ``"error"`` raises :class:`BadInputError` naming ``file:line``. Per source the invariant
 ``read == used + skipped`` holds and :meth:`Source.stats` returns the counts for the run summary.
 
-Local files are validated eagerly (they are small by assumption), so ``Source[i]`` only ever returns
-valid records and the mixture sampler's index math never depends on the data. TFDS datasets are
-validated when they are built (the builders in ``data_pipelines/`` use the same parser); a record
-that still fails at read time (e.g. a catalogue dataset mapped with a field mapping) is replaced by
-the next valid record in storage order, so the result stays a pure function of the index.
+Every source is validated eagerly, when it is opened, so ``Source[i]`` only ever returns valid
+records, ``len(source)`` (which the α mixture weights use) counts valid records only, and the
+mixture sampler's index math never depends on the data. Local files are parsed into memory. A TFDS
+dataset is read once through (the builders in ``data_pipelines/`` validate when they build, but a
+catalogue dataset read through a field mapping, or other read-time settings, may still reject
+records): the bad records are skipped and counted like a file's, and only their positions are
+kept, so memory is O(bad records) and index -> record stays a pure function of the index.
+
+Hard negatives: K (``num_negatives``) is decided once per source, when it is opened: the
+configured value, or "auto" = the most common number of negatives among the records that have any
+(0 if none has), logged. A record with fewer than K negatives is kept: the batch marks its missing
+negatives invalid (``neg_valid``) and the loss leaves them out; ``stats()`` counts such records as
+``records_short_of_negatives``.
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ import dataclasses
 import json
 import logging
 import pathlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +45,8 @@ MAX_REPORTED = 5
 # A text longer than this (characters) is treated as broken input, not as a long document:
 # truncation to the token budget handles ordinary long texts.
 DEFAULT_MAX_TEXT_CHARS = 100_000
+# Records read per call when a TFDS source is checked through, when it is opened.
+SCAN_CHUNK = 1024
 
 
 class BadInputError(ValueError):
@@ -297,7 +310,9 @@ class SourceOptions:
       "query: " / "passage: ", or an instruction "Instruct: ...\\nQuery: ".
       Whether their tokens are pooled is the model's ``include_prompt`` (gte_jax.prompts).
     batch_size: global batch size when this source is drawn (None: the run's batch size).
-    num_negatives: K hard negatives per query (None: 1 if the source has negatives, else 0).
+    num_negatives: K hard negatives per query (None: auto, the most common number of negatives
+      among the source's records that have any; 0 if none has). Records with fewer are kept, with
+      their missing negatives masked out of the loss.
     """
 
     query_prefix: str = ""
@@ -306,8 +321,20 @@ class SourceOptions:
     num_negatives: int | None = None
 
 
+def auto_num_negatives(histogram: Mapping[int, int]) -> int:
+    """Auto K: the most common number of negatives among records that have any (ties: the larger
+    count); 0 when no record has a negative. ``histogram``: negatives per record -> records."""
+    counts = {int(c): int(r) for c, r in histogram.items() if int(c) > 0 and int(r) > 0}
+    if not counts:
+        return 0
+    return max(counts, key=lambda c: (counts[c], c))
+
+
 class Source:
-    """A named, random-access collection of valid :class:`PairRecord` s."""
+    """A named, random-access collection of valid :class:`PairRecord` s.
+
+    ``negatives_histogram``: number of negatives per record -> number of (valid) records; fixes
+    the auto K and the count of records short of K (module docstring)."""
 
     def __init__(
         self,
@@ -317,19 +344,37 @@ class Source:
         *,
         options: SourceOptions = SourceOptions(),
         accounting: BadInputAccounting | None = None,
-        has_negatives: bool = False,
+        negatives_histogram: Mapping[int, int] | None = None,
     ):
         self.name = name
         self._size = size
         self._get = getter
         self.options = options
         self.accounting = accounting or BadInputAccounting(name)
-        self.has_negatives = has_negatives
+        self.negatives_histogram = {
+            int(c): int(r) for c, r in sorted((negatives_histogram or {0: size}).items())
+        }
         if size == 0:
             raise ValueError(
                 f"source {name!r} has no valid records ({self.accounting.stats.as_dict()}); "
                 "check its path and field names"
             )
+        k = self.num_negatives
+        self.records_short_of_negatives = sum(
+            r for c, r in self.negatives_histogram.items() if c < k
+        )
+        if options.num_negatives is None and any(self.negatives_histogram.keys() - {0}):
+            logger.info(
+                "source %r: num_negatives auto = %d (the most common count among records with "
+                "negatives; negatives per record -> records: %s)",
+                name, k, self.negatives_histogram,
+            )  # fmt: skip
+        if self.records_short_of_negatives:
+            logger.warning(
+                "source %r: %d of %d records have fewer than num_negatives=%d hard negatives: "
+                "kept, with their missing negatives masked out of the loss",
+                name, self.records_short_of_negatives, size, k,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return self._size
@@ -341,13 +386,25 @@ class Source:
     def num_negatives(self) -> int:
         if self.options.num_negatives is not None:
             return self.options.num_negatives
-        return 1 if self.has_negatives else 0
+        return auto_num_negatives(self.negatives_histogram)
 
     def stats(self) -> dict[str, Any]:
-        return {"size": len(self), **self.accounting.stats.as_dict()}
+        return {
+            "size": len(self),
+            **self.accounting.stats.as_dict(),
+            "num_negatives": self.num_negatives,
+            "records_short_of_negatives": self.records_short_of_negatives,
+        }
 
     def __repr__(self) -> str:
         return f"Source({self.name!r}, size={len(self)})"
+
+
+def _histogram(counts: Iterable[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for c in counts:
+        out[c] = out.get(c, 0) + 1
+    return out
 
 
 def from_records(
@@ -363,15 +420,13 @@ def from_records(
 def _in_memory(
     name: str, records: list[PairRecord], options: SourceOptions, acct: BadInputAccounting
 ) -> Source:
-    # Auto K (num_negatives=None) is 1 only if every record has a negative to give.
-    has_negs = bool(records) and all(r.negatives for r in records)
     return Source(
         name,
         len(records),
         records.__getitem__,
         options=options,
         accounting=acct,
-        has_negatives=has_negs,
+        negatives_histogram=_histogram(len(r.negatives) for r in records),
     )
 
 
@@ -390,8 +445,7 @@ def from_files(
     if isinstance(paths, (str, pathlib.Path)):
         paths = [p for p in str(paths).split(",") if p]
     acct = BadInputAccounting(name, on_bad_input)
-    min_negs = 1 if (options.num_negatives or 0) > 0 else 0
-    parser = RecordParser(fields, max_text_chars=max_text_chars, min_negatives=min_negs)
+    parser = RecordParser(fields, max_text_chars=max_text_chars)
     records: list[PairRecord] = []
     for path in paths:
         rows = iter_raw_rows(path, fmt or guess_format(path), tsv_header=tsv_header)
@@ -401,6 +455,14 @@ def from_files(
             "source %r: skipped %d of %d records", name, acct.stats.skipped, acct.stats.read
         )
     return _in_memory(name, records, options, acct)
+
+
+def valid_position(bad: np.ndarray, index: int) -> int:
+    """Storage position of the ``index``-th valid record, given the sorted bad positions.
+
+    ``bad[t] - t`` is the number of valid records stored before bad record t, so the bad records
+    before the index-th valid one are those with ``bad[t] - t <= index``."""
+    return int(index) + int(np.searchsorted(bad - np.arange(len(bad)), index, side="right"))
 
 
 PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction")
@@ -423,6 +485,11 @@ def from_tfds(
     ``"local_pairs/my_config:1.0.0"``, a catalogue dataset such as ``"squad"``) and ``fields``
     maps its features onto query / positive / negatives / instruction (nested features as
     ``"a/b"``). Nothing is downloaded: build it first (``gte-jax data build``).
+
+    Opening reads every record once (module docstring): bad records are skipped and counted, so
+    ``len()`` and the mixture weights count valid records only and no record stands in for
+    another. That pass costs one read of the dataset per process at start-up (logged with its
+    time).
     """
     import tensorflow_datasets as tfds
 
@@ -435,8 +502,7 @@ def from_tfds(
             f"{data_dir!r}: run `gte-jax data build` or tfds build first ({e})"
         ) from e
     acct = BadInputAccounting(name, on_bad_input)
-    min_negs = 1 if (options.num_negatives or 0) > 0 else 0
-    parser = RecordParser(fields, max_text_chars=max_text_chars, min_negatives=min_negs)
+    parser = RecordParser(fields, max_text_chars=max_text_chars)
     n = len(ds)
 
     def flat(example: Mapping[str, Any]) -> dict[str, Any]:
@@ -449,21 +515,36 @@ def from_tfds(
                 out[key] = value
         return out
 
-    def get(index: int) -> PairRecord:
-        for k in range(n):
-            i = (index + k) % n
+    # One pass over the stored records: skip and count the bad ones (like a file source), and
+    # count negatives per record (for K). Only the bad positions are kept.
+    start = time.perf_counter()
+    bad: list[int] = []
+    histogram: dict[int, int] = {}
+    read_many = getattr(ds, "__getitems__", None)
+    for lo in range(0, n, SCAN_CHUNK):
+        ids = list(range(lo, min(n, lo + SCAN_CHUNK)))
+        examples = read_many(ids) if read_many else [ds[i] for i in ids]
+        for i, example in zip(ids, examples, strict=True):
             try:
-                rec = parser(flat(ds[i]))
+                rec = parser(flat(example))
             except BadInputError as e:
                 acct.bad(f"{tfds_name}[{split}]:{i}", e)
+                bad.append(i)
                 continue
             acct.ok()
-            return rec
-        raise BadInputError(f"{tfds_name}[{split}]: no valid record; check the field mapping")
+            histogram[len(rec.negatives)] = histogram.get(len(rec.negatives), 0) + 1
+    bad_at = np.asarray(bad, dtype=np.int64)
+    logger.info(
+        "source %r: read %d records of %s[%s] in %.1f s, %d skipped",
+        name, n, tfds_name, split, time.perf_counter() - start, len(bad),
+    )  # fmt: skip
+    if bad:
+        logger.warning("source %r: skipped %d of %d records", name, len(bad), n)
 
-    # Auto K without scanning the whole dataset: 1 if the first records all carry negatives.
-    probe = (
-        [flat(ds[i]).get(fields.negatives) for i in range(min(n, 16))] if fields.negatives else []
+    def get(index: int) -> PairRecord:
+        i = valid_position(bad_at, index) if len(bad_at) else int(index)
+        return parser(flat(ds[i]))  # valid: checked by the pass above
+
+    return Source(
+        name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram
     )
-    has_negs = bool(probe) and all(p is not None and len(p) > 0 for p in probe)
-    return Source(name, n, get, options=options, accounting=acct, has_negatives=has_negs)
