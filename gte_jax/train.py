@@ -602,8 +602,7 @@ class _Loop:
             "eval": self.evaluator.last,
             "best": self.evaluator.best_summary(),
             "sources": {
-                name: {k: s[k] for k in _SOURCE_STATS if k in s}
-                for name, s in stats.items()
+                name: {k: s[k] for k in _SOURCE_STATS if k in s} for name, s in stats.items()
             },
         }
         summary = json_safe(summary)

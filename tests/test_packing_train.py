@@ -32,7 +32,7 @@ def _setup(minilm_dir):
     tok = hf.load_tokenizer(minilm_dir)
     model_fn, params = train.ModelFn.from_module(model)
     tcfg = ml_collections.ConfigDict(
-        {"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.01, "max_grad_norm": 1.0}
+        {"learning_rate": 1e-3, "warmup_ratio": 0.0, "weight_decay": 0.01, "max_grad_norm": 1.0}
     )
     tx, _ = train.make_optimizer(tcfg, total_steps=10)
     state = {

@@ -78,11 +78,11 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     specs = []
-    for path in (p.strip() for p in str(data.get("train_files", "")).split(",")):
+    for path in (p.strip() for p in str(data.train_files).split(",")):
         if path:
             spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
             specs.append({**spec, "config_key": "data.train_files"})
-    for i, raw in enumerate(data.get("sources", [])):
+    for i, raw in enumerate(data.sources):
         raw = dict(raw)
         if "pool_query_prefix" in raw:
             raise ConfigError(
@@ -127,8 +127,8 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
         common = dict(
             fields=fields,
             options=options,
-            on_bad_input=data.get("on_bad_input", "skip"),
-            max_text_chars=int(data.get("max_text_chars", 100_000)),
+            on_bad_input=data.on_bad_input,
+            max_text_chars=int(data.max_text_chars),
         )
         if spec["path"]:
             try:
@@ -147,7 +147,7 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
                 from_tfds(
                     spec["name"],
                     spec["tfds"],
-                    data_dir=data.get("data_dir") or None,
+                    data_dir=data.data_dir or None,
                     split=spec["split"],
                     **common,
                 )
@@ -183,13 +183,13 @@ def build_iterator(
         global_batch_size=int(data.batch_size),
         seed=int(data.seed),
         alpha=float(data.alpha),
-        mixed=bool(data.get("mixed_batches", False)),
+        mixed=bool(data.mixed_batches),
         query_max_length=int(data.query_max_length),
         doc_max_length=int(data.doc_max_length),
-        min_bucket=int(data.get("min_bucket", 16)),
-        bucket_multiple=int(data.get("bucket_multiple", 0)),
-        packing=bool(data.get("packing", False)),
-        pack_row_multiple=int(data.get("packing_row_multiple", 1) or 1),
+        min_bucket=int(data.min_bucket),
+        bucket_multiple=int(data.bucket_multiple),
+        packing=bool(data.packing),
+        pack_row_multiple=int(data.packing_row_multiple),
         pack_groups=int(local_data_devices),
         process_index=process_index,
         process_count=process_count,
