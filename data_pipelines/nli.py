@@ -22,7 +22,8 @@ from data_pipelines.common import (
     log_accounting,
     pair_features,
 )
-from gte_jax.data.sources import BadInputAccounting, BadInputError, RecordParser, iter_raw_rows
+from gte_jax.data.sources import BadInputAccounting, RecordParser, iter_raw_rows
+from gte_jax.textio import InputError
 
 CORPORA = {
     "snli": ("https://nlp.stanford.edu/projects/snli/snli_1.0.zip", "snli_1.0_train.jsonl"),
@@ -76,16 +77,16 @@ class NliTriplets(PairBuilder):
         first_loc: dict[str, str] = {}
         for loc, row in iter_raw_rows(path, "jsonl"):
             try:
-                if isinstance(row, BadInputError):
+                if isinstance(row, InputError):
                     raise row
                 label = row.get("gold_label")
                 premise = (row.get("sentence1") or "").strip()
                 hypothesis = (row.get("sentence2") or "").strip()
                 if label not in ("entailment", "neutral", "contradiction"):
-                    raise BadInputError(f"no gold label (gold_label={label!r})")
+                    raise InputError(f"no gold label (gold_label={label!r})")
                 if not premise or not hypothesis:
-                    raise BadInputError("empty sentence1 or sentence2")
-            except BadInputError as e:
+                    raise InputError("empty sentence1 or sentence2")
+            except InputError as e:
                 acct.bad(loc, e)
                 continue
             acct.ok()
@@ -99,7 +100,7 @@ class NliTriplets(PairBuilder):
                 negs = [contradictions[j % len(contradictions)]] if cfg.triplets else []
                 try:
                     rec = parser({"query": premise, "positive": positive, "negatives": negs})
-                except BadInputError:
+                except InputError:
                     continue  # already validated above; over-long texts only
                 yield f"{first_loc[premise]}#{j}", example(rec)
         log_accounting(acct)

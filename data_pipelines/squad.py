@@ -21,7 +21,8 @@ from data_pipelines.common import (
     log_accounting,
     pair_features,
 )
-from gte_jax.data.sources import BadInputAccounting, BadInputError, RecordParser
+from gte_jax.data.sources import BadInputAccounting, RecordParser
+from gte_jax.textio import InputError
 
 URLS = {
     "train": "https://rajpurkar.github.io/SQuAD-explorer/dataset/train-v1.1.json",
@@ -90,9 +91,9 @@ class SquadPairs(PairBuilder):
                         positive = context
                     try:
                         if self.builder_config.positive == "sentence" and not answers:
-                            raise BadInputError("question has no answer")
+                            raise InputError("question has no answer")
                         rec = parser({"query": qa.get("question"), "positive": positive})
-                    except BadInputError as e:
+                    except InputError as e:
                         acct.bad(loc, e)
                         continue
                     acct.ok()

@@ -1,7 +1,8 @@
 """`gte-jax` command line: one entry point, one module per subcommand.
 
-Each subcommand lives beside the code it drives and exposes ``main(argv) -> int``; this file only
-dispatches, so `gte-jax encode --help` imports nothing the encoder does not need.
+Each subcommand's argument parsing lives in ``gte_jax/commands/<name>.py`` (``data``: in
+``gte_jax/data/cli.py``) and exposes ``main(argv) -> int``; this file only dispatches, so
+`gte-jax encode --help` imports nothing the encoder does not need.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("gte_jax.train", "train a model (any stage) from a config"),
-    "export": ("gte_jax.export", "write a Hugging Face / sentence-transformers directory"),
-    "encode": ("gte_jax.encode", "embed texts from a .txt or .jsonl file into a .npy array"),
-    "eval": ("gte_jax.evaluation", "retrieval (BEIR format) and STS evaluation"),
-    "mine": ("gte_jax.mining", "mine hard negatives for stage-2 fine-tuning"),
+    "train": ("gte_jax.commands.train", "train a model (any stage) from a config"),
+    "export": ("gte_jax.commands.export", "write a Hugging Face / sentence-transformers directory"),
+    "encode": (
+        "gte_jax.commands.encode",
+        "embed texts from a .txt or .jsonl file into a .npy array",
+    ),
+    "eval": ("gte_jax.commands.evaluate", "retrieval (BEIR format) and STS evaluation"),
+    "mine": ("gte_jax.commands.mine", "mine hard negatives for stage-2 fine-tuning"),
     "data": ("gte_jax.data.cli", "inspect the data mixture, build TFDS datasets"),
 }
 
@@ -63,32 +67,6 @@ def _quiet_backend_probe() -> None:
     probe = logging.getLogger("jax._src.xla_bridge")
     if not any(isinstance(f, _QuietBackendProbe) for f in probe.filters):
         probe.addFilter(_QuietBackendProbe())
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts and lengths: a bad value is a usage error (exit 2), not a crash."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_encoding_arguments(parser, *, batch_size: int, prefixes: bool = False) -> None:
-    """The options every command that embeds texts shares: ``--batch-size``, ``--max-length`` and,
-    with ``prefixes``, ``--query-prefix`` / ``--doc-prefix`` (``--prefix-query`` / ``--prefix-doc``
-    also accepted; destinations ``query_prefix`` / ``doc_prefix``)."""
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
-    parser.add_argument(
-        "--max-length", type=positive_int, default=None, help="default: the model's"
-    )
-    if prefixes:
-        parser.add_argument("--query-prefix", "--prefix-query", dest="query_prefix", default="")
-        parser.add_argument("--doc-prefix", "--prefix-doc", dest="doc_prefix", default="")
 
 
 def _usage() -> str:

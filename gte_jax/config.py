@@ -21,8 +21,7 @@ _TRUE = {"1", "true", "yes", "on", "t", "y"}
 _FALSE = {"0", "false", "no", "off", "f", "n"}
 
 
-class ConfigError(ValueError):
-    """A config file or an override that cannot be applied; the message says what to change."""
+from gte_jax.errors import ConfigError  # noqa: E402  (re-exported: gte_jax.config.ConfigError)
 
 
 def _import_file(path: pathlib.Path):
@@ -142,9 +141,80 @@ def load_config(
     module = _import_file(file)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{file}: defines no get_config(); a config file must define it")
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except TypeError as e:  # ml_collections refuses a value of another type than the default's
+        raise ConfigError(f"{file}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{file}: get_config() must return an ml_collections.ConfigDict")
+    check_schema(config, file)
     for item in overrides:
         apply_override(config, *parse_override(item))
+    check_schema(config, file)
     return config
+
+
+def _schema_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The defaults tree a config is checked against: a training stage (``train`` group) against
+    ``defaults.stage_config()``, a data-only config against ``default_data_config()``."""
+    from gte_jax.data.pipeline import default_data_config
+    from gte_jax.defaults import stage_config
+
+    if "train" in config:
+        return stage_config()
+    if set(config.keys()) == {"data"}:
+        schema = ml_collections.ConfigDict()
+        schema.data = default_data_config()
+        return schema
+    return None
+
+
+def check_schema(config: ml_collections.ConfigDict, origin: Any = "config") -> None:
+    """Every key of a training config must be declared in the defaults (gte_jax/defaults.py,
+    gte_jax/data/pipeline.py) and hold a value of the declared type: a misspelt key in a recipe
+    file is an error at load time, not a silently ignored setting."""
+    if "stages" in config:
+        for name in config.stages:
+            if name not in config:
+                raise ConfigError(f"{origin}: stage {name!r} is listed in stages but not defined")
+            _check_tree(config[name], _schema_for(config[name]), f"{name}.", origin)
+        return
+    schema = _schema_for(config)
+    if schema is not None:
+        _check_tree(config, schema, "", origin)
+
+
+def _check_tree(node: Any, schema: Any, prefix: str, origin: Any) -> None:
+    import difflib
+
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{origin}: unknown config key {path!r}{hint}; every key is declared with its "
+                "default in gte_jax/defaults.py (data: gte_jax/data/pipeline.py)"
+            )
+        value, default = node[key], schema[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"{origin}: {path} must be a group of fields, got {value!r}")
+            _check_tree(value, default, f"{path}.", origin)
+        elif not _same_kind(value, default):
+            raise ConfigError(
+                f"{origin}: {path}={value!r} has type {type(value).__name__}; expected "
+                f"{type(default).__name__} like its default {default!r}"
+            )
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))

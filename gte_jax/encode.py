@@ -7,9 +7,7 @@ results come back in the input order.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import logging
 import pathlib
 import sys
@@ -21,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gte_jax.cli import add_encoding_arguments
-from gte_jax.data.sources import describe_json_error
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
+from gte_jax.prompts import prompt_length as _prompt_length
 from gte_jax.prompts import resolve_prompt
+from gte_jax.workdir import inference_path, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +37,24 @@ def bucket_length(n: int, max_length: int) -> int:
 def _bucket_rows(n: int, batch_size: int) -> int:
     """Rows a (last, partial) batch is padded to: the next power of two, at most batch_size."""
     return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+def _padded(ids, type_ids, rows, n_rows: int, length: int, pad_id: int, prompt_length: int):
+    """[n_rows, length] int32 ids, attention mask, token types (or None) and pool mask (None
+    when the prompt is pooled) of the texts ``rows`` of ``ids``."""
+    input_ids = np.full((n_rows, length), pad_id, np.int32)
+    attention_mask = np.zeros((n_rows, length), np.int32)
+    token_types = np.zeros((n_rows, length), np.int32) if type_ids else None
+    for r, i in enumerate(rows):
+        input_ids[r, : len(ids[i])] = ids[i]
+        attention_mask[r, : len(ids[i])] = 1
+        if token_types is not None:
+            token_types[r, : len(ids[i])] = type_ids[i]
+    pool_mask = None
+    if prompt_length:
+        pool_mask = np.ones((n_rows, length), np.int32)
+        pool_mask[:, :prompt_length] = 0
+    return input_ids, attention_mask, token_types, pool_mask
 
 
 # Module level, graphdef static: every Embedder of one architecture shares the compiled shapes.
@@ -77,11 +93,10 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> Embedder:
-        """Load a model directory, a gte-jax workdir or a known offline model name (the one rule
-        of ``gte_jax.workdir.load_embedder``)."""
-        from gte_jax.workdir import load_embedder
-
-        return load_embedder(path, dtype=dtype)
+        """Load a model directory, a gte-jax workdir or a known offline model name: the one rule
+        of :mod:`gte_jax.workdir` that ``encode``, ``eval``, ``mine`` and the MTEB adapter share."""
+        model, tokenizer, info = load_model(inference_path(path), dtype=dtype)
+        return cls.from_loaded(model, tokenizer, info)
 
     @classmethod
     def from_loaded(cls, model: BiEncoder, tokenizer: Any, info: Any) -> Embedder:
@@ -113,8 +128,6 @@ class Embedder:
         tokens are not pooled (:mod:`gte_jax.prompts`). ``pooling`` / ``normalize`` override
         the model's settings for this call.
         """
-        from gte_jax.prompts import prompt_length as _prompt_length
-
         if prompt_name is not None:
             if prefix:
                 raise ValueError("pass prefix or prompt_name, not both")
@@ -151,18 +164,9 @@ class Embedder:
                 rows = order[start : start + batch_size]
                 length = bucket_length(max(len(ids[i]) for i in rows), max_length)
                 n_rows = _bucket_rows(len(rows), batch_size)
-                input_ids = np.full((n_rows, length), pad_id, np.int32)
-                attention_mask = np.zeros((n_rows, length), np.int32)
-                token_types = np.zeros((n_rows, length), np.int32) if type_ids else None
-                for r, i in enumerate(rows):
-                    input_ids[r, : len(ids[i])] = ids[i]
-                    attention_mask[r, : len(ids[i])] = 1
-                    if token_types is not None:
-                        token_types[r, : len(ids[i])] = type_ids[i]
-                pool_mask = None
-                if prompt_length:
-                    pool_mask = np.ones((n_rows, length), np.int32)
-                    pool_mask[:, :prompt_length] = 0
+                input_ids, attention_mask, token_types, pool_mask = _padded(
+                    ids, type_ids, rows, n_rows, length, pad_id, prompt_length
+                )
                 embeddings = _embed(
                     self._graphdef,
                     self._state,
@@ -176,107 +180,3 @@ class Embedder:
                 out[rows] = np.asarray(embeddings)[: len(rows)]
                 bar.update(len(rows))
         return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-class InputError(ValueError):
-    """A malformed input file; the message names file:line."""
-
-
-def read_texts(path: str | pathlib.Path) -> list[str]:
-    """Texts from a .txt (one per line, empty lines kept) or .jsonl (field "text") file."""
-    path = pathlib.Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise InputError(f"{path}: unsupported input type {suffix!r}; use .txt or .jsonl.")
-    if not path.is_file():
-        raise InputError(f"{path}: no such file.")
-    texts = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid UTF-8 ({e.reason}).") from e
-            if suffix == ".txt":
-                texts.append(line)
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"{path}:{number}: invalid JSON ({describe_json_error(e, line)})."
-                ) from e
-            if not isinstance(record, dict) or "text" not in record:
-                raise InputError(f'{path}:{number}: expected a JSON object with a "text" field.')
-            if not isinstance(record["text"], str):
-                raise InputError(
-                    f'{path}:{number}: "text" must be a string, got {type(record["text"]).__name__}.'
-                )
-            texts.append(record["text"])
-    return texts
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gte-jax encode",
-        description="Embed texts from a .txt (one per line) or .jsonl (field 'text') file.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="HF / sentence-transformers directory, gte-jax workdir, or all-MiniLM-L6-v2",
-    )
-    parser.add_argument("--input", required=True, help=".txt or .jsonl file")
-    parser.add_argument("--output", required=True, help="where to write the float32 [N, dim] .npy")
-    add_encoding_arguments(parser, batch_size=32)
-    prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prefix", default="", help='prepended to every text, e.g. "query: "')
-    prompt.add_argument(
-        "--prompt-name",
-        default=None,
-        help="one of the model's prompts (config_sentence_transformers.json), e.g. query",
-    )
-    parser.add_argument(
-        "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
-    )
-    parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        texts = read_texts(args.input)
-    except InputError as e:
-        print(f"gte-jax encode: error: {e}", file=sys.stderr)
-        return 2
-    output = pathlib.Path(args.output)
-    if not output.parent.is_dir():
-        print(f"gte-jax encode: error: {output.parent} does not exist.", file=sys.stderr)
-        return 2
-    try:
-        embedder = Embedder.from_pretrained(args.model)
-        prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"gte-jax encode: error: {e}", file=sys.stderr)
-        return 2
-    embeddings = embedder.encode(
-        texts,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        prefix=prefix,
-        pooling=args.pooling,
-        normalize=False if args.no_normalize else None,
-        show_progress=True,
-    )
-    with output.open("wb") as f:
-        np.save(f, embeddings)
-    print(
-        f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {output}", file=sys.stderr
-    )
-    return 0

@@ -14,360 +14,31 @@ gold score (MTEB's ``cosine_spearman`` / ``cosine_pearson``, here on a -1..1 sca
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-import json
 import logging
-import math
 import pathlib
-import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from gte_jax.cli import add_encoding_arguments
-from gte_jax.data.sources import describe_json_error
-from gte_jax.encode import Embedder, InputError
-from gte_jax.workdir import load_embedder  # noqa: F401  (re-exported: one model-resolution rule)
+from gte_jax.encode import Embedder
+from gte_jax.eval_data import BeirData, doc_text, read_beir, read_sts  # noqa: F401
+from gte_jax.models.pooling import l2_normalize
+from gte_jax.ranking import (  # noqa: F401
+    DEFAULT_CUTOFFS,
+    pearson,
+    query_metrics,
+    rankdata,
+    retrieval_metrics,
+    spearman,
+)
+from gte_jax.search import SIMILARITIES, search  # noqa: F401
+from gte_jax.textio import InputError, iter_jsonl, jsonl_field  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-SIMILARITIES = ("cosine", "dot")
-DEFAULT_CUTOFFS = {"ndcg": (10,), "mrr": (10,), "recall": (1, 10, 100)}
-
-
-# ----------------------------------------------------------------------------- exact search
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
-
-@functools.partial(jax.jit, static_argnames=("k", "chunk_size", "cosine"))
-def _search_block(
-    queries: jax.Array,  # [Qb, D]
-    corpus: jax.Array,  # [N, D], any float dtype; never copied or padded
-    *,
-    k: int,
-    chunk_size: int,
-    cosine: bool,
-) -> tuple[jax.Array, jax.Array]:
-    n = corpus.shape[0]
-    num_chunks = -(-n // chunk_size)
-    q = queries.astype(jnp.float32)
-    if cosine:
-        q = _l2_normalize(q)
-    chunk_k = min(k, chunk_size)
-
-    def step(i, carry):
-        best_scores, best_ids = carry  # [Qb, k] each
-        # The last chunk is shifted back to end at N (no padded copy of the corpus); the columns it
-        # shares with the previous chunk are masked so no document is counted twice.
-        start = jnp.minimum(i * chunk_size, n - chunk_size)
-        chunk = lax.dynamic_slice_in_dim(corpus, start, chunk_size, axis=0).astype(jnp.float32)
-        if cosine:
-            chunk = _l2_normalize(chunk)  # per chunk: the corpus is never normalised as a whole
-        scores = jnp.dot(q, chunk.T, precision=lax.Precision.HIGHEST)  # [Qb, C]
-        ids = start + jnp.arange(chunk_size, dtype=jnp.int32)  # [C]
-        scores = jnp.where(ids[None, :] >= i * chunk_size, scores, -jnp.inf)
-        top_scores, top_pos = lax.top_k(scores, chunk_k)  # [Qb, chunk_k]
-        # Running best first: top_k prefers the lower position among equal scores, so ties go to
-        # the lower document index, as a stable sort of the full score row would.
-        merged_scores = jnp.concatenate([best_scores, top_scores], axis=1)
-        merged_ids = jnp.concatenate([best_ids, ids[top_pos]], axis=1)
-        best_scores, pos = lax.top_k(merged_scores, k)
-        return best_scores, jnp.take_along_axis(merged_ids, pos, axis=1)
-
-    init = (
-        jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
-        jnp.full((q.shape[0], k), -1, jnp.int32),
-    )
-    return lax.fori_loop(0, num_chunks, step, init)
-
-
-def search(
-    query_emb: np.ndarray | jax.Array,
-    corpus_emb: np.ndarray | jax.Array,
-    k: int = 100,
-    chunk_size: int = 65536,
-    *,
-    similarity: str = "cosine",
-    query_block_size: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` search -> (scores float32 [Q, k'], indices int64 [Q, k']), k' = min(k, N).
-
-    Rows are sorted by descending score; equal scores are ordered by corpus index. The corpus is
-    scanned in chunks of ``chunk_size`` rows, keeping a running top-k per query (``lax.top_k`` per
-    chunk, then a top-k of the running best and the chunk's best), queries in blocks of
-    ``query_block_size`` (the last block padded, so one shape compiles).
-
-    Memory on the accelerator, N docs of dimension D, Qb = query_block_size, C = chunk_size:
-    the corpus N·D·bytes (1M x 768: 3.1 GB float32, 1.5 GB bfloat16 — pass bfloat16 to halve it;
-    scores are float32 either way) + the scores of one chunk Qb·C·4 (1024 x 65536: 268 MB) + one
-    float32 chunk C·D·4 (65536 x 768: 201 MB) + the running top-k Qb·k·8 (< 1 MB). About 3.6 GB for
-    a 1M-document float32 corpus: it fits on one 16 GB TPU core or GPU.
-    """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {similarity!r}; use one of {SIMILARITIES}.")
-    if query_emb.ndim != 2 or corpus_emb.ndim != 2 or query_emb.shape[1] != corpus_emb.shape[1]:
-        raise ValueError(
-            f"expected [Q, D] queries and [N, D] corpus, got {query_emb.shape} and "
-            f"{corpus_emb.shape}."
-        )
-    if k < 1 or chunk_size < 1 or query_block_size < 1:
-        raise ValueError("k, chunk_size and query_block_size must be >= 1.")
-    num_queries, n = query_emb.shape[0], corpus_emb.shape[0]
-    k = min(k, n)
-    if num_queries == 0 or n == 0:
-        return np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k), np.int64)
-    chunk_size = min(chunk_size, n)
-    block = min(query_block_size, num_queries)
-    corpus = jnp.asarray(corpus_emb)
-    query_emb = np.asarray(query_emb, np.float32)
-    scores = np.empty((num_queries, k), np.float32)
-    indices = np.empty((num_queries, k), np.int64)
-    for start in range(0, num_queries, block):
-        q = query_emb[start : start + block]
-        rows = q.shape[0]
-        if rows < block:
-            q = np.concatenate([q, np.zeros((block - rows, q.shape[1]), np.float32)])
-        s, i = _search_block(
-            jnp.asarray(q), corpus, k=k, chunk_size=chunk_size, cosine=similarity == "cosine"
-        )
-        scores[start : start + rows] = np.asarray(s)[:rows]
-        indices[start : start + rows] = np.asarray(i)[:rows]
-    return scores, indices
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def _relevant(judged: Mapping[str, int]) -> dict[str, int]:
-    return {doc: int(grade) for doc, grade in judged.items() if grade > 0}
-
-
-def query_metrics(
-    ranked: Sequence[str],
-    judged: Mapping[str, int],
-    cutoffs: Mapping[str, Sequence[int]] = DEFAULT_CUTOFFS,
-) -> dict[str, float]:
-    """The metrics of one query: ``ranked`` doc ids best first, ``judged`` doc id -> grade.
-
-    Needs at least one grade > 0 (``retrieval_metrics`` skips queries without)."""
-    relevant = _relevant(judged)
-    if not relevant:
-        raise ValueError("query_metrics needs at least one relevant (grade > 0) document.")
-    gains = [relevant.get(doc, 0) for doc in ranked]
-    ideal = sorted(relevant.values(), reverse=True)
-    out = {}
-    for k in cutoffs.get("ndcg", ()):
-        dcg = sum(g / math.log2(rank + 2) for rank, g in enumerate(gains[:k]))
-        idcg = sum(g / math.log2(rank + 2) for rank, g in enumerate(ideal[:k]))
-        out[f"ndcg@{k}"] = dcg / idcg
-    for k in cutoffs.get("mrr", ()):
-        first = next((rank for rank, g in enumerate(gains[:k]) if g > 0), None)
-        out[f"mrr@{k}"] = 0.0 if first is None else 1.0 / (first + 1)
-    for k in cutoffs.get("recall", ()):
-        out[f"recall@{k}"] = sum(g > 0 for g in gains[:k]) / len(relevant)
-    return out
-
-
-def retrieval_metrics(
-    ranking: Mapping[str, Sequence[str]],
-    qrels: Mapping[str, Mapping[str, int]],
-    cutoffs: Mapping[str, Sequence[int]] = DEFAULT_CUTOFFS,
-) -> dict[str, float]:
-    """Mean metrics over the queries of ``qrels`` with a relevant document.
-
-    ``ranking``: query id -> doc ids best first (a query absent from it scores 0);
-    ``qrels``: query id -> {doc id: grade}. Adds ``num_queries`` (averaged over) and
-    ``skipped_queries`` (in qrels, no grade > 0)."""
-    per_query = []
-    skipped = 0
-    for qid, judged in qrels.items():
-        if not _relevant(judged):
-            skipped += 1
-            continue
-        per_query.append(query_metrics(ranking.get(qid, ()), judged, cutoffs))
-    names = [f"{m}@{k}" for m in ("ndcg", "mrr", "recall") for k in cutoffs.get(m, ())]
-    out: dict[str, float] = {
-        name: float(np.mean([m[name] for m in per_query])) if per_query else float("nan")
-        for name in names
-    }
-    out["num_queries"] = len(per_query)
-    out["skipped_queries"] = skipped
-    if skipped:
-        logger.info("%d queries have no relevant document and were skipped", skipped)
-    return out
-
-
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties get the mean of their ranks (scipy.stats.rankdata's 'average')."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    _, groups, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(groups, weights=ranks) / counts)[groups]
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation in float64; NaN when either side is constant."""
-    x = np.asarray(x, np.float64) - np.mean(x)
-    y = np.asarray(y, np.float64) - np.mean(y)
-    denominator = math.sqrt(float(np.dot(x, x)) * float(np.dot(y, y)))
-    return float(np.dot(x, y) / denominator) if denominator > 0 else float("nan")
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman correlation: Pearson of the (tie-averaged) ranks."""
-    return pearson(rankdata(x), rankdata(y))
-
-
-# ----------------------------------------------------------------------------- readers
-
-
-def iter_jsonl(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; bad lines -> InputError naming file:line."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file.")
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid UTF-8 ({e.reason}).") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"{path}:{number}: invalid JSON ({describe_json_error(e, line)})."
-                ) from e
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object.")
-            yield number, record
-
-
-def jsonl_field(record: Mapping[str, Any], key: str, where: str, kind: type | tuple = str) -> Any:
-    if key not in record:
-        raise InputError(f'{where}: missing field "{key}".')
-    value = record[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise InputError(f'{where}: field "{key}" has type {type(value).__name__}.')
-    return value
-
-
-def doc_text(record: Mapping[str, Any], where: str) -> str:
-    """BEIR / sentence-transformers: ``(title + " " + text).strip()`` when there is a title."""
-    text = jsonl_field(record, "text", where)
-    title = record.get("title") or ""
-    if not isinstance(title, str):
-        raise InputError(f'{where}: field "title" has type {type(title).__name__}.')
-    return (title + " " + text).strip() if title else text
-
-
-@dataclasses.dataclass
-class BeirData:
-    """A BEIR-format split: the corpus, the queries that have qrels, and the qrels."""
-
-    corpus: dict[str, str]  # doc id -> title + " " + text
-    queries: dict[str, str]  # query id -> text (only queries that appear in qrels)
-    qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
-
-
-def read_beir(directory: str | pathlib.Path, split: str = "test") -> BeirData:
-    """Read ``corpus.jsonl`` (_id, title, text), ``queries.jsonl`` (_id, text) and
-    ``qrels/<split>.tsv`` (tab-separated query-id, corpus-id, score; header line optional)."""
-    directory = pathlib.Path(directory)
-    if not directory.is_dir():
-        raise InputError(f"{directory}: not a directory; pass a BEIR-format dataset directory.")
-    qrels_path = directory / "qrels" / f"{split}.tsv"
-    if not qrels_path.is_file():
-        found = sorted(p.stem for p in (directory / "qrels").glob("*.tsv"))
-        raise InputError(
-            f"{qrels_path}: no such file; splits found: {found or 'none'} (choose one with --split)."
-        )
-    qrels: dict[str, dict[str, int]] = {}
-    qrels_line: dict[str, int] = {}
-    with qrels_path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{qrels_path}:{number}: not valid UTF-8 ({e.reason}).") from e
-            fields = line.rstrip("\r\n").split("\t")
-            if number == 1 and fields[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue
-            if not line.strip():
-                continue
-            where = f"{qrels_path}:{number}"
-            if len(fields) != 3:
-                raise InputError(
-                    f"{where}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                    f"got {len(fields)}."
-                )
-            qid, did, score = (x.strip() for x in fields)
-            try:
-                grade = int(float(score))
-            except ValueError:
-                raise InputError(f"{where}: score {score!r} is not a number.") from None
-            qrels.setdefault(qid, {})[did] = grade
-            qrels_line.setdefault(qid, number)
-
-    corpus_path = directory / "corpus.jsonl"
-    corpus: dict[str, str] = {}
-    for number, record in iter_jsonl(corpus_path):
-        where = f"{corpus_path}:{number}"
-        doc_id = str(jsonl_field(record, "_id", where, (str, int)))
-        if doc_id in corpus:
-            raise InputError(f"{where}: duplicate _id {doc_id!r}.")
-        corpus[doc_id] = doc_text(record, where)
-
-    queries_path = directory / "queries.jsonl"
-    all_queries: dict[str, str] = {}
-    for number, record in iter_jsonl(queries_path):
-        where = f"{queries_path}:{number}"
-        query_id = str(jsonl_field(record, "_id", where, (str, int)))
-        if query_id in all_queries:
-            raise InputError(f"{where}: duplicate _id {query_id!r}.")
-        all_queries[query_id] = jsonl_field(record, "text", where)
-
-    missing = [qid for qid in qrels if qid not in all_queries]
-    if missing:
-        raise InputError(
-            f"{qrels_path}:{qrels_line[missing[0]]}: query {missing[0]!r} is not in "
-            f"{queries_path} ({len(missing)} such queries)."
-        )
-    unknown_docs = {d for judged in qrels.values() for d in judged if d not in corpus}
-    if unknown_docs:
-        logger.warning(
-            "%s: %d judged documents are not in the corpus (they still count as relevant)",
-            qrels_path,
-            len(unknown_docs),
-        )
-    return BeirData(corpus, {qid: all_queries[qid] for qid in qrels}, qrels)
-
-
-def read_sts(path: str | pathlib.Path) -> tuple[list[str], list[str], np.ndarray]:
-    """JSONL with ``sentence1``, ``sentence2``, ``score`` -> (sentences1, sentences2, scores)."""
-    path = pathlib.Path(path)
-    first, second, scores = [], [], []
-    for number, record in iter_jsonl(path):
-        where = f"{path}:{number}"
-        first.append(jsonl_field(record, "sentence1", where))
-        second.append(jsonl_field(record, "sentence2", where))
-        scores.append(float(jsonl_field(record, "score", where, (int, float))))
-    if len(scores) < 2:
-        raise InputError(f"{path}: needs at least 2 sentence pairs, found {len(scores)}.")
-    return first, second, np.asarray(scores, np.float64)
+load_embedder = Embedder.from_pretrained  # a model directory, workdir or offline model name
 
 
 # ----------------------------------------------------------------------------- evaluating
@@ -437,8 +108,7 @@ def evaluate_sts(
     t0 = time.perf_counter()
     e1 = embedder.encode(sentences1, batch_size=batch_size, max_length=max_length, prefix=prefix)
     e2 = embedder.encode(sentences2, batch_size=batch_size, max_length=max_length, prefix=prefix)
-    e1 = e1.astype(np.float64) / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-12)
-    e2 = e2.astype(np.float64) / np.maximum(np.linalg.norm(e2, axis=1, keepdims=True), 1e-12)
+    e1, e2 = l2_normalize(e1.astype(np.float64)), l2_normalize(e2.astype(np.float64))
     cosine = np.sum(e1 * e2, axis=1)
     return {
         "spearman": spearman(cosine, scores),
@@ -569,49 +239,3 @@ class EvalSuite:
                 keys = ["spearman", "pearson"]
             metrics.update({f"{s.name}/{k}": float(result[k]) for k in keys})
         return metrics
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gte-jax eval",
-        description="Evaluate a model on a BEIR-format retrieval set or an STS JSONL file; "
-        "prints one JSON object.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="HF / sentence-transformers directory, gte-jax workdir, or all-MiniLM-L6-v2",
-    )
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--beir", help="directory with corpus.jsonl, queries.jsonl, qrels/<split>.tsv"
-    )
-    what.add_argument("--sts", help="JSONL with sentence1, sentence2, score")
-    parser.add_argument("--split", default="test", help="qrels split (default: test)")
-    add_encoding_arguments(parser, batch_size=64, prefixes=True)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        result = evaluate(
-            args.model,
-            beir_dir=args.beir,
-            sts_file=args.sts,
-            prefix_query=args.query_prefix,
-            prefix_doc=args.doc_prefix,
-            split=args.split,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-        )
-    except (InputError, FileNotFoundError, ValueError) as e:
-        print(f"gte-jax eval: error: {e}", file=sys.stderr)
-        return 2
-    line = {"model": str(args.model), **(result.get("beir") or result.get("sts"))}
-    line["task"] = str(args.beir or args.sts)
-    print(json.dumps(line))
-    return 0

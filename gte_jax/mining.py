@@ -32,42 +32,40 @@ summary counts them. Identical corpus texts are searched once.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import pathlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-from gte_jax.cli import add_encoding_arguments
-from gte_jax.encode import Embedder, InputError
-from gte_jax.evaluation import doc_text, iter_jsonl, jsonl_field, load_embedder, search
+from gte_jax.encode import Embedder
+from gte_jax.eval_data import doc_text
+from gte_jax.models.pooling import l2_normalize
+from gte_jax.search import search
+from gte_jax.textio import InputError, iter_jsonl, jsonl_field
 
 logger = logging.getLogger(__name__)
 
 
-def read_pairs(path: str | pathlib.Path) -> list[tuple[str, str]]:
+def read_pairs(path: str | epath.Path) -> list[tuple[str, str]]:
     """JSONL with ``query`` and ``positive`` (other fields ignored) -> [(query, positive)]."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     pairs = []
-    for number, record in iter_jsonl(path):
-        where = f"{path}:{number}"
+    for where, record in iter_jsonl(path):
         pairs.append((jsonl_field(record, "query", where), jsonl_field(record, "positive", where)))
     if not pairs:
         raise InputError(f"{path}: no pairs found.")
     return pairs
 
 
-def read_corpus_texts(path: str | pathlib.Path) -> list[str]:
+def read_corpus_texts(path: str | epath.Path) -> list[str]:
     """JSONL with ``text`` (optional ``_id``, ``title`` as in BEIR) -> unique texts, file order."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     texts = {}
-    for number, record in iter_jsonl(path):
-        texts.setdefault(doc_text(record, f"{path}:{number}"), None)
+    for where, record in iter_jsonl(path):
+        texts.setdefault(doc_text(record, where), None)
     if not texts:
         raise InputError(f"{path}: the corpus is empty.")
     return list(texts)
@@ -138,11 +136,8 @@ def mine_negatives(
                       if corpus[i] not in excluded][:k]  # fmt: skip
         return out
 
-    def unit(x):
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
     positive_sim = np.sum(
-        unit(query_emb[[row_of[q] for q, _ in pairs]]) * unit(positive_emb), axis=-1
+        l2_normalize(query_emb[[row_of[q] for q, _ in pairs]]) * l2_normalize(positive_emb), axis=-1
     )  # [num_pairs]
     limits = [max_similarity * float(s) for s in positive_sim]
     top = ranked_lists(list(range(len(queries))), depth)
@@ -158,15 +153,12 @@ def mine_negatives(
     if deep > depth:
         deeper = ranked_lists(sorted({row_of[pairs[p][0]] for p in short}), deep)
     for p in short:
-        row = row_of[pairs[p][0]]
-        m = out[p]
-        start = max(depth, skip_top)
-        for i, s in deeper.get(row, [])[start:]:
-            if len(m.negatives) == num_negatives:
-                break
-            if s <= limits[p]:
-                m.negatives.append(corpus[i])
-                m.sources.append("deeper")
+        ranked = deeper.get(row_of[pairs[p][0]], [])[max(depth, skip_top) :]
+        more = [corpus[i] for i, s in ranked if s <= limits[p]][
+            : num_negatives - len(out[p].negatives)
+        ]
+        out[p].negatives.extend(more)
+        out[p].sources.extend(["deeper"] * len(more))
 
     # Random corpus texts beyond the searched ranks.
     for p in short:
@@ -178,128 +170,33 @@ def mine_negatives(
         searched = {i for i, _ in (deeper.get(row_of[query]) or top[row_of[query]])}
         excluded = positives_of[query] | {query} | set(m.negatives)
         rng = np.random.default_rng([seed, p])
-        picked: list[int] = []
-        if n_corpus - len(searched) <= 4 * need + 64:  # few left: list them
-            pool = [i for i in range(n_corpus) if i not in searched and corpus[i] not in excluded]
-            picked = [int(i) for i in rng.permutation(pool)[:need]] if pool else []
-        else:  # a large corpus: draw and reject
-            seen: set[int] = set()
-            for _ in range(100 * need):
-                i = int(rng.integers(n_corpus))
-                if i in searched or i in seen or corpus[i] in excluded:
-                    continue
-                seen.add(i)
-                picked.append(i)
-                if len(picked) == need:
-                    break
+        picked = _random_indices(corpus, searched, excluded, need, rng)
         m.negatives += [corpus[i] for i in picked]
         m.sources += ["random"] * len(picked)
     return out
 
 
+def _random_indices(
+    corpus: Sequence[str], searched: set[int], excluded: set[str], need: int, rng
+) -> list[int]:
+    """Up to ``need`` random corpus indices outside ``searched`` whose text is not ``excluded``."""
+    n_corpus = len(corpus)
+    if n_corpus - len(searched) <= 4 * need + 64:  # few left: list them
+        pool = [i for i in range(n_corpus) if i not in searched and corpus[i] not in excluded]
+        return [int(i) for i in rng.permutation(pool)[:need]] if pool else []
+    picked: list[int] = []  # a large corpus: draw and reject
+    seen: set[int] = set()
+    for _ in range(100 * need):
+        i = int(rng.integers(n_corpus))
+        if i in searched or i in seen or corpus[i] in excluded:
+            continue
+        seen.add(i)
+        picked.append(i)
+        if len(picked) == need:
+            break
+    return picked
+
+
 def mine_hard_negatives(embedder: Embedder, pairs, corpus, **kwargs: Any) -> list[list[str]]:
     """The negatives of each pair (:func:`mine_negatives` without where they came from)."""
     return [m.negatives for m in mine_negatives(embedder, pairs, corpus, **kwargs)]
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gte-jax mine",
-        description="Mine hard negatives for (query, positive) pairs from a corpus; writes JSONL "
-        '{"query", "positive", "negatives"} and a JSON summary on stderr.',
-    )
-    parser.add_argument("--model", required=True, help="HF / sentence-transformers dir or workdir")
-    parser.add_argument("--pairs", required=True, help='JSONL with "query" and "positive"')
-    parser.add_argument("--corpus", required=True, help='JSONL with "text" (optional _id, title)')
-    parser.add_argument("--output", required=True, help="JSONL to write")
-    parser.add_argument("--num-negatives", type=int, required=True, help="negatives per pair (K)")
-    parser.add_argument("--skip-top", type=int, default=0, help="skip the R best candidates")
-    parser.add_argument(
-        "--max-similarity",
-        type=float,
-        default=0.95,
-        help="drop candidates with sim(q, c) > x * sim(q, positive) (default %(default)s)",
-    )
-    parser.add_argument(
-        "--candidates",
-        type=int,
-        default=DEFAULT_CANDIDATES,
-        help="ranks searched for mined negatives: skip_top+1 .. this (default %(default)s)",
-    )
-    parser.add_argument(
-        "--fallback-depth",
-        type=int,
-        default=DEFAULT_FALLBACK_DEPTH,
-        help="pairs still short of K search ranks candidates+1 .. this next, then take random "
-        "corpus texts beyond it (default %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random fallback")
-    add_encoding_arguments(parser, batch_size=64, prefixes=True)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-
-    def fail(message: Any) -> int:
-        print(f"gte-jax mine: error: {message}", file=sys.stderr)
-        return 2
-
-    if args.num_negatives < 1 or args.skip_top < 0 or args.batch_size < 1:
-        return fail("--num-negatives and --batch-size must be >= 1, --skip-top >= 0.")
-    if args.candidates <= args.skip_top or args.fallback_depth < args.candidates:
-        return fail("need --skip-top < --candidates <= --fallback-depth.")
-    output = pathlib.Path(args.output)
-    if not output.parent.is_dir():
-        return fail(f"{output.parent} does not exist.")
-    try:
-        pairs = read_pairs(args.pairs)
-        corpus = read_corpus_texts(args.corpus)
-        embedder = load_embedder(args.model)
-    except (InputError, FileNotFoundError, ValueError) as e:
-        return fail(e)
-    mined = mine_negatives(
-        embedder,
-        pairs,
-        corpus,
-        num_negatives=args.num_negatives,
-        skip_top=args.skip_top,
-        max_similarity=args.max_similarity,
-        candidates=args.candidates,
-        fallback_depth=args.fallback_depth,
-        seed=args.seed,
-        query_prefix=args.query_prefix,
-        doc_prefix=args.doc_prefix,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-    )
-    by_source = dict.fromkeys(NEGATIVE_SOURCES, 0)
-    fewer = fallback = none = 0
-    with output.open("w", encoding="utf-8") as f:
-        for (query, positive), m in zip(pairs, mined, strict=True):
-            fewer += len(m.negatives) < args.num_negatives
-            none += not m.negatives
-            fallback += any(s != "mined" for s in m.sources)
-            for s in m.sources:
-                by_source[s] += 1
-            record = {
-                "query": query,
-                "positive": positive,
-                "negatives": m.negatives,
-                "negatives_source": m.sources,
-            }
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {
-        "pairs_read": len(pairs),
-        "pairs_written": len(mined),  # every pair: none is dropped
-        "negatives_by_source": by_source,
-        "pairs_with_fallback_negatives": fallback,
-        "pairs_with_fewer_than_k": fewer,
-        "pairs_without_negatives": none,
-        "candidates": args.candidates,
-        "fallback_depth": args.fallback_depth,
-        "corpus_texts": len(corpus),
-        "output": str(output),
-    }
-    print(json.dumps(summary), file=sys.stderr)
-    return 0

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gte_jax.encode import Embedder
+from gte_jax.models.pooling import l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def _texts(inputs: Any) -> list[str]:
 
 
 def _unit(x: Any) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return l2_normalize(np.asarray(x, np.float32))
 
 
 class MTEBEncoder:
@@ -78,9 +78,7 @@ class MTEBEncoder:
             self.embedder = model
             source = "gte-jax/in-memory"
         else:
-            from gte_jax.workdir import load_embedder
-
-            self.embedder = load_embedder(model)
+            self.embedder = Embedder.from_pretrained(model)
             source = str(model)
         self.prompts = {**self.embedder.prompts, **(prompts or {})}
         if query_prefix is not None:

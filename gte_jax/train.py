@@ -9,7 +9,6 @@ Thin shell: ``train`` wires config, data, model, checkpoints and metrics around 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from gte_jax import hooks as hooks_lib
 from gte_jax import sharding as shd
 from gte_jax.models.encoder import ModelFn
 
@@ -312,10 +312,6 @@ def write_json(path: epath.PathLike, obj: Any) -> None:
     )
 
 
-def _host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(dict(metrics)).items()}
-
-
 def _finished_summary(workdir: epath.Path, last_step: int | None, total_steps: int):
     """The summary of a stage that already ran to ``total_steps`` (a rerun is a no-op), or None."""
     path = workdir / "summary.json"
@@ -419,6 +415,15 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         start_step, state, data_state = restored
         iterator.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    jit_step = _compiled_step(config, model_fn, tx, schedule, num_chunks, mesh, state)
+    return _Stage(
+        config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
+        state, start_step, ckpt, jit_step,
+    )  # fmt: skip
+
+
+def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state) -> Callable:
+    """The stage's jitted train step; its output state keeps the input state's shardings."""
     lcfg = config.loss
     loss_kwargs = {"temperature": float(lcfg.temperature)}
     if lcfg.name == "infonce":
@@ -429,17 +434,13 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         loss_name=str(lcfg.name),
         loss_kwargs=loss_kwargs,
         num_chunks=num_chunks,
-        gradcache=bool(tcfg.gradcache),
+        gradcache=bool(config.train.gradcache),
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    jit_step = jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
-    return _Stage(
-        config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
-        state, start_step, ckpt, jit_step,
-    )  # fmt: skip
+    return jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
@@ -474,8 +475,9 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
 
 
 class _Loop:
-    """The step loop of one stage and what it keeps track of: logging, the non-finite guard,
-    evaluation, checkpoints, preemption and the progress bar."""
+    """The step loop of one stage: step, then the hooks that are due (the non-finite guard,
+    metric logging, the progress bar, evaluation, checkpoints, preemption), each with its own
+    interval (:mod:`gte_jax.hooks`). Metrics leave the device only for the hooks that read them."""
 
     def __init__(self, st: _Stage):
         from gte_jax.checkpoint import PreemptionFlag
@@ -489,12 +491,12 @@ class _Loop:
             st.config.eval, st.workdir, st.model_fn, st.tokenizer, st.info, self.writer
         )
         self.preempt = PreemptionFlag()
-        self.log_every = max(1, int(tcfg.log_every))
         self.max_bad = int(tcfg.max_consecutive_nonfinite)
-        self.bad_in_a_row = self.nonfinite_total = self.examples = 0
-        self.last = {"loss": float("nan"), "accuracy": float("nan")}
+        self.tracker = hooks_lib.new_tracker()
+        self.examples = 0
         self.step = st.start_step
         self.seconds = 0.0
+        self.stopped = False
         self.progress = None
         if self.is_main and bool(tcfg.progress_bar):
             from tqdm import tqdm
@@ -503,6 +505,17 @@ class _Loop:
                 total=st.total_steps, initial=st.start_step, desc=str(st.config.stage),
                 file=sys.stderr,
             )  # fmt: skip
+        log_every = max(1, int(tcfg.log_every))
+        self.hooks = hooks_lib.Hooks()
+        # The guard reads the on-device streak: checked at most max_bad steps late (the updates
+        # of non-finite steps are skipped on the device anyway).
+        self.hooks.add(self._guard, every=min(log_every, max(self.max_bad, 1)))
+        self.hooks.add(self._log, every=log_every)
+        if self.progress is not None:
+            self.hooks.add(self._progress, every=1)
+        if self.evaluator.enabled:
+            self.hooks.add(self._evaluate, every=self.evaluator.every)
+        self.hooks.add(self._checkpoint_and_preemption, every=1)
 
     def run(self) -> None:
         st = self.st
@@ -511,23 +524,17 @@ class _Loop:
         self.preempt.install()
         t0 = time.perf_counter()
         try:
-            while self.step < st.total_steps:
+            while self.step < st.total_steps and not self.stopped:
                 local = next(st.iterator)
                 st.state, metrics = st.jit_step(st.state, shd.global_batch(local, st.mesh))
+                self.tracker = hooks_lib.track_finite(self.tracker, metrics)
                 self.step += 1
                 self.examples += int(local["valid"].shape[0]) * jax.process_count()
-                self._after_step(_host_metrics(metrics), time.perf_counter() - t0)
-                stop = _preempted(self.preempt)
-                st.ckpt.save(
-                    self.step, st.state, st.iterator.get_state(),
-                    force=stop or self.step == st.total_steps,
+                ctx = hooks_lib.StepContext(
+                    self.step, st.total_steps, st.state, metrics,
+                    time.perf_counter() - t0, self.examples,
                 )  # fmt: skip
-                if stop:
-                    log.warning(
-                        "stopped by SIGTERM at step %d; rerun with the same --workdir to resume",
-                        self.step,
-                    )
-                    break
+                self.hooks.run(ctx)
         finally:
             self.seconds = time.perf_counter() - t0
             if self.progress is not None:
@@ -536,40 +543,53 @@ class _Loop:
             self.writer.close()
             self.preempt.uninstall()
 
-    def _after_step(self, m: dict[str, float], elapsed: float) -> None:
-        step, total = self.step, self.st.total_steps
-        if m["finite"] < 0.5:
-            self.bad_in_a_row += 1
-            self.nonfinite_total += 1
+    # ------------------------------------------------------------------------------ hooks
+
+    def _guard(self, ctx: hooks_lib.StepContext) -> None:
+        streak = int(self.tracker["streak"])
+        if streak:
             log.warning(
-                "step %d: non-finite loss/gradient, update skipped (%d in a row)",
-                step,
-                self.bad_in_a_row,
-            )
-        else:
-            self.bad_in_a_row = 0
-            self.last = {"loss": m["loss"], "accuracy": m.get("accuracy", float("nan"))}
-        diverged = self.bad_in_a_row >= self.max_bad
-        if step % self.log_every == 0 or step == total or diverged:
-            m["examples_per_second"] = self.examples / max(elapsed, 1e-9)
-            self.writer.write(step, m, prefix="train/")
-        if diverged:
+                "steps %d-%d: non-finite loss/gradient, updates skipped", ctx.step - streak + 1,
+                ctx.step,
+            )  # fmt: skip
+        if streak >= self.max_bad:
+            self._log(ctx)
             raise TrainingDiverged(
-                f"loss or gradients were NaN/Inf for {self.bad_in_a_row} steps in a row (at "
-                f"step {step}); no update was applied on those steps. Lower "
-                "train.learning_rate, raise train.warmup_ratio, or set loss.temperature "
-                f"higher; the last good checkpoint is in {self.st.ckpt.directory} (rerun "
-                "with the same --workdir to resume)."
+                f"loss or gradients were NaN/Inf for {streak} steps in a row (at step "
+                f"{ctx.step}); no update was applied on those steps. Lower "
+                "train.learning_rate, raise train.warmup_ratio, or set loss.temperature higher; "
+                f"the last good checkpoint is in {self.st.ckpt.directory} (rerun with the same "
+                "--workdir to resume)."
             )
-        if self.progress is not None:
-            self.progress.update(1)
+
+    def _log(self, ctx: hooks_lib.StepContext) -> None:
+        m = dict(ctx.host_metrics())
+        m["examples_per_second"] = ctx.examples / max(ctx.elapsed, 1e-9)
+        self.writer.write(ctx.step, m, prefix="train/")
+
+    def _progress(self, ctx: hooks_lib.StepContext) -> None:
+        self.progress.update(ctx.step - self.progress.n)
+        if ctx._host is not None:  # fetched by a log step: show it
+            m = ctx._host
             self.progress.set_postfix(
                 loss=f"{m['loss']:.4f}",
                 acc=f"{m.get('accuracy', float('nan')):.3f}",
-                ex_s=f"{self.examples / max(elapsed, 1e-9):.1f}",
+                ex_s=f"{ctx.examples / max(ctx.elapsed, 1e-9):.1f}",
             )
-        if self.evaluator.due(step, total):
-            self.evaluator(step, self.st.state["params"])
+
+    def _evaluate(self, ctx: hooks_lib.StepContext) -> None:
+        self.evaluator(ctx.step, ctx.state["params"])
+
+    def _checkpoint_and_preemption(self, ctx: hooks_lib.StepContext) -> None:
+        stop = _preempted(self.preempt)
+        self.st.ckpt.save(
+            ctx.step, ctx.state, self.st.iterator.get_state(), force=stop or ctx.is_last
+        )
+        if stop:
+            log.warning(
+                "stopped by SIGTERM at step %d; rerun with the same --workdir to resume", ctx.step
+            )
+            self.stopped = True
 
     def finish(self) -> dict[str, Any]:
         """The summary (summary.json), the model card (card.json) and the export of a finished
@@ -588,14 +608,14 @@ class _Loop:
             "examples": int(self.examples),
             "train_seconds": round(self.seconds, 3),
             "examples_per_second": round(self.examples / max(self.seconds, 1e-9), 3),
-            "final_loss": self.last["loss"],
+            "final_loss": float(self.tracker["loss"]),
             # GTE's loss cannot go below ln 2 (the positive is counted twice in its partition
             # function): "loss_above_floor" and the in-batch top-1 "final_accuracy" read better.
             "loss_floor": round(floor, 6),
-            "loss_above_floor": self.last["loss"] - floor,
-            "final_accuracy": self.last["accuracy"],
+            "loss_above_floor": float(self.tracker["loss"]) - floor,
+            "final_accuracy": float(self.tracker["accuracy"]),
             "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
-            "nonfinite_steps": self.nonfinite_total,
+            "nonfinite_steps": int(self.tracker["nonfinite"]),
             "resumed_from_step": st.start_step,
             "completed": completed,
             "eval_at_start": self.evaluator.first,
@@ -724,74 +744,3 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
         if not summaries[-1]["completed"]:
             break
     return summaries
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------
-
-_PRINTED = (
-    "stage",
-    "steps",
-    "examples",
-    "train_seconds",
-    "examples_per_second",
-    "final_loss",
-    "loss_above_floor",
-    "final_accuracy",
-    "skipped_records",
-)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gte_jax.config import ConfigError, load_config
-
-    parser = argparse.ArgumentParser(
-        prog="gte-jax train",
-        description="Train a bi-encoder with a config (any stage, or all stages of a multi-stage "
-        "config). Rerunning with the same --workdir resumes from its newest checkpoint; a stage "
-        "that already finished is not run again.",
-        epilog="Config overrides: --config.a.b=value (e.g. --config.train.learning_rate=1e-5).",
-    )
-    parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
-    parser.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
-    # JAX's own spelling (underscores) and the dashed one of the other commands both work.
-    parser.add_argument(
-        "--coordinator_address",
-        "--coordinator-address",
-        default=None,
-        help="host:port of process 0 (multi-process; also JAX_COORDINATOR_ADDRESS)",
-    )
-    parser.add_argument("--num_processes", "--num-processes", type=int, default=None)
-    parser.add_argument("--process_id", "--process-id", type=int, default=None)
-    parser.add_argument("--log_level", "--log-level", default="INFO")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(
-            f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
-        )
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    # orbax logs every save/restore step at INFO through absl; keep the console for our own lines.
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"gte-jax train: error: {e}", file=sys.stderr)
-        return 2
-    shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    try:
-        summaries = run(config, args.workdir)
-    except TrainingDiverged as e:  # the run itself failed: exit 1
-        print(f"gte-jax train: error: {e}", file=sys.stderr)
-        return 1
-    except (TrainingError, ConfigError, FileNotFoundError, ValueError) as e:  # bad config/input
-        print(f"gte-jax train: error: {e}", file=sys.stderr)
-        return 2
-    for s in summaries:
-        line = {k: s.get(k) for k in _PRINTED}
-        for extra in ("export", "already_complete"):
-            if extra in s:
-                line[extra] = s[extra]
-        print(json.dumps(json_safe(line), allow_nan=False))
-    return 0 if all(s["completed"] for s in summaries) else 3

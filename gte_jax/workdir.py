@@ -6,8 +6,8 @@ A *model spec* is one of
 - a local (or ``gs://``) Hugging Face / sentence-transformers directory (``config.json`` +
   ``model.safetensors``);
 - a gte-jax stage workdir (``checkpoints/`` + ``base_model/``): its newest readable checkpoint's
-  parameters in ``base_model``'s architecture — for inference, its ``export/`` when a finished stage
-  wrote one (the same parameters, already converted);
+  parameters in ``base_model``'s architecture — for inference (``Embedder.from_pretrained``), its
+  ``export/`` when a finished stage wrote one (the same parameters, already converted);
 - the name of a model shipped by a pip package (``all-MiniLM-L6-v2``): gte-jax never downloads.
 
 Nothing here imports the training loop: ``train`` imports this module, never the reverse.
@@ -110,29 +110,23 @@ def load_model(spec: str | epath.PathLike, *, dtype: Any = jnp.float32, **config
     return model, tokenizer, info
 
 
-def load_embedder(spec: str | epath.PathLike, *, dtype: Any = jnp.float32):
-    """An ``Embedder`` for a model spec: what ``encode``, ``eval``, ``mine`` and the MTEB adapter use.
-
-    A workdir is read from its ``export/`` when a finished stage wrote one; otherwise the newest
-    checkpoint's parameters are loaded into ``base_model``'s architecture, nothing written."""
-    from gte_jax.encode import Embedder
-
+def inference_path(spec: str | epath.PathLike) -> epath.Path:
+    """The directory an ``Embedder`` loads for a model spec: a workdir's ``export/`` when a
+    finished stage wrote one (else the workdir itself: its newest checkpoint), a model directory
+    as it is. A multi-stage run's root is refused with the stages it holds."""
     path = resolve_model_path(spec)
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a directory; pass a model directory or a workdir.")
-    if is_workdir(path) and (path / "export" / "config.json").exists():
-        path = path / "export"
-    elif not is_workdir(path) and not (
-        (path / "config.json").exists() or (path / "modules.json").exists()
-    ):
+    if is_workdir(path):
+        return path / "export" if (path / "export" / "config.json").exists() else path
+    if not ((path / "config.json").exists() or (path / "modules.json").exists()):
         stages = sorted(p.name for p in path.iterdir() if is_workdir(p))
         hint = f" It holds the stage workdirs {stages}: pass one of them." if stages else ""
         raise ModelNotFoundError(
             f"{path} is neither a model directory (config.json) nor a gte-jax workdir "
             f"(checkpoints/ + base_model/).{hint}"
         )
-    model, tokenizer, info = load_model(path, dtype=dtype)
-    return Embedder.from_loaded(model, tokenizer, info)
+    return path
 
 
 def export_workdir(

@@ -73,3 +73,62 @@ def test_bad_overrides_raise_clear_errors(config_file, override, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.py")
+
+
+def test_training_configs_are_checked_against_the_one_schema(tmp_path):
+    """A misspelt or mistyped key in a recipe file is refused when the config loads."""
+    path = tmp_path / "recipe.py"
+    body = """
+from gte_jax.defaults import stage_config
+
+def get_config(arg=None):
+    c = stage_config("ft")
+    if arg == "typo":
+        c.train.learing_rate = 1e-4
+    if arg == "type":
+        c.train.batch_size = "64"
+    if arg == "stages":
+        import ml_collections
+        root = ml_collections.ConfigDict()
+        root.stages = ["a"]
+        root.a = c
+        c.loss.temprature = 0.05
+        return root
+    return c
+"""
+    path.write_text(body)
+    load_config(path)
+    with pytest.raises(ConfigError, match=r"'train.learing_rate' \(did you mean train.learning_rate"):
+        load_config(f"{path}:typo")
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(f"{path}:type")
+    with pytest.raises(ConfigError, match="'a.loss.temprature'"):
+        load_config(f"{path}:stages")
+
+
+def test_readme_config_table_matches_the_defaults():
+    """Every key in the README's config table exists, with the default the table states."""
+    import pathlib
+    import re
+
+    from gte_jax.defaults import stage_config
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| field | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    defaults = stage_config()
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    assert len(rows) >= 10
+    for row in rows:
+        field, default = (c.strip() for c in row.strip("|").split("|")[:2])
+        keys = re.findall(r"`([a-z_]+\.[a-z_.]+)`", field)
+        values = [v.strip().strip("`") for v in re.split(r" / |, ", default)]
+        assert keys, row
+        for i, key in enumerate(keys):
+            node = defaults
+            for part in key.split("."):
+                assert part in node, f"README config table: {key} is not in gte_jax/defaults.py"
+                node = node[part]
+            if len(values) == len(keys) and values[i] not in ("—", ""):
+                assert str(node).lower() == values[i].lower() or (
+                    isinstance(node, float) and float(values[i]) == node
+                ), f"README says {key} defaults to {values[i]}, defaults.py says {node!r}"

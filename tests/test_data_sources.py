@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from gte_jax.data.sources import BadInputError, FieldMap, from_files
+from gte_jax.data.sources import FieldMap, from_files
+from gte_jax.textio import InputError
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "broken_pairs.jsonl"
 MAX_CHARS = 1000
@@ -49,7 +50,7 @@ def test_skip_policy_counts_and_reports_file_line(caplog):
 
 def test_error_policy_raises_with_file_line():
     _, bad = _independent_check(FIXTURE)
-    with pytest.raises(BadInputError, match=rf"{FIXTURE.name}:{bad[0]}:"):
+    with pytest.raises(InputError, match=rf"{FIXTURE.name}:{bad[0]}:"):
         from_files("broken", FIXTURE, on_bad_input="error", max_text_chars=MAX_CHARS)
 
 
@@ -64,7 +65,7 @@ def test_truncated_json_line_is_reported_whole(tmp_path, caplog):
         "starting at column 28; the line ends before the JSON object does)"
     )
     assert want in caplog.text
-    with pytest.raises(BadInputError, match=re.escape(f"{path}:2: malformed JSON (un")):
+    with pytest.raises(InputError, match=re.escape(f"{path}:2: malformed JSON (un")):
         from_files("cut", path, on_bad_input="error")
 
 

@@ -95,7 +95,7 @@ def test_encode_options_reach_the_embedder(tiny_model_dir, tmp_path):
     [
         (
             '{"text": "ok"',
-            "invalid JSON (expecting ',' delimiter at column 14; "
+            "malformed JSON (expecting ',' delimiter at column 14; "
             "the line ends before the JSON object does).",
         ),
         ('{"title": "no text"}', '"text" field'),

@@ -12,7 +12,8 @@ import pytest
 import scipy.stats
 
 from gte_jax import cli, evaluation
-from gte_jax.encode import Embedder, InputError
+from gte_jax.encode import Embedder
+from gte_jax.textio import InputError
 
 BIBLE_EVAL = pathlib.Path(evaluation.__file__).parent / "resources" / "demo" / "bible_eval"
 
@@ -392,7 +393,7 @@ def test_cli_eval_sts(tmp_path, minilm_dir, capsys):
     texts = [("a man plays a guitar", "a person plays music", 4.0)]
     texts += [("a cat sleeps", "the stock market fell", 0.2), ("it rains", "rain is falling", 4.5)]
     _write(path, [json.dumps(dict(sentence1=a, sentence2=b, score=s)) for a, b, s in texts])
-    assert evaluation.main(["--model", str(minilm_dir), "--sts", str(path)]) == 0
+    assert cli.main(["eval", "--model", str(minilm_dir), "--sts", str(path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_pairs"] == 3 and -1 <= result["spearman"] <= 1
 
@@ -411,7 +412,7 @@ def test_cli_eval_bad_inputs(tmp_path, minilm_dir, capsys):
     )
     err = capsys.readouterr().err
     n = len((beir / "corpus.jsonl").read_text().splitlines())
-    assert f"corpus.jsonl:{n}: invalid JSON (expecting value at column 26; the line ends" in err
+    assert f"corpus.jsonl:{n}: malformed JSON (expecting value at column 26; the line ends" in err
 
     assert cli.main(["eval", "--model", str(tmp_path / "nope"), "--sts", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err

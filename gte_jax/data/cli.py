@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from gte_jax.config import ConfigError, load_config
-from gte_jax.data.sources import BadInputError
+from gte_jax.textio import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return inspect_main(args, rest)
         return build_main(args, rest)
-    except (ConfigError, BadInputError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, InputError, FileNotFoundError, ValueError) as e:
         print(f"gte-jax data {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import ml_collections
 
-from gte_jax.config import ConfigError
 from gte_jax.data.batching import PairBatchIterator
 from gte_jax.data.sources import FieldMap, Source, SourceOptions, from_files, from_tfds
+from gte_jax.errors import ConfigError
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
 

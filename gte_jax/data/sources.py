@@ -5,7 +5,7 @@ straight from local JSONL / TSV / Parquet files (quick fine-tunes without a buil
 
 Bad input (malformed JSON, missing or empty fields, undecodable bytes, over-long texts) follows a
 policy: ``"skip"`` (default) drops the record, counts it and logs the first few with ``file:line``;
-``"error"`` raises :class:`BadInputError` naming ``file:line``. Per source the invariant
+``"error"`` raises :class:`InputError` naming ``file:line``. Per source the invariant
 ``read == used + skipped`` holds and :meth:`Source.stats` returns the counts for the run summary.
 
 Every source is validated eagerly, when it is opened, so ``Source[i]`` only ever returns valid
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import pathlib
 import time
@@ -35,6 +34,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from gte_jax.textio import InputError, iter_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ MAX_REPORTED = 5
 DEFAULT_MAX_TEXT_CHARS = 100_000
 # Records read per call when a TFDS source is checked through, when it is opened.
 SCAN_CHUNK = 1024
-
-
-class BadInputError(ValueError):
-    """A record that cannot be used; the message names ``file:line`` and what to fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +91,16 @@ def _as_text(value: Any, what: str) -> str:
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise BadInputError(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            raise InputError(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
     if not isinstance(value, str):
-        raise BadInputError(f"{what} must be a string, got {type(value).__name__}")
+        raise InputError(f"{what} must be a string, got {type(value).__name__}")
     return value
 
 
 class RecordParser:
     """Turns one raw row (a dict, or a list for header-less TSV) into a :class:`PairRecord`.
 
-    Raises :class:`BadInputError` with a reason (without location: the caller adds ``file:line``).
+    Raises :class:`InputError` with a reason (without location: the caller adds ``file:line``).
     Shared by the direct file readers below and the TFDS builders in ``data_pipelines/``.
     """
 
@@ -126,24 +123,24 @@ class RecordParser:
                 return row[int(key)]
             except (IndexError, ValueError):
                 if required:
-                    raise BadInputError(
+                    raise InputError(
                         f"missing column {key!r} (row has {len(row)} columns)"
                     ) from None
                 return None
         if not isinstance(row, Mapping):
-            raise BadInputError(f"expected an object/row, got {type(row).__name__}")
+            raise InputError(f"expected an object/row, got {type(row).__name__}")
         if key not in row or row[key] is None:
             if required:
-                raise BadInputError(f"missing field {key!r} (fields present: {sorted(row)})")
+                raise InputError(f"missing field {key!r} (fields present: {sorted(row)})")
             return None
         return row[key]
 
     def _text(self, value: Any, what: str) -> str:
         text = _as_text(value, what).strip()
         if not text:
-            raise BadInputError(f"{what} is empty")
+            raise InputError(f"{what} is empty")
         if len(text) > self.max_text_chars:
-            raise BadInputError(
+            raise InputError(
                 f"{what} has {len(text)} characters (> max_text_chars={self.max_text_chars})"
             )
         return text
@@ -161,7 +158,7 @@ class RecordParser:
             negs = list(raw_negs)
         negatives = tuple(self._text(n, f"field {f.negatives!r}[{i}]") for i, n in enumerate(negs))
         if len(negatives) < self.min_negatives:
-            raise BadInputError(
+            raise InputError(
                 f"needs at least {self.min_negatives} negative(s) in field {f.negatives!r}, "
                 f"has {len(negatives)}"
             )
@@ -175,29 +172,7 @@ class RecordParser:
 
 
 def _iter_jsonl(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue  # blank lines are layout, not records
-            loc = f"{path}:{lineno}"
-            try:
-                text = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                yield loc, BadInputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            try:
-                yield loc, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield loc, BadInputError(f"malformed JSON ({describe_json_error(e, text)})")
-
-
-def describe_json_error(e: json.JSONDecodeError, line: str) -> str:
-    """What is wrong with one JSON line, as a whole phrase: json's own messages stop where it
-    appends the position ("Unterminated string starting at"), so add the column here."""
-    what, end = e.msg.removesuffix(" at"), len(line.rstrip())
-    cut = e.msg.startswith("Unterminated") or e.pos >= end
-    hint = "; the line ends before the JSON object does" if cut else ""
-    return f"{what[:1].lower()}{what[1:]} at column {min(e.pos, end) + 1}{hint}"
+    return iter_json_lines(path)
 
 
 def _iter_tsv(path: pathlib.Path, header: bool) -> Iterator[tuple[str, Any]]:
@@ -208,7 +183,7 @@ def _iter_tsv(path: pathlib.Path, header: bool) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                yield loc, BadInputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield loc, InputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
             if not line.strip():
                 continue
@@ -230,7 +205,7 @@ def _iter_parquet(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
 
 
 def iter_raw_rows(path: str | pathlib.Path, fmt: str, *, tsv_header: bool = False):
-    """Yields ``(location, row)`` for every record of one file; ``row`` may be a BadInputError."""
+    """Yields ``(location, row)`` for every record of one file; ``row`` may be a InputError."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -266,10 +241,10 @@ class BadInputAccounting:
         self.stats.read += 1
         self.stats.used += 1
 
-    def bad(self, location: str, err: BadInputError) -> None:
+    def bad(self, location: str, err: InputError) -> None:
         self.stats.read += 1
         if self.policy == "error":
-            raise BadInputError(
+            raise InputError(
                 f"{location}: {err} (source {self.source!r}); fix or remove the record, "
                 "or set on_bad_input='skip' to drop bad records"
             ) from err
@@ -288,10 +263,10 @@ def parse_rows(
     """Yields ``(location, record)`` for the valid rows, accounting for the bad ones."""
     for loc, row in rows:
         try:
-            if isinstance(row, BadInputError):
+            if isinstance(row, InputError):
                 raise row
             rec = parser(row)
-        except BadInputError as e:
+        except InputError as e:
             acct.bad(loc, e)
             continue
         acct.ok()
@@ -527,7 +502,7 @@ def from_tfds(
         for i, example in zip(ids, examples, strict=True):
             try:
                 rec = parser(flat(example))
-            except BadInputError as e:
+            except InputError as e:
                 acct.bad(f"{tfds_name}[{split}]:{i}", e)
                 bad.append(i)
                 continue

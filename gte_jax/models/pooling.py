@@ -16,8 +16,11 @@ A row with nothing to pool gives a zero vector.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 POOLING_MODES = ("mean", "cls", "last", "weighted_mean")
 
@@ -101,7 +104,10 @@ def pool_segments(
     return jnp.where(has_any, picked, 0.0)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize's definition)."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, eps)
+def l2_normalize(x: Any, eps: float = 1e-12) -> Any:
+    """x / max(||x||, eps) along the last axis (torch.nn.functional.normalize's definition): the
+    one normalisation of the package, for JAX arrays and NumPy arrays alike (NumPy in, NumPy out,
+    in the input's dtype)."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    norm = xp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / xp.maximum(norm, eps)

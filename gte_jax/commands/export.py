@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from etils import epath
 
-    from gte_jax.checkpoint import CheckpointError
+    from gte_jax.commands.common import USER_ERRORS, error
     from gte_jax.workdir import export_workdir
 
     workdir = epath.Path(args.workdir)
@@ -39,9 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         card["model_name"] = args.model_name
     try:
         out, step = export_workdir(workdir, args.output, step=args.step, card=card)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"gte-jax export: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return error("gte-jax export", e)
     print(json.dumps({"output": str(out), "workdir": str(workdir), "step": step}))
     return 0
 

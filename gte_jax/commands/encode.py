@@ -1,0 +1,90 @@
+"""`gte-jax encode`: embed a .txt (one text per line) or .jsonl (field "text") file into a float32
+.npy array, with the model's own rule for prompts and pooling (``gte_jax.encode.Embedder``)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+from etils import epath
+
+from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error
+from gte_jax.encode import Embedder
+from gte_jax.models.pooling import POOLING_MODES
+from gte_jax.prompts import resolve_prompt
+from gte_jax.textio import InputError, iter_jsonl, iter_lines, jsonl_field
+
+
+def read_texts(path: str | pathlib.Path) -> list[str]:
+    """Texts from a .txt (one per line, empty lines kept) or .jsonl (field "text") file."""
+    path = epath.Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise InputError(f"{path}: unsupported input type {suffix!r}; use .txt or .jsonl.")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file.")
+    if suffix == ".jsonl":
+        return [jsonl_field(record, "text", where) for where, record in iter_jsonl(path)]
+    texts = []
+    for where, line in iter_lines(path, skip_blank=False):
+        if isinstance(line, InputError):
+            raise InputError(f"{where}: {line}.")
+        texts.append(line)
+    return texts
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gte-jax encode",
+        description="Embed texts from a .txt (one per line) or .jsonl (field 'text') file.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="HF / sentence-transformers directory, gte-jax workdir, or all-MiniLM-L6-v2",
+    )
+    parser.add_argument("--input", required=True, help=".txt or .jsonl file")
+    parser.add_argument("--output", required=True, help="where to write the float32 [N, dim] .npy")
+    add_encoding_arguments(parser, batch_size=32)
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prefix", default="", help='prepended to every text, e.g. "query: "')
+    prompt.add_argument(
+        "--prompt-name",
+        default=None,
+        help="one of the model's prompts (config_sentence_transformers.json), e.g. query",
+    )
+    parser.add_argument(
+        "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
+    )
+    parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    output = pathlib.Path(args.output)
+    try:
+        texts = read_texts(args.input)
+        if not output.parent.is_dir():
+            raise InputError(f"{output.parent} does not exist.")
+        embedder = Embedder.from_pretrained(args.model)
+        prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
+    except USER_ERRORS as e:
+        return error("gte-jax encode", e)
+    embeddings = embedder.encode(
+        texts,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        prefix=prefix,
+        pooling=args.pooling,
+        normalize=False if args.no_normalize else None,
+        show_progress=True,
+    )
+    with output.open("wb") as f:
+        np.save(f, embeddings)
+    print(
+        f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {output}", file=sys.stderr
+    )
+    return 0

@@ -1,0 +1,51 @@
+"""`gte-jax eval`: a model on a BEIR-format retrieval set or an STS JSONL file; one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error
+from gte_jax.evaluation import evaluate
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gte-jax eval",
+        description="Evaluate a model on a BEIR-format retrieval set or an STS JSONL file; "
+        "prints one JSON object.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="HF / sentence-transformers directory, gte-jax workdir, or all-MiniLM-L6-v2",
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--beir", help="directory with corpus.jsonl, queries.jsonl, qrels/<split>.tsv"
+    )
+    what.add_argument("--sts", help="JSONL with sentence1, sentence2, score")
+    parser.add_argument("--split", default="test", help="qrels split (default: test)")
+    add_encoding_arguments(parser, batch_size=64, prefixes=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = evaluate(
+            args.model,
+            beir_dir=args.beir,
+            sts_file=args.sts,
+            prefix_query=args.query_prefix,
+            prefix_doc=args.doc_prefix,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
+    except USER_ERRORS as e:
+        return error("gte-jax eval", e)
+    line = {"model": str(args.model), **(result.get("beir") or result.get("sts"))}
+    line["task"] = str(args.beir or args.sts)
+    print(json.dumps(line))
+    return 0

@@ -1,0 +1,76 @@
+"""`gte-jax train`: run a config's stage(s) (``gte_jax.train``); exit 1 when the loss diverged, 2
+for a config or input that cannot work, 3 when a stage stopped early (SIGTERM)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from gte_jax.commands.common import USER_ERRORS, error
+from gte_jax.train import TrainingDiverged, TrainingError, json_safe, run
+
+_PRINTED = (
+    "stage",
+    "steps",
+    "examples",
+    "train_seconds",
+    "examples_per_second",
+    "final_loss",
+    "loss_above_floor",
+    "final_accuracy",
+    "skipped_records",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gte_jax import sharding as shd
+    from gte_jax.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(
+        prog="gte-jax train",
+        description="Train a bi-encoder with a config (any stage, or all stages of a multi-stage "
+        "config). Rerunning with the same --workdir resumes from its newest checkpoint; a stage "
+        "that already finished is not run again.",
+        epilog="Config overrides: --config.a.b=value (e.g. --config.train.learning_rate=1e-5).",
+    )
+    parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
+    parser.add_argument("--workdir", required=True, help="run directory (local path or gs://)")
+    # JAX's own spelling (underscores) and the dashed one of the other commands both work.
+    parser.add_argument(
+        "--coordinator_address",
+        "--coordinator-address",
+        default=None,
+        help="host:port of process 0 (multi-process; also JAX_COORDINATOR_ADDRESS)",
+    )
+    parser.add_argument("--num_processes", "--num-processes", type=int, default=None)
+    parser.add_argument("--process_id", "--process-id", type=int, default=None)
+    parser.add_argument("--log_level", "--log-level", default="INFO")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(
+            f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
+        )
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # orbax logs every save/restore step at INFO through absl; keep the console for our own lines.
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        return error("gte-jax train", e)
+    shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        summaries = run(config, args.workdir)
+    except TrainingDiverged as e:  # the run itself failed: exit 1
+        error("gte-jax train", e)
+        return 1
+    except (TrainingError, *USER_ERRORS) as e:  # bad config/input
+        return error("gte-jax train", e)
+    for s in summaries:
+        line = {k: s.get(k) for k in _PRINTED}
+        for extra in ("export", "already_complete"):
+            if extra in s:
+                line[extra] = s[extra]
+        print(json.dumps(json_safe(line), allow_nan=False))
+    return 0 if all(s["completed"] for s in summaries) else 3

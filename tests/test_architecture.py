@@ -1,0 +1,126 @@
+"""The package's layering, checked: no import cycles (lazy imports inside functions included),
+every module imports on its own, library modules parse no command lines, and no function grows
+past what a reader can hold (docs/design.md has the map)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "gte_jax"
+MAX_FUNCTION_LINES = 80
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports(name: str, path: pathlib.Path, modules: dict[str, pathlib.Path]) -> set[str]:
+    """gte_jax modules that ``name`` imports anywhere in its file (top level or in a function)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and target != "gte_jax":
+                found.add(target)
+    return found
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    cycles = []
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_can_fail(tmp_path, monkeypatch):
+    """Two modules that import each other inside functions are reported."""
+    pkg = tmp_path / "gte_jax"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from gte_jax import b\n")
+    (pkg / "b.py").write_text("def g():\n    import gte_jax.a\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    try:
+        test_no_import_cycles()
+    except AssertionError as e:
+        assert "gte_jax.a -> gte_jax.b -> gte_jax.a" in str(e)
+    else:
+        raise AssertionError("the cycle was not found")
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    names = [n for n in _modules() if n != "gte_jax.__main__"]
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_library_modules_parse_no_command_lines():
+    """Argument parsing lives in gte_jax/commands/ (and data/cli.py); the training loop module
+    holds the loop only."""
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith("gte_jax.commands") or name in ("gte_jax.cli", "gte_jax.data.cli"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                if "argparse" in names:
+                    offenders.append(f"{name} imports argparse")
+            if isinstance(node, ast.FunctionDef) and node.name == "main" and node.col_offset == 0:
+                offenders.append(f"{name} defines main()")
+    assert not offenders, offenders
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long, long
