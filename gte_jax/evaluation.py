@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax import lax
 
 from gte_jax.cli import add_encoding_arguments
@@ -449,8 +450,8 @@ def load_embedder(path: str | pathlib.Path) -> Embedder:
 
     A workdir (checkpoints/ + base_model/) is read from its ``export/`` when a finished stage wrote
     one; otherwise the newest checkpoint's parameters are loaded straight into ``base_model``'s
-    architecture (``train.load_model_for_training``), nothing written to disk."""
-    path = pathlib.Path(path)
+    architecture (``train.load_model_for_training``), nothing written to disk. Local or gs://."""
+    path = epath.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass a model directory or a workdir.")
     if (path / "export" / "config.json").is_file():
