@@ -1,4 +1,4 @@
-"""Hugging Face / sentence-transformers I/O: local safetensors directories <-> ``BiEncoder``.
+"""Hugging Face / sentence-transformers I/O: safetensors directories <-> ``BiEncoder``.
 
 Loading reads ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
 with ``safetensors.numpy`` — no PyTorch — and maps torch names onto our module tree (torch
@@ -6,6 +6,10 @@ with ``safetensors.numpy`` — no PyTorch — and maps torch names onto our modu
 pooling, normalisation, projection and max length. Export writes a directory that both
 ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load with the same
 embeddings as ours, plus a model card.
+
+Paths are ``etils.epath`` paths: a directory can be local or remote (``gs://bucket/...``, read and
+written through gcsfs). Remote weights are read and written as bytes; the tokenizer, which
+transformers only reads and writes on local disk, goes through a temporary local copy.
 
 Safety: configs that need remote code (``auto_map``, ``trust_remote_code``) and pickled weights
 (``*.bin`` / ``*.pt``) are refused, never executed.
@@ -17,16 +21,21 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
 import pathlib
 import re
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load as load_bytes
+from safetensors.numpy import load_file
+from safetensors.numpy import save as save_bytes
 
 from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder
@@ -36,6 +45,10 @@ logger = logging.getLogger(__name__)
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Files a tokenizer never needs: not copied down from a remote model directory.
+_NOT_TOKENIZER_SUFFIXES = (".safetensors", ".h5", ".msgpack") + tuple(
+    p[1:] for p in _PICKLE_PATTERNS
+)
 # Name prefixes of task-head checkpoints (BertForMaskedLM, RobertaForMaskedLM, ...).
 _PREFIXES = ("bert.", "roberta.")
 # Tensors that are not encoder parameters: buffers and task heads. Pooler weights are kept and
@@ -150,14 +163,32 @@ def _canonical_name(name: str) -> str:
 # ----------------------------------------------------------------------------- reading files
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def is_local(path: epath.PathLike) -> bool:
+    """False for ``gs://`` and other URLs: paths that only ``epath`` (fsspec) can read."""
+    return "://" not in os.fspath(path)
+
+
+def _load_tensors(path: epath.Path) -> dict[str, np.ndarray]:
+    if is_local(path):
+        return load_file(os.fspath(path))
+    return load_bytes(path.read_bytes())
+
+
+def _save_tensors(tensors: dict[str, np.ndarray], path: epath.Path) -> None:
+    # Serialised bytes, one write (one upload on gs://). Not safetensors' save_file: it creates
+    # the file with mode 600 whatever the umask, so the weights were the one file of an export
+    # that other users could not read.
+    path.write_bytes(save_bytes(tensors, metadata={"format": "pt"}))
+
+
+def _read_json(path: epath.Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e}); fix or re-create the file.") from e
 
 
-def _refuse_remote_code(directory: pathlib.Path) -> None:
+def _refuse_remote_code(directory: epath.Path) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         path = directory / name
         if path.exists() and "auto_map" in _read_json(path):
@@ -183,12 +214,12 @@ def _asks_remote_code(obj: Any) -> bool:
     return False
 
 
-def load_safetensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
+def load_safetensors(directory: epath.PathLike) -> dict[str, np.ndarray]:
     """All tensors of ``model.safetensors`` or of the shards a ``model.safetensors.index.json`` lists."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     single, index = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX
     if single.exists():
-        return load_file(single)
+        return _load_tensors(single)
     if index.exists():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -197,7 +228,7 @@ def load_safetensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).exists():
                 raise FileNotFoundError(f"{index} lists shard {shard!r}, missing from {directory}.")
-            tensors.update(load_file(directory / shard))
+            tensors.update(_load_tensors(directory / shard))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise ValueError(f"{index}: tensors listed but not found in the shards: {missing[:10]}")
@@ -216,7 +247,7 @@ def load_safetensors(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
     )
 
 
-def _read_sentence_transformers(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]]:
+def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict[str, Any]]:
     """Parse modules.json and friends: -> (transformer dir, settings for BiEncoder / info)."""
     settings: dict[str, Any] = {}
     modules_path = directory / "modules.json"
@@ -257,7 +288,7 @@ def _read_sentence_transformers(directory: pathlib.Path) -> tuple[pathlib.Path, 
     return transformer_dir, settings
 
 
-def _read_pooling(path: pathlib.Path) -> dict[str, Any]:
+def _read_pooling(path: epath.Path) -> dict[str, Any]:
     cfg = _read_json(path)
     modes = cfg.get("pooling_mode")
     if modes is None:
@@ -274,7 +305,7 @@ def _read_pooling(path: pathlib.Path) -> dict[str, Any]:
     }
 
 
-def _read_dense(module_dir: pathlib.Path) -> dict[str, Any]:
+def _read_dense(module_dir: epath.Path) -> dict[str, Any]:
     cfg = _read_json(module_dir / "config.json")
     activation = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if activation not in _ST_ACTIVATIONS or cfg.get("use_residual"):
@@ -299,19 +330,30 @@ def _read_dense(module_dir: pathlib.Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- load
 
 
-def load_tokenizer(directory: str | pathlib.Path):
-    """``AutoTokenizer.from_pretrained`` on a local directory, offline, no remote code."""
+def load_tokenizer(directory: epath.PathLike):
+    """``AutoTokenizer.from_pretrained`` on a directory, offline, no remote code. A remote one
+    (``gs://``) is copied to a temporary local directory first (its files, not the weights)."""
     from transformers import AutoTokenizer
 
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     _refuse_remote_code(directory)
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    if is_local(directory):
+        return AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
+    tmp = tempfile.TemporaryDirectory(prefix="gte_jax_tokenizer_")
+    for path in directory.iterdir():
+        if path.suffix not in _NOT_TOKENIZER_SUFFIXES and path.is_file():
+            pathlib.Path(tmp.name, path.name).write_bytes(path.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(tmp.name, local_files_only=True)
+    # Slow (sentencepiece) tokenizers copy their vocabulary file on save: keep it while they live.
+    tokenizer._gte_jax_local_copy = tmp
+    return tokenizer
 
 
 def load_pretrained(
-    path: str | pathlib.Path, *, dtype: Any = jnp.float32, **config_overrides: Any
+    path: epath.PathLike, *, dtype: Any = jnp.float32, **config_overrides: Any
 ) -> tuple[BiEncoder, Any, PretrainedInfo]:
-    """Load a local HF / sentence-transformers directory -> (BiEncoder, tokenizer, info).
+    """Load an HF / sentence-transformers directory (local or ``gs://``) -> (BiEncoder, tokenizer,
+    info).
 
     ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to
     ``EncoderConfig`` (e.g. ``remat=True``, ``hidden_dropout_prob=0.0``).
@@ -321,12 +363,12 @@ def load_pretrained(
 
 
 def load_model(
-    path: str | pathlib.Path, *, dtype: Any = jnp.float32, **config_overrides: Any
+    path: epath.PathLike, *, dtype: Any = jnp.float32, **config_overrides: Any
 ) -> tuple[BiEncoder, PretrainedInfo]:
     """``load_pretrained`` without the tokenizer (weights + sentence-transformers settings)."""
-    directory = pathlib.Path(path)
+    directory = epath.Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory; pass a local model directory.")
+        raise FileNotFoundError(f"{directory} is not a directory; pass a model directory.")
     _refuse_remote_code(directory)
     transformer_dir, st = _read_sentence_transformers(directory)
     if transformer_dir != directory:
@@ -425,15 +467,23 @@ def _get_leaf(tree: dict, path: Iterable[Any]) -> np.ndarray:
     return node
 
 
-def _write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
-    # Not safetensors' save_file: it creates the file with mode 600 whatever the umask, so the
-    # weights were the one file of an export that other users could not read.
-    path.write_bytes(save(tensors, metadata={"format": "pt"}))
-
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
+def _write_json(path: epath.Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _save_tokenizer(tokenizer: Any, out: epath.Path) -> None:
+    """``save_pretrained``, which writes local files only: a remote ``out`` gets a local copy's files."""
+    if is_local(out):
+        tokenizer.save_pretrained(os.fspath(out))
+        return
+    with tempfile.TemporaryDirectory(prefix="gte_jax_tokenizer_") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(pathlib.Path(tmp).rglob("*")):
+            if path.is_file():
+                target = out / path.relative_to(tmp).as_posix()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
 
 
 def _versions() -> dict[str, str]:
@@ -449,11 +499,11 @@ def _versions() -> dict[str, str]:
 def export_pretrained(
     model: BiEncoder,
     tokenizer: Any,
-    out_dir: str | pathlib.Path,
+    out_dir: epath.PathLike,
     *,
     card: dict[str, Any] | None = None,
     info: PretrainedInfo | None = None,
-) -> pathlib.Path:
+) -> epath.Path:
     """Write a directory that transformers' AutoModel and SentenceTransformer both load.
 
     ``info`` (from ``load_pretrained``) carries what the source said beyond our params: the
@@ -461,7 +511,7 @@ def export_pretrained(
     card: keys ``model_name``, ``base_model``, ``language``, ``license``, ``description``,
     ``stages`` (list of str or dict), ``data_sources`` (list), ``metrics`` (dict name -> value).
     """
-    out = pathlib.Path(out_dir)
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = info or PretrainedInfo()
     config = model.config
@@ -476,7 +526,7 @@ def export_pretrained(
     tensors.update(
         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in info.extra_tensors.items()}
     )
-    _write_safetensors(out / SAFETENSORS_FILE, tensors)
+    _save_tensors(tensors, out / SAFETENSORS_FILE)
 
     hf = {
         k: v
@@ -496,7 +546,7 @@ def export_pretrained(
     saved_max = tokenizer.model_max_length
     tokenizer.model_max_length = max_seq_length
     try:
-        tokenizer.save_pretrained(str(out))
+        _save_tokenizer(tokenizer, out)
     finally:
         tokenizer.model_max_length = saved_max
 
@@ -520,7 +570,7 @@ def export_pretrained(
         if "bias" in proj:
             dense["linear.bias"] = np.ascontiguousarray(proj["bias"])
         dense_dir.mkdir(parents=True, exist_ok=True)
-        _write_safetensors(dense_dir / SAFETENSORS_FILE, dense)
+        _save_tensors(dense, dense_dir / SAFETENSORS_FILE)
         _write_json(
             dense_dir / "config.json",
             {
