@@ -496,27 +496,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def export_pretrained(
-    model: BiEncoder,
-    tokenizer: Any,
-    out_dir: epath.PathLike,
-    *,
-    card: dict[str, Any] | None = None,
-    info: PretrainedInfo | None = None,
-) -> epath.Path:
-    """Write a directory that transformers' AutoModel and SentenceTransformer both load.
-
-    ``info`` (from ``load_pretrained``) carries what the source said beyond our params: the
-    original config fields, prompts, max length, the untrained pooler. ``card`` fills the model
-    card: keys ``model_name``, ``base_model``, ``language``, ``license``, ``description``,
-    ``stages`` (list of str or dict), ``data_sources`` (list), ``metrics`` (dict name -> value).
-    """
-    out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = info or PretrainedInfo()
+def _write_transformer(
+    model: BiEncoder, params: dict, tokenizer: Any, out: epath.Path, info: PretrainedInfo
+) -> int:
+    """model.safetensors, config.json and the tokenizer (what AutoModel loads); returns the max
+    sequence length written."""
     config = model.config
-    params = _params_numpy(model)
-
     tensors = {
         name: np.ascontiguousarray(
             _get_leaf(params, where).T if transpose else _get_leaf(params, where)
@@ -549,7 +534,15 @@ def export_pretrained(
         _save_tokenizer(tokenizer, out)
     finally:
         tokenizer.model_max_length = saved_max
+    return max_seq_length
 
+
+def _write_sentence_transformers_modules(
+    model: BiEncoder, params: dict, out: epath.Path, info: PretrainedInfo, max_seq_length: int
+) -> None:
+    """modules.json and the Pooling / Dense / Normalize modules sentence-transformers loads, with
+    the prompts and include_prompt the model was trained with."""
+    config = model.config
     modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_MODULE_TYPES["Transformer"]}]
     _write_json(
         out / "sentence_bert_config.json",
@@ -610,6 +603,30 @@ def export_pretrained(
             "similarity_fn_name": info.similarity_fn_name or "cosine",
         },
     )
+
+
+def export_pretrained(
+    model: BiEncoder,
+    tokenizer: Any,
+    out_dir: epath.PathLike,
+    *,
+    card: dict[str, Any] | None = None,
+    info: PretrainedInfo | None = None,
+) -> epath.Path:
+    """Write a directory that transformers' AutoModel and SentenceTransformer both load.
+
+    ``info`` (from ``load_pretrained``) carries what the source said beyond our params: the
+    original config fields, prompts, max length, the untrained pooler. ``card`` fills the model
+    card: keys ``model_name``, ``base_model``, ``language``, ``license``, ``description``,
+    ``stages`` (list of str or dict), ``data_sources`` (list), ``metrics`` (dict name -> value).
+    """
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = info or PretrainedInfo()
+    config = model.config
+    params = _params_numpy(model)
+    max_seq_length = _write_transformer(model, params, tokenizer, out, info)
+    _write_sentence_transformers_modules(model, params, out, info, max_seq_length)
     (out / "README.md").write_text(
         model_card(model, info, card or {}, max_seq_length), encoding="utf-8"
     )
@@ -619,13 +636,8 @@ def export_pretrained(
     return out
 
 
-def model_card(
-    model: BiEncoder, info: PretrainedInfo, card: dict[str, Any], max_seq_length: int
-) -> str:
-    """A sentence-transformers style README.md: YAML header, architecture, training, metrics."""
-    config = model.config
-    base_model = card.get("base_model") or info.source or None
-    sources = list(card.get("data_sources") or [])
+def _card_header(card: dict[str, Any], base_model: Any, sources: list) -> list[str]:
+    """The model card's YAML front matter (what the Hugging Face Hub indexes)."""
     header = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]
     header += [
         "tags:",
@@ -643,7 +655,43 @@ def model_card(
         header.append("datasets:")
         header += [f"- {json.dumps(str(s))}" for s in sources]
     header.append("---")
+    return header
 
+
+def _card_training(card: dict[str, Any], sources: list) -> list[str]:
+    """The model card's training stages, data and evaluation sections."""
+    lines: list[str] = []
+    stages = card.get("stages") or []
+    if stages:
+        lines += ["", "## Training stages", ""]
+        for i, stage in enumerate(stages, 1):
+            if isinstance(stage, dict):
+                detail = ", ".join(f"{k}: {v}" for k, v in stage.items() if k != "name")
+                lines.append(
+                    f"{i}. {stage.get('name', f'stage {i}')}" + (f" — {detail}" if detail else "")
+                )
+            else:
+                lines.append(f"{i}. {stage}")
+    if sources:
+        lines += ["", "## Training data", ""] + [f"- {s}" for s in sources]
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        for key, value in metrics.items():
+            lines.append(
+                f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
+            )
+    return lines
+
+
+def model_card(
+    model: BiEncoder, info: PretrainedInfo, card: dict[str, Any], max_seq_length: int
+) -> str:
+    """A sentence-transformers style README.md: YAML header, architecture, training, metrics."""
+    config = model.config
+    base_model = card.get("base_model") or info.source or None
+    sources = list(card.get("data_sources") or [])
+    header = _card_header(card, base_model, sources)
     name = card.get("model_name", "gte-jax text-embedding model")
     lines = header + ["", f"# {name}", ""]
     if card.get("description"):
@@ -671,26 +719,7 @@ def model_card(
         lines.append(
             "- Prompts: " + ", ".join(f"`{k}`: {json.dumps(v)}" for k, v in info.prompts.items())
         )
-    stages = card.get("stages") or []
-    if stages:
-        lines += ["", "## Training stages", ""]
-        for i, stage in enumerate(stages, 1):
-            if isinstance(stage, dict):
-                detail = ", ".join(f"{k}: {v}" for k, v in stage.items() if k != "name")
-                lines.append(
-                    f"{i}. {stage.get('name', f'stage {i}')}" + (f" — {detail}" if detail else "")
-                )
-            else:
-                lines.append(f"{i}. {stage}")
-    if sources:
-        lines += ["", "## Training data", ""] + [f"- {s}" for s in sources]
-    metrics = card.get("metrics") or {}
-    if metrics:
-        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-        for key, value in metrics.items():
-            lines.append(
-                f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
-            )
+    lines += _card_training(card, sources)
     lines += [
         "",
         "## Usage",

@@ -154,26 +154,36 @@ def mine_negatives(
         deeper = ranked_lists(sorted({row_of[pairs[p][0]] for p in short}), deep)
     for p in short:
         ranked = deeper.get(row_of[pairs[p][0]], [])[max(depth, skip_top) :]
-        more = [corpus[i] for i, s in ranked if s <= limits[p]][
-            : num_negatives - len(out[p].negatives)
-        ]
-        out[p].negatives.extend(more)
-        out[p].sources.extend(["deeper"] * len(more))
+        _add(out[p], [corpus[i] for i, s in ranked if s <= limits[p]], num_negatives, "deeper")
 
     # Random corpus texts beyond the searched ranks.
     for p in short:
-        m = out[p]
-        need = num_negatives - len(m.negatives)
-        if need <= 0:
-            continue
         query = pairs[p][0]
         searched = {i for i, _ in (deeper.get(row_of[query]) or top[row_of[query]])}
-        excluded = positives_of[query] | {query} | set(m.negatives)
-        rng = np.random.default_rng([seed, p])
-        picked = _random_indices(corpus, searched, excluded, need, rng)
-        m.negatives += [corpus[i] for i in picked]
-        m.sources += ["random"] * len(picked)
+        _add_random(
+            out[p], corpus, searched, positives_of[query] | {query}, num_negatives, [seed, p]
+        )
     return out
+
+
+def _add(m: MinedNegatives, texts: Sequence[str], k: int, source: str) -> None:
+    """Tops ``m`` up to ``k`` negatives from ``texts`` (best first), labelled ``source``."""
+    more = list(texts[: max(k - len(m.negatives), 0)])
+    m.negatives.extend(more)
+    m.sources.extend([source] * len(more))
+
+
+def _add_random(
+    m: MinedNegatives, corpus: Sequence[str], searched: set[int], excluded: set[str], k: int, seed
+) -> None:
+    """Tops ``m`` up to ``k`` negatives with random corpus texts outside ``searched``."""
+    need = k - len(m.negatives)
+    if need <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    picked = _random_indices(corpus, searched, excluded | set(m.negatives), need, rng)
+    m.negatives += [corpus[i] for i in picked]
+    m.sources += ["random"] * len(picked)
 
 
 def _random_indices(
