@@ -54,7 +54,7 @@ Flags:
 
 Examples:
   launch/tpu_pod.sh --name gte-v5e --zone us-west4-a --accelerator-type v5litepod-64 --queued \
-      --spot --config configs/stage1.py --workdir gs://my-bucket/gte/stage1 up logs
+      --spot --config configs/gte_base_pretrain.py --workdir gs://my-bucket/gte/stage1 up logs
   launch/tpu_pod.sh --name gte-v5e --zone us-west4-a --queued delete
 EOF
 }

@@ -251,24 +251,62 @@ def test_slurm_dry_run_without_scontrol(
     result = _run(["bash", str(SLURM), "--config.name=a b"], env=env, cwd=config_file.parent)
     assert result.returncode == 0, result.stderr
     assert "source /opt/venv/bin/activate" in result.stdout
-    words = _srun_words(result.stdout)
-    assert words[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    # The process id is expanded per task by the task's own shell.
-    assert words[4:6] == ["bash", "-c"] and '--process_id "$SLURM_NODEID"' in words[6]
-    assert "gte-jax train" in words[6]
-    assert words[8:] == [
+    # Slurm gives each task its process id and the count; the script only names the coordinator.
+    assert f"export JAX_COORDINATOR_ADDRESS={host}:29500" in result.stdout.splitlines()
+    assert _srun_words(result.stdout) == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "gte-jax",
+        "train",
         "--config",
         "tiny.py:small",
         "--workdir",
         "/shared/runs/s1",
-        "--coordinator_address",
-        f"{host}:29500",
-        "--num_processes",
-        "4",
         "--config.optim.lr=1e-4",
         "--config.steps=10",
         "--config.name=a b",
     ]
+
+
+def _exports(stdout: str) -> dict[str, str]:
+    pairs = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("export ")]
+    return dict(shlex.split(pair)[0].split("=", 1) for pair in pairs)
+
+
+@pytest.mark.parametrize(
+    "job, flags, want",
+    [
+        # One task per node drives all of its GPUs (JAX alone would take GPU $SLURM_LOCALID only).
+        ({"SLURM_NTASKS": "2", "SLURM_GPUS_ON_NODE": "8"}, [],
+         {"JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7", "NCCL_DEBUG": "WARN"}),
+        # One task per GPU, each seeing all GPUs: JAX's default (GPU $SLURM_LOCALID) is right.
+        ({"SLURM_NTASKS": "16", "SLURM_GPUS_ON_NODE": "8"}, [], {"JAX_LOCAL_DEVICE_IDS": None}),
+        # --gpus-per-task: Slurm binds each task to its GPU, which it sees as device 0.
+        ({"SLURM_NTASKS": "16", "SLURM_GPUS_PER_TASK": "1"}, [], {"JAX_LOCAL_DEVICE_IDS": "0"}),
+        # CPU processes: no GPU settings at all.
+        ({"SLURM_NTASKS": "4", "SLURM_GPUS_ON_NODE": "8"}, ["--cpu"],
+         {"JAX_PLATFORMS": "cpu", "JAX_LOCAL_DEVICE_IDS": None, "NCCL_DEBUG": None,
+          "XLA_PYTHON_CLIENT_MEM_FRACTION": None}),
+    ],
+    ids=["per-node", "per-gpu", "gpus-per-task", "cpu"],
+)  # fmt: skip
+def test_slurm_dry_run_device_layout(job, flags, want, config_file: pathlib.Path):
+    env = _slurm_env(
+        os.environ["PATH"],
+        SLURM_JOB_NODELIST="gpu[1-2]",
+        SLURM_NNODES="2",
+        SLURM_CPUS_PER_TASK="4",
+        CONFIG=config_file.name,
+        WORKDIR="/shared/w",
+        **job,
+    )
+    result = _run(["bash", str(SLURM), *flags], env=env, cwd=config_file.parent)
+    assert result.returncode == 0, result.stderr
+    exports = _exports(result.stdout)
+    for key, value in want.items():
+        assert exports.get(key) == value, (key, result.stdout)
+    # srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05): passed on explicitly.
+    assert _srun_words(result.stdout)[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=4"]
 
 
 def test_slurm_dry_run_prefers_scontrol(tmp_path: pathlib.Path, config_file: pathlib.Path):
@@ -288,18 +326,17 @@ def test_slurm_dry_run_prefers_scontrol(tmp_path: pathlib.Path, config_file: pat
     env.pop("DRY_RUN")
     result = _run(["bash", str(SLURM), "--dry-run"], env=env, cwd=config_file.parent)
     assert result.returncode == 0, result.stderr
-    words = _srun_words(result.stdout)
     # Port derived from the job id: 20000 + 100.
-    assert words[words.index("--coordinator_address") + 1] == "nodeA:20100"
+    assert _exports(result.stdout)["JAX_COORDINATOR_ADDRESS"] == "nodeA:20100"
 
 
 def test_slurm_dry_run_fake_job_defaults(config_file: pathlib.Path):
     env = _slurm_env(os.environ["PATH"], CONFIG=config_file.name, WORKDIR="/shared/w")
     result = _run(["bash", str(SLURM)], env=env, cwd=config_file.parent)
     assert result.returncode == 0, result.stderr
-    words = _srun_words(result.stdout)
-    assert words[words.index("--num_processes") + 1] == "2"
-    assert words[words.index("--coordinator_address") + 1].startswith("gpu001:")
+    assert _exports(result.stdout)["JAX_COORDINATOR_ADDRESS"].startswith("gpu001:")
+    assert _exports(result.stdout)["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3,4,5,6,7"
+    assert "gte-jax" in _srun_words(result.stdout)
 
 
 @pytest.mark.parametrize(
