@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """A one-node Slurm cluster on this machine, for trying `slurm_gpu.sbatch --cpu` without a cluster.
 
-    sudo python3 launch/local_slurm.py --install -- bash -c '
+    python3 launch/local_slurm.py --install -- bash -c '
         CONFIG=configs/finetune.py WORKDIR=/tmp/run sbatch --wait --nodes=1 \
-            --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 --time=10 \
-            launch/slurm_gpu.sbatch --cpu --config.train.num_steps=20'
+            --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 --time=30 \
+            launch/slurm_gpu.sbatch --cpu --config.data.train_files=DATA.jsonl'
 
 Runs the command with ``SLURM_CONF`` pointing at a throwaway cluster, then stops it. Without a
 command it prints the ``export SLURM_CONF=...`` line and waits for Ctrl-C. The tests
-(`tests/test_launch.py`, ``test_slurm_cluster_*``) use the same class.
+(`tests/test_slurm_cluster.py`) use the same class.
 
 What it does:
 1. ``--install``: if ``munged``, ``slurmctld``, ``slurmd`` or ``sbatch`` is missing, runs
