@@ -128,9 +128,9 @@ def initialize_distributed(
     """Starts ``jax.distributed`` when more than one process takes part; returns whether it did.
 
     Arguments win over the env vars ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``. With neither, a TPU pod / SLURM / Open MPI launch is detected and
-    ``jax.distributed.initialize()`` discovers the rest itself; otherwise (one process) this is a
-    no-op. Call it before anything touches the devices.
+    ``JAX_PROCESS_ID``. With neither count nor id, a TPU pod / SLURM / Open MPI launch is detected
+    and ``jax.distributed.initialize()`` discovers the rest itself (the coordinator too, unless
+    given); otherwise (one process) this is a no-op. Call it before anything touches the devices.
     """
     if jax.distributed.is_initialized():
         return True
@@ -141,12 +141,17 @@ def initialize_distributed(
     if process_id is None and env.get("JAX_PROCESS_ID"):
         process_id = int(env["JAX_PROCESS_ID"])
 
-    if coordinator_address is None and num_processes is None and process_id is None:
-        if not _cluster_detected():
-            return False
-        logger.info("cluster environment detected; jax.distributed.initialize() auto-configures")
-        jax.distributed.initialize()
+    if num_processes is None and process_id is None and _cluster_detected():
+        # The scheduler gives the process count and id; a coordinator address, when given,
+        # replaces the one JAX derives (launch/slurm_gpu.sbatch sets it from `scontrol`).
+        logger.info(
+            "cluster environment detected; jax.distributed.initialize(%s) auto-configures",
+            coordinator_address or "",
+        )
+        jax.distributed.initialize(coordinator_address)
         return True
+    if coordinator_address is None and num_processes is None and process_id is None:
+        return False
     if num_processes == 1:
         return False
     if coordinator_address is None or num_processes is None or process_id is None:

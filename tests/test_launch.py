@@ -1,10 +1,13 @@
 """launch/ scripts: shellcheck-clean, and their --dry-run prints the right commands.
 
-Nothing here talks to gcloud or SLURM: every run is a --dry-run, checked on its printed lines.
+Nothing here talks to gcloud or SLURM: runs are --dry-runs checked on their printed lines, or
+real runs of tpu_pod.sh against a stub `gcloud` that records its calls. The real SLURM cluster
+test is tests/test_slurm_cluster.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shlex
@@ -199,6 +202,158 @@ def test_tpu_bad_input(args: list[str], message: str):
     assert message in result.stderr
 
 
+# A stand-in for the Google Cloud CLI: records every call (argv as one JSON line) and keeps the
+# TPU / queued resource's existence in files, so tpu_pod.sh runs for real without a cloud.
+GCLOUD_STUB = """#!/usr/bin/env python3
+# STUB of gcloud for tests/test_launch.py: no cloud is contacted.
+import json, os, pathlib, sys
+
+args = sys.argv[1:]
+state = pathlib.Path(os.environ["GCLOUD_STUB_STATE"])
+record = {"argv": args}
+if "scp" in args:
+    record["source_exists"] = pathlib.Path(args[args.index("scp") + 1]).exists()
+with open(state / "calls.jsonl", "a") as f:
+    f.write(json.dumps(record) + "\\n")
+kind = "qr" if "queued-resources" in args else "tpu"
+verb = args[3] if len(args) > 3 else ""
+if verb == "create":
+    (state / kind).touch()
+    (state / "tpu").touch()  # a queued resource provisions its node
+elif verb == "delete":
+    (state / kind).unlink(missing_ok=True)
+    (state / "tpu").unlink(missing_ok=True)
+elif verb == "describe":
+    if not (state / kind).exists():
+        print("ERROR: NOT_FOUND", file=sys.stderr)
+        sys.exit(1)
+    fmt = next((a for a in args if a.startswith("--format=")), "")
+    if "state.state" in fmt:
+        print("ACTIVE")
+    elif "state" in fmt:
+        print("READY")
+    elif "acceleratorType" in fmt:
+        print("v5litepod-64")
+elif verb == "ssh" and "tail" in args[-1]:
+    print("step 1 loss 3.21")
+"""
+
+
+@pytest.fixture
+def gcloud_stub(tmp_path: pathlib.Path):
+    bindir = tmp_path / "stub_bin"
+    state = tmp_path / "stub_state"
+    bindir.mkdir()
+    state.mkdir()
+    stub = bindir / "gcloud"
+    stub.write_text(GCLOUD_STUB)
+    stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    env.update(GCLOUD_STUB_STATE=str(state), TMPDIR=str(tmp_path))
+
+    def calls() -> list[dict]:
+        path = state / "calls.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    return env, calls
+
+
+def _verb(call: dict) -> str:
+    """'tpu-vm create', 'queued-resources describe', ... of one recorded gcloud call."""
+    return " ".join(call["argv"][2:4])
+
+
+def test_tpu_real_run_against_gcloud_stub(gcloud_stub, config_file: pathlib.Path, tmp_path):
+    env, calls = gcloud_stub
+    base = ["bash", str(TPU_POD), "--name", "gte-pod", "--zone", "us-west4-a"]
+    result = _run(
+        base
+        + ["--project", "my-proj", "--accelerator-type", "v5litepod-64", "--queued", "--spot"]
+        + ["--config", str(config_file), "--workdir", "gs://bucket/run1", "up", "logs"]
+        + ["--", "--config.train.num_steps=10"],
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "step 1 loss 3.21" in result.stdout  # the followed log
+    result = _run(base + ["--project", "my-proj", "--queued", "delete"], env=env)
+    assert result.returncode == 0, result.stderr
+
+    recorded = calls()
+    assert [_verb(c) for c in recorded] == [
+        "tpu-vm describe",  # create: reuse a TPU VM of that name? (none)
+        "queued-resources describe",  # ... or a queued resource? (none)
+        "queued-resources create",
+        "queued-resources describe",  # wait for ACTIVE
+        "tpu-vm scp",  # install: the tarball of this checkout to every worker
+        "tpu-vm ssh",  # ... unpacked and pip-installed in the venv
+        "tpu-vm ssh",  # train: stop an earlier run, make the dirs
+        "tpu-vm scp",  # ... upload the config
+        "tpu-vm ssh",  # ... start training under nohup
+        "tpu-vm ssh",  # logs
+        "queued-resources delete",
+    ]
+    for call in recorded:
+        argv = call["argv"]
+        target = argv[5].split(":")[0] if argv[3] == "scp" else argv[4]
+        assert argv[:2] == ["compute", "tpus"] and target == "gte-pod", argv
+        assert "--zone" in argv and "--project" in argv, argv
+    create = recorded[2]["argv"]
+    for flag in ("--spot", "--node-id", "--accelerator-type", "--runtime-version"):
+        assert flag in create, create
+    assert create[create.index("--accelerator-type") + 1] == "v5litepod-64"
+    tarball, config_copy = recorded[4], recorded[7]
+    assert tarball["source_exists"] and "--worker=all" in tarball["argv"]
+    assert config_copy["source_exists"] and "--worker=all" in config_copy["argv"]
+    assert not list(tmp_path.glob("gte-jax-src-*.tar.gz"))  # the local tarball is cleaned up
+    install, stop, train_call, logs = (recorded[i]["argv"] for i in (5, 6, 8, 9))
+    # Worker fan-out: install, stop and train on every worker; logs from worker 0.
+    for argv in (install, stop, train_call):
+        assert "--worker=all" in argv, argv
+    assert "--worker=0" in logs and "tail" in logs[-1]
+    assert "pip install" in install[-1] and "[tpu]" in install[-1]
+    remote = shlex.split(train_call[-1].replace(";", " ; "))
+    i = remote.index("train")
+    assert remote[i : i + 6] == [
+        "train", "--config", "launch_configs/tiny.py", "--workdir", "gs://bucket/run1",
+        "--config.train.num_steps=10",
+    ]  # fmt: skip
+    delete = recorded[10]["argv"]
+    assert "--force" in delete and "--quiet" in delete
+
+
+def test_tpu_reuses_an_existing_tpu(gcloud_stub):
+    env, calls = gcloud_stub
+    base = ["bash", str(TPU_POD), "--name", "gte-pod", "--zone", "us-west4-a"]
+    assert _run(base + ["--accelerator-type", "v4-8", "create"], env=env).returncode == 0
+    result = _run(base + ["--accelerator-type", "v4-8", "create", "status"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "reusing TPU VM gte-pod" in result.stderr
+    verbs = [_verb(c) for c in calls()]
+    assert verbs.count("tpu-vm create") == 1, verbs  # the second `create` reused it
+    assert verbs[-1] == "tpu-vm describe"  # status
+
+
+def _help_examples(script: pathlib.Path) -> list[list[str]]:
+    text = _run(["bash", str(script), "--help"]).stdout
+    block = text.split("Examples:", 1)[1].replace("\\\n", " ")
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_tpu_help_examples_parse(gcloud_stub):
+    """Every example in --help is accepted (run as a --dry-run, so nothing is created)."""
+    env, calls = gcloud_stub
+    examples = _help_examples(TPU_POD)
+    assert len(examples) >= 2
+    for words in examples:
+        assert words[0] == "launch/tpu_pod.sh", words
+        result = _run(["bash", str(TPU_POD), *words[1:], "--dry-run"], env=env)
+        assert result.returncode == 0, (words, result.stderr)
+        assert "gcloud compute tpus" in result.stdout
+    assert calls() == []  # a dry run calls nothing
+
+
 # ----------------------------------------------------------------------------- slurm_gpu.sbatch
 def _slurm_env(path: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -251,24 +406,62 @@ def test_slurm_dry_run_without_scontrol(
     result = _run(["bash", str(SLURM), "--config.name=a b"], env=env, cwd=config_file.parent)
     assert result.returncode == 0, result.stderr
     assert "source /opt/venv/bin/activate" in result.stdout
-    words = _srun_words(result.stdout)
-    assert words[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    # The process id is expanded per task by the task's own shell.
-    assert words[4:6] == ["bash", "-c"] and '--process_id "$SLURM_NODEID"' in words[6]
-    assert "gte-jax train" in words[6]
-    assert words[8:] == [
+    # Slurm gives each task its process id and the count; the script only names the coordinator.
+    assert f"export JAX_COORDINATOR_ADDRESS={host}:29500" in result.stdout.splitlines()
+    assert _srun_words(result.stdout) == [
+        "srun",
+        "--kill-on-bad-exit=1",
+        "gte-jax",
+        "train",
         "--config",
         "tiny.py:small",
         "--workdir",
         "/shared/runs/s1",
-        "--coordinator_address",
-        f"{host}:29500",
-        "--num_processes",
-        "4",
         "--config.optim.lr=1e-4",
         "--config.steps=10",
         "--config.name=a b",
     ]
+
+
+def _exports(stdout: str) -> dict[str, str]:
+    pairs = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith("export ")]
+    return dict(shlex.split(pair)[0].split("=", 1) for pair in pairs)
+
+
+@pytest.mark.parametrize(
+    "job, flags, want",
+    [
+        # One task per node drives all of its GPUs (JAX alone would take GPU $SLURM_LOCALID only).
+        ({"SLURM_NTASKS": "2", "SLURM_GPUS_ON_NODE": "8"}, [],
+         {"JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7", "NCCL_DEBUG": "WARN"}),
+        # One task per GPU, each seeing all GPUs: JAX's default (GPU $SLURM_LOCALID) is right.
+        ({"SLURM_NTASKS": "16", "SLURM_GPUS_ON_NODE": "8"}, [], {"JAX_LOCAL_DEVICE_IDS": None}),
+        # --gpus-per-task: Slurm binds each task to its GPU, which it sees as device 0.
+        ({"SLURM_NTASKS": "16", "SLURM_GPUS_PER_TASK": "1"}, [], {"JAX_LOCAL_DEVICE_IDS": "0"}),
+        # CPU processes: no GPU settings at all.
+        ({"SLURM_NTASKS": "4", "SLURM_GPUS_ON_NODE": "8"}, ["--cpu"],
+         {"JAX_PLATFORMS": "cpu", "JAX_LOCAL_DEVICE_IDS": None, "NCCL_DEBUG": None,
+          "XLA_PYTHON_CLIENT_MEM_FRACTION": None}),
+    ],
+    ids=["per-node", "per-gpu", "gpus-per-task", "cpu"],
+)  # fmt: skip
+def test_slurm_dry_run_device_layout(job, flags, want, config_file: pathlib.Path):
+    env = _slurm_env(
+        os.environ["PATH"],
+        SLURM_JOB_NODELIST="gpu[1-2]",
+        SLURM_NNODES="2",
+        SLURM_CPUS_PER_TASK="4",
+        CONFIG=config_file.name,
+        WORKDIR="/shared/w",
+        **job,
+    )
+    result = _run(["bash", str(SLURM), *flags], env=env, cwd=config_file.parent)
+    assert result.returncode == 0, result.stderr
+    exports = _exports(result.stdout)
+    for key, value in want.items():
+        assert exports.get(key) == value, (key, result.stdout)
+    # srun no longer inherits --cpus-per-task from sbatch (Slurm 22.05): passed on explicitly.
+    assert _srun_words(result.stdout)[:3] == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=4"]
 
 
 def test_slurm_dry_run_prefers_scontrol(tmp_path: pathlib.Path, config_file: pathlib.Path):
@@ -288,18 +481,17 @@ def test_slurm_dry_run_prefers_scontrol(tmp_path: pathlib.Path, config_file: pat
     env.pop("DRY_RUN")
     result = _run(["bash", str(SLURM), "--dry-run"], env=env, cwd=config_file.parent)
     assert result.returncode == 0, result.stderr
-    words = _srun_words(result.stdout)
     # Port derived from the job id: 20000 + 100.
-    assert words[words.index("--coordinator_address") + 1] == "nodeA:20100"
+    assert _exports(result.stdout)["JAX_COORDINATOR_ADDRESS"] == "nodeA:20100"
 
 
 def test_slurm_dry_run_fake_job_defaults(config_file: pathlib.Path):
     env = _slurm_env(os.environ["PATH"], CONFIG=config_file.name, WORKDIR="/shared/w")
     result = _run(["bash", str(SLURM)], env=env, cwd=config_file.parent)
     assert result.returncode == 0, result.stderr
-    words = _srun_words(result.stdout)
-    assert words[words.index("--num_processes") + 1] == "2"
-    assert words[words.index("--coordinator_address") + 1].startswith("gpu001:")
+    assert _exports(result.stdout)["JAX_COORDINATOR_ADDRESS"].startswith("gpu001:")
+    assert _exports(result.stdout)["JAX_LOCAL_DEVICE_IDS"] == "0,1,2,3,4,5,6,7"
+    assert "gte-jax" in _srun_words(result.stdout)
 
 
 @pytest.mark.parametrize(
