@@ -4,7 +4,7 @@
 Scanned: the Markdown docs, the config files' and modules' docstrings, `launch/tpu_pod.sh --help`
 and every `gte-jax <command> --help`. An override written on its own (prose, a flag's help) is
 checked against the config file it documents, else against configs/finetune.py.
-(launch/slurm_gpu.sbatch is not scanned yet: its comments are being rewritten elsewhere.)
+(launch/slurm_gpu.sbatch's comments are scanned too.)
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def _documents() -> list[tuple[str, str, bool]]:
         *sorted((REPO / "docs").glob("*.md")),
         *sorted((REPO / "benchmarks").glob("*.md")),
         *sorted((REPO / "configs").glob("*.py")),
+        REPO / "launch" / "slurm_gpu.sbatch",
     ]
     out = [(str(p.relative_to(REPO)), p.read_text(encoding="utf-8"), True) for p in docs]
     # Module docstrings and help strings: full commands only (config.py explains the syntax).

@@ -71,7 +71,7 @@ def test_tpu_up_queued_spot(config_file: pathlib.Path):
         + ["--project", "my-proj", "--accelerator-type", "v5litepod-64", "--queued", "--spot"]
         + ["--config", f"{config_file}:small", "--workdir", "gs://bucket/run1"]
         + ["--env", "WANDB_MODE=offline", "up", "logs"]
-        + ["--", "--config.optim.lr=1e-4", "--config.name=two words"]
+        + ["--", "--config.train.learning_rate=1e-4", "--config.name=two words"]
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -110,7 +110,7 @@ def test_tpu_up_queued_spot(config_file: pathlib.Path):
         "launch_configs/tiny.py:small",
         "--workdir",
         "gs://bucket/run1",
-        "--config.optim.lr=1e-4",
+        "--config.train.learning_rate=1e-4",
         "--config.name=two words",
     ]
     assert "nohup" in remote and "export" in remote and "WANDB_MODE=offline;" in remote
@@ -400,7 +400,7 @@ def test_slurm_dry_run_without_scontrol(
         COORDINATOR_PORT="29500",
         CONFIG=f"{config_file.name}:small",
         WORKDIR="/shared/runs/s1",
-        OVERRIDES="--config.optim.lr=1e-4 --config.steps=10",
+        OVERRIDES="--config.train.learning_rate=1e-4 --config.steps=10",
         VENV="/opt/venv",
     )
     result = _run(["bash", str(SLURM), "--config.name=a b"], env=env, cwd=config_file.parent)
@@ -417,7 +417,7 @@ def test_slurm_dry_run_without_scontrol(
         "tiny.py:small",
         "--workdir",
         "/shared/runs/s1",
-        "--config.optim.lr=1e-4",
+        "--config.train.learning_rate=1e-4",
         "--config.steps=10",
         "--config.name=a b",
     ]
