@@ -28,9 +28,10 @@ def main() -> None:
     import jax
     from transformers import AutoTokenizer
 
-    from gte_jax.data.batching import PairBatchIterator, to_global
+    from gte_jax.data.batching import PairBatchIterator
     from gte_jax.data.pipeline import DEMO_DIR
     from gte_jax.data.sources import from_files
+    from gte_jax.sharding import global_batch as to_global
 
     shared = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
     data_dir = shared if (shared / "chat_qa.jsonl").exists() else DEMO_DIR

@@ -19,7 +19,22 @@ HOMEPAGE = "https://github.com/gte-jax"
 
 
 class PairBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of our builders (not registered itself)."""
+    """Base of our builders (not registered itself): one example = one training pair
+    (:func:`pair_features`); a builder sets ``HOMEPAGE`` and ``CITATION`` (``DESCRIPTION``
+    defaults to its module's docstring)."""
+
+    HOMEPAGE: str = HOMEPAGE
+    CITATION: str = ""
+    DESCRIPTION: str = ""
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION or inspect.getmodule(type(self)).__doc__,
+            features=pair_features(),
+            homepage=self.HOMEPAGE,
+            citation=self.CITATION or None,
+        )
 
     # TFDS 4.9.10 finds a packaged builder's source through `importlib_resources`, which its
     # dependencies do not install (ModuleNotFoundError on first use); the file is all it needs.

@@ -16,7 +16,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from data_pipelines.common import HOMEPAGE, PairBuilder, example, log_accounting, pair_features
+from data_pipelines.common import PairBuilder, example, log_accounting
 from gte_jax.data.sources import (
     DEFAULT_MAX_TEXT_CHARS,
     BadInputAccounting,
@@ -53,13 +53,7 @@ class LocalPairs(PairBuilder):
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [LocalPairsConfig(name="default")]
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Local (query, positive, negatives) records for contrastive training.",
-            features=pair_features(),
-            homepage=HOMEPAGE,
-        )
+    DESCRIPTION = "Local (query, positive, negatives) records for contrastive training."
 
     def _split_generators(self, dl_manager):
         cfg: LocalPairsConfig = self.builder_config

@@ -15,7 +15,6 @@ from data_pipelines.common import (
     example,
     local_or_download,
     log_accounting,
-    pair_features,
 )
 from gte_jax.data.sources import (
     BadInputAccounting,
@@ -35,14 +34,8 @@ class MsmarcoTriples(PairBuilder):
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS.format(files=FILENAME)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=pair_features(),
-            homepage="https://microsoft.github.io/msmarco/",
-            citation="Nguyen et al., MS MARCO (2016), arXiv:1611.09268",
-        )
+    HOMEPAGE = "https://microsoft.github.io/msmarco/"
+    CITATION = "Nguyen et al., MS MARCO (2016), arXiv:1611.09268"
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(local_or_download(dl_manager, FILENAME, URL))}

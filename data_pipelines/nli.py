@@ -20,7 +20,6 @@ from data_pipelines.common import (
     example,
     local_or_download,
     log_accounting,
-    pair_features,
 )
 from gte_jax.data.sources import BadInputAccounting, RecordParser, iter_raw_rows
 from gte_jax.textio import InputError
@@ -53,14 +52,8 @@ class NliTriplets(PairBuilder):
         files=", ".join(f for _, f in CORPORA.values())
     )
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=pair_features(),
-            homepage="https://nlp.stanford.edu/projects/snli/",
-            citation="Bowman et al. (2015); Williams et al. (2018); Gao et al., SimCSE (2021)",
-        )
+    HOMEPAGE = "https://nlp.stanford.edu/projects/snli/"
+    CITATION = "Bowman et al. (2015); Williams et al. (2018); Gao et al., SimCSE (2021)"
 
     def _split_generators(self, dl_manager):
         url, filename = CORPORA[self.builder_config.corpus]

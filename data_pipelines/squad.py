@@ -19,7 +19,6 @@ from data_pipelines.common import (
     example,
     local_or_download,
     log_accounting,
-    pair_features,
 )
 from gte_jax.data.sources import BadInputAccounting, RecordParser
 from gte_jax.textio import InputError
@@ -59,14 +58,8 @@ class SquadPairs(PairBuilder):
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS.format(files=", ".join(FILES.values()))
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=pair_features(),
-            homepage="https://rajpurkar.github.io/SQuAD-explorer/",
-            citation="Rajpurkar et al., SQuAD (2016), arXiv:1606.05250",
-        )
+    HOMEPAGE = "https://rajpurkar.github.io/SQuAD-explorer/"
+    CITATION = "Rajpurkar et al., SQuAD (2016), arXiv:1606.05250"
 
     def _split_generators(self, dl_manager):
         return {

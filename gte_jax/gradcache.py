@@ -42,6 +42,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gte_jax import losses
+from gte_jax.sharding import DATA_AXIS
 
 Array = jax.Array
 Params = Any
@@ -81,7 +82,7 @@ def _constrain(x: Array, mesh: jax.sharding.Mesh | None, spec: PartitionSpec) ->
 
 
 def split_chunks(
-    x: Array, num_chunks: int, mesh: jax.sharding.Mesh | None = None, data_axis: str = "data"
+    x: Array, num_chunks: int, mesh: jax.sharding.Mesh | None = None, data_axis: str = DATA_AXIS
 ) -> Array:
     """[B, ...] -> [num_chunks, B/num_chunks, ...]; example b -> (b % num_chunks, b // num_chunks).
 
@@ -96,7 +97,9 @@ def split_chunks(
     return _constrain(x, mesh, PartitionSpec(None, data_axis))
 
 
-def merge_chunks(x: Array, mesh: jax.sharding.Mesh | None = None, data_axis: str = "data") -> Array:
+def merge_chunks(
+    x: Array, mesh: jax.sharding.Mesh | None = None, data_axis: str = DATA_AXIS
+) -> Array:
     """Inverse of :func:`split_chunks`: [C, B/C, ...] -> [B, ...]."""
     x = jnp.swapaxes(x, 0, 1)  # [B/C, C, ...]
     x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # [B, ...]
@@ -162,7 +165,7 @@ def embed_batch(
     num_chunks: int = 1,
     *,
     mesh: jax.sharding.Mesh | None = None,
-    data_axis: str = "data",
+    data_axis: str = DATA_AXIS,
 ) -> dict[str, Array]:
     """Differentiable embedding of every role, chunk by chunk with the GradCache dropout keys.
 
@@ -207,7 +210,7 @@ def cached_value_and_grad(
     num_chunks: int,
     *,
     mesh: jax.sharding.Mesh | None = None,
-    data_axis: str = "data",
+    data_axis: str = DATA_AXIS,
 ) -> tuple[tuple[Array, dict[str, Array]], Params]:
     """GradCache: ``((loss, metrics), grads)`` equal to :func:`plain_value_and_grad`.
 

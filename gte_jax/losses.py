@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gte_jax.sharding import DATA_AXIS
+
 Array = jax.Array
 Metrics = dict[str, Array]
 
@@ -362,7 +364,7 @@ def sharded_contrastive_loss(
     valid: Array | None = None,
     neg_valid: Array | None = None,
     symmetric: bool = False,
-    data_axis: str = "data",
+    data_axis: str = DATA_AXIS,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
 ) -> tuple[Array, Metrics]:
     """The same loss as :func:`contrastive_loss`, as a ``shard_map`` over ``data_axis``.

@@ -233,7 +233,7 @@ def load_model_for_training(model_cfg: Any):
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     """Refuses settings that cannot work, before any data or model is read; returns the number
     of GradCache chunks."""
-    tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape["data"]
+    tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
     problems = []
     if lcfg.name not in LOSS_FLOORS:
         problems.append(f"loss.name={lcfg.name!r}: use one of {sorted(LOSS_FLOORS)}")
@@ -370,7 +370,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     if data_cfg.max_length:  # one budget for queries and documents
         data_cfg.query_max_length = data_cfg.doc_max_length = int(data_cfg.max_length)
     sources = build_sources(data_cfg)
-    check_source_batches(sources, num_chunks, mesh.shape["data"])
+    check_source_batches(sources, num_chunks, mesh.shape[shd.DATA_AXIS])
     total_steps = _total_steps(tcfg, sum(len(s) for s in sources), batch_size)
     ckpt = Checkpointer(
         workdir / "checkpoints",
@@ -403,7 +403,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         sources=sources,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        local_data_devices=mesh.shape["data"] // jax.process_count(),
+        local_data_devices=mesh.shape[shd.DATA_AXIS] // jax.process_count(),
         include_prompt=info.include_prompt,
     )
     tx, schedule = make_optimizer(tcfg, total_steps)

@@ -98,7 +98,9 @@ def get_config(arg=None):
 """
     path.write_text(body)
     load_config(path)
-    with pytest.raises(ConfigError, match=r"'train.learing_rate' \(did you mean train.learning_rate"):
+    with pytest.raises(
+        ConfigError, match=r"'train.learing_rate' \(did you mean train.learning_rate"
+    ):
         load_config(f"{path}:typo")
     with pytest.raises(ConfigError, match="batch_size"):
         load_config(f"{path}:type")

@@ -14,10 +14,10 @@ from gte_jax.data.batching import (
     assign_text_ids,
     bucket_lengths,
     pick_bucket,
-    to_global,
 )
 from gte_jax.data.pipeline import DEMO_DIR
 from gte_jax.data.sources import PairRecord, SourceOptions, from_files, from_records
+from gte_jax.sharding import global_batch
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_resume_through_json_continues_exactly(tokenizer):
     assert stats["tri"]["epoch"] > state["sampler"]["sources"]["tri"]["epoch"]
 
 
-def test_to_global_shards_batch_axis_over_data(tokenizer):
+def test_global_batch_shards_batch_axis_over_data(tokenizer):
     import jax
 
     if jax.device_count() < 8:
@@ -218,7 +218,7 @@ def test_to_global_shards_batch_axis_over_data(tokenizer):
     mesh = jax.make_mesh((8,), ("data",))
     it = _iterator(tokenizer)
     local = next(it)
-    glob = to_global(local, mesh)
+    glob = global_batch(local, mesh)
     for key, value in local.items():
         assert glob[key].shape == value.shape
         np.testing.assert_array_equal(np.asarray(glob[key]), value)

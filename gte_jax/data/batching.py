@@ -421,22 +421,6 @@ def allgather_max(local: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
 
 
-def to_global(local_batch: Mapping[str, np.ndarray], mesh) -> dict[str, Any]:
-    """Global ``jax.Array`` s, batch axis 0 sharded over mesh axis ``"data"``.
-
-    Each process passes its own slice (rows ``process_slice(...)``); the global shape is the
-    local one with axis 0 times the process count.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in local_batch.items()
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # The iterator training uses
 
