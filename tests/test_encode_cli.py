@@ -98,9 +98,9 @@ def test_encode_options_reach_the_embedder(tiny_model_dir, tmp_path):
             "malformed JSON (expecting ',' delimiter at column 14; "
             "the line ends before the JSON object does).",
         ),
-        ('{"title": "no text"}', '"text" field'),
-        ('{"text": 3}', "must be a string"),
-        ('["text"]', '"text" field'),
+        ('{"title": "no text"}', 'missing field "text"'),
+        ('{"text": 3}', 'field "text" has type int'),
+        ('["text"]', "expected a JSON object"),
     ],
 )
 def test_bad_jsonl_line_is_named(tiny_model_dir, tmp_path, capsys, line, message):
