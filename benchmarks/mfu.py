@@ -86,12 +86,7 @@ def main() -> None:
     tx = optax.adamw(1e-5)
     mesh = shd.make_mesh()
     state = shd.shard_params(
-        {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(0)),
-        },
+        train.init_train_state(params, tx, seed=0),
         mesh,
     )
     step = jax.jit(

@@ -1,5 +1,6 @@
-"""The mteb adapter: protocol conformance without mteb, and (when mteb is installed) a run of
-mteb's own retrieval and STS evaluators on a small local task, against gte-jax's evaluation."""
+"""The mteb adapter: protocol conformance without mteb, and a run of mteb's own retrieval and STS
+evaluators on small local tasks (in-memory data, nothing downloaded), against gte-jax's evaluation.
+mteb is in the [test] extra."""
 
 from __future__ import annotations
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from gte_jax import sharding as shd
@@ -31,16 +30,10 @@ def _setup(minilm_dir):
     model = BiEncoder(config, pooling="mean", normalize=True, rngs=nnx.Rngs(0))
     tok = hf.load_tokenizer(minilm_dir)
     model_fn, params = train.ModelFn.from_module(model)
-    tcfg = ml_collections.ConfigDict(
-        {"learning_rate": 1e-3, "warmup_ratio": 0.0, "weight_decay": 0.01, "max_grad_norm": 1.0}
-    )
-    tx, _ = train.make_optimizer(tcfg, total_steps=10)
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(0)),
-    }
+    # Plain SGD: params after the step = init - lr x gradient. AdamW's first step is ~lr x sign(g)
+    # and clipping rescales, so equal params after them would not mean equal gradients.
+    tx = optax.sgd(0.1)
+    state = train.init_train_state(params, tx, seed=0)
     mesh = shd.make_mesh()
 
     step = jax.jit(  # one jit: a batch of an already seen shape does not compile again
@@ -81,11 +74,12 @@ def test_packed_train_step_equals_unpacked_on_8_devices(minilm_dir):
         np.testing.assert_allclose(
             np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)
         )
+    # One real update, far beyond the comparison's tolerance (largest element, in tolerances).
     moved = max(
-        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        float((np.abs(np.asarray(x) - np.asarray(y)) / (1e-6 + 1e-4 * np.abs(np.asarray(y)))).max())
         for x, y in zip(jax.tree.leaves(s_got["params"]), jax.tree.leaves(params), strict=True)
     )
-    assert moved > 1e-4  # one real update, not a comparison of two copies of the init
+    assert moved > 100
 
 
 def test_train_step_with_records_short_of_negatives(minilm_dir):

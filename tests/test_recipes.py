@@ -53,12 +53,7 @@ def test_gte_base_recipe_step_traces_at_full_size(config_file, with_negatives):
         _abstract_bert_base(cfg.model.dtype, cfg.model.remat)
     )
     tx, _ = train.make_optimizer(cfg.train, int(cfg.train.num_steps))
-    state = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-    }
+    state = jax.eval_shape(lambda p: train.init_train_state(p, tx, seed=0), params)
     b, lq, ld = (
         int(cfg.train.batch_size),
         int(cfg.data.query_max_length),

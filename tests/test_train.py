@@ -15,9 +15,8 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from gte_jax import sharding as shd
@@ -27,6 +26,7 @@ from gte_jax.data.pipeline import DEMO_DIR, build_iterator, build_sources, defau
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FINETUNE_FILE = DEMO_DIR / "bible_finetune.jsonl"  # triples: one hard negative per query
+SGD_LR = 0.1
 
 
 def _iterator(tokenizer, batch_size=16):
@@ -38,21 +38,16 @@ def _iterator(tokenizer, batch_size=16):
     return build_iterator(data, tokenizer=tokenizer, sources=build_sources(data))
 
 
-def _setup(tiny_model_dir, lr=1e-3):
+def _setup(tiny_model_dir, lr=SGD_LR):
+    """Plain SGD at a constant rate: every update is -lr x the gradient, so the params after a step
+    carry the gradient itself, scale included. (AdamW divides by the gradient's running RMS and
+    global-norm clipping rescales it: either would let a gradient x8 pass as equal params.)"""
     from gte_jax import hf
 
     model, tokenizer, _ = hf.load_pretrained(tiny_model_dir)
     model_fn, params = train.ModelFn.from_module(model)
-    tcfg = ml_collections.ConfigDict(
-        {"learning_rate": lr, "warmup_steps": 1, "weight_decay": 0.01, "max_grad_norm": 1.0}
-    )
-    tx, _ = train.make_optimizer(tcfg, total_steps=10)
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(0)),
-    }
+    tx = optax.sgd(lr)
+    state = train.init_train_state(params, tx, seed=0)
     return model_fn, tx, state, tokenizer
 
 
@@ -73,6 +68,15 @@ def _run_steps(mesh, model_fn, tx, state, batches, **step_kwargs):
         state, m = step(state, shd.global_batch(b, mesh))
         metrics.append(jax.device_get(m))
     return jax.device_get(state), metrics
+
+
+def _moved_in_tolerances(new, old, rtol, atol):
+    """How far the params moved, in units of the comparison's tolerance (largest element): above 1,
+    a comparison with that tolerance tells an update from no update (or from a x8 gradient)."""
+    return max(
+        float((np.abs(np.asarray(x) - np.asarray(y)) / (atol + rtol * np.abs(np.asarray(y)))).max())
+        for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
+    )
 
 
 def _assert_trees_close(a, b, rtol, atol):
@@ -96,15 +100,11 @@ def test_8_device_mesh_equals_1_device_with_dropout_and_negatives(tiny_model_dir
     s8, m8 = _run_steps(eight, model_fn, tx, state, batches)
     for a, b in zip(m1, m8, strict=True):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
     _assert_trees_close(s1["params"], s8["params"], rtol=1e-4, atol=1e-6)
-    # The steps did move the params (the comparison above is not between two copies of the init).
-    moved = max(
-        float(np.abs(np.asarray(x) - np.asarray(y)).max())
-        for x, y in zip(
-            jax.tree.leaves(s1["params"]), jax.tree.leaves(state["params"]), strict=True
-        )
-    )
-    assert moved > 1e-4
+    # SGD moved the params far beyond that tolerance: the comparison above is not between two
+    # copies of the init, and a gradient off by any factor would fail it.
+    assert _moved_in_tolerances(s1["params"], state["params"], rtol=1e-4, atol=1e-6) > 100
 
 
 def test_gradcache_step_equals_plain_step(tiny_model_dir):
@@ -116,6 +116,8 @@ def test_gradcache_step_equals_plain_step(tiny_model_dir):
     np.testing.assert_allclose(mp[0]["loss"], mc[0]["loss"], rtol=1e-6)
     np.testing.assert_allclose(mp[0]["grad_norm"], mc[0]["grad_norm"], rtol=1e-5)
     _assert_trees_close(plain["params"], cached["params"], rtol=1e-5, atol=1e-7)
+    # One SGD step at a nonzero rate: params = init - lr x gradient, moved far beyond the tolerance.
+    assert _moved_in_tolerances(plain["params"], state["params"], rtol=1e-5, atol=1e-7) > 100
 
 
 # ----------------------------------------------------------------------------- CLI runs
@@ -154,6 +156,12 @@ def _train_cmd(tiny_model_dir, workdir, *extra):
         "--config.train.batch_size=8",
         "--config.train.num_steps=8",
         "--config.train.learning_rate=1e-3",
+        # A nonzero rate from step 1 (no warmup step at rate 0), and every step's loss and
+        # gradient norm in logs/metrics.jsonl: AdamW + clipping would hide a gradient scale error
+        # in the params, the logged grad_norm does not.
+        "--config.train.warmup_ratio=0",
+        "--config.train.schedule=constant",
+        "--config.train.log_every=1",
         "--config.loss.name=gte",
         "--config.checkpoint.every_steps=1",
         "--config.train.progress_bar=false",
@@ -267,7 +275,30 @@ def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, uninterrupted
     step_a, a = _final_state(uninterrupted)
     step_b, b = _final_state(tmp_path / "two")
     assert step_a == step_b == 8
+    # Per step, the global loss and the global gradient norm (before clipping): a gradient summed
+    # instead of averaged over processes, or taken from one process's half, changes grad_norm.
+    log_a, log_b = _train_log(uninterrupted), _train_log(tmp_path / "two")
+    assert sorted(log_a) == sorted(log_b) == list(range(1, 9))
+    for step in range(1, 9):
+        for key in ("train/loss", "train/grad_norm"):
+            np.testing.assert_allclose(
+                log_b[step][key], log_a[step][key], rtol=1e-4, err_msg=f"{key} at step {step}"
+            )
     _assert_trees_close(a["params"], b["params"], rtol=1e-4, atol=1e-6)
+    init = _initial_params(uninterrupted)
+    assert _moved_in_tolerances(a["params"], init, rtol=1e-4, atol=1e-6) > 100
+
+
+def _train_log(workdir) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (pathlib.Path(workdir) / "logs" / "metrics.jsonl").open()]
+    return {r["step"]: r for r in rows if "train/grad_norm" in r}
+
+
+def _initial_params(workdir):
+    from gte_jax import hf
+
+    model, _, _ = hf.load_pretrained(pathlib.Path(workdir) / "base_model")
+    return jax.device_get(train.ModelFn.from_module(model)[1])
 
 
 def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp_path):
@@ -297,8 +328,13 @@ def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp
     ]
     finite = [r["train/finite"] for r in rows]
     assert finite[-3:] == [0.0, 0.0, 0.0] and 1.0 in finite
-    cfg = ml_collections.ConfigDict({"learning_rate": 1e30, "warmup_ratio": 0.1})
-    _, schedule = train.make_optimizer(cfg, total_steps=8)
+    from gte_jax.config import load_config
+
+    cmd = _train_cmd(tiny_model_dir, tmp_path / "nan", "--config.train.learning_rate=1e30")
+    cfg = load_config(
+        REPO / "configs" / "finetune.py", [a for a in cmd if a.startswith("--config.")]
+    )
+    _, schedule = train.make_optimizer(cfg.train, total_steps=8)
     applied = 0
     for r in rows:
         assert r["train/learning_rate"] == pytest.approx(float(schedule(applied)), rel=1e-6)
