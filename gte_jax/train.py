@@ -27,6 +27,7 @@ from etils import epath
 from gte_jax import hooks as hooks_lib
 from gte_jax import sharding as shd
 from gte_jax.models.encoder import ModelFn
+from gte_jax.timing import StageTimer
 
 log = logging.getLogger("gte_jax.train")
 
@@ -443,6 +444,12 @@ def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state)
     return jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
 
 
+def _cache_size(fn: Any) -> int | None:
+    """How many programs a jitted function compiled (None where JAX does not say)."""
+    size = getattr(fn, "_cache_size", None)
+    return int(size()) if callable(size) else None
+
+
 def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
     """The train state every step, checkpoint and test uses: params, optimizer state, step, RNG."""
     return {
@@ -493,6 +500,7 @@ class _Loop:
         self.preempt = PreemptionFlag()
         self.max_bad = int(tcfg.max_consecutive_nonfinite)
         self.tracker = hooks_lib.new_tracker()
+        self.timer = StageTimer()
         self.examples = 0
         self.step = st.start_step
         self.seconds = 0.0
@@ -525,8 +533,11 @@ class _Loop:
         t0 = time.perf_counter()
         try:
             while self.step < st.total_steps and not self.stopped:
+                t_host = time.perf_counter()
                 local = next(st.iterator)
-                st.state, metrics = st.jit_step(st.state, shd.global_batch(local, st.mesh))
+                batch = shd.global_batch(local, st.mesh)
+                self.timer.add_batch(local, time.perf_counter() - t_host)
+                st.state, metrics = st.jit_step(st.state, batch)
                 self.tracker = hooks_lib.track_finite(self.tracker, metrics)
                 self.step += 1
                 self.examples += int(local["valid"].shape[0]) * jax.process_count()
@@ -575,6 +586,8 @@ class _Loop:
                 loss=f"{m['loss']:.4f}",
                 acc=f"{m.get('accuracy', float('nan')):.3f}",
                 ex_s=f"{ctx.examples / max(ctx.elapsed, 1e-9):.1f}",
+                host=f"{100 * self.timer.host_seconds / max(ctx.elapsed, 1e-9):.0f}%",
+                programs=_cache_size(self.st.jit_step),
             )
 
     def _evaluate(self, ctx: hooks_lib.StepContext) -> None:
@@ -617,6 +630,8 @@ class _Loop:
             "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
             "nonfinite_steps": int(self.tracker["nonfinite"]),
             "resumed_from_step": st.start_step,
+            # Where the time went (compile / host / device) and padding (processed per real token).
+            "timing": self.timer.report(self.seconds, _cache_size(st.jit_step)),
             "completed": completed,
             "eval_at_start": self.evaluator.first,
             "eval": self.evaluator.last,

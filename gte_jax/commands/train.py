@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return error("gte-jax train", e)
     for s in summaries:
         line = {k: s.get(k) for k in _PRINTED}
+        if "timing" in s:  # compiled train-step programs and where the time went
+            line["timing"] = {
+                k: s["timing"][k]
+                for k in ("train_step_programs", "compile_seconds", "host_seconds")
+            }
         for extra in ("export", "already_complete"):
             if extra in s:
                 line[extra] = s[extra]
