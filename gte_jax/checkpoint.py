@@ -24,8 +24,7 @@ from etils import epath
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a workdir could be restored."""
+from gte_jax.errors import CheckpointError  # noqa: E402,F401  (re-exported)
 
 
 def absolute_path(path: str | epath.PathLike) -> epath.Path:

@@ -6,3 +6,7 @@ Bad input *data* is :class:`gte_jax.textio.InputError`; a model spec that names 
 
 class ConfigError(ValueError):
     """A config file or an override that cannot be applied; the message says what to change."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a workdir could be restored."""

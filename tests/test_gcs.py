@@ -237,7 +237,8 @@ def test_two_stage_train_resume_and_export_in_a_gs_workdir(gcs, tiny_model_dir, 
     import ml_collections
     from etils import epath
 
-    from gte_jax import export, train
+    from gte_jax import train
+    from gte_jax.commands import export
     from gte_jax.encode import Embedder
     from gte_jax.evaluation import load_embedder
 

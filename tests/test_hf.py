@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import shutil
 import stat
 
@@ -244,7 +245,9 @@ def test_export_files_follow_the_umask(minilm_dir, tmp_path, umask):
     model = BiEncoder(EncoderConfig.from_hf(TINY_BERT), projection_dim=8, rngs=nnx.Rngs(0))
     old = os.umask(umask)
     try:
-        out = export_pretrained(model, load_tokenizer(minilm_dir), tmp_path / "export")
+        out = pathlib.Path(
+            export_pretrained(model, load_tokenizer(minilm_dir), tmp_path / "export")
+        )
     finally:
         os.umask(old)
     modes = {

@@ -309,6 +309,7 @@ def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp
             # An absurd step size: after the first real update the activations overflow, so the
             # loss is NaN on every later step (a skipped update leaves the params as they were).
             "--config.train.learning_rate=1e30",
+            "--config.train.schedule=linear",  # a decaying rate: skipped steps must not move it
             "--config.train.log_every=1",
             "--config.train.max_consecutive_nonfinite=3",
         ),
@@ -330,7 +331,12 @@ def test_nonfinite_loss_skips_updates_then_stops_with_advice(tiny_model_dir, tmp
     assert finite[-3:] == [0.0, 0.0, 0.0] and 1.0 in finite
     from gte_jax.config import load_config
 
-    cmd = _train_cmd(tiny_model_dir, tmp_path / "nan", "--config.train.learning_rate=1e30")
+    cmd = _train_cmd(
+        tiny_model_dir,
+        tmp_path / "nan",
+        "--config.train.learning_rate=1e30",
+        "--config.train.schedule=linear",
+    )
     cfg = load_config(
         REPO / "configs" / "finetune.py", [a for a in cmd if a.startswith("--config.")]
     )

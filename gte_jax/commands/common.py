@@ -15,6 +15,17 @@ from gte_jax.textio import InputError
 USER_ERRORS = (InputError, ConfigError, CheckpointError, FileNotFoundError, ValueError)
 
 
+def setup_logging(level: str | int = "INFO") -> None:
+    """Our log lines on stderr at ``level``. ``force``: libraries imported before (absl through
+    orbax) may have put their own handler on the root logger, which would swallow INFO lines."""
+    import logging
+
+    level = level.upper() if isinstance(level, str) else level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # orbax logs every save/restore step at INFO through absl; keep the console for our own lines.
+    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def error(prog: str, message: Any) -> int:
     """Prints ``<prog>: error: <message>`` on stderr; returns exit code 2."""
     print(f"{prog}: error: {message}", file=sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 
@@ -20,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--model-name", default=None, help="name for the model card")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from gte_jax.commands.common import setup_logging
+
+    setup_logging("WARNING")
 
     from etils import epath
 

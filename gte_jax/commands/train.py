@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from gte_jax.commands.common import USER_ERRORS, error
+from gte_jax.commands.common import USER_ERRORS, error, setup_logging
 from gte_jax.train import TrainingDiverged, TrainingError, json_safe, run
 
 _PRINTED = (
@@ -52,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
         )
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    # orbax logs every save/restore step at INFO through absl; keep the console for our own lines.
-    logging.getLogger("absl").setLevel(max(logging.WARNING, logging.getLogger().level))
+    setup_logging(args.log_level)
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:

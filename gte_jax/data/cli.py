@@ -173,7 +173,9 @@ def build_main(args, overrides: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from gte_jax.commands.common import setup_logging
+
+    setup_logging("INFO")
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
