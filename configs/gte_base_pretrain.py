@@ -39,6 +39,10 @@ def get_config(arg: str | None = None):
     c.data.alpha = 0.5  # GTE §3.1: p_i ∝ n_i^0.5
     c.data.query_max_length = 128  # GTE §4.1: 128 tokens in stage 1
     c.data.doc_max_length = 128
+    # ours: several texts per row, so the step does ~no work on padding; with GradCache each
+    # chunk packs whole texts up to its token budget (docs/design.md, "Packing with GradCache").
+    c.data.packing = True
+    c.data.packing_row_multiple = 8  # ours: rows (and slots) per device and chunk rounded to 8
 
     c.loss.name = "gte"
     c.loss.temperature = 0.01  # GTE §3.2
