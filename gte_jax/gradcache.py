@@ -23,8 +23,12 @@ Interfaces:
     model inputs with the role prefix stripped (``input_ids``, ``attention_mask``, optional
     ``pool_mask`` / ``token_type_ids``; all [b, L]) and ``rng`` a key or ``None`` (no dropout).
     Packed batches add ``segment_ids`` / ``position_ids`` [R, L] and ``slot_index`` [b] (or
-    [b, K]); ``embed_fn`` then returns ``slot_index.shape + (D,)``. Packing runs with one chunk
-    only (plain or GradCache with ``num_chunks == 1``).
+    [b, K]); ``embed_fn`` then returns ``slot_index.shape + (D,)``. Packed in GradCache chunks
+    (``<role>_chunk_index`` present; docs/design.md, "Packing with GradCache"), a role's rows are
+    [D*R, C, L] and its ``slot_index`` [D*S, C]: axis 1 is the chunk, so [C, D*R, L] is a local
+    transpose; the role brings its own C (its token budget decided it), and chunk c's outputs
+    [D*S, D] go back to example order by the gather ``chunk_index`` [B] (or [B, K]) into the
+    [C, D*S] outputs; pass 2 gets each chunk's cached gradient from that gather's transpose.
     For an NNX ``BiEncoder`` it is ``nnx.merge(graphdef, params)(...)`` (``train.make_embed_fn``).
   * ``loss_fn(embeddings, batch) -> (loss, metrics)`` with ``embeddings = {"query": [B, D],
     "doc": [B, D], "neg": [B, K, D] (if the batch has negatives)}``; :func:`make_loss_fn` builds
@@ -134,27 +138,59 @@ def _embed_chunk(
     return emb.reshape(c, k, emb.shape[-1])  # [c, K, D]
 
 
+def is_chunk_packed(batch: Batch, role: str = "query") -> bool:
+    """Whether ``role`` is packed in GradCache chunks (``<role>_chunk_index``; docs/design.md,
+    "Packing with GradCache"): rows [D*R, C, L], ``slot_index`` [D*S, C]."""
+    return f"{role}_chunk_index" in batch
+
+
+def _to_chunks(x: Array, mesh, data_axis) -> Array:
+    """[D*R, C, ...] -> [C, D*R, ...]: a local transpose, the data split stays on the rows."""
+    return _constrain(jnp.swapaxes(x, 0, 1), mesh, PartitionSpec(None, data_axis))
+
+
 def _chunked_inputs(batch, num_chunks, mesh, data_axis):
+    """Per role: (inputs split into chunks [C, ...], C). Chunk-packed roles bring their own C."""
     roles = batch_roles(batch)
-    if is_packed(batch) and num_chunks != 1:
-        # Chunks would have to split rows and examples consistently (texts of a row in one
-        # chunk); not done yet.
-        raise ValueError(
-            f"sequence packing (data.packing=True) with GradCache chunks (num_chunks={num_chunks})"
-            " is not supported yet: set data.packing=False or train.gradcache_chunk_size=0"
-        )
-    b = batch["query_input_ids"].shape[0]
-    if mesh is not None and (b % num_chunks or (b // num_chunks) % mesh.shape[data_axis]):
-        raise ValueError(
-            f"batch size {b} must split into num_chunks={num_chunks} chunks whose size is a "
-            f"multiple of the {data_axis!r} axis ({mesh.shape[data_axis]} devices)"
-        )
-    return roles, {
-        role: jax.tree.map(
-            lambda x: split_chunks(x, num_chunks, mesh, data_axis), role_inputs(batch, role)
-        )
-        for role in roles
-    }
+    out = {}
+    for role in roles:
+        inputs = role_inputs(batch, role)
+        if is_chunk_packed(batch, role):
+            del inputs["chunk_index"]
+            chunks = {k: _to_chunks(v, mesh, data_axis) for k, v in inputs.items()}
+            out[role] = (chunks, inputs["slot_index"].shape[1])
+            continue
+        if is_packed(batch) and num_chunks != 1:
+            raise ValueError(
+                f"packed rows in one chunk with GradCache chunks (num_chunks={num_chunks}): build"
+                " the batch with pack_chunks=num_chunks (the chunked packed layout)"
+            )
+        b = batch["query_input_ids"].shape[0]
+        if mesh is not None and (b % num_chunks or (b // num_chunks) % mesh.shape[data_axis]):
+            raise ValueError(
+                f"batch size {b} must split into num_chunks={num_chunks} chunks whose size is a "
+                f"multiple of the {data_axis!r} axis ({mesh.shape[data_axis]} devices)"
+            )
+        split = lambda x: split_chunks(x, num_chunks, mesh, data_axis)  # noqa: E731
+        out[role] = (jax.tree.map(split, inputs), num_chunks)
+    return roles, out
+
+
+def _merge(emb: Array, batch: Batch, role: str, mesh, data_axis) -> Array:
+    """Chunk outputs [C, n, (K,) D] -> the role's embeddings in example order [B, (K,) D]."""
+    if not is_chunk_packed(batch, role):
+        return merge_chunks(emb, mesh, data_axis)
+    index = batch[f"{role}_chunk_index"]  # [B] or [B, K] into the [C * n] outputs
+    return emb[index // emb.shape[1], index % emb.shape[1]]
+
+
+def _unmerge(grad: Array, shape, batch: Batch, role: str, mesh, data_axis) -> Array:
+    """Transpose of :func:`_merge`: the embedding gradient [B, (K,) D] -> per chunk [C, n, D]
+    (unused chunk entries get zero)."""
+    if not is_chunk_packed(batch, role):
+        return split_chunks(grad, shape[0], mesh, data_axis)
+    _, pullback = jax.vjp(lambda e: _merge(e, batch, role, mesh, data_axis), jnp.zeros(shape))
+    return _constrain(pullback(grad)[0], mesh, PartitionSpec(None, data_axis))
 
 
 def embed_batch(
@@ -174,13 +210,14 @@ def embed_batch(
     roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
     out = {}
     for role in roles:
-        keys = chunk_keys(rng, role, num_chunks)
+        inputs, n = chunks[role]
+        keys = chunk_keys(rng, role, n)
 
         def one(xs, role=role):
             inputs, key = xs
             return _embed_chunk(embed_fn, params, inputs, key, role)
 
-        out[role] = merge_chunks(lax.map(one, (chunks[role], keys)), mesh, data_axis)
+        out[role] = _merge(lax.map(one, (inputs, keys)), batch, role, mesh, data_axis)
     return out
 
 
@@ -221,19 +258,20 @@ def cached_value_and_grad(
     right before its own backward and save nothing.
     """
     roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
-    keys = {role: chunk_keys(rng, role, num_chunks) for role in roles}
+    keys = {role: chunk_keys(rng, role, chunks[role][1]) for role in roles}
     frozen = lax.stop_gradient(params)
 
     # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
-    embeddings = {}
+    embeddings, shapes = {}, {}
     for role in roles:
 
         def embed_one(xs, role=role):
             inputs, key = xs
             return _embed_chunk(embed_fn, frozen, inputs, key, role)
 
-        emb = lax.map(embed_one, (chunks[role], keys[role]))  # [C, B/C, (K,) D]
-        embeddings[role] = merge_chunks(emb, mesh, data_axis)  # [B, (K,) D]
+        emb = lax.map(embed_one, (chunks[role][0], keys[role]))  # [C, B/C, (K,) D]
+        shapes[role] = emb.shape
+        embeddings[role] = _merge(emb, batch, role, mesh, data_axis)  # [B, (K,) D]
 
     (loss, metrics), emb_grads = jax.value_and_grad(lambda e: loss_fn(e, batch), has_aux=True)(
         embeddings
@@ -249,8 +287,9 @@ def cached_value_and_grad(
             (chunk_grads,) = pullback(emb_grad)
             return jax.tree.map(jnp.add, acc, chunk_grads), None
 
-        cached = split_chunks(emb_grads[role], num_chunks, mesh, data_axis)  # [C, B/C, (K,) D]
-        grads, _ = lax.scan(backward_one, grads, (chunks[role], keys[role], cached))
+        # [C, B/C, (K,) D]
+        cached = _unmerge(emb_grads[role], shapes[role], batch, role, mesh, data_axis)
+        grads, _ = lax.scan(backward_one, grads, (chunks[role][0], keys[role], cached))
     return (loss, metrics), grads
 
 

@@ -406,6 +406,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         process_count=jax.process_count(),
         local_data_devices=mesh.shape[shd.DATA_AXIS] // jax.process_count(),
         include_prompt=info.include_prompt,
+        pack_chunks=num_chunks,  # packing + GradCache: rows dealt to chunks by token budget
     )
     tx, schedule = make_optimizer(tcfg, total_steps)
     model_fn, params = ModelFn.from_module(model)

@@ -320,12 +320,12 @@ def test_packed_embeddings_equal_unpacked_xlmr_position_offset():
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
 
 
-def test_packing_with_gradcache_chunks_is_refused(tokenizer):
+def test_one_chunk_packing_with_gradcache_chunks_is_refused(tokenizer):
     from gte_jax import gradcache as gc
 
     it = _iterator(tokenizer, packing=True)
     batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="pack_chunks=num_chunks"):
         gc.embed_batch(lambda p, x, r: None, None, batch, None, num_chunks=2)
 
 

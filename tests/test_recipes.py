@@ -60,29 +60,38 @@ def test_gte_base_recipe_step_traces_at_full_size(config_file, with_negatives):
         int(cfg.data.doc_max_length),
     )
     ids = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-    batch = {
-        "query_input_ids": ids(b, lq),
-        "query_attention_mask": ids(b, lq),
-        "doc_input_ids": ids(b, ld),
-        "doc_attention_mask": ids(b, ld),
-        "query_text_id": ids(b),
-        "doc_text_id": ids(b),
-        "valid": ids(b),
-    }
-    if with_negatives:
-        batch |= {
-            "neg_input_ids": ids(b, 1, ld),
-            "neg_attention_mask": ids(b, 1, ld),
-            "neg_text_id": ids(b, 1),
-        }
     chunk = int(cfg.train.gradcache_chunk_size)
+    chunks = b // chunk if cfg.train.gradcache and chunk else 1
+    k = 1 if with_negatives else 0
+    batch = {"query_text_id": ids(b), "doc_text_id": ids(b), "valid": ids(b)}
+    if with_negatives:
+        batch |= {"neg_text_id": ids(b, k), "neg_valid": ids(b, k)}
+    roles = [("query", lq, ()), ("doc", ld, ())] + ([("neg", ld, (k,))] if k else [])
+    for role, length, extra in roles:
+        if not cfg.data.packing:  # padded: [B, (K,) L]
+            for key in ("input_ids", "attention_mask"):
+                batch[f"{role}_{key}"] = ids(b, *extra, length)
+            continue
+        # Packed (docs/design.md): the worst case of the layout, one text per row.
+        n = b * max(k, 1) if role == "neg" else b
+        if chunks > 1:  # chunked: rows [R, C, L], slots [S, C], chunk_index in example order
+            rows, slots = (n // chunks, chunks, length), (n // chunks, chunks)
+        else:
+            rows, slots = (n, length), (n,)
+        for key in ("input_ids", "attention_mask", "segment_ids", "position_ids"):
+            batch[f"{role}_{key}"] = ids(*rows)
+        if chunks > 1:
+            batch[f"{role}_slot_index"] = ids(*slots)
+            batch[f"{role}_chunk_index"] = ids(b, *extra)
+        else:
+            batch[f"{role}_slot_index"] = ids(b, *extra)
     step = train.make_train_step(
         model_fn,
         tx,
         loss_name=cfg.loss.name,
         loss_kwargs={"temperature": cfg.loss.temperature},
         gradcache=bool(cfg.train.gradcache),
-        num_chunks=b // chunk if cfg.train.gradcache else 1,
+        num_chunks=chunks,
     )
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)

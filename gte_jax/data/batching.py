@@ -341,6 +341,71 @@ def packed_arrays(
     return out
 
 
+def _at_least_rows(rows: list[list[int]], n: int) -> list[list[int]]:
+    """``rows`` split until there are ``n`` (moves the last text of the row with the most texts
+    into a row of its own), so that every GradCache chunk of a device holds a real text."""
+    rows = [list(r) for r in rows]
+    while len(rows) < n:
+        most = max(range(len(rows)), key=lambda r: (len(rows[r]), -r))
+        if len(rows[most]) < 2:
+            raise ValueError(f"{sum(map(len, rows))} texts cannot fill {n} rows")
+        rows.append([rows[most].pop()])
+    return rows
+
+
+def chunk_plan(num_rows: int, max_rows_per_chunk: int, row_multiple: int = 1) -> tuple[int, int]:
+    """(chunks, rows per chunk) of one role on one device, GradCache by token budget.
+
+    ``max_rows_per_chunk`` rows of L tokens is the budget (what one padded chunk holds at full
+    length); the fewest chunks within it, then rows balanced over them: at most chunks - 1 empty
+    rows per device beyond the rounding to ``row_multiple``."""
+    chunks = max(1, -(-num_rows // max(1, max_rows_per_chunk)))
+    return chunks, round_up(max(1, -(-num_rows // chunks)), row_multiple)
+
+
+def packed_chunk_arrays(
+    texts: Sequence[Sequence[int]],
+    rows: Sequence[Sequence[int]],
+    *,
+    num_chunks: int,
+    rows_per_chunk: int,
+    slots_per_chunk: int,
+    length: int,
+    pad_id: int,
+    device: int,
+    num_devices: int,
+    pool: Sequence[Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """One device's packed rows of one role dealt to ``num_chunks`` GradCache chunks.
+
+    Packed row k (best-fit decreasing order) goes to chunk ``k % C``, row ``k // C``; keys as
+    :func:`packed_arrays`, with rows [R, C, L] (axis 1 = chunk), ``slot_index`` [S, C] (chunk
+    c's texts: slots of chunk c's global rows [D * R, L], i.e. ``(device * R + r) * L + s``;
+    unused entries repeat the chunk's first text) and ``chunk_index`` [n]: text i's place in the
+    chunk outputs [C, D * S] flattened, ``c * D * S + device * S + j``.
+    """
+    c_, r_, s_ = num_chunks, rows_per_chunk, slots_per_chunk
+    base = packed_arrays(texts, rows, num_rows=c_ * r_, length=length, pad_id=pad_id, pool=pool)
+    out = {key: v.reshape(r_, c_, length) for key, v in base.items() if key != "slot_index"}
+    slot_index = np.full((s_, c_), -1, dtype=np.int32)
+    chunk_index = np.zeros((len(texts),), dtype=np.int32)
+    used = [0] * c_
+    for i, slot in enumerate(base["slot_index"]):
+        k, s = divmod(int(slot), length)
+        c, r = k % c_, k // c_
+        j = used[c]
+        if j >= s_:
+            raise ValueError(f"chunk {c} holds more than slots_per_chunk={s_} texts")
+        used[c] += 1
+        slot_index[j, c] = (device * r_ + r) * length + s
+        chunk_index[i] = c * num_devices * s_ + device * s_ + j
+    if min(used) == 0:
+        raise ValueError("every chunk of a device must hold a text (see _at_least_rows)")
+    out["slot_index"] = np.where(slot_index < 0, slot_index[:1], slot_index)
+    out["chunk_index"] = chunk_index
+    return out
+
+
 def materialize_packed(
     plan: GlobalBatchPlan,
     tok: TokenizedSlice,
@@ -353,6 +418,8 @@ def materialize_packed(
     process_index: int = 0,
     groups: int = 1,
     agree_rows: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+    chunks: int = 1,
+    process_count: int = 1,
 ) -> dict[str, np.ndarray]:
     """The process-local batch with every role packed (docs/design.md, "Packed batches").
 
@@ -362,7 +429,19 @@ def materialize_packed(
     data devices only, not on how they are spread over processes. Row counts per device are
     agreed over devices and processes (max) and rounded up to ``row_multiple``, so every device
     holds the same [R, L] shapes.
+
+    ``chunks > 1`` (GradCache with that many chunks): the layout of docs/design.md "Packing with
+    GradCache": per role, the token budget of a chunk is what one padded chunk holds at full
+    length (B / chunks examples, one row each); the role gets the fewest chunks within that
+    budget and its rows are dealt to them (:func:`packed_chunk_arrays`). ``process_count`` is
+    needed to number the devices globally.
     """
+    if chunks > 1:
+        return _materialize_packed_chunked(
+            plan, tok, query_length=query_length, doc_length=doc_length, pad_id=pad_id,
+            num_negatives=num_negatives, row_multiple=row_multiple, process_index=process_index,
+            groups=groups, agree_rows=agree_rows, chunks=chunks, process_count=process_count,
+        )  # fmt: skip
     b = len(tok.query_ids)
     if b % groups:
         raise ValueError(f"{b} examples do not split over {groups} local devices")
@@ -414,6 +493,90 @@ def materialize_packed(
     return out
 
 
+def _role_specs(tok: TokenizedSlice, query_length: int, doc_length: int, num_negatives: int):
+    roles = [("query", tok.query_ids, query_length, tok.query_pool)]
+    roles.append(("doc", tok.doc_ids, doc_length, tok.doc_pool))
+    if num_negatives:
+        roles.append(("neg", tok.neg_ids, doc_length, tok.neg_pool))
+    return roles
+
+
+def _materialize_packed_chunked(
+    plan, tok, *, query_length, doc_length, pad_id, num_negatives, row_multiple, process_index,
+    groups, agree_rows, chunks, process_count,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    b = len(tok.query_ids)
+    if b % (groups * chunks):
+        raise ValueError(f"{b} examples do not split over {groups} devices x {chunks} chunks")
+    per = b // groups
+    blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
+    roles = _role_specs(tok, query_length, doc_length, num_negatives)
+
+    def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
+        k = len(texts) // b
+        return [texts[i] for e in block for i in range(e * k, (e + 1) * k)]
+
+    layouts = [
+        [pack_rows([len(t) for t in texts_of(texts, blk)], length) for blk in blocks]
+        for _, texts, length, _ in roles
+    ]
+    # Round 1: rows per device (max over devices and processes) -> chunks and rows per chunk.
+    counts = agree_rows(np.asarray([max(len(r) for r in lay) for lay in layouts], np.int32))
+    plans = []
+    for (_, texts, _, _), count in zip(roles, counts, strict=True):
+        budget = (per // chunks) * (len(texts) // b)  # rows of one padded chunk, per device
+        plans.append(chunk_plan(int(count), budget, row_multiple))
+    # Every chunk of every device holds a text (no empty slot is ever normalised).
+    layouts = [
+        [_at_least_rows(r, c) for r in lay] for lay, (c, _) in zip(layouts, plans, strict=True)
+    ]
+
+    def most_per_chunk(rows, c):
+        return max(sum(len(rows[k]) for k in range(j, len(rows), c)) for j in range(c))
+
+    # Round 2: texts per chunk (max over chunks, devices, processes).
+    slots = agree_rows(
+        np.asarray(
+            [
+                max(most_per_chunk(r, c) for r in lay)
+                for lay, (c, _) in zip(layouts, plans, strict=True)
+            ],
+            np.int32,
+        )
+    )
+    num_devices = groups * process_count
+    out = {}
+    for (role, texts, length, pool), lay, (c, r), s in zip(
+        roles, layouts, plans, slots, strict=True
+    ):
+        parts = [
+            packed_chunk_arrays(
+                texts_of(texts, blk),
+                rows,
+                num_chunks=c,
+                rows_per_chunk=r,
+                slots_per_chunk=round_up(int(s), row_multiple),
+                length=length,
+                pad_id=pad_id,
+                device=process_index * groups + g,
+                num_devices=num_devices,
+                pool=None if pool is None else texts_of(pool, blk),
+            )
+            for g, (blk, rows) in enumerate(zip(blocks, lay, strict=True))
+        ]
+        arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        if role == "neg":
+            arrays["chunk_index"] = arrays["chunk_index"].reshape(b, num_negatives)
+        out.update({f"{role}_{key}": value for key, value in arrays.items()})
+    out["query_text_id"] = plan.query_text_id[tok.rows]
+    out["doc_text_id"] = plan.doc_text_id[tok.rows]
+    if num_negatives:
+        out["neg_text_id"] = plan.neg_text_id[tok.rows]
+        out["neg_valid"] = plan.neg_valid[tok.rows]
+    out["valid"] = np.ones((b,), dtype=np.int32)
+    return out
+
+
 def allgather_max(local: np.ndarray) -> np.ndarray:
     """Element-wise max of ``local`` over all JAX processes (one small collective)."""
     from jax.experimental import multihost_utils
@@ -442,6 +605,8 @@ class PairBatchIterator:
       pack_row_multiple: with packing, each device's row count per role is rounded up to a
         multiple of this (larger: fewer shapes to compile).
       pack_groups: the process's devices on the data axis; each packs its own examples.
+      pack_chunks: the run's GradCache chunks (``batch_size / gradcache_chunk_size``); > 1 with
+        packing gives the chunked packed layout (docs/design.md, "Packing with GradCache").
       agree_lengths: ``[n] int32 -> [n] int32`` max over processes (lengths, or row counts); default: identity for one
         process, :func:`allgather_max` otherwise.
       include_prompt: the model's ``include_prompt``; False: prompt tokens (prefixes,
@@ -467,6 +632,7 @@ class PairBatchIterator:
         packing: bool = False,
         pack_row_multiple: int = 1,
         pack_groups: int = 1,
+        pack_chunks: int = 1,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
         include_prompt: bool = True,
     ):
@@ -480,7 +646,7 @@ class PairBatchIterator:
         self.query_buckets = bucket_lengths(query_max_length, min_bucket, bucket_multiple)
         self.doc_buckets = bucket_lengths(doc_max_length, min_bucket, bucket_multiple)
         self.packing, self.pack_row_multiple = bool(packing), int(pack_row_multiple)
-        self.pack_groups = int(pack_groups)
+        self.pack_groups, self.pack_chunks = int(pack_groups), int(pack_chunks)
         if self.pack_row_multiple < 1:
             raise ValueError(f"pack_row_multiple must be >= 1, got {pack_row_multiple}")
         self.sampler = MixtureSampler(
@@ -541,6 +707,8 @@ class PairBatchIterator:
                 process_index=self.process_index,
                 groups=self.pack_groups,
                 agree_rows=self.agree_lengths,
+                chunks=self.pack_chunks,
+                process_count=self.process_count,
             )
         lq, ld = (int(x) for x in self.agree_lengths(tok.max_lengths()))
         return materialize(

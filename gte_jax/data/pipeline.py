@@ -69,7 +69,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.doc_max_length = 256
     c.min_bucket = 16
     c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding)
-    c.packing = False  # several texts per row: almost no padding (not with GradCache chunks)
+    c.packing = False  # several texts per row: almost no padding (with GradCache: chunked rows)
     c.packing_row_multiple = 1  # packed rows per device and role: a multiple of this
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
