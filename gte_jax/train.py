@@ -408,6 +408,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         include_prompt=info.include_prompt,
         pack_chunks=num_chunks,  # packing + GradCache: rows dealt to chunks by token budget
     )
+    iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
     tx, schedule = make_optimizer(tcfg, total_steps)
     model_fn, params = ModelFn.from_module(model)
     state = shd.shard_params(init_train_state(params, tx, int(tcfg.seed)), mesh)

@@ -4,6 +4,7 @@ MiniLM, every pooling mode; XLM-R position offset); the train step is in test_pa
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 
 import jax
@@ -336,3 +337,57 @@ def test_data_inspect_decodes_packed_examples_like_padded_ones(tokenizer):
         _iterator(tokenizer, packing=True), itertools.islice(_iterator(tokenizer), 3), strict=False
     ):
         assert _decode_rows(tokenizer, packed, rows=16) == _decode_rows(tokenizer, padded, rows=16)
+
+
+def test_primed_row_floor_gives_one_shape_and_the_same_texts(tokenizer):
+    """Issue 11: packed row counts fixed at start-up from the data's lengths, so a run compiles
+    one train-step program. The batches hold the same texts as without the floor; the shapes of
+    the primed batches never change; the floor is part of the resumable state."""
+    steps = 8
+    plain = _iterator(tokenizer, packing=True, pack_row_multiple=2)
+    primed = _iterator(tokenizer, packing=True, pack_row_multiple=2)
+    floor = dict(primed.prime_row_floor(steps))
+    assert floor and all(n % 2 == 0 for n in floor.values())
+    assert primed.sampler.step == 0  # priming consumed nothing
+    shapes, plain_shapes = set(), set()
+    for _ in range(steps):
+        ref, got = next(plain), next(primed)
+        for role in ("query", "doc", "neg"):
+            if f"{role}_input_ids" in ref:
+                assert _texts_of(got, role) == _texts_of(ref, role)
+        shapes.add(tuple(sorted((k, v.shape) for k, v in got.items())))
+        plain_shapes.add(tuple(sorted((k, v.shape) for k, v in ref.items())))
+    per_source = {s.name for s in primed.sources.values()}
+    assert len(shapes) <= len(per_source) < len(plain_shapes)  # one shape per batch layout
+    assert primed.row_floor == floor  # the primed batches needed no more rows
+    state = json.loads(json.dumps(primed.get_state()))
+    resumed = _iterator(tokenizer, packing=True, pack_row_multiple=2)
+    resumed.set_state(state)
+    again, cont = next(resumed), next(primed)
+    assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in cont.items()}
+    for key in again:
+        np.testing.assert_array_equal(again[key], cont[key])
+
+
+def test_two_processes_prime_the_same_row_floor(tokenizer):
+    gather = _ThreadAllGather(2)
+    floors: dict[int, dict] = {}
+
+    def run(p: int):
+        it = _iterator(
+            tokenizer, packing=True, process_index=p, process_count=2,
+            agree_lengths=gather.for_process(p), pack_groups=4,
+        )  # fmt: skip
+        floors[p] = it.prime_row_floor(6)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    single = _iterator(tokenizer, packing=True, pack_groups=8).prime_row_floor(6)
+    assert floors[0] == floors[1]
+    # Rows per device: 8 devices either way, each with the same examples.
+    assert {k.split("/")[0]: v for k, v in floors[0].items()} == {
+        k.split("/")[0]: v for k, v in single.items()
+    }

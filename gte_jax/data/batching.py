@@ -13,9 +13,10 @@ split is meant to avoid; character-count estimates are not exact and would trunc
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -420,6 +421,7 @@ def materialize_packed(
     agree_rows: Callable[[np.ndarray], np.ndarray] = lambda x: x,
     chunks: int = 1,
     process_count: int = 1,
+    row_floor: MutableMapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The process-local batch with every role packed (docs/design.md, "Packed batches").
 
@@ -435,6 +437,10 @@ def materialize_packed(
     length (B / chunks examples, one row each); the role gets the fewest chunks within that
     budget and its rows are dealt to them (:func:`packed_chunk_arrays`). ``process_count`` is
     needed to number the devices globally.
+
+    ``row_floor`` (one chunk): rows per device of each role are at least ``row_floor[key]``
+    (key: :func:`_floor_key`), and the floor rises to what this batch used: a run's shapes only
+    grow, so it compiles one program once the floor is primed (``PairBatchIterator.prime_row_floor``).
     """
     if chunks > 1:
         return _materialize_packed_chunked(
@@ -466,8 +472,11 @@ def materialize_packed(
         )
     )
     out = {}
+    floor = row_floor if row_floor is not None else {}
     for (role, texts, length, pool), per_block, count in zip(roles, layouts, counts, strict=True):
-        num_rows = round_up(int(count), row_multiple)  # per device
+        key = _floor_key(role, b, num_negatives)
+        num_rows = round_up(max(int(count), floor.get(key, 0)), row_multiple)  # per device
+        floor[key] = num_rows
         parts = [
             packed_arrays(
                 texts_of(texts, blk),
@@ -480,10 +489,45 @@ def materialize_packed(
             )
             for g, (blk, rows) in enumerate(zip(blocks, per_block, strict=True))
         ]
-        arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if role == "neg":
             arrays["slot_index"] = arrays["slot_index"].reshape(b, num_negatives)
-        out.update({f"{role}_{key}": value for key, value in arrays.items()})
+        out.update({f"{role}_{k}": value for k, value in arrays.items()})
+    return _with_ids(out, plan, tok, num_negatives)
+
+
+def _floor_key(role: str, local_batch: int, num_negatives: int) -> str:
+    """Row floors are per role and batch shape (per-source batch sizes and K differ)."""
+    return f"{role}/{local_batch}/{num_negatives}"
+
+
+def packed_rows_needed(tok: TokenizedSlice, lengths: Mapping[str, int], groups: int) -> dict:
+    """Rows per device each role of ``tok`` needs when packed (:func:`_floor_key` -> rows)."""
+    b = len(tok.query_ids)
+    k = len(tok.neg_ids) // max(b, 1)
+    per = b // groups
+    out = {}
+    for role, texts in (("query", tok.query_ids), ("doc", tok.doc_ids), ("neg", tok.neg_ids)):
+        if not texts:
+            continue
+        n = len(texts) // b  # texts per example (K for negatives)
+        rows = max(
+            len(
+                pack_rows(
+                    [len(texts[i]) for i in range(g * per * n, (g + 1) * per * n)], lengths[role]
+                )
+            )
+            for g in range(groups)
+        )
+        out[_floor_key(role, b, k)] = max(rows, 1)
+    return out
+
+
+def _with_ids(
+    out: dict[str, np.ndarray], plan: GlobalBatchPlan, tok: TokenizedSlice, num_negatives: int
+) -> dict[str, np.ndarray]:
+    """Adds the text ids, negative validity and ``valid`` of this process's rows."""
+    b = len(tok.query_ids)
     out["query_text_id"] = plan.query_text_id[tok.rows]
     out["doc_text_id"] = plan.doc_text_id[tok.rows]
     if num_negatives:
@@ -673,6 +717,38 @@ class PairBatchIterator:
         if agree_lengths is None:
             agree_lengths = allgather_max if process_count > 1 else (lambda x: x)
         self.agree_lengths = agree_lengths
+        # Packed rows per device and role only grow (saved with the sampler state, so a resumed
+        # run packs as the uninterrupted one did): see prime_row_floor.
+        self.row_floor: dict[str, int] = {}
+
+    def prime_row_floor(self, num_batches: int) -> dict[str, int]:
+        """Sets the packed row counts from the first ``num_batches`` batches' lengths (drawn from
+        a copy of the sampler: nothing is consumed), so that a run compiles one train-step
+        program instead of one per new row count. Same on every process (one all-gather)."""
+        if not self.packing or self.pack_chunks > 1 or num_batches <= 0:
+            return self.row_floor
+        sampler = copy.deepcopy(self.sampler)
+        needed: dict[str, int] = {}
+        for _ in range(num_batches):
+            step = sampler.step
+            drawn = sampler.next()
+            plan = make_plan(step, drawn, self.sources, self.num_negatives[drawn[0][0]])
+            rows = process_slice(plan.size, self.process_index, self.process_count)
+            tok = tokenize_slice(
+                plan, self.tokenizer, rows, query_max_length=self.query_max_length,
+                doc_max_length=self.doc_max_length,
+            )  # fmt: skip
+            lengths = {"query": self.query_max_length, "doc": self.doc_max_length}
+            lengths["neg"] = self.doc_max_length
+            for key, n in packed_rows_needed(tok, lengths, self.pack_groups).items():
+                needed[key] = max(needed.get(key, 0), n)
+        keys = sorted(needed)  # the same keys on every process: the plans are global
+        agreed = self.agree_lengths(np.asarray([needed[k] for k in keys], np.int32))
+        for key, n in zip(keys, agreed, strict=True):
+            self.row_floor[key] = max(
+                self.row_floor.get(key, 0), round_up(int(n), self.pack_row_multiple)
+            )
+        return self.row_floor
 
     def __iter__(self) -> PairBatchIterator:
         return self
@@ -709,6 +785,7 @@ class PairBatchIterator:
                 agree_rows=self.agree_lengths,
                 chunks=self.pack_chunks,
                 process_count=self.process_count,
+                row_floor=self.row_floor,
             )
         lq, ld = (int(x) for x in self.agree_lengths(tok.max_lengths()))
         return materialize(
@@ -724,10 +801,12 @@ class PairBatchIterator:
         return self.materialize(self.next_plan())
 
     def get_state(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.get_state()}
+        return {"sampler": self.sampler.get_state(), "row_floor": dict(self.row_floor)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.sampler.set_state(state["sampler"])
+        # A state saved before row floors existed: keep the primed ones.
+        self.row_floor = {**self.row_floor, **dict(state.get("row_floor") or {})}
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per source: size, read / used / skipped (+ reasons), drawn batches and examples."""

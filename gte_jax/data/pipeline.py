@@ -71,6 +71,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding)
     c.packing = False  # several texts per row: almost no padding (with GradCache: chunked rows)
     c.packing_row_multiple = 1  # packed rows per device and role: a multiple of this
+    # Packed rows per device and role are fixed at start-up from this many batches' lengths (and
+    # only grow if a later batch needs more): one compiled train step. 0: rows per batch.
+    c.packing_estimate_batches = 16
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
     return c

@@ -1,0 +1,46 @@
+"""What the [perf] issue promises, checked on a tiny model (timings themselves are measured in
+benchmarks/, not here): a 1-epoch packed fine-tune compiles one train-step program, and the summary
+says where the time went."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = REPO / "gte_jax" / "resources" / "demo" / "bible_finetune.jsonl"
+
+
+def _train(tiny_model_dir, workdir, *extra) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", GTE_JAX_COMPILATION_CACHE="")
+    cmd = [
+        sys.executable, "-m", "gte_jax.cli", "train", "--config",
+        str(REPO / "configs" / "finetune.py"), "--workdir", str(workdir),
+        f"--config.model.init_from={tiny_model_dir}", f"--config.data.train_files={DATA}",
+        "--config.data.max_length=64", "--config.train.batch_size=16", "--config.train.epochs=1",
+        "--config.train.progress_bar=false", "--config.export.enabled=false",
+        "--config.checkpoint.async_save=false", "--log_level=WARNING", *extra,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
+
+
+def test_a_packed_epoch_compiles_one_train_step_program(tiny_model_dir, tmp_path):
+    summary = _train(tiny_model_dir, tmp_path / "fixed")
+    assert summary["steps"] == 20  # 320 pairs / 16: more steps than the 16 batches primed
+    timing = summary["timing"]
+    assert timing["train_step_programs"] == 1
+    assert timing["compiles"] >= 1 and timing["compile_seconds"] > 0
+    assert 0 < timing["host_seconds"] < summary["train_seconds"]
+    assert 1.0 <= timing["processed_per_real_token"] < 2.0  # packed rows (4-row multiples)
+    # Rows per batch (the old behaviour) compile a program per new row count.
+    per_batch = _train(
+        tiny_model_dir, tmp_path / "per_batch", "--config.data.packing_estimate_batches=0"
+    )
+    assert per_batch["timing"]["train_step_programs"] > 1
