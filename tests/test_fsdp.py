@@ -155,6 +155,11 @@ def test_fsdp_holds_an_eighth_of_every_matrix_per_device(tiny_model_dir):
     for p, mu, nu in zip(*map(jax.tree.leaves, (params, adam.mu, adam.nu)), strict=True):
         assert p.sharding == mu.sharding == nu.sharding
     assert state["step"].sharding.is_fully_replicated and adam.count.sharding.is_fully_replicated
+    # What in-training eval evaluates: the full values, on one local device.
+    local = shd.local_copy(params)
+    for x, y in zip(jax.tree.leaves(local), jax.tree.leaves(host_state["params"]), strict=True):
+        assert len(x.sharding.device_set) == 1
+        np.testing.assert_array_equal(np.asarray(x), y)
     # The largest divisible dim: [vocab 30522 (not divisible by 8), 32] -> split on 32.
     word = params["encoder"]["embeddings"]["word_embeddings"]["embedding"]
     assert word.sharding.spec == jax.P(None, "data")
