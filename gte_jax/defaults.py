@@ -69,7 +69,21 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device
-    c.mesh.model = 1
+    c.mesh.model = 1  # > 1 only with sharding.params="fsdp_tp"
+
+    c.sharding = ml_collections.ConfigDict()
+    # Where parameters and optimizer state live (gte_jax/sharding.py, state_shardings):
+    # "replicate": a full copy on every device (small models; no extra collectives).
+    # "fsdp": every matrix (and its Adam moments) split over the "data" devices on its largest
+    #   divisible dim, so each device holds ~1/N; XLA gathers a layer's weights where they are
+    #   used and reduce-scatters the gradients. For models whose state does not fit replicated.
+    # "fsdp_tp": fsdp, plus attention heads / MLP / vocab split over mesh.model (tensor
+    #   parallelism).
+    c.sharding.params = "replicate"
+    # Overrides, first match wins: ((param path regex, (mesh axis or None per dim)), ...), e.g.
+    # (("word_embeddings", ("data", None)),). Paths look like "params/encoder/layers/3/query/kernel"
+    # and the regex is searched, so it also matches the Adam moments of those parameters.
+    c.sharding.rules = ()
 
     c.eval = ml_collections.ConfigDict()
     # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}].

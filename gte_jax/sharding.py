@@ -1,7 +1,9 @@
 """Device mesh, shardings and multi-process global arrays.
 
-The mesh has axes ``("data", "model")``. Today the batch is split over ``"data"`` and parameters
-are replicated; the ``"model"`` axis (size 1 by default) is where tensor parallelism goes later.
+The mesh has axes ``("data", "model")``. The batch is split over ``"data"``. Parameters and the
+optimizer state are placed by :func:`state_shardings` (config group ``sharding``): replicated
+(default), FSDP (every matrix split over ``"data"``; XLA gathers a layer's weights where they are
+used and reduce-scatters their gradients) or FSDP + tensor parallelism over ``"model"``.
 
 The axes are ``AxisType.Auto`` (jax 0.10's ``jax.make_mesh`` defaults to ``Explicit``): the loss
 is plain math on global arrays and we want the partitioner to choose and insert the all-gathers
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,14 +95,14 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     }
 
 
-def shard_params(params: Any, mesh: Mesh) -> Any:
-    """Places a parameter (or optimizer-state) pytree on the mesh, replicated for now.
+def place(tree: Any, shardings: Any) -> Any:
+    """Puts every leaf of ``tree`` on the mesh with the matching leaf of ``shardings``.
 
-    Host values must be identical on every process (same init seed or same checkpoint).
+    Host values must be identical on every process (same init seed or same checkpoint): each
+    process cuts its own shards out of its copy.
     """
-    sharding = replicated(mesh)
 
-    def place(x):
+    def one(x, sharding):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.device_put(x, sharding)
         host = np.asarray(x)
@@ -107,7 +110,150 @@ def shard_params(params: Any, mesh: Mesh) -> Any:
         # process without assuming the value is already on the (non-addressable) devices.
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree.map(place, params)
+    return jax.tree.map(one, tree, shardings)
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+    """Places a parameter (or optimizer-state) pytree on the mesh, replicated on every device."""
+    sharding = replicated(mesh)
+    return place(params, jax.tree.map(lambda _: sharding, params))
+
+
+def local_copy(tree: Any) -> Any:
+    """The full value of every (possibly sharded) array, on one local device of this process.
+
+    A collective when an array is sharded: call it on every process (e.g. before evaluating).
+    """
+
+    def one(x):
+        if not x.sharding.is_fully_replicated:
+            x = jax.device_put(x, NamedSharding(x.sharding.mesh, PartitionSpec()))
+        return x.addressable_data(0)
+
+    return jax.tree.map(one, tree)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter and optimizer-state shardings: parameter path -> logical axes -> mesh axes
+# --------------------------------------------------------------------------------------------------
+
+SHARDING_MODES = ("replicate", "fsdp", "fsdp_tp")
+
+# The logical axes of a parameter, by a regex searched in its path, e.g.
+# "params/encoder/layers/3/query/kernel". First match wins. An Adam moment's path ends like its
+# parameter's ("opt_state/1/0/mu/encoder/layers/3/query/kernel") and has its shape, so every
+# rule below gives it its parameter's sharding. Names after MaxText: embed (model width), heads
+# (heads x head_dim), mlp (feed-forward width), vocab.
+PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"word_embeddings/embedding$", ("vocab", "embed")),
+    (r"(position|token_type)_embeddings/embedding$", (None, "embed")),
+    (r"/(query|key|value)/kernel$", ("embed", "heads")),
+    (r"/(query|key|value)/bias$", ("heads",)),
+    (r"/attention_output/kernel$", ("heads", "embed")),
+    (r"/intermediate/kernel$", ("embed", "mlp")),
+    (r"/intermediate/bias$", ("mlp",)),
+    (r"/output/kernel$", ("mlp", "embed")),
+)
+
+# Logical axis -> mesh axis, per ``sharding.params`` mode. FSDP needs no names (below); tensor
+# parallelism splits attention heads and the MLP over "model" (Megatron's column/row split:
+# one all-reduce per block), and the vocabulary where it divides.
+LOGICAL_AXIS_RULES: dict[str, dict[str, str]] = {
+    "replicate": {},
+    "fsdp": {},
+    "fsdp_tp": {"heads": MODEL_AXIS, "mlp": MODEL_AXIS, "vocab": MODEL_AXIS},
+}
+FSDP_MODES = ("fsdp", "fsdp_tp")
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes :data:`PARAM_LOGICAL_AXES` gives the leaf at ``path`` (all None when no
+    rule matches or the rule's rank differs from ``ndim``)."""
+    for pattern, axes in PARAM_LOGICAL_AXES:
+        if re.search(pattern, path):
+            return axes if len(axes) == ndim else (None,) * ndim
+    return (None,) * ndim
+
+
+def leaf_spec(
+    path: str,
+    shape: Sequence[int],
+    mesh_shape: Mapping[str, int],
+    mode: str,
+    rules: Sequence[tuple[str, Sequence[str | None]]] = (),
+) -> PartitionSpec:
+    """The ``PartitionSpec`` of one state leaf (parameter, optimizer moment or scalar).
+
+    1. Scalars are replicated.
+    2. ``rules`` (``sharding.rules``: (path regex, mesh axis or None per dim), first match wins)
+       override the mode.
+    3. ``fsdp_tp``: each logical axis that :data:`LOGICAL_AXIS_RULES` maps to a mesh axis of
+       size > 1 is split over it when its size divides.
+    4. ``fsdp`` / ``fsdp_tp``: a leaf of rank >= 2 (a matrix: vectors are tiny and would cost a
+       collective each) has its largest dim not split yet and divisible by the ``"data"`` size
+       split over ``"data"`` (the first such dim on a tie); none divisible: left as it is.
+    """
+    if mode not in SHARDING_MODES:
+        raise ValueError(f"sharding.params={mode!r}: use one of {', '.join(SHARDING_MODES)}")
+    ndim = len(shape)
+    if ndim == 0:
+        return PartitionSpec()
+    for pattern, axes in rules:
+        if re.search(pattern, path):
+            return _checked_rule(pattern, tuple(axes), path, shape, mesh_shape)
+    spec: list[str | None] = [None] * ndim
+    for i, name in enumerate(logical_axes(path, ndim)):
+        axis = LOGICAL_AXIS_RULES[mode].get(name) if name else None
+        if axis and mesh_shape[axis] > 1 and shape[i] % mesh_shape[axis] == 0:
+            spec[i] = axis
+    data = mesh_shape[DATA_AXIS]
+    if mode in FSDP_MODES and ndim >= 2 and data > 1:
+        free = [i for i in range(ndim) if spec[i] is None and shape[i] % data == 0]
+        if free:
+            spec[max(free, key=lambda i: (shape[i], -i))] = DATA_AXIS
+    return PartitionSpec(*spec)
+
+
+def _checked_rule(pattern, axes, path, shape, mesh_shape) -> PartitionSpec:
+    bad = None
+    if len(axes) > len(shape):
+        bad = f"has {len(axes)} axes for a leaf of shape {tuple(shape)}"
+    for dim, axis in zip(shape, axes, strict=False):
+        if axis is not None and (axis not in mesh_shape or dim % mesh_shape[axis]):
+            bad = f"splits a dim of {dim} over {axis!r} (mesh {dict(mesh_shape)})"
+    if bad:
+        raise ValueError(
+            f"sharding.rules entry ({pattern!r}, {axes}) matches {path!r} but {bad}: narrow the "
+            "regex or change the axes"
+        )
+    return PartitionSpec(*axes)
+
+
+def path_str(path: Any) -> str:
+    """A pytree key path as "params/encoder/layers/3/query/kernel"."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, sharding_cfg: Any) -> Any:
+    """A ``NamedSharding`` for every leaf of a train state (params, optimizer state, scalars).
+
+    ``abstract_state`` may hold arrays or ``jax.ShapeDtypeStruct``s (only paths and shapes are
+    read: fit for AOT compiles against a TPU topology). ``sharding_cfg`` is the config's
+    ``sharding`` group (``params``: replicate | fsdp | fsdp_tp, ``rules``) or just a mode string.
+    Adam's moments get their parameter's sharding (same path suffix, same shape); optax's
+    counts, the step and the RNG are replicated.
+    """
+    if isinstance(sharding_cfg, str):
+        mode, rules = sharding_cfg, ()
+    else:
+        mode, rules = str(sharding_cfg.params), tuple(sharding_cfg.rules)
+    mesh_shape = dict(mesh.shape)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(
+            mesh, leaf_spec(path_str(path), tuple(x.shape), mesh_shape, mode, rules)
+        ),
+        abstract_state,
+    )
 
 
 def _cluster_detected() -> bool:

@@ -249,10 +249,15 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         )
     if tcfg.schedule not in ("linear", "cosine", "constant"):
         problems.append(f"train.schedule={tcfg.schedule!r}: use linear, cosine or constant")
-    if int(config.mesh.model) != 1:
+    if config.sharding.params not in shd.SHARDING_MODES:
         problems.append(
-            f"mesh.model={config.mesh.model}: the model axis is not used yet (parameters are "
-            "replicated), so it would only waste devices; set mesh.model=1"
+            f"sharding.params={config.sharding.params!r}: use one of "
+            + ", ".join(shd.SHARDING_MODES)
+        )
+    elif int(config.mesh.model) != 1 and config.sharding.params != "fsdp_tp":
+        problems.append(
+            f"mesh.model={config.mesh.model}: only sharding.params=fsdp_tp uses the model axis "
+            "(tensor parallelism); otherwise it would only waste devices: set mesh.model=1"
         )
     batch_size, chunk = int(tcfg.batch_size), int(tcfg.gradcache_chunk_size)
     num_chunks = 1
@@ -411,7 +416,8 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
     tx, schedule = make_optimizer(tcfg, total_steps)
     model_fn, params = ModelFn.from_module(model)
-    state = shd.shard_params(init_train_state(params, tx, int(tcfg.seed)), mesh)
+    state = init_train_state(params, tx, int(tcfg.seed))
+    state = shd.place(state, shd.state_shardings(state, mesh, config.sharding))
     restored = ckpt.restore(abstract_like(state))
     start_step = 0
     if restored is not None:
@@ -686,8 +692,8 @@ class Evaluator:
         return self.enabled and (step == total_steps or (self.every > 0 and step % self.every == 0))
 
     def __call__(self, step: int, params: Any) -> dict[str, float]:
-        # Replicated params: every process holds a full copy; evaluate it on a local device.
-        local = jax.tree.map(lambda x: x.addressable_data(0), params)
+        # A full copy on a local device (gathered first when sharded: every process calls this).
+        local = shd.local_copy(params)
         model = self.model_fn.module(local)
         t0 = time.perf_counter()
         metrics = self.suite(model, self.tokenizer, include_prompt=self.info.include_prompt)
