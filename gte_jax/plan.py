@@ -673,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         'no weights read; needs libtpu: pip install -e ".[plan]") and print one JSON line per '
         "stage: per-chip memory against the chip's HBM, fits or not (and what to change), model "
         "FLOPs per step, step time, examples/s and days at an assumed MFU.",
-        epilog="Config overrides: --config.a.b=value (e.g. --config.train.gradcache_chunk_size=512). "
+        epilog="Config overrides: --config.a.b=value (e.g. "
+        "--config.train.gradcache_chunk_size=512). "
         f"Topologies: GENERATION:SHAPE ({', '.join(CHIPS)}; e.g. v5e:8x8, v5p:2x2x2, v4:2x2x1) "
         f"or a Cloud TPU name: {known}.",
     )
