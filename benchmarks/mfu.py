@@ -62,6 +62,18 @@ def device_peak(dtype: str) -> tuple[float, str]:
     raise SystemExit(f"unknown accelerator {kind!r}: add its peak FLOP/s to PEAK_BF16")
 
 
+def analytic_flops(params, layers: int, hidden: int, batch: int, seq: int) -> int:
+    """Model FLOPs of one step on ``batch`` (query, document) pairs of ``seq`` tokens each (the
+    module doc's formula; `gte-jax plan` must agree: tests/test_plan.py)."""
+    non_embedding = sum(
+        int(np.prod(x.shape))
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if "embeddings" not in jax.tree_util.keystr(path)
+    )
+    tokens = 2 * batch * seq  # query and document towers
+    return tokens * (6 * non_embedding + 12 * layers * seq * hidden)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=256, help="global pairs per step")
@@ -115,13 +127,7 @@ def main() -> None:
     jax.block_until_ready(m)
     step_s = (time.perf_counter() - t0) / args.steps
 
-    non_embedding = sum(
-        int(np.prod(x.shape))
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if "embeddings" not in jax.tree_util.keystr(path)
-    )
-    tokens = 2 * b * n  # query and document towers
-    flops = tokens * (6 * non_embedding + 12 * args.layers * n * config.hidden_size)
+    flops = analytic_flops(params, args.layers, config.hidden_size, b, n)
     peak, peak_source = device_peak(args.dtype)
     peak_total = peak * len(jax.devices())
     print(

@@ -38,6 +38,8 @@ HELP_FLAGS = {
     ("data",): ["inspect", "build"],
     ("data", "inspect"): ["--config", "--steps", "--show"],
     ("data", "build"): ["--config", "--builder", "--data_dir", "--manual_dir"],
+    ("plan",): ["--config", "--topology", "--model-config", "--mfu", "--stage", "v5litepod-64",
+                "--config.a.b"],
 }  # fmt: skip
 
 

@@ -1,0 +1,95 @@
+"""`gte-jax plan` for the GTE-base recipes: per-chip memory, fit and time on TPU slices, compiled on
+this machine (libtpu, no TPU: `pip install -e ".[plan]"`). One JSON line per case, as the CLI
+prints it, plus "case" and the wall time of the whole case.
+
+    python benchmarks/plan_recipes.py                          # every case below (hours on 2 cores)
+    python benchmarks/plan_recipes.py --cases stage1_v5e64,stage2_v5e8
+    python benchmarks/plan_recipes.py --cases largest_plain,largest_gradcache --max_batch 65536
+
+Cases:
+  stage1_v5e64, stage1_v4_32  configs/gte_base_pretrain.py (batch 16384, GradCache chunks of 1024,
+                              seq 128, bf16, remat) on v5litepod-64 and v4-32
+  stage2_v5e8, stage2_v5e64   configs/gte_base_finetune.py (batch 128, 1 hard negative, seq 512)
+  largest_plain               the largest power-of-two batch of stage 1 (seq 128, bf16, remat)
+                              that fits one v5e chip without GradCache (doubling until it does not)
+  largest_gradcache           the same with GradCache (chunk --chunk)
+Each GTE-base compile takes minutes of CPU; the doubling searches compile once per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+from gte_jax import plan
+from gte_jax.config import load_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+STAGE1 = str(CONFIGS / "gte_base_pretrain.py")
+STAGE2 = str(CONFIGS / "gte_base_finetune.py")
+
+FIXED = {
+    "stage1_v5e64": (STAGE1, "v5litepod-64", []),
+    "stage1_v4_32": (STAGE1, "v4-32", []),
+    "stage2_v5e8": (STAGE2, "v5litepod-8", []),
+    "stage2_v5e64": (STAGE2, "v5litepod-64", []),
+}
+
+
+def run_case(case: str, config_path: str, topology: str, overrides: list[str], mfu: float):
+    config = load_config(config_path, overrides)
+    t0 = time.perf_counter()
+    report = plan.plan(config, topology, model_config="bert-base", mfu=mfu)
+    line = {"case": case, "overrides": overrides, **report}
+    line["case_seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(line), flush=True)
+    return report
+
+
+def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, mfu: float):
+    """Doubles the stage-1 batch on one v5e chip until it does not fit (or max_batch)."""
+    batch, best = start, None
+    while batch <= max_batch:
+        overrides = [f"--config.train.batch_size={batch}", "--config.train.num_steps=50000"]
+        if gradcache:
+            overrides += ["--config.train.gradcache=true",
+                          f"--config.train.gradcache_chunk_size={min(chunk, batch)}"]  # fmt: skip
+        else:
+            overrides += ["--config.train.gradcache=false"]
+        report = run_case(case, STAGE1, "v5litepod-1", overrides, mfu)
+        if not report["fits"]:
+            break
+        best = batch
+        batch *= 2
+    print(json.dumps({"case": case, "largest_batch_that_fits": best}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default=",".join([*FIXED, "largest_plain", "largest_gradcache"]))
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--start_plain", type=int, default=256)
+    p.add_argument("--start_gradcache", type=int, default=16384)
+    p.add_argument("--max_batch", type=int, default=1 << 20)
+    p.add_argument("--chunk", type=int, default=1024, help="GradCache chunk of largest_gradcache")
+    args = p.parse_args()
+    jax.config.update("jax_platforms", "cpu")  # nothing runs here; no TPU backend is probed
+    for case in args.cases.split(","):
+        if case in FIXED:
+            run_case(case, *FIXED[case], args.mfu)
+        elif case == "largest_plain":
+            largest(case, False, args.start_plain, args.max_batch, args.chunk, args.mfu)
+        elif case == "largest_gradcache":
+            largest(case, True, args.start_gradcache, args.max_batch, args.chunk, args.mfu)
+        else:
+            sys.exit(f"unknown case {case!r}; known: {', '.join(FIXED)}, largest_plain, "
+                     "largest_gradcache")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

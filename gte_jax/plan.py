@@ -1,0 +1,714 @@
+"""`gte-jax plan`: will a recipe fit a TPU pod, and how long will it take? Answered on a laptop.
+
+The recipe's real train step (:func:`gte_jax.train.make_train_step` with
+:func:`~gte_jax.train.make_optimizer` and :func:`~gte_jax.train.init_train_state`) is built on
+abstract values only (``nnx.eval_shape`` / ``jax.eval_shape``: no weights are read, nothing is
+allocated) and compiled ahead of time for a TPU topology described by ``libtpu`` (MaxText's
+``train_compile.py`` practice): ``jax.experimental.topologies.get_topology_desc`` gives the devices
+of a pod that is not there, XLA's TPU compiler lays the step out on them and reports its memory per
+chip. No TPU is needed, only ``pip install -e ".[plan]"`` (libtpu from PyPI).
+
+One JSON line per stage: chips, per-chip argument / temp / peak GiB against the chip's HBM, whether
+it fits, the analytic model FLOPs of one step and, at an assumed MFU, the step time, examples per
+second and days for ``train.num_steps``; the GradCache chunk and the parameter sharding used. When it
+does not fit, ``advice`` says what to change.
+
+Memory per chip, from XLA's compiled buffer assignment (``memory_analysis()``): ``argument`` (the
+train state and this chip's slice of the batch), ``output``, ``temp`` (XLA's temporaries) and
+``peak`` (XLA's ``peak_memory_in_bytes``: the most live at once, arguments included); ``fits`` when
+the peak is within the chip's HBM. When XLA itself refuses (its ``CompileTimeHbmOom``), the report
+gives the arguments plus the temporaries XLA named, a lower bound. Every chip is on the mesh's
+``"data"`` axis (the batch is split over all of them). Model FLOPs do not count recomputation
+(remat, GradCache's second forward), so at a given MFU the chips do more work than that.
+
+What is compiled: the padded batch at the longest lengths the config allows (``data.*_max_length``,
+the largest per-source ``batch_size``, the most hard negatives a source asks for) -- the worst step
+of the run. Packed batches (``data.packing``) have the same number of tokens or fewer, so the
+padded figure bounds them.
+
+The model's shape comes from ``model.init_from`` when it names a local directory with a
+``config.json`` (only that file is read), or from ``--model-config``: a known name
+(:data:`KNOWN_MODELS`, e.g. ``bert-base``), a ``config.json`` file or a model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GIB = 1024**3
+
+# --------------------------------------------------------------------------------------------------
+# TPU chips and topologies
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: HBM per chip and dense bf16 peak FLOP/s per chip."""
+
+    generation: str  # our name, as in "v5e:8x8"
+    hbm_gib: float
+    peak_bf16_flops: float
+    dims: int  # 2 (v5e, v6e: 2D torus) or 3 (v4, v5p)
+    # chip_config_name for get_topology_desc: "megacore" makes one device per v4 chip (its two
+    # TensorCores fused, as JAX uses a v4 by default); v5p's "default" is already megacore.
+    chip_config: str
+    cores_in_name: bool  # "v4-32" / "v5p-8" count TensorCores (2 per chip); v5e / v6e count chips
+
+
+# Per-chip HBM and dense bf16 peak from Google Cloud's TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v4 32 GiB, 275 TFLOP/s; v5e 16 GiB,
+# 197 TFLOP/s; v5p 95 GiB, 459 TFLOP/s; v6e (Trillium) 32 GiB, 918 TFLOP/s. The same peaks as
+# benchmarks/mfu.py's PEAK_BF16.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", 32, 275e12, 3, "megacore", True),
+    "v5e": Chip("v5e", 16, 197e12, 2, "default", False),
+    "v5p": Chip("v5p", 95, 459e12, 3, "default", True),
+    "v6e": Chip("v6e", 32, 918e12, 2, "default", False),
+}
+_GENERATION_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v6lite": "v6e"}
+
+# Slice shapes of the names Cloud TPU uses (accelerator types): chips for v5e / v6e, TensorCores
+# (2 per chip) for v4 / v5p.
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}  # fmt: skip
+_SHAPES_3D = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
+              512: "4x8x8", 1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16"}  # fmt: skip
+
+
+def _known_names() -> dict[str, str]:
+    names = {}
+    for n, shape in _SHAPES_2D.items():
+        for prefix in ("v5litepod", "v5e", "v6e"):
+            names[f"{prefix}-{n}"] = f"{_GENERATION_ALIASES.get(prefix, prefix)}:{shape}"
+    for n, shape in _SHAPES_3D.items():
+        for prefix in ("v4", "v5p"):
+            names[f"{prefix}-{n}"] = f"{prefix}:{shape}"
+    return names
+
+
+KNOWN_TOPOLOGIES: dict[str, str] = _known_names()
+
+
+class PlanError(ValueError):
+    """Bad input to the planner (unknown topology, model shape, config); the message says what to
+    do. The CLI exits 2 on it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str  # canonical "v5e:8x8"
+    chip: Chip
+    shape: tuple[int, ...]
+    accelerator_type: str  # Cloud TPU's name, e.g. "v5litepod-64" (TPU_ACCELERATOR_TYPE)
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        # Single-host slices hold up to 8 v5e/v6e chips (2x4) and 4 v4/v5p chips (2x2x1); bigger
+        # slices have 4-chip (2x2x1) hosts. The bound only decides the process layout, not the step.
+        dims = (*self.shape, 1)[:3]
+        if self.chip.dims == 2 and self.chips <= 8:
+            return (dims[0], dims[1], 1)
+        return (min(dims[0], 2), min(dims[1], 2), 1)
+
+
+def parse_topology(text: str) -> Topology:
+    """``"v5e:8x8"``, ``"v4:2x2x4"``, or a Cloud TPU name (``"v5litepod-64"``, ``"v4-32"``)."""
+    raw = text.strip().lower()
+    canonical = KNOWN_TOPOLOGIES.get(raw, raw)
+    m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)+)", canonical)
+    generation = m and _GENERATION_ALIASES.get(m.group(1), m.group(1))
+    if not m or generation not in CHIPS:
+        raise PlanError(
+            f"unknown topology {text!r}: use GENERATION:SHAPE with GENERATION one of "
+            f"{sorted(CHIPS)} (e.g. v5e:8x8, v5p:2x2x2, v4:2x2x1) or a Cloud TPU name: "
+            + ", ".join(sorted(KNOWN_TOPOLOGIES, key=_name_order))
+        )
+    chip = CHIPS[generation]
+    shape = tuple(int(d) for d in m.group(2).split("x"))
+    if chip.dims == 3 and len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != chip.dims or min(shape) < 1:
+        raise PlanError(
+            f"topology {text!r}: {generation} slices have {chip.dims} dimensions "
+            f"(e.g. {generation}:{'8x8' if chip.dims == 2 else '2x2x2'})"
+        )
+    name = f"{generation}:{'x'.join(map(str, shape))}"
+    count = math.prod(shape) * (2 if chip.cores_in_name else 1)
+    prefix = {"v5e": "v5litepod"}.get(generation, generation)
+    return Topology(name, chip, shape, f"{prefix}-{count}")
+
+
+def _name_order(name: str) -> tuple[str, int]:
+    prefix, _, n = name.rpartition("-")
+    return prefix, int(n)
+
+
+def topology_devices(topology: Topology) -> list[Any]:
+    """The devices of ``topology`` as libtpu describes them (no TPU needed)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError(
+            "compiling for a TPU topology needs libtpu (no TPU needed): "
+            'pip install -e ".[plan]"   (or: pip install libtpu)'
+        )
+    # Without a TPU VM's metadata libtpu logs errors about the accelerator type and worker
+    # hostnames; these two variables (what a one-host TPU VM sets) keep it quiet. A real TPU VM
+    # already has them and keeps its own.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes /tmp/libtpu_lockfile for the chips of the machine; compiling touches no chip,
+    # so a plan may run beside a training job (or any JAX program that loaded libtpu).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=topology.name,
+        chip_config_name=topology.chip.chip_config,
+        chips_per_host_bounds=topology.chips_per_host_bounds,
+        num_slices=1,
+    )
+    devices = list(desc.devices)
+    if len(devices) != topology.chips:
+        raise PlanError(
+            f"libtpu describes {topology.name} with {len(devices)} devices, not "
+            f"{topology.chips} chips: this libtpu version lays the chip out differently"
+        )
+    return devices
+
+
+def topology_mesh(devices: Sequence[Any]) -> jax.sharding.Mesh:
+    """The ``("data", "model")`` mesh of :func:`gte_jax.sharding.make_mesh` over ``devices``
+    (every chip on ``"data"``), with the same axis types."""
+    from jax.sharding import AxisType, Mesh
+
+    from gte_jax import sharding as shd
+
+    return Mesh(
+        np.asarray(devices, dtype=object).reshape(len(devices), 1),
+        shd.MESH_AXES,
+        axis_types=(AxisType.Auto, AxisType.Auto),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The model's shape, without its weights
+# --------------------------------------------------------------------------------------------------
+
+
+def _transformers_config(name: str) -> dict[str, Any]:
+    from transformers import BertConfig
+
+    base = BertConfig()  # transformers' defaults are bert-base-uncased's shape
+    shapes = {
+        "bert-base": base,
+        "bert-large": BertConfig(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+        ),
+        # sentence-transformers/all-MiniLM-L6-v2 / L12-v2 (microsoft/MiniLM-L12-H384-uncased)
+        "minilm-l6": BertConfig(
+            hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+        ),
+        "minilm-l12": BertConfig(
+            hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536
+        ),
+    }
+    return shapes[name].to_dict()
+
+
+# --model-config names: transformers' BertConfig with the published shapes.
+KNOWN_MODELS = ("bert-base", "bert-large", "minilm-l6", "minilm-l12")
+_MODEL_ALIASES = {
+    "bert-base-uncased": "bert-base",
+    "bert-large-uncased": "bert-large",
+    "all-minilm-l6-v2": "minilm-l6",
+    "all-minilm-l12-v2": "minilm-l12",
+}
+
+
+def _config_json_of(path: Any) -> dict[str, Any] | None:
+    """The HF config.json of a model directory (also a sentence-transformers directory or a gte-jax
+    workdir, whose ``base_model/`` holds it), a config.json file, or None."""
+    from etils import epath
+
+    path = epath.Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not path.is_dir():
+        return None
+    candidates = [path, path / "base_model"]
+    for folder in list(candidates):
+        modules = folder / "modules.json"
+        if modules.exists():  # sentence-transformers: the Transformer module's folder
+            for module in json.loads(modules.read_text()):
+                if str(module.get("type", "")).endswith(".Transformer"):
+                    candidates.append(folder / module.get("path", ""))
+    for folder in candidates:
+        if (folder / "config.json").exists():
+            return json.loads((folder / "config.json").read_text())
+    return None
+
+
+def model_shape(model_cfg: Any, model_config: str | None, stages: Mapping[str, Any] | None = None):
+    """(HF config dict, where it came from) for a stage's ``model`` group.
+
+    ``model_config`` (``--model-config``) wins: a name of :data:`KNOWN_MODELS` or a path to a
+    config.json / model directory. Otherwise ``model.init_from`` when it is a local directory (only
+    its config.json is read), an earlier stage (``stage:NAME``: that stage's model) or a model a pip
+    package ships (``all-MiniLM-L6-v2``)."""
+    if model_config:
+        key = model_config.strip().lower()
+        key = _MODEL_ALIASES.get(key, key)
+        if key in KNOWN_MODELS:
+            return _transformers_config(key), f"--model-config {key} (transformers BertConfig)"
+        found = _config_json_of(model_config)
+        if found is None:
+            raise PlanError(
+                f"--model-config {model_config!r} is neither a known shape ({', '.join(KNOWN_MODELS)}) "
+                "nor a config.json file / model directory"
+            )
+        return found, f"{model_config} (config.json)"
+    init = str(model_cfg.init_from)
+    seen = set()
+    while init.startswith("stage:") and stages is not None:
+        name = init.split(":", 1)[1]
+        if name in seen or name not in stages:
+            break
+        seen.add(name)
+        init = str(stages[name].model.init_from)
+    found = None
+    if init and not init.startswith("stage:"):
+        found = _config_json_of(init)
+        if found is None:
+            from gte_jax import workdir as wd
+
+            try:
+                found = _config_json_of(wd.resolve_model_path(init))
+            except FileNotFoundError:
+                found = None
+    if found is None:
+        raise PlanError(
+            f"model.init_from={init!r} is not a local model directory, so its shape is unknown "
+            f"(plan reads only its config.json): pass --model-config with one of "
+            f"{', '.join(KNOWN_MODELS)}, or a config.json file / model directory"
+        )
+    return found, f"{init} (config.json)"
+
+
+def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
+    """``EncoderConfig`` of the stage: the architecture plus its dtype, remat and dropout."""
+    from gte_jax import workdir as wd
+    from gte_jax.models.bert import EncoderConfig
+
+    try:
+        return EncoderConfig.from_hf(
+            dict(hf_config), dtype=jnp.dtype(model_cfg.dtype), **wd.model_overrides(model_cfg)
+        )
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"model shape: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The step, abstractly
+# --------------------------------------------------------------------------------------------------
+
+
+def _state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, config: Any):
+    """(pytree of NamedSharding, name): ``gte_jax.sharding.state_shardings`` with the config's
+    ``sharding`` group when the sharding rules exist, else every leaf replicated (today's
+    training)."""
+    from gte_jax import sharding as shd
+
+    rules = getattr(shd, "state_shardings", None)
+    sharding_cfg = config.get("sharding") if hasattr(config, "get") else None
+    if rules is not None and sharding_cfg is not None:
+        shardings = rules(abstract_state, mesh, sharding_cfg)
+        return shardings, str(sharding_cfg.get("params", "replicate"))
+    replicated = shd.replicated(mesh)
+    return jax.tree.map(lambda _: replicated, abstract_state), "replicate"
+
+
+def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tuple[int, int]]]:
+    """(shapes of the padded global batch at the longest lengths, batch size, towers as
+    [(texts, length)]) for a stage config, in the format of :mod:`gte_jax.data.batching`."""
+    data = config.data
+    lq, ld = int(data.query_max_length), int(data.doc_max_length)
+    if int(data.get("max_length", 0) or 0):
+        lq = ld = int(data.max_length)
+    sources = [dict(s) for s in data.sources]
+    b = max([int(config.train.batch_size)] + [int(s.get("batch_size", 0) or 0) for s in sources])
+    k = max([0] + [int(s.get("num_negatives", -1)) for s in sources])
+    shapes = {
+        "query_input_ids": (b, lq),
+        "query_attention_mask": (b, lq),
+        "doc_input_ids": (b, ld),
+        "doc_attention_mask": (b, ld),
+        "query_text_id": (b,),
+        "doc_text_id": (b,),
+        "valid": (b,),
+    }
+    towers = [(b, lq), (b, ld)]
+    if k:
+        shapes |= {
+            "neg_input_ids": (b, k, ld),
+            "neg_attention_mask": (b, k, ld),
+            "neg_text_id": (b, k),
+            "neg_valid": (b, k),
+        }
+        towers.append((b * k, ld))
+    return shapes, b, towers
+
+
+def model_flops(params: Any, num_layers: int, hidden: int, towers: Sequence[tuple[int, int]]):
+    """Analytic model FLOPs of one train step (forward + backward), the PaLM convention of
+    benchmarks/mfu.py: per token 6 x (parameters outside the embeddings) for the matmuls plus
+    12 x layers x length x hidden for attention scores and values; ``towers`` = [(texts, length)]
+    (queries, documents, hard negatives). Recomputation (remat, GradCache's second forward) is not
+    counted: it is the model's work, not the hardware's."""
+    non_embedding = sum(
+        int(np.prod(x.shape))
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if "embeddings" not in jax.tree_util.keystr(path)
+    )
+    return sum(
+        texts * length * (6 * non_embedding + 12 * num_layers * length * hidden)
+        for texts, length in towers
+    )
+
+
+@dataclasses.dataclass
+class AbstractStep:
+    step_fn: Any
+    state: Any  # ShapeDtypeStructs with shardings
+    batch: dict[str, Any]
+    state_shardings: Any
+    sharding: str
+    num_chunks: int
+    batch_size: int
+    towers: list[tuple[int, int]]
+    params: Any
+    encoder: Any  # EncoderConfig
+    total_steps: int
+
+
+def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, Any]):
+    """The stage's real train step and abstract arguments (with shardings) on ``mesh``."""
+    from flax import nnx
+
+    from gte_jax import sharding as shd
+    from gte_jax import train
+    from gte_jax.models.encoder import BiEncoder, ModelFn
+
+    enc = encoder_config(hf_config, config.model)
+    try:
+        num_chunks = train.check_config(config, mesh)
+    except train.TrainingError as e:
+        raise PlanError(str(e)) from None
+    abstract_model = nnx.eval_shape(
+        lambda: BiEncoder(enc, normalize=bool(config.model.normalize), rngs=nnx.Rngs(0))
+    )
+    model_fn, params = ModelFn.from_module(abstract_model)
+    tcfg = config.train
+    total_steps = int(tcfg.num_steps)
+    if total_steps < 1:
+        raise PlanError(
+            "train.num_steps is 0 (derived from the data's size and train.epochs): plan needs "
+            "it, e.g. --config.train.num_steps=10000"
+        )
+    tx, schedule = train.make_optimizer(tcfg, total_steps)
+    state = jax.eval_shape(lambda p: train.init_train_state(p, tx, int(tcfg.seed)), params)
+    shardings, sharding_name = _state_shardings(state, mesh, config)
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
+    shapes, batch_size, towers = batch_shapes(config)
+    data_sharding = shd.batch_sharding(mesh)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=data_sharding)
+        for k, shape in shapes.items()
+    }
+    lcfg = config.loss
+    loss_kwargs = {"temperature": float(lcfg.temperature)}
+    if lcfg.name == "infonce":
+        loss_kwargs["symmetric"] = bool(lcfg.symmetric)
+    step_fn = train.make_train_step(
+        model_fn,
+        tx,
+        loss_name=str(lcfg.name),
+        loss_kwargs=loss_kwargs,
+        num_chunks=num_chunks,
+        gradcache=bool(tcfg.gradcache),
+        dropout=bool(config.model.train_dropout),
+        mesh=mesh,
+        schedule=schedule,
+    )
+    return AbstractStep(
+        step_fn, state, batch, shardings, sharding_name, num_chunks, batch_size, towers, params,
+        enc, total_steps,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile and report
+# --------------------------------------------------------------------------------------------------
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Rr]an out of memory|HbmOom")
+# "... the total memory required for HLO temporaries (16.08G) exceeds available HBM (15.75G)"
+_OOM_NEED = re.compile(r"required for ([\w ]+?) \(([\d.]+)([KMGT])?\)")
+_OOM_HBM = re.compile(r"available HBM \(([\d.]+)([KMGT])?\)")
+
+
+def _gib(number: str, unit: str | None) -> float:
+    return float(number) * 1024 ** " KMGT".index(unit or " ") / GIB
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant digits (tiny and huge figures both stay readable)."""
+    return float(f"{x:.{digits}g}") if x and math.isfinite(x) else x
+
+
+def state_bytes_per_chip(state: Any) -> int:
+    """Bytes of the (abstract, sharded) train state on one chip."""
+    return sum(
+        int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * x.dtype.itemsize
+        for x in jax.tree.leaves(state)
+    )
+
+
+def compile_step(step: AbstractStep):
+    """(compiled executable or None, error text when XLA refused for lack of memory)."""
+    jitted = jax.jit(
+        step.step_fn,
+        out_shardings=(step.state_shardings, None),
+        donate_argnums=(0,),
+    )
+    lowered = jitted.lower(step.state, step.batch)
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # XLA's TPU compiler raises XlaRuntimeError / ValueError
+        text = str(e)
+        if _OOM.search(text):
+            return None, text
+        raise
+
+
+def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hbm: float):
+    tcfg, data_devices = config.train, step.state["step"].sharding.mesh.shape["data"]
+    out = []
+    if not bool(tcfg.gradcache):
+        chunk = max(data_devices, 2 ** int(math.log2(max(step.batch_size // 16, 1))))
+        while step.batch_size % chunk or chunk % data_devices:
+            chunk //= 2
+        if chunk >= data_devices and chunk < step.batch_size:
+            out.append(
+                "turn on GradCache, memory bounded by the chunk: --config.train.gradcache=true "
+                f"--config.train.gradcache_chunk_size={chunk}"
+            )
+    else:
+        chunk = step.batch_size // step.num_chunks
+        half = chunk // 2
+        if half >= data_devices and half % data_devices == 0:
+            out.append(f"smaller GradCache chunks: --config.train.gradcache_chunk_size={half}")
+    if not bool(config.model.remat):
+        out.append("recompute activations per layer: --config.model.remat=true")
+    if sharding == "replicate" and arg_bytes > 0.25 * hbm:
+        from gte_jax import sharding as shd
+
+        out.append(
+            "shard parameters and optimizer state over the chips (FSDP): "
+            + (
+                "--config.sharding.params=fsdp"
+                if getattr(shd, "state_shardings", None) is not None
+                else "not in this version of gte-jax (they are replicated)"
+            )
+        )
+    out.append("or a topology with more HBM per chip / more chips (--topology)")
+    return out
+
+
+def plan(
+    config: Any,
+    topology: str | Topology,
+    *,
+    model_config: str | None = None,
+    mfu: float = 0.4,
+    stages: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compiles one stage's train step for ``topology`` and returns the report (see the module
+    doc). ``stages``: the multi-stage config, to follow ``model.init_from = "stage:NAME"``."""
+    topo = topology if isinstance(topology, Topology) else parse_topology(topology)
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu {mfu}: must be in (0, 1]")
+    hf_config, model_source = model_shape(config.model, model_config, stages)
+    devices = topology_devices(topo)
+    mesh = topology_mesh(devices)
+    step = abstract_step(config, mesh, hf_config)
+    t0 = time.perf_counter()
+    compiled, oom = compile_step(step)
+    compile_s = time.perf_counter() - t0
+
+    hbm = topo.chip.hbm_gib * GIB
+    arg = state_bytes_per_chip(step.state)
+    report: dict[str, Any] = {
+        "stage": str(config.get("stage", "")),
+        "topology": topo.name,
+        "accelerator_type": topo.accelerator_type,
+        "device_kind": devices[0].device_kind,
+        "chips": topo.chips,
+        "hbm_gib_per_chip": topo.chip.hbm_gib,
+    }
+    if compiled is not None:
+        ma = compiled.memory_analysis()
+        argument = float(ma.argument_size_in_bytes)
+        output = float(ma.output_size_in_bytes)
+        alias = float(ma.alias_size_in_bytes)
+        temp = float(ma.temp_size_in_bytes)
+        code = float(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
+        peak = float(getattr(ma, "peak_memory_in_bytes", 0) or 0) or (
+            argument + output - alias + temp + code
+        )
+        fits = peak <= hbm
+        report |= {
+            "argument_gib_per_chip": _sig(argument / GIB),
+            "output_gib_per_chip": _sig(output / GIB),
+            "temp_gib_per_chip": _sig(temp / GIB),
+            "peak_gib_per_chip": _sig(peak / GIB),
+            "fits": fits,
+        }
+    else:  # XLA refused: it stops at the first buffer class that overflows, so "at least"
+        need, usable = _OOM_NEED.search(oom), _OOM_HBM.search(oom)
+        temp = _gib(need.group(2), need.group(3)) if need else None
+        report |= {
+            "argument_gib_per_chip": _sig(arg / GIB),
+            "output_gib_per_chip": None,
+            "temp_gib_per_chip": _sig(temp) if temp is not None else None,
+            "peak_gib_per_chip": _sig(arg / GIB + temp) if temp is not None else None,
+            "fits": False,
+            "xla_error": oom.strip().splitlines()[0][:400],
+        }
+        if usable:
+            report["usable_hbm_gib"] = _sig(_gib(usable.group(1), usable.group(2)))
+        fits = False
+    report["verdict"] = "fits" if fits else "does not fit"
+    flops = model_flops(
+        step.params, step.encoder.num_hidden_layers, step.encoder.hidden_size, step.towers
+    )
+    peak_flops = topo.chip.peak_bf16_flops * topo.chips
+    step_s = flops / (peak_flops * mfu)
+    report |= {
+        "model_tflops_per_step": _sig(flops / 1e12),
+        "assumed_mfu": mfu,
+        "peak_tflops": round(peak_flops / 1e12, 1),
+        "step_seconds": _sig(step_s),
+        "examples_per_second": _sig(step.batch_size / step_s),
+        "num_steps": step.total_steps,
+        "days": _sig(step.total_steps * step_s / 86400),
+        "batch_size": step.batch_size,
+        "lengths": {"query": step.towers[0][1], "doc": step.towers[1][1]},
+        "num_negatives": step.towers[2][0] // step.batch_size if len(step.towers) > 2 else 0,
+        "gradcache": bool(config.train.gradcache),
+        "gradcache_chunk_size": step.batch_size // step.num_chunks
+        if config.train.gradcache
+        else None,
+        "remat": bool(config.model.remat),
+        "dtype": str(config.model.dtype),
+        "sharding": step.sharding,
+        "model": model_source,
+        "parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.params))),
+        "compile_seconds": round(compile_s, 1),
+    }
+    if not fits:
+        report["advice"] = _advice(config, step, step.sharding, arg, hbm)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage_configs(config: Any, stage: str | None) -> list[Any]:
+    if "stages" not in config:
+        if stage and stage != str(config.get("stage", "")):
+            raise PlanError(
+                f"--stage {stage!r}: this config has one stage, {config.get('stage')!r}"
+            )
+        return [config]
+    names = list(config.stages)
+    if stage and stage not in names:
+        raise PlanError(f"--stage {stage!r}: this config's stages are {names}")
+    out = []
+    for name in [stage] if stage else names:
+        c = config[name].copy_and_resolve_references()
+        c.stage = name
+        out.append(c)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gte_jax.config import ConfigError, load_config
+
+    known = ", ".join(sorted(KNOWN_TOPOLOGIES, key=_name_order))
+    parser = argparse.ArgumentParser(
+        prog="gte-jax plan",
+        description="Compile a config's train step for a TPU topology on this machine (no TPU, "
+        'no weights read; needs libtpu: pip install -e ".[plan]") and print one JSON line per '
+        "stage: per-chip memory against the chip's HBM, fits or not (and what to change), model "
+        "FLOPs per step, step time, examples/s and days at an assumed MFU.",
+        epilog="Config overrides: --config.a.b=value (e.g. "
+        "--config.train.gradcache_chunk_size=512). "
+        f"Topologies: GENERATION:SHAPE ({', '.join(CHIPS)}; e.g. v5e:8x8, v5p:2x2x2, v4:2x2x1) "
+        f"or a Cloud TPU name: {known}.",
+    )
+    parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
+    parser.add_argument("--topology", required=True, help="e.g. v5e:8x8, v4:2x2x4, v5litepod-64")
+    parser.add_argument(
+        "--model-config",
+        "--model_config",
+        dest="model_config",
+        default=None,
+        help=f"the model's shape when model.init_from is not a local directory: one of "
+        f"{', '.join(KNOWN_MODELS)}, or a config.json / model directory",
+    )
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time estimate")
+    parser.add_argument("--stage", default=None, help="one stage of a multi-stage config")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(
+            f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
+        )
+    if "JAX_PLATFORMS" not in os.environ:
+        # Nothing runs here: the CPU backend is enough (and a TPU backend is not probed).
+        jax.config.update("jax_platforms", "cpu")
+    try:
+        topology = parse_topology(args.topology)
+        config = load_config(args.config, overrides)
+        stages = config if "stages" in config else None
+        for stage_cfg in _stage_configs(config, args.stage):
+            report = plan(
+                stage_cfg, topology, model_config=args.model_config, mfu=args.mfu, stages=stages
+            )
+            print(json.dumps(report, allow_nan=False), flush=True)
+    except (PlanError, ConfigError) as e:
+        print(f"gte-jax plan: error: {e}", file=sys.stderr)
+        return 2
+    return 0

