@@ -33,14 +33,12 @@ The model's shape comes from ``model.init_from`` when it names a local directory
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -544,37 +542,9 @@ def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hb
     return out
 
 
-def plan(
-    config: Any,
-    topology: str | Topology,
-    *,
-    model_config: str | None = None,
-    mfu: float = 0.4,
-    stages: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Compiles one stage's train step for ``topology`` and returns the report (see the module
-    doc). ``stages``: the multi-stage config, to follow ``model.init_from = "stage:NAME"``."""
-    topo = topology if isinstance(topology, Topology) else parse_topology(topology)
-    if not 0 < mfu <= 1:
-        raise PlanError(f"--mfu {mfu}: must be in (0, 1]")
-    hf_config, model_source = model_shape(config.model, model_config, stages)
-    devices = topology_devices(topo)
-    mesh = topology_mesh(devices)
-    step = abstract_step(config, mesh, hf_config)
-    t0 = time.perf_counter()
-    compiled, oom = compile_step(step)
-    compile_s = time.perf_counter() - t0
-
-    hbm = topo.chip.hbm_gib * GIB
-    arg = state_bytes_per_chip(step.state)
-    report: dict[str, Any] = {
-        "stage": str(config.get("stage", "")),
-        "topology": topo.name,
-        "accelerator_type": topo.accelerator_type,
-        "device_kind": devices[0].device_kind,
-        "chips": topo.chips,
-        "hbm_gib_per_chip": topo.chip.hbm_gib,
-    }
+def _memory_report(report: dict, compiled: Any, oom: str, arg: float, hbm: float) -> bool:
+    """Adds per-chip memory (GiB) to ``report`` from XLA's analysis (or its out-of-memory
+    message); returns whether the step fits."""
     if compiled is not None:
         ma = compiled.memory_analysis()
         argument = float(ma.argument_size_in_bytes)
@@ -607,6 +577,41 @@ def plan(
         if usable:
             report["usable_hbm_gib"] = _sig(_gib(usable.group(1), usable.group(2)))
         fits = False
+    return fits
+
+
+def plan(
+    config: Any,
+    topology: str | Topology,
+    *,
+    model_config: str | None = None,
+    mfu: float = 0.4,
+    stages: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compiles one stage's train step for ``topology`` and returns the report (see the module
+    doc). ``stages``: the multi-stage config, to follow ``model.init_from = "stage:NAME"``."""
+    topo = topology if isinstance(topology, Topology) else parse_topology(topology)
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu {mfu}: must be in (0, 1]")
+    hf_config, model_source = model_shape(config.model, model_config, stages)
+    devices = topology_devices(topo)
+    mesh = topology_mesh(devices)
+    step = abstract_step(config, mesh, hf_config)
+    t0 = time.perf_counter()
+    compiled, oom = compile_step(step)
+    compile_s = time.perf_counter() - t0
+
+    hbm = topo.chip.hbm_gib * GIB
+    arg = state_bytes_per_chip(step.state)
+    report: dict[str, Any] = {
+        "stage": str(config.get("stage", "")),
+        "topology": topo.name,
+        "accelerator_type": topo.accelerator_type,
+        "device_kind": devices[0].device_kind,
+        "chips": topo.chips,
+        "hbm_gib_per_chip": topo.chip.hbm_gib,
+    }
+    fits = _memory_report(report, compiled, oom, arg, hbm)
     report["verdict"] = "fits" if fits else "does not fit"
     flops = model_flops(
         step.params, step.encoder.num_hidden_layers, step.encoder.hidden_size, step.towers
@@ -641,11 +646,11 @@ def plan(
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
+# Stages
 # --------------------------------------------------------------------------------------------------
 
 
-def _stage_configs(config: Any, stage: str | None) -> list[Any]:
+def stage_configs(config: Any, stage: str | None) -> list[Any]:
     if "stages" not in config:
         if stage and stage != str(config.get("stage", "")):
             raise PlanError(
@@ -661,54 +666,3 @@ def _stage_configs(config: Any, stage: str | None) -> list[Any]:
         c.stage = name
         out.append(c)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gte_jax.config import ConfigError, load_config
-
-    known = ", ".join(sorted(KNOWN_TOPOLOGIES, key=_name_order))
-    parser = argparse.ArgumentParser(
-        prog="gte-jax plan",
-        description="Compile a config's train step for a TPU topology on this machine (no TPU, "
-        'no weights read; needs libtpu: pip install -e ".[plan]") and print one JSON line per '
-        "stage: per-chip memory against the chip's HBM, fits or not (and what to change), model "
-        "FLOPs per step, step time, examples/s and days at an assumed MFU.",
-        epilog="Config overrides: --config.a.b=value (e.g. "
-        "--config.train.gradcache_chunk_size=512). "
-        f"Topologies: GENERATION:SHAPE ({', '.join(CHIPS)}; e.g. v5e:8x8, v5p:2x2x2, v4:2x2x1) "
-        f"or a Cloud TPU name: {known}.",
-    )
-    parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
-    parser.add_argument("--topology", required=True, help="e.g. v5e:8x8, v4:2x2x4, v5litepod-64")
-    parser.add_argument(
-        "--model-config",
-        "--model_config",
-        dest="model_config",
-        default=None,
-        help=f"the model's shape when model.init_from is not a local directory: one of "
-        f"{', '.join(KNOWN_MODELS)}, or a config.json / model directory",
-    )
-    parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time estimate")
-    parser.add_argument("--stage", default=None, help="one stage of a multi-stage config")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(
-            f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
-        )
-    if "JAX_PLATFORMS" not in os.environ:
-        # Nothing runs here: the CPU backend is enough (and a TPU backend is not probed).
-        jax.config.update("jax_platforms", "cpu")
-    try:
-        topology = parse_topology(args.topology)
-        config = load_config(args.config, overrides)
-        stages = config if "stages" in config else None
-        for stage_cfg in _stage_configs(config, args.stage):
-            report = plan(
-                stage_cfg, topology, model_config=args.model_config, mfu=args.mfu, stages=stages
-            )
-            print(json.dumps(report, allow_nan=False), flush=True)
-    except (PlanError, ConfigError) as e:
-        print(f"gte-jax plan: error: {e}", file=sys.stderr)
-        return 2
-    return 0
