@@ -41,7 +41,7 @@ def get_config():
     pre.data.query_max_length = 64
     pre.data.doc_max_length = 128
     pre.data.packing = True  # several texts per row: ~no padding (benchmarks/train_vs_st.py)
-    pre.data.packing_row_multiple = 4  # row counts rounded to 4: fewer shapes to compile
+    pre.data.packing_row_multiple = 1  # rows fixed at start-up: one compiled step per shape
     pre.train.batch_size = 32
     pre.train.num_steps = 24
     pre.train.learning_rate = 1e-5
@@ -58,7 +58,7 @@ def get_config():
     ft.data.query_max_length = 64
     ft.data.doc_max_length = 96
     ft.data.packing = True
-    ft.data.packing_row_multiple = 4
+    ft.data.packing_row_multiple = 1
     ft.train.batch_size = 16
     ft.train.num_steps = 20
     ft.train.learning_rate = 1e-5
