@@ -9,6 +9,31 @@ import json
 import time
 
 
+def training_args(output_dir: str, *, batch_size: int, learning_rate: float, seed: int, **steps):
+    """sentence-transformers' trainer settings both benchmarks use: AdamW (weight decay 0.01, eps
+    1e-6), linear schedule, clipping 1.0, CPU, no evaluation, saving or logging in between.
+    ``steps``: ``max_steps`` / ``warmup_steps`` or ``num_train_epochs`` / ``warmup_ratio``."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    return SentenceTransformerTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        adam_epsilon=1e-6,
+        max_grad_norm=1.0,
+        seed=seed,
+        use_cpu=True,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **steps,
+    )
+
+
 def main() -> None:
     t_start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,7 +54,6 @@ def main() -> None:
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
     )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -43,23 +67,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = args.max_length
-    targs = SentenceTransformerTrainingArguments(
-        output_dir=args.out + "_run",
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
+    targs = training_args(
+        args.out + "_run",
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        warmup_ratio=args.warmup_ratio,
-        lr_scheduler_type="linear",
-        weight_decay=0.01,
-        adam_epsilon=1e-6,
-        max_grad_norm=1.0,
         seed=args.seed,
-        use_cpu=True,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+        num_train_epochs=args.epochs,
+        warmup_ratio=args.warmup_ratio,
     )
     dataset = Dataset.from_dict({"anchor": queries, "positive": docs})
     trainer = SentenceTransformerTrainer(

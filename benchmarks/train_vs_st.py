@@ -105,7 +105,6 @@ def run_st(args, queries, docs, out_dir: pathlib.Path) -> dict:
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
     )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -113,24 +112,19 @@ def run_st(args, queries, docs, out_dir: pathlib.Path) -> dict:
     model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = args.max_length
     dataset = Dataset.from_dict({"anchor": queries, "positive": docs})
-    targs = SentenceTransformerTrainingArguments(
-        output_dir=str(out_dir / "st_run"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from st_finetune import training_args
+
+    targs = training_args(
+        str(out_dir / "st_run"),
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="linear",
-        weight_decay=0.01,
-        adam_epsilon=1e-6,
-        max_grad_norm=1.0,
         seed=args.seed,
-        use_cpu=True,
-        eval_strategy="no",
-        save_strategy="no",
+        max_steps=args.steps,
+        warmup_steps=args.warmup_steps,
         logging_steps=max(args.steps, 1),
-        report_to="none",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = SentenceTransformerTrainer(
         model=model,

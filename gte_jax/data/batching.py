@@ -447,18 +447,8 @@ def materialize_packed(
     b = len(tok.query_ids)
     if b % groups:
         raise ValueError(f"{b} examples do not split over {groups} local devices")
-    per = b // groups
-    blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
     roles = _role_specs(tok, query_length, doc_length, num_negatives)
-
-    def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
-        k = len(texts) // b
-        return [texts[i] for e in block for i in range(e * k, (e + 1) * k)]
-
-    layouts = [
-        [pack_rows([len(t) for t in texts_of(texts, blk)], length) for blk in blocks]
-        for _, texts, length, _ in roles
-    ]
+    blocks, texts_of, layouts = _device_layouts(b, groups, roles)
     counts = agree_rows(
         np.asarray(
             [max(max(len(rows), 1) for rows in per_block) for per_block in layouts], np.int32
@@ -498,22 +488,12 @@ def packed_rows_needed(tok: TokenizedSlice, lengths: Mapping[str, int], groups: 
     """Rows per device each role of ``tok`` needs when packed (:func:`_floor_key` -> rows)."""
     b = len(tok.query_ids)
     k = len(tok.neg_ids) // max(b, 1)
-    per = b // groups
-    out = {}
-    for role, texts in (("query", tok.query_ids), ("doc", tok.doc_ids), ("neg", tok.neg_ids)):
-        if not texts:
-            continue
-        n = len(texts) // b  # texts per example (K for negatives)
-        rows = max(
-            len(
-                pack_rows(
-                    [len(texts[i]) for i in range(g * per * n, (g + 1) * per * n)], lengths[role]
-                )
-            )
-            for g in range(groups)
-        )
-        out[_floor_key(role, b, k)] = max(rows, 1)
-    return out
+    roles = _role_specs(tok, lengths["query"], lengths["doc"], k)
+    _, _, layouts = _device_layouts(b, groups, roles)
+    return {
+        _floor_key(role, b, k): max(max(len(rows), 1) for rows in per_device)
+        for (role, *_), per_device in zip(roles, layouts, strict=True)
+    }
 
 
 def _with_ids(
@@ -528,6 +508,23 @@ def _with_ids(
         out["neg_valid"] = plan.neg_valid[tok.rows]
     out["valid"] = np.ones((b,), dtype=np.int32)
     return out
+
+
+def _device_layouts(b: int, groups: int, roles):
+    """Each local device's contiguous block of examples and, per role, its texts packed into rows
+    of the role's length: (blocks, texts_of(texts, block), [role][device] -> rows)."""
+    per = b // groups
+    blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
+
+    def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
+        k = len(texts) // b
+        return [texts[i] for e in block for i in range(e * k, (e + 1) * k)]
+
+    layouts = [
+        [pack_rows([len(t) for t in texts_of(texts, blk)], length) for blk in blocks]
+        for _, texts, length, _ in roles
+    ]
+    return blocks, texts_of, layouts
 
 
 def _role_specs(tok: TokenizedSlice, query_length: int, doc_length: int, num_negatives: int):
@@ -545,23 +542,13 @@ def _materialize_packed_chunked(
     b = len(tok.query_ids)
     if b % (groups * chunks):
         raise ValueError(f"{b} examples do not split over {groups} devices x {chunks} chunks")
-    per = b // groups
-    blocks = [range(g * per, (g + 1) * per) for g in range(groups)]
     roles = _role_specs(tok, query_length, doc_length, num_negatives)
-
-    def texts_of(texts, block):  # negatives are flattened [b * K]: a block is K times longer
-        k = len(texts) // b
-        return [texts[i] for e in block for i in range(e * k, (e + 1) * k)]
-
-    layouts = [
-        [pack_rows([len(t) for t in texts_of(texts, blk)], length) for blk in blocks]
-        for _, texts, length, _ in roles
-    ]
+    blocks, texts_of, layouts = _device_layouts(b, groups, roles)
     # Round 1: rows per device (max over devices and processes) -> chunks and rows per chunk.
     counts = agree_rows(np.asarray([max(len(r) for r in lay) for lay in layouts], np.int32))
     plans = []
     for (_, texts, _, _), count in zip(roles, counts, strict=True):
-        budget = (per // chunks) * (len(texts) // b)  # rows of one padded chunk, per device
+        budget = (b // groups // chunks) * (len(texts) // b)  # rows of one padded chunk, per device
         plans.append(chunk_plan(int(count), budget, row_multiple))
     # Every chunk of every device holds a text (no empty slot is ever normalised).
     layouts = [
