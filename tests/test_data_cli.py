@@ -66,7 +66,7 @@ def test_inspect_reads_a_stage_of_a_training_config(capsys):
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
     assert list(report["sources"]) == ["bible_hn"]
-    shown = json.loads(captured.err.strip().splitlines()[0])
+    shown = json.loads(next(x for x in captured.err.splitlines() if x.startswith("{")))
     assert shown["shapes"]["valid"] == [16]  # the finetune stage's train.batch_size
     # One hard negative per example, in the padded ([B, K, L] ids) or packed ([B, K] slots) layout.
     neg = shown["shapes"].get("neg_slot_index", shown["shapes"]["neg_input_ids"])

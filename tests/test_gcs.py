@@ -234,10 +234,8 @@ def _copy_down(src, dst: pathlib.Path) -> pathlib.Path:
 
 
 def test_two_stage_train_resume_and_export_in_a_gs_workdir(gcs, tiny_model_dir, tmp_path):
-    import ml_collections
     from etils import epath
 
-    from gte_jax import train
     from gte_jax.commands import export
     from gte_jax.encode import Embedder
     from gte_jax.evaluation import load_embedder
@@ -291,9 +289,9 @@ def test_two_stage_train_resume_and_export_in_a_gs_workdir(gcs, tiny_model_dir, 
 
     # The export, read straight from the bucket, embeds like the final checkpoint in the bucket.
     texts = ["In the beginning God created the heaven and the earth.", "", "naïve café ☕"]
-    model, tokenizer, info = train.load_model_for_training(
-        ml_collections.ConfigDict({"init_from": f"{workdir}/finetune"})
-    )
+    from gte_jax.workdir import load_model
+
+    model, tokenizer, info = load_model(f"{workdir}/finetune")  # its newest checkpoint
     reference = Embedder(model, tokenizer, max_length=info.max_seq_length).encode(texts)
     from_bucket = load_embedder(f"{workdir}/finetune")  # the workdir's export/
     np.testing.assert_allclose(from_bucket.encode(texts), reference, atol=1e-6)
