@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_train import _env, _final_state, _free_port, _iterator, _train_cmd
+from test_train import _env, _final_state, _iterator, _train_cmd, run_two_processes
 
 from gte_jax import sharding as shd
 from gte_jax import train
@@ -222,27 +222,7 @@ def test_two_processes_with_fsdp_equal_one_process(tiny_model_dir, tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     assert json.loads(one.stdout.strip().splitlines()[-1])["steps"] == 4
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _train_cmd(
-                tiny_model_dir,
-                tmp_path / "two",
-                *fsdp,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    run_two_processes(tiny_model_dir, tmp_path / "two", *fsdp)
     step_a, a = _final_state(tmp_path / "one")
     step_b, b = _final_state(tmp_path / "two")
     assert step_a == step_b == 4

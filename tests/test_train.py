@@ -171,6 +171,31 @@ def _train_cmd(tiny_model_dir, workdir, *extra):
     ]
 
 
+def run_two_processes(tiny_model_dir, workdir, *extra: str) -> None:
+    """`gte-jax train` as two jax.distributed processes (1 CPU device each) on 127.0.0.1."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(
+                tiny_model_dir,
+                workdir,
+                *extra,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+
 def _final_state(workdir):
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", every_steps=0)
     step, state = ckpt.restore_unsharded()
@@ -254,26 +279,7 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, uninterrupted):
     """The uninterrupted run used one process with 2 devices; here 2 processes x 1 device each
     read their own half of every global batch."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _train_cmd(
-                tiny_model_dir,
-                tmp_path / "two",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            env=_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    run_two_processes(tiny_model_dir, tmp_path / "two")
     step_a, a = _final_state(uninterrupted)
     step_b, b = _final_state(tmp_path / "two")
     assert step_a == step_b == 8
