@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from simulated import ThreadAllGather
 
 from gte_jax.data.batching import (
     PairBatchIterator,
@@ -138,24 +139,6 @@ def test_bucket_multiple_reaches_the_batch(tokenizer):
             assert mask.shape[1] - longest < 8 or mask.shape[1] == 16  # 16: the smallest bucket
 
 
-class _ThreadAllGather:
-    """In-process stand-in for the per-batch all-gather of the processes' longest lengths."""
-
-    def __init__(self, n: int):
-        self.slots = [None] * n
-        self.gathered, self.read = threading.Barrier(n), threading.Barrier(n)
-
-    def for_process(self, i: int):
-        def agree(local):
-            self.slots[i] = local
-            self.gathered.wait()
-            out = np.max(np.stack(self.slots), axis=0)
-            self.read.wait()
-            return out
-
-        return agree
-
-
 def test_two_processes_split_the_global_batch(tokenizer):
     steps = 10
     single = _iterator(tokenizer)
@@ -164,7 +147,7 @@ def test_two_processes_split_the_global_batch(tokenizer):
         plan = single.next_plan()
         ref.append((plan.sources[0], single.materialize(plan)))
 
-    gather = _ThreadAllGather(2)
+    gather = ThreadAllGather(2)
     out: dict[int, list] = {0: [], 1: []}
 
     def run(p: int):

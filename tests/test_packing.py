@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from simulated import ThreadAllGather
 
 from gte_jax.data.batching import (
     PairBatchIterator,
@@ -134,25 +135,9 @@ def test_packed_batch_holds_the_same_texts_as_the_padded_one(tokenizer):
             assert pools == [p[m == 1].tolist() for p, m in zip(ref_pool, ref_mask, strict=True)]
 
 
-class _ThreadAllGather:
-    def __init__(self, n: int):
-        self.slots = [None] * n
-        self.gathered, self.read = threading.Barrier(n), threading.Barrier(n)
-
-    def for_process(self, i: int):
-        def agree(local):
-            self.slots[i] = local
-            self.gathered.wait()
-            out = np.max(np.stack(self.slots), axis=0)
-            self.read.wait()
-            return out
-
-        return agree
-
-
 def _two_processes_packed(tokenizer, steps: int) -> dict[int, list]:
     """Packed batches of two simulated processes (threads; the row-count all-gather is real)."""
-    gather = _ThreadAllGather(2)
+    gather = ThreadAllGather(2)
     out: dict[int, list] = {0: [], 1: []}
 
     def run(p: int):
@@ -370,7 +355,7 @@ def test_primed_row_floor_gives_one_shape_and_the_same_texts(tokenizer):
 
 
 def test_two_processes_prime_the_same_row_floor(tokenizer):
-    gather = _ThreadAllGather(2)
+    gather = ThreadAllGather(2)
     floors: dict[int, dict] = {}
 
     def run(p: int):

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from simulated import ThreadAllGather
 
 from gte_jax import gradcache as gc
 from gte_jax import sharding as shd
@@ -101,25 +102,9 @@ def test_chunked_packed_batch_holds_the_padded_batch_texts(tokenizer):
     assert CHUNKS in seen_chunks  # the docs need both chunks; short queries fit in one
 
 
-class _ThreadAllGather:
-    def __init__(self, n: int):
-        self.slots = [None] * n
-        self.gathered, self.read = threading.Barrier(n), threading.Barrier(n)
-
-    def for_process(self, i: int):
-        def agree(local):
-            self.slots[i] = local
-            self.gathered.wait()
-            out = np.max(np.stack(self.slots), axis=0)
-            self.read.wait()
-            return out
-
-        return agree
-
-
 def _two_processes(tokenizer, steps):
     """Chunk-packed batches of 2 simulated processes x 4 devices (threads; real all-gathers)."""
-    gather = _ThreadAllGather(2)
+    gather = ThreadAllGather(2)
     out: dict[int, list] = {0: [], 1: []}
 
     def run(p):
