@@ -592,13 +592,7 @@ def _materialize_packed_chunked(
         if role == "neg":
             arrays["chunk_index"] = arrays["chunk_index"].reshape(b, num_negatives)
         out.update({f"{role}_{key}": value for key, value in arrays.items()})
-    out["query_text_id"] = plan.query_text_id[tok.rows]
-    out["doc_text_id"] = plan.doc_text_id[tok.rows]
-    if num_negatives:
-        out["neg_text_id"] = plan.neg_text_id[tok.rows]
-        out["neg_valid"] = plan.neg_valid[tok.rows]
-    out["valid"] = np.ones((b,), dtype=np.int32)
-    return out
+    return _with_ids(out, plan, tok, num_negatives)
 
 
 def allgather_max(local: np.ndarray) -> np.ndarray:
