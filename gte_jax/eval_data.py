@@ -49,21 +49,9 @@ def read_beir(directory: str | epath.PathLike, split: str = "test") -> BeirData:
         )
     qrels, qrels_line = _read_qrels(qrels_path)
 
-    corpus_path = directory / "corpus.jsonl"
-    corpus: dict[str, str] = {}
-    for where, record in iter_jsonl(corpus_path):
-        doc_id = str(jsonl_field(record, "_id", where, (str, int)))
-        if doc_id in corpus:
-            raise InputError(f"{where}: duplicate _id {doc_id!r}.")
-        corpus[doc_id] = doc_text(record, where)
-
-    queries_path = directory / "queries.jsonl"
-    all_queries: dict[str, str] = {}
-    for where, record in iter_jsonl(queries_path):
-        query_id = str(jsonl_field(record, "_id", where, (str, int)))
-        if query_id in all_queries:
-            raise InputError(f"{where}: duplicate _id {query_id!r}.")
-        all_queries[query_id] = jsonl_field(record, "text", where)
+    corpus_path, queries_path = directory / "corpus.jsonl", directory / "queries.jsonl"
+    corpus = _read_by_id(corpus_path, doc_text)
+    all_queries = _read_by_id(queries_path, lambda r, where: jsonl_field(r, "text", where))
 
     missing = [qid for qid in qrels if qid not in all_queries]
     if missing:
@@ -92,6 +80,17 @@ def read_sts(path: str | epath.PathLike) -> tuple[list[str], list[str], np.ndarr
     if len(scores) < 2:
         raise InputError(f"{path}: needs at least 2 sentence pairs, found {len(scores)}.")
     return first, second, np.asarray(scores, np.float64)
+
+
+def _read_by_id(path: epath.Path, text_of) -> dict[str, str]:
+    """``{_id: text_of(record, "file:line")}`` of a BEIR JSONL file; a repeated ``_id`` is an error."""
+    out: dict[str, str] = {}
+    for where, record in iter_jsonl(path):
+        key = str(jsonl_field(record, "_id", where, (str, int)))
+        if key in out:
+            raise InputError(f"{where}: duplicate _id {key!r}.")
+        out[key] = text_of(record, where)
+    return out
 
 
 def _read_qrels(path: epath.Path) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
