@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -37,7 +36,7 @@ from safetensors.numpy import load as load_bytes
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_bytes
 
-from gte_jax.models.bert import EncoderConfig
+from gte_jax.models import registry
 from gte_jax.models.encoder import BiEncoder
 
 logger = logging.getLogger(__name__)
@@ -49,15 +48,6 @@ _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _NOT_TOKENIZER_SUFFIXES = (".safetensors", ".h5", ".msgpack") + tuple(
     p[1:] for p in _PICKLE_PATTERNS
 )
-# Name prefixes of task-head checkpoints (BertForMaskedLM, RobertaForMaskedLM, ...).
-_PREFIXES = ("bert.", "roberta.")
-# Tensors that are not encoder parameters: buffers and task heads. Pooler weights are kept and
-# written back on export (unused by sentence embeddings, but AutoModel expects them).
-_IGNORED = re.compile(
-    r"(^|\.)(position_ids|token_type_ids)$|^(cls|lm_head|classifier|qa_outputs)\."
-)
-_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
-
 # sentence-transformers pooling names <-> ours.
 _ST_TO_POOLING = {
     "mean": "mean",
@@ -105,61 +95,6 @@ class PretrainedInfo:
     transformer_dir: str = ""
 
 
-# ----------------------------------------------------------------------------- name mapping
-
-
-def param_names(config: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
-    """torch name (``BertModel`` layout) -> (path in ``BiEncoder``'s param state, transpose?)."""
-    emb = ("encoder", "embeddings")
-    names: dict[str, tuple[tuple[Any, ...], bool]] = {
-        "embeddings.word_embeddings.weight": (emb + ("word_embeddings", "embedding"), False),
-        "embeddings.position_embeddings.weight": (
-            emb + ("position_embeddings", "embedding"),
-            False,
-        ),
-        "embeddings.token_type_embeddings.weight": (
-            emb + ("token_type_embeddings", "embedding"),
-            False,
-        ),
-        "embeddings.LayerNorm.weight": (emb + ("layer_norm", "scale"), False),
-        "embeddings.LayerNorm.bias": (emb + ("layer_norm", "bias"), False),
-    }
-    linears = {
-        "attention.self.query": "query",
-        "attention.self.key": "key",
-        "attention.self.value": "value",
-        "attention.output.dense": "attention_output",
-        "intermediate.dense": "intermediate",
-        "output.dense": "output",
-    }
-    norms = {
-        "attention.output.LayerNorm": "attention_layer_norm",
-        "output.LayerNorm": "output_layer_norm",
-    }
-    for i in range(config.num_hidden_layers):
-        layer = ("encoder", "layers", i)
-        for torch_name, ours in linears.items():
-            names[f"encoder.layer.{i}.{torch_name}.weight"] = (layer + (ours, "kernel"), True)
-            names[f"encoder.layer.{i}.{torch_name}.bias"] = (layer + (ours, "bias"), False)
-        for torch_name, ours in norms.items():
-            names[f"encoder.layer.{i}.{torch_name}.weight"] = (layer + (ours, "scale"), False)
-            names[f"encoder.layer.{i}.{torch_name}.bias"] = (layer + (ours, "bias"), False)
-    return names
-
-
-def _canonical_name(name: str) -> str:
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    # TF-era checkpoints name LayerNorm parameters gamma/beta; transformers renames them too.
-    return re.sub(
-        r"LayerNorm\.gamma$",
-        "LayerNorm.weight",
-        re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name),
-    )
-
-
 # ----------------------------------------------------------------------------- reading files
 
 
@@ -194,8 +129,8 @@ def _refuse_remote_code(directory: epath.Path) -> None:
         if path.exists() and "auto_map" in _read_json(path):
             raise ValueError(
                 f"{path} has an `auto_map`: this model needs custom (remote) Python code, which "
-                "gte-jax never runs. Use a model whose architecture is a plain BERT / RoBERTa / "
-                "XLM-R (no `auto_map`, no trust_remote_code)."
+                "gte-jax never runs. Use a model whose architecture gte-jax supports natively "
+                "(no `auto_map`, no trust_remote_code)."
             )
     for name in ("sentence_bert_config.json", "config_sentence_transformers.json"):
         path = directory / name
@@ -355,8 +290,8 @@ def load_pretrained(
     """Load an HF / sentence-transformers directory (local or ``gs://``) -> (BiEncoder, tokenizer,
     info).
 
-    ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to
-    ``EncoderConfig`` (e.g. ``remat=True``, ``hidden_dropout_prob=0.0``).
+    ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to the
+    family's config (``gte_jax.models.registry``: e.g. ``remat=True``, ``dropout=0.0``).
     """
     model, info = load_model(path, dtype=dtype, **config_overrides)
     return model, load_tokenizer(info.transformer_dir), info
@@ -376,7 +311,8 @@ def load_model(
     if not (transformer_dir / "config.json").exists():
         raise FileNotFoundError(f"{transformer_dir} has no config.json: not a Hugging Face model.")
     hf_config = _read_json(transformer_dir / "config.json")
-    config = EncoderConfig.from_hf(hf_config, dtype=dtype, **config_overrides)
+    family = registry.family_for(hf_config.get("model_type", "bert"))
+    config = family.config_from_hf(hf_config, dtype=dtype, **config_overrides)
     tensors = load_safetensors(transformer_dir)
 
     model = nnx.eval_shape(
@@ -392,14 +328,14 @@ def load_model(
     )
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
-    canonical = {_canonical_name(k): v for k, v in tensors.items()}
-    names = param_names(config)
+    canonical = {family.canonical_name(k): v for k, v in tensors.items()}
+    names = family.param_names(config)
     missing = sorted(set(names) - set(canonical))
     if missing:
         raise ValueError(
             f"{transformer_dir}: {len(missing)} encoder tensors missing, e.g. {missing[:8]}. "
-            "Expected a BERT / RoBERTa / XLM-R checkpoint (names with or without a 'bert.' / "
-            "'roberta.' prefix)."
+            f"Expected a {config.model_type} checkpoint as transformers writes it "
+            f"({family.architecture(config)})."
         )
     for name, (where, transpose) in names.items():
         array = canonical[name].astype(np.float32)
@@ -407,9 +343,9 @@ def load_model(
     if "projection_tensors" in st:
         for leaf, array in st["projection_tensors"].items():
             _set_leaf(pure, ("projection", leaf), array.astype(np.float32), f"Dense {leaf}")
-    extra = {k: v for k, v in canonical.items() if k.startswith("pooler.")}
+    extra = {k: v for k, v in canonical.items() if k not in names and family.keep.search(k)}
     ignored = sorted(
-        k for k in canonical if k not in names and k not in extra and _IGNORED.search(k)
+        k for k in canonical if k not in names and k not in extra and family.ignored.search(k)
     )
     unexpected = sorted(set(canonical) - set(names) - set(extra) - set(ignored))
     if extra or ignored:
@@ -506,7 +442,7 @@ def _write_transformer(
         name: np.ascontiguousarray(
             _get_leaf(params, where).T if transpose else _get_leaf(params, where)
         )
-        for name, (where, transpose) in param_names(config).items()
+        for name, (where, transpose) in registry.family_of(config).param_names(config).items()
     }
     tensors.update(
         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in info.extra_tensors.items()}
@@ -519,7 +455,7 @@ def _write_transformer(
         if k not in ("_name_or_path", "transformers_version", "torch_dtype", "auto_map")
     }
     hf.update(config.to_hf())
-    hf["architectures"] = [_ARCHITECTURES[config.model_type]]
+    hf["architectures"] = [registry.family_of(config).architecture(config)]
     hf["dtype"] = "float32"
     _write_json(out / "config.json", hf)
 
@@ -701,7 +637,8 @@ def model_card(
         "",
         "## Model",
         "",
-        f"- Architecture: {_ARCHITECTURES[config.model_type]}, {config.num_hidden_layers} layers, "
+        f"- Architecture: {registry.family_of(config).architecture(config)}, "
+        f"{config.num_hidden_layers} layers, "
         f"hidden size {config.hidden_size}, {config.num_attention_heads} heads",
         f"- Base model: {base_model or 'trained from scratch / unknown'}",
         f"- Pooling: {model.pooling}"

@@ -312,12 +312,12 @@ def model_shape(model_cfg: Any, model_config: str | None, stages: Mapping[str, A
 
 
 def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
-    """``EncoderConfig`` of the stage: the architecture plus its dtype, remat and dropout."""
+    """The tower config of the stage: the architecture plus its dtype, remat and dropout."""
     from gte_jax import workdir as wd
-    from gte_jax.models.bert import EncoderConfig
+    from gte_jax.models import registry
 
     try:
-        return EncoderConfig.from_hf(
+        return registry.config_from_hf(
             dict(hf_config), dtype=jnp.dtype(model_cfg.dtype), **wd.model_overrides(model_cfg)
         )
     except (TypeError, ValueError) as e:

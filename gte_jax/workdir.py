@@ -73,15 +73,15 @@ def is_workdir(path: epath.PathLike) -> bool:
 
 
 def model_overrides(model_cfg: Any) -> dict[str, Any]:
-    """``EncoderConfig`` overrides from a config's ``model`` group (remat, dropout rates)."""
+    """Tower config overrides from a config's ``model`` group (remat, dropout rates), in the
+    generic names every family maps onto its own fields (``gte_jax.models.registry``)."""
     overrides: dict[str, Any] = {}
     if model_cfg.remat:
         overrides["remat"] = True
     if model_cfg.dropout >= 0:
-        overrides["hidden_dropout_prob"] = float(model_cfg.dropout)
-        overrides["attention_probs_dropout_prob"] = float(model_cfg.dropout)
+        overrides["dropout"] = float(model_cfg.dropout)
     if model_cfg.attention_dropout >= 0:
-        overrides["attention_probs_dropout_prob"] = float(model_cfg.attention_dropout)
+        overrides["attention_dropout"] = float(model_cfg.attention_dropout)
     return overrides
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -106,7 +107,18 @@ class EncoderConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> EncoderConfig:
-        """Build from an HF ``config.json`` dict; ``overrides`` set dtype / remat / dropout."""
+        """Build from an HF ``config.json`` dict; ``overrides`` set dtype / remat / dropout.
+
+        The generic overrides of every family (``gte_jax.models.registry``): ``dropout`` sets
+        both dropout probabilities, ``attention_dropout`` the attention one (applied after it).
+        """
+        dropout = overrides.pop("dropout", None)
+        attention_dropout = overrides.pop("attention_dropout", None)
+        if dropout is not None:
+            overrides.setdefault("hidden_dropout_prob", float(dropout))
+            overrides.setdefault("attention_probs_dropout_prob", float(dropout))
+        if attention_dropout is not None:
+            overrides["attention_probs_dropout_prob"] = float(attention_dropout)
         model_type = hf.get("model_type", "bert")
         pos_type = hf.get("position_embedding_type", "absolute") or "absolute"
         if pos_type != "absolute":
@@ -407,3 +419,78 @@ class TransformerEncoder(nnx.Module):
         for layer, rng in zip(self.layers, rngs[1:], strict=True):
             x = forward(layer, x, mask, rng)  # [batch, length, embed]
         return x
+
+
+# ----------------------------------------------------------------------------- HF weight names
+# The family's entry in ``gte_jax.models.registry``: torch ``BertModel`` names <-> our tree.
+
+# Name prefixes of task-head checkpoints (BertForMaskedLM, RobertaForMaskedLM, ...).
+HF_PREFIXES = ("bert.", "roberta.")
+# Tensors that are not encoder parameters: buffers and task heads. Pooler weights are kept and
+# written back on export (unused by sentence embeddings, but AutoModel expects them).
+HF_IGNORED = re.compile(
+    r"(^|\.)(position_ids|token_type_ids)$|^(cls|lm_head|classifier|qa_outputs)\."
+)
+HF_ARCHITECTURES = {
+    "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "xlm-roberta": "XLMRobertaModel",
+}
+
+HF_KEEP = re.compile(r"^pooler\.")
+
+
+def hf_architecture(config: EncoderConfig) -> str:
+    return HF_ARCHITECTURES[config.model_type]
+
+
+def hf_param_names(config: EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """torch name (``BertModel`` layout) -> (path in ``BiEncoder``'s param state, transpose?)."""
+    emb = ("encoder", "embeddings")
+    names: dict[str, tuple[tuple[Any, ...], bool]] = {
+        "embeddings.word_embeddings.weight": (emb + ("word_embeddings", "embedding"), False),
+        "embeddings.position_embeddings.weight": (
+            emb + ("position_embeddings", "embedding"),
+            False,
+        ),
+        "embeddings.token_type_embeddings.weight": (
+            emb + ("token_type_embeddings", "embedding"),
+            False,
+        ),
+        "embeddings.LayerNorm.weight": (emb + ("layer_norm", "scale"), False),
+        "embeddings.LayerNorm.bias": (emb + ("layer_norm", "bias"), False),
+    }
+    linears = {
+        "attention.self.query": "query",
+        "attention.self.key": "key",
+        "attention.self.value": "value",
+        "attention.output.dense": "attention_output",
+        "intermediate.dense": "intermediate",
+        "output.dense": "output",
+    }
+    norms = {
+        "attention.output.LayerNorm": "attention_layer_norm",
+        "output.LayerNorm": "output_layer_norm",
+    }
+    for i in range(config.num_hidden_layers):
+        layer = ("encoder", "layers", i)
+        for torch_name, ours in linears.items():
+            names[f"encoder.layer.{i}.{torch_name}.weight"] = (layer + (ours, "kernel"), True)
+            names[f"encoder.layer.{i}.{torch_name}.bias"] = (layer + (ours, "bias"), False)
+        for torch_name, ours in norms.items():
+            names[f"encoder.layer.{i}.{torch_name}.weight"] = (layer + (ours, "scale"), False)
+            names[f"encoder.layer.{i}.{torch_name}.bias"] = (layer + (ours, "bias"), False)
+    return names
+
+
+def hf_canonical_name(name: str) -> str:
+    for prefix in HF_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    # TF-era checkpoints name LayerNorm parameters gamma/beta; transformers renames them too.
+    return re.sub(
+        r"LayerNorm\.gamma$",
+        "LayerNorm.weight",
+        re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name),
+    )

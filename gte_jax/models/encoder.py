@@ -1,4 +1,4 @@
-"""Bi-encoder: one shared transformer tower for queries and documents, pooled to one vector.
+"""Bi-encoder: one shared transformer tower (any family of ``gte_jax.models.registry``) for queries and documents, pooled to one vector.
 
 tower -> pooling -> optional linear projection (sentence-transformers ``Dense``) -> optional L2
 normalisation. Output is always float32, whatever the tower's compute dtype.
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gte_jax.models.bert import EncoderConfig, TransformerEncoder
 from gte_jax.models.pooling import POOLING_MODES, l2_normalize, pool, pool_segments
+from gte_jax.models.registry import build_tower
 
 # Activations a projection may apply after its matmul (sentence-transformers Dense's choices).
 PROJECTION_ACTIVATIONS = {"identity": lambda x: x, "tanh": jnp.tanh}
@@ -26,7 +26,7 @@ class BiEncoder(nnx.Module):
 
     def __init__(
         self,
-        config: EncoderConfig,
+        config: Any,  # a family config (gte_jax.models.registry)
         *,
         pooling: str = "mean",
         normalize: bool = True,
@@ -46,7 +46,7 @@ class BiEncoder(nnx.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.projection_activation = projection_activation
-        self.encoder = TransformerEncoder(config, rngs=rngs)
+        self.encoder = build_tower(config, rngs=rngs)
         # float32 projection: it acts on the float32 pooled vector. nnx.data: a data attribute even
         # when None, so a projection can be attached to a loaded model later.
         self.projection = nnx.data(
