@@ -285,7 +285,7 @@ def load_tokenizer(directory: epath.PathLike):
 
 
 def load_pretrained(
-    path: epath.PathLike, *, dtype: Any = jnp.float32, **config_overrides: Any
+    path: epath.PathLike, *, dtype: Any = jnp.float32, host: bool = False, **config_overrides: Any
 ) -> tuple[BiEncoder, Any, PretrainedInfo]:
     """Load an HF / sentence-transformers directory (local or ``gs://``) -> (BiEncoder, tokenizer,
     info).
@@ -293,14 +293,18 @@ def load_pretrained(
     ``dtype`` is the compute dtype (params stay float32); ``config_overrides`` go to the
     family's config (``gte_jax.models.registry``: e.g. ``remat=True``, ``dropout=0.0``).
     """
-    model, info = load_model(path, dtype=dtype, **config_overrides)
+    model, info = load_model(path, dtype=dtype, host=host, **config_overrides)
     return model, load_tokenizer(info.transformer_dir), info
 
 
 def load_model(
-    path: epath.PathLike, *, dtype: Any = jnp.float32, **config_overrides: Any
+    path: epath.PathLike, *, dtype: Any = jnp.float32, host: bool = False, **config_overrides: Any
 ) -> tuple[BiEncoder, PretrainedInfo]:
-    """``load_pretrained`` without the tokenizer (weights + sentence-transformers settings)."""
+    """``load_pretrained`` without the tokenizer (weights + sentence-transformers settings).
+
+    ``host=True`` leaves the parameters as NumPy arrays in host memory, so a caller can place
+    them straight onto their shards (training a 7B model under FSDP: no device ever holds it
+    whole); otherwise they are put on the default device."""
     directory = epath.Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory; pass a model directory.")
@@ -354,6 +358,8 @@ def load_model(
         )
     if unexpected:
         logger.warning("%s: ignoring unexpected tensors %s", transformer_dir, unexpected[:20])
+    if not host:
+        pure = jax.tree.map(jnp.asarray, pure)
     state.replace_by_pure_dict(pure)
     model = nnx.merge(graphdef, state)
 
@@ -383,7 +389,7 @@ def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> 
             f"tensor {name}: shape {tuple(array.shape)} does not fit the config's {expected}; "
             "config.json and the weights disagree."
         )
-    node[leaf] = jnp.asarray(array)
+    node[leaf] = np.ascontiguousarray(array)
 
 
 # ----------------------------------------------------------------------------- export

@@ -215,6 +215,7 @@ def load_model_for_training(model_cfg: Any):
     model, tokenizer, info = wd.load_model(
         str(model_cfg.init_from),
         dtype=jnp.dtype(model_cfg.dtype),
+        host=True,  # placed shard by shard by initial_state
         **wd.model_overrides(model_cfg),
     )
     if model.normalize != bool(model_cfg.normalize):
@@ -416,8 +417,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
     tx, schedule = make_optimizer(tcfg, total_steps)
     model_fn, params = ModelFn.from_module(model)
-    state = init_train_state(params, tx, int(tcfg.seed))
-    state = shd.place(state, shd.state_shardings(state, mesh, config.sharding))
+    state = initial_state(params, tx, int(tcfg.seed), mesh, config.sharding)
     restored = ckpt.restore(abstract_like(state))
     start_step = 0
     if restored is not None:
@@ -466,6 +466,20 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(seed)),
     }
+
+
+def initial_state(params: Any, tx, seed: int, mesh, sharding_cfg: Any) -> dict[str, Any]:
+    """``init_train_state`` created where it lives: each parameter goes from host memory straight
+    to its shards (``sharding.place``), and the optimizer state is made by a jitted init with the
+    state's shardings, so under FSDP no device ever holds a whole model or its Adam moments (a
+    7B model starts on chips that could not hold it)."""
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, seed), params)
+    shardings = shd.state_shardings(abstract, mesh, sharding_cfg)
+    placed = shd.place(params, shardings["params"])
+    init = jax.jit(
+        lambda p: init_train_state(p, tx, seed), out_shardings=shardings, donate_argnums=0
+    )
+    return init(placed)
 
 
 def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:

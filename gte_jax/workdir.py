@@ -85,16 +85,23 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
     return overrides
 
 
-def load_model(spec: str | epath.PathLike, *, dtype: Any = jnp.float32, **config_overrides: Any):
+def load_model(
+    spec: str | epath.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    host: bool = False,
+    **config_overrides: Any,
+):
     """(BiEncoder, tokenizer, PretrainedInfo) for a model spec (see the module doc). A workdir
-    gives its newest readable checkpoint's parameters (e.g. stage 1 for stage 2)."""
+    gives its newest readable checkpoint's parameters (e.g. stage 1 for stage 2). ``host``: an
+    HF directory's parameters stay NumPy arrays (``gte_jax.hf.load_model``)."""
     from gte_jax import hf
     from gte_jax.checkpoint import Checkpointer
     from gte_jax.models.encoder import ModelFn
 
     path = resolve_model_path(spec)
     if not is_workdir(path):
-        return hf.load_pretrained(path, dtype=dtype, **config_overrides)
+        return hf.load_pretrained(path, dtype=dtype, host=host, **config_overrides)
     model, tokenizer, info = hf.load_pretrained(
         path / "base_model", dtype=dtype, **config_overrides
     )

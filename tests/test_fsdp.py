@@ -228,3 +228,44 @@ def test_two_processes_with_fsdp_equal_one_process(tiny_model_dir, tmp_path):
     assert step_a == step_b == 4
     _close(b["params"], a["params"], atol=PARAM_TOL)
     _close(b["opt_state"], a["opt_state"], atol=PARAM_TOL)
+
+
+def test_training_state_is_built_on_its_shards(tiny_model_dir, monkeypatch):
+    """A 7B model must start on chips that cannot hold it whole: ``train.initial_state`` takes
+    host (NumPy) parameters straight to their FSDP shards and makes the Adam moments with a
+    jitted init, so no device ever holds a whole matrix; the values equal the one-device init."""
+    import gc
+
+    from gte_jax import hf
+
+    model, _ = hf.load_model(tiny_model_dir, host=True)
+    model_fn, params = train.ModelFn.from_module(model)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
+    _, tx, _, host_state, _ = _setup(tiny_model_dir)
+    mesh = shd.make_mesh()
+    gc.collect()
+    before = {id(x) for x in jax.live_arrays()}
+    # The optimizer state is only ever made inside jit (traced: its output lands on its shards);
+    # an eager init would build every Adam moment whole on one device first.
+    eager = []
+    real_init = train.init_train_state
+
+    def spy(p, *args):
+        eager.extend(not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(p))
+        return real_init(p, *args)
+
+    monkeypatch.setattr(train, "init_train_state", spy)
+    state = train.initial_state(params, tx, 0, mesh, "fsdp")
+    assert eager and not any(eager)
+    gc.collect()
+    matrices = {x.shape for x in jax.tree.leaves(params) if x.ndim >= 2}
+    for x in jax.live_arrays():
+        if id(x) in before or x.shape not in matrices:
+            continue
+        # Every live array shaped like a weight matrix is split 8 ways: 1/8 per device.
+        assert x.addressable_shards[0].data.nbytes * 8 == x.nbytes, (x.shape, x.sharding)
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(host_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert state["params"]["encoder"]["layers"][0]["intermediate"]["kernel"].sharding.spec == (
+        jax.P(None, "data")
+    )
