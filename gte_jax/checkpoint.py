@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -141,10 +142,11 @@ class Checkpointer:
             + "\nMove the damaged step directories away (or start a fresh --workdir) and rerun."
         )
 
-    def restore_unsharded(self, step: int | None = None) -> tuple[int, Any]:
-        """The saved state as arrays on one local device, without knowing its structure in advance
-        (for export and for initialising a later stage from this run). Damaged steps are skipped as
-        in :meth:`restore`."""
+    def restore_unsharded(self, step: int | None = None, *, host: bool = False) -> tuple[int, Any]:
+        """The saved state as arrays on one local device (``host``: NumPy arrays in host memory,
+        so a later stage can place a model bigger than one chip straight onto its shards),
+        without knowing its structure in advance (for export and for initialising a later stage
+        from this run). Damaged steps are skipped as in :meth:`restore`."""
         candidates = self.steps if step is None else [step]
         if not candidates:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -155,7 +157,10 @@ class Checkpointer:
                 meta = self._manager.item_metadata(s)["state"]
                 meta = getattr(meta, "tree", meta)
                 abstract = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
+                    (lambda m: np.zeros(m.shape, m.dtype))
+                    if host
+                    else (lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)),
+                    meta,
                 )
                 # The fallback covers checkpoints written by another topology (e.g. 2 processes).
                 restore = ocp.args.StandardRestore(abstract, fallback_sharding=device)

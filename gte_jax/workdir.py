@@ -103,11 +103,11 @@ def load_model(
     if not is_workdir(path):
         return hf.load_pretrained(path, dtype=dtype, host=host, **config_overrides)
     model, tokenizer, info = hf.load_pretrained(
-        path / "base_model", dtype=dtype, **config_overrides
+        path / "base_model", dtype=dtype, host=host, **config_overrides
     )
     ckpt = Checkpointer(path / "checkpoints", every_steps=0)
     try:
-        step, saved = ckpt.restore_unsharded()
+        step, saved = ckpt.restore_unsharded(host=host)
     finally:
         ckpt.close()
     model_fn, _ = ModelFn.from_module(model)

@@ -48,6 +48,13 @@ def test_round_trip_keeps_values_shardings_and_data_state(tmp_path, mesh):
     _assert_equal(state, _state(4, mesh))
     step, state, data = ckpt.restore(abstract_like(_state(0, mesh)), step=2)
     _assert_equal(state, _state(2, mesh))
+    # Unsharded: on one device, or in host memory (a later stage places a big model per shard).
+    for host in (False, True):
+        step, state = ckpt.restore_unsharded(host=host)
+        assert step == 4
+        for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(_state(4, mesh)), strict=True):
+            assert isinstance(x, np.ndarray) == host
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     ckpt.close()
 
 
