@@ -248,17 +248,19 @@ def test_counts_per_reason_are_exact_and_the_key_is_never_written(tmp_path, monk
 
 
 def deterministic_script(prompt: str, seed: int, attempt: int):
-    """Replies that depend on the prompt and seed only: valid, invalid and duplicate ones."""
+    """Replies (and their delays) that depend on the prompt and seed only: valid, invalid and
+    duplicate ones."""
     if _prompt_kind(prompt) == "brainstorm:short_long":
         return 200, json.dumps([f"task {i}" for i in range(6)]), 0.0
     match = TASK_LINE.search(prompt)
     task = match.group(1) if match else "sts"
     h = int(hashlib.sha256(f"{prompt}|{seed}".encode()).hexdigest(), 16) % 10
+    sleep = 0.015 * (h % 4)  # replies come back out of order
     if h == 0:
-        return 200, "not json at all", 0.0
+        return 200, "not json at all", sleep
     if h in (1, 2):
-        return 200, _example(task, "shared", user_query="the same query"), 0.0
-    return 200, _example(task, f"{task} {h} {seed}"), 0.0
+        return 200, _example(task, "shared", user_query="the same query"), sleep
+    return 200, _example(task, f"{task} {h} {seed}"), sleep
 
 
 def _generate_argv(url: str, out: pathlib.Path, *extra: str) -> list[str]:
@@ -269,38 +271,56 @@ def _generate_argv(url: str, out: pathlib.Path, *extra: str) -> list[str]:
     ]
 
 
+def _start_until(argv: list[str], out: pathlib.Path, lines_at_least: int) -> subprocess.Popen:
+    """`gte-jax synth ...` as a subprocess, returned once ``out``'s JSONL files hold at least
+    ``lines_at_least`` complete lines (a torn last line has no newline: it does not count)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gte_jax.cli", "synth", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while _written(out) < lines_at_least and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return proc
+
+
+def _written(out: pathlib.Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in out.glob("*.jsonl"))
+
+
 def test_sigkill_then_rerun_writes_exactly_the_uninterrupted_files(tmp_path, monkeypatch):
-    """A generate run killed with SIGKILL mid-run (and a torn last line, as a kill mid-write
-    leaves), then rerun, ends with files byte-identical to an uninterrupted run's."""
+    """A generate run killed with SIGKILL mid-run, a torn last line (as a kill mid-write leaves),
+    a second run stopped by SIGTERM (exit 3), then a rerun: the files end byte-identical to an
+    uninterrupted run's."""
     monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    with ScriptedLLM(deterministic_script, delay=0.04) as llm:
+    total = 5 * 6 + 40  # short_long: 6 tasks x 5, sts: 40; + 1 line of tasks.jsonl below
+    with ScriptedLLM(deterministic_script, delay=0.02) as llm:
         for out in (reference, killed):
             assert run_cli("brainstorm", *common(llm.url, out, "--categories", "short_long")) == 0
         assert run_cli(*_generate_argv(llm.url, reference)) == 0
-        env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gte_jax.cli", "synth", *_generate_argv(llm.url, killed)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        written = lambda: sum(len(lines(p)) for p in killed.glob("*.jsonl")) - 1  # noqa: E731
-        deadline = time.monotonic() + 60
-        while written() < 12 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        proc = _start_until(_generate_argv(llm.url, killed), killed, 1 + 12)
         os.kill(proc.pid, signal.SIGKILL)
         _, err = proc.communicate()
         assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
-        assert KEY.encode() not in err
-        done_before = written()
-        assert 12 <= done_before < 5 * 6 + 40
+        done_before = _written(killed) - 1
+        assert 12 <= done_before < total and KEY.encode() not in err
         with (killed / "sts.jsonl").open("ab") as f:  # a line cut short by the kill
             f.write(b'{"id": "sts-t00000-e0039-s0", "query": "cut sh')
+        proc = _start_until(_generate_argv(llm.url, killed), killed, 1 + done_before + 8)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate()
+        assert proc.returncode == 3, err.decode()[-2000:]
+        assert b"SIGTERM: finishing the requests in flight" in err and KEY.encode() not in err
+        stopped = json.loads((killed / "summary.json").read_text())["run"]
+        assert stopped["torn_lines_repaired"] == 1 and stopped["todo"] == total - done_before
+        assert not stopped["complete"] and stopped["not_run"] > 0
         assert run_cli(*_generate_argv(llm.url, killed)) == 0
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["run"]["torn_lines_repaired"] == 1
-    assert summary["run"]["todo"] == 5 * 6 + 40 - done_before
+    assert summary["run"]["todo"] == total - done_before - stopped["kept"] - stopped["rejected"]
     names = sorted(p.name for p in reference.glob("*.jsonl"))
     assert names == ["rejected.jsonl", "short_long.jsonl", "sts.jsonl", "tasks.jsonl"]
     assert sorted(p.name for p in killed.glob("*.jsonl")) == names
@@ -308,10 +328,9 @@ def test_sigkill_then_rerun_writes_exactly_the_uninterrupted_files(tmp_path, mon
         assert (killed / name).read_bytes() == (reference / name).read_bytes(), name
     ref = json.loads((reference / "summary.json").read_text())
     assert (summary["kept"], summary["rejected"]) == (ref["kept"], ref["rejected"])
-    assert sum(ref["kept"].values()) + sum(ref["rejected"]["generate"].values()) == 70
-    assert (
-        ref["rejected"]["generate"]["duplicate"] > 0 and ref["rejected"]["generate"]["not_json"] > 0
-    )
+    assert sum(ref["kept"].values()) + sum(ref["rejected"]["generate"].values()) == total
+    assert ref["rejected"]["generate"]["duplicate"] > 0
+    assert ref["rejected"]["generate"]["not_json"] > 0
 
 
 def test_concurrency_bound_is_respected(tmp_path, monkeypatch):
@@ -357,7 +376,8 @@ def test_budget_and_failures_stop_early_with_3_and_a_rerun_finishes(tmp_path, mo
 
 def test_refusals_exit_2(tmp_path, monkeypatch, capsys):
     """A 401 stops the run with exit 2 (no key in the message); so do changed settings in an
-    existing directory, bitext with one language, and generate before any brainstorm."""
+    existing directory, bitext with one language, generate before any brainstorm, and a broken
+    line in an output file (named with file:line)."""
     monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
     out = tmp_path / "synth"
     with ScriptedLLM(lambda p, s, a: (401, "", 0.0)) as llm:
@@ -371,6 +391,12 @@ def test_refusals_exit_2(tmp_path, monkeypatch, capsys):
         assert "bitext needs 2 --languages" in capsys.readouterr().err
         assert run_cli("generate", *common(llm.url, out, "--categories", "long_long")) == 2
         assert "run `gte-jax synth brainstorm` first" in capsys.readouterr().err
+        argv = common(llm.url, out, "--categories", "sts")
+        assert run_cli("generate", *argv, "--fixed-task-examples", "3") == 0
+        sts = out / "sts.jsonl"
+        sts.write_text('{"query": "no id"}\n' + sts.read_text())  # a hand-edited line
+        assert run_cli("generate", *argv, "--fixed-task-examples", "4") == 2
+        assert f'{sts}:1: missing field "id"' in capsys.readouterr().err
 
 
 def test_bitext_languages_are_distinct_and_checked(tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 # E5-mistral's query format (§3.2): the task goes into the instruction, documents stay bare.
 DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery: "
+REJECTED_FIELDS = ("id", "stage", "category", "reason")
 REPLY_EXCERPT_CHARS = 500  # of a rejected reply, kept in rejected.jsonl to see what went wrong
 
 
@@ -140,7 +141,8 @@ class _Progress:
 
 def _done_ids(out: OutputDir, names: Iterable[str], stage: str) -> set[str]:
     done = {r["id"] for name in names for r in read_lines(out.root / name)}
-    done |= {r["id"] for r in read_lines(out.root / REJECTED_FILE) if r.get("stage") == stage}
+    rejected = read_lines(out.root / REJECTED_FILE, REJECTED_FIELDS)
+    done |= {r["id"] for r in rejected if r["stage"] == stage}
     return done
 
 
@@ -292,7 +294,11 @@ def generate(
     pools = task_pools(out, categories)
     names = [out.category_path(n).name for n in categories]
     done = _done_ids(out, names, "generate")
-    seen = {dedup_key(r["query"], r["positive"]) for n in names for r in read_lines(out.root / n)}
+    seen = {
+        dedup_key(r["query"], r["positive"])
+        for n in names
+        for r in read_lines(out.root / n, ("id", "query", "positive"))
+    }
 
     def handle_reply(job: Job, content: str) -> str:
         category = categories[job.category]
@@ -342,7 +348,7 @@ def summarise(
     kept = {n: sum(1 for _ in read_lines(out.category_path(n))) for n in categories}
     rejected: dict[str, dict[str, int]] = {}
     by_category: dict[str, dict[str, int]] = {}
-    for r in read_lines(out.root / REJECTED_FILE):
+    for r in read_lines(out.root / REJECTED_FILE, REJECTED_FIELDS):
         stage = rejected.setdefault(r["stage"], {})
         stage[r["reason"]] = stage.get(r["reason"], 0) + 1
         if r["stage"] == "generate":

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 from gte_jax.errors import ConfigError
-from gte_jax.textio import iter_jsonl
+from gte_jax.textio import iter_jsonl, jsonl_field
 
 TASKS_FILE = "tasks.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -56,10 +56,13 @@ def repair_torn_line(path: pathlib.Path) -> int:
     return 1
 
 
-def read_lines(path: pathlib.Path) -> Iterator[dict[str, Any]]:
-    """The records of one output file; a bad line (not the repaired last one) raises InputError."""
+def read_lines(path: pathlib.Path, fields: tuple[str, ...] = ("id",)) -> Iterator[dict[str, Any]]:
+    """The records of one output file (none if it does not exist), each with the text ``fields``;
+    a bad line (the torn last one was repaired before) raises InputError naming file:line."""
     if path.exists():
-        for _, record in iter_jsonl(path):
+        for loc, record in iter_jsonl(path):
+            for name in fields:
+                jsonl_field(record, name, loc)
             yield record
 
 
