@@ -370,8 +370,11 @@ def test_budget_and_failures_stop_early_with_3_and_a_rerun_finishes(tmp_path, mo
         )
         down["on"] = False
         assert run_cli(*argv) == 0
+        ids = [r["id"] for r in lines(out / "sts.jsonl") + lines(out / "rejected.jsonl")]
+        assert sorted(ids) == [f"sts-t00000-e{e:04d}-s0" for e in range(12)]
+        assert run_cli(*argv, "--fixed-task-examples", "14") == 0  # asking for more extends
     ids = [r["id"] for r in lines(out / "sts.jsonl") + lines(out / "rejected.jsonl")]
-    assert sorted(ids) == [f"sts-t00000-e{e:04d}-s0" for e in range(12)]
+    assert sorted(ids) == [f"sts-t00000-e{e:04d}-s0" for e in range(14)]
 
 
 def test_refusals_exit_2(tmp_path, monkeypatch, capsys):
