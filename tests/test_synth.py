@@ -203,7 +203,7 @@ def test_counts_per_reason_are_exact_and_the_key_is_never_written(tmp_path, monk
             "generate",
             *common(llm.url, out, "--categories", "short_long,short_short,sts"),
             *("--examples-per-task", "2", "--fixed-task-examples", "3", "--max-chars", "500"),
-            "--concurrency", "4",
+            "--concurrency", "4", "--price-completion", "2",
         )  # fmt: skip
         generate_out = capsys.readouterr()
         assert rc == 0, generate_out.err
@@ -226,6 +226,9 @@ def test_counts_per_reason_are_exact_and_the_key_is_never_written(tmp_path, monk
     assert run["requests"] == generate_requests == 13 * 2 + 2 + 3 + 8
     assert run["complete"] and run["failed_requests"] == 0 and run["todo"] == 31
     assert run["prompt_tokens"] > 0 and run["completion_tokens"] == 7 * 31
+    assert run["cost_usd"] == round(2 * 7 * 31 / 1e6, 6)
+    # Totals count every reply written to the directory: brainstorm's 6 included.
+    assert summary["totals"]["completion_tokens"] == 7 * (31 + 6)
     # Each kept example names its task, seed and placeholders: they rebuild the prompt it had.
     categories = load_categories(["short_long", "short_short", "sts"])
     for name in ("short_long", "short_short", "sts"):
@@ -327,7 +330,8 @@ def test_sigkill_then_rerun_writes_exactly_the_uninterrupted_files(tmp_path, mon
     for name in names:
         assert (killed / name).read_bytes() == (reference / name).read_bytes(), name
     ref = json.loads((reference / "summary.json").read_text())
-    assert (summary["kept"], summary["rejected"]) == (ref["kept"], ref["rejected"])
+    for part in ("kept", "rejected", "totals"):
+        assert summary[part] == ref[part], part
     assert sum(ref["kept"].values()) + sum(ref["rejected"]["generate"].values()) == total
     assert ref["rejected"]["generate"]["duplicate"] > 0
     assert ref["rejected"]["generate"]["not_json"] > 0

@@ -129,12 +129,16 @@ def parse_languages(text: str) -> list[tuple[str, float]]:
 
 @contextlib.contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT / SIGTERM: start no new request, finish and write the ones in flight, exit 3."""
+    """SIGINT / SIGTERM: start no new request, finish and write the ones in flight, exit 3. A
+    second one ends the process at once (the files stay resumable: see gte_jax.synth.store)."""
 
     def handler(signum, _frame):
-        logger.warning(
-            "%s: finishing the requests in flight, then stopping", signal.Signals(signum).name
-        )
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        name = signal.Signals(signum).name
+        logger.warning("%s: finishing the requests in flight, then stopping (again: now)", name)
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

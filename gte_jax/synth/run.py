@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 # E5-mistral's query format (§3.2): the task goes into the instruction, documents stay bare.
 DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery: "
 REJECTED_FIELDS = ("id", "stage", "category", "reason")
+# Jobs that may run ahead of the oldest unfinished one, per worker: one slow reply (a timeout and
+# its retries) must not idle the other workers at once, and waiting results are only a few KB.
+WINDOW_PER_WORKER = 16
 REPLY_EXCERPT_CHARS = 500  # of a rejected reply, kept in rejected.jsonl to see what went wrong
 
 
@@ -52,6 +55,7 @@ class Outcome:
     kind: str  # "reply" | "failed" (gave up after retries) | "not_run" (budget spent, stopped)
     content: str = ""
     detail: str = ""
+    usage: Mapping[str, int] = dataclasses.field(default_factory=dict)  # the reply's tokens
 
 
 @dataclasses.dataclass
@@ -73,7 +77,7 @@ def _work(client: ChatClient, job: Job) -> Outcome:
     if client.stop.is_set():
         return Outcome("not_run")
     try:
-        content, _ = client.complete(job.prompt, seed=job.seed)
+        content, usage = client.complete(job.prompt, seed=job.seed)
     except Stopped as e:
         return Outcome("not_run", detail=str(e))
     except RequestFailed as e:
@@ -81,7 +85,7 @@ def _work(client: ChatClient, job: Job) -> Outcome:
     except EndpointRefused:
         client.stop.set()
         raise
-    return Outcome("reply", content)
+    return Outcome("reply", content, usage=usage)
 
 
 def run_in_order(
@@ -93,9 +97,10 @@ def run_in_order(
     stop: threading.Event,
 ) -> None:
     """``handle(job, work(job))`` for every job, ``work`` on ``concurrency`` threads, ``handle``
-    here, in the order of ``jobs``. After ``stop`` is set no new job starts; the started ones
+    here, in the order of ``jobs`` (at most ``WINDOW_PER_WORKER * concurrency`` jobs started and
+    not yet handled). After ``stop`` is set no new job starts; the started ones
     finish and are handled."""
-    window = 4 * concurrency
+    window = WINDOW_PER_WORKER * concurrency
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="synth") as pool:
         try:
@@ -146,7 +151,7 @@ def _done_ids(out: OutputDir, names: Iterable[str], stage: str) -> set[str]:
     return done
 
 
-def _reject(out: OutputDir, job: Job, stage: str, e: Rejected, content: str) -> None:
+def _reject(out: OutputDir, job: Job, stage: str, e: Rejected, reply: Outcome) -> None:
     out.appender(REJECTED_FILE).write(
         {
             "id": job.id,
@@ -154,7 +159,8 @@ def _reject(out: OutputDir, job: Job, stage: str, e: Rejected, content: str) -> 
             "category": job.category,
             "reason": e.reason,
             "detail": e.detail,
-            "reply": content[:REPLY_EXCERPT_CHARS],
+            "reply": reply.content[:REPLY_EXCERPT_CHARS],
+            "usage": dict(reply.usage),
         }
     )
 
@@ -162,20 +168,20 @@ def _reject(out: OutputDir, job: Job, stage: str, e: Rejected, content: str) -> 
 def _drive(
     client: ChatClient,
     jobs: Iterable[Job],
-    handle_reply: Callable[[Job, str], str],
+    handle_reply: Callable[[Job, Outcome], str],
     tally: Tally,
     *,
     progress: bool,
     concurrency: int,
     unit: str,
 ) -> None:
-    """Runs the jobs, counting each outcome; ``handle_reply(job, content)`` returns "kept" or
+    """Runs the jobs, counting each outcome; ``handle_reply(job, reply)`` returns "kept" or
     "rejected" after writing the job's line."""
     bar = _Progress(tally, client, progress, unit)
 
     def handle(job: Job, outcome: Outcome) -> None:
         if outcome.kind == "reply":
-            bar.count(handle_reply(job, outcome.content))
+            bar.count(handle_reply(job, outcome))
             return
         if outcome.kind == "failed":
             logger.warning("%s: %s (left to do: a rerun retries it)", job.id, outcome.detail)
@@ -211,14 +217,14 @@ def brainstorm(
                 s = example_seed(seed, name, "brainstorm", r)
                 jobs.append(Job(job_id, name, category.brainstorm, s, {"round": r}))
 
-    def handle_reply(job: Job, content: str) -> str:
+    def handle_reply(job: Job, reply: Outcome) -> str:
         try:
-            tasks = parse_task_list(content)
+            tasks = parse_task_list(reply.content)
         except Rejected as e:
-            _reject(out, job, "brainstorm", e, content)
+            _reject(out, job, "brainstorm", e, reply)
             return "rejected"
         record = {"id": job.id, "category": job.category, **job.meta, "seed": job.seed}
-        out.appender(TASKS_FILE).write({**record, "tasks": tasks})
+        out.appender(TASKS_FILE).write({**record, "tasks": tasks, "usage": dict(reply.usage)})
         return "kept"
 
     tally = Tally(todo=len(jobs))
@@ -300,17 +306,17 @@ def generate(
         for r in read_lines(out.root / n, ("id", "query", "positive"))
     }
 
-    def handle_reply(job: Job, content: str) -> str:
+    def handle_reply(job: Job, reply: Outcome) -> str:
         category = categories[job.category]
         try:
             texts = extract_example(
-                category, content, job.meta["placeholders"], max_chars=settings.max_chars
+                category, reply.content, job.meta["placeholders"], max_chars=settings.max_chars
             )
             key = dedup_key(texts["query"], texts["positive"])
             if key in seen:
                 raise Rejected("duplicate", "an earlier example has the same normalised texts")
         except Rejected as e:
-            _reject(out, job, "generate", e, content)
+            _reject(out, job, "generate", e, reply)
             return "rejected"
         seen.add(key)
         instruction = settings.instruction_template.replace("{task}", job.meta["task"])
@@ -323,6 +329,7 @@ def generate(
             "category": job.category,
             **job.meta,
             "seed": job.seed,
+            "usage": dict(reply.usage),
         }
         out.appender(out.category_path(job.category).name).write(record)
         return "kept"
@@ -334,6 +341,24 @@ def generate(
     return tally
 
 
+def _cost(tokens: Mapping[str, int], price_per_million: tuple[float, float]) -> float:
+    prompt, completion = price_per_million
+    return round(
+        (tokens["prompt_tokens"] * prompt + tokens["completion_tokens"] * completion) / 1e6, 6
+    )
+
+
+def _file_totals(out: OutputDir) -> dict[str, int]:
+    """Tokens of every reply written to ``out`` (all runs; replies lost to a kill are not)."""
+    totals = {"prompt_tokens": 0, "completion_tokens": 0}
+    for path in sorted(out.root.glob("*.jsonl")):
+        for record in read_lines(path, ()):
+            usage = record.get("usage")
+            for key in totals if isinstance(usage, dict) else ():
+                totals[key] += int(usage.get(key) or 0)
+    return totals
+
+
 def summarise(
     out: OutputDir,
     categories: Iterable[str],
@@ -343,8 +368,8 @@ def summarise(
     seconds: float,
     price_per_million: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
-    """Kept per category and rejected per stage and reason, counted from the files (the whole
-    directory, every run), and the figures of this run."""
+    """Kept per category, rejected per stage and reason, and token totals, counted from the files
+    (the whole directory, every run); and the figures of this run (``run``)."""
     kept = {n: sum(1 for _ in read_lines(out.category_path(n))) for n in categories}
     rejected: dict[str, dict[str, int]] = {}
     by_category: dict[str, dict[str, int]] = {}
@@ -354,11 +379,8 @@ def summarise(
         if r["stage"] == "generate":
             cat = by_category.setdefault(r["category"], {})
             cat[r["reason"]] = cat.get(r["reason"], 0) + 1
+    totals = _file_totals(out)
     stats = client.stats.as_dict()
-    cost = (
-        stats["prompt_tokens"] * price_per_million[0]
-        + stats["completion_tokens"] * price_per_million[1]
-    ) / 1e6
     run = {
         **dataclasses.asdict(tally),
         **stats,
@@ -366,6 +388,12 @@ def summarise(
         "torn_lines_repaired": out.torn_lines_repaired,
         "seconds": round(seconds, 3),
         "per_second": round((tally.kept + tally.rejected) / max(seconds, 1e-9), 3),
-        "cost_usd": round(cost, 6),
+        "cost_usd": _cost(stats, price_per_million),
     }
-    return {"kept": kept, "rejected": rejected, "rejected_by_category": by_category, "run": run}
+    return {
+        "kept": kept,
+        "rejected": rejected,
+        "rejected_by_category": by_category,
+        "totals": {**totals, "cost_usd": _cost(totals, price_per_million)},
+        "run": run,
+    }
