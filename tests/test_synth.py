@@ -337,15 +337,19 @@ def test_sigkill_then_rerun_writes_exactly_the_uninterrupted_files(tmp_path, mon
     assert ref["rejected"]["generate"]["not_json"] > 0
 
 
-def test_concurrency_bound_is_respected(tmp_path, monkeypatch):
-    """The server counts requests in flight: never more than --concurrency, and that many."""
+def test_concurrency_bound_is_respected(tmp_path, monkeypatch, capsys):
+    """The server counts requests in flight: never more than --concurrency, and that many. The
+    progress bar shows examples/s and the counts."""
     monkeypatch.delenv("SYNTH_TEST_KEY", raising=False)
     out = tmp_path / "synth"
     with ScriptedLLM(deterministic_script, delay=0.05) as llm:
         argv = common(llm.url, out, "--categories", "sts", "--concurrency", "3")
+        argv.remove("--no-progress")
         assert run_cli("generate", *argv, "--fixed-task-examples", "24") == 0
     assert llm.max_in_flight == 3
     assert llm.auth == {""}  # no key in the environment: none sent
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "24/24" in bar and "ex/s" in bar and "kept=" in bar and "failed=0" in bar, bar
 
 
 def test_budget_and_failures_stop_early_with_3_and_a_rerun_finishes(tmp_path, monkeypatch, capsys):
