@@ -107,7 +107,7 @@ class ScriptedLLM:
                     message = {"role": "assistant", "content": content}
                     payload = {"choices": [{"index": 0, "message": message}], "usage": usage}
                 else:
-                    payload = {"error": {"message": f"scripted {status}"}}
+                    payload = {"error": {"message": content or f"scripted {status}"}}
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -391,7 +391,7 @@ def test_refusals_exit_2(tmp_path, monkeypatch, capsys):
     line in an output file (named with file:line)."""
     monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
     out = tmp_path / "synth"
-    with ScriptedLLM(lambda p, s, a: (401, "", 0.0)) as llm:
+    with ScriptedLLM(lambda p, s, a: (401, f"Incorrect API key provided: {KEY}", 0.0)) as llm:
         assert run_cli("generate", *common(llm.url, out, "--categories", "sts")) == 2
     err = capsys.readouterr().err
     assert "HTTP 401" in err and KEY not in err

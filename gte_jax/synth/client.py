@@ -147,6 +147,8 @@ class ChatClient:
         status = e.code
         text = e.read()[:300].decode("utf-8", "replace")
         e.close()
+        if self._api_key:  # some servers echo the key they refused
+            text = text.replace(self._api_key, "***")
         if status in FATAL_STATUSES:
             raise EndpointRefused(
                 f"{self.url} answered HTTP {status} ({text.strip() or e.reason}); check "
