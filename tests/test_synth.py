@@ -470,7 +470,7 @@ def test_validation_rules():
     assert not validate.in_language("Привет, мир", "English")
     assert validate.in_language("东京 Tokyo 是日本的首都", "Chinese")
     assert validate.in_language("Bonjour", "Klingon")  # unknown script: not checked
-    assert validate.parse_task_list("['a', \"b\"]") == ["a", "b"]
+    assert validate.parse_task_list("['a', \"b\\n c\", 3, ' ']") == ["a", "b c"]
     with pytest.raises(validate.Rejected, match="not_list"):
         validate.parse_task_list('{"a": 1}')
 

@@ -250,7 +250,7 @@ def task_pools(out: OutputDir, categories: Mapping[str, Category]) -> dict[str, 
         for task in tasks:
             if normalise(task) and normalise(task) not in seen[name]:
                 seen[name].add(normalise(task))
-                pools[name].append(task.strip())
+                pools[name].append(" ".join(task.split()))
     return pools
 
 

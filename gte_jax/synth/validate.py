@@ -185,7 +185,8 @@ def parse_task_list(content: str) -> list[str]:
             raise Rejected("not_list", "neither a JSON array nor a Python list") from None
     if not isinstance(value, list):
         raise Rejected("not_list", f"a {type(value).__name__}, not a list")
-    tasks = [t.strip() for t in value if isinstance(t, str) and t.strip()]
+    # One line per task: it goes into a one-line instruction ("Instruct: {task}\nQuery: ").
+    tasks = [" ".join(t.split()) for t in value if isinstance(t, str) and t.strip()]
     if not tasks:
         raise Rejected("empty_list", "no task strings in the list")
     return tasks
