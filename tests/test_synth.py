@@ -408,6 +408,8 @@ def test_refusals_exit_2(tmp_path, monkeypatch, capsys):
         sts.write_text('{"query": "no id"}\n' + sts.read_text())  # a hand-edited line
         assert run_cli("generate", *argv, "--fixed-task-examples", "4") == 2
         assert f'{sts}:1: missing field "id"' in capsys.readouterr().err
+        assert run_cli("generate", *common(llm.url, sts, "--categories", "sts")) == 2
+        assert f"--out {sts} is a file" in capsys.readouterr().err
 
 
 def test_bitext_languages_are_distinct_and_checked(tmp_path, monkeypatch):

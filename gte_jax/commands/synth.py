@@ -226,11 +226,11 @@ def _run_step(args, client: ChatClient, out: OutputDir) -> tuple[run.Tally, dict
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
     prog = f"gte-jax synth {args.step}"
     stop = threading.Event()
     out = None
     try:
+        setup_logging(args.log_level)
         client = _client(args, stop)
         out = OutputDir(args.out)
         start = time.perf_counter()

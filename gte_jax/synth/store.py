@@ -90,6 +90,8 @@ class OutputDir:
 
     def __init__(self, root: str | os.PathLike):
         self.root = pathlib.Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--out {self.root} is a file; give a directory")
         self.root.mkdir(parents=True, exist_ok=True)
         self.torn_lines_repaired = sum(
             repair_torn_line(p) for p in sorted(self.root.glob("*.jsonl"))
