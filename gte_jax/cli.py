@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gte_jax.commands.evaluate", "retrieval (BEIR format) and STS evaluation"),
     "mine": ("gte_jax.commands.mine", "mine hard negatives for stage-2 fine-tuning"),
     "data": ("gte_jax.data.cli", "inspect the data mixture, build TFDS datasets"),
+    "synth": (
+        "gte_jax.commands.synth",
+        "synthetic training data from an LLM endpoint (E5-mistral's recipe)",
+    ),
     "plan": (
         "gte_jax.commands.plan",
         "per-chip memory, fit and time of a config on a TPU topology",

@@ -38,6 +38,11 @@ HELP_FLAGS = {
     ("data",): ["inspect", "build"],
     ("data", "inspect"): ["--config", "--steps", "--show"],
     ("data", "build"): ["--config", "--builder", "--data_dir", "--manual_dir"],
+    ("synth",): ["brainstorm", "generate"],
+    ("synth", "brainstorm"): ["--endpoint", "--model", "--out", "--rounds", "--api-key-env",
+                              "--concurrency", "--max-requests"],
+    ("synth", "generate"): ["--endpoint", "--model", "--out", "--examples-per-task",
+                            "--languages", "--max-retries", "--timeout", "--max-chars"],
     ("plan",): ["--config", "--topology", "--model-config", "--mfu", "--stage", "v5litepod-64",
                 "--config.a.b"],
 }  # fmt: skip
@@ -163,8 +168,9 @@ def test_subcommand_help_names_its_flags(argv, capsys):
          "--num-negatives"),
         (["data"], "command"),
         (["data", "inspect"], "--config"),
+        (["synth", "generate", "--model", "m", "--out", "o"], "--endpoint"),
     ],
-    ids=["train", "export", "encode", "eval", "mine", "data", "data inspect"],
+    ids=["train", "export", "encode", "eval", "mine", "data", "data inspect", "synth generate"],
 )  # fmt: skip
 def test_missing_required_argument_exits_2(argv, missing, capsys):
     rc, out, err = _run(argv, capsys)
