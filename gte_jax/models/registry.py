@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gte_jax.models.bert as bert
+import gte_jax.models.t5 as t5
 
 _NOTHING = re.compile(r"(?!)")  # matches no name
 
@@ -59,6 +60,16 @@ FAMILIES: tuple[Family, ...] = (
         ignored=bert.HF_IGNORED,
         keep=bert.HF_KEEP,
         architecture=bert.hf_architecture,
+    ),
+    Family(
+        name="t5",
+        model_types=t5.SUPPORTED_MODEL_TYPES,
+        config_from_hf=t5.T5EncoderConfig.from_hf,
+        tower=t5.T5Encoder,
+        param_names=t5.hf_param_names,
+        canonical_name=t5.hf_canonical_name,
+        ignored=t5.HF_IGNORED,
+        architecture=t5.hf_architecture,
     ),
 )
 
