@@ -147,10 +147,12 @@ SHARDING_MODES = ("replicate", "fsdp", "fsdp_tp")
 PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"word_embeddings/embedding$", ("vocab", "embed")),
     (r"(position|token_type)_embeddings/embedding$", (None, "embed")),
+    # T5: [buckets, heads], split like the attention heads it biases.
+    (r"relative_attention_bias/embedding$", (None, "heads")),
     (r"/(query|key|value)/kernel$", ("embed", "heads")),
     (r"/(query|key|value)/bias$", ("heads",)),
     (r"/attention_output/kernel$", ("heads", "embed")),
-    (r"/intermediate/kernel$", ("embed", "mlp")),
+    (r"/(intermediate|gate)/kernel$", ("embed", "mlp")),
     (r"/intermediate/bias$", ("mlp",)),
     (r"/output/kernel$", ("mlp", "embed")),
 )
