@@ -214,6 +214,13 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
             if max_len:
                 settings["max_seq_length"] = int(max_len)
             break
+    tokenizer_config = transformer_dir / "tokenizer_config.json"
+    if "max_seq_length" not in settings and tokenizer_config.exists():
+        # sentence-transformers >= 6 saves it only here: its max_seq_length is the tokenizer's
+        # model_max_length (capped by the model's own limit when loaded).
+        max_len = _read_json(tokenizer_config).get("model_max_length")
+        if isinstance(max_len, int) and max_len > 0:
+            settings["max_seq_length"] = max_len
     st_model = directory / "config_sentence_transformers.json"
     if st_model.exists():
         st = _read_json(st_model)
