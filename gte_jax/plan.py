@@ -378,13 +378,16 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
 def model_flops(params: Any, num_layers: int, hidden: int, towers: Sequence[tuple[int, int]]):
     """Analytic model FLOPs of one train step (forward + backward), the PaLM convention of
     benchmarks/mfu.py: per token 6 x (parameters outside the embeddings) for the matmuls plus
-    12 x layers x length x hidden for attention scores and values; ``towers`` = [(texts, length)]
-    (queries, documents, hard negatives). Recomputation (remat, GradCache's second forward) is not
+    12 x layers x length x hidden for attention scores and values (``hidden``: the attention's
+    width, heads x head_dim); ``towers`` = [(texts, length)] (queries, documents, hard
+    negatives). Recomputation (remat, GradCache's second forward) is not
     counted: it is the model's work, not the hardware's."""
+    # Embedding tables are gathers, not matmuls: BERT's embeddings/*, T5's word embeddings and
+    # relative position bias (every nnx.Embed's leaf is named "embedding").
     non_embedding = sum(
         int(np.prod(x.shape))
         for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if "embeddings" not in jax.tree_util.keystr(path)
+        if "embedding" not in jax.tree_util.keystr(path)
     )
     return sum(
         texts * length * (6 * non_embedding + 12 * num_layers * length * hidden)
@@ -613,8 +616,10 @@ def plan(
     }
     fits = _memory_report(report, compiled, oom, arg, hbm)
     report["verdict"] = "fits" if fits else "does not fit"
+    # Attention's width is heads x head_dim: hidden_size for BERT, not always for T5 (T5-11B).
+    enc = step.encoder
     flops = model_flops(
-        step.params, step.encoder.num_hidden_layers, step.encoder.hidden_size, step.towers
+        step.params, enc.num_hidden_layers, enc.num_attention_heads * enc.head_dim, step.towers
     )
     peak_flops = topo.chip.peak_bf16_flops * topo.chips
     step_s = flops / (peak_flops * mfu)

@@ -47,6 +47,23 @@ def _tokens(tokenizer, texts):
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
+@nnx.jit
+def _hidden(model, ids, mask, segment_ids=None):
+    return model.encoder(ids, mask, segment_ids=segment_ids)
+
+
+@nnx.jit
+def _vectors(model, ids, mask, key=None):
+    return model(ids, mask, dropout_rng=key)
+
+
+@nnx.jit
+def _packed_vectors(model, ids, mask, segment_ids, position_ids, slot_index):
+    return model.embed(
+        ids, mask, segment_ids=segment_ids, position_ids=position_ids, slot_index=slot_index
+    )
+
+
 def _torch_hidden(directory, ids, mask, model_class="T5EncoderModel"):
     model = getattr(transformers, model_class).from_pretrained(str(directory)).eval()
     encoder = model if model_class == "T5EncoderModel" else model.get_encoder()
@@ -81,7 +98,7 @@ def test_hidden_states_match_transformers_with_padding(version, request):
     ids, mask = _tokens(tokenizer, TEXTS)
     # Padded rows, and distances beyond max_distance (20): every bucket in play.
     assert mask.sum(1).min() < ids.shape[1] and mask.sum(1).max() > 20
-    ours = np.asarray(model.encoder(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(_hidden(model, jnp.asarray(ids), jnp.asarray(mask)))
     ref = _torch_hidden(directory, ids, mask)
     # Pad rows too: they attend to the real keys in both.
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
@@ -93,7 +110,7 @@ def test_full_t5_checkpoint_loads_its_encoder(tmp_path, caplog):
         model, tokenizer, _ = hf.load_pretrained(directory)
     assert "unexpected" not in caplog.text  # decoder.* / lm_head are known and ignored
     ids, mask = _tokens(tokenizer, TEXTS[:3])
-    ours = np.asarray(model.encoder(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(_hidden(model, jnp.asarray(ids), jnp.asarray(mask)))
     ref = _torch_hidden(directory, ids, mask, "T5ForConditionalGeneration")
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
@@ -121,37 +138,25 @@ def test_packed_rows_equal_texts_alone(t5_v11):
     ids, mask = _tokens(tokenizer, TEXTS)
     packed, slots = _pack(ids, mask, [[0, 3], [2, 1, 4]])
     hidden = np.asarray(
-        model.encoder(
+        _hidden(
+            model,
             jnp.asarray(packed["ids"]),
             jnp.asarray(packed["mask"]),
-            segment_ids=jnp.asarray(packed["seg"]),
+            jnp.asarray(packed["seg"]),
         )
     )
-    alone = np.asarray(model.encoder(jnp.asarray(ids), jnp.asarray(mask)))
+    alone = np.asarray(_hidden(model, jnp.asarray(ids), jnp.asarray(mask)))
     length = packed["ids"].shape[1]
     for i in range(len(TEXTS)):
         row, seg = divmod(int(slots[i]), length)
         tokens = hidden[row][packed["seg"][row] == seg + 1]
         np.testing.assert_allclose(tokens, alone[i, : mask[i].sum()], rtol=0, atol=1e-5)
     # Through the bi-encoder: per-segment pooling and the slot gather give the unpacked vectors.
-    pooled = model.embed(
-        jnp.asarray(packed["ids"]),
-        jnp.asarray(packed["mask"]),
-        segment_ids=jnp.asarray(packed["seg"]),
-        position_ids=jnp.asarray(packed["pos"]),
-        slot_index=jnp.asarray(slots),
+    pooled = _packed_vectors(
+        model, *(jnp.asarray(packed[k]) for k in ("ids", "mask", "seg", "pos")), slots
     )
-    np.testing.assert_allclose(pooled, model(jnp.asarray(ids), jnp.asarray(mask)), atol=1e-6)
-
-
-@nnx.jit
-def _hidden(model, ids, mask):
-    return model.encoder(ids, mask)
-
-
-@nnx.jit
-def _vectors(model, ids, mask, key=None):
-    return model(ids, mask, dropout_rng=key)
+    unpacked = _vectors(model, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(pooled, unpacked, atol=1e-6)
 
 
 def test_bf16_compute_stays_close_to_float32(t5_v11):
@@ -243,3 +248,48 @@ def test_sentence_transformers_gtr_layout_both_ways(t5_v11, tmp_path):
     assert _cosines(ours, ref).min() >= 0.99999
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     assert np.abs(ref - st.encode(texts, convert_to_numpy=True)).max() > 1e-2  # weights moved
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_gte_jax_train_packs_t5_and_exports_for_sentence_transformers(t5_v11, tmp_path):
+    """`gte-jax train` with configs/finetune.py (packed rows, dropout on) on T5 v1.1, with
+    GradCache chunks and remat, then its export loaded by sentence-transformers equals our
+    embedding of the trained checkpoint."""
+    import pathlib
+    import subprocess
+    import sys
+
+    st_lib = pytest.importorskip("sentence_transformers")
+    from gte_jax.data.pipeline import DEMO_DIR
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "gte_jax.cli", "train",
+        "--config", str(repo / "configs" / "finetune.py"), "--workdir", str(workdir),
+        f"--config.model.init_from={t5_v11}",
+        f"--config.data.train_files={DEMO_DIR / 'bible_finetune.jsonl'}",
+        "--config.data.query_max_length=32", "--config.data.doc_max_length=32",
+        "--config.train.batch_size=8", "--config.train.num_steps=3",
+        "--config.train.learning_rate=1e-3", "--config.train.warmup_ratio=0",
+        "--config.train.log_every=1", "--config.train.progress_bar=false",
+        "--config.train.gradcache=true", "--config.train.gradcache_chunk_size=4",
+        "--config.model.remat=true", "--log_level=WARNING",
+    ]  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("XLA_")}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3
+    logged = [json.loads(line) for line in (workdir / "logs" / "metrics.jsonl").open()]
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
+    texts = TEXTS[:3]
+    ours = Embedder.from_pretrained(workdir).encode(texts)
+    st = st_lib.SentenceTransformer(str(workdir / "export"), device="cpu")
+    np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), ours, atol=1e-5)
+    base = Embedder.from_pretrained(t5_v11).encode(texts)
+    assert np.abs(base - ours).max() > 1e-4  # the export carries the training

@@ -119,6 +119,10 @@ class T5EncoderConfig:
         return self.num_heads
 
     @property
+    def head_dim(self) -> int:
+        return self.d_kv
+
+    @property
     def inner_dim(self) -> int:
         """Width of q/k/v: heads x d_kv (not always d_model: T5-11B has 128 heads of 128)."""
         return self.num_heads * self.d_kv
