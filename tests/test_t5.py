@@ -4,6 +4,7 @@ GTR / INSTRUCTOR layout (T5 + mean pooling + bias-free Dense + Normalize) both w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -20,7 +21,7 @@ from tiny_models import TINY_T5_V11, tiny_t5_dir  # noqa: E402
 from gte_jax import hf  # noqa: E402
 from gte_jax.encode import Embedder  # noqa: E402
 from gte_jax.models import t5  # noqa: E402
-from gte_jax.models.encoder import ModelFn  # noqa: E402
+from gte_jax.models.encoder import BiEncoder, ModelFn  # noqa: E402
 
 TEXTS = [
     "In the beginning God created the heaven and the earth.",
@@ -293,3 +294,61 @@ def test_gte_jax_train_packs_t5_and_exports_for_sentence_transformers(t5_v11, tm
     np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), ours, atol=1e-5)
     base = Embedder.from_pretrained(t5_v11).encode(texts)
     assert np.abs(base - ours).max() > 1e-4  # the export carries the training
+
+
+# ----------------------------------------------------------------------------- sharding, plan
+
+
+def test_sharding_rules_and_plan_flops_see_t5_parameters():
+    from jax.sharding import PartitionSpec as P
+
+    from gte_jax import plan
+    from gte_jax import sharding as shd
+
+    config = t5.T5EncoderConfig(
+        vocab_size=400, d_model=32, d_kv=6, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+    )  # fmt: skip
+    abstract = nnx.eval_shape(
+        lambda: BiEncoder(config, projection_dim=16, projection_bias=False, rngs=nnx.Rngs(0))
+    )
+    _, params = ModelFn.from_module(abstract)
+    mesh = shd.make_mesh(data=4, model=2)
+    specs = {
+        shd.path_str(path): s.spec
+        for path, s in jax.tree_util.tree_leaves_with_path(
+            shd.state_shardings({"params": params}, mesh, "fsdp_tp")
+        )
+    }
+    layer = "params/encoder/layers/0/"
+    assert specs[layer + "query/kernel"] == P("data", "model")  # heads split over "model"
+    assert specs[layer + "attention_output/kernel"] == P("model", "data")
+    assert (
+        specs[layer + "gate/kernel"] == specs[layer + "intermediate/kernel"] == P("data", "model")
+    )
+    assert specs[layer + "output/kernel"] == P("model", "data")  # Megatron's row split
+    assert specs["params/encoder/relative_attention_bias/embedding"][1] == "model"
+    assert specs["params/encoder/word_embeddings/embedding"] == P("model", "data")
+    assert specs[layer + "mlp_layer_norm/scale"] == P(None)
+
+    # Matmul parameters per layer: q, k, v, o (32 x 24 each), gate, intermediate, output (32 x 64).
+    matmul = 2 * (4 * 32 * 24 + 3 * 32 * 64) + 5 * 32 + 32 * 16  # + norms + the Dense
+    towers = [(8, 16)]
+    attention = 12 * 2 * 16 * (4 * 6)  # width heads x d_kv = 24, not d_model = 32
+    assert plan.model_flops(params, 2, 24, towers) == 8 * 16 * (6 * matmul + attention)
+
+
+def test_configs_that_are_not_t5_encoders_are_refused():
+    with pytest.raises(ValueError, match="gated-ACT"):
+        t5.T5EncoderConfig.from_hf({"model_type": "t5", "feed_forward_proj": "gelu-gated"})
+    with pytest.raises(ValueError, match="not supported"):
+        t5.T5EncoderConfig.from_hf({"model_type": "t5", "feed_forward_proj": "gated-mish"})
+    with pytest.raises(ValueError, match="decoder"):
+        t5.T5EncoderConfig.from_hf({"model_type": "t5", "is_decoder": True})
+    config = t5.T5EncoderConfig.from_hf(
+        {"model_type": "t5", "dropout_rate": 0.1}, dropout=0.0, attention_dropout=0.2, remat=True
+    )
+    assert (config.dropout_rate, config.attention_dropout, config.remat) == (0.0, 0.2, True)
+    assert t5.T5EncoderConfig.from_hf(config.to_hf()) == dataclasses.replace(
+        config, attention_dropout_rate=None, remat=False
+    )  # to_hf writes HF's fields only
