@@ -43,6 +43,13 @@ def t5_v11(tmp_path_factory):
     return tiny_t5_dir(tmp_path_factory.mktemp("t5_v11"), **TINY_T5_V11, seed=1)
 
 
+@pytest.fixture(scope="module")
+def mt5(tmp_path_factory):
+    return tiny_t5_dir(
+        tmp_path_factory.mktemp("mt5"), **TINY_T5_V11, model_class="MT5EncoderModel", seed=3
+    )
+
+
 def _tokens(tokenizer, texts):
     enc = tokenizer(texts, padding=True, return_tensors="np")
     return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
@@ -67,7 +74,7 @@ def _packed_vectors(model, ids, mask, segment_ids, position_ids, slot_index):
 
 def _torch_hidden(directory, ids, mask, model_class="T5EncoderModel"):
     model = getattr(transformers, model_class).from_pretrained(str(directory)).eval()
-    encoder = model if model_class == "T5EncoderModel" else model.get_encoder()
+    encoder = model if model_class.endswith("EncoderModel") else model.get_encoder()
     with torch.no_grad():
         out = encoder(
             input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
@@ -89,18 +96,20 @@ def test_relative_position_bucket_matches_transformers():
         assert set(np.unique(ref)) == set(range(buckets)) - {buckets // 2}
 
 
-@pytest.mark.parametrize("version", ["t5_v10", "t5_v11"])
+@pytest.mark.parametrize("version", ["t5_v10", "t5_v11", "mt5"])
 def test_hidden_states_match_transformers_with_padding(version, request):
     directory = request.getfixturevalue(version)
     model, tokenizer, info = hf.load_pretrained(directory)
     assert isinstance(model.encoder, t5.T5Encoder)
-    assert model.config.is_gated == (version == "t5_v11")
+    assert model.config.is_gated == (version != "t5_v10")
     assert info.max_seq_length == 512
     ids, mask = _tokens(tokenizer, TEXTS)
     # Padded rows, and distances beyond max_distance (20): every bucket in play.
     assert mask.sum(1).min() < ids.shape[1] and mask.sum(1).max() > 20
     ours = np.asarray(_hidden(model, jnp.asarray(ids), jnp.asarray(mask)))
-    ref = _torch_hidden(directory, ids, mask)
+    architecture = "MT5EncoderModel" if version == "mt5" else "T5EncoderModel"
+    assert t5.hf_architecture(model.config) == architecture  # what export writes
+    ref = _torch_hidden(directory, ids, mask, architecture)
     # Pad rows too: they attend to the real keys in both.
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 

@@ -76,7 +76,8 @@ def tiny_t5_dir(
 ) -> pathlib.Path:
     """A random tiny T5 (``TINY_T5`` updated with ``overrides``) + its tokenizer, saved as
     transformers writes them. ``model_class``: T5EncoderModel (what sentence-transformers loads),
-    T5Model or T5ForConditionalGeneration (full checkpoints, decoder included)."""
+    T5Model or T5ForConditionalGeneration (full checkpoints, decoder included), MT5EncoderModel
+    (model_type mt5)."""
     import torch
     import transformers
 
@@ -84,7 +85,10 @@ def tiny_t5_dir(
     fields = {**TINY_T5, **overrides}
     fields.setdefault("vocab_size", len(tokenizer))
     torch.manual_seed(seed)
-    model = getattr(transformers, model_class)(transformers.T5Config(**fields))
+    config_class = (
+        transformers.MT5Config if model_class.startswith("MT5") else transformers.T5Config
+    )
+    model = getattr(transformers, model_class)(config_class(**fields))
     out = pathlib.Path(tmp_path)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,4 +1,4 @@
-"""Flax NNX T5 encoder tower: T5 v1.0 (ReLU feed-forward) and v1.1 / FLAN (gated GELU).
+"""Flax NNX T5 encoder tower: T5 v1.0 (ReLU feed-forward), v1.1 / FLAN-T5 / mT5 (gated GELU).
 
 The encoder of GTR, sentence-t5 and INSTRUCTOR, as Hugging Face's ``T5EncoderModel`` computes it:
 pre-norm blocks with T5's RMS layer norm (no mean subtraction, no bias), no absolute positions
@@ -38,7 +38,10 @@ from gte_jax.models.bert import (
     packed_attention_mask,
 )
 
-SUPPORTED_MODEL_TYPES = ("t5",)
+# HF model_type -> the encoder-only class sentence-transformers loads for it (mT5 is T5 v1.1's
+# architecture with a multilingual vocabulary; UMT5's per-layer position biases are not this).
+HF_ARCHITECTURES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
+SUPPORTED_MODEL_TYPES = tuple(HF_ARCHITECTURES)
 
 # The HF T5Config fields T5EncoderConfig reads (T5-small's defaults where HF has one).
 _HF_FIELDS = (
@@ -389,8 +392,7 @@ HF_IGNORED = re.compile(r"^(decoder|lm_head)\.")
 
 
 def hf_architecture(config: T5EncoderConfig) -> str:
-    del config
-    return "T5EncoderModel"
+    return HF_ARCHITECTURES[config.model_type]
 
 
 def hf_param_names(config: T5EncoderConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
