@@ -354,6 +354,8 @@ def test_configs_that_are_not_t5_encoders_are_refused():
         t5.T5EncoderConfig.from_hf({"model_type": "t5", "feed_forward_proj": "gated-mish"})
     with pytest.raises(ValueError, match="decoder"):
         t5.T5EncoderConfig.from_hf({"model_type": "t5", "is_decoder": True})
+    with pytest.raises(ValueError, match="bidirectional only"):
+        t5.T5EncoderConfig.from_hf({"model_type": "t5"}, attention="causal")
     config = t5.T5EncoderConfig.from_hf(
         {"model_type": "t5", "dropout_rate": 0.1}, dropout=0.0, attention_dropout=0.2, remat=True
     )

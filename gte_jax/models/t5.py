@@ -159,10 +159,17 @@ class T5EncoderConfig:
         """Build from an HF ``config.json`` dict; ``overrides`` set dtype / remat / dropout.
 
         Generic overrides (``gte_jax.models.registry``): ``dropout`` sets ``dropout_rate`` (every
-        site, as HF), ``attention_dropout`` the attention probabilities' rate alone.
+        site, as HF), ``attention_dropout`` the attention probabilities' rate alone;
+        ``attention`` may only be "bidirectional".
         """
         dropout_ = overrides.pop("dropout", None)
         attention_dropout = overrides.pop("attention_dropout", None)
+        attention = overrides.pop("attention", None)
+        if attention not in (None, "bidirectional"):
+            raise ValueError(
+                f"attention={attention!r}: the T5 encoder is bidirectional only "
+                "(model.attention 'auto' or 'bidirectional')."
+            )
         if dropout_ is not None:
             overrides.setdefault("dropout_rate", float(dropout_))
         if attention_dropout is not None:
