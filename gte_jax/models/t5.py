@@ -8,7 +8,9 @@ is folded into the query initialisation); a final layer norm.
 
 Numerics: parameters are float32; matmuls run in ``T5EncoderConfig.dtype`` (float32 or bfloat16);
 the residual stream, the layer norms, the position bias and the attention softmax stay float32
-(T5's activations grow along the residual; its bf16 training recipes keep these in float32).
+(T5's activations grow along the residual stream: kept in float32, bf16 rounding does not
+accumulate over the layers; bf16 compute then stays within 0.04 of float32 states, measured in
+tests/test_t5.py).
 Dropout is on iff a ``dropout_rng`` is passed, at HF T5's sites: the embeddings, each attention's
 probabilities and output, the feed-forward's hidden layer and output, and after the final norm.
 
