@@ -14,6 +14,13 @@ from gte_jax.data.pipeline import default_data_config
 def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
+    # What the stage trains (one loop for all; gte_jax/train.py STAGE_KINDS):
+    # "contrastive": pair sources, the loss.* contrastive loss (GTE stages 1 and 2);
+    # "simcse": unsupervised SimCSE (Gao et al., 2021) on text sources: each text is encoded twice
+    #   with independent dropout masks (the query and doc roles' keys) and the two views are the
+    #   positive pair, with in-batch negatives over all devices; the paper's setting is
+    #   loss.name="infonce", loss.temperature=0.05, mean pooling, dropout 0.1 (LLM2Vec: 0.3).
+    c.kind = "contrastive"
     c.model = _model_defaults()
     c.data = default_data_config()
     c.loss = _loss_defaults()
