@@ -232,7 +232,7 @@ def load_model_for_training(model_cfg: Any):
 
 
 # Stage kind -> the kind of source it trains on (gte_jax/defaults.py documents each kind).
-STAGE_KINDS = {"contrastive": "pairs", "simcse": "text"}
+STAGE_KINDS = {"contrastive": "pairs", "simcse": "text", "mntp": "text"}
 
 
 def stage_kind_problems(config: Any) -> list[str]:
@@ -260,6 +260,14 @@ def stage_kind_problems(config: Any) -> list[str]:
         problems.append(
             f"kind={kind} trains on single texts, but {wrong} are pair sources: list them in "
             "data.text_files, or set kind='text' and text_field (e.g. 'positive') in data.sources"
+        )
+    if kind == "mntp":
+        if not 0.0 < float(config.mntp.mask_probability) <= 1.0:
+            problems.append(f"mntp.mask_probability={config.mntp.mask_probability}: use (0, 1]")
+        # The data side (gte_jax/data/mntp.py, PairBatchIterator(mntp=)) and the loss
+        # (losses.mntp_loss) exist; the step needs the model's LM head logits.
+        problems.append(
+            "kind=mntp: the train step does not compute LM-head logits yet (decoder family)"
         )
     if kind == "simcse":
         data, model = config.data, config.model

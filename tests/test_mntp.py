@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gte_jax.data.batching import PairBatchIterator
 from gte_jax.data.mntp import IGNORE, MntpMasking, resolve_mask_token_id
 from gte_jax.errors import ConfigError
 from gte_jax.losses import mntp_loss
@@ -177,3 +178,64 @@ def test_mask_token_resolution_and_bad_settings(tmp_path):
         MntpMasking(0.0, MASK)
     with pytest.raises(ConfigError, match="vocab_size"):
         MntpMasking(0.2, MASK, mask_all=False)
+
+
+# ------------------------------------------------------------------ the iterator's MNTP batches
+
+
+def _per_text(batch, n):
+    """(masked ids, labels) of each text of a process-local batch, padded or packed."""
+    ids, labels = batch["query_input_ids"], batch["query_labels"]
+    if "query_slot_index" not in batch:
+        mask = batch["query_attention_mask"].astype(bool)
+        return [(ids[i][mask[i]].tolist(), labels[i][mask[i]].tolist()) for i in range(n)]
+    rows, length = ids.shape
+    base = int(batch["query_slot_index"].min()) // length // rows * rows
+    out = []
+    for slot in batch["query_slot_index"]:
+        r, s = divmod(int(slot), length)
+        cols = batch["query_segment_ids"][r - base] == s + 1
+        out.append((ids[r - base][cols].tolist(), labels[r - base][cols].tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_tok(minilm_dir):
+    from gte_jax import hf
+
+    return hf.load_tokenizer(minilm_dir)
+
+
+def test_iterator_masks_the_query_role_the_same_in_every_layout(minilm_tok):
+    """Padded, packed over 8 devices, and 2 processes x 4 devices: every text gets the same
+    masked tokens and labels (the rule's own, from its place in the global batch); labels are
+    -100 on pads and wherever the tokens are unmasked."""
+    from gte_jax.data.mntp import masking_from_config
+    from gte_jax.data.pipeline import DEMO_DIR
+    from gte_jax.data.sources import from_files
+    from gte_jax.defaults import stage_config
+
+    cfg = stage_config().mntp
+    cfg.mask_token, cfg.mask_probability = "mask", 0.3
+    masking = masking_from_config(cfg, minilm_tok, seed=0)
+    assert masking.mask_token_id == minilm_tok.mask_token_id and not masking.mask_all
+    src = from_files("news", DEMO_DIR / "news_lead_body.jsonl", text_field="query")
+    kw = dict(global_batch_size=16, query_max_length=48, doc_max_length=48, mntp=masking)
+
+    def texts_of(**extra):
+        per_process = []
+        for p in range(extra.pop("processes", 1)):
+            it = PairBatchIterator([src], minilm_tok, **kw, **extra, process_index=p)
+            it.sampler.step = 3  # any step: the masks follow it
+            plan = it.next_plan()
+            per_process += _per_text(it.materialize(plan), len(plan.queries) // it.process_count)
+        return plan, per_process
+
+    plan, padded = texts_of()
+    _, packed = texts_of(packing=True, pack_groups=8)
+    _, split = texts_of(packing=True, pack_groups=4, processes=2, process_count=2)
+    assert padded == packed == split
+    unmasked = minilm_tok(plan.queries, truncation=True, max_length=48)["input_ids"]
+    expected = masking(unmasked, step=3)
+    assert [t[0] for t in padded] == expected[0] and [t[1] for t in padded] == expected[1]
+    assert sum(np.sum(np.asarray(lab) != IGNORE) for _, lab in padded) > 50

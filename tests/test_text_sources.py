@@ -210,6 +210,9 @@ def test_stage_kinds_refuse_data_that_do_not_fit():
     assert "['t'] are text sources" in _problems(_stage("contrastive", **texts))
     assert "['p'] are pair sources" in _problems(_stage("simcse", max_length=32, **pairs))
     assert "kind='mlm'" in _problems(_stage("mlm", **pairs))
+    assert "['p'] are pair sources" in _problems(_stage("mntp", **pairs))
+    # MNTP's data side and loss exist; its step (LM-head logits) comes with the decoder family.
+    assert "does not compute LM-head logits" in _problems(_stage("mntp", **texts))
     unequal = _stage("simcse", query_max_length=32, doc_max_length=64, **texts)
     assert "both views must be the same tokens" in _problems(unequal)
     no_dropout = _stage("simcse", max_length=32, **texts)

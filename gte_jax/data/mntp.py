@@ -108,3 +108,51 @@ def resolve_mask_token_id(tokenizer, mask_token: str = MASK_TOKEN_BLANK, mask_to
             "another token string, or mask_token_id"
         )
     return int(found)
+
+
+def masking_from_config(mntp_cfg, tokenizer, seed: int) -> MntpMasking:
+    """The run's :class:`MntpMasking` from a config's ``mntp`` group (gte_jax/defaults.py)."""
+    return MntpMasking(
+        mask_probability=float(mntp_cfg.mask_probability),
+        mask_token_id=resolve_mask_token_id(
+            tokenizer, str(mntp_cfg.mask_token), int(mntp_cfg.mask_token_id)
+        ),
+        special_ids=frozenset(int(i) for i in tokenizer.all_special_ids),
+        vocab_size=len(tokenizer),
+        mask_all=bool(mntp_cfg.mask_all),
+        seed=int(seed),
+    )
+
+
+def label_rows(
+    batch: dict[str, np.ndarray],
+    labels: Sequence[Sequence[int]],
+    role: str = "query",
+    process_index: int = 0,
+) -> np.ndarray:
+    """Per-text labels laid out like ``role``'s tokens in process ``process_index``'s ``batch``:
+    padded rows (text i in row i from column 0) or packed rows (text i in the segment its global
+    ``slot_index`` names); ``IGNORE`` on pads. [rows, L] int32, the shape of
+    ``<role>_input_ids``."""
+    ids = batch[f"{role}_input_ids"]
+    if ids.ndim != 2:
+        raise ValueError(
+            f"{role}: MNTP labels need padded [B, L] or packed [R, L] rows, got {ids.shape} "
+            "(GradCache-chunked packing is for contrastive losses)"
+        )
+    out = np.full(ids.shape, IGNORE, dtype=np.int32)
+    slots = batch.get(f"{role}_slot_index")
+    if slots is None:
+        for i, lab in enumerate(labels):
+            out[i, : len(lab)] = lab
+        return out
+    rows, length = ids.shape
+    first_row = process_index * rows  # slot indices count rows over all processes
+    segments = batch[f"{role}_segment_ids"]
+    for lab, slot in zip(labels, slots, strict=True):
+        r, s = divmod(int(slot), length)
+        cols = np.flatnonzero(segments[r - first_row] == s + 1)
+        if len(cols) != len(lab):
+            raise ValueError(f"text at slot {slot} has {len(cols)} tokens, {len(lab)} labels")
+        out[r - first_row, cols] = lab
+    return out
