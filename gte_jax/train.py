@@ -26,6 +26,7 @@ from etils import epath
 
 from gte_jax import hooks as hooks_lib
 from gte_jax import sharding as shd
+from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
 from gte_jax.timing import StageTimer
 
@@ -248,7 +249,10 @@ def stage_kind_problems(config: Any) -> list[str]:
     if kind not in STAGE_KINDS:
         return [f"kind={kind!r}: use one of {sorted(STAGE_KINDS)}"]
     problems = []
-    sources = source_kinds(config.data)  # a ConfigError (e.g. no sources) is raised as is
+    try:
+        sources = source_kinds(config.data)
+    except ConfigError:  # no or malformed sources: build_sources says so, as before
+        sources = {}
     need = STAGE_KINDS[kind]
     wrong = sorted(name for name, k in sources.items() if k != need)
     if wrong and need == "pairs":
