@@ -49,8 +49,13 @@ logger = logging.getLogger(__name__)
 POLICIES = ("skip", "error")
 FORMATS = ("jsonl", "tsv", "parquet", "txt")
 SOURCE_KINDS = ("pairs", "text")
-SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".parquet": "parquet"}
-SUFFIX_FORMATS[".txt"] = "txt"
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "txt",
+}
 # How many bad records per source are logged individually before only counting.
 MAX_REPORTED = 5
 # A text longer than this (characters) is treated as broken input, not as a long document:
