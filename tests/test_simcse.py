@@ -184,6 +184,7 @@ def test_dropout_masks_are_a_function_of_seed_and_step_on_1_and_8_devices(tok):
     assert abs(float(other_seed[0]["loss"]) - float(m8[0]["loss"])) > 1e-4
 
 
+@pytest.mark.slow  # a `gte-jax train` process: ~30 s of CPU
 def test_gte_jax_train_simcse_end_to_end_and_export_round_trip(tiny_model_dir, tmp_path):
     """`gte-jax train --config configs/simcse.py:runlocal` on a tiny BERT with a TXT file and the
     bundled news sentences (a JSONL text field): the loss goes down, the summary counts both
