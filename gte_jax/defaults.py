@@ -14,7 +14,15 @@ from gte_jax.data.pipeline import default_data_config
 def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
+    # What the stage trains (one loop for all; gte_jax/train.py STAGE_KINDS):
+    # "contrastive": pair sources, the loss.* contrastive loss (GTE stages 1 and 2);
+    # "simcse": unsupervised SimCSE (Gao et al., 2021) on text sources: each text is encoded twice
+    #   with independent dropout masks (the query and doc roles' keys) and the two views are the
+    #   positive pair, with in-batch negatives over all devices; the paper's setting is
+    #   loss.name="infonce", loss.temperature=0.05, mean pooling, dropout 0.1 (LLM2Vec: 0.3).
+    c.kind = "contrastive"
     c.model = _model_defaults()
+    c.mntp = _mntp_defaults()
     c.data = default_data_config()
     c.loss = _loss_defaults()
     c.train = _train_defaults()
@@ -47,6 +55,18 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # "auto" keeps the base model's own setting (true when it has none); "true" | "false".
     c.include_prompt = "auto"
 
+    return c
+
+
+def _mntp_defaults() -> ml_collections.ConfigDict:
+    """Masked next-token prediction (kind "mntp"; gte_jax/data/mntp.py). LLM2Vec §2.2 and its
+    train_configs/mntp: p = 0.2 with BERT's 80/10/10 replacement for Llama-2/3, p = 0.8 with
+    every chosen token masked for Mistral; the mask token "_" (decoders have no [MASK])."""
+    c = ml_collections.ConfigDict()
+    c.mask_probability = 0.2
+    c.mask_all = False  # True: every chosen token -> the mask token; False: 80 % / 10 % / 10 %
+    c.mask_token = "_"  # a token string, "eos", or "mask" (the tokenizer's own mask token)
+    c.mask_token_id = -1  # >= 0: this id, whatever mask_token says
     return c
 
 

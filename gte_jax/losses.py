@@ -412,3 +412,35 @@ def sharded_contrastive_loss(
         out_specs=jax.sharding.PartitionSpec(),
     )(*args)
     return _finalize(sums)
+
+
+MNTP_IGNORE = -100  # label of a position without a loss term (gte_jax/data/mntp.py, torch's)
+
+
+def mntp_loss(logits: Array, labels: Array) -> tuple[Array, Metrics]:
+    """Masked next-token prediction (LLM2Vec §2.2): masked token i is predicted from the output
+    at position i − 1, so the logits of position i − 1 are scored against the label of i.
+
+    ``logits`` [B, L, V] (any float dtype; the softmax runs in float32), ``labels`` [B, L] int:
+    the original id at masked positions, -100 elsewhere (gte_jax/data/mntp.py). The loss is the
+    cross-entropy averaged over the masked positions of the whole (global) batch — transformers'
+    causal-LM loss with these labels — and 0 when nothing is masked. Metrics: ``loss``,
+    ``accuracy`` (argmax = label over the masked positions), ``num_masked``.
+    """
+    logits = jnp.asarray(logits)
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits must be [B, L, V] and labels [B, L], got {logits.shape}, {labels.shape}"
+        )
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    pred = logits[:, :-1].astype(dtype)  # [B, L-1, V]: position i-1 predicts token i
+    target = jnp.asarray(labels)[:, 1:]  # [B, L-1]
+    scored = target != MNTP_IGNORE
+    safe = jnp.where(scored, target, 0)
+    log_probs = jax.nn.log_softmax(pred, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]  # [B, L-1]
+    count = jnp.sum(scored)
+    denom = jnp.maximum(count, 1).astype(dtype)
+    loss = jnp.sum(jnp.where(scored, nll, 0.0)) / denom
+    correct = jnp.sum(scored & (jnp.argmax(pred, axis=-1) == safe))
+    return loss, {"loss": loss, "accuracy": correct / denom, "num_masked": count.astype(dtype)}

@@ -26,6 +26,7 @@ from etils import epath
 
 from gte_jax import hooks as hooks_lib
 from gte_jax import sharding as shd
+from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
 from gte_jax.timing import StageTimer
 
@@ -232,11 +233,69 @@ def load_model_for_training(model_cfg: Any):
     return model, tokenizer, info
 
 
+# Stage kind -> the kind of source it trains on (gte_jax/defaults.py documents each kind).
+STAGE_KINDS = {"contrastive": "pairs", "simcse": "text", "mntp": "text"}
+
+
+def stage_kind_problems(config: Any) -> list[str]:
+    """Why the stage's data or model settings do not fit its ``kind`` (empty: they do).
+
+    contrastive needs pair sources (a text source's positive is its own query). simcse needs
+    text sources (a pair source can be read as one: ``kind="text"`` with ``text_field``), the
+    same token budget for both views (data.max_length, or equal query/doc max lengths: the
+    views must be the same tokens) and dropout (without it both views are one embedding)."""
+    from gte_jax.data.pipeline import source_kinds
+
+    kind = str(config.kind)
+    if kind not in STAGE_KINDS:
+        return [f"kind={kind!r}: use one of {sorted(STAGE_KINDS)}"]
+    problems = []
+    try:
+        sources = source_kinds(config.data)
+    except ConfigError:  # no or malformed sources: build_sources says so, as before
+        sources = {}
+    need = STAGE_KINDS[kind]
+    wrong = sorted(name for name, k in sources.items() if k != need)
+    if wrong and need == "pairs":
+        problems.append(
+            f"kind=contrastive trains on pairs, but {wrong} are text sources (single texts): "
+            "use kind=simcse for them, or read pair files as pairs"
+        )
+    elif wrong:
+        problems.append(
+            f"kind={kind} trains on single texts, but {wrong} are pair sources: list them in "
+            "data.text_files, or set kind='text' and text_field (e.g. 'positive') in data.sources"
+        )
+    if kind == "mntp":
+        if not 0.0 < float(config.mntp.mask_probability) <= 1.0:
+            problems.append(f"mntp.mask_probability={config.mntp.mask_probability}: use (0, 1]")
+        # The data side (gte_jax/data/mntp.py, PairBatchIterator(mntp=)) and the loss
+        # (losses.mntp_loss) exist; the step needs the model's LM head logits.
+        problems.append(
+            "kind=mntp: the train step does not compute LM-head logits yet (decoder family)"
+        )
+    if kind == "simcse":
+        data, model = config.data, config.model
+        if not int(data.max_length) and int(data.query_max_length) != int(data.doc_max_length):
+            problems.append(
+                f"kind=simcse: data.query_max_length={data.query_max_length} != "
+                f"data.doc_max_length={data.doc_max_length}: both views must be the same tokens; "
+                "set data.max_length"
+            )
+        if not bool(model.train_dropout) or float(model.dropout) == 0.0:
+            problems.append(
+                "kind=simcse: the two views differ only by dropout; model.train_dropout=false or "
+                "model.dropout=0 makes them one embedding (set model.dropout, e.g. 0.1; "
+                "LLM2Vec uses 0.3)"
+            )
+    return problems
+
+
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     """Refuses settings that cannot work, before any data or model is read; returns the number
     of GradCache chunks."""
     tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
-    problems = []
+    problems = stage_kind_problems(config)
     if lcfg.name not in LOSS_FLOORS:
         problems.append(f"loss.name={lcfg.name!r}: use one of {sorted(LOSS_FLOORS)}")
     if not float(lcfg.temperature) > 0:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gte_jax.data.mixture import MixtureSampler
+from gte_jax.data.mntp import MntpMasking, label_rows
 from gte_jax.data.sources import PairRecord, Source
 from gte_jax.prompts import PromptLengths, pool_masks
 
@@ -629,6 +630,10 @@ class PairBatchIterator:
         process, :func:`allgather_max` otherwise.
       include_prompt: the model's ``include_prompt``; False: prompt tokens (prefixes,
         instructions) are not pooled, by :mod:`gte_jax.prompts`' rule.
+      mntp: MNTP masking (:mod:`gte_jax.data.mntp`): the query role's tokens are masked (a pure
+        function of the seed, the step and each text's place in the global batch) and the batch
+        gains ``query_labels`` (original ids at masked positions, -100 elsewhere), laid out like
+        the tokens, padded or packed (not GradCache-chunked).
     """
 
     def __init__(
@@ -653,6 +658,7 @@ class PairBatchIterator:
         pack_chunks: int = 1,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
         include_prompt: bool = True,
+        mntp: MntpMasking | None = None,
     ):
         self.sources = {s.name: s for s in sources}
         if len(self.sources) != len(sources):
@@ -667,6 +673,11 @@ class PairBatchIterator:
         self.pack_groups, self.pack_chunks = int(pack_groups), int(pack_chunks)
         if self.pack_row_multiple < 1:
             raise ValueError(f"pack_row_multiple must be >= 1, got {pack_row_multiple}")
+        if mntp is not None and self.packing and self.pack_chunks > 1:
+            raise ValueError(
+                "MNTP labels need padded or one-chunk packed rows, not GradCache chunks"
+            )
+        self.mntp = mntp
         self.sampler = MixtureSampler(
             {s.name: len(s) for s in sources},
             global_batch_size,
@@ -745,6 +756,15 @@ class PairBatchIterator:
             doc_max_length=self.doc_max_length,
             prompt_lengths=self.prompt_lengths,
         )
+        if self.mntp is None:
+            return self._layout(plan, tok)
+        tok.query_ids, labels = self.mntp(tok.query_ids, step=plan.step, first_example=rows.start)
+        batch = self._layout(plan, tok)
+        batch["query_labels"] = label_rows(batch, labels, "query", self.process_index)
+        return batch
+
+    def _layout(self, plan: GlobalBatchPlan, tok: TokenizedSlice) -> dict[str, np.ndarray]:
+        """The tokenised slice packed into rows or padded to the agreed buckets."""
         if self.packing:
             return materialize_packed(
                 plan,

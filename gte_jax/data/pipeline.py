@@ -12,6 +12,12 @@
   indices "0", "1", ... unless ``tsv_header``); ``query_prefix``/``doc_prefix`` (whether their
   tokens are pooled is the model's ``model.include_prompt``, for every source and role);
   ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
+- ``text_files``: comma-separated files of single texts (TXT: one per line; JSONL: the field
+  ``"text"``), each a *text* source named by its file stem (stage kinds simcse / mntp).
+- A source's ``kind`` is ``"pairs"`` (default) or ``"text"`` (single texts, from ``path`` or
+  ``tfds``: the field / feature ``text_field``, default ``"text"``; TXT files: one per line).
+  A text source has one prefix, ``query_prefix``, given to every view of its texts (a SimCSE
+  positive must be the same tokens as its query); ``doc_prefix`` is refused there.
 - ``data_dir``: TFDS data directory for ``tfds`` sources and ``gte-jax data build``.
 - ``alpha``, ``seed``, ``batch_size`` (global), ``mixed_batches`` (ablation: mix sources within a
   batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``on_bad_input``
@@ -31,13 +37,21 @@ from typing import Any
 import ml_collections
 
 from gte_jax.data.batching import PairBatchIterator
-from gte_jax.data.sources import FieldMap, Source, SourceOptions, from_files, from_tfds
+from gte_jax.data.sources import (
+    SOURCE_KINDS,
+    FieldMap,
+    Source,
+    SourceOptions,
+    from_files,
+    from_tfds,
+)
 from gte_jax.errors import ConfigError
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
 
 SOURCE_DEFAULTS: dict[str, Any] = {
     "name": "",
+    "kind": "pairs",  # "pairs" | "text" (single texts: stage kinds simcse, mntp)
     "path": "",
     "format": "",
     "tfds": "",
@@ -46,6 +60,7 @@ SOURCE_DEFAULTS: dict[str, Any] = {
     "positive_field": "positive",
     "negatives_field": "negatives",
     "instruction_field": "instruction",
+    "text_field": "text",  # text sources: the JSONL / Parquet field or TFDS feature ("a/b")
     "tsv_header": False,
     "query_prefix": "",
     "doc_prefix": "",
@@ -58,6 +73,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.tokenizer = ""
     c.train_files = ""
+    c.text_files = ""  # comma-separated TXT (one text per line) / JSONL ("text") text sources
     c.sources = []
     c.data_dir = ""
     c.alpha = 0.5  # GTE §3.1: p_i ∝ n_i^0.5
@@ -85,6 +101,10 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         if path:
             spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
             specs.append({**spec, "config_key": "data.train_files"})
+    for path in (p.strip() for p in str(data.text_files).split(",")):
+        if path:
+            spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
+            specs.append({**spec, "kind": "text", "config_key": "data.text_files"})
     for i, raw in enumerate(data.sources):
         raw = dict(raw)
         if "pool_query_prefix" in raw:
@@ -106,18 +126,36 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
             raise ConfigError(
                 f"data.sources[{i}] ({spec['name']!r}): set exactly one of path, tfds"
             )
+        if spec["kind"] not in SOURCE_KINDS:
+            raise ConfigError(
+                f"data.sources[{i}] ({spec['name']!r}): kind={spec['kind']!r}; use one of "
+                f"{SOURCE_KINDS}"
+            )
+        if spec["kind"] == "text" and spec["doc_prefix"]:
+            raise ConfigError(
+                f"data.sources[{i}] ({spec['name']!r}): a text source has one prefix, "
+                "query_prefix, for every view of its texts; doc_prefix must stay empty"
+            )
         specs.append({**spec, "config_key": f"data.sources[{i}].path"})
     if not specs:
         raise ConfigError("no data sources: set data.train_files or data.sources in the config")
     return specs
 
 
+def source_kinds(data: ml_collections.ConfigDict) -> dict[str, str]:
+    """Source name -> kind ("pairs" | "text") from the config alone (nothing is read), so that
+    a stage kind whose data do not fit is refused at start-up."""
+    return {spec["name"]: spec["kind"] for spec in _source_specs(data)}
+
+
 def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
     out = []
     for spec in _source_specs(data):
+        text = spec["kind"] == "text"
         options = SourceOptions(
             query_prefix=spec["query_prefix"],
-            doc_prefix=spec["doc_prefix"],
+            # A text source's views are the same string: one prefix for both roles.
+            doc_prefix=spec["query_prefix"] if text else spec["doc_prefix"],
             batch_size=int(spec["batch_size"]) or None,
             num_negatives=None if int(spec["num_negatives"]) < 0 else int(spec["num_negatives"]),
         )
@@ -132,6 +170,7 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
             options=options,
             on_bad_input=data.on_bad_input,
             max_text_chars=int(data.max_text_chars),
+            text_field=spec["text_field"] if text else None,
         )
         if spec["path"]:
             try:

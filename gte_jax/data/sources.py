@@ -1,7 +1,14 @@
-"""Pair sources: a name plus random access to validated (query, positive, negatives) records.
+"""Sources: a name plus random access to validated (query, positive, negatives) records.
 
 A source is read either from a prepared TFDS dataset (array_record, via ``as_data_source``) or
-straight from local JSONL / TSV / Parquet files (quick fine-tunes without a build step).
+straight from local JSONL / TSV / Parquet / TXT files (quick fine-tunes without a build step).
+
+Two kinds (``Source.kind``): ``"pairs"`` (query, positive[, negatives]) for contrastive stages,
+and ``"text"``: single texts (a JSONL field, default ``"text"``; a TXT file, one text per line;
+a Parquet column; a TFDS feature) for the unsupervised stages (SimCSE, MNTP). A text record is a
+:class:`PairRecord` whose query and positive are the same string object: the sampler, batching,
+text ids and the loss need nothing new, and a SimCSE batch is a pair batch of identical texts
+(its two views differ only by their dropout keys, gte_jax/gradcache.py).
 
 Bad input (malformed JSON, missing or empty fields, undecodable bytes, over-long texts) follows a
 policy: ``"skip"`` (default) drops the record, counts it and logs the first few with ``file:line``;
@@ -35,12 +42,20 @@ from typing import Any
 
 import numpy as np
 
-from gte_jax.textio import InputError, iter_json_lines
+from gte_jax.textio import InputError, iter_json_lines, iter_lines
 
 logger = logging.getLogger(__name__)
 
 POLICIES = ("skip", "error")
-FORMATS = ("jsonl", "tsv", "parquet")
+FORMATS = ("jsonl", "tsv", "parquet", "txt")
+SOURCE_KINDS = ("pairs", "text")
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "txt",
+}
 # How many bad records per source are logged individually before only counting.
 MAX_REPORTED = 5
 # A text longer than this (characters) is treated as broken input, not as a long document:
@@ -167,6 +182,32 @@ class RecordParser:
         return PairRecord(query, positive, negatives, instruction)
 
 
+@dataclasses.dataclass(frozen=True)
+class TextLine:
+    """One line of a TXT file (a row type of its own: a JSONL line may hold a bare string)."""
+
+    text: str
+
+
+class TextParser(RecordParser):
+    """One raw row -> a text record ``PairRecord(text, text)``: the field ``field`` of a JSONL
+    object / Parquet row / TFDS example (nested TFDS features as ``"a/b"``), or a TXT line.
+
+    Same validation as :class:`RecordParser` (UTF-8, not empty after stripping, at most
+    ``max_text_chars``); raises :class:`InputError` without location."""
+
+    def __init__(self, field: str = "text", *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+        super().__init__(FieldMap(field, field, None, None), max_text_chars=max_text_chars)
+        self.field = field
+
+    def __call__(self, row: Any) -> PairRecord:
+        if isinstance(row, TextLine):
+            text = self._text(row.text, "line")
+        else:
+            text = self._text(self._get(row, self.field, True), f"field {self.field!r}")
+        return PairRecord(text, text)  # one string object: no second copy in memory
+
+
 # --------------------------------------------------------------------------------------------
 # Raw row readers: yield (location, row or exception) so the policy lives in one place.
 
@@ -194,6 +235,12 @@ def _iter_tsv(path: pathlib.Path, header: bool) -> Iterator[tuple[str, Any]]:
             yield loc, (dict(zip(names, cols, strict=False)) if names is not None else cols)
 
 
+def _iter_txt(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+    """One text per line; blank lines are layout (skipped, not counted), as in JSONL."""
+    for loc, text in iter_lines(path, skip_blank=True):
+        yield loc, text if isinstance(text, InputError) else TextLine(text)
+
+
 def _iter_parquet(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -215,13 +262,15 @@ def iter_raw_rows(path: str | pathlib.Path, fmt: str, *, tsv_header: bool = Fals
         yield from _iter_tsv(path, tsv_header)
     elif fmt == "parquet":
         yield from _iter_parquet(path)
+    elif fmt == "txt":
+        yield from _iter_txt(path)
     else:
         raise ValueError(f"unknown format {fmt!r} for {path}: use one of {FORMATS}")
 
 
 def guess_format(path: str | pathlib.Path) -> str:
     suffix = pathlib.Path(path).suffix.lower()
-    fmt = {".jsonl": "jsonl", ".json": "jsonl", ".tsv": "tsv", ".parquet": "parquet"}.get(suffix)
+    fmt = SUFFIX_FORMATS.get(suffix)
     if fmt is None:
         raise ValueError(f"cannot tell the format of {path}: set `format` to one of {FORMATS}")
     return fmt
@@ -309,7 +358,8 @@ class Source:
     """A named, random-access collection of valid :class:`PairRecord` s.
 
     ``negatives_histogram``: number of negatives per record -> number of (valid) records; fixes
-    the auto K and the count of records short of K (module docstring)."""
+    the auto K and the count of records short of K (module docstring). ``kind``: ``"pairs"`` or
+    ``"text"`` (single texts; module docstring)."""
 
     def __init__(
         self,
@@ -320,8 +370,12 @@ class Source:
         options: SourceOptions = SourceOptions(),
         accounting: BadInputAccounting | None = None,
         negatives_histogram: Mapping[int, int] | None = None,
+        kind: str = "pairs",
     ):
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"source {name!r}: kind={kind!r}, use one of {SOURCE_KINDS}")
         self.name = name
+        self.kind = kind
         self._size = size
         self._get = getter
         self.options = options
@@ -366,13 +420,14 @@ class Source:
     def stats(self) -> dict[str, Any]:
         return {
             "size": len(self),
+            "kind": self.kind,
             **self.accounting.stats.as_dict(),
             "num_negatives": self.num_negatives,
             "records_short_of_negatives": self.records_short_of_negatives,
         }
 
     def __repr__(self) -> str:
-        return f"Source({self.name!r}, size={len(self)})"
+        return f"Source({self.name!r}, size={len(self)}, kind={self.kind!r})"
 
 
 def _histogram(counts: Iterable[int]) -> dict[int, int]:
@@ -392,8 +447,22 @@ def from_records(
     return _in_memory(name, records, options, acct)
 
 
+def from_texts(
+    name: str, texts: Sequence[str], *, options: SourceOptions = SourceOptions()
+) -> Source:
+    """An in-memory text source (tests, programmatic use); texts must be non-empty strings."""
+    records = [PairRecord(t, t) for t in texts]
+    acct = BadInputAccounting(name)
+    acct.stats.read = acct.stats.used = len(records)
+    return _in_memory(name, records, options, acct, kind="text")
+
+
 def _in_memory(
-    name: str, records: list[PairRecord], options: SourceOptions, acct: BadInputAccounting
+    name: str,
+    records: list[PairRecord],
+    options: SourceOptions,
+    acct: BadInputAccounting,
+    kind: str = "pairs",
 ) -> Source:
     return Source(
         name,
@@ -402,6 +471,7 @@ def _in_memory(
         options=options,
         accounting=acct,
         negatives_histogram=_histogram(len(r.negatives) for r in records),
+        kind=kind,
     )
 
 
@@ -415,21 +485,36 @@ def from_files(
     on_bad_input: str = "skip",
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     tsv_header: bool = False,
+    text_field: str | None = None,
 ) -> Source:
-    """Reads local JSONL / TSV / Parquet files directly, validating every record up front."""
+    """Reads local JSONL / TSV / Parquet files directly, validating every record up front.
+
+    ``text_field`` set: a text source (module docstring) reading that field of each JSONL
+    object / Parquet row / TSV column; TXT files (one text per line) need it too, and ignore its
+    value. ``fields`` is then unused."""
     if isinstance(paths, (str, pathlib.Path)):
         paths = [p for p in str(paths).split(",") if p]
     acct = BadInputAccounting(name, on_bad_input)
-    parser = RecordParser(fields, max_text_chars=max_text_chars)
+    if text_field is None:
+        parser: RecordParser = RecordParser(fields, max_text_chars=max_text_chars)
+    else:
+        parser = TextParser(text_field, max_text_chars=max_text_chars)
     records: list[PairRecord] = []
     for path in paths:
-        rows = iter_raw_rows(path, fmt or guess_format(path), tsv_header=tsv_header)
+        path_fmt = fmt or guess_format(path)
+        if path_fmt == "txt" and text_field is None:
+            raise ValueError(
+                f"{path}: a TXT file holds single texts (one per line), not pairs: read it as a "
+                f"text source (data.text_files, or kind='text' in data.sources) for "
+                "stage kinds simcse / mntp"
+            )
+        rows = iter_raw_rows(path, path_fmt, tsv_header=tsv_header)
         records.extend(rec for _, rec in parse_rows(rows, parser, acct))
     if acct.stats.skipped:
         logger.warning(
             "source %r: skipped %d of %d records", name, acct.stats.skipped, acct.stats.read
         )
-    return _in_memory(name, records, options, acct)
+    return _in_memory(name, records, options, acct, kind="pairs" if text_field is None else "text")
 
 
 def valid_position(bad: np.ndarray, index: int) -> int:
@@ -443,6 +528,30 @@ def valid_position(bad: np.ndarray, index: int) -> int:
 PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction")
 
 
+def _scan(
+    ds: Any, parse: Callable[[Any], PairRecord], acct: BadInputAccounting, where: str
+) -> tuple[list[int], dict[int, int]]:
+    """One pass over a TFDS source's stored records: skips and counts the bad ones (like a file
+    source's) and counts negatives per record (for K). Returns (bad positions, histogram)."""
+    bad: list[int] = []
+    histogram: dict[int, int] = {}
+    n = len(ds)
+    read_many = getattr(ds, "__getitems__", None)
+    for lo in range(0, n, SCAN_CHUNK):
+        ids = list(range(lo, min(n, lo + SCAN_CHUNK)))
+        examples = read_many(ids) if read_many else [ds[i] for i in ids]
+        for i, example in zip(ids, examples, strict=True):
+            try:
+                rec = parse(example)
+            except InputError as e:
+                acct.bad(f"{where}:{i}", e)
+                bad.append(i)
+                continue
+            acct.ok()
+            histogram[len(rec.negatives)] = histogram.get(len(rec.negatives), 0) + 1
+    return bad, histogram
+
+
 def from_tfds(
     name: str,
     tfds_name: str,
@@ -453,13 +562,16 @@ def from_tfds(
     options: SourceOptions = SourceOptions(),
     on_bad_input: str = "skip",
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    text_field: str | None = None,
 ) -> Source:
     """A prepared TFDS dataset (array_record) read through ``as_data_source``.
 
     ``tfds_name`` is any name ``tfds.builder`` accepts (``"msmarco_triples"``,
     ``"local_pairs/my_config:1.0.0"``, a catalogue dataset such as ``"squad"``) and ``fields``
     maps its features onto query / positive / negatives / instruction (nested features as
-    ``"a/b"``). Nothing is downloaded: build it first (``gte-jax data build``).
+    ``"a/b"``). Nothing is downloaded: build it first (``gte-jax data build``). With
+    ``text_field`` (a feature name, nested as ``"a/b"``) it is a text source of that feature
+    (module docstring; e.g. the ``"positive"`` of a pair dataset, or a catalogue text dataset).
 
     Opening reads every record once (module docstring): bad records are skipped and counted, so
     ``len()`` and the mixture weights count valid records only and no record stands in for
@@ -477,7 +589,11 @@ def from_tfds(
             f"{data_dir!r}: run `gte-jax data build` or tfds build first ({e})"
         ) from e
     acct = BadInputAccounting(name, on_bad_input)
-    parser = RecordParser(fields, max_text_chars=max_text_chars)
+    if text_field is None:
+        parser: RecordParser = RecordParser(fields, max_text_chars=max_text_chars)
+    else:
+        parser = TextParser(text_field, max_text_chars=max_text_chars)
+        fields = parser.fields
     n = len(ds)
 
     def flat(example: Mapping[str, Any]) -> dict[str, Any]:
@@ -490,24 +606,8 @@ def from_tfds(
                 out[key] = value
         return out
 
-    # One pass over the stored records: skip and count the bad ones (like a file source), and
-    # count negatives per record (for K). Only the bad positions are kept.
     start = time.perf_counter()
-    bad: list[int] = []
-    histogram: dict[int, int] = {}
-    read_many = getattr(ds, "__getitems__", None)
-    for lo in range(0, n, SCAN_CHUNK):
-        ids = list(range(lo, min(n, lo + SCAN_CHUNK)))
-        examples = read_many(ids) if read_many else [ds[i] for i in ids]
-        for i, example in zip(ids, examples, strict=True):
-            try:
-                rec = parser(flat(example))
-            except InputError as e:
-                acct.bad(f"{tfds_name}[{split}]:{i}", e)
-                bad.append(i)
-                continue
-            acct.ok()
-            histogram[len(rec.negatives)] = histogram.get(len(rec.negatives), 0) + 1
+    bad, histogram = _scan(ds, lambda ex: parser(flat(ex)), acct, f"{tfds_name}[{split}]")
     bad_at = np.asarray(bad, dtype=np.int64)
     logger.info(
         "source %r: read %d records of %s[%s] in %.1f s, %d skipped",
@@ -521,5 +621,6 @@ def from_tfds(
         return parser(flat(ds[i]))  # valid: checked by the pass above
 
     return Source(
-        name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram
-    )
+        name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram,
+        kind="pairs" if text_field is None else "text",
+    )  # fmt: skip
