@@ -8,10 +8,15 @@
 - ``sources``: list of dicts, one per source, fields as in ``SOURCE_DEFAULTS``: ``name``; either
   ``path`` (comma-separated local JSONL/TSV/Parquet files, ``format`` guessed from the suffix) or
   ``tfds`` (a prepared TFDS dataset name read from ``data_dir``, ``split``); field names
-  ``query_field``/``positive_field``/``negatives_field``/``instruction_field`` (TSV: column
-  indices "0", "1", ... unless ``tsv_header``); ``query_prefix``/``doc_prefix`` (whether their
-  tokens are pooled is the model's ``model.include_prompt``, for every source and role);
-  ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
+  ``query_field``/``positive_field``/``negatives_field``/``instruction_field``/
+  ``doc_instruction_field`` (TSV: column indices "0", "1", ... unless ``tsv_header``);
+  ``query_prefix``/``doc_prefix``, or ``query_instruction``/``doc_instruction`` (task texts)
+  with ``instruction_template`` (a preset of ``gte_jax.prompts.INSTRUCTION_TEMPLATES`` or a text
+  with one "{task}"; it also formats the records' own instructions) -- whether prompt tokens are
+  pooled is the model's ``model.include_prompt``, for every source and role; ``batch_size`` (0:
+  the run's) and ``num_negatives`` (-1: auto). ``format: "medi"``: ``path`` is one MEDI JSON
+  file (INSTRUCTOR's ``medi-data.json``), read as one source per task (``<name>/<task_name>``),
+  so a batch draws from one task.
 - ``data_dir``: TFDS data directory for ``tfds`` sources and ``gte-jax data build``.
 - ``alpha``, ``seed``, ``batch_size`` (global), ``mixed_batches`` (ablation: mix sources within a
   batch), ``query_max_length``, ``doc_max_length``, ``min_bucket``, ``on_bad_input``
@@ -31,7 +36,14 @@ from typing import Any
 import ml_collections
 
 from gte_jax.data.batching import PairBatchIterator
-from gte_jax.data.sources import FieldMap, Source, SourceOptions, from_files, from_tfds
+from gte_jax.data.sources import (
+    FieldMap,
+    Source,
+    SourceOptions,
+    from_files,
+    from_medi,
+    from_tfds,
+)
 from gte_jax.errors import ConfigError
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
@@ -46,9 +58,13 @@ SOURCE_DEFAULTS: dict[str, Any] = {
     "positive_field": "positive",
     "negatives_field": "negatives",
     "instruction_field": "instruction",
+    "doc_instruction_field": "doc_instruction",
     "tsv_header": False,
     "query_prefix": "",
     "doc_prefix": "",
+    "query_instruction": "",
+    "doc_instruction": "",
+    "instruction_template": "plain",
     "batch_size": 0,
     "num_negatives": -1,
 }
@@ -112,33 +128,49 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return specs
 
 
-def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
-    out = []
-    for spec in _source_specs(data):
-        options = SourceOptions(
+def _source_options(spec: dict[str, Any]) -> SourceOptions:
+    try:
+        return SourceOptions(
             query_prefix=spec["query_prefix"],
             doc_prefix=spec["doc_prefix"],
             batch_size=int(spec["batch_size"]) or None,
             num_negatives=None if int(spec["num_negatives"]) < 0 else int(spec["num_negatives"]),
+            query_instruction=spec["query_instruction"],
+            doc_instruction=spec["doc_instruction"],
+            instruction_template=spec["instruction_template"],
         )
+    except ValueError as e:
+        raise ConfigError(f"data source {spec['name']!r}: {e}") from e
+
+
+def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
+    out = []
+    for spec in _source_specs(data):
+        options = _source_options(spec)
         fields = FieldMap(
             spec["query_field"],
             spec["positive_field"],
             spec["negatives_field"] or None,
             spec["instruction_field"] or None,
+            spec["doc_instruction_field"] or None,
         )
         common = dict(
-            fields=fields,
             options=options,
             on_bad_input=data.on_bad_input,
             max_text_chars=int(data.max_text_chars),
         )
-        if spec["path"]:
+        if spec["format"] == "medi":
+            try:
+                out.extend(from_medi(spec["name"], spec["path"], **common))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}; check {spec['config_key']} in the config") from e
+        elif spec["path"]:
             try:
                 source = from_files(
                     spec["name"],
                     spec["path"],
                     fmt=spec["format"] or None,
+                    fields=fields,
                     tsv_header=bool(spec["tsv_header"]),
                     **common,
                 )
@@ -152,6 +184,7 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
                     spec["tfds"],
                     data_dir=data.data_dir or None,
                     split=spec["split"],
+                    fields=fields,
                     **common,
                 )
             )
