@@ -573,7 +573,7 @@ def _medi_side(record: Mapping[str, Any], key: str, parser: RecordParser) -> tup
     value = record.get(key)
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise InputError(f"field {key!r} must be [instruction, text], got {value!r:.80}")
-    instruction = _as_text(value[0], f"field {key!r}[0] (instruction)").strip()
+    instruction = _as_text(value[0], f"field {key!r}[0] (instruction)")  # kept as is: a prompt
     return instruction, parser._text(value[1], f"field {key!r}[1] (text)")
 
 
