@@ -565,13 +565,14 @@ def from_tfds(
 # --------------------------------------------------------------------------------------------
 # MEDI (INSTRUCTOR, Su et al., 2023): one JSON file, a list of records
 #   {"query": [instruction, text], "pos": [instruction, text], "neg": [instruction, text],
-#    "task_name": "..."}
+#    "task_name": "..."} (a side may carry a third item, 0 or 1, as in the release's README)
 # read as one source per task, so that the α-sampler draws one task per batch (INSTRUCTOR §3).
 
 
 def _medi_side(record: Mapping[str, Any], key: str, parser: RecordParser) -> tuple[str, str]:
     value = record.get(key)
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
+    # The release's README shows a third item, 0 (query) or 1 (document): not needed here.
+    if not isinstance(value, (list, tuple)) or len(value) not in (2, 3):
         raise InputError(f"field {key!r} must be [instruction, text], got {value!r:.80}")
     instruction = _as_text(value[0], f"field {key!r}[0] (instruction)")  # kept as is: a prompt
     return instruction, parser._text(value[1], f"field {key!r}[1] (text)")
