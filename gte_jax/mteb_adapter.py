@@ -127,24 +127,27 @@ class MTEBEncoder:
         return next((self.prompts[k] for k in keys if k in self.prompts), "")
 
     def instruction(self, task_metadata: Any, kind: str | None) -> str:
-        """The task's instruction for ``kind`` ("query" | "document"), or "" (class doc)."""
+        """The task's instruction for ``kind`` ("query" | "document"), or "" (class doc): ours
+        from ``instructions``, else mteb's ``get_instruction`` (metadata ``prompt``, a dict by
+        prompt type or one text, else the task class's ``abstask_prompt``)."""
         if self.instruction_template is None or task_metadata is None:
             return ""
         if kind == "document" and not self.instruct_documents:
             return ""
         name = getattr(task_metadata, "name", None)
         text = self.instructions.get(name) if name else None
-        if text is None:
+        ours = text is not None
+        if not ours:
             text = getattr(task_metadata, "prompt", None)
         if isinstance(text, Mapping):
-            text = text.get(kind) if kind else None
-        if not text and name:
-            try:
-                from mteb.abstasks.abstask import get_abstask_prompt
-            except ImportError:
-                return ""
-            text = get_abstask_prompt(name)
-        return text or ""
+            return (text.get(kind) or "") if kind else ""
+        if text or ours or not name:
+            return text or ""
+        try:
+            from mteb.abstasks.abstask import get_abstask_prompt
+        except ImportError:
+            return ""
+        return get_abstask_prompt(name) or ""
 
     def encode(
         self,

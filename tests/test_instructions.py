@@ -488,3 +488,51 @@ def test_training_batch_encode_and_st_export_agree(
     if pooling == "mean":
         pooled_all = Embedder(embedder.model, embedder.tokenizer, include_prompt=True)
         assert _cos(pooled_all.encode(queries, prefix=instruction), ours).min() < 0.999
+
+
+# ---------------------------------------------------------------------------- MTEB
+
+
+def test_mteb_adapter_passes_each_tasks_instruction(minilm_dir):
+    """Task instructions as mteb's own ``AbsEncoder.get_instruction`` finds them (metadata
+    ``prompt`` by prompt type, else the task class's), through our template; ours win."""
+    mteb = pytest.importorskip("mteb")
+    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.types import PromptType
+
+    from gte_jax.encode import Embedder
+    from gte_jax.mteb_adapter import MTEBEncoder
+
+    class Reference(AbsEncoder):  # mteb's rule, nothing else
+        def encode(self, *args, **kwargs):
+            raise NotImplementedError
+
+    reference = Reference()
+    embedder = Embedder.from_pretrained(minilm_dir)
+    enc = MTEBEncoder(embedder, instruction_template="e5", instruct_documents=True)
+    names = ["SciFact", "NFCorpus", "STSBenchmark", "Banking77Classification"]
+    for name in names:
+        meta = mteb.get_task(name).metadata
+        for kind in (PromptType.query, PromptType.document):
+            want = reference.get_instruction(meta, kind)
+            assert enc.instruction(meta, kind.value) == want, (name, kind)
+            expected = prompts.instruction_prompt("e5", want) if want else ""
+            assert enc.prefix(meta, kind) == expected
+    scifact = mteb.get_task("SciFact").metadata
+    assert enc.prefix(scifact, PromptType.query) == (
+        "Instruct: Given a scientific claim, retrieve documents that support or refute the claim"
+        "\nQuery: "
+    )
+    own = MTEBEncoder(
+        embedder,
+        instruction_template="e5",
+        instructions={"SciFact": "Find evidence"},
+        query_prefix="q: ",
+    )
+    assert own.prefix(scifact, PromptType.query) == "Instruct: Find evidence\nQuery: "
+    assert own.prefix(scifact, PromptType.document) == ""  # documents bare (E5-mistral)
+    texts = ["Vitamin D lowers the risk of fractures."]
+    np.testing.assert_array_equal(
+        own.encode(texts, task_metadata=scifact, prompt_type=PromptType.query),
+        embedder.encode(texts, prefix="Instruct: Find evidence\nQuery: "),
+    )
