@@ -268,6 +268,11 @@ def test_a_prompt_the_tokenizer_merges_with_the_text_is_refused(bpe_tokenizer):
     with pytest.raises(ValueError, match="merges its end"):  # at start-up, not mid-run
         PairBatchIterator([source], tok, global_batch_size=8, include_prompt=False)
     PairBatchIterator([source], tok, global_batch_size=8, include_prompt=True)
+    # A record's own instruction too, before the first batch (in-memory sources know them all).
+    records[3] = PairRecord(records[3].query, records[3].positive, instruction=merged)
+    source = from_records("s", records)
+    with pytest.raises(ValueError, match="merges its end"):
+        PairBatchIterator([source], tok, global_batch_size=8, include_prompt=False)
 
 
 # ---------------------------------------------------------------------------- pooling

@@ -696,8 +696,9 @@ class PairBatchIterator:
         self.prompt_lengths = None if include_prompt else PromptLengths(tokenizer)
         if self.prompt_lengths is not None:  # refuse a prompt that does not split exactly, now
             for s in sources:
-                self.prompt_lengths(s.options.query_prompt())
-                self.prompt_lengths(s.options.doc_prompt())
+                for query, doc in {("", ""), *(s.record_instructions or ())}:
+                    self.prompt_lengths(s.options.query_prompt(query))
+                    self.prompt_lengths(s.options.doc_prompt(doc))
         if agree_lengths is None:
             agree_lengths = allgather_max if process_count > 1 else (lambda x: x)
         self.agree_lengths = agree_lengths

@@ -357,8 +357,12 @@ class Source:
         options: SourceOptions = SourceOptions(),
         accounting: BadInputAccounting | None = None,
         negatives_histogram: Mapping[int, int] | None = None,
+        record_instructions: frozenset[tuple[str, str]] | None = None,
     ):
         self.name = name
+        # The distinct (instruction, doc_instruction) of the records, when known without a read
+        # (in-memory sources): their prompts are checked at start-up, not at first use.
+        self.record_instructions = record_instructions
         self._size = size
         self._get = getter
         self.options = options
@@ -439,6 +443,7 @@ def _in_memory(
         options=options,
         accounting=acct,
         negatives_histogram=_histogram(len(r.negatives) for r in records),
+        record_instructions=frozenset((r.instruction, r.doc_instruction) for r in records),
     )
 
 
