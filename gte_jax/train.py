@@ -236,6 +236,14 @@ def load_model_for_training(model_cfg: Any):
     configure_tokenizer(
         tokenizer, padding_side=str(model_cfg.padding_side), append_eos=bool(model_cfg.append_eos)
     )
+    embeddings = getattr(model.encoder, "embeddings", None)
+    if tokenizer.padding_side == "left" and hasattr(embeddings, "position_embeddings"):
+        raise TrainingError(
+            "left padding (model.padding_side, or the tokenizer's own) with absolute position "
+            "embeddings makes each embedding depend on how many pads precede its text (a batch's "
+            "longest text decides): set model.padding_side=right; left padding is for RoPE "
+            "decoders (Qwen3-Embedding)"
+        )
     return model, tokenizer, info
 
 

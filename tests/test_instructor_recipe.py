@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from gte_jax import prompts
 from tests.test_instructions import _cos, _texts
@@ -60,3 +61,30 @@ def test_instructor_runlocal_trains_end_to_end_and_its_export_reproduces_encode(
     st = SentenceTransformer(str(export), device="cpu")
     theirs = st.encode(queries, prompt_name="bible_query", convert_to_numpy=True)
     assert _cos(np.load(tmp_path / "q.npy"), theirs).min() >= 0.99999
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.padding_side=middle", "model.padding_side='middle': use auto, left"),
+        ("--config.model.padding_side=left", "absolute position embeddings"),
+        ("--config.model.append_eos=true", "no eos_token"),
+        ("--config.data.sources=[{'path': 'x.jsonl', 'instruction_template': '{t}'}]", "{task}"),
+    ],
+)
+def test_impossible_instruction_settings_exit_2_at_start_up(
+    tiny_model_dir, tmp_path, capsys, override, message
+):
+    import pathlib
+
+    from gte_jax.commands import train as train_cmd
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    rc = train_cmd.main(
+        ["--config", f"{repo / 'configs' / 'instructor.py'}:runlocal",
+         "--workdir", str(tmp_path / "run"), f"--config.model.init_from={tiny_model_dir}",
+         "--log_level=WARNING", override]
+    )  # fmt: skip
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("checkpoints/*"))  # refused before any step
