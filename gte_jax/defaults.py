@@ -122,7 +122,9 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
 
 def _eval_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}].
+    # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}];
+    # "query_instruction" / "doc_instruction" + "instruction_template" instead of the prefixes,
+    # as for a training source (gte_jax/prompts.py).
     c.sets = []
     c.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
     c.at_start = True  # evaluate the initial model at step 0 too (the "before" number)

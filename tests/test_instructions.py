@@ -541,3 +541,27 @@ def test_mteb_adapter_passes_each_tasks_instruction(minilm_dir):
         own.encode(texts, task_metadata=scifact, prompt_type=PromptType.query),
         embedder.encode(texts, prefix="Instruct: Find evidence\nQuery: "),
     )
+
+
+def test_eval_sets_take_instructions_like_sources():
+    from gte_jax.evaluation import EvalSet
+
+    s = EvalSet.from_config(
+        {"name": "dev", "kind": "beir", "path": "x", "query_instruction": "Given a claim, find "
+         "evidence", "instruction_template": "e5"}
+    )  # fmt: skip
+    assert (s.query_prefix, s.doc_prefix) == ("Instruct: Given a claim, find evidence\nQuery: ", "")
+    opts = SourceOptions(
+        query_instruction="Given a claim, find evidence", instruction_template="e5"
+    )
+    assert s.query_prefix == opts.query_prompt()  # the one rule
+    with pytest.raises(ValueError, match="query_prefix or query_instruction"):
+        EvalSet.from_config(
+            {
+                "name": "d",
+                "kind": "sts",
+                "path": "x",
+                "query_prefix": "q: ",
+                "query_instruction": "t",
+            }
+        )
