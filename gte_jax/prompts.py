@@ -30,7 +30,13 @@ does not merge the prompt's last characters with the text's first ones (a byte-l
 "Query: " + "Hello" gives "ĠHello", which the prompt tokenised alone counts as its own "Ġ").
 :func:`check_prompt` compares the rule with the tokenizer's offsets (``offset_mapping``) and
 refuses such a prompt with a message that says what to change; every prompt training or encode
-excludes from pooling is checked once (:class:`PromptLengths`).
+excludes from pooling is checked once (:class:`PromptLengths`): a source's own and those of the
+records of in-memory sources at start-up, the records' of a TFDS source at first use.
+
+**Padding side and EOS** live on the tokenizer (:func:`configure_tokenizer`, from
+``model.padding_side`` / ``model.append_eos``), so training batches, ``encode`` and the
+exported tokenizer that sentence-transformers applies pad and end texts the same way. Under left
+padding the excluded tokens are still the first ``prompt_length`` real ones.
 """
 
 from __future__ import annotations
