@@ -199,6 +199,16 @@ def _sources(template, n=12):
     return [from_records("bible", records, options=opts)]
 
 
+def _packed_texts(ids, segments, pool_mask, slots):
+    """(token ids, pool mask) of the text in each packed slot ``row * length + s``."""
+    out = []
+    for slot in slots:
+        r, s = divmod(int(slot), ids.shape[-1])
+        here = segments[r] == s + 1
+        out.append((list(ids[r][here]), list(pool_mask[r][here])))
+    return out
+
+
 def _real_rows(ids, attention, pool_mask):
     """Per row: (real token ids, their pool mask), whichever side the row is padded on."""
     return [
@@ -207,7 +217,7 @@ def _real_rows(ids, attention, pool_mask):
     ]
 
 
-@pytest.mark.parametrize("layout", ["right", "left", "packed"])
+@pytest.mark.parametrize("layout", ["right", "left", "packed", "packed_chunks"])
 @pytest.mark.parametrize("name", ["bert", "t5", "bpe"])
 def test_training_pool_masks_equal_the_tokenizers_offsets(request, name, layout):
     tok = _tokenizer(request, name)
@@ -219,7 +229,8 @@ def test_training_pool_masks_equal_the_tokenizers_offsets(request, name, layout)
         query_max_length=128,
         doc_max_length=128,
         include_prompt=False,
-        packing=layout == "packed",
+        packing=layout.startswith("packed"),
+        pack_chunks=3 if layout == "packed_chunks" else 1,  # GradCache's chunked packed layout
     )
     plan = it.next_plan()
     batch = it.materialize(plan)
@@ -230,17 +241,22 @@ def test_training_pool_masks_equal_the_tokenizers_offsets(request, name, layout)
     ]
     expected = {prompts.instruction_prompt(TEMPLATES[name], t) for t in (INSTR_Q, PER_RECORD)}
     assert set(plan.query_prefixes) == expected  # the records' own tasks, same template
+    chunks = []
     for role, prefixes, texts in roles:
         ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
         pool_mask = batch[f"{role}_pool_mask"]
         if layout == "packed":  # each text's tokens: its segment of its row
-            segments = batch[f"{role}_segment_ids"]
-            length = ids.shape[-1]
+            rows = _packed_texts(ids, batch[f"{role}_segment_ids"], pool_mask,
+                                 batch[f"{role}_slot_index"].reshape(-1))  # fmt: skip
+        elif layout == "packed_chunks":  # [rows, chunk, length]; chunk_index -> (chunk, slot)
+            slots = batch[f"{role}_slot_index"]  # [slots, chunks]
+            assert ids.ndim == 3 and slots.shape[1] == ids.shape[1]
+            chunks.append(ids.shape[1])  # a role takes the fewest chunks within its budget
             rows = []
-            for slot in batch[f"{role}_slot_index"].reshape(-1):
-                r, s = divmod(int(slot), length)
-                here = segments[r] == s + 1
-                rows.append((list(ids[r][here]), list(pool_mask[r][here])))
+            for k in batch[f"{role}_chunk_index"].reshape(-1):
+                c, j = divmod(int(k), slots.shape[0])
+                rows += _packed_texts(ids[:, c], batch[f"{role}_segment_ids"][:, c],
+                                      pool_mask[:, c], [slots[j, c]])  # fmt: skip
         else:
             ids, attention = ids.reshape(-1, ids.shape[-1]), attention.reshape(-1, ids.shape[-1])
             rows = _real_rows(ids, attention, pool_mask.reshape(ids.shape))
@@ -250,6 +266,7 @@ def test_training_pool_masks_equal_the_tokenizers_offsets(request, name, layout)
             assert row_ids == tok(prompt + text)["input_ids"]
             _assert_mask_matches(row_mask, offsets_reference(tok, prompt, text), (role, text))
             assert 0 < row_mask.count(0) < len(row_mask)
+    assert layout != "packed_chunks" or max(chunks) > 1
 
 
 def test_a_prompt_the_tokenizer_merges_with_the_text_is_refused(bpe_tokenizer):
