@@ -498,6 +498,8 @@ def test_training_batch_encode_and_st_export_agree(
     )  # fmt: skip
     assert rc == 0
     assert _cos(np.load(tmp_path / "q.npy"), theirs).min() >= 0.99999
+    args = ["--model", str(export), "--input", str(tmp_path / "q.txt"), "--output", "x.npy"]
+    assert encode_cmd.main([*args, "--template", "e5"]) == 2  # a template needs an instruction
     # A training batch of the same queries under a source with that instruction.
     opts = SourceOptions(query_instruction=INSTR_Q, instruction_template=template)
     records = [PairRecord(q, d) for q, d in zip(queries, docs, strict=True)]

@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
         if args.instruction is not None:
             prefix = instruction_prompt(args.template, args.instruction)
+        elif args.template != "plain":
+            raise InputError("--template formats --instruction: pass --instruction too.")
         embedder.prompt_length(prefix)  # a prompt that does not split exactly: exit 2 now
     except USER_ERRORS as e:
         return error("gte-jax encode", e)
