@@ -54,6 +54,13 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # training, encode, eval and the export (sentence-transformers' Pooling.include_prompt):
     # "auto" keeps the base model's own setting (true when it has none); "true" | "false".
     c.include_prompt = "auto"
+    # The side padded rows are padded on (not packed rows), set on the tokenizer so training,
+    # encode and the export agree: "auto" (the tokenizer's own) | "left" (Qwen3-Embedding) | "right".
+    c.padding_side = "auto"
+    # True: the tokenizer's post-processor appends EOS to every text (E5-mistral; last-token
+    # pooling then reads the EOS state), in training, encode and the export's tokenizer. False:
+    # the tokenizer's own post-processor as it is.
+    c.append_eos = False
 
     return c
 
@@ -135,7 +142,9 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
 
 def _eval_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}].
+    # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}];
+    # "query_instruction" / "doc_instruction" + "instruction_template" instead of the prefixes,
+    # as for a training source (gte_jax/prompts.py).
     c.sets = []
     c.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
     c.at_start = True  # evaluate the initial model at step 0 too (the "before" number)

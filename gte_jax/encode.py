@@ -21,8 +21,8 @@ from flax import nnx
 
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
-from gte_jax.prompts import prompt_length as _prompt_length
-from gte_jax.prompts import resolve_prompt
+from gte_jax.prompts import PromptLengths, resolve_prompt
+from gte_jax.prompts import pool_mask as pool_mask_of
 from gte_jax.workdir import inference_path, load_model
 
 logger = logging.getLogger(__name__)
@@ -39,21 +39,24 @@ def _bucket_rows(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
-def _padded(ids, type_ids, rows, n_rows: int, length: int, pad_id: int, prompt_length: int):
+def _padded(
+    ids, type_ids, rows, n_rows: int, length: int, pad_id: int, prompt_length: int, left: bool
+):
     """[n_rows, length] int32 ids, attention mask, token types (or None) and pool mask (None
-    when the prompt is pooled) of the texts ``rows`` of ``ids``."""
+    when the prompt is pooled) of the texts ``rows`` of ``ids``; ``left``: pads before the text."""
     input_ids = np.full((n_rows, length), pad_id, np.int32)
     attention_mask = np.zeros((n_rows, length), np.int32)
     token_types = np.zeros((n_rows, length), np.int32) if type_ids else None
+    pool_mask = np.zeros((n_rows, length), np.int32) if prompt_length else None
     for r, i in enumerate(rows):
-        input_ids[r, : len(ids[i])] = ids[i]
-        attention_mask[r, : len(ids[i])] = 1
+        n = len(ids[i])
+        at = slice(length - n, length) if left else slice(0, n)
+        input_ids[r, at] = ids[i]
+        attention_mask[r, at] = 1
         if token_types is not None:
-            token_types[r, : len(ids[i])] = type_ids[i]
-    pool_mask = None
-    if prompt_length:
-        pool_mask = np.ones((n_rows, length), np.int32)
-        pool_mask[:, :prompt_length] = 0
+            token_types[r, at] = type_ids[i]
+        if pool_mask is not None:  # the first prompt_length real tokens are not pooled
+            pool_mask[r, at] = pool_mask_of(n, prompt_length)
     return input_ids, attention_mask, token_types, pool_mask
 
 
@@ -89,6 +92,9 @@ class Embedder:
         self.include_prompt = include_prompt
         # Named prompts (sentence-transformers' ``prompts``): encode(..., prompt_name="query").
         self.prompts = dict(prompts or {})
+        self._prompt_lengths = PromptLengths(tokenizer)  # checked against the offsets, memoised
+        # The tokenizer's padding side (gte_jax.prompts.configure_tokenizer), as in training.
+        self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
         self._graphdef, self._state = nnx.split(model)
 
     @classmethod
@@ -109,6 +115,11 @@ class Embedder:
             include_prompt=info.include_prompt,
             prompts=info.prompts,
         )
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of ``prompt`` left out of pooling (0 with ``include_prompt``); raises ValueError
+        for a prompt the tokenizer does not split exactly (:func:`gte_jax.prompts.check_prompt`)."""
+        return 0 if self.include_prompt else self._prompt_lengths(prompt)
 
     def encode(
         self,
@@ -151,7 +162,7 @@ class Embedder:
         )
         ids = encoded["input_ids"]
         type_ids = encoded.get("token_type_ids")
-        prompt_length = 0 if self.include_prompt else _prompt_length(self.tokenizer, prefix)
+        prompt_length = self.prompt_length(prefix)
         pad_id = self.tokenizer.pad_token_id or 0
         order = np.argsort([-len(x) for x in ids], kind="stable")
 
@@ -165,7 +176,7 @@ class Embedder:
                 length = bucket_length(max(len(ids[i]) for i in rows), max_length)
                 n_rows = _bucket_rows(len(rows), batch_size)
                 input_ids, attention_mask, token_types, pool_mask = _padded(
-                    ids, type_ids, rows, n_rows, length, pad_id, prompt_length
+                    ids, type_ids, rows, n_rows, length, pad_id, prompt_length, self.left_pad
                 )
                 embeddings = _embed(
                     self._graphdef,

@@ -26,6 +26,7 @@ import numpy as np
 from gte_jax.encode import Embedder
 from gte_jax.eval_data import BeirData, doc_text, read_beir, read_sts  # noqa: F401
 from gte_jax.models.pooling import l2_normalize
+from gte_jax.prompts import side_prompt
 from gte_jax.ranking import (  # noqa: F401
     DEFAULT_CUTOFFS,
     pearson,
@@ -169,7 +170,18 @@ class EvalSet:
 
     @classmethod
     def from_config(cls, entry: Any) -> EvalSet:
+        """From a config dict; ``query_instruction`` / ``doc_instruction`` (tasks) with
+        ``instruction_template`` become the prefixes, as for a training source
+        (:func:`gte_jax.prompts.side_prompt`)."""
         d = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+        template = d.pop("instruction_template", "plain")
+        for side in ("query", "doc"):
+            task = d.pop(f"{side}_instruction", "")
+            if task and d.get(f"{side}_prefix"):
+                raise ValueError(
+                    f"eval set {d.get('name', d)!r}: set {side}_prefix or {side}_instruction"
+                )
+            d[f"{side}_prefix"] = side_prompt(d.get(f"{side}_prefix", ""), template, task)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gte_jax import prompts as prompts_lib
 from gte_jax.encode import Embedder
 from gte_jax.models.pooling import l2_normalize
 
@@ -60,7 +61,16 @@ class MTEBEncoder:
     ``"<task name>-<query|document>"``, ``"<task name>"``, ``"<task type>-<query|document>"``,
     ``"<task type>"``, ``"query"`` / ``"document"``. The model's own prompts (those it was trained
     with, from its directory) come first, then ``prompts``; ``query_prefix`` / ``doc_prefix``, when
-    given, set the last two. Similarity is cosine (what gte-jax trains for)."""
+    given, set the last two. Similarity is cosine (what gte-jax trains for).
+
+    Instructions: with ``instruction_template`` (a preset of
+    :data:`gte_jax.prompts.INSTRUCTION_TEMPLATES` or a text with one ``{task}``), a task's
+    instruction is ``instructions[<task name>]`` (a ``str``, or a dict by prompt type), else
+    mteb's own (the task metadata's ``prompt``, else its task class's ``abstask_prompt``, mteb's
+    ``get_instruction`` order), turned into the prompt by the template: on queries, and on
+    documents too with ``instruct_documents`` (INSTRUCTOR; E5-mistral / Qwen3 leave documents
+    bare). A task with an instruction uses it in place of the prompt lookup above; one without
+    falls back to it."""
 
     def __init__(
         self,
@@ -73,6 +83,9 @@ class MTEBEncoder:
         max_length: int | None = None,
         name: str | None = None,
         revision: str | None = None,
+        instruction_template: str | None = None,
+        instructions: Mapping[str, Any] | None = None,
+        instruct_documents: bool = False,
     ):
         if isinstance(model, Embedder):
             self.embedder = model
@@ -86,6 +99,11 @@ class MTEBEncoder:
         if doc_prefix is not None:
             self.prompts["document"] = doc_prefix
         self.batch_size = batch_size
+        if instruction_template is not None:
+            prompts_lib.instruction_template(instruction_template)  # raises on a bad template
+        self.instruction_template = instruction_template
+        self.instructions = dict(instructions or {})
+        self.instruct_documents = instruct_documents
         self.max_length = max_length
         # mteb caches results under the model's name: default to "gte-jax/<directory name>".
         self.name = name or f"gte-jax/{pathlib.PurePath(source).name}"
@@ -95,6 +113,9 @@ class MTEBEncoder:
         """The prefix for one task and prompt type (mteb's priority order, see the class doc)."""
         kind = getattr(prompt_type, "value", prompt_type)
         task = getattr(task_metadata, "name", None)
+        instruction = self.instruction(task_metadata, kind)
+        if instruction:
+            return prompts_lib.instruction_prompt(self.instruction_template, instruction)
         task_type = getattr(task_metadata, "type", None)
         keys = []
         for scope in (task, task_type):
@@ -104,6 +125,29 @@ class MTEBEncoder:
         if kind:
             keys.append(kind)
         return next((self.prompts[k] for k in keys if k in self.prompts), "")
+
+    def instruction(self, task_metadata: Any, kind: str | None) -> str:
+        """The task's instruction for ``kind`` ("query" | "document"), or "" (class doc): ours
+        from ``instructions``, else mteb's ``get_instruction`` (metadata ``prompt``, a dict by
+        prompt type or one text, else the task class's ``abstask_prompt``)."""
+        if self.instruction_template is None or task_metadata is None:
+            return ""
+        if kind == "document" and not self.instruct_documents:
+            return ""
+        name = getattr(task_metadata, "name", None)
+        text = self.instructions.get(name) if name else None
+        ours = text is not None
+        if not ours:
+            text = getattr(task_metadata, "prompt", None)
+        if isinstance(text, Mapping):
+            return (text.get(kind) or "") if kind else ""
+        if text or ours or not name:
+            return text or ""
+        try:
+            from mteb.abstasks.abstask import get_abstask_prompt
+        except ImportError:
+            return ""
+        return get_abstask_prompt(name) or ""
 
     def encode(
         self,

@@ -230,6 +230,21 @@ def load_model_for_training(model_cfg: Any):
     choice = str(model_cfg.include_prompt).lower()
     if choice != "auto":
         info.include_prompt = choice == "true"
+    from gte_jax.prompts import configure_tokenizer
+
+    # On the tokenizer itself, so batches, in-training eval and every export (base_model/, whose
+    # tokenizer sentence-transformers applies) pad and end texts alike.
+    configure_tokenizer(
+        tokenizer, padding_side=str(model_cfg.padding_side), append_eos=bool(model_cfg.append_eos)
+    )
+    embeddings = getattr(model.encoder, "embeddings", None)
+    if tokenizer.padding_side == "left" and hasattr(embeddings, "position_embeddings"):
+        raise TrainingError(
+            "left padding (model.padding_side, or the tokenizer's own) with absolute position "
+            "embeddings makes each embedding depend on how many pads precede its text (a batch's "
+            "longest text decides): set model.padding_side=right; left padding is for RoPE "
+            "decoders (Qwen3-Embedding)"
+        )
     return model, tokenizer, info
 
 
@@ -306,6 +321,10 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
             f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"
+        )
+    if str(config.model.padding_side) not in ("auto", "left", "right"):
+        problems.append(
+            f"model.padding_side={config.model.padding_side!r}: use auto, left or right"
         )
     if tcfg.schedule not in ("linear", "cosine", "constant"):
         problems.append(f"train.schedule={tcfg.schedule!r}: use linear, cosine or constant")

@@ -1,5 +1,11 @@
 """`gte-jax encode`: embed a .txt (one text per line) or .jsonl (field "text") file into a float32
-.npy array, with the model's own rule for prompts and pooling (``gte_jax.encode.Embedder``)."""
+.npy array, with the model's own rule for prompts and pooling (``gte_jax.encode.Embedder``).
+
+``--instruction TASK`` prepends ``TASK`` through ``--template`` (``gte_jax.prompts``: "plain" =
+the text as given, e.g. INSTRUCTOR's "Represent the Medicine sentence for retrieval: "; "e5",
+"qwen3", "instructor" or a text with one "{task}"); like any prompt, its tokens are left out of
+pooling when the model's ``include_prompt`` is false -- what ``SentenceTransformer(export)
+.encode(x, prompt=<the same prompt>)`` does."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from etils import epath
 from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error
 from gte_jax.encode import Embedder
 from gte_jax.models.pooling import POOLING_MODES
-from gte_jax.prompts import resolve_prompt
+from gte_jax.prompts import instruction_prompt, resolve_prompt
 from gte_jax.textio import InputError, iter_jsonl, iter_lines, jsonl_field
 
 
@@ -55,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="one of the model's prompts (config_sentence_transformers.json), e.g. query",
     )
+    prompt.add_argument(
+        "--instruction",
+        default=None,
+        help="a task instruction, prepended through --template (its tokens are not pooled when "
+        "the model's include_prompt is false)",
+    )
+    parser.add_argument(
+        "--template",
+        default="plain",
+        help="how --instruction becomes the prompt: plain (as given), e5, qwen3, instructor, or a "
+        'text with one "{task}"',
+    )
     parser.add_argument(
         "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
     )
@@ -71,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"{output.parent} does not exist.")
         embedder = Embedder.from_pretrained(args.model)
         prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
+        if args.instruction is not None:
+            prefix = instruction_prompt(args.template, args.instruction)
+        elif args.template != "plain":
+            raise InputError("--template formats --instruction: pass --instruction too.")
+        embedder.prompt_length(prefix)  # a prompt that does not split exactly: exit 2 now
     except USER_ERRORS as e:
         return error("gte-jax encode", e)
     embeddings = embedder.encode(

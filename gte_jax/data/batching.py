@@ -100,14 +100,16 @@ def assign_text_ids(
 
 
 def pad_ids(
-    rows: Sequence[Sequence[int]], length: int, pad_id: int
+    rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[N, length] int32 ids and attention mask; rows must already fit (truncated upstream)."""
+    """[N, length] int32 ids and attention mask; rows must already fit (truncated upstream).
+    ``left``: pads before the text (the tokenizer's ``padding_side == "left"``)."""
     ids = np.full((len(rows), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(rows), length), dtype=np.int32)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
+        at = slice(length - len(row), length) if left else slice(0, len(row))
+        ids[i, at] = row
+        mask[i, at] = 1
     return ids, mask
 
 
@@ -120,9 +122,9 @@ class GlobalBatchPlan:
     step: int
     sources: list[str]  # [B] source name of each example
     queries: list[str]  # [B] raw texts
-    query_prefixes: list[str]  # [B] the source's query prefix, or the record's instruction
+    query_prefixes: list[str]  # [B] query prompts (the source's, or the record's instruction)
     docs: list[str]  # [B]
-    doc_prefixes: list[str]  # [B]
+    doc_prefixes: list[str]  # [B] prompts of the document and negatives of each example
     negatives: list[list[str]]  # [B][K]; placeholders (NEG_PLACEHOLDER) where neg_valid is 0
     query_text_id: np.ndarray  # [B]
     doc_text_id: np.ndarray  # [B]
@@ -156,9 +158,9 @@ def make_plan(
         opts = src.options
         names.append(name)
         queries.append(rec.query)
-        qpre.append(rec.instruction or opts.query_prefix)
+        qpre.append(opts.query_prompt(rec.instruction))
         docs.append(rec.positive)
-        dpre.append(opts.doc_prefix)
+        dpre.append(opts.doc_prompt(rec.doc_instruction))
         texts, ok = _fill_negatives(rec, num_negatives)
         negs.append(texts)
         neg_ok.append(ok)
@@ -230,11 +232,13 @@ def materialize(
     doc_length: int,
     pad_id: int,
     num_negatives: int,
+    left_pad: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The process-local batch dict (docs/design.md table), padded to the agreed bucket lengths."""
+    """The process-local batch dict (docs/design.md table), padded to the agreed bucket lengths
+    (before the texts with ``left_pad``; pool masks move with their tokens)."""
     b = len(tok.query_ids)
-    q_ids, q_mask = pad_ids(tok.query_ids, query_length, pad_id)
-    d_ids, d_mask = pad_ids(tok.doc_ids, doc_length, pad_id)
+    q_ids, q_mask = pad_ids(tok.query_ids, query_length, pad_id, left=left_pad)
+    d_ids, d_mask = pad_ids(tok.doc_ids, doc_length, pad_id, left=left_pad)
     out = {
         "query_input_ids": q_ids,
         "query_attention_mask": q_mask,
@@ -245,14 +249,14 @@ def materialize(
         "valid": np.ones((b,), dtype=np.int32),
     }
     if tok.query_pool is not None:
-        out["query_pool_mask"], _ = pad_ids(tok.query_pool, query_length, 0)
-        out["doc_pool_mask"], _ = pad_ids(tok.doc_pool, doc_length, 0)
+        out["query_pool_mask"], _ = pad_ids(tok.query_pool, query_length, 0, left=left_pad)
+        out["doc_pool_mask"], _ = pad_ids(tok.doc_pool, doc_length, 0, left=left_pad)
     if num_negatives:
-        n_ids, n_mask = pad_ids(tok.neg_ids, doc_length, pad_id)
+        n_ids, n_mask = pad_ids(tok.neg_ids, doc_length, pad_id, left=left_pad)
         out["neg_input_ids"] = n_ids.reshape(b, num_negatives, doc_length)
         out["neg_attention_mask"] = n_mask.reshape(b, num_negatives, doc_length)
         if tok.neg_pool is not None:
-            n_pool, _ = pad_ids(tok.neg_pool, doc_length, 0)
+            n_pool, _ = pad_ids(tok.neg_pool, doc_length, 0, left=left_pad)
             out["neg_pool_mask"] = n_pool.reshape(b, num_negatives, doc_length)
         out["neg_text_id"] = plan.neg_text_id[tok.rows]
         out["neg_valid"] = plan.neg_valid[tok.rows]
@@ -665,6 +669,8 @@ class PairBatchIterator:
             raise ValueError(f"source names must be unique: {[s.name for s in sources]}")
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Padded (not packed) rows pad on the tokenizer's side (gte_jax.prompts.configure_tokenizer).
+        self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
         self.process_index, self.process_count = process_index, process_count
         self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
         self.query_buckets = bucket_lengths(query_max_length, min_bucket, bucket_multiple)
@@ -699,6 +705,11 @@ class PairBatchIterator:
         # include_prompt=False: every batch carries pool masks without the prompt tokens (one key
         # set for every batch, or jit would retrace).
         self.prompt_lengths = None if include_prompt else PromptLengths(tokenizer)
+        if self.prompt_lengths is not None:  # refuse a prompt that does not split exactly, now
+            for s in sources:
+                for query, doc in {("", ""), *(s.record_instructions or ())}:
+                    self.prompt_lengths(s.options.query_prompt(query))
+                    self.prompt_lengths(s.options.doc_prompt(doc))
         if agree_lengths is None:
             agree_lengths = allgather_max if process_count > 1 else (lambda x: x)
         self.agree_lengths = agree_lengths
@@ -789,6 +800,7 @@ class PairBatchIterator:
             doc_length=pick_bucket(ld, self.doc_buckets),
             pad_id=self.pad_id,
             num_negatives=len(plan.negatives[0]),
+            left_pad=self.left_pad,
         )
 
     def __next__(self) -> dict[str, np.ndarray]:

@@ -8,10 +8,15 @@
 - ``sources``: list of dicts, one per source, fields as in ``SOURCE_DEFAULTS``: ``name``; either
   ``path`` (comma-separated local JSONL/TSV/Parquet files, ``format`` guessed from the suffix) or
   ``tfds`` (a prepared TFDS dataset name read from ``data_dir``, ``split``); field names
-  ``query_field``/``positive_field``/``negatives_field``/``instruction_field`` (TSV: column
-  indices "0", "1", ... unless ``tsv_header``); ``query_prefix``/``doc_prefix`` (whether their
-  tokens are pooled is the model's ``model.include_prompt``, for every source and role);
-  ``batch_size`` (0: the run's) and ``num_negatives`` (-1: auto).
+  ``query_field``/``positive_field``/``negatives_field``/``instruction_field``/
+  ``doc_instruction_field`` (TSV: column indices "0", "1", ... unless ``tsv_header``);
+  ``query_prefix``/``doc_prefix``, or ``query_instruction``/``doc_instruction`` (task texts)
+  with ``instruction_template`` (a preset of ``gte_jax.prompts.INSTRUCTION_TEMPLATES`` or a text
+  with one "{task}"; it also formats the records' own instructions) -- whether prompt tokens are
+  pooled is the model's ``model.include_prompt``, for every source and role; ``batch_size`` (0:
+  the run's) and ``num_negatives`` (-1: auto). ``format: "medi"``: ``path`` is one MEDI JSON
+  file (INSTRUCTOR's ``medi-data.json``), read as one source per task (``<name>/<task_name>``),
+  so a batch draws from one task.
 - ``text_files``: comma-separated files of single texts (TXT: one per line; JSONL: the field
   ``"text"``), each a *text* source named by its file stem (stage kinds simcse / mntp).
 - A source's ``kind`` is ``"pairs"`` (default) or ``"text"`` (single texts, from ``path`` or
@@ -43,6 +48,7 @@ from gte_jax.data.sources import (
     Source,
     SourceOptions,
     from_files,
+    from_medi,
     from_tfds,
 )
 from gte_jax.errors import ConfigError
@@ -61,9 +67,13 @@ SOURCE_DEFAULTS: dict[str, Any] = {
     "negatives_field": "negatives",
     "instruction_field": "instruction",
     "text_field": "text",  # text sources: the JSONL / Parquet field or TFDS feature ("a/b")
+    "doc_instruction_field": "doc_instruction",
     "tsv_header": False,
     "query_prefix": "",
     "doc_prefix": "",
+    "query_instruction": "",
+    "doc_instruction": "",
+    "instruction_template": "plain",
     "batch_size": 0,
     "num_negatives": -1,
 }
@@ -101,7 +111,7 @@ def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         if path:
             spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
             specs.append({**spec, "config_key": "data.train_files"})
-    for path in (p.strip() for p in str(data.text_files).split(",")):
+    for path in (p.strip() for p in str(data.get("text_files", "")).split(",")):
         if path:
             spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
             specs.append({**spec, "kind": "text", "config_key": "data.text_files"})
@@ -148,37 +158,54 @@ def source_kinds(data: ml_collections.ConfigDict) -> dict[str, str]:
     return {spec["name"]: spec["kind"] for spec in _source_specs(data)}
 
 
-def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
-    out = []
-    for spec in _source_specs(data):
-        text = spec["kind"] == "text"
-        options = SourceOptions(
+def _source_options(spec: dict[str, Any]) -> SourceOptions:
+    text = spec["kind"] == "text"
+    try:
+        return SourceOptions(
             query_prefix=spec["query_prefix"],
             # A text source's views are the same string: one prefix for both roles.
             doc_prefix=spec["query_prefix"] if text else spec["doc_prefix"],
             batch_size=int(spec["batch_size"]) or None,
             num_negatives=None if int(spec["num_negatives"]) < 0 else int(spec["num_negatives"]),
+            query_instruction=spec["query_instruction"],
+            doc_instruction=spec["doc_instruction"],
+            instruction_template=spec["instruction_template"],
         )
+    except ValueError as e:
+        raise ConfigError(f"data source {spec['name']!r}: {e}") from e
+
+
+def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
+    out = []
+    for spec in _source_specs(data):
+        options = _source_options(spec)
+        text_field = spec["text_field"] if spec["kind"] == "text" else None
         fields = FieldMap(
             spec["query_field"],
             spec["positive_field"],
             spec["negatives_field"] or None,
             spec["instruction_field"] or None,
+            spec["doc_instruction_field"] or None,
         )
         common = dict(
-            fields=fields,
             options=options,
             on_bad_input=data.on_bad_input,
             max_text_chars=int(data.max_text_chars),
-            text_field=spec["text_field"] if text else None,
         )
-        if spec["path"]:
+        if spec["format"] == "medi":
+            try:
+                out.extend(from_medi(spec["name"], spec["path"], **common))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}; check {spec['config_key']} in the config") from e
+        elif spec["path"]:
             try:
                 source = from_files(
                     spec["name"],
                     spec["path"],
                     fmt=spec["format"] or None,
+                    fields=fields,
                     tsv_header=bool(spec["tsv_header"]),
+                    text_field=text_field,
                     **common,
                 )
             except FileNotFoundError as e:  # name the setting the user wrote the path in
@@ -191,6 +218,8 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
                     spec["tfds"],
                     data_dir=data.data_dir or None,
                     split=spec["split"],
+                    fields=fields,
+                    text_field=text_field,
                     **common,
                 )
             )

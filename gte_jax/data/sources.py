@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from gte_jax.prompts import instruction_template, side_prompt
 from gte_jax.textio import InputError, iter_json_lines, iter_lines
 
 logger = logging.getLogger(__name__)
@@ -67,17 +68,21 @@ SCAN_CHUNK = 1024
 
 @dataclasses.dataclass(frozen=True)
 class PairRecord:
-    """One training example. ``instruction`` (may be empty) overrides the source's query prefix."""
+    """One training example. ``instruction`` / ``doc_instruction`` (may be empty) replace the
+    source's query / document task for this record (:func:`gte_jax.prompts.side_prompt`); the
+    document instruction covers the positive and the negatives."""
 
     query: str
     positive: str
     negatives: tuple[str, ...] = ()
     instruction: str = ""
+    doc_instruction: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class FieldMap:
-    """Which input fields hold the query, positive, negatives and (optional) instruction.
+    """Which input fields hold the query, positive, negatives and (optional) query and document
+    instructions.
 
     ``negatives`` may name a field holding one string or a list of strings. For TSV files the
     fields are column indices given as strings ("0", "1", ...) or header names when the file has
@@ -88,6 +93,7 @@ class FieldMap:
     positive: str = "positive"
     negatives: str | None = "negatives"
     instruction: str | None = "instruction"
+    doc_instruction: str | None = "doc_instruction"
 
 
 @dataclasses.dataclass
@@ -177,9 +183,11 @@ class RecordParser:
                 f"needs at least {self.min_negatives} negative(s) in field {f.negatives!r}, "
                 f"has {len(negatives)}"
             )
-        raw_instr = self._get(row, f.instruction, False)
-        instruction = "" if raw_instr is None else _as_text(raw_instr, f"field {f.instruction!r}")
-        return PairRecord(query, positive, negatives, instruction)
+        instructions = []
+        for key in (f.instruction, f.doc_instruction):
+            raw = self._get(row, key, False)
+            instructions.append("" if raw is None else _as_text(raw, f"field {key!r}"))
+        return PairRecord(query, positive, negatives, *instructions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,8 +339,12 @@ class SourceOptions:
     """How a source's texts are presented to the model (per source, from the config).
 
     query_prefix / doc_prefix: prepended to queries / documents (and negatives), e.g. E5's
-      "query: " / "passage: ", or an instruction "Instruct: ...\\nQuery: ".
-      Whether their tokens are pooled is the model's ``include_prompt`` (gte_jax.prompts).
+      "query: " / "passage: ". Whether prompt tokens are pooled is the model's
+      ``include_prompt`` (gte_jax.prompts).
+    query_instruction / doc_instruction: the source's task for queries / documents, turned into
+      the side's prompt by ``instruction_template`` (a preset of
+      ``gte_jax.prompts.INSTRUCTION_TEMPLATES`` or a text with one "{task}"); a record's own
+      instruction replaces the source's. A side has a prefix or an instruction, not both.
     batch_size: global batch size when this source is drawn (None: the run's batch size).
     num_negatives: K hard negatives per query (None: auto, the most common number of negatives
       among the source's records that have any; 0 if none has). Records with fewer are kept, with
@@ -343,6 +355,31 @@ class SourceOptions:
     doc_prefix: str = ""
     batch_size: int | None = None
     num_negatives: int | None = None
+    query_instruction: str = ""
+    doc_instruction: str = ""
+    instruction_template: str = "plain"
+
+    def __post_init__(self):
+        instruction_template(self.instruction_template)  # raises on a bad template
+        for side, prefix, task in (
+            ("query", self.query_prefix, self.query_instruction),
+            ("doc", self.doc_prefix, self.doc_instruction),
+        ):
+            if prefix and task:
+                raise ValueError(
+                    f"{side}_prefix={prefix!r} and {side}_instruction={task!r}: set one (an "
+                    "instruction becomes the prompt through instruction_template)"
+                )
+
+    def query_prompt(self, instruction: str = "") -> str:
+        """The query prompt; ``instruction``: the record's own task (replaces the source's)."""
+        task = instruction or self.query_instruction
+        return side_prompt(self.query_prefix, self.instruction_template, task)
+
+    def doc_prompt(self, instruction: str = "") -> str:
+        """The prompt of documents and negatives (``instruction`` as in :meth:`query_prompt`)."""
+        task = instruction or self.doc_instruction
+        return side_prompt(self.doc_prefix, self.instruction_template, task)
 
 
 def auto_num_negatives(histogram: Mapping[int, int]) -> int:
@@ -371,11 +408,15 @@ class Source:
         accounting: BadInputAccounting | None = None,
         negatives_histogram: Mapping[int, int] | None = None,
         kind: str = "pairs",
+        record_instructions: frozenset[tuple[str, str]] | None = None,
     ):
         if kind not in SOURCE_KINDS:
             raise ValueError(f"source {name!r}: kind={kind!r}, use one of {SOURCE_KINDS}")
         self.name = name
         self.kind = kind
+        # The distinct (instruction, doc_instruction) of the records, when known without a read
+        # (in-memory sources): their prompts are checked at start-up, not at first use.
+        self.record_instructions = record_instructions
         self._size = size
         self._get = getter
         self.options = options
@@ -472,6 +513,7 @@ def _in_memory(
         accounting=acct,
         negatives_histogram=_histogram(len(r.negatives) for r in records),
         kind=kind,
+        record_instructions=frozenset((r.instruction, r.doc_instruction) for r in records),
     )
 
 
@@ -525,7 +567,7 @@ def valid_position(bad: np.ndarray, index: int) -> int:
     return int(index) + int(np.searchsorted(bad - np.arange(len(bad)), index, side="right"))
 
 
-PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction")
+PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction", "doc_instruction")
 
 
 def _scan(
@@ -598,7 +640,7 @@ def from_tfds(
 
     def flat(example: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(example)
-        for key in (fields.query, fields.positive, fields.negatives, fields.instruction):
+        for key in dataclasses.astuple(fields):
             if key and "/" in key:
                 value: Any = example
                 for part in key.split("/"):
@@ -624,3 +666,116 @@ def from_tfds(
         name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram,
         kind="pairs" if text_field is None else "text",
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# MEDI (INSTRUCTOR, Su et al., 2023): one JSON file, a list of records
+#   {"query": [instruction, text], "pos": [instruction, text], "neg": [instruction, text],
+#    "task_name": "..."} (a side may carry a third item, 0 or 1, as in the release's README)
+# read as one source per task, so that the α-sampler draws one task per batch (INSTRUCTOR §3).
+
+
+def _medi_side(record: Mapping[str, Any], key: str, parser: RecordParser) -> tuple[str, str]:
+    value = record.get(key)
+    # The release's README shows a third item, 0 (query) or 1 (document): not needed here.
+    if not isinstance(value, (list, tuple)) or len(value) not in (2, 3):
+        raise InputError(f"field {key!r} must be [instruction, text], got {value!r:.80}")
+    instruction = _as_text(value[0], f"field {key!r}[0] (instruction)")  # kept as is: a prompt
+    return instruction, parser._text(value[1], f"field {key!r}[1] (text)")
+
+
+def _medi_record(record: Any, parser: RecordParser) -> tuple[str, PairRecord]:
+    """(task name, record) of one MEDI record; InputError (without location) when broken."""
+    if not isinstance(record, Mapping):
+        raise InputError(f"expected an object, got {type(record).__name__}")
+    task = record.get("task_name")
+    if not isinstance(task, str) or not task.strip():
+        raise InputError(f"field 'task_name' must be a non-empty string, got {task!r:.80}")
+    q_instr, query = _medi_side(record, "query", parser)
+    d_instr, positive = _medi_side(record, "pos", parser)
+    negatives: tuple[str, ...] = ()
+    if record.get("neg") is not None:
+        n_instr, negative = _medi_side(record, "neg", parser)
+        if n_instr != d_instr:  # a batch gives the negatives their example's document prompt
+            raise InputError(f"'neg' instruction {n_instr!r} differs from 'pos' {d_instr!r}")
+        negatives = (negative,)
+    return task.strip(), PairRecord(query, positive, negatives, q_instr, d_instr)
+
+
+def read_medi(
+    path: str | pathlib.Path,
+    *,
+    name: str = "medi",
+    on_bad_input: str = "skip",
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+) -> tuple[dict[str, list[PairRecord]], dict[str, BadInputAccounting]]:
+    """MEDI records by task, and bad-input accounting by task (a record whose ``task_name`` is
+    unusable is counted under ``""``). Locations are ``file[index]`` (index in the JSON list)."""
+    import json
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            records = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    if not isinstance(records, list):
+        raise InputError(f"{path}: MEDI is one JSON list of records, got {type(records).__name__}")
+    parser = RecordParser(max_text_chars=max_text_chars)
+    by_task: dict[str, list[PairRecord]] = {}
+    accounts: dict[str, BadInputAccounting] = {}
+
+    def account(task: str) -> BadInputAccounting:
+        if task not in accounts:
+            accounts[task] = BadInputAccounting(f"{name}/{task}" if task else name, on_bad_input)
+        return accounts[task]
+
+    for index, raw in enumerate(records):
+        try:
+            task, rec = _medi_record(raw, parser)
+        except InputError as e:
+            task = raw.get("task_name") if isinstance(raw, Mapping) else None
+            task = task.strip() if isinstance(task, str) else ""
+            account(task).bad(f"{path}[{index}]", e)
+            continue
+        account(task).ok()
+        by_task.setdefault(task, []).append(rec)
+    return by_task, accounts
+
+
+def from_medi(
+    name: str,
+    path: str | pathlib.Path,
+    *,
+    options: SourceOptions = SourceOptions(),
+    on_bad_input: str = "skip",
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+) -> list[Source]:
+    """One source per MEDI task, named ``"<name>/<task_name>"`` (sorted), with each record's
+    query / document instructions (:func:`read_medi`). Records with an unusable ``task_name``
+    are skipped (counted in the log), like any bad record."""
+    by_task, accounts = read_medi(
+        path, name=name, on_bad_input=on_bad_input, max_text_chars=max_text_chars
+    )
+    orphans = accounts.pop("", None)
+    if orphans is not None:
+        logger.warning(
+            "%s: %d records without a usable task_name skipped", path, orphans.stats.skipped
+        )
+    sources = []
+    for task in sorted(accounts):
+        acct = accounts[task]
+        if acct.stats.skipped:
+            logger.warning(
+                "source %r: skipped %d of %d records", acct.source, acct.stats.skipped,
+                acct.stats.read,
+            )  # fmt: skip
+        if by_task.get(task):
+            sources.append(_in_memory(acct.source, by_task[task], options, acct))
+    if not sources:
+        raise ValueError(f"{path}: no valid MEDI records; check the file")
+    return sources

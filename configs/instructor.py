@@ -1,0 +1,90 @@
+"""INSTRUCTOR: instruction-finetuned embeddings (Su et al., 2023, "One Embedder, Any Task").
+
+A GTR checkpoint (T5 encoder, mean pooling, Dense) fine-tuned on MEDI (330 tasks), every text
+prefixed by an instruction that names its domain, text type and objective ("Represent the
+Medicine sentence for retrieving a duplicate sentence: ..."), the instruction's tokens left out
+of pooling, one task per batch, contrastive loss with the record's hard negative.
+
+    gte-jax train --config configs/instructor.py --workdir runs/instructor \
+        --config.model.init_from=/path/to/gtr-t5-large \
+        --config.data.sources='[{"name": "medi", "path": "medi-data.json", "format": "medi"}]'
+    gte-jax encode --model runs/instructor --input q.txt --output q.npy \
+        --instruction "Represent the Wikipedia question for retrieving supporting documents: "
+
+MEDI records carry their own instructions (``format: "medi"``: one source per task). A source of
+your own names its tasks and gets the paper's template, e.g. ``{"path": "pairs.jsonl",
+"query_instruction": "Medicine sentence for retrieving a duplicate sentence",
+"doc_instruction": "Medicine sentence for retrieval", "instruction_template": "instructor"}``
+(gte_jax/prompts.py). The export's ``config_sentence_transformers.json`` carries such sources'
+prompts, and ``include_prompt: false`` in its Pooling module, so ``SentenceTransformer(export)
+.encode(x, prompt=instruction)`` embeds as training did. Values marked "ours" are not given by
+the paper or its release; "release" = the training command of the INSTRUCTOR repository's README.
+
+``configs/instructor.py:runlocal`` runs on a CPU in about a minute: the MEDI-format test fixture
+(3 tasks) plus one source with instruction templates, from all-MiniLM-L6-v2 (a BERT: the recipe's
+T5 tower lands with the T5 family).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from gte_jax.data.pipeline import DEMO_DIR
+from gte_jax.defaults import stage_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MEDI_FIXTURE = REPO / "tests" / "fixtures" / "medi" / "medi-data.json"
+
+
+def get_config(arg: str | None = None):
+    c = stage_config("instructor")
+    c.model.init_from = ""  # a GTR directory (gtr-t5-large in the paper)
+    c.model.dtype = "bfloat16"  # TPU/GPU; on CPU use float32
+    c.model.include_prompt = "false"  # INSTRUCTOR §2: instruction tokens are not pooled
+    c.model.remat = True  # ours: 512-token texts
+
+    # MEDI (release: medi-data.json); its records carry their own instructions.
+    c.data.sources = [{"name": "medi", "path": "medi-data.json", "format": "medi"}]
+    c.data.mixed_batches = False  # one task per batch (INSTRUCTOR §3)
+    # ours: tasks drawn in proportion to their size, as shuffling per-task batches does
+    c.data.alpha = 1.0
+    c.data.query_max_length = 512  # release: --max_source_length 512
+    c.data.doc_max_length = 512
+    c.data.packing = True  # ours: several texts per row; pool masks move with their tokens
+
+    c.loss.name = "infonce"  # in-batch negatives + the record's hard negative
+    c.loss.temperature = 0.01  # release: --cl_temperature 0.01
+    c.loss.symmetric = False  # ours
+
+    c.train.batch_size = 32  # ours
+    c.train.epochs = 10.0  # release: --num_train_epochs 10
+    c.train.num_steps = 0
+    c.train.learning_rate = 2e-5  # release
+    c.train.warmup_ratio = 0.1  # release
+    c.train.schedule = "linear"
+    c.checkpoint.every_steps = 500  # release: --save_steps 500
+
+    if arg == "runlocal":  # big_vision's switch: the same recipe, shrunk for a laptop
+        c.model.init_from = "all-MiniLM-L6-v2"  # offline (pip package); T5 once it lands
+        c.model.dtype = "float32"
+        c.model.remat = False
+        c.data.sources = [
+            {"name": "medi", "path": str(MEDI_FIXTURE), "format": "medi"},
+            {
+                "name": "bible",
+                "path": str(DEMO_DIR / "bible_finetune.jsonl"),
+                "query_instruction": "Bible verse for retrieving its modern translation",
+                "doc_instruction": "modern Bible translation for retrieval",
+                "instruction_template": "instructor",
+            },
+        ]
+        c.data.query_max_length = 64
+        c.data.doc_max_length = 64
+        c.train.batch_size = 8
+        c.train.num_steps = 6
+        c.train.epochs = 0.0
+        c.train.learning_rate = 1e-4
+        c.train.warmup_ratio = 0.0
+        c.train.progress_bar = False
+        c.checkpoint.every_steps = 3
+    return c
