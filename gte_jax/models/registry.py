@@ -17,6 +17,8 @@ A *family* is everything gte-jax needs to know about one kind of transformer tow
 - ``ignored``: tensors that are neither parameters nor kept (buffers, task heads); ``keep``:
   tensors carried untrained and written back on export (BERT's pooler).
 - ``architecture(config) -> str``: the ``architectures`` entry written to the exported config.
+- ``export_name(config, name) -> name``: the name a canonical tensor name is written under on
+  export (decoders exported as ``*ForCausalLM`` put back the ``model.`` prefix).
 
 The config dataclass of every family has ``model_type``, ``hidden_size``, ``num_hidden_layers``,
 ``num_attention_heads``, ``dtype``, ``param_dtype``, ``remat``, ``max_length`` and ``to_hf()``.
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gte_jax.models.bert as bert
+import gte_jax.models.decoder as decoder
 
 _NOTHING = re.compile(r"(?!)")  # matches no name
 
@@ -46,6 +49,7 @@ class Family:
     ignored: re.Pattern = _NOTHING
     keep: re.Pattern = _NOTHING
     architecture: Callable[[Any], str] = lambda config: type(config).__name__
+    export_name: Callable[[Any, str], str] = lambda config, name: name
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -59,6 +63,17 @@ FAMILIES: tuple[Family, ...] = (
         ignored=bert.HF_IGNORED,
         keep=bert.HF_KEEP,
         architecture=bert.hf_architecture,
+    ),
+    Family(
+        name="decoder",
+        model_types=decoder.SUPPORTED_MODEL_TYPES,
+        config_from_hf=decoder.DecoderConfig.from_hf,
+        tower=decoder.DecoderTower,
+        param_names=decoder.hf_param_names,
+        canonical_name=decoder.hf_canonical_name,
+        ignored=decoder.HF_IGNORED,
+        architecture=decoder.hf_architecture,
+        export_name=decoder.hf_export_name,
     ),
 )
 
