@@ -8,8 +8,10 @@ the families is data in ``DecoderConfig``, not code paths:
   after attention and around the MLP ("sandwich"), and it multiplies the embeddings by
   sqrt(hidden_size) (Gemma3TextScaledWordEmbedding);
 - grouped-query attention (``num_key_value_heads`` <= heads), Qwen2's q/k/v bias, Qwen3's and
-  Gemma3's q/k RMSNorm over each head, Gemma3's ``query_pre_attn_scalar`` and attention logit
-  softcapping (``attn_logit_softcapping``; None in Gemma3 checkpoints but honoured when set);
+  Gemma3's q/k RMSNorm over each head, Gemma3's ``query_pre_attn_scalar``. Gemma3TextConfig has
+  an ``attn_logit_softcapping`` field (None in Gemma 3 checkpoints), but transformers 5.24's
+  Gemma3Attention never passes it to its attention function, so it is a no-op there; we match
+  transformers and ignore it with a warning (the attention code itself supports a softcap);
 - gated MLP ``down(act(gate(x)) * up(x))``: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh);
 - RoPE: rope types ``default``, ``linear``, ``llama3`` and ``yarn`` (static: inverse frequencies
   and an attention factor, computed once); Gemma3 has one RoPE per layer type (a global base for
@@ -56,6 +58,7 @@ embeddings, else the embedding matrix (tied); Gemma's ``final_logit_softcapping`
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from typing import Any
@@ -66,6 +69,8 @@ import numpy as np
 from flax import nnx
 
 from gte_jax.models.bert import ACTIVATIONS, dropout, segment_positions
+
+logger = logging.getLogger(__name__)
 
 # HF model_type -> (plain model class, causal-LM class) written to an export's `architectures`.
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -255,7 +260,6 @@ class DecoderConfig:
         if self.gemma:
             out["sliding_window"] = self.sliding_window
             out["query_pre_attn_scalar"] = self.query_pre_attn_scalar
-            out["attn_logit_softcapping"] = self.attn_logit_softcapping
             out["final_logit_softcapping"] = self.final_logit_softcapping
             out["use_bidirectional_attention"] = self.attention == "bidirectional"
         else:
@@ -345,13 +349,19 @@ def _from_hf_fields(model_type: str, hf: dict[str, Any]) -> dict[str, Any]:
         query_pre_attn_scalar=(
             hf.get("query_pre_attn_scalar", defaults["query_pre_attn_scalar"]) if gemma else None
         ),
-        attn_logit_softcapping=hf.get("attn_logit_softcapping") if gemma else None,
+        attn_logit_softcapping=None,  # see _attn_softcap_note
         final_logit_softcapping=hf.get("final_logit_softcapping") if gemma else None,
         rope=_rope_table(model_type, hf, kwargs["head_dim"]),
         attention=attention,
         causal_lm=any(str(a).endswith("ForCausalLM") for a in architectures),
         pad_token_id=hf.get("pad_token_id"),
     )
+    if gemma and hf.get("attn_logit_softcapping") is not None:
+        logger.warning(
+            "gemma3_text: attn_logit_softcapping=%s is ignored, as transformers 5.24's "
+            "Gemma3Attention ignores it (Gemma 3 uses q/k norms instead of softcapping).",
+            hf["attn_logit_softcapping"],
+        )
     if model_type in ("mistral", "qwen2", "gemma3_text") and hf.get("attention_bias"):
         raise ValueError(f"{model_type}: attention_bias=True is not a transformers layout.")
     return kwargs
