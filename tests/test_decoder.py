@@ -228,13 +228,14 @@ def test_remat_and_dropout(model_dir):
     def loss(f, p, rng=None):
         return jnp.sum(f.module(p).encoder(ids, mask, dropout_rng=rng) ** 2)
 
-    g = jax.grad(lambda p: loss(fn, p))(params)
-    g_r = jax.grad(lambda p: loss(fn_r, p))(params)  # no rng: dropout off
+    g = jax.jit(jax.grad(lambda p: loss(fn, p)))(params)
+    g_r = jax.jit(jax.grad(lambda p: loss(fn_r, p)))(params)  # no rng: dropout off
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_r), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    key = jax.random.key(1)
-    one, same = loss(fn_r, params, key), loss(fn_r, params, key)
-    other = loss(fn_r, params, jax.random.key(2))
+        # Gradients here reach ~800: float32 rounding (jit's fusion order) is relative to that.
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(a).max()), rtol=1e-5)
+    run = jax.jit(lambda p, rng: loss(fn_r, p, rng))
+    one, same = run(params, jax.random.key(1)), run(params, jax.random.key(1))
+    other = run(params, jax.random.key(2))
     assert one == same and one != other and one != loss(fn_r, params)
 
 

@@ -244,7 +244,8 @@ class DecoderConfig:
         out["hidden_activation" if self.gemma else "hidden_act"] = self.hidden_act
         rope = {t: self.rope_parameters(t) for t, _ in self.rope}
         out["rope_parameters"] = rope if self.gemma else rope[FULL]
-        out["layer_types"] = list(self.layer_types)
+        if self.model_type in ("qwen2", "qwen3", "gemma3_text"):  # the others have no such field
+            out["layer_types"] = list(self.layer_types)
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
