@@ -371,6 +371,8 @@ def load_model(
     family = registry.family_for(hf_config.get("model_type", "bert"))
     config = family.config_from_hf(hf_config, dtype=dtype, **config_overrides)
     tensors = load_safetensors(transformer_dir)
+    canonical = {family.canonical_name(k): v for k, v in tensors.items()}
+    config = family.fit_to_tensors(config, set(canonical))
 
     model = nnx.eval_shape(
         lambda: BiEncoder(
@@ -385,7 +387,6 @@ def load_model(
     )
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
-    canonical = {family.canonical_name(k): v for k, v in tensors.items()}
     names = family.param_names(config)
     missing = sorted(set(names) - set(canonical))
     if missing:

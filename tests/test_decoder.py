@@ -393,3 +393,37 @@ def test_parameter_count_and_flops_of_mistral_7b():
     flops = plan.model_flops(params, 32, 4096, [(1, 128)])
     non_embedding = ours_count - 32000 * 4096
     assert flops == 128 * (6 * non_embedding + 12 * 32 * 128 * 4096)
+
+
+def test_lm_head_follows_the_tensors_not_the_architectures(model_dir, tmp_path):
+    """gte-Qwen2-7B-instruct's config says Qwen2ForCausalLM but it ships no lm_head: load it as a
+    plain model; a causal-LM checkpoint without `architectures` keeps its head."""
+    import shutil
+
+    plain = shutil.copytree(model_dir("qwen2", False), tmp_path / "plain")
+    cfg = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps(cfg | {"architectures": ["Qwen2ForCausalLM"]}))
+    model, _ = hf.load_model(plain)
+    assert not model.config.causal_lm and model.encoder.lm_head is None
+    assert registry.family_of(model.config).architecture(model.config) == "Qwen2Model"
+    lm = shutil.copytree(model_dir("qwen2"), tmp_path / "lm")
+    cfg = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(
+        json.dumps({k: v for k, v in cfg.items() if k != "architectures"})
+    )
+    model, _ = hf.load_model(lm)
+    assert model.config.causal_lm and model.encoder.lm_head is not None
+
+
+def test_attention_override_from_the_config_group():
+    from gte_jax import workdir
+    from gte_jax.defaults import stage_config
+
+    model_cfg = stage_config("x").model
+    assert model_cfg.attention == "auto" and "attention" not in workdir.model_overrides(model_cfg)
+    model_cfg.attention = "bidirectional"
+    assert workdir.model_overrides(model_cfg)["attention"] == "bidirectional"
+    bert_hf = {"model_type": "bert", "hidden_size": 32, "num_attention_heads": 2}
+    assert registry.config_from_hf(bert_hf, attention="bidirectional").hidden_size == 32
+    with pytest.raises(ValueError, match="bidirectional only"):
+        registry.config_from_hf(bert_hf, attention="causal")

@@ -760,6 +760,14 @@ def hf_canonical_name(name: str) -> str:
     return name[len("model.") :] if name.startswith("model.") else name
 
 
+def fit_to_tensors(config: DecoderConfig, names: set[str]) -> DecoderConfig:
+    """An untied checkpoint has an LM head iff it holds ``lm_head.weight``, whatever its
+    ``architectures`` say (gte-Qwen2-7B-instruct says Qwen2ForCausalLM and ships no head)."""
+    if config.tie_word_embeddings:
+        return config
+    return dataclasses.replace(config, causal_lm="lm_head.weight" in names)
+
+
 def hf_export_name(config: DecoderConfig, name: str) -> str:
     return "model." + name if config.causal_lm and not name.startswith("lm_head.") else name
 

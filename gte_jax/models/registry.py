@@ -18,6 +18,8 @@ A *family* is everything gte-jax needs to know about one kind of transformer tow
 - ``ignored``: tensors that are neither parameters nor kept (buffers, task heads); ``keep``:
   tensors carried untrained and written back on export (BERT's pooler).
 - ``architecture(config) -> str``: the ``architectures`` entry written to the exported config.
+- ``fit_to_tensors(config, names) -> config``: the config adjusted to the checkpoint's canonical
+  tensor names where config.json cannot tell (a decoder's ``lm_head`` present or not).
 - ``export_name(config, name) -> name``: the name a canonical tensor name is written under on
   export (decoders exported as ``*ForCausalLM`` put back the ``model.`` prefix).
 
@@ -51,6 +53,7 @@ class Family:
     keep: re.Pattern = _NOTHING
     architecture: Callable[[Any], str] = lambda config: type(config).__name__
     export_name: Callable[[Any, str], str] = lambda config, name: name
+    fit_to_tensors: Callable[[Any, set[str]], Any] = lambda config, names: config
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -75,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
         ignored=decoder.HF_IGNORED,
         architecture=decoder.hf_architecture,
         export_name=decoder.hf_export_name,
+        fit_to_tensors=decoder.fit_to_tensors,
     ),
 )
 
