@@ -7,6 +7,7 @@ sharded with an index, plain ``*Model`` in one file) and loaded through gte_jax.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -427,3 +428,20 @@ def test_attention_override_from_the_config_group():
     assert registry.config_from_hf(bert_hf, attention="bidirectional").hidden_size == 32
     with pytest.raises(ValueError, match="bidirectional only"):
         registry.config_from_hf(bert_hf, attention="causal")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_defaults_match_transformers_config_classes(family):
+    """A hand-written config.json with only the sizes resolves as transformers' config class
+    does (head_dim, RoPE bases, windows, tying, activation, layer types)."""
+    full = getattr(transformers, FAMILIES[family][0])().to_dict()
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads")  # fmt: skip
+    minimal = {k: full[k] for k in ("model_type", *sizes)}
+    ours_min, ours_full = registry.config_from_hf(minimal), registry.config_from_hf(full)
+    differ = [
+        f.name
+        for f in dataclasses.fields(ours_full)
+        if getattr(ours_min, f.name) != getattr(ours_full, f.name) and f.name != "pad_token_id"
+    ]
+    assert not differ, {n: (getattr(ours_min, n), getattr(ours_full, n)) for n in differ}

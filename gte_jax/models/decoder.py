@@ -102,12 +102,31 @@ _HF_FIELDS = (
     "tie_word_embeddings",
 )
 # Family defaults where the HF config class has its own (transformers 5.24 config classes).
+# Only hand-written config.json files lack these: save_pretrained writes every field.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"rope_theta": 10000.0, "tie_word_embeddings": False, "max_position_embeddings": 2048},
-    "mistral": {"rope_theta": 10000.0, "tie_word_embeddings": False, "sliding_window": 4096},
-    "qwen2": {"rope_theta": 10000.0, "tie_word_embeddings": False, "max_window_layers": 28},
-    "qwen3": {"rope_theta": 10000.0, "tie_word_embeddings": False, "max_window_layers": 28},
+    "mistral": {
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "sliding_window": 4096,
+        "max_position_embeddings": 131072,
+    },
+    "qwen2": {
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "max_window_layers": 28,
+        "max_position_embeddings": 32768,
+    },
+    "qwen3": {
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "max_window_layers": 28,
+        "max_position_embeddings": 32768,
+        "head_dim": 128,
+    },
     "gemma3_text": {
+        "max_position_embeddings": 131072,
+        "head_dim": 256,
         "rope_theta": 1_000_000.0,
         "rope_local_base_freq": 10_000.0,
         "tie_word_embeddings": True,
@@ -268,7 +287,7 @@ class DecoderConfig:
         return out
 
 
-def _rope_table(model_type: str, hf: dict[str, Any], head_dim: int) -> tuple:
+def _rope_table(model_type: str, hf: dict[str, Any]) -> tuple:
     """RoPE parameters per layer type, standardised as transformers 5 does (``rope_parameters``,
     or the legacy ``rope_theta`` / ``rope_scaling`` / Gemma3 ``rope_local_base_freq``)."""
     defaults = _FAMILY_DEFAULTS[model_type]
@@ -326,10 +345,11 @@ def _from_hf_fields(model_type: str, hf: dict[str, Any]) -> dict[str, Any]:
     defaults = _FAMILY_DEFAULTS[model_type]
     kwargs = {name: hf[name] for name in _HF_FIELDS if hf.get(name) is not None}
     kwargs.setdefault("tie_word_embeddings", defaults["tie_word_embeddings"])
+    kwargs.setdefault("max_position_embeddings", defaults["max_position_embeddings"])
     heads = kwargs.get("num_attention_heads", DecoderConfig.num_attention_heads)
     hidden = kwargs.get("hidden_size", DecoderConfig.hidden_size)
     kwargs.setdefault("num_key_value_heads", heads)
-    kwargs.setdefault("head_dim", hidden // heads)
+    kwargs.setdefault("head_dim", defaults.get("head_dim", hidden // heads))
     layers = kwargs.get("num_hidden_layers", DecoderConfig.num_hidden_layers)
     gemma = model_type == "gemma3_text"
     act = hf.get("hidden_activation" if gemma else "hidden_act") or defaults.get(
@@ -352,7 +372,7 @@ def _from_hf_fields(model_type: str, hf: dict[str, Any]) -> dict[str, Any]:
         ),
         attn_logit_softcapping=None,  # see _attn_softcap_note
         final_logit_softcapping=hf.get("final_logit_softcapping") if gemma else None,
-        rope=_rope_table(model_type, hf, kwargs["head_dim"]),
+        rope=_rope_table(model_type, hf),
         attention=attention,
         causal_lm=any(str(a).endswith("ForCausalLM") for a in architectures),
         pad_token_id=hf.get("pad_token_id"),
