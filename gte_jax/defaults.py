@@ -45,6 +45,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # Attention-probability dropout alone (-1: as above). 0 keeps jax.nn.dot_product_attention's
     # fused kernels (cuDNN flash attention, TPU) in training: they have no dropout.
     c.attention_dropout = -1.0
+    # "auto": the checkpoint's own (decoders: causal, Gemma3's use_bidirectional_attention);
+    # "causal" | "bidirectional" override it (encoders are bidirectional only).
+    c.attention = "auto"
     c.train_dropout = True
     # L2-normalise the embedding (cosine similarity), in training and in the export's Normalize
     # module. The GTE and InfoNCE losses assume unit vectors: a plain HF encoder (no

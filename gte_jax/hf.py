@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Largest weights file an export writes (bytes); bigger models are sharded with an index, as
+# transformers' save_pretrained does. Each shard is serialised in memory before its one write.
+DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 # Files a tokenizer never needs: not copied down from a remote model directory.
 _NOT_TOKENIZER_SUFFIXES = (".safetensors", ".h5", ".msgpack") + tuple(
@@ -114,6 +117,60 @@ def _save_tensors(tensors: dict[str, np.ndarray], path: epath.Path) -> None:
     # the file with mode 600 whatever the umask, so the weights were the one file of an export
     # that other users could not read.
     path.write_bytes(save_bytes(tensors, metadata={"format": "pt"}))
+
+
+def save_safetensors(
+    tensors: dict[str, np.ndarray],
+    directory: epath.PathLike,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> list[str]:
+    """Write ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` when the tensors exceed ``max_shard_size`` bytes.
+
+    Shards are filled in order as huggingface_hub's ``split_state_dict_into_shards_factory``
+    does (a tensor that would overflow the current shard starts a new one; a tensor bigger
+    than the limit gets a shard of its own); the index is what transformers writes
+    (``metadata.total_size`` / ``total_parameters``, ``weight_map``). Weight files of an earlier
+    export in ``directory`` are removed first, so a reader never mixes the two. Returns the
+    written file names.
+    """
+    directory = epath.Path(directory)
+    for stale in [SAFETENSORS_FILE, SAFETENSORS_INDEX, *_shard_names(directory)]:
+        if (directory / stale).exists():
+            (directory / stale).unlink()
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        nbytes = array.nbytes
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += nbytes
+    if len(shards) == 1:
+        _save_tensors(shards[0], directory / SAFETENSORS_FILE)
+        return [SAFETENSORS_FILE]
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, file in zip(shards, files, strict=True):
+        _save_tensors(shard, directory / file)
+    index = {
+        "metadata": {
+            "total_parameters": int(sum(a.size for a in tensors.values())),
+            "total_size": int(sum(a.nbytes for a in tensors.values())),
+        },
+        "weight_map": {
+            name: file for shard, file in zip(shards, files, strict=True) for name in shard
+        },
+    }
+    (directory / SAFETENSORS_INDEX).write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    return [*files, SAFETENSORS_INDEX]
+
+
+def _shard_names(directory: epath.Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("model-*-of-*.safetensors"))
 
 
 def _read_json(path: epath.Path) -> Any:
@@ -325,6 +382,8 @@ def load_model(
     family = registry.family_for(hf_config.get("model_type", "bert"))
     config = family.config_from_hf(hf_config, dtype=dtype, **config_overrides)
     tensors = load_safetensors(transformer_dir)
+    canonical = {family.canonical_name(k): v for k, v in tensors.items()}
+    config = family.fit_to_tensors(config, set(canonical))
 
     model = nnx.eval_shape(
         lambda: BiEncoder(
@@ -339,7 +398,6 @@ def load_model(
     )
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
-    canonical = {family.canonical_name(k): v for k, v in tensors.items()}
     names = family.param_names(config)
     missing = sorted(set(names) - set(canonical))
     if missing:
@@ -446,21 +504,30 @@ def _versions() -> dict[str, str]:
 
 
 def _write_transformer(
-    model: BiEncoder, params: dict, tokenizer: Any, out: epath.Path, info: PretrainedInfo
+    model: BiEncoder,
+    params: dict,
+    tokenizer: Any,
+    out: epath.Path,
+    info: PretrainedInfo,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> int:
     """model.safetensors, config.json and the tokenizer (what AutoModel loads); returns the max
     sequence length written."""
     config = model.config
+    family = registry.family_of(config)
     tensors = {
-        name: np.ascontiguousarray(
+        family.export_name(config, name): np.ascontiguousarray(
             _get_leaf(params, where).T if transpose else _get_leaf(params, where)
         )
-        for name, (where, transpose) in registry.family_of(config).param_names(config).items()
+        for name, (where, transpose) in family.param_names(config).items()
     }
     tensors.update(
-        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in info.extra_tensors.items()}
+        {
+            family.export_name(config, k): np.ascontiguousarray(v, dtype=np.float32)
+            for k, v in info.extra_tensors.items()
+        }
     )
-    _save_tensors(tensors, out / SAFETENSORS_FILE)
+    save_safetensors(tensors, out, max_shard_size=max_shard_size)
 
     hf = {
         k: v
@@ -561,8 +628,12 @@ def export_pretrained(
     *,
     card: dict[str, Any] | None = None,
     info: PretrainedInfo | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> epath.Path:
     """Write a directory that transformers' AutoModel and SentenceTransformer both load.
+
+    Weights over ``max_shard_size`` bytes are written as shards with an index
+    (``save_safetensors``).
 
     ``info`` (from ``load_pretrained``) carries what the source said beyond our params: the
     original config fields, prompts, max length, the untrained pooler. ``card`` fills the model
@@ -574,7 +645,7 @@ def export_pretrained(
     info = info or PretrainedInfo()
     config = model.config
     params = _params_numpy(model)
-    max_seq_length = _write_transformer(model, params, tokenizer, out, info)
+    max_seq_length = _write_transformer(model, params, tokenizer, out, info, max_shard_size)
     _write_sentence_transformers_modules(model, params, out, info, max_seq_length)
     (out / "README.md").write_text(
         model_card(model, info, card or {}, max_seq_length), encoding="utf-8"

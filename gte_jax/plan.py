@@ -212,8 +212,32 @@ def topology_mesh(devices: Sequence[Any]) -> jax.sharding.Mesh:
 # --------------------------------------------------------------------------------------------------
 
 
+def _decoder_configs() -> dict[str, Any]:
+    """Published decoder shapes (transformers' own config classes; no weights)."""
+    from transformers import MistralConfig, Qwen2Config
+
+    return {
+        # E5-mistral-7b-instruct = Mistral-7B-v0.1's shape; MistralConfig's defaults are it.
+        "mistral-7b": MistralConfig(max_position_embeddings=32768, sliding_window=4096),
+        # gte-Qwen2-7B-instruct (Qwen2-7B's shape)
+        "qwen2-7b": Qwen2Config(
+            vocab_size=151646,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            max_position_embeddings=131072,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        ),
+    }
+
+
 def _transformers_config(name: str) -> dict[str, Any]:
     from transformers import BertConfig
+
+    if name in ("mistral-7b", "qwen2-7b"):
+        return _decoder_configs()[name].to_dict()
 
     base = BertConfig()  # transformers' defaults are bert-base-uncased's shape
     shapes = {
@@ -232,8 +256,8 @@ def _transformers_config(name: str) -> dict[str, Any]:
     return shapes[name].to_dict()
 
 
-# --model-config names: transformers' BertConfig with the published shapes.
-KNOWN_MODELS = ("bert-base", "bert-large", "minilm-l6", "minilm-l12")
+# --model-config names: transformers' config classes with the published shapes.
+KNOWN_MODELS = ("bert-base", "bert-large", "minilm-l6", "minilm-l12", "mistral-7b", "qwen2-7b")
 _MODEL_ALIASES = {
     "bert-base-uncased": "bert-base",
     "bert-large-uncased": "bert-large",
@@ -276,7 +300,7 @@ def model_shape(model_cfg: Any, model_config: str | None, stages: Mapping[str, A
         key = model_config.strip().lower()
         key = _MODEL_ALIASES.get(key, key)
         if key in KNOWN_MODELS:
-            return _transformers_config(key), f"--model-config {key} (transformers BertConfig)"
+            return _transformers_config(key), f"--model-config {key} (transformers config class)"
         found = _config_json_of(model_config)
         if found is None:
             raise PlanError(
@@ -375,19 +399,25 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
     return shapes, b, towers
 
 
+# Parameters that do no matmul in an embedding step: embedding tables, a decoder's LM head.
+_NOT_MATMUL = re.compile(r"embedding|embed_tokens|lm_head")
+
+
 def model_flops(params: Any, num_layers: int, hidden: int, towers: Sequence[tuple[int, int]]):
     """Analytic model FLOPs of one train step (forward + backward), the PaLM convention of
-    benchmarks/mfu.py: per token 6 x (parameters outside the embeddings) for the matmuls plus
-    12 x layers x length x hidden for attention scores and values (``hidden``: the attention's
-    width, heads x head_dim); ``towers`` = [(texts, length)] (queries, documents, hard
-    negatives). Recomputation (remat, GradCache's second forward) is not
-    counted: it is the model's work, not the hardware's."""
+    benchmarks/mfu.py: per token 6 x (parameters outside the embeddings and LM head) for the
+    matmuls plus 12 x layers x length x hidden for attention scores and values (``hidden``: the
+    attention width, heads x head_dim, which decoders may set apart from the model width);
+    ``towers`` = [(texts, length)] (queries, documents, hard negatives). Recomputation (remat,
+    GradCache's second forward) is not counted: it is the model's work, not the hardware's.
+    Causal masks and sliding windows are not discounted: XLA computes the full score matrix."""
     # Embedding tables are gathers, not matmuls: BERT's embeddings/*, T5's word embeddings and
-    # relative position bias (every nnx.Embed's leaf is named "embedding").
+    # relative position bias (every nnx.Embed's leaf is named "embedding"), a decoder's
+    # embed_tokens; the LM head is not used by an embedding step.
     non_embedding = sum(
         int(np.prod(x.shape))
         for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if "embedding" not in jax.tree_util.keystr(path)
+        if not _NOT_MATMUL.search(jax.tree_util.keystr(path))
     )
     return sum(
         texts * length * (6 * non_embedding + 12 * num_layers * length * hidden)

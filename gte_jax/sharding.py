@@ -155,6 +155,15 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"/(intermediate|gate)/kernel$", ("embed", "mlp")),
     (r"/intermediate/bias$", ("mlp",)),
     (r"/output/kernel$", ("mlp", "embed")),
+    # Decoders (gte_jax/models/decoder.py; HF names). k/v's "heads" are kv_heads x head_dim.
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"/lm_head/kernel$", ("embed", "vocab")),
+    (r"/(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
+    (r"/(q_proj|k_proj|v_proj)/bias$", ("heads",)),
+    (r"/o_proj/kernel$", ("heads", "embed")),
+    (r"/(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
+    (r"/(gate_proj|up_proj)/bias$", ("mlp",)),
+    (r"/down_proj/kernel$", ("mlp", "embed")),
 )
 
 # Logical axis -> mesh axis, per ``sharding.params`` mode. FSDP needs no names (below); tensor

@@ -73,8 +73,9 @@ def is_workdir(path: epath.PathLike) -> bool:
 
 
 def model_overrides(model_cfg: Any) -> dict[str, Any]:
-    """Tower config overrides from a config's ``model`` group (remat, dropout rates), in the
-    generic names every family maps onto its own fields (``gte_jax.models.registry``)."""
+    """Tower config overrides from a config's ``model`` group (remat, dropout rates, attention
+    mode), in the generic names every family maps onto its own fields
+    (``gte_jax.models.registry``)."""
     overrides: dict[str, Any] = {}
     if model_cfg.remat:
         overrides["remat"] = True
@@ -82,6 +83,8 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
         overrides["dropout"] = float(model_cfg.dropout)
     if model_cfg.attention_dropout >= 0:
         overrides["attention_dropout"] = float(model_cfg.attention_dropout)
+    if str(model_cfg.attention) != "auto":
+        overrides["attention"] = str(model_cfg.attention)
     return overrides
 
 

@@ -114,6 +114,12 @@ class EncoderConfig:
         """
         dropout = overrides.pop("dropout", None)
         attention_dropout = overrides.pop("attention_dropout", None)
+        attention = overrides.pop("attention", None)
+        if attention not in (None, "bidirectional"):
+            raise ValueError(
+                f"attention={attention!r}: BERT-family encoders are bidirectional only "
+                "(model.attention 'auto' or 'bidirectional')."
+            )
         if dropout is not None:
             overrides.setdefault("hidden_dropout_prob", float(dropout))
             overrides.setdefault("attention_probs_dropout_prob", float(dropout))

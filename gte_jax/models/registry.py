@@ -6,7 +6,8 @@ A *family* is everything gte-jax needs to know about one kind of transformer tow
   ``config.json`` dict. Overrides are the family's own field names plus these generic ones, which
   every family accepts: ``dtype`` (compute dtype), ``remat`` (bool), ``dropout`` and
   ``attention_dropout`` (floats: the config group ``model``'s switches, mapped onto the family's
-  fields — BERT's ``hidden_dropout_prob``, T5's ``dropout_rate``, ...).
+  fields — BERT's ``hidden_dropout_prob``, T5's ``dropout_rate``, ...), ``attention``
+  ("causal" | "bidirectional": decoders take either, encoders refuse "causal").
 - ``tower(config, *, rngs) -> nnx.Module`` with ``__call__(input_ids, attention_mask,
   token_type_ids=None, position_ids=None, *, segment_ids=None, dropout_rng=None) -> [B, L, D]``
   (docs/design.md, "Model"; packed rows when ``segment_ids`` is given).
@@ -17,6 +18,10 @@ A *family* is everything gte-jax needs to know about one kind of transformer tow
 - ``ignored``: tensors that are neither parameters nor kept (buffers, task heads); ``keep``:
   tensors carried untrained and written back on export (BERT's pooler).
 - ``architecture(config) -> str``: the ``architectures`` entry written to the exported config.
+- ``fit_to_tensors(config, names) -> config``: the config adjusted to the checkpoint's canonical
+  tensor names where config.json cannot tell (a decoder's ``lm_head`` present or not).
+- ``export_name(config, name) -> name``: the name a canonical tensor name is written under on
+  export (decoders exported as ``*ForCausalLM`` put back the ``model.`` prefix).
 
 The config dataclass of every family has ``model_type``, ``hidden_size``, ``num_hidden_layers``,
 ``num_attention_heads``, ``dtype``, ``param_dtype``, ``remat``, ``max_length`` and ``to_hf()``.
@@ -32,6 +37,7 @@ from typing import Any
 
 import gte_jax.models.bert as bert
 import gte_jax.models.t5 as t5
+import gte_jax.models.decoder as decoder
 
 _NOTHING = re.compile(r"(?!)")  # matches no name
 
@@ -47,6 +53,8 @@ class Family:
     ignored: re.Pattern = _NOTHING
     keep: re.Pattern = _NOTHING
     architecture: Callable[[Any], str] = lambda config: type(config).__name__
+    export_name: Callable[[Any, str], str] = lambda config, name: name
+    fit_to_tensors: Callable[[Any, set[str]], Any] = lambda config, names: config
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -70,6 +78,18 @@ FAMILIES: tuple[Family, ...] = (
         canonical_name=t5.hf_canonical_name,
         ignored=t5.HF_IGNORED,
         architecture=t5.hf_architecture,
+    ),
+    Family(
+        name="decoder",
+        model_types=decoder.SUPPORTED_MODEL_TYPES,
+        config_from_hf=decoder.DecoderConfig.from_hf,
+        tower=decoder.DecoderTower,
+        param_names=decoder.hf_param_names,
+        canonical_name=decoder.hf_canonical_name,
+        ignored=decoder.HF_IGNORED,
+        architecture=decoder.hf_architecture,
+        export_name=decoder.hf_export_name,
+        fit_to_tensors=decoder.fit_to_tensors,
     ),
 )
 
