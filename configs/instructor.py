@@ -21,8 +21,10 @@ prompts, and ``include_prompt: false`` in its Pooling module, so ``SentenceTrans
 the paper or its release; "release" = the training command of the INSTRUCTOR repository's README.
 
 ``configs/instructor.py:runlocal`` runs on a CPU in about a minute: the MEDI-format test fixture
-(3 tasks) plus one source with instruction templates, from all-MiniLM-L6-v2 (a BERT: the recipe's
-T5 tower lands with the T5 family).
+(3 tasks) plus one source with instruction templates, from a tiny random GTR-shaped model (T5 v1.1
+encoder, mean pooling, Dense without bias, Normalize; transformers' T5Tokenizer over a Unigram
+vocabulary). gte-jax never downloads: the config builds it offline, once, in a few seconds
+(gte_jax/models/tiny_gtr.py, cached under $GTE_JAX_CACHE or ~/.cache/gte-jax).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pathlib
 
 from gte_jax.data.pipeline import DEMO_DIR
 from gte_jax.defaults import stage_config
+from gte_jax.models import tiny_gtr
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MEDI_FIXTURE = REPO / "tests" / "fixtures" / "medi" / "medi-data.json"
@@ -65,7 +68,8 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 500  # release: --save_steps 500
 
     if arg == "runlocal":  # big_vision's switch: the same recipe, shrunk for a laptop
-        c.model.init_from = "all-MiniLM-L6-v2"  # offline (pip package); T5 once it lands
+        # GTR's layout at toy size, random weights, built here once (no download, no torch)
+        c.model.init_from = str(tiny_gtr.cached_tiny_gtr())
         c.model.dtype = "float32"
         c.model.remat = False
         c.data.sources = [
