@@ -1,66 +1,210 @@
-"""configs/instructor.py:runlocal through `gte-jax train`: MEDI (one task per batch) plus a source
-with INSTRUCTOR templates, instruction tokens not pooled; the export reproduces `gte-jax encode
---instruction` in sentence-transformers."""
+"""configs/instructor.py:runlocal through `gte-jax train` on a T5 encoder (a tiny random GTR: T5
+v1.1 + mean pooling + bias-free Dense + Normalize, transformers' T5Tokenizer): MEDI (one task per
+batch) plus a source with INSTRUCTOR templates, instruction tokens not pooled. Checked: the export
+in sentence-transformers with the instruction as a prompt reproduces `gte-jax encode
+--instruction`; both equal an independent reference (transformers' T5EncoderModel, pooled in
+NumPy float64 over the tokens the tokenizer's own offsets place in the text); the training
+batches' pool masks exclude exactly the instruction's tokens (offsets again)."""
 
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from gte_jax import prompts
-from tests.test_instructions import _cos, _texts
+from tests.test_instructions import _assert_mask_matches, _cos, _texts, offsets_reference
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"{REPO / 'configs' / 'instructor.py'}:runlocal"
+MEDI_FIXTURE = REPO / "tests" / "fixtures" / "medi" / "medi-data.json"
+BIBLE_TASK = "Bible verse for retrieving its modern translation"  # the runlocal bible source's
 
 
-def test_instructor_runlocal_trains_end_to_end_and_its_export_reproduces_encode(
-    tiny_model_dir, tmp_path
-):
+@pytest.fixture(scope="module")
+def gtr_cache(tmp_path_factory):
+    """The tiny GTR the runlocal config builds, cached in a temporary directory."""
+    from gte_jax.models import tiny_gtr
+
+    saved = os.environ.get("GTE_JAX_CACHE")
+    os.environ["GTE_JAX_CACHE"] = str(tmp_path_factory.mktemp("gte_jax_cache"))
+    try:
+        yield tiny_gtr.cached_tiny_gtr()
+    finally:
+        if saved is None:
+            os.environ.pop("GTE_JAX_CACHE")
+        else:
+            os.environ["GTE_JAX_CACHE"] = saved
+
+
+@pytest.fixture(scope="module")
+def trained(gtr_cache, tmp_path_factory):
+    """(workdir, stderr) of `gte-jax train --config configs/instructor.py:runlocal`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    workdir = tmp_path_factory.mktemp("instructor") / "run"
+    cmd = [
+        sys.executable, "-m", "gte_jax.cli", "train", "--config", CONFIG,
+        "--workdir", str(workdir), "--log_level=WARNING",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, out.stderr
+
+
+def _medi_instructions() -> set[str]:
+    """Every instruction of the MEDI fixture's well-formed records (queries and documents)."""
+    out = set()
+    for record in json.loads(MEDI_FIXTURE.read_text()):
+        for key in ("query", "pos", "neg"):
+            if isinstance(record.get(key), list) and len(record[key]) == 2:
+                out.add(record[key][0])
+    return {p for p in out if isinstance(p, str) and p.startswith("Represent the ")}
+
+
+def test_the_tiny_gtr_is_a_t5_gtr_and_its_instruction_tokens_are_the_prompts(gtr_cache):
+    """The base model has GTR's layout, and for T5's tokenizer (SentencePiece-style: the
+    prompt's trailing space is dropped, the text's first word gets its own "▁") the
+    prompt-length rule counts exactly the tokens the instruction occupies in the joint text."""
+    from gte_jax import hf
+
+    modules = json.loads((gtr_cache / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == [
+        "Transformer", "Pooling", "Dense", "Normalize"
+    ]  # fmt: skip
+    config = json.loads((gtr_cache / "config.json").read_text())
+    assert config["architectures"] == ["T5EncoderModel"]
+    assert config["feed_forward_proj"] == "gated-gelu"
+    assert json.loads((gtr_cache / "2_Dense" / "config.json").read_text())["bias"] is False
+    tok = hf.load_tokenizer(gtr_cache)
+    assert type(tok).__name__ == "T5Tokenizer"
+    instructions = _medi_instructions() | {prompts.instruction_prompt("instructor", BIBLE_TASK)}
+    assert len(instructions) >= 4
+    queries, _ = _texts(6)
+    for prompt in sorted(instructions):
+        n = prompts.check_prompt(tok, prompt)
+        for text in queries:
+            reference = offsets_reference(tok, prompt, text)
+            assert None not in reference  # T5 strips the prompt's trailing space
+            assert n == reference.count(0) == reference.index(1), (prompt, text)
+
+
+def test_training_pool_masks_exclude_exactly_the_instruction_tokens(gtr_cache):
+    """The runlocal layout (packed rows) and padded rows, with T5's tokenizer: each text's pool
+    mask equals the tokenizer's offsets' verdict, token by token."""
+    from gte_jax import hf
+    from gte_jax.data.batching import PairBatchIterator
+    from gte_jax.data.sources import PairRecord, SourceOptions, from_records
+    from tests.test_instructions import _packed_texts, _real_rows
+
+    tok = hf.load_tokenizer(gtr_cache)
+    queries, docs = _texts(8)
+    records = [PairRecord(q, d) for q, d in zip(queries, docs, strict=True)]
+    opts = SourceOptions(
+        query_instruction=BIBLE_TASK,
+        doc_instruction="modern Bible translation for retrieval",
+        instruction_template="instructor",
+    )
+    for packing in (True, False):
+        it = PairBatchIterator(
+            [from_records("bible", records, options=opts)], tok, global_batch_size=8,
+            query_max_length=128, doc_max_length=128, include_prompt=False, packing=packing,
+        )  # fmt: skip
+        plan = it.next_plan()
+        batch = it.materialize(plan)
+        for role, prefixes, texts in [
+            ("query", plan.query_prefixes, plan.queries),
+            ("doc", plan.doc_prefixes, plan.docs),
+        ]:
+            ids, pool_mask = batch[f"{role}_input_ids"], batch[f"{role}_pool_mask"]
+            if packing:
+                rows = _packed_texts(ids, batch[f"{role}_segment_ids"], pool_mask,
+                                     batch[f"{role}_slot_index"].reshape(-1))  # fmt: skip
+            else:
+                attention = batch[f"{role}_attention_mask"]
+                rows = _real_rows(ids, attention, pool_mask.reshape(ids.shape))
+            for (row_ids, row_mask), prompt, text in zip(rows, prefixes, texts, strict=True):
+                assert prompt.startswith("Represent the ")
+                assert row_ids == tok(prompt + text)["input_ids"]
+                reference = offsets_reference(tok, prompt, text)
+                _assert_mask_matches(row_mask, reference, (role, text))
+                assert row_mask.count(0) == reference.count(0) > 5
+
+
+def _reference_embeddings(export: pathlib.Path, prompt: str, texts: list[str]) -> np.ndarray:
+    """transformers' T5EncoderModel on ``prompt + text``, mean-pooled in float64 over the tokens
+    the tokenizer's offsets place in the text (its </s> included, as sentence-transformers
+    pools it), then the Dense (no bias) and L2 normalisation."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(export)
+    model = T5EncoderModel.from_pretrained(export).eval()
+    dense = load_file(str(export / "2_Dense" / "model.safetensors"))
+    assert set(dense) == {"linear.weight"}
+    out = []
+    for text in texts:
+        ids = tok(prompt + text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=ids).last_hidden_state[0].double().numpy()
+        keep = np.array([r == 1 for r in offsets_reference(tok, prompt, text)])
+        vector = dense["linear.weight"].astype(np.float64) @ hidden[keep].mean(0)
+        out.append(vector / np.linalg.norm(vector))
+    return np.stack(out)
+
+
+def test_instructor_runlocal_trains_t5_and_its_export_reproduces_encode(trained, tmp_path):
     """`gte-jax train --config configs/instructor.py:runlocal` (MEDI fixture, one task per batch,
-    plus a source with instructor templates; include_prompt false), then the export in
-    sentence-transformers with the source's prompt == `gte-jax encode --instruction`."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
+    a source with instructor templates; include_prompt false) on the tiny GTR, then: the export
+    in sentence-transformers with the instruction as ``prompt_name=`` / ``prompt=`` ==
+    `gte-jax encode --instruction` == the float64 reference that pools the text tokens alone."""
     from sentence_transformers import SentenceTransformer
 
     from gte_jax.commands import encode as encode_cmd
 
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(repo))
-    workdir = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "gte_jax.cli", "train",
-        "--config", f"{repo / 'configs' / 'instructor.py'}:runlocal",
-        "--workdir", str(workdir), f"--config.model.init_from={tiny_model_dir}",
-        "--log_level=WARNING",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    workdir, stderr = trained
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 6 and np.isfinite(summary["final_loss"])
     assert summary["skipped_records"] == 3  # the fixture's bad records that name their task
-    assert "medi-data.json[17]" in out.stderr  # no task_name: skipped, named in the log
+    assert "medi-data.json[17]" in stderr  # no task_name: skipped, named in the log
+    base = json.loads((workdir / "base_model" / "config.json").read_text())
+    assert base["model_type"] == "t5"
     export = workdir / "export"
+    assert json.loads((export / "config.json").read_text())["architectures"] == ["T5EncoderModel"]
     pooling = json.loads((export / "1_Pooling" / "config.json").read_text())
     assert pooling["include_prompt"] is False
+    assert json.loads((export / "2_Dense" / "config.json").read_text())["bias"] is False
     st_config = json.loads((export / "config_sentence_transformers.json").read_text())
-    task = "Bible verse for retrieving its modern translation"
-    prompt = prompts.instruction_prompt("instructor", task)
+    prompt = prompts.instruction_prompt("instructor", BIBLE_TASK)
     assert st_config["prompts"]["bible_query"] == prompt
+
     queries, _ = _texts(6)
     (tmp_path / "q.txt").write_text("\n".join(queries) + "\n")
     rc = encode_cmd.main(
         ["--model", str(workdir), "--input", str(tmp_path / "q.txt"), "--output",
-         str(tmp_path / "q.npy"), "--instruction", task, "--template", "instructor"]
+         str(tmp_path / "q.npy"), "--instruction", BIBLE_TASK, "--template", "instructor"]
     )  # fmt: skip
     assert rc == 0
+    ours = np.load(tmp_path / "q.npy")
     st = SentenceTransformer(str(export), device="cpu")
-    theirs = st.encode(queries, prompt_name="bible_query", convert_to_numpy=True)
-    assert _cos(np.load(tmp_path / "q.npy"), theirs).min() >= 0.99999
+    by_name = st.encode(queries, prompt_name="bible_query", convert_to_numpy=True)
+    assert _cos(ours, by_name).min() >= 0.99999
+    by_prompt = st.encode(queries, prompt=prompt, convert_to_numpy=True)
+    assert _cos(ours, by_prompt).min() >= 0.99999
+    reference = _reference_embeddings(export, prompt, queries)
+    assert _cos(ours, reference).min() >= 0.99999
+    assert _cos(by_name, reference).min() >= 0.99999
+    # The exclusion matters: pooling the instruction's tokens too moves every embedding.
+    assert _cos(st.encode([prompt + q for q in queries]), reference).max() < 0.999
+    # The training moved the weights: the base model embeds the same texts otherwise.
+    base_st = SentenceTransformer(str(workdir / "base_model"), device="cpu")
+    assert _cos(base_st.encode(queries, prompt=prompt), by_name).max() < 0.9999
 
 
 @pytest.mark.parametrize(
@@ -73,17 +217,15 @@ def test_instructor_runlocal_trains_end_to_end_and_its_export_reproduces_encode(
     ],
 )
 def test_impossible_instruction_settings_exit_2_at_start_up(
-    tiny_model_dir, tmp_path, capsys, override, message
+    gtr_cache, tiny_model_dir, tmp_path, capsys, override, message
 ):
-    import pathlib
-
+    """On a BERT base (absolute positions, no EOS) the runlocal recipe's impossible settings are
+    refused before any step."""
     from gte_jax.commands import train as train_cmd
 
-    repo = pathlib.Path(__file__).resolve().parents[1]
     rc = train_cmd.main(
-        ["--config", f"{repo / 'configs' / 'instructor.py'}:runlocal",
-         "--workdir", str(tmp_path / "run"), f"--config.model.init_from={tiny_model_dir}",
-         "--log_level=WARNING", override]
+        ["--config", CONFIG, "--workdir", str(tmp_path / "run"),
+         f"--config.model.init_from={tiny_model_dir}", "--log_level=WARNING", override]
     )  # fmt: skip
     assert rc == 2
     assert message in capsys.readouterr().err
