@@ -5,7 +5,9 @@ with ``safetensors.numpy`` — no PyTorch — and maps torch names onto our modu
 ``Linear`` weights are (out, in): transposed). The sentence-transformers files, when present, decide
 pooling, normalisation, projection and max length. Export writes a directory that both
 ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load with the same
-embeddings as ours, plus a model card.
+embeddings as ours, plus a model card. INSTRUCTOR checkpoints (modules.json naming
+``InstructorEmbedding.INSTRUCTOR_Transformer``) load as a Transformer whose pooling leaves the
+instruction's tokens out (``include_prompt`` false), without running that package's code.
 
 Paths are ``etils.epath`` paths: a directory can be local or remote (``gs://bucket/...``, read and
 written through gcsfs). Remote weights are read and written as bytes; the tokenizer, which
@@ -245,18 +247,13 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
     modules_path = directory / "modules.json"
     transformer_dir = directory
     if modules_path.exists():
+        instructor = False
         for module in sorted(_read_json(modules_path), key=lambda m: m.get("idx", 0)):
-            kind = module.get("type", "").rsplit(".", 1)[-1]
-            if not module.get("type", "").startswith("sentence_transformers.") or (
-                kind not in _ST_MODULE_TYPES
-            ):
-                raise ValueError(
-                    f"{modules_path}: module {module.get('type')!r} is not supported; gte-jax "
-                    f"reads sentence-transformers {sorted(_ST_MODULE_TYPES)} modules only."
-                )
+            kind, from_instructor = _module_kind(module, modules_path)
             module_dir = directory / module.get("path", "")
             if kind == "Transformer":
                 transformer_dir = module_dir
+                instructor = from_instructor
             elif kind == "Pooling":
                 settings.update(_read_pooling(module_dir / "config.json"))
             elif kind == "Dense":
@@ -264,6 +261,9 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
             elif kind == "Normalize":
                 settings["normalize"] = True
         settings.setdefault("normalize", False)
+        if instructor:  # INSTRUCTOR_Transformer zeroes the instruction's tokens before pooling
+            settings["include_prompt"] = False
+            logger.info("%s: an INSTRUCTOR checkpoint: instructions are not pooled", directory)
     for folder in dict.fromkeys((transformer_dir, directory)):
         st_config = folder / "sentence_bert_config.json"
         if st_config.exists():
@@ -285,6 +285,30 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
         settings["default_prompt_name"] = st.get("default_prompt_name")
         settings["similarity_fn_name"] = st.get("similarity_fn_name")
     return transformer_dir, settings
+
+
+def _module_kind(module: dict[str, Any], modules_path: epath.Path) -> tuple[str, bool]:
+    """(the sentence-transformers module a modules.json entry is, whether INSTRUCTOR's).
+
+    INSTRUCTOR checkpoints (Su et al., 2023) name their first two modules after the
+    InstructorEmbedding package (``InstructorEmbedding.INSTRUCTOR_Transformer``; the package's
+    own save writes the module path ``InstructorEmbedding.instructor``), and its loader picks
+    them by position whatever the type says: idx 0 is a Transformer whose pooling leaves the
+    instruction's tokens out, idx 1 a Pooling. Read as such: no code of that package runs."""
+    type_ = str(module.get("type", ""))
+    kind = type_.rsplit(".", 1)[-1]
+    if type_.startswith("InstructorEmbedding."):
+        by_idx = {0: "Transformer", 1: "Pooling"}.get(module.get("idx"))
+        if by_idx and kind in (f"INSTRUCTOR_{by_idx}", "instructor"):
+            return by_idx, True
+    elif type_.startswith("sentence_transformers.") and kind in _ST_MODULE_TYPES:
+        return kind, False
+    raise ValueError(
+        f"{modules_path}: module {module.get('type')!r} (idx {module.get('idx')}) is not "
+        f"supported; gte-jax reads sentence-transformers {sorted(_ST_MODULE_TYPES)} modules and "
+        "INSTRUCTOR's (InstructorEmbedding.INSTRUCTOR_Transformer at idx 0, "
+        "INSTRUCTOR_Pooling at idx 1) only."
+    )
 
 
 def _read_pooling(path: epath.Path) -> dict[str, Any]:

@@ -207,6 +207,135 @@ def test_instructor_runlocal_trains_t5_and_its_export_reproduces_encode(trained,
     assert _cos(base_st.encode(queries, prompt=prompt), by_name).max() < 0.9999
 
 
+# ----------------------------------------------------------------------------- INSTRUCTOR checkpoints
+
+
+def _instructor_layout(
+    gtr: pathlib.Path, out: pathlib.Path, types: tuple[str, str]
+) -> pathlib.Path:
+    """The tiny GTR rewritten as the InstructorEmbedding package saves a model (sentence-
+    transformers 2.2's save of INSTRUCTOR's modules): modules.json naming its classes, its
+    Pooling's config keys (no include_prompt), sentence_bert_config.json, an empty 3_Normalize.
+    The weights are safetensors (the original ships pytorch_model.bin: gte-jax never unpickles)."""
+    import shutil
+
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gtr / name, out / name)
+    shutil.copytree(gtr / "2_Dense", out / "2_Dense")
+    (out / "3_Normalize").mkdir()
+    (out / "1_Pooling").mkdir()
+    pooling = json.loads((gtr / "1_Pooling" / "config.json").read_text())
+    keys = ["word_embedding_dimension", "pooling_mode_cls_token", "pooling_mode_mean_tokens",
+            "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens"]  # fmt: skip
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({k: pooling[k] for k in keys}))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": 512, "do_lower_case": False})
+    )
+    versions = {"sentence_transformers": "2.2.2", "transformers": "4.20.0", "pytorch": "1.10.2"}
+    (out / "config_sentence_transformers.json").write_text(json.dumps({"__version__": versions}))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": types[0]},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": types[1]},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+        {"idx": 3, "name": "3", "path": "3_Normalize",
+         "type": "sentence_transformers.models.Normalize"},
+    ]  # fmt: skip
+    (out / "modules.json").write_text(json.dumps(modules))
+    return out
+
+
+def _instructor_reference(directory: pathlib.Path, instruction: str, texts: list[str]):
+    """INSTRUCTOR's own rule (InstructorEmbedding 1.0.1, ``INSTRUCTOR_Transformer.tokenize`` and
+    ``forward``), with transformers + torch, in float64: the model reads ``instruction +
+    text.strip()``; the first ``len(tokens(instruction.strip())) - 1`` tokens (its </s> not
+    counted; none when that is <= 1) are left out of the mean; then the Dense and L2 norm."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    model = T5EncoderModel.from_pretrained(directory).eval()
+    dense = load_file(str(directory / "2_Dense" / "model.safetensors"))["linear.weight"]
+    context = int(sum(tok(instruction.strip())["attention_mask"])) - 1
+    context = 0 if context <= 1 else context
+    out = []
+    for text in texts:
+        ids = tok(instruction + text.strip(), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=ids).last_hidden_state[0].double().numpy()
+        vector = dense.astype(np.float64) @ hidden[context:].mean(0)
+        out.append(vector / np.linalg.norm(vector))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(
+    "types",
+    [
+        ("InstructorEmbedding.INSTRUCTOR_Transformer", "sentence_transformers.models.Pooling"),
+        ("InstructorEmbedding.instructor", "InstructorEmbedding.instructor"),  # the package's save
+    ],
+)
+def test_an_instructor_checkpoint_loads_with_its_instructions_not_pooled(
+    gtr_cache, tmp_path, types
+):
+    """An INSTRUCTOR directory loads (no InstructorEmbedding code runs) as a Transformer whose
+    pooling leaves the instruction out: gte-jax's embeddings == INSTRUCTOR's rule, and its
+    export (standard sentence-transformers modules, include_prompt false) reproduces them in
+    sentence-transformers with the instruction as ``prompt=``."""
+    from sentence_transformers import SentenceTransformer
+
+    from gte_jax import hf
+    from gte_jax.commands import encode as encode_cmd
+    from gte_jax.encode import Embedder
+
+    directory = _instructor_layout(gtr_cache, tmp_path / "instructor", types)
+    model, tokenizer, info = hf.load_pretrained(directory)
+    assert info.include_prompt is False and info.max_seq_length == 512
+    assert model.projection.bias is None and model.normalize and model.pooling == "mean"
+    instruction = "Represent the Bible verse for retrieval: "
+    queries, _ = _texts(6)
+    reference = _instructor_reference(directory, instruction, queries)
+    ours = Embedder.from_pretrained(directory).encode(queries, prefix=instruction)
+    assert _cos(ours, reference).min() >= 0.99999
+    # Pooling the instruction too (a plain sentence-transformers reading) is another embedding.
+    pooled_all = Embedder(model, tokenizer, include_prompt=True).encode(queries, prefix=instruction)
+    assert _cos(pooled_all, reference).max() < 0.999
+    (tmp_path / "q.txt").write_text("\n".join(queries) + "\n")
+    rc = encode_cmd.main(
+        ["--model", str(directory), "--input", str(tmp_path / "q.txt"), "--output",
+         str(tmp_path / "q.npy"), "--instruction", instruction]
+    )  # fmt: skip
+    assert rc == 0 and _cos(np.load(tmp_path / "q.npy"), reference).min() >= 0.99999
+
+    hf.export_pretrained(model, tokenizer, tmp_path / "export", info=info)
+    exported = json.loads((tmp_path / "export" / "modules.json").read_text())
+    assert all(m["type"].startswith("sentence_transformers.") for m in exported)
+    st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
+    theirs = st.encode(queries, prompt=instruction, convert_to_numpy=True)
+    assert _cos(theirs, reference).min() >= 0.99999
+
+
+@pytest.mark.parametrize(
+    "idx, type_",
+    [
+        (1, "InstructorEmbedding.INSTRUCTOR_Transformer"),  # INSTRUCTOR's loader: idx 0 only
+        (2, "InstructorEmbedding.instructor"),
+        (0, "my_package.MyTransformer"),
+    ],
+)
+def test_other_module_types_are_refused_naming_the_file(gtr_cache, tmp_path, idx, type_):
+    from gte_jax import hf
+
+    types = ["InstructorEmbedding.INSTRUCTOR_Transformer", "sentence_transformers.models.Pooling"]
+    directory = _instructor_layout(gtr_cache, tmp_path / "bad", tuple(types))
+    modules = json.loads((directory / "modules.json").read_text())
+    modules[idx]["type"] = type_
+    (directory / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match=r"modules\.json: module .* is not supported"):
+        hf.load_pretrained(directory)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
