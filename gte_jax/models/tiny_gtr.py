@@ -9,12 +9,13 @@ own ``T5Tokenizer`` class (WhitespaceSplit + Metaspace pre-tokenizer, ``</s>`` a
 tokenizer.json every T5 checkpoint ships) over a Unigram vocabulary trained in a second with the
 ``tokenizers`` library on the bundled demo text. No torch, no download.
 
-:func:`cached_tiny_gtr` builds it once per (cache dir, seed) and reuses it; the directory is
+:func:`cached_tiny_gtr` builds it once per (cache dir, architecture, seed) and reuses it; the directory is
 written next to its final place and renamed, so a half-written model is never seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -118,7 +119,10 @@ def cache_dir() -> pathlib.Path:
 
 def cached_tiny_gtr(*, seed: int = 0) -> pathlib.Path:
     """The tiny GTR of ``seed`` under :func:`cache_dir`, built on first use."""
-    out = cache_dir() / f"tiny-gtr-t5-seed{seed}"
+    # The name carries the architecture's digest: a changed TINY_GTR_T5 never reuses a stale copy.
+    spec = json.dumps([TINY_GTR_T5, TINY_GTR_PROJECTION_DIM, TINY_GTR_VOCAB], sort_keys=True)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
+    out = cache_dir() / f"tiny-gtr-t5-{digest}-seed{seed}"
     if (out / "modules.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
