@@ -20,7 +20,7 @@ prompts, and ``include_prompt: false`` in its Pooling module, so ``SentenceTrans
 .encode(x, prompt=instruction)`` embeds as training did. Values marked "ours" are not given by
 the paper or its release; "release" = the training command of the INSTRUCTOR repository's README.
 
-``configs/instructor.py:runlocal`` runs on a CPU in about a minute: the MEDI-format test fixture
+``configs/instructor.py:runlocal`` trains on a CPU in about 10 s: the MEDI-format test fixture
 (3 tasks) plus one source with instruction templates, from a tiny random GTR-shaped model (T5 v1.1
 encoder, mean pooling, Dense without bias, Normalize; transformers' T5Tokenizer over a Unigram
 vocabulary). gte-jax never downloads: the config builds it offline, once, in a few seconds
