@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gte_jax.models import lora
+
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
 
@@ -306,9 +308,15 @@ class EncoderLayer(nnx.Module):
                 (b, n, cfg.hidden_size) if hidden_drop else None,
             ],
         )
-        q = self.query(x).reshape(heads)  # [batch, length, heads, head_dim]
-        k = self.key(x).reshape(heads)  # [batch, length, heads, head_dim]
-        v = self.value(x).reshape(heads)  # [batch, length, heads, head_dim]
+        # LoRA layers' dropout keys (None for plain Linears: nothing more is drawn).
+        q_key, k_key, v_key, o_key, i_key, out_key = lora.site_keys(
+            dropout_rng,
+            [self.query, self.key, self.value, self.attention_output, self.intermediate,
+             self.output],
+        )  # fmt: skip
+        q = lora.dense(self.query, x, q_key).reshape(heads)  # [batch, length, heads, head_dim]
+        k = lora.dense(self.key, x, k_key).reshape(heads)  # [batch, length, heads, head_dim]
+        v = lora.dense(self.value, x, v_key).reshape(heads)  # [batch, length, heads, head_dim]
         if attn_drop:
             ctx = explicit_attention(
                 q,
@@ -324,12 +332,18 @@ class EncoderLayer(nnx.Module):
                 q, k, v, mask=mask
             )  # [batch, length, heads, head_dim]
         ctx = ctx.reshape(b, n, cfg.hidden_size)  # [batch, length, embed]
-        h = _drop(self.attention_output(ctx), cfg.hidden_dropout_prob, attn_out_u)
+        h = _drop(
+            lora.dense(self.attention_output, ctx, o_key), cfg.hidden_dropout_prob, attn_out_u
+        )
         x = self.attention_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
             cfg.dtype
         )  # [batch, length, embed]
-        h = ACTIVATIONS[cfg.hidden_act](self.intermediate(x))  # [batch, length, mlp]
-        h = _drop(self.output(h), cfg.hidden_dropout_prob, mlp_u)  # [batch, length, embed]
+        h = ACTIVATIONS[cfg.hidden_act](
+            lora.dense(self.intermediate, x, i_key)
+        )  # [batch, length, mlp]
+        h = _drop(
+            lora.dense(self.output, h, out_key), cfg.hidden_dropout_prob, mlp_u
+        )  # [batch, length, embed]
         return self.output_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
             cfg.dtype
         )

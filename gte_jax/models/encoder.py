@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import gte_jax.models.lora as lora
 from gte_jax.models.pooling import POOLING_MODES, l2_normalize, pool, pool_segments
 from gte_jax.models.registry import build_tower
 
@@ -146,11 +147,25 @@ class ModelFn:
 
     graphdef: Any
     template: Any  # nnx.State; only its structure and Variable types are used
+    # Pure dict of bools, True where a parameter trains (LoRA factors when the model has any:
+    # models/lora.py); None: every parameter trains.
+    trainable: Any = None
 
     @classmethod
     def from_module(cls, module: nnx.Module) -> tuple[ModelFn, dict]:
         graphdef, state = nnx.split(module, nnx.Param)
-        return cls(graphdef, state), state.to_pure_dict()
+        return cls(graphdef, state, lora.trainable_mask(module)), state.to_pure_dict()
+
+    def split_params(self, params: Mapping[str, Any]) -> tuple[dict, dict]:
+        """(trainable, frozen) parts of a full pure param dict; frozen is {} without LoRA. Only
+        the trainable part enters the gradient and the optimizer state."""
+        if self.trainable is None:
+            return dict(params), {}
+        return lora.partition(params, self.trainable)
+
+    def join_params(self, trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+        """The full param dict from :meth:`split_params`'s two parts."""
+        return lora.combine(trainable, frozen) if frozen else dict(trainable)
 
     def module(self, params: Mapping[str, Any]) -> nnx.Module:
         state = jax.tree.map(lambda v: v, self.template)

@@ -1,0 +1,323 @@
+"""LoRA for any tower: chosen ``nnx.Linear`` layers become ``x·W + b + s·(drop(x)·A)·B``.
+
+Hu et al. 2021 (and PEFT, whose conventions we keep so adapters interchange): ``A`` [in, r] starts
+kaiming-uniform as ``torch.nn.Linear`` (bound 1/sqrt(in)), ``B`` [r, out] starts at zero, so an
+injected model computes exactly what the base did; ``s = alpha / r``; dropout acts on the LoRA
+input only. The forward never builds ``W + s·A·B``: the LoRA path costs two thin matmuls per layer
+(tevatron's JAX trainer rebuilds every full weight each step instead).
+
+Trainable vs frozen: LoRA factors are :class:`LoRAParam` (a subclass of ``nnx.Param``, so every
+split by ``nnx.Param`` still sees them). A model that has any LoRAParam trains those alone; every
+other parameter (the tower, the projection) is frozen. :func:`trainable_mask` gives that split on
+the pure parameter dict that training works on (``ModelFn``); the optimizer state and the gradient
+are taken over the trainable part only.
+
+Towers call their projections through :func:`dense` with keys from :func:`site_keys`, so a
+LoRA layer's dropout is a pure function of the step's dropout key (GradCache replays it) and a
+plain ``nnx.Linear`` is called exactly as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gte_jax.errors import ConfigError
+
+# LoRA target names per tower family: the attribute names of their projections (what a path like
+# "encoder/layers/3/query/kernel" ends with), not the torch names.
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention_output", "intermediate", "output"),
+    "decoder": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+}
+KNOWN_TARGETS = frozenset(name for names in LORA_TARGETS.values() for name in names)
+
+# Folded into a layer's dropout key for its LoRA sites: independent of the layer's own dropout
+# draws, which stay what they were without LoRA.
+_LORA_KEY_SALT = 0x10AA
+
+
+class LoRAParam(nnx.Param):
+    """A LoRA factor (``lora_a`` / ``lora_b``): the only trainable parameters of a model that has
+    any."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """The ``model.lora`` group: rank r, alpha (scale = alpha / r), dropout on the LoRA input,
+    target layer names (empty: every projection of the tower with a name in ``KNOWN_TARGETS``)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / int(self.rank)
+
+    @classmethod
+    def from_config(cls, group: Any) -> LoRAConfig | None:
+        """From a config's ``model.lora`` group; None when LoRA is off. Raises ConfigError."""
+        if not bool(group.enabled):
+            return None
+        problems = config_problems(group)
+        if problems:
+            raise ConfigError("model.lora cannot work:\n  - " + "\n  - ".join(problems))
+        return cls(
+            rank=int(group.rank),
+            alpha=float(group.alpha),
+            dropout=float(group.dropout),
+            target_modules=tuple(str(t) for t in group.target_modules),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LoRAConfig:
+        d = json.loads(text)
+        d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+
+def config_problems(group: Any) -> list[str]:
+    """What is wrong with an enabled ``model.lora`` group (empty when it can work)."""
+    problems = []
+    if not isinstance(group.rank, int) or int(group.rank) < 1:
+        problems.append(f"model.lora.rank={group.rank!r}: must be an integer >= 1 (E5-mistral: 16)")
+    if not float(group.alpha) > 0:
+        problems.append(f"model.lora.alpha={group.alpha!r}: must be > 0 (the scale is alpha/rank)")
+    if not 0.0 <= float(group.dropout) < 1.0:
+        problems.append(f"model.lora.dropout={group.dropout!r}: must be in [0, 1)")
+    unknown = sorted(set(group.target_modules) - KNOWN_TARGETS)
+    if unknown:
+        problems.append(
+            f"model.lora.target_modules: unknown {unknown}; the towers' projections are "
+            + "; ".join(f"{family}: {', '.join(names)}" for family, names in LORA_TARGETS.items())
+            + " (empty: all of the model's)"
+        )
+    return problems
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout as ``gte_jax.models.bert.dropout`` (keep where U[0,1) >= rate)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.uniform(rng, x.shape) >= rate
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class LoRALinear(nnx.Module):
+    """``nnx.Linear`` + a low-rank update: ``x·W + b + s·(drop(x)·A)·B``, same param paths for
+    ``kernel`` [in, out] and ``bias`` [out] (the HF name map and the sharding rules still apply),
+    plus ``lora_a`` [in, r] and ``lora_b`` [r, out]."""
+
+    def __init__(
+        self, base: nnx.Linear, *, rank: int, alpha: float, dropout_rate: float, rngs: nnx.Rngs
+    ):
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.use_bias = base.use_bias
+        self.dtype, self.param_dtype = base.dtype, base.param_dtype
+        self.precision = base.precision
+        self.dot_general, self.promote_dtype = base.dot_general, base.promote_dtype
+        self.preferred_element_type = base.preferred_element_type
+        self.rank, self.alpha, self.dropout_rate = int(rank), float(alpha), float(dropout_rate)
+        self.kernel = nnx.Param(base.kernel[...])  # [in, out]
+        self.bias = nnx.data(nnx.Param(base.bias[...]) if base.bias is not None else None)
+        # torch.nn.Linear's default init (kaiming_uniform, a=sqrt(5)): U(±1/sqrt(in)), as PEFT.
+        init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.lora_a = LoRAParam(init_a(rngs.params(), (self.in_features, rank), self.param_dtype))
+        self.lora_b = LoRAParam(jnp.zeros((rank, self.out_features), self.param_dtype))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        kwargs = {}
+        if self.preferred_element_type is not None:
+            kwargs["preferred_element_type"] = self.preferred_element_type
+        # The base layer exactly as nnx.Linear computes it: with B = 0 the output is the base's.
+        y = self.dot_general(
+            x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kwargs
+        )  # [..., out]
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        a, b = self.promote_dtype((self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        h = jnp.matmul(
+            dropout(x, self.dropout_rate, dropout_rng), a, precision=self.precision
+        )  # [..., rank]
+        return y + jnp.matmul(h * self.scale, b, precision=self.precision)  # [..., out]
+
+    def merged_kernel(self) -> jax.Array:
+        """``W + s·A·B`` [in, out] in the parameter dtype (export and between stages only)."""
+        delta = jnp.matmul(
+            self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST
+        )  # [in, out]
+        return (self.kernel[...] + self.scale * delta).astype(self.param_dtype)
+
+
+def dense(layer: nnx.Module, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """``layer(x)``, giving a LoRA layer its dropout key (a plain Linear is called as before)."""
+    if isinstance(layer, LoRALinear):
+        return layer(x, dropout_rng)
+    return layer(x)
+
+
+def site_keys(dropout_rng: jax.Array | None, layers: Sequence[nnx.Module]) -> list:
+    """One dropout key per layer for :func:`dense` (all None unless some layer has LoRA dropout:
+    a model without LoRA draws nothing more)."""
+    active = dropout_rng is not None and any(
+        isinstance(layer, LoRALinear) and layer.dropout_rate > 0 for layer in layers
+    )
+    if not active:
+        return [None] * len(layers)
+    return list(jax.random.split(jax.random.fold_in(dropout_rng, _LORA_KEY_SALT), len(layers)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Inject / merge on a built model
+# --------------------------------------------------------------------------------------------------
+
+
+def _replace(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str]:
+    """Replaces (in place) every ``nnx.Linear`` whose attribute name is a target by a
+    :class:`LoRALinear`; returns the paths replaced. A target this model does not have is a
+    ConfigError naming the projections it has."""
+    linears = [
+        (path, m) for path, m in nnx.iter_modules(model) if path and isinstance(m, nnx.Linear)
+    ]
+    names = {str(path[-1]) for path, _ in linears}
+    wanted = set(config.target_modules) or (names & KNOWN_TARGETS)
+    missing = sorted(wanted - names)
+    if missing or not wanted:
+        raise ConfigError(
+            f"model.lora.target_modules: {missing or 'nothing'} matches no Linear layer of this "
+            f"model; its Linear layers are {sorted(names)}"
+        )
+    done = []
+    for path, linear in linears:
+        if str(path[-1]) in wanted:
+            new = LoRALinear(
+                linear,
+                rank=config.rank,
+                alpha=config.alpha,
+                dropout_rate=config.dropout,
+                rngs=rngs,
+            )
+            _replace(model, path, new)
+            done.append("/".join(map(str, path)))
+    return done
+
+
+def lora_layers(model: nnx.Module) -> list[tuple[tuple[Any, ...], LoRALinear]]:
+    """(path, layer) of every LoRA layer of ``model``, in graph order."""
+    return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)]
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` with every LoRA layer written back as a plain ``nnx.Linear`` of kernel
+    ``W + s·A·B`` (``model`` itself is unchanged; arrays are shared where nothing changes)."""
+    layers = lora_layers(model)
+    if not layers:
+        return model
+    out = nnx.clone(model)
+    for path, layer in lora_layers(out):
+        plain = nnx.eval_shape(
+            lambda layer=layer: nnx.Linear(
+                layer.in_features,
+                layer.out_features,
+                use_bias=layer.use_bias,
+                dtype=layer.dtype,
+                param_dtype=layer.param_dtype,
+                precision=layer.precision,
+                dot_general=layer.dot_general,
+                promote_dtype=layer.promote_dtype,
+                preferred_element_type=layer.preferred_element_type,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        plain.kernel = nnx.Param(layer.merged_kernel())
+        plain.bias = nnx.data(nnx.Param(layer.bias[...]) if layer.bias is not None else None)
+        _replace(out, path, plain)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainable / frozen split of a pure parameter dict
+# --------------------------------------------------------------------------------------------------
+
+
+def trainable_mask(module: nnx.Module) -> dict | None:
+    """Pure dict of bools over ``nnx.state(module, nnx.Param)``: True on LoRA factors. None when
+    the module has no LoRA (everything trains)."""
+    if not has_lora(module):
+        return None
+    state = nnx.state(module, nnx.Param)
+    flat = [(path, isinstance(v, LoRAParam)) for path, v in nnx.to_flat_state(state)]
+    return _unflatten(flat)
+
+
+def _unflatten(items: Iterable[tuple[tuple[Any, ...], Any]]) -> dict:
+    out: dict = {}
+    for path, value in items:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def partition(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
+    """(leaves where ``mask`` is True, the rest), both nested dicts without empty branches."""
+    chosen, rest = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            a, b = partition(value, mask[key])
+            if a:
+                chosen[key] = a
+            if b:
+                rest[key] = b
+        elif mask[key]:
+            chosen[key] = value
+        else:
+            rest[key] = value
+    return chosen, rest
+
+
+def combine(a: Mapping, b: Mapping) -> dict:
+    """The union of two nested dicts with disjoint leaves (inverse of :func:`partition`)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key in out:
+            if not (isinstance(out[key], Mapping) and isinstance(value, Mapping)):
+                raise ValueError(f"parameter {key!r} is in both the trainable and frozen parts")
+            out[key] = combine(out[key], value)
+        else:
+            out[key] = value
+    return out
