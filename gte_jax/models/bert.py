@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gte_jax.models import lora
+import gte_jax.models.lora as lora
 
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
