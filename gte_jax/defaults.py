@@ -64,7 +64,22 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # pooling then reads the EOS state), in training, encode and the export's tokenizer. False:
     # the tokenizer's own post-processor as it is.
     c.append_eos = False
+    c.lora = _lora_defaults()
+    return c
 
+
+def _lora_defaults() -> ml_collections.ConfigDict:
+    # LoRA (gte_jax/models/lora.py): the tower frozen, low-rank updates x·W + s·(x·A)·B trained on
+    # the target projections (s = alpha / rank); only A and B are in the optimizer state and the
+    # checkpoints. Export writes the merged model (W + s·A·B) and the adapter in PEFT's format.
+    c = ml_collections.ConfigDict()
+    c.enabled = False
+    c.rank = 16  # E5-mistral (Wang et al. 2023, §4.1): rank 16
+    c.alpha = 32.0  # ours (2 x rank, PEFT's common choice); the paper does not give it
+    c.dropout = 0.0  # on the LoRA input only; ours
+    # Attribute names of the tower's projections, e.g. ["query", "value"] (BERT) or ["q_proj",
+    # "v_proj"] (decoders); empty: every projection of the tower (PEFT's "all-linear").
+    c.target_modules = ()
     return c
 
 

@@ -38,6 +38,7 @@ from safetensors.numpy import load as load_bytes
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_bytes
 
+import gte_jax.models.lora as lora
 from gte_jax.models import registry
 from gte_jax.models.encoder import BiEncoder
 
@@ -667,6 +668,7 @@ def export_pretrained(
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = info or PretrainedInfo()
+    model = lora.merge(model)  # LoRA layers written back as W + s·A·B: a plain HF model
     config = model.config
     params = _params_numpy(model)
     max_seq_length = _write_transformer(model, params, tokenizer, out, info, max_shard_size)
@@ -676,6 +678,73 @@ def export_pretrained(
     )
     logger.info(
         "exported %s (%s, dim %d) to %s", config.model_type, model.pooling, model.embedding_dim, out
+    )
+    return out
+
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def export_lora_adapter(
+    model: BiEncoder, out_dir: epath.PathLike, *, base_model_name_or_path: str = ""
+) -> epath.Path:
+    """The LoRA factors alone in PEFT's format (``adapter_config.json`` +
+    ``adapter_model.safetensors``), which ``peft.PeftModel.from_pretrained`` loads on the base
+    transformers model (``AutoModel`` of the exported base). Torch module names come from the
+    family's name map (``registry`` ``param_names``: the torch ``...weight`` whose kernel is the
+    layer's), so every family of :mod:`gte_jax.models.registry` exports the same way."""
+    layers = lora.lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: there is no adapter to export")
+    kernel_to_torch = {
+        tuple(where): name
+        for name, (where, transpose) in registry.family_of(model.config)
+        .param_names(model.config)
+        .items()
+        if where[-1] == "kernel" and transpose and name.endswith(".weight")
+    }
+    tensors, modules = {}, []
+    for path, layer in layers:
+        torch_weight = kernel_to_torch.get(tuple(path) + ("kernel",))
+        if torch_weight is None:
+            raise ValueError(f"LoRA layer {'/'.join(map(str, path))} has no torch name to export")
+        module = torch_weight.removesuffix(".weight")
+        modules.append(module)
+        # torch Linear weights are (out, in): A^T [r, in], B^T [out, r].
+        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            array = np.asarray(jax.device_get(getattr(layer, ours)[...]), dtype=np.float32)
+            tensors[f"base_model.model.{module}.{theirs}.weight"] = np.ascontiguousarray(array.T)
+    first = layers[0][1]
+    if any((m.rank, m.alpha, m.dropout_rate) != (first.rank, first.alpha, first.dropout_rate)
+           for _, m in layers):  # fmt: skip
+        raise ValueError("LoRA layers with different rank / alpha / dropout: not one PEFT config")
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tensors(tensors, out / PEFT_WEIGHTS_FILE)
+    _write_json(
+        out / PEFT_CONFIG_FILE,
+        {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model_name_or_path or None,
+            "r": first.rank,
+            "lora_alpha": first.alpha,
+            "lora_dropout": first.dropout_rate,
+            # Full module names: PEFT matches a list entry exactly or as a suffix after a dot, and
+            # a short "output.dense" would also catch BERT's "attention.output.dense".
+            "target_modules": modules,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "use_rslora": False,
+            "use_dora": False,
+        },
+    )
+    logger.info(
+        "exported the LoRA adapter (%d layers, rank %d) to %s", len(layers), first.rank, out
     )
     return out
 

@@ -179,7 +179,15 @@ FSDP_MODES = ("fsdp", "fsdp_tp")
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     """The logical axes :data:`PARAM_LOGICAL_AXES` gives the leaf at ``path`` (all None when no
-    rule matches or the rule's rank differs from ``ndim``)."""
+    rule matches or the rule's rank differs from ``ndim``).
+
+    LoRA factors follow their layer's kernel [in, out]: ``lora_a`` [in, r] gets (in's axis, None),
+    ``lora_b`` [r, out] (None, out's axis), so x·A·B comes out split like x·W (tensor
+    parallelism: no extra collective) and FSDP splits each factor on its wide dim."""
+    lora = re.search(r"^(.*)/lora_([ab])$", path)
+    if lora and ndim == 2:
+        kernel_in, kernel_out = logical_axes(lora.group(1) + "/kernel", 2)
+        return (kernel_in, None) if lora.group(2) == "a" else (None, kernel_out)
     for pattern, axes in PARAM_LOGICAL_AXES:
         if re.search(pattern, path):
             return axes if len(axes) == ndim else (None,) * ndim

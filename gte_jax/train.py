@@ -112,11 +112,14 @@ def update_count(opt_state: Any) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_embed_fn(model_fn: ModelFn):
-    """``embed_fn(params, inputs, rng) -> [b, D]`` for :mod:`gte_jax.gradcache` on pure params."""
+def make_embed_fn(model_fn: ModelFn, frozen: Mapping[str, Any] | None = None):
+    """``embed_fn(params, inputs, rng) -> [b, D]`` for :mod:`gte_jax.gradcache` on pure params.
+
+    With ``frozen`` (LoRA: the frozen base, a traced argument of the step, never a constant),
+    ``params`` is the trainable part only, so gradients are taken w.r.t. it alone."""
 
     def embed_fn(params, inputs, rng):
-        model = model_fn.module(params)
+        model = model_fn.module(model_fn.join_params(params, frozen) if frozen else params)
         optional = ("token_type_ids", "pool_mask", "segment_ids", "position_ids", "slot_index")
         extra = {k: inputs[k] for k in optional if k in inputs}  # the last three: packed rows
         out = model(inputs["input_ids"], inputs["attention_mask"], dropout_rng=rng, **extra)
@@ -144,7 +147,9 @@ def make_train_step(
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` on the global batch.
 
-    ``state`` = {"params", "opt_state", "step", "rng"}. The dropout key of a step is
+    ``state`` = {"params", "opt_state", "step", "rng"} (+ "frozen" with LoRA: the frozen base,
+    passed through unchanged; "params" and the optimizer state are the LoRA factors alone).
+    The dropout key of a step is
     ``fold_in(rng, step)``: a pure function of the step, so a resumed run draws the same masks.
     A non-finite loss or gradient leaves params and optimizer state untouched (``metrics["finite"]``
     says so; the loop counts and stops after too many in a row). With ``schedule``,
@@ -153,10 +158,10 @@ def make_train_step(
     """
     from gte_jax import gradcache as gc
 
-    embed_fn = make_embed_fn(model_fn)
     loss_fn = gc.make_loss_fn(loss_name, **dict(loss_kwargs))
 
     def step_fn(state, batch):
+        embed_fn = make_embed_fn(model_fn, state.get("frozen"))
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         if gradcache:
             (loss, metrics), grads = gc.cached_value_and_grad(
@@ -175,12 +180,15 @@ def make_train_step(
         metrics["finite"] = finite
         if schedule is not None:
             metrics["learning_rate"] = schedule(update_count(state["opt_state"]))
-        return {
+        new_state = {
             "params": keep(new_params, state["params"]),
             "opt_state": keep(new_opt, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": state["rng"],
-        }, metrics
+        }
+        if "frozen" in state:  # returned as given: the donated buffers are reused in place
+            new_state["frozen"] = state["frozen"]
+        return new_state, metrics
 
     return step_fn
 
@@ -326,6 +334,10 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         problems.append(
             f"model.padding_side={config.model.padding_side!r}: use auto, left or right"
         )
+    if config.model.lora.enabled:
+        from gte_jax.models import lora
+
+        problems.extend(lora.config_problems(config.model.lora))
     if tcfg.schedule not in ("linear", "cosine", "constant"):
         problems.append(f"train.schedule={tcfg.schedule!r}: use linear, cosine or constant")
     if config.sharding.params not in shd.SHARDING_MODES:
@@ -494,12 +506,15 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     )
     iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
     tx, schedule = make_optimizer(tcfg, total_steps)
+    _inject_lora(config, model, workdir, is_main)
     model_fn, params = ModelFn.from_module(model)
-    state = initial_state(params, tx, int(tcfg.seed), mesh, config.sharding)
-    restored = ckpt.restore(abstract_like(state))
+    trainable, frozen = model_fn.split_params(params)
+    state = initial_state(trainable, tx, int(tcfg.seed), mesh, config.sharding, frozen=frozen)
+    restored = ckpt.restore(abstract_like(checkpointed(state)))
     start_step = 0
     if restored is not None:
-        start_step, state, data_state = restored
+        start_step, saved, data_state = restored
+        state = {**state, **saved}
         iterator.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start_step)
     jit_step = _compiled_step(config, model_fn, tx, schedule, num_chunks, mesh, state)
@@ -507,6 +522,24 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
         state, start_step, ckpt, jit_step,
     )  # fmt: skip
+
+
+def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) -> None:
+    """With ``model.lora.enabled``: LoRA layers on the target projections (A from the run's seed)
+    and ``<workdir>/lora.json``, which export and later stages read to rebuild the model."""
+    from flax import nnx
+
+    from gte_jax.models import lora
+
+    lora_cfg = lora.LoRAConfig.from_config(config.model.lora)
+    if lora_cfg is None:
+        return
+    paths = lora.inject(model, lora_cfg, rngs=nnx.Rngs(int(config.train.seed)))
+    log.info("LoRA (rank %d, alpha %g) on %d layers", lora_cfg.rank, lora_cfg.alpha, len(paths))
+    if is_main:
+        from gte_jax import workdir as wd
+
+        (workdir / wd.LORA_FILE).write_text(lora_cfg.to_json())
 
 
 def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state) -> Callable:
@@ -536,28 +569,52 @@ def _cache_size(fn: Any) -> int | None:
     return int(size()) if callable(size) else None
 
 
-def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
-    """The train state every step, checkpoint and test uses: params, optimizer state, step, RNG."""
-    return {
+def init_train_state(
+    params: Any, tx: optax.GradientTransformation, seed: int, frozen: Any = None
+) -> dict[str, Any]:
+    """The train state every step, checkpoint and test uses: params, optimizer state, step, RNG;
+    with ``frozen`` (LoRA's frozen base: ``ModelFn.split_params``) also "frozen", which is in
+    neither the optimizer state nor the checkpoints (:func:`checkpointed`)."""
+    state = {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(seed)),
     }
+    if frozen:
+        state["frozen"] = frozen
+    return state
 
 
-def initial_state(params: Any, tx, seed: int, mesh, sharding_cfg: Any) -> dict[str, Any]:
+def checkpointed(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint holds: the state less LoRA's frozen base, which the run reloads from
+    ``model.init_from`` (the same bits: ``<workdir>/base_model`` is written from it)."""
+    return {k: v for k, v in state.items() if k != "frozen"}
+
+
+def full_params(model_fn: ModelFn, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Every parameter of the model (trainable + frozen): what eval and export rebuild it from."""
+    return model_fn.join_params(state["params"], state.get("frozen", {}))
+
+
+def initial_state(
+    params: Any, tx, seed: int, mesh, sharding_cfg: Any, frozen: Any = None
+) -> dict[str, Any]:
     """``init_train_state`` created where it lives: each parameter goes from host memory straight
     to its shards (``sharding.place``), and the optimizer state is made by a jitted init with the
     state's shardings, so under FSDP no device ever holds a whole model or its Adam moments (a
-    7B model starts on chips that could not hold it)."""
-    abstract = jax.eval_shape(lambda p: init_train_state(p, tx, seed), params)
-    shardings = shd.state_shardings(abstract, mesh, sharding_cfg)
+    7B model starts on chips that could not hold it). ``frozen``: LoRA's frozen base, placed the
+    same way."""
+
+    def init(p, f):
+        return init_train_state(p, tx, seed, frozen=f)
+
+    frozen = frozen or None
+    shardings = shd.state_shardings(jax.eval_shape(init, params, frozen), mesh, sharding_cfg)
     placed = shd.place(params, shardings["params"])
-    init = jax.jit(
-        lambda p: init_train_state(p, tx, seed), out_shardings=shardings, donate_argnums=0
-    )
-    return init(placed)
+    if frozen is not None:
+        frozen = shd.place(frozen, shardings["frozen"])
+    return jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(placed, frozen)
 
 
 def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
@@ -628,7 +685,7 @@ class _Loop:
     def run(self) -> None:
         st = self.st
         if self.evaluator.enabled and st.config.eval.at_start and self.step == 0:
-            self.evaluator(0, st.state["params"])
+            self.evaluator(0, full_params(st.model_fn, st.state))
         self.preempt.install()
         t0 = time.perf_counter()
         try:
@@ -691,12 +748,15 @@ class _Loop:
             )
 
     def _evaluate(self, ctx: hooks_lib.StepContext) -> None:
-        self.evaluator(ctx.step, ctx.state["params"])
+        self.evaluator(ctx.step, full_params(self.st.model_fn, ctx.state))
 
     def _checkpoint_and_preemption(self, ctx: hooks_lib.StepContext) -> None:
         stop = _preempted(self.preempt)
         self.st.ckpt.save(
-            ctx.step, ctx.state, self.st.iterator.get_state(), force=stop or ctx.is_last
+            ctx.step,
+            checkpointed(ctx.state),
+            self.st.iterator.get_state(),
+            force=stop or ctx.is_last,
         )
         if stop:
             log.warning(
@@ -712,7 +772,7 @@ class _Loop:
         st = self.st
         completed = self.step >= st.total_steps
         if completed and self.evaluator.enabled and not self.evaluator.last:
-            self.evaluator(self.step, st.state["params"])  # resumed after its last step
+            self.evaluator(self.step, full_params(st.model_fn, st.state))  # resumed at the end
         floor = LOSS_FLOORS[str(st.config.loss.name)]
         stats = st.iterator.stats()
         summary = {

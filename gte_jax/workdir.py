@@ -36,6 +36,13 @@ OFFLINE_MODELS = {
 }
 
 
+# A LoRA run's workdir holds its LoRAConfig here: its checkpoints hold the LoRA factors only,
+# the frozen base is base_model/.
+LORA_FILE = "lora.json"
+# Where an export of a LoRA run puts the adapter alone (PEFT's format), beside the merged model.
+LORA_ADAPTER_DIR = "lora_adapter"
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A model spec that names no model directory, workdir or known offline model."""
 
@@ -99,25 +106,45 @@ def load_model(
     gives its newest readable checkpoint's parameters (e.g. stage 1 for stage 2). ``host``: an
     HF directory's parameters stay NumPy arrays (``gte_jax.hf.load_model``)."""
     from gte_jax import hf
-    from gte_jax.checkpoint import Checkpointer
-    from gte_jax.models.encoder import ModelFn
+    from gte_jax.models import lora
 
     path = resolve_model_path(spec)
     if not is_workdir(path):
         return hf.load_pretrained(path, dtype=dtype, host=host, **config_overrides)
-    model, tokenizer, info = hf.load_pretrained(
-        path / "base_model", dtype=dtype, host=host, **config_overrides
+    model, tokenizer, info, step = _checkpoint_model(
+        path, None, dtype=dtype, host=host, **config_overrides
     )
-    ckpt = Checkpointer(path / "checkpoints", every_steps=0)
-    try:
-        step, saved = ckpt.restore_unsharded(host=host)
-    finally:
-        ckpt.close()
-    model_fn, _ = ModelFn.from_module(model)
-    model = model_fn.module(saved["params"])
     log.info("loaded %s, checkpoint step %d", path, step)
     info.source = f"{path} (step {step})"
-    return model, tokenizer, info
+    # A LoRA run's model as a plain one (W + s·A·B): what a later stage or an Embedder starts from.
+    return lora.merge(model), tokenizer, info
+
+
+def _checkpoint_model(
+    workdir: epath.Path, step: int | None, *, host: bool = False, **load_kwargs: Any
+):
+    """(model, tokenizer, info, step): ``base_model/`` with a checkpoint's parameters (default:
+    the newest readable one; ``host``: NumPy arrays); a LoRA run's model keeps its LoRA layers
+    (``lora.json``)."""
+    from flax import nnx
+
+    from gte_jax import hf
+    from gte_jax.checkpoint import Checkpointer
+    from gte_jax.models import lora
+    from gte_jax.models.encoder import ModelFn
+
+    model, tokenizer, info = hf.load_pretrained(workdir / "base_model", host=host, **load_kwargs)
+    if (workdir / LORA_FILE).exists():
+        lora_cfg = lora.LoRAConfig.from_json((workdir / LORA_FILE).read_text())
+        lora.inject(model, lora_cfg, rngs=nnx.Rngs(0))  # A and B are the checkpoint's
+    ckpt = Checkpointer(workdir / "checkpoints", every_steps=0)
+    try:
+        step, saved = ckpt.restore_unsharded(step, host=host)
+    finally:
+        ckpt.close()
+    model_fn, params = ModelFn.from_module(model)
+    _, frozen = model_fn.split_params(params)
+    return model_fn.module(model_fn.join_params(saved["params"], frozen)), tokenizer, info, step
 
 
 def inference_path(spec: str | epath.PathLike) -> epath.Path:
@@ -149,26 +176,25 @@ def export_workdir(
     """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
     its newest readable one); returns (output, the step exported)."""
     from gte_jax import hf
-    from gte_jax.checkpoint import Checkpointer
-    from gte_jax.models.encoder import ModelFn
+    from gte_jax.models import lora
 
     workdir = epath.Path(workdir)
     if not is_workdir(workdir):
         raise ModelNotFoundError(
             f"{workdir} is not a gte-jax workdir (no checkpoints/ and base_model/)"
         )
-    model, tokenizer, info = hf.load_pretrained(workdir / "base_model")
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=0)
-    try:
-        step, saved = ckpt.restore_unsharded(step)
-    finally:
-        ckpt.close()
-    model_fn, _ = ModelFn.from_module(model)
-    model = model_fn.module(saved["params"])
+    model, tokenizer, info, step = _checkpoint_model(workdir, step)
     if jax.process_index() == 0:
         card = dict(card or {})
         card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
+        # A LoRA run: the merged model (export_pretrained merges), and the adapter alone.
         hf.export_pretrained(model, tokenizer, output, card=card, info=info)
+        if lora.has_lora(model):
+            hf.export_lora_adapter(
+                model,
+                epath.Path(output) / LORA_ADAPTER_DIR,
+                base_model_name_or_path=str(workdir / "base_model"),
+            )
     return epath.Path(output), step
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gte_jax.errors import ConfigError
@@ -160,12 +161,17 @@ class LoRALinear(nnx.Module):
         )  # [..., rank]
         return y + jnp.matmul(h * self.scale, b, precision=self.precision)  # [..., out]
 
-    def merged_kernel(self) -> jax.Array:
-        """``W + s·A·B`` [in, out] in the parameter dtype (export and between stages only)."""
+    def merged_kernel(self) -> jax.Array | np.ndarray:
+        """``W + s·A·B`` [in, out] in the parameter dtype (export and between stages only). A
+        kernel in host memory (NumPy: a model loaded to be placed shard by shard) stays there."""
+        kernel = self.kernel[...]
+        if isinstance(kernel, np.ndarray):
+            delta = np.asarray(self.lora_a[...]) @ np.asarray(self.lora_b[...])  # [in, out]
+            return (kernel + self.scale * delta).astype(self.param_dtype)
         delta = jnp.matmul(
             self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST
         )  # [in, out]
-        return (self.kernel[...] + self.scale * delta).astype(self.param_dtype)
+        return (kernel + self.scale * delta).astype(self.param_dtype)
 
 
 def dense(layer: nnx.Module, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
