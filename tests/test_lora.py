@@ -1,0 +1,292 @@
+"""LoRA (gte_jax/models/lora.py): B = 0 gives the base model bit for bit; the forward against a
+float64 NumPy reference; gradients against the merged formulation; the frozen base outside the
+optimizer state, the gradient and the checkpoints; GradCache + LoRA == plain autodiff; FSDP on 8
+fake devices; `gte-jax train` with LoRA resumes bitwise, and its merged export (sentence-
+transformers) and its PEFT adapter (peft + transformers) embed as our LoRA forward does."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gte_jax import sharding as shd
+from gte_jax import train
+from gte_jax.errors import ConfigError
+from gte_jax.models import lora
+from gte_jax.models.bert import EncoderConfig
+from gte_jax.models.encoder import BiEncoder, ModelFn
+
+SMALL = EncoderConfig(
+    vocab_size=60,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    max_position_embeddings=32,
+)
+LORA = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.1)
+
+
+def _small_model(seed=0):
+    return BiEncoder(SMALL, pooling="mean", normalize=True, rngs=nnx.Rngs(seed))
+
+
+def _inputs():
+    ids = jnp.array([[2, 7, 9, 11, 3, 0], [4, 5, 6, 0, 0, 0], [8, 1, 10, 12, 13, 14]], jnp.int32)
+    return ids, (ids > 0).astype(jnp.int32)
+
+
+def _embed(model, ids, mask, key=None):
+    """``model(ids, mask, dropout_rng=key)``, jitted (op-by-op dispatch is slower than a compile)."""
+    fn, params = ModelFn.from_module(model)
+    return jax.jit(lambda p, k: fn.module(p)(ids, mask, dropout_rng=k))(params, key)
+
+
+def _randomise_b(model, seed=1):
+    """B != 0 on every LoRA layer (at init B = 0 and the LoRA path would be invisible)."""
+    for i, (_, layer) in enumerate(lora.lora_layers(model)):
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        layer.lora_b[...] = 0.3 * jax.random.normal(key, layer.lora_b[...].shape)
+
+
+def test_zero_b_gives_the_base_model_outputs():
+    """Bit for bit op by op (B = 0 adds exact zeros); jitted with dropout to float32 roundoff
+    (XLA fuses the extra add differently): the base's own dropout masks are unchanged by LoRA's
+    keys (folded in, not split off)."""
+    model = _small_model()
+    ids, mask = _inputs()
+    key = jax.random.key(3)
+    base, base_drop = model(ids, mask), _embed(model, ids, mask, key)
+    paths = lora.inject(model, LORA, rngs=nnx.Rngs(1))
+    assert len(paths) == 12  # 6 projections x 2 layers
+    np.testing.assert_array_equal(model(ids, mask), base)
+    np.testing.assert_allclose(_embed(model, ids, mask, key), base_drop, rtol=0, atol=1e-6)
+    a = np.asarray(lora.lora_layers(model)[0][1].lora_a[...])
+    bound = 1.0 / np.sqrt(SMALL.hidden_size)  # torch.nn.Linear's (PEFT's) kaiming-uniform bound
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.5 * bound
+    _randomise_b(model)
+    assert np.abs(np.asarray(_embed(model, ids, mask, key) - base_drop)).max() > 1e-3
+
+
+def _layer_and_x(dropout_rate=0.25, dtype=jnp.float32):
+    base = nnx.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(0))
+    base.bias[...] = jnp.linspace(-1, 1, 5)
+    layer = lora.LoRALinear(base, rank=3, alpha=6.0, dropout_rate=dropout_rate, rngs=nnx.Rngs(1))
+    layer.lora_b[...] = jax.random.normal(jax.random.key(2), (3, 5))
+    x = jax.random.normal(jax.random.key(4), (2, 4, 6))
+    return layer, x
+
+
+def test_forward_equals_float64_reference_with_dropout():
+    layer, x = _layer_and_x()
+    key = jax.random.key(7)
+    w, b = (np.asarray(v[...], np.float64) for v in (layer.kernel, layer.bias))
+    a, bb = (np.asarray(v[...], np.float64) for v in (layer.lora_a, layer.lora_b))
+    x64 = np.asarray(x, np.float64)
+    keep = np.asarray(jax.random.uniform(key, x.shape)) >= 0.25  # the draws lora.dropout makes
+    for rng, x_lora in ((None, x64), (key, np.where(keep, x64 / 0.75, 0.0))):
+        expected = x64 @ w + b + 2.0 * (x_lora @ a) @ bb  # s = alpha / r = 2
+        np.testing.assert_allclose(np.asarray(layer(x, rng)), expected, rtol=1e-5, atol=1e-5)
+    # The merged kernel W + s·A·B (export) gives the same map without dropout.
+    np.testing.assert_allclose(
+        np.asarray(layer.merged_kernel(), np.float64), w + 2.0 * a @ bb, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_gradient_equals_the_merged_formulation():
+    """jax.grad through x·W + s·(x·A)·B equals jax.grad through x·(W + s·A·B), whole model."""
+    model = _small_model()
+    base_fn, base_params = ModelFn.from_module(nnx.clone(model))
+    lora.inject(model, lora.LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(1))
+    _randomise_b(model)
+    model_fn, params = ModelFn.from_module(model)
+    trainable, frozen = model_fn.split_params(params)
+    ids, mask = _inputs()
+    target = jax.random.normal(jax.random.key(9), (3, SMALL.hidden_size))
+
+    def ours(p):
+        return jnp.sum(model_fn.module(model_fn.join_params(p, frozen))(ids, mask) * target)
+
+    def merged(p):  # independent of LoRALinear: plain Linears with kernel W + s·A·B
+        full = jax.tree.map(lambda v: v, base_params)
+        for i, layer in p["encoder"]["layers"].items():
+            for name, f in layer.items():
+                kernel = full["encoder"]["layers"][i][name]["kernel"]
+                delta = jnp.matmul(f["lora_a"], f["lora_b"], precision="highest")
+                full["encoder"]["layers"][i][name]["kernel"] = kernel + 2.0 * delta
+        return jnp.sum(base_fn.module(full)(ids, mask) * target)
+
+    ours, merged = jax.jit(ours), jax.jit(merged)
+    np.testing.assert_allclose(ours(trainable), merged(trainable), rtol=1e-5)
+    g_ours, g_merged = jax.jit(jax.grad(ours))(trainable), jax.jit(jax.grad(merged))(trainable)
+    assert jax.tree.structure(g_ours) == jax.tree.structure(trainable)  # A and B only
+    for x, y in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_merged), strict=True):
+        scale = float(np.abs(np.asarray(y)).max())
+        assert scale > 1e-4
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5 * scale)
+
+
+def test_inject_refuses_targets_the_model_lacks_and_merge_gives_a_plain_model():
+    with pytest.raises(ConfigError, match=r"q_proj.*'attention_output'"):
+        lora.inject(_small_model(), lora.LoRAConfig(target_modules=("q_proj",)), rngs=nnx.Rngs(0))
+    model = _small_model()
+    lora.inject(model, lora.LoRAConfig(target_modules=("query", "value")), rngs=nnx.Rngs(0))
+    assert [p[-1] for p, _ in lora.lora_layers(model)] == ["query", "value"] * 2
+    _randomise_b(model)
+    ids, mask = _inputs()
+    merged = lora.merge(model)
+    assert lora.has_lora(model) and not lora.has_lora(merged)
+    np.testing.assert_allclose(_embed(merged, ids, mask), _embed(model, ids, mask), atol=1e-6)
+
+
+def _lora_config(**lora_fields):
+    from gte_jax.defaults import stage_config
+
+    config = stage_config()
+    config.model.lora.enabled = True
+    config.model.lora.update(lora_fields)
+    return config
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"rank": 0}, "rank=0"),
+        ({"alpha": -1.0}, "alpha=-1.0"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+        ({"target_modules": ("query", "qproj")}, "unknown \\['qproj'\\]"),
+    ],
+)
+def test_check_config_refuses_impossible_lora(fields, message):
+    mesh = shd.make_mesh(1, 1, jax.devices()[:1])
+    with pytest.raises(train.TrainingError, match=message):
+        train.check_config(_lora_config(**fields), mesh)
+    assert train.check_config(_lora_config(), mesh) == 1
+
+
+def _lora_state(tiny_model_dir, tx, *, dropout=0.1):
+    from gte_jax import hf
+
+    model, tokenizer, _ = hf.load_pretrained(tiny_model_dir)
+    lora.inject(model, lora.LoRAConfig(rank=4, alpha=8.0, dropout=dropout), rngs=nnx.Rngs(0))
+    _randomise_b(model)  # gradients reach A too
+    model_fn, params = ModelFn.from_module(model)
+    trainable, frozen = model_fn.split_params(params)
+    state = jax.device_get(train.init_train_state(trainable, tx, seed=0, frozen=frozen))
+    return model_fn, state, tokenizer
+
+
+def _paths(tree):
+    return {shd.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_opt_state_holds_lora_factors_only(tiny_model_dir):
+    tx, _ = train.make_optimizer(ml_collections.ConfigDict({"warmup_steps": 0}), total_steps=4)
+    _, state, _ = _lora_state(tiny_model_dir, tx)
+    param_paths = _paths(state["params"])
+    assert param_paths and all(p.endswith(("/lora_a", "/lora_b")) for p in param_paths)
+    assert len(param_paths) == 2 * 6 * 2  # A and B x 6 projections x 2 layers
+    moments = [p for p in _paths(state["opt_state"]) if "/mu/" in p or "/nu/" in p]
+    assert len(moments) == 2 * len(param_paths)
+    assert all(p.endswith(("/lora_a", "/lora_b")) for p in moments)
+    assert "frozen" in state and not any(p.endswith("/lora_a") for p in _paths(state["frozen"]))
+    assert set(train.checkpointed(state)) == {"params", "opt_state", "step", "rng"}
+
+
+def _pairs(tokenizer, batch_size):
+    """A batch of query/positive pairs (two roles: fewer programs to compile than triples)."""
+    from gte_jax.data.pipeline import DEMO_DIR, build_iterator, build_sources, default_data_config
+
+    data = default_data_config()
+    data.train_files = str(DEMO_DIR / "bible_kjv_web_ot.jsonl")
+    data.batch_size = batch_size
+    data.query_max_length = data.doc_max_length = 32
+    return next(build_iterator(data, tokenizer=tokenizer, sources=build_sources(data)))
+
+
+def _step(model_fn, tx, mesh, state, batch, shardings=None, **kwargs):
+    step = jax.jit(
+        train.make_train_step(
+            model_fn, tx, loss_name="gte", loss_kwargs={"temperature": 0.05}, mesh=mesh, **kwargs
+        ),
+        out_shardings=(shardings, None) if shardings is not None else None,
+    )
+    placed = shd.place(state, shardings) if shardings is not None else shd.shard_params(state, mesh)
+    new, metrics = step(placed, shd.global_batch(batch, mesh))
+    return placed, jax.device_get(new), jax.device_get(metrics)
+
+
+LR = 0.5
+
+
+@pytest.fixture(scope="module")
+def lora_steps(tiny_model_dir):
+    """One SGD step (the params after it carry the gradient itself, scale included), LoRA dropout
+    on, 4 chunks: plain autodiff and GradCache on 2 devices, GradCache + FSDP on 8 (the dropout
+    masks depend on the chunks, not on the device count)."""
+    tx = optax.sgd(LR)
+    model_fn, state, tokenizer = _lora_state(tiny_model_dir, tx, dropout=0.3)
+    batch = _pairs(tokenizer, 32)
+    fsdp_mesh = shd.make_mesh(8, 1)
+    fsdp_shardings = shd.state_shardings(state, fsdp_mesh, "fsdp")
+    runs = {"init": state, "fsdp_shardings": fsdp_shardings}
+    two = shd.make_mesh(2, 1, jax.devices()[:2])
+    for name, mesh, kwargs in (
+        ("plain", two, {}),
+        ("gradcache", two, {"gradcache": True}),
+        ("fsdp", fsdp_mesh, {"gradcache": True, "shardings": fsdp_shardings}),
+    ):
+        placed, new, metrics = _step(model_fn, tx, mesh, state, batch, num_chunks=4, **kwargs)
+        runs[name] = (new, metrics)
+        runs[f"{name}_placed"] = placed
+    return runs
+
+
+def _assert_same_gradients(a, b, init):
+    """(init - params) / lr per leaf, to 1e-5 of the leaf's largest entry (float32 sums in
+    another order: measured below 2e-6 of the scale)."""
+    for x, y, x0 in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(init), strict=True):
+        gx, gy = (np.asarray(x0) - np.asarray(x)) / LR, (np.asarray(x0) - np.asarray(y)) / LR
+        scale = float(np.abs(gy).max())
+        assert scale > 0
+        np.testing.assert_allclose(gx, gy, rtol=0, atol=1e-5 * scale)
+
+
+def test_a_step_moves_every_lora_factor_and_no_base_weight(lora_steps):
+    init, (plain, metrics) = lora_steps["init"], lora_steps["plain"]
+    assert bool(metrics["finite"]) and float(metrics["grad_norm"]) > 1e-3
+    for x, y in zip(jax.tree.leaves(plain["frozen"]), jax.tree.leaves(init["frozen"]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    moved = [
+        float(np.abs(x - y).max())
+        for x, y in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(init["params"]), strict=True)
+    ]  # fmt: skip
+    assert min(moved) > 1e-6  # every A and B got an update
+
+
+def test_gradcache_with_lora_equals_plain_autodiff_with_dropout(lora_steps):
+    """GradCache replays each chunk's dropout key (LoRA's included) in both passes."""
+    (plain, m_plain), (cached, m_cached) = lora_steps["plain"], lora_steps["gradcache"]
+    np.testing.assert_allclose(m_cached["loss"], m_plain["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m_cached["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
+    _assert_same_gradients(cached["params"], plain["params"], lora_steps["init"]["params"])
+
+
+def test_fsdp_shards_lora_like_its_kernel_and_equals_replicated(lora_steps):
+    """A [in, r] and B [r, out] split on their wide dim (1/8 per device), their optimizer state
+    alike; the frozen base FSDP-sharded too; the GradCache step equals the replicated one."""
+    shardings = lora_steps["fsdp_shardings"]
+    layer0 = shardings["params"]["encoder"]["layers"][0]
+    assert layer0["query"]["lora_a"].spec == jax.sharding.PartitionSpec("data", None)
+    assert layer0["intermediate"]["lora_b"].spec == jax.sharding.PartitionSpec(None, "data")
+    assert "data" in shardings["frozen"]["encoder"]["layers"][0]["intermediate"]["kernel"].spec
+    a = lora_steps["fsdp_placed"]["params"]["encoder"]["layers"][0]["query"]["lora_a"]
+    assert a.addressable_shards[0].data.shape == (a.shape[0] // 8, a.shape[1])
+    (fsdp, m_fsdp), (cached, m_cached) = lora_steps["fsdp"], lora_steps["gradcache"]
+    np.testing.assert_allclose(m_fsdp["grad_norm"], m_cached["grad_norm"], rtol=1e-5)
+    _assert_same_gradients(fsdp["params"], cached["params"], lora_steps["init"]["params"])
