@@ -6,6 +6,9 @@ transformers) and its PEFT adapter (peft + transformers) embed as our LoRA forwa
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -290,3 +293,141 @@ def test_fsdp_shards_lora_like_its_kernel_and_equals_replicated(lora_steps):
     (fsdp, m_fsdp), (cached, m_cached) = lora_steps["fsdp"], lora_steps["gradcache"]
     np.testing.assert_allclose(m_fsdp["grad_norm"], m_cached["grad_norm"], rtol=1e-5)
     _assert_same_gradients(fsdp["params"], cached["params"], lora_steps["init"]["params"])
+
+
+# --------------------------------------------------------------------------------------------------
+# `gte-jax train` with LoRA: resume, export, PEFT
+# --------------------------------------------------------------------------------------------------
+
+LORA_FLAGS = (
+    "--config.model.lora.enabled=true",
+    "--config.model.lora.rank=4",
+    "--config.model.lora.alpha=8",
+    "--config.model.lora.dropout=0.1",
+    "--config.train.learning_rate=1e-2",
+)
+TEXTS = ["In the beginning God created the heaven and the earth.", "", "naïve café ☕ " * 5]
+
+
+def _train(tiny_model_dir, workdir, *extra):
+    from test_train import _env, _train_cmd
+
+    out = subprocess.run(
+        _train_cmd(tiny_model_dir, workdir, *LORA_FLAGS, *extra),
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((workdir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lora_workdir(tiny_model_dir, tmp_path_factory):
+    """8 steps of LoRA fine-tuning (dropout on), exported."""
+    workdir = tmp_path_factory.mktemp("lora_run")
+    summary = _train(tiny_model_dir, workdir, "--config.export.enabled=true")
+    assert summary["steps"] == 8 and summary["completed"]
+    return workdir
+
+
+def _saved(workdir):
+    from test_train import _final_state
+
+    return _final_state(workdir)
+
+
+def test_lora_run_resumes_bitwise_after_a_restart(tiny_model_dir, tmp_path, lora_workdir):
+    """4 steps, a new process, 4 more (constant rate: the 4-step run's schedule is the 8-step
+    one's): the same A, B, Adam moments and step as 8 steps in one go."""
+    workdir = tmp_path / "restarted"
+    assert _train(tiny_model_dir, workdir, "--config.train.num_steps=4")["steps"] == 4
+    summary = _train(tiny_model_dir, workdir)
+    assert summary["resumed_from_step"] == 4 and summary["completed"]
+    (step_a, a), (step_b, b) = _saved(lora_workdir), _saved(workdir)
+    assert step_a == step_b == 8
+    assert set(a) == {"params", "opt_state", "step", "rng"}  # the frozen base is not saved
+    assert all(p.endswith(("/lora_a", "/lora_b")) for p in _paths(a["params"]))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _our_lora_embeddings(workdir):
+    """Our LoRA forward (unmerged) on the trained factors, rebuilt by hand from the workdir."""
+    from gte_jax import hf
+    from gte_jax.encode import Embedder
+
+    model, tokenizer, _ = hf.load_pretrained(workdir / "base_model")
+    base = Embedder(model, tokenizer).encode(TEXTS)
+    cfg = lora.LoRAConfig.from_json((workdir / "lora.json").read_text())
+    assert (cfg.rank, cfg.alpha, cfg.dropout) == (4, 8.0, 0.1)
+    lora.inject(model, cfg, rngs=nnx.Rngs(0))
+    model_fn, params = ModelFn.from_module(model)
+    _, frozen = model_fn.split_params(params)
+    _, state = _saved(workdir)
+    trained = model_fn.module(model_fn.join_params(state["params"], frozen))
+    assert lora.has_lora(trained)
+    ours = Embedder(trained, tokenizer).encode(TEXTS)
+    assert np.abs(ours - base).max() > 1e-3  # the training moved the embeddings
+    return ours, tokenizer
+
+
+def _agree(a, b):
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() >= 0.99999, cos
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_merged_export_in_sentence_transformers_equals_our_lora_forward(lora_workdir):
+    from sentence_transformers import SentenceTransformer
+
+    from gte_jax import workdir as wd
+    from gte_jax.encode import Embedder
+
+    ours, tokenizer = _our_lora_embeddings(lora_workdir)
+    export = lora_workdir / "export"
+    st = SentenceTransformer(str(export), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    _agree(st, ours)
+    # The next stage's starting point (a workdir as model spec): the merged, plain model.
+    merged, tok, _ = wd.load_model(str(lora_workdir))
+    assert not lora.has_lora(merged)
+    _agree(Embedder(merged, tok).encode(TEXTS), ours)
+
+
+def test_peft_adapter_on_the_base_model_equals_our_lora_forward(lora_workdir):
+    """`peft` loads the exported adapter on transformers' base BertModel; mean pooling and L2
+    normalisation by hand in torch (what the export's sentence-transformers modules say)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModel
+
+    ours, tokenizer = _our_lora_embeddings(lora_workdir)
+    adapter = lora_workdir / "export" / "lora_adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert "encoder.layer.1.attention.output.dense" in config["target_modules"]
+    base = AutoModel.from_pretrained(str(lora_workdir / "base_model"))
+    model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state  # [batch, length, embed]
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    theirs = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+    _agree(theirs, ours)
+    with torch.no_grad():  # the check can fail: without the adapter, the base model's embeddings
+        plain = AutoModel.from_pretrained(str(lora_workdir / "base_model"))(**enc).last_hidden_state
+    plain = torch.nn.functional.normalize((plain * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert np.abs(plain - ours).max() > 1e-3
+
+
+def test_cli_refuses_an_unknown_lora_target_with_exit_2(tiny_model_dir, tmp_path, capsys):
+    from gte_jax.cli import main
+
+    rc = main(["train", "--config", "configs/finetune.py", "--workdir", str(tmp_path),
+               f"--config.model.init_from={tiny_model_dir}", "--config.model.lora.enabled=true",
+               "--config.model.lora.target_modules=query,qkv"])  # fmt: skip
+    assert rc == 2
+    assert "qkv" in capsys.readouterr().err
