@@ -425,6 +425,18 @@ def model_flops(params: Any, num_layers: int, hidden: int, towers: Sequence[tupl
     )
 
 
+def _with_lora(model: Any, config: Any) -> Any:
+    """``model`` with the stage's LoRA layers (``model.lora``), as training injects them."""
+    from flax import nnx
+
+    from gte_jax.models import lora
+
+    lora_cfg = lora.LoRAConfig.from_config(config.model.lora)
+    if lora_cfg is not None:
+        lora.inject(model, lora_cfg, rngs=nnx.Rngs(0))
+    return model
+
+
 @dataclasses.dataclass
 class AbstractStep:
     step_fn: Any
@@ -454,9 +466,12 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
     except train.TrainingError as e:
         raise PlanError(str(e)) from None
     abstract_model = nnx.eval_shape(
-        lambda: BiEncoder(enc, normalize=bool(config.model.normalize), rngs=nnx.Rngs(0))
+        lambda: _with_lora(
+            BiEncoder(enc, normalize=bool(config.model.normalize), rngs=nnx.Rngs(0)), config
+        )
     )
     model_fn, params = ModelFn.from_module(abstract_model)
+    trainable, frozen = model_fn.split_params(params)  # LoRA: the base frozen, as in training
     tcfg = config.train
     total_steps = int(tcfg.num_steps)
     if total_steps < 1:
@@ -465,7 +480,11 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
             "it, e.g. --config.train.num_steps=10000"
         )
     tx, schedule = train.make_optimizer(tcfg, total_steps)
-    state = jax.eval_shape(lambda p: train.init_train_state(p, tx, int(tcfg.seed)), params)
+    state = jax.eval_shape(
+        lambda p, f: train.init_train_state(p, tx, int(tcfg.seed), frozen=f),
+        trainable,
+        frozen or None,
+    )
     shardings, sharding_name = _state_shardings(state, mesh, config)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
@@ -673,6 +692,10 @@ def plan(
         "sharding": step.sharding,
         "model": model_source,
         "parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.params))),
+        # What the optimizer holds: every parameter, or the LoRA factors alone.
+        "trainable_parameters": int(
+            sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.state["params"]))
+        ),
         "compile_seconds": round(compile_s, 1),
     }
     if not fits:

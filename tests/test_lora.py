@@ -440,3 +440,26 @@ def test_cli_refuses_an_unknown_lora_target_with_exit_2(tiny_model_dir, tmp_path
                "--config.model.lora.target_modules=query,qkv"])  # fmt: skip
     assert rc == 2
     assert "qkv" in capsys.readouterr().err
+
+
+def test_plan_compiles_a_lora_step_whose_optimizer_holds_the_factors_only(tmp_path, capsys):
+    """`gte-jax plan` builds the step as training does: LoRA injected, the base frozen."""
+    pytest.importorskip("libtpu")
+    from conftest import TINY_BERT
+    from test_plan import TINY_CONFIG, _run
+
+    (tmp_path / "tiny.py").write_text(TINY_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_BERT))
+    rc, out, err = _run(
+        ["--config", str(tmp_path / "tiny.py"), "--topology", "v5e:2x2",
+         "--model-config", str(tmp_path / "config.json"), "--config.model.lora.enabled=true",
+         "--config.model.lora.rank=4", "--config.sharding.params=fsdp"],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["fits"]
+    # Per layer: q, k, v, o (32 -> 32), intermediate (32 -> 64), output (64 -> 32); x 2 layers.
+    per_layer = 4 * (32 + 32) + (32 + 64) + (64 + 32)
+    assert report["trainable_parameters"] == 2 * 4 * per_layer
+    assert report["parameters"] > 100 * report["trainable_parameters"]
