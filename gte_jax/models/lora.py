@@ -36,7 +36,8 @@ from gte_jax.errors import ConfigError
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "bert": ("query", "key", "value", "attention_output", "intermediate", "output"),
     "decoder": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+    # T5 encoder (wip-t5): BERT's names plus the gated-GELU MLP's second input projection.
+    "t5": ("query", "key", "value", "attention_output", "intermediate", "gate", "output"),
 }
 KNOWN_TARGETS = frozenset(name for names in LORA_TARGETS.values() for name in names)
 
