@@ -181,10 +181,10 @@ def test_check_config_refuses_impossible_lora(fields, message):
     assert train.check_config(_lora_config(), mesh) == 1
 
 
-def _lora_state(tiny_model_dir, tx, *, dropout=0.1):
+def _lora_state(tiny_model_dir, tx, *, dropout=0.1, remat=False):
     from gte_jax import hf
 
-    model, tokenizer, _ = hf.load_pretrained(tiny_model_dir)
+    model, tokenizer, _ = hf.load_pretrained(tiny_model_dir, remat=remat)
     lora.inject(model, lora.LoRAConfig(rank=4, alpha=8.0, dropout=dropout), rngs=nnx.Rngs(0))
     _randomise_b(model)  # gradients reach A too
     model_fn, params = ModelFn.from_module(model)
@@ -239,21 +239,23 @@ LR = 0.5
 @pytest.fixture(scope="module")
 def lora_steps(tiny_model_dir):
     """One SGD step (the params after it carry the gradient itself, scale included), LoRA dropout
-    on, 4 chunks: plain autodiff and GradCache on 2 devices, GradCache + FSDP on 8 (the dropout
-    masks depend on the chunks, not on the device count)."""
+    on, 4 chunks: plain autodiff and GradCache with per-layer remat on 2 devices, GradCache +
+    FSDP on 8 (the dropout masks depend on the chunks, not on the device count)."""
     tx = optax.sgd(LR)
     model_fn, state, tokenizer = _lora_state(tiny_model_dir, tx, dropout=0.3)
+    remat_fn, remat_state, _ = _lora_state(tiny_model_dir, tx, dropout=0.3, remat=True)
+    assert jax.tree.structure(remat_state) == jax.tree.structure(state)
     batch = _pairs(tokenizer, 32)
     fsdp_mesh = shd.make_mesh(8, 1)
     fsdp_shardings = shd.state_shardings(state, fsdp_mesh, "fsdp")
     runs = {"init": state, "fsdp_shardings": fsdp_shardings}
     two = shd.make_mesh(2, 1, jax.devices()[:2])
-    for name, mesh, kwargs in (
-        ("plain", two, {}),
-        ("gradcache", two, {"gradcache": True}),
-        ("fsdp", fsdp_mesh, {"gradcache": True, "shardings": fsdp_shardings}),
+    for name, fn, mesh, kwargs in (
+        ("plain", model_fn, two, {}),
+        ("gradcache", remat_fn, two, {"gradcache": True}),
+        ("fsdp", model_fn, fsdp_mesh, {"gradcache": True, "shardings": fsdp_shardings}),
     ):
-        placed, new, metrics = _step(model_fn, tx, mesh, state, batch, num_chunks=4, **kwargs)
+        placed, new, metrics = _step(fn, tx, mesh, state, batch, num_chunks=4, **kwargs)
         runs[name] = (new, metrics)
         runs[f"{name}_placed"] = placed
     return runs
@@ -281,8 +283,9 @@ def test_a_step_moves_every_lora_factor_and_no_base_weight(lora_steps):
     assert min(moved) > 1e-6  # every A and B got an update
 
 
-def test_gradcache_with_lora_equals_plain_autodiff_with_dropout(lora_steps):
-    """GradCache replays each chunk's dropout key (LoRA's included) in both passes."""
+def test_gradcache_and_remat_with_lora_equal_plain_autodiff_with_dropout(lora_steps):
+    """GradCache replays each chunk's dropout key (LoRA's included) in both passes; remat
+    recomputes each layer with the same keys."""
     (plain, m_plain), (cached, m_cached) = lora_steps["plain"], lora_steps["gradcache"]
     np.testing.assert_allclose(m_cached["loss"], m_plain["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_cached["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
