@@ -607,7 +607,7 @@ def initial_state(
     same way."""
 
     def init(p, f):
-        return init_train_state(p, tx, seed, frozen=f)
+        return init_train_state(p, tx, seed, f)
 
     frozen = frozen or None
     shardings = shd.state_shardings(jax.eval_shape(init, params, frozen), mesh, sharding_cfg)
