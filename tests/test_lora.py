@@ -466,3 +466,47 @@ def test_plan_compiles_a_lora_step_whose_optimizer_holds_the_factors_only(tmp_pa
     per_layer = 4 * (32 + 32) + (32 + 64) + (64 + 32)
     assert report["trainable_parameters"] == 2 * 4 * per_layer
     assert report["parameters"] > 100 * report["trainable_parameters"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _tower(graphdef, state, ids, mask, key):
+    return nnx.merge(graphdef, state)(ids, mask, dropout_rng=key)  # [batch, length, embed]
+
+
+def test_lora_on_a_decoder_tower_matches_peft_and_its_merged_export(tmp_path):
+    """Qwen2 (QKV bias, GQA): q/k/v/o/gate/up/down projections get LoRA; the PEFT adapter on
+    transformers' base model and the merged export give our LoRA hidden states; LoRA dropout keys
+    reach the decoder's layers (HF decoders have no dropout of their own)."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from tiny_models import tiny_decoder_dir
+    from transformers import AutoModel
+
+    from gte_jax import hf
+
+    path = tiny_decoder_dir(tmp_path, "qwen2")
+    model, tokenizer, info = hf.load_pretrained(path)
+    enc = tokenizer(["hello world", "in the beginning god created the heaven"], padding=True)
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    base = _tower(*nnx.split(model.encoder), ids, mask, None)
+    paths = lora.inject(model, lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.2), rngs=nnx.Rngs(0))
+    assert {p.rsplit("/", 1)[1] for p in paths} == set(lora.LORA_TARGETS["decoder"])
+    assert len(paths) == 7 * model.config.num_hidden_layers
+    np.testing.assert_allclose(_tower(*nnx.split(model.encoder), ids, mask, None), base, atol=1e-6)
+    _randomise_b(model)
+    graphdef, state = nnx.split(model.encoder)
+    ours = np.asarray(_tower(graphdef, state, ids, mask, None))
+    dropped = np.asarray(_tower(graphdef, state, ids, mask, jax.random.key(0)))
+    real = np.asarray(mask, bool)[..., None]
+    assert np.abs(np.where(real, ours - np.asarray(base), 0)).max() > 1e-2
+    assert np.abs(np.where(real, dropped - ours, 0)).max() > 1e-3  # LoRA dropout is drawn
+
+    adapter = hf.export_lora_adapter(model, tmp_path / "adapter")
+    hf.export_pretrained(model, tokenizer, tmp_path / "merged", info=info)
+    torch_in = {k: torch.tensor(v) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        with_peft = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(path), str(adapter))
+        merged = AutoModel.from_pretrained(tmp_path / "merged")
+        for theirs in (with_peft.eval()(**torch_in), merged.eval()(**torch_in)):
+            diff = np.where(real, theirs.last_hidden_state.numpy() - ours, 0)
+            assert np.abs(diff).max() <= 1e-5

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import gte_jax.models.lora as lora
 from gte_jax.models.bert import ACTIVATIONS, dropout, segment_positions
 
 logger = logging.getLogger(__name__)
@@ -598,9 +599,13 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         cfg = self.config
         b, n = x.shape[0], x.shape[1]
-        q = self.q_proj(x).reshape(b, n, cfg.num_attention_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, n, cfg.num_key_value_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, n, cfg.num_key_value_heads, cfg.head_dim)
+        # LoRA layers' dropout keys (None for plain Linears: nothing more is drawn).
+        q_key, k_key, v_key, o_key = lora.site_keys(
+            dropout_rng, [self.q_proj, self.k_proj, self.v_proj, self.o_proj]
+        )
+        q = lora.dense(self.q_proj, x, q_key).reshape(b, n, cfg.num_attention_heads, cfg.head_dim)
+        k = lora.dense(self.k_proj, x, k_key).reshape(b, n, cfg.num_key_value_heads, cfg.head_dim)
+        v = lora.dense(self.v_proj, x, v_key).reshape(b, n, cfg.num_key_value_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -615,7 +620,7 @@ class Attention(nnx.Module):
             dropout_rate=cfg.attention_dropout,
             dropout_rng=dropout_rng,
         )  # [batch, length, heads, head_dim]
-        return self.o_proj(ctx.reshape(b, n, -1))  # [batch, length, embed]
+        return lora.dense(self.o_proj, ctx.reshape(b, n, -1), o_key)  # [batch, length, embed]
 
 
 class MLP(nnx.Module):
@@ -628,9 +633,15 @@ class MLP(nnx.Module):
         self.up_proj = _linear(config, d, f, bias, rngs)
         self.down_proj = _linear(config, f, d, bias, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)  # [batch, length, mlp]
-        return self.down_proj(h)  # [batch, length, embed]
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        # dropout_rng: for LoRA layers' dropout only (the MLP itself has none).
+        gate_key, up_key, down_key = lora.site_keys(
+            dropout_rng, [self.gate_proj, self.up_proj, self.down_proj]
+        )
+        h = ACTIVATIONS[self.act](lora.dense(self.gate_proj, x, gate_key)) * lora.dense(
+            self.up_proj, x, up_key
+        )  # [batch, length, mlp]
+        return lora.dense(self.down_proj, h, down_key)  # [batch, length, embed]
 
 
 class DecoderLayer(nnx.Module):
@@ -663,9 +674,11 @@ class DecoderLayer(nnx.Module):
             h = self.post_attention_layernorm(h)
         x = x + dropout(h, cfg.hidden_dropout, attn_out_rng)
         if cfg.gemma:
-            h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            h = self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x), mlp_rng)
+            )
         else:
-            h = self.mlp(self.post_attention_layernorm(x))
+            h = self.mlp(self.post_attention_layernorm(x), mlp_rng)
         return x + dropout(h, cfg.hidden_dropout, mlp_rng)  # [batch, length, embed]
 
 

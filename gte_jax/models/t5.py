@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import gte_jax.models.lora as lora
 from gte_jax.models.bert import (
     ACTIVATIONS,
     _drop,
@@ -299,20 +300,29 @@ class T5Layer(nnx.Module):
                 (b, n, cfg.d_model) if cfg.dropout_rate > 0.0 else None,
             ],
         )
+        # LoRA layers' dropout keys (None for plain Linears: nothing more is drawn).
+        q_key, k_key, v_key, o_key, i_key, g_key, out_key = lora.site_keys(
+            dropout_rng,
+            [self.query, self.key, self.value, self.attention_output, self.intermediate,
+             self.gate, self.output],
+        )  # fmt: skip
         h = self.attention_layer_norm(x).astype(cfg.dtype)  # [batch, length, embed]
-        q = self.query(h).reshape(heads)  # [batch, length, heads, d_kv]
-        k = self.key(h).reshape(heads)  # [batch, length, heads, d_kv]
-        v = self.value(h).reshape(heads)  # [batch, length, heads, d_kv]
+        q = lora.dense(self.query, h, q_key).reshape(heads)  # [batch, length, heads, d_kv]
+        k = lora.dense(self.key, h, k_key).reshape(heads)  # [batch, length, heads, d_kv]
+        v = lora.dense(self.value, h, v_key).reshape(heads)  # [batch, length, heads, d_kv]
         ctx = _attention(q, k, v, mask, bias, cfg.attention_dropout, attn_u)
         ctx = ctx.reshape(b, n, cfg.inner_dim)  # [batch, length, heads * d_kv]
-        x = x + _drop(self.attention_output(ctx), cfg.dropout_rate, attn_out_u).astype(jnp.float32)
+        o = lora.dense(self.attention_output, ctx, o_key)  # [batch, length, embed]
+        x = x + _drop(o, cfg.dropout_rate, attn_out_u).astype(jnp.float32)
         h = self.mlp_layer_norm(x).astype(cfg.dtype)  # [batch, length, embed]
+        up = lora.dense(self.intermediate, h, i_key)  # [batch, length, mlp]
         if self.gate is None:
-            h = ACTIVATIONS[cfg.activation](self.intermediate(h))  # [batch, length, mlp]
+            h = ACTIVATIONS[cfg.activation](up)
         else:
-            h = ACTIVATIONS[cfg.activation](self.gate(h)) * self.intermediate(h)
+            h = ACTIVATIONS[cfg.activation](lora.dense(self.gate, h, g_key)) * up
         h = _drop(h, cfg.dropout_rate, hidden_u)  # [batch, length, mlp]
-        return x + _drop(self.output(h), cfg.dropout_rate, mlp_out_u).astype(jnp.float32)
+        h = lora.dense(self.output, h, out_key)  # [batch, length, embed]
+        return x + _drop(h, cfg.dropout_rate, mlp_out_u).astype(jnp.float32)
 
 
 def _layer_forward(
