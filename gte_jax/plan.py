@@ -403,25 +403,37 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
 _NOT_MATMUL = re.compile(r"embedding|embed_tokens|lm_head")
 
 
-def model_flops(params: Any, num_layers: int, hidden: int, towers: Sequence[tuple[int, int]]):
+def model_flops(
+    params: Any,
+    num_layers: int,
+    hidden: int,
+    towers: Sequence[tuple[int, int]],
+    *,
+    frozen: Any = None,
+):
     """Analytic model FLOPs of one train step (forward + backward), the PaLM convention of
     benchmarks/mfu.py: per token 6 x (parameters outside the embeddings and LM head) for the
     matmuls plus 12 x layers x length x hidden for attention scores and values (``hidden``: the
     attention width, heads x head_dim, which decoders may set apart from the model width);
-    ``towers`` = [(texts, length)] (queries, documents, hard negatives). Recomputation (remat,
-    GradCache's second forward) is not counted: it is the model's work, not the hardware's.
-    Causal masks and sliding windows are not discounted: XLA computes the full score matrix."""
+    ``towers`` = [(texts, length)] (queries, documents, hard negatives). ``frozen`` (LoRA's base):
+    parameters with no weight gradient, 4 x per token (forward and the input gradient).
+    Recomputation (remat, GradCache's second forward) is not counted: it is the model's work, not
+    the hardware's. Causal masks and sliding windows are not discounted: XLA computes the full
+    score matrix."""
+
     # Embedding tables are gathers, not matmuls: BERT's embeddings/*, T5's word embeddings and
     # relative position bias (every nnx.Embed's leaf is named "embedding"), a decoder's
     # embed_tokens; the LM head is not used by an embedding step.
-    non_embedding = sum(
-        int(np.prod(x.shape))
-        for path, x in jax.tree_util.tree_leaves_with_path(params)
-        if not _NOT_MATMUL.search(jax.tree_util.keystr(path))
-    )
+    def matmul_params(tree: Any) -> int:
+        return sum(
+            int(np.prod(x.shape))
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if not _NOT_MATMUL.search(jax.tree_util.keystr(path))
+        )
+
+    per_token = 6 * matmul_params(params) + 4 * matmul_params(frozen or {})
     return sum(
-        texts * length * (6 * non_embedding + 12 * num_layers * length * hidden)
-        for texts, length in towers
+        texts * length * (per_token + 12 * num_layers * length * hidden) for texts, length in towers
     )
 
 
@@ -668,7 +680,11 @@ def plan(
     # Attention's width is heads x head_dim: hidden_size for BERT, not always for T5 (T5-11B).
     enc = step.encoder
     flops = model_flops(
-        step.params, enc.num_hidden_layers, enc.num_attention_heads * enc.head_dim, step.towers
+        step.state["params"],  # what trains: every parameter, or LoRA's factors
+        enc.num_hidden_layers,
+        enc.num_attention_heads * enc.head_dim,
+        step.towers,
+        frozen=step.state.get("frozen"),
     )
     peak_flops = topo.chip.peak_bf16_flops * topo.chips
     step_s = flops / (peak_flops * mfu)

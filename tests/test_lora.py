@@ -451,6 +451,8 @@ def test_plan_compiles_a_lora_step_whose_optimizer_holds_the_factors_only(tmp_pa
     from conftest import TINY_BERT
     from test_plan import TINY_CONFIG, _run
 
+    from gte_jax import plan
+
     (tmp_path / "tiny.py").write_text(TINY_CONFIG)
     (tmp_path / "config.json").write_text(json.dumps(TINY_BERT))
     rc, out, err = _run(
@@ -466,6 +468,10 @@ def test_plan_compiles_a_lora_step_whose_optimizer_holds_the_factors_only(tmp_pa
     per_layer = 4 * (32 + 32) + (32 + 64) + (64 + 32)
     assert report["trainable_parameters"] == 2 * 4 * per_layer
     assert report["parameters"] > 100 * report["trainable_parameters"]
+    # FLOPs: the frozen base has no weight gradient (4 x per token, not 6).
+    trained, frozen = {"a": jnp.zeros((3, 5))}, {"w": jnp.zeros((7, 2))}
+    flops = plan.model_flops(trained, 2, 8, [(4, 10)], frozen=frozen)
+    assert flops == 4 * 10 * (6 * 15 + 4 * 14 + 12 * 2 * 10 * 8)
 
 
 @functools.partial(jax.jit, static_argnums=0)
