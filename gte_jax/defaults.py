@@ -20,6 +20,9 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     #   with independent dropout masks (the query and doc roles' keys) and the two views are the
     #   positive pair, with in-batch negatives over all devices; the paper's setting is
     #   loss.name="infonce", loss.temperature=0.05, mean pooling, dropout 0.1 (LLM2Vec: 0.3).
+    # "mntp": masked next-token prediction (LLM2Vec §2.2) on text sources with a decoder's LM
+    #   head: the mntp.* share of the query role's tokens is masked and token i is predicted from
+    #   position i - 1 (loss.* unused). With model.lora the LM head stays frozen (configs/llm2vec.py).
     c.kind = "contrastive"
     c.model = _model_defaults()
     c.mntp = _mntp_defaults()

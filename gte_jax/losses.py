@@ -35,6 +35,7 @@ rows and splits the candidates instead); either way each device holds ~1/P of a 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -444,3 +445,106 @@ def mntp_loss(logits: Array, labels: Array) -> tuple[Array, Metrics]:
     loss = jnp.sum(jnp.where(scored, nll, 0.0)) / denom
     correct = jnp.sum(scored & (jnp.argmax(pred, axis=-1) == safe))
     return loss, {"loss": loss, "accuracy": correct / denom, "num_masked": count.astype(dtype)}
+
+
+def mntp_loss_sums(
+    hidden: Array,
+    labels: Array,
+    head_fn: Any,
+    head_params: Any,
+    *,
+    block_size: int,
+) -> tuple[Array, Array, Array]:
+    """:func:`mntp_loss`'s sums from the hidden states of the scored positions only:
+    ``(sum of -log p(label), correct predictions, scored positions)``; differentiable in
+    ``hidden`` and ``head_params`` (the first sum).
+
+    ``hidden`` [B, L, D] (the tower's final-normed output), ``labels`` [B, L] as for
+    :func:`mntp_loss`, ``head_fn(head_params, h [n, D]) -> logits [n, V]`` (the decoder's LM
+    head, :func:`gte_jax.models.decoder.head_logits`). Why: the logits of every position,
+    [B, L, V], are the largest tensor of an LLM step (V = 32k-256k), while only the masked
+    ~20 % of positions are scored. The scored positions (position i - 1 of each label i) are
+    moved to the front of the flattened [B * (L - 1)] axis (a stable sort on "not scored"), then
+    scored ``block_size`` at a time in a ``lax.scan``; a block past the last scored position is
+    skipped by ``lax.cond`` (no LM-head matmul). The gradient is a custom VJP: a second scan
+    recomputes each block's logits and pulls (softmax - onehot) back through the head, adding
+    into the head's gradient in the carry — autodiff of the scan would stack one head-sized
+    residual per block. Forward and backward hold one block's logits, [block_size, V]. Exact for
+    any number of masked tokens: the static block count covers every position.
+    """
+    d = hidden.shape[-1]
+    target = jnp.asarray(labels)[:, 1:].reshape(-1)  # [N = B*(L-1)]: label of token i ...
+    source = hidden[:, :-1].reshape(-1, d)  # [N, D]: ... predicted from position i-1
+    scored = target != MNTP_IGNORE
+    count = jnp.sum(scored)
+    n = target.shape[0]
+    block = max(1, min(int(block_size), n))
+    num_blocks = -(-n // block)
+    order = jnp.argsort(~scored, stable=True)  # scored positions first, in order
+    blocks = jnp.pad(order, (0, num_blocks * block - n)).reshape(num_blocks, block)
+    valid = (jnp.arange(num_blocks * block) < count).reshape(num_blocks, block)
+    targets = jnp.where(valid, jnp.take(target, blocks), 0)  # [num_blocks, block]
+    nll, correct = _scored_nll(head_fn, source, head_params, blocks, targets, valid)
+    return nll, correct, count.astype(jnp.float32)
+
+
+def _block_logits(head_fn, params, source, idx) -> Array:
+    return head_fn(params, jnp.take(source, idx, axis=0)).astype(jnp.float32)  # [block, V]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scored_nll(head_fn, source, params, blocks, targets, valid):
+    return _scored_nll_fwd(head_fn, source, params, blocks, targets, valid)[0]
+
+
+def _scored_nll_fwd(head_fn, source, params, blocks, targets, valid):
+    def body(carry, xs):
+        idx, tgt, ok = xs
+
+        def terms():
+            logits = _block_logits(head_fn, params, source, idx)
+            nll = (
+                jax.nn.logsumexp(logits, axis=-1)
+                - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
+            )
+            right = ok & (jnp.argmax(logits, axis=-1) == tgt)
+            return jnp.sum(jnp.where(ok, nll, 0.0)), jnp.sum(right).astype(jnp.float32)
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        sums = lax.cond(ok[0], terms, lambda: zero)  # ok[0]: the block holds a scored position
+        return (carry[0] + sums[0], carry[1] + sums[1]), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    out, _ = lax.scan(body, init, (blocks, targets, valid))
+    return out, (source, params, blocks, targets, valid)
+
+
+def _scored_nll_bwd(head_fn, res, g):
+    source, params, blocks, targets, valid = res
+    g_nll = g[0]  # the count of correct predictions has no gradient
+
+    def body(carry, xs):
+        idx, tgt, ok = xs
+
+        def pull():
+            d_source, d_params = carry
+            h = jnp.take(source, idx, axis=0)
+            logits, vjp = jax.vjp(
+                lambda p, x: head_fn(p, x).astype(jnp.float32), params, h
+            )  # [block, V]
+            probs = jax.nn.softmax(logits, axis=-1)
+            onehot = jax.nn.one_hot(tgt, logits.shape[-1], dtype=jnp.float32)
+            d_logits = (probs - onehot) * (ok.astype(jnp.float32) * g_nll)[:, None]
+            dp, dh = vjp(d_logits)
+            return d_source.at[idx].add(dh.astype(d_source.dtype)), jax.tree.map(
+                jnp.add, d_params, dp
+            )
+
+        return lax.cond(ok[0], pull, lambda: carry), None
+
+    init = (jnp.zeros_like(source), jax.tree.map(jnp.zeros_like, params))
+    (d_source, d_params), _ = lax.scan(body, init, (blocks, targets, valid))
+    return d_source, d_params, None, None, None
+
+
+_scored_nll.defvjp(_scored_nll_fwd, _scored_nll_bwd)

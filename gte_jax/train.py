@@ -10,6 +10,7 @@ Thin shell: ``train`` wires config, data, model, checkpoints and metrics around 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
+from jax import lax
 
 from gte_jax import hooks as hooks_lib
 from gte_jax import sharding as shd
@@ -128,6 +130,76 @@ def make_embed_fn(model_fn: ModelFn, frozen: Mapping[str, Any] | None = None):
     return embed_fn
 
 
+# Scored positions per LM-head block in the MNTP loss (losses.mntp_loss_sums): the logits held at
+# once are [MNTP_LOGITS_BLOCK, vocab] (256k-vocab Gemma: 512 MiB in float32).
+MNTP_LOGITS_BLOCK = 512
+
+
+def mntp_value_and_grad(
+    model_fn: ModelFn,
+    params: Any,
+    frozen: Mapping[str, Any] | None,
+    batch: Mapping[str, Any],
+    rng: jax.Array | None,
+    num_chunks: int = 1,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    block_size: int = MNTP_LOGITS_BLOCK,
+):
+    """``((loss, metrics), grads)`` of the MNTP stage (LLM2Vec §2.2) on the query role's masked
+    tokens: the tower's hidden states (padded or packed rows, the model's attention mode), the
+    LM head on the scored positions only (:func:`gte_jax.losses.mntp_loss_sums`), the mean
+    cross-entropy over the masked tokens of the whole global batch — :func:`losses.mntp_loss`.
+
+    The loss is a sum over tokens divided by the global count (known from the labels before any
+    forward), so GradCache's chunks need no cached embeddings here: each chunk's gradient of its
+    own sum / count is exact and the chunks' gradients add up (rows strided over chunks as
+    GradCache's, chunk k's dropout key ``fold_in(fold_in(rng, query), k)`` as for embeddings).
+    """
+    from gte_jax import gradcache as gc
+    from gte_jax import losses
+    from gte_jax.models.decoder import head_logits
+
+    inputs = gc.role_inputs(batch, "query")
+    inputs.pop("slot_index", None)  # one loss term per token: the texts' slots are not needed
+    count = jnp.sum(inputs["labels"][:, 1:] != losses.MNTP_IGNORE).astype(jnp.float32)
+    denom = jnp.maximum(count, 1.0)
+
+    def sums(p, rows, key):
+        tower = model_fn.module(model_fn.join_params(p, frozen) if frozen else p).encoder
+        hidden = tower(
+            rows["input_ids"],
+            rows["attention_mask"],
+            position_ids=rows.get("position_ids"),
+            segment_ids=rows.get("segment_ids"),
+            dropout_rng=key,
+        )  # fmt: skip  [rows, L, D]
+        head = functools.partial(head_logits, tower.config)
+        nll, correct, _ = losses.mntp_loss_sums(
+            hidden, rows["labels"], head, tower.lm_head_kernel(), block_size=block_size
+        )
+        return nll / denom, correct
+
+    keys = gc.chunk_keys(rng, "query", num_chunks)
+    if num_chunks == 1:
+        (loss, correct), grads = jax.value_and_grad(sums, has_aux=True)(
+            params, inputs, None if keys is None else keys[0]
+        )
+    else:
+        chunks = jax.tree.map(lambda x: gc.split_chunks(x, num_chunks, mesh), inputs)
+
+        def one(acc, xs):
+            rows, key = xs
+            (part, right), g = jax.value_and_grad(sums, has_aux=True)(params, rows, key)
+            return jax.tree.map(jnp.add, acc, (part, right, g)), None
+
+        zero = jnp.zeros((), jnp.float32)
+        init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
+        (loss, correct, grads), _ = lax.scan(one, init, (chunks, keys))
+    metrics = {"loss": loss, "accuracy": correct / denom, "num_masked": count}
+    return (loss, metrics), grads
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
@@ -144,8 +216,14 @@ def make_train_step(
     dropout: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     schedule: Callable | None = None,
+    kind: str = "contrastive",
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` on the global batch.
+
+    ``kind`` (the stage kind, :data:`STAGE_KINDS`) picks the loss: "contrastive" and "simcse"
+    embed every role and take ``loss_name``'s contrastive loss (GradCache when ``gradcache``);
+    "mntp" scores the query role's masked tokens with the LM head (:func:`mntp_value_and_grad`).
+    Everything after the gradient (skip when not finite, the update, the state) is shared.
 
     ``state`` = {"params", "opt_state", "step", "rng"} (+ "frozen" with LoRA: the frozen base,
     passed through unchanged; "params" and the optimizer state are the LoRA factors alone).
@@ -163,7 +241,11 @@ def make_train_step(
     def step_fn(state, batch):
         embed_fn = make_embed_fn(model_fn, state.get("frozen"))
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
-        if gradcache:
+        if kind == "mntp":
+            (loss, metrics), grads = mntp_value_and_grad(
+                model_fn, state["params"], state.get("frozen"), batch, rng, num_chunks, mesh=mesh
+            )
+        elif gradcache:
             (loss, metrics), grads = gc.cached_value_and_grad(
                 embed_fn, loss_fn, state["params"], batch, rng, num_chunks, mesh=mesh
             )
@@ -292,11 +374,14 @@ def stage_kind_problems(config: Any) -> list[str]:
     if kind == "mntp":
         if not 0.0 < float(config.mntp.mask_probability) <= 1.0:
             problems.append(f"mntp.mask_probability={config.mntp.mask_probability}: use (0, 1]")
-        # The data side (gte_jax/data/mntp.py, PairBatchIterator(mntp=)) and the loss
-        # (losses.mntp_loss) exist; the step needs the model's LM head logits.
-        problems.append(
-            "kind=mntp: the train step does not compute LM-head logits yet (decoder family)"
-        )
+        tcfg = config.train
+        chunk = int(tcfg.gradcache_chunk_size)
+        chunked = bool(tcfg.gradcache) and chunk > 0 and int(tcfg.batch_size) > chunk
+        if bool(config.data.packing) and chunked:
+            problems.append(
+                "kind=mntp with data.packing and train.gradcache: MNTP labels are laid out on "
+                "one-chunk packed rows; use padded rows (data.packing=false) with GradCache"
+            )
     if kind == "simcse":
         data, model = config.data, config.model
         if not int(data.max_length) and int(data.query_max_length) != int(data.doc_max_length):
@@ -503,6 +588,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         local_data_devices=mesh.shape[shd.DATA_AXIS] // jax.process_count(),
         include_prompt=info.include_prompt,
         pack_chunks=num_chunks,  # packing + GradCache: rows dealt to chunks by token budget
+        mntp=_mntp_masking(config, model, tokenizer),
     )
     iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
     tx, schedule = make_optimizer(tcfg, total_steps)
@@ -522,6 +608,26 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
         state, start_step, ckpt, jit_step,
     )  # fmt: skip
+
+
+def _mntp_masking(config: Any, model: Any, tokenizer: Any):
+    """The MNTP masking rule of a ``kind="mntp"`` stage (None for other kinds); the model must
+    have an LM head (a decoder with tied embeddings or a ``*ForCausalLM`` head)."""
+    if str(config.kind) != "mntp":
+        return None
+    from gte_jax.data.mntp import masking_from_config
+
+    tower = model.encoder
+    has_head = getattr(tower, "lm_head", None) is not None or getattr(
+        tower.config, "tie_word_embeddings", False
+    )
+    if not hasattr(tower, "lm_logits") or not has_head:
+        raise TrainingError(
+            f"kind=mntp predicts masked tokens with the LM head, but {config.model.init_from} "
+            "has none: start from a decoder's *ForCausalLM checkpoint (lm_head.weight) or one "
+            "with tied embeddings"
+        )
+    return masking_from_config(config.mntp, tokenizer, int(config.data.seed))
 
 
 def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) -> None:
@@ -558,6 +664,7 @@ def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state)
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
+        kind=str(config.kind),
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
@@ -773,7 +880,9 @@ class _Loop:
         completed = self.step >= st.total_steps
         if completed and self.evaluator.enabled and not self.evaluator.last:
             self.evaluator(self.step, full_params(st.model_fn, st.state))  # resumed at the end
-        floor = LOSS_FLOORS[str(st.config.loss.name)]
+        # MNTP's cross-entropy can reach 0; its accuracy is over the masked tokens.
+        mntp = str(st.config.kind) == "mntp"
+        floor = 0.0 if mntp else LOSS_FLOORS[str(st.config.loss.name)]
         stats = st.iterator.stats()
         summary = {
             "stage": str(st.config.stage),

@@ -755,26 +755,35 @@ class DecoderTower(nnx.Module):
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """[batch, length, embed] -> float32 logits [batch, length, vocab] (tied or lm_head)."""
-        cfg = self.config
-        if self.lm_head is None and not cfg.tie_word_embeddings:
+        return head_logits(self.config, self.lm_head_kernel(), hidden)
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The LM head as one [embed, vocab] matrix: ``lm_head``'s, or the tied embeddings'
+        transpose (so a gradient through it reaches the embeddings)."""
+        if self.lm_head is None and not self.config.tie_word_embeddings:
             raise ValueError(
                 "this decoder has no LM head: load a *ForCausalLM checkpoint (lm_head.weight) or "
                 "one with tie_word_embeddings=True."
             )
         if self.lm_head is not None:
-            kernel = self.lm_head.kernel[...]  # [embed, vocab]
-        else:
-            kernel = self.embed_tokens.embedding[...].T  # [embed, vocab]
-        logits = jnp.einsum(
-            "bld,dv->blv",
-            hidden.astype(cfg.dtype),
-            kernel.astype(cfg.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        if cfg.final_logit_softcapping is not None:
-            cap = cfg.final_logit_softcapping
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+            return self.lm_head.kernel[...]  # [embed, vocab]
+        return self.embed_tokens.embedding[...].T  # [embed, vocab]
+
+
+def head_logits(config: DecoderConfig, kernel: jax.Array, hidden: jax.Array) -> jax.Array:
+    """The LM head on hidden states [..., embed] -> float32 logits [..., vocab]: a pure function
+    of the head's kernel [embed, vocab] (the MNTP loss calls it on the masked positions only),
+    Gemma's ``final_logit_softcapping`` included."""
+    logits = jnp.einsum(
+        "...d,dv->...v",
+        hidden.astype(config.dtype),
+        kernel.astype(config.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    if config.final_logit_softcapping is not None:
+        cap = config.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
 
 
 # ----------------------------------------------------------------------------- HF weight names

@@ -1,0 +1,217 @@
+"""LLM2Vec (BehnamGhader et al., 2024) as stages of the one loop: the MNTP step against
+transformers' causal-LM loss on the same weights and masks, the LM head on masked positions only
+(== the full [B, L, V] computation), bidirectional attention that really is bidirectional
+(padded and packed rows), and the three-stage ``configs/llm2vec.py:runlocal`` recipe through
+``gte-jax train`` with an export that plain transformers / sentence-transformers load
+bidirectionally, without remote code."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from tiny_models import tiny_decoder_dir
+
+from gte_jax import hf, losses, train
+from gte_jax.data.batching import PairBatchIterator
+from gte_jax.data.mntp import IGNORE, MntpMasking
+from gte_jax.data.pipeline import DEMO_DIR
+from gte_jax.data.sources import from_files
+from gte_jax.models.encoder import ModelFn
+
+TOL = 1e-5
+
+
+# ------------------------------------------------------------------ the LM head on masked positions
+
+
+def _random_case(seed=0, b=3, length=11, d=8, v=37, p=0.3):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(b, length, d)).astype(np.float32)
+    kernel = rng.normal(size=(d, v)).astype(np.float32)
+    labels = np.where(rng.random((b, length)) < p, rng.integers(0, v, (b, length)), IGNORE)
+    return jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(labels, jnp.int32)
+
+
+def _head(w, h):
+    return jnp.einsum("...d,dv->...v", h, w, precision="highest")
+
+
+@pytest.mark.parametrize("block", [1, 4, 512])
+def test_mntp_loss_on_masked_positions_equals_the_full_logits(block):
+    """Value, accuracy and gradients (hidden and LM head) of the gathered computation == the
+    [B, L, V] one (losses.mntp_loss), for blocks smaller and larger than the masked count."""
+    hidden, kernel, labels = _random_case()
+
+    def gathered(h, w):
+        nll, correct, count = losses.mntp_loss_sums(h, labels, _head, w, block_size=block)
+        return nll / jnp.maximum(count, 1), (correct / count, count)
+
+    def full(h, w):
+        loss, m = losses.mntp_loss(_head(w, h), labels)
+        return loss, (m["accuracy"], m["num_masked"])
+
+    (got, (acc, count)), g_got = jax.jit(jax.value_and_grad(gathered, (0, 1), has_aux=True))(
+        hidden, kernel
+    )
+    (want, (acc_w, count_w)), g_want = jax.value_and_grad(full, (0, 1), has_aux=True)(
+        hidden, kernel
+    )
+    assert int(count) == int(count_w) > 5
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(acc, acc_w)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    # Nothing masked: 0, not NaN.
+    empty = jnp.full_like(labels, IGNORE)
+    nll, _, count = losses.mntp_loss_sums(hidden, empty, _head, kernel, block_size=block)
+    assert float(nll) == 0.0 and int(count) == 0
+
+
+def test_mntp_logits_never_cover_every_position():
+    """The compiled value-and-grad holds a block of scored positions' logits, not [B, L, V]:
+    its scratch memory does not grow with the batch (4x the rows: less than one more block)."""
+    block, vocab = 64, 4096
+
+    def temp_bytes(b):
+        hidden, kernel, labels = _random_case(b=b, length=64, d=32, v=vocab)
+
+        def loss(h, w):
+            return losses.mntp_loss_sums(h, labels, _head, w, block_size=block)[0]
+
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(hidden, kernel).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(8), temp_bytes(32)
+    full = 32 * 63 * vocab * 4  # one float32 copy of [B, L - 1, V]
+    assert large < full / 10, (large, full)
+    assert large - small < block * vocab * 4, (small, large)
+
+
+# ------------------------------------------------------------------ the MNTP step vs transformers
+
+
+def _mntp_batches(path, *, packing: bool, mask_probability=0.3, batch_size=8):
+    tokenizer = hf.load_tokenizer(path)
+    masking = MntpMasking(
+        mask_probability, tokenizer.convert_tokens_to_ids("_"),
+        frozenset(tokenizer.all_special_ids), len(tokenizer), mask_all=False, seed=1,
+    )  # fmt: skip
+    source = from_files("news", DEMO_DIR / "news_lead_body.jsonl", text_field="query")
+    it = PairBatchIterator(
+        [source], tokenizer, global_batch_size=batch_size, query_max_length=48,
+        doc_max_length=48, packing=packing, mntp=masking,
+    )  # fmt: skip
+    return next(it)
+
+
+def _texts_of(batch):
+    """(masked ids, labels) of each text of a padded or packed MNTP batch."""
+    ids, labels = batch["query_input_ids"], batch["query_labels"]
+    if "query_slot_index" not in batch:
+        keep = batch["query_attention_mask"].astype(bool)
+        return [(ids[i][keep[i]], labels[i][keep[i]]) for i in range(len(ids))]
+    out = []
+    for slot in batch["query_slot_index"]:
+        r, s = divmod(int(slot), ids.shape[1])
+        cols = batch["query_segment_ids"][r] == s + 1
+        out.append((ids[r][cols], labels[r][cols]))
+    return out
+
+
+def _torch_reference(path, texts):
+    """transformers' causal-LM loss on each text alone (no padding), pooled over all masked
+    tokens: sum of per-text mean loss x its count / total count."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    total = count = 0.0
+    with torch.no_grad():
+        for ids, labels in texts:
+            n = int((labels[1:] != IGNORE).sum())
+            if not n:
+                continue
+            out = model(
+                input_ids=torch.tensor(ids[None], dtype=torch.long),
+                labels=torch.tensor(labels[None], dtype=torch.long),
+            )
+            total += float(out.loss) * n
+            count += n
+    return total / count, count
+
+
+def _one_step(path, batch, *, attention, num_chunks=1, lora=False):
+    from flax import nnx
+
+    from gte_jax.models import lora as lora_lib
+
+    model, _ = hf.load_model(path, attention=attention)
+    if lora:
+        lora_lib.inject(model, lora_lib.LoRAConfig(rank=4), rngs=nnx.Rngs(0))
+    model_fn, params = ModelFn.from_module(model)
+    trainable, frozen = model_fn.split_params(params)
+    tx = optax.sgd(0.1)
+    state = train.init_train_state(trainable, tx, 0, frozen)
+    step = train.make_train_step(
+        model_fn, tx, loss_name="gte", loss_kwargs={"temperature": 0.05}, dropout=False,
+        kind="mntp", num_chunks=num_chunks,
+    )  # fmt: skip
+    new_state, metrics = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch))
+    return state, new_state, metrics
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("l2v_decoders")
+    return {
+        # untied lm_head, causal (Llama); tied head, bidirectional by its own config (Gemma3)
+        "llama": (tiny_decoder_dir(root, "llama"), "causal"),
+        "gemma3_text": (
+            tiny_decoder_dir(root, "gemma3_text", use_bidirectional_attention=True),
+            "bidirectional",
+        ),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_mntp_step_loss_equals_transformers_causal_lm(decoders, family, packing):
+    """The real train step's MNTP loss == transformers' CausalLM loss (its own shift by one) on
+    the same weights and the same masked tokens, padded and packed rows, tied and untied LM
+    heads, causal and bidirectional attention."""
+    path, attention = decoders[family]
+    batch = _mntp_batches(path, packing=packing)
+    texts = _texts_of(batch)
+    want, count = _torch_reference(path, texts)
+    _, _, metrics = _one_step(path, batch, attention=attention)
+    assert int(metrics["num_masked"]) == count > 20
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=TOL, atol=TOL)
+    assert bool(metrics["finite"])
+
+
+def test_mntp_chunks_and_lora(decoders):
+    """GradCache chunks give the one-chunk loss and update; with LoRA the loss at B = 0 is the
+    base model's, only the LoRA factors move and the LM head (here tied: the embeddings) stays
+    frozen."""
+    path, attention = decoders["llama"]
+    batch = _mntp_batches(path, packing=False)
+    old, one, m1 = _one_step(path, batch, attention=attention)
+    _, two, m2 = _one_step(path, batch, attention=attention, num_chunks=2)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    head = ("encoder", "lm_head", "kernel")
+
+    def at(params, path):
+        for k in path:
+            params = params[k]
+        return np.asarray(params)
+
+    assert np.abs(at(one["params"], head) - at(old["params"], head)).max() > 0  # trained
+    np.testing.assert_allclose(at(two["params"], head), at(one["params"], head), atol=1e-6)
+    lstate, lnew, lm = _one_step(path, batch, attention=attention, lora=True)
+    np.testing.assert_allclose(lm["loss"], m1["loss"], rtol=1e-6)
+    assert "lm_head" not in lnew["params"]["encoder"] and "lm_head" in lnew["frozen"]["encoder"]
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), lnew["params"], lstate["params"])
+    assert max(jax.tree.leaves(moved)) > 0
