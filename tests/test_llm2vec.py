@@ -7,6 +7,12 @@ bidirectionally, without remote code."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +30,8 @@ from gte_jax.data.sources import from_files
 from gte_jax.models.encoder import ModelFn
 
 TOL = 1e-5
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+REPO = CONFIGS.parent
 
 
 # ------------------------------------------------------------------ the LM head on masked positions
@@ -215,3 +223,157 @@ def test_mntp_chunks_and_lora(decoders):
     assert "lm_head" not in lnew["params"]["encoder"] and "lm_head" in lnew["frozen"]["encoder"]
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), lnew["params"], lstate["params"])
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_mntp_without_an_lm_head_is_refused_at_start_up(tmp_path, monkeypatch):
+    """A plain *Model decoder (no lm_head, untied) cannot run kind=mntp: a TrainingError naming
+    the model, before any step."""
+    from gte_jax.config import load_config
+
+    monkeypatch.setenv("GTE_JAX_CACHE", str(tmp_path / "cache"))  # runlocal builds its model
+
+    path = tiny_decoder_dir(tmp_path, "llama", causal_lm=False)
+    config = load_config(f"{CONFIGS / 'llm2vec.py'}:runlocal").mntp
+    config.model.init_from = str(path)
+    with pytest.raises(train.TrainingError, match="has none"):
+        train.train_stage(config, tmp_path / "run")
+
+
+# ------------------------------------------------------------------ bidirectional, really
+
+
+def _hidden(model, ids, mask, segments=None):
+    return np.asarray(
+        model.encoder(jnp.asarray(ids), jnp.asarray(mask), segment_ids=segments), np.float32
+    )
+
+
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_a_later_token_changes_an_earlier_one_iff_bidirectional(decoders, attention):
+    """Padded rows (the shorter text right- and left-padded) and packed rows (two texts in one
+    row): changing a text's last token changes its first tokens' states iff bidirectional, and
+    never another text's (packing keeps texts apart). tests/test_decoder.py covers batch size 1
+    and packed == unpacked."""
+    path, _ = decoders["gemma3_text"]
+    model, _ = hf.load_model(path, attention=attention)
+    a, b = [5, 17, 33, 40, 61, 7, 9], [11, 12, 13, 14]
+    bidirectional = attention == "bidirectional"
+    for side in ("right", "left"):
+        ids = np.zeros((2, 7), np.int32)
+        mask = np.zeros((2, 7), np.int32)
+        ids[0], mask[0] = a, 1
+        cols = slice(0, 4) if side == "right" else slice(3, 7)
+        ids[1, cols], mask[1, cols] = b, 1
+        changed = ids.copy()
+        changed[1, cols.stop - 1] = 99  # the padded text's last real token
+        before, after = _hidden(model, ids, mask), _hidden(model, changed, mask)
+        early = np.abs(before[1, cols.start : cols.stop - 1] - after[1, cols.start : cols.stop - 1])
+        assert (early.max() > 1e-4) == bidirectional, (side, attention, early.max())
+        np.testing.assert_array_equal(before[0], after[0])  # the other row
+    ids = np.asarray([a + b + [0]], np.int32)
+    seg = np.asarray([[1] * 7 + [2] * 4 + [0]], np.int32)
+    changed = ids.copy()
+    changed[0, 6] = 99  # text 1's last token
+    before, after = (
+        _hidden(model, ids, (seg > 0).astype(np.int32), seg),
+        _hidden(model, changed, (seg > 0).astype(np.int32), seg),
+    )
+    assert (np.abs(before[0, :6] - after[0, :6]).max() > 1e-4) == bidirectional
+    np.testing.assert_array_equal(before[0, 7:11], after[0, 7:11])  # text 2 never sees text 1
+
+
+# ------------------------------------------------------------------ the recipe end to end
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """`gte-jax train --config configs/llm2vec.py:runlocal`: mntp -> simcse -> supervised on a
+    tiny random Gemma3 built offline into a fresh cache."""
+    cache = tmp_path_factory.mktemp("gte_jax_cache")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env["GTE_JAX_CACHE"] = str(cache)
+    workdir = tmp_path_factory.mktemp("llm2vec") / "run"
+    cmd = [
+        sys.executable, "-m", "gte_jax.cli", "train", "--config",
+        f"{CONFIGS / 'llm2vec.py'}:runlocal", "--workdir", str(workdir), "--log_level=WARNING",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def _summary(workdir, stage):
+    return json.loads((workdir / stage / "summary.json").read_text())
+
+
+def test_llm2vec_runlocal_three_stages_and_a_bidirectional_export(recipe):
+    """Each stage completes from the one before (LoRA merged between stages); the export loads
+    in plain transformers (AutoModel, no remote code) with bidirectional attention and in
+    sentence-transformers, both reproducing gte-jax's encode (cos >= 0.99999)."""
+    from sentence_transformers import SentenceTransformer
+
+    from gte_jax.encode import Embedder
+
+    for stage, kind in (("mntp", "mntp"), ("simcse", "simcse"), ("supervised", "contrastive")):
+        summary = _summary(recipe, stage)
+        assert summary["completed"] and np.isfinite(summary["final_loss"]), stage
+        config = json.loads((recipe / stage / "config.json").read_text())
+        assert config["kind"] == kind and config["model"]["attention"] == "bidirectional"
+        assert (recipe / stage / "lora.json").exists()  # every stage trains LoRA
+    mntp_card = json.loads((recipe / "supervised" / "card.json").read_text())
+    assert [s["name"] for s in mntp_card["stages"]] == ["mntp", "simcse", "supervised"]
+
+    export = recipe / "supervised" / "export"
+    hf_config = json.loads((export / "config.json").read_text())
+    assert hf_config["use_bidirectional_attention"] is True and "auto_map" not in hf_config
+    texts = [
+        "The Hume Highway was closed by a new blaze near Goulburn.",
+        "What is the capital of Australia?",
+        "In the beginning God created the heaven and the earth.",
+    ]
+    ours = Embedder.from_pretrained(export).encode(texts)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    model = transformers.AutoModel.from_pretrained(export).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    m = batch["attention_mask"][..., None].float()
+    pooled = (hidden * m).sum(1) / m.sum(1)
+    theirs = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+    assert (np.sum(ours * theirs, axis=1) >= 0.99999).all(), np.sum(ours * theirs, axis=1)
+    st = SentenceTransformer(str(export), device="cpu").encode(texts)
+    cos = np.sum(ours * st, axis=1) / np.linalg.norm(st, axis=1)
+    assert (cos >= 0.99999).all(), cos
+
+    ids = tokenizer(texts[0], return_tensors="pt")["input_ids"]
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 7) % 500 + 3
+    with torch.no_grad():
+        early = model(input_ids=ids).last_hidden_state - model(input_ids=changed).last_hidden_state
+    assert float(early[0, :-1].abs().max()) > 1e-4  # a later token reaches earlier ones
+
+
+def test_llama_bidirectional_export_loads_with_a_4d_mask(decoders, tmp_path):
+    """Llama / Mistral / Qwen have no bidirectional switch in transformers: the export keeps
+    gte-jax's setting in config.json (``gte_jax_attention``) and plain transformers reproduces
+    it when given a 4D all-keys mask (README, "LLM2Vec"); with the usual 2D mask it runs causal."""
+    path, _ = decoders["llama"]
+    model, tokenizer, info = hf.load_pretrained(path, attention="bidirectional")
+    hf.export_pretrained(model, tokenizer, tmp_path / "export", info=info)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["gte_jax_attention"] == "bidirectional"
+    texts = ["What is AI?", "A new blaze near Goulburn has forced the closure of the Hume."]
+    batch = tokenizer(texts, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+    ours = _hidden(model, ids, mask)
+    torch_model = transformers.AutoModel.from_pretrained(tmp_path / "export").eval()
+    two_d = torch.tensor(mask, dtype=torch.long)
+    four_d = two_d[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1)  # key padding only
+    with torch.no_grad():
+        bidi = torch_model(input_ids=torch.tensor(ids), attention_mask=four_d).last_hidden_state
+        causal = torch_model(input_ids=torch.tensor(ids), attention_mask=two_d).last_hidden_state
+    real = mask.astype(bool)
+    assert np.abs(bidi.numpy() - ours)[real].max() < TOL
+    assert np.abs(causal.numpy() - ours)[real].max() > 1e-3

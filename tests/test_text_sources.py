@@ -211,8 +211,12 @@ def test_stage_kinds_refuse_data_that_do_not_fit():
     assert "['p'] are pair sources" in _problems(_stage("simcse", max_length=32, **pairs))
     assert "kind='mlm'" in _problems(_stage("mlm", **pairs))
     assert "['p'] are pair sources" in _problems(_stage("mntp", **pairs))
-    # MNTP's data side and loss exist; its step (LM-head logits) comes with the decoder family.
-    assert "does not compute LM-head logits" in _problems(_stage("mntp", **texts))
+    assert _problems(_stage("mntp", **texts)) == ""  # its step: tests/test_llm2vec.py
+    chunked_packed = _stage("mntp", packing=True, **texts)
+    chunked_packed.train.gradcache, chunked_packed.train.gradcache_chunk_size = True, 8
+    assert "one-chunk packed rows" in _problems(chunked_packed)
+    chunked_packed.data.packing = False
+    assert _problems(chunked_packed) == ""
     unequal = _stage("simcse", query_max_length=32, doc_max_length=64, **texts)
     assert "both views must be the same tokens" in _problems(unequal)
     no_dropout = _stage("simcse", max_length=32, **texts)
