@@ -388,6 +388,9 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
         "valid": (b,),
     }
     towers = [(b, lq), (b, ld)]
+    if str(config.get("kind", "contrastive")) == "mntp":  # one tower: the masked query role
+        shapes["query_labels"] = (b, lq)
+        return shapes, b, [(b, lq)]
     if k:
         shapes |= {
             "neg_input_ids": (b, k, ld),
@@ -521,6 +524,7 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
+        kind=str(config.kind),
     )
     return AbstractStep(
         step_fn, state, batch, shardings, sharding_name, num_chunks, batch_size, towers, params,

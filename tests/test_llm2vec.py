@@ -422,3 +422,19 @@ def test_mntp_stage_resumes_bitwise_on_8_devices(tmp_path, monkeypatch):
     assert all(len(v) == 1 for v in losses_by_step.values())  # steps 3, 4 logged twice, equal
     assert sum(row["step"] == 4 for row in logged if "train/loss" in row) == 2
     assert all(row["train/num_masked"] > 0 for row in logged if "train/num_masked" in row)
+
+
+def test_full_size_mntp_step_traces_for_plan():
+    """`gte-jax plan`'s abstract step of the recipe's MNTP stage at Mistral-7B's shape traces
+    (jax.eval_shape: no memory) with the MNTP batch (labels, the query tower only)."""
+    from gte_jax import plan, sharding
+    from gte_jax.config import load_config
+
+    config = load_config(CONFIGS / "llm2vec.py").mntp
+    hf_config, _ = plan.model_shape(config.model, "mistral-7b")
+    hf_config = dict(hf_config, architectures=["MistralForCausalLM"])  # the LM head
+    step = plan.abstract_step(config, sharding.make_mesh(8, 1), hf_config)
+    assert step.batch["query_labels"].shape == (32, 512) and step.towers == [(32, 512)]
+    state, metrics = jax.eval_shape(step.step_fn, step.state, step.batch)
+    assert metrics["loss"].shape == () and "num_masked" in metrics
+    assert jax.tree.structure(state) == jax.tree.structure(step.state)
