@@ -200,9 +200,9 @@ def test_mntp_step_loss_equals_transformers_causal_lm(decoders, family, packing)
 
 
 def test_mntp_chunks_and_lora(decoders):
-    """GradCache chunks give the one-chunk loss and update; with LoRA the loss at B = 0 is the
-    base model's, only the LoRA factors move and the LM head (here tied: the embeddings) stays
-    frozen."""
+    """GradCache chunks give the one-chunk loss and update (the untied LM head trains without
+    LoRA); with LoRA the loss at B = 0 is the base model's, only the LoRA factors move and the
+    LM head stays frozen."""
     path, attention = decoders["llama"]
     batch = _mntp_batches(path, packing=False)
     old, one, m1 = _one_step(path, batch, attention=attention)
