@@ -173,7 +173,7 @@ def mntp_value_and_grad(
             position_ids=rows.get("position_ids"),
             segment_ids=rows.get("segment_ids"),
             dropout_rng=key,
-        )  # fmt: skip  [rows, L, D]
+        )  # [rows, L, D]
         head = functools.partial(head_logits, tower.config)
         nll, correct, _ = losses.mntp_loss_sums(
             hidden, rows["labels"], head, tower.lm_head_kernel(), block_size=block_size
