@@ -357,6 +357,7 @@ def _saved(workdir):
     return _final_state(workdir)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_bitwise_after_a_restart(tiny_model_dir, tmp_path, lora_workdir):
     """4 steps, a new process, 4 more (constant rate: the 4-step run's schedule is the 8-step
     one's): the same A, B, Adam moments and step as 8 steps in one go."""
@@ -525,6 +526,7 @@ def test_lora_on_a_decoder_tower_matches_peft_and_its_merged_export(tmp_path):
             assert np.abs(diff).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_decoder_lora_gradcache_remat_packing_on_8_devices_equals_1(tmp_path):
     """A tiny Qwen2 through `gte-jax train`: LoRA, GradCache (2 chunks), per-layer remat, packed
     rows, EOS appended; 8 fake devices give 1 device's A and B (dropout off: with dropout the
