@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -372,6 +373,35 @@ def test_lora_run_resumes_bitwise_after_a_restart(tiny_model_dir, tmp_path, lora
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_on_other_base_weights_is_refused(tiny_model_dir, tmp_path, lora_workdir):
+    """Checkpoints hold the LoRA factors only: resuming a finished LoRA run with more steps on a
+    base whose weights changed exits 2 before any step, naming the fingerprint file; the same
+    base resumes (the fixture run finished 8 steps on it)."""
+    from test_train import _env, _train_cmd
+
+    from gte_jax import hf
+
+    other = tmp_path / "other_base"
+    model, tokenizer, info = hf.load_pretrained(tiny_model_dir)
+    leaf = model.encoder.layers[0].query.kernel
+    leaf.value = leaf.value + 1.0
+    hf.export_pretrained(model, tokenizer, other, info=info)
+    workdir = tmp_path / "run"
+    shutil.copytree(lora_workdir, workdir)
+    out = subprocess.run(
+        _train_cmd(other, workdir, *LORA_FLAGS, "--config.train.num_steps=9"),
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "frozen_base.sha256" in out.stderr and "other base weights" in out.stderr
+    assert _saved(workdir)[0] == 8  # nothing trained
+    fp = (workdir / "frozen_base.sha256").read_text().strip()
+    assert fp == (lora_workdir / "frozen_base.sha256").read_text().strip()
 
 
 def _our_lora_embeddings(workdir):
