@@ -597,6 +597,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     trainable, frozen = model_fn.split_params(params)
     state = initial_state(trainable, tx, int(tcfg.seed), mesh, config.sharding, frozen=frozen)
     restored = ckpt.restore(abstract_like(checkpointed(state)))
+    _check_frozen_base(frozen, workdir, resuming=restored is not None, is_main=is_main)
     start_step = 0
     if restored is not None:
         start_step, saved, data_state = restored
@@ -628,6 +629,43 @@ def _mntp_masking(config: Any, model: Any, tokenizer: Any):
             "with tied embeddings"
         )
     return masking_from_config(config.mntp, tokenizer, int(config.data.seed))
+
+
+FROZEN_BASE_FILE = "frozen_base.sha256"
+
+
+def frozen_fingerprint(frozen: Any) -> str:
+    """A cheap fingerprint of the frozen base weights: every leaf's path, shape, dtype and 4096
+    evenly spaced entries (seconds for a 7B model; another checkpoint differs in all of them)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    leaves = sorted(
+        (jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(frozen)
+    )
+    for name, x in leaves:
+        a = np.asarray(x).reshape(-1)
+        digest.update(f"{name}:{a.shape}:{a.dtype};".encode())
+        digest.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).tobytes())
+    return digest.hexdigest()
+
+
+def _check_frozen_base(frozen: Any, workdir: epath.Path, *, resuming: bool, is_main: bool) -> None:
+    """Checkpoints of a LoRA run hold the factors only; the frozen base comes from
+    ``model.init_from`` again on resume. If that now gives other weights, the factors would be
+    applied to a base they were not trained on, silently: refuse (exit 2) instead."""
+    if not jax.tree.leaves(frozen):
+        return
+    path = workdir / FROZEN_BASE_FILE
+    fingerprint = frozen_fingerprint(frozen)
+    if resuming and path.exists() and path.read_text().strip() != fingerprint:
+        raise TrainingError(
+            f"model.init_from gives other base weights than the ones this run's LoRA factors were "
+            f"trained on ({path} differs): resume with the original model.init_from, or start a "
+            "new workdir"
+        )
+    if is_main and not path.exists():
+        path.write_text(fingerprint + "\n")
 
 
 def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) -> None:

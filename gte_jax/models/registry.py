@@ -36,8 +36,8 @@ from collections.abc import Callable
 from typing import Any
 
 import gte_jax.models.bert as bert
-import gte_jax.models.t5 as t5
 import gte_jax.models.decoder as decoder
+import gte_jax.models.t5 as t5
 
 _NOTHING = re.compile(r"(?!)")  # matches no name
 
