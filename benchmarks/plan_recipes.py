@@ -13,7 +13,12 @@ Cases:
   largest_plain               the largest power-of-two batch of stage 1 (seq 128, bf16, remat)
                               that fits one v5e chip without GradCache (doubling until it does not)
   largest_gradcache           the same with GradCache (chunk --chunk)
-Each GTE-base compile takes minutes of CPU; the doubling searches compile once per batch size.
+  e5_mistral_v4_8, _v5p_8     configs/e5_mistral.py (Mistral-7B, LoRA r=16 on every projection,
+                              batch 2048 with 1 hard negative, seq 512, GradCache chunks of 64,
+                              bf16, remat, FSDP), 879 steps (= 1 epoch of the paper's 1.8M)
+  tevatron_v4_8               the same recipe at tevatron's setting (128 queries x 16 passages,
+                              64 / 128 tokens, 3132 steps = 1 epoch of MS MARCO) on v4-8
+Each GTE-base compile takes minutes of CPU (a 7B one ~15 min); the doubling searches compile once per batch size.
 """
 
 from __future__ import annotations
@@ -33,18 +38,42 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STAGE1 = str(CONFIGS / "gte_base_pretrain.py")
 STAGE2 = str(CONFIGS / "gte_base_finetune.py")
 
+E5_MISTRAL = str(CONFIGS / "e5_mistral.py")
+# E5-mistral §4.2: ~1.8M examples, 1 epoch at batch 2048.
+E5_STEPS = ["--config.train.num_steps=879"]
+# tevatron's Mistral-7B LoRA + GradCache run (its README: 128 queries x 16 passages, query 64 /
+# passage 128 tokens, 1 epoch of MS MARCO's 400,782 training queries, "about 35 hours on a v4-8").
+TEVATRON = [
+    "--config.train.batch_size=128",
+    "--config.train.gradcache_chunk_size=8",
+    "--config.data.query_max_length=64",
+    "--config.data.doc_max_length=128",
+    '--config.data.sources=[{"path": "msmarco.jsonl", "num_negatives": 15}]',
+    "--config.train.num_steps=3132",
+]
+
 FIXED = {
-    "stage1_v5e64": (STAGE1, "v5litepod-64", []),
-    "stage1_v4_32": (STAGE1, "v4-32", []),
-    "stage2_v5e8": (STAGE2, "v5litepod-8", []),
-    "stage2_v5e64": (STAGE2, "v5litepod-64", []),
+    "stage1_v5e64": (STAGE1, "v5litepod-64", [], "bert-base"),
+    "stage1_v4_32": (STAGE1, "v4-32", [], "bert-base"),
+    "stage2_v5e8": (STAGE2, "v5litepod-8", [], "bert-base"),
+    "stage2_v5e64": (STAGE2, "v5litepod-64", [], "bert-base"),
+    "e5_mistral_v4_8": (E5_MISTRAL, "v4-8", E5_STEPS, "mistral-7b"),
+    "e5_mistral_v5p_8": (E5_MISTRAL, "v5p-8", E5_STEPS, "mistral-7b"),
+    "tevatron_v4_8": (E5_MISTRAL, "v4-8", TEVATRON, "mistral-7b"),
 }
 
 
-def run_case(case: str, config_path: str, topology: str, overrides: list[str], mfu: float):
+def run_case(
+    case: str,
+    config_path: str,
+    topology: str,
+    overrides: list[str],
+    model: str,
+    mfu: float,
+):
     config = load_config(config_path, overrides)
     t0 = time.perf_counter()
-    report = plan.plan(config, topology, model_config="bert-base", mfu=mfu)
+    report = plan.plan(config, topology, model_config=model, mfu=mfu)
     line = {"case": case, "overrides": overrides, **report}
     line["case_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(line), flush=True)
@@ -61,7 +90,7 @@ def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, 
                           f"--config.train.gradcache_chunk_size={min(chunk, batch)}"]  # fmt: skip
         else:
             overrides += ["--config.train.gradcache=false"]
-        report = run_case(case, STAGE1, "v5litepod-1", overrides, mfu)
+        report = run_case(case, STAGE1, "v5litepod-1", overrides, "bert-base", mfu)
         if not report["fits"]:
             break
         best = batch
