@@ -29,15 +29,16 @@ from gte_jax.models.tiny_gtr import cache_dir
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
 TINY_DECODER_VOCAB = 384
 
-# family (HF model_type) -> transformers' config class.
+# family (HF model_type) -> (transformers' config class, the checkpoints' architecture).
 TINY_DECODER_FAMILIES = {
-    "llama": "LlamaConfig",
-    "mistral": "MistralConfig",
-    "qwen2": "Qwen2Config",
-    "qwen3": "Qwen3Config",
-    "gemma3_text": "Gemma3TextConfig",
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
-# GQA (4 query heads on 2 kv heads), untied LM head as the 7B checkpoints have; compiles in seconds.
+# GQA (4 query heads on 2 kv heads), an untied LM head as the 7B checkpoints have; compiles in
+# seconds.
 TINY_DECODER = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -106,9 +107,9 @@ def tiny_hf_config(family: str, tokenizer: Any, **overrides: Any) -> dict[str, A
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    config = getattr(transformers, TINY_DECODER_FAMILIES[family])(**fields).to_dict()
-    config["architectures"] = None  # export names the family's *ForCausalLM / *Model itself
-    return config
+    config_class, architecture = TINY_DECODER_FAMILIES[family]
+    # *ForCausalLM as the published checkpoints: an LM head (untied but Gemma's) comes along.
+    return getattr(transformers, config_class)(**fields, architectures=[architecture]).to_dict()
 
 
 def build_tiny_decoder(
