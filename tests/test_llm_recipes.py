@@ -103,27 +103,28 @@ def _leaves(tree):
 def test_lora_recipe_on_8_devices_equals_1_device(cache, one_device, tmp_path):
     """Batch 16 over 8 devices (2 examples each, GradCache chunks of 8 = 1 per device): the same
     losses, gradient norms, LoRA factors and Adam moments as on 1 device, to float32 summation
-    order (measured: params <= 3e-7, loss/grad_norm rtol <= 2e-6)."""
+    order. Measured (2026-11-30): loss / grad_norm rtol <= 9e-7; each factor's difference <= 1.8e-4
+    of how far training moved it; Adam moments <= 6.7e-6 of each leaf's largest entry."""
     eight = tmp_path / "eight"
     assert _train(cache, eight, 8, "--config.export.enabled=false")["steps"] == 4
     log_1, log_8 = _train_log(one_device), _train_log(eight)
     assert sorted(log_1) == sorted(log_8) == [1, 2, 3, 4]
     for step in log_1:
         for key in ("train/loss", "train/grad_norm"):
-            np.testing.assert_allclose(log_8[step][key], log_1[step][key], rtol=2e-5)
+            np.testing.assert_allclose(log_8[step][key], log_1[step][key], rtol=1e-5)
     (s1, a), (s8, b) = _final_state(one_device), _final_state(eight)
     assert s1 == s8 == 4 and set(a) == {"params", "opt_state", "step", "rng"}
-    for x, y in zip(_leaves(a["params"]), _leaves(b["params"]), strict=True):
-        np.testing.assert_allclose(y, x, rtol=0, atol=3e-6)
-    for x, y in zip(_leaves(a["opt_state"]), _leaves(b["opt_state"]), strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-9)
     paths = {shd.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(a["params"])[0]}
     assert paths and all(p.endswith(("/lora_a", "/lora_b")) for p in paths)
     assert len(paths) == 2 * 7 * 2  # A and B x q/k/v/o/gate/up/down x 2 layers
-    init = _initial_lora(one_device)
-    pairs = zip(_leaves(a["params"]), _leaves(init), strict=True)
-    moved = [float(np.abs(x - y).max()) for x, y in pairs]
-    assert min(moved) > 1e-4  # every factor moved far beyond the tolerance (B starts at 0)
+    init = _leaves(_initial_lora(one_device))
+    for x, y, x0 in zip(_leaves(a["params"]), _leaves(b["params"]), init, strict=True):
+        moved = float(np.abs(x - x0).max())
+        assert moved > 0
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-3 * moved)
+    for x, y in zip(_leaves(a["opt_state"]), _leaves(b["opt_state"]), strict=True):
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(y, x, rtol=0, atol=5e-5 * float(np.abs(x).max()))
 
 
 def _initial_lora(workdir):
