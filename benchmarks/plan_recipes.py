@@ -80,6 +80,41 @@ def run_case(
     return report
 
 
+def layer_sweep(case: str, layers: list[int], mfu: float) -> None:
+    """A 7B case compiled with fewer layers (the same shape otherwise), then every figure
+    extrapolated linearly in the layer count to the model's own: the full 32-layer compile needs
+    more than this machine's 23 GB of host memory (XLA was OOM-killed at 22.5 GB). Per-layer
+    state, activations (remat keeps one input per layer) and FLOPs are linear in the layer count."""
+    import tempfile
+
+    config_path, topology, overrides, model = FIXED[case]
+    shape = plan._decoder_configs()[model]
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in layers:
+            hf = {**shape.to_dict(), "num_hidden_layers": n}
+            path = pathlib.Path(tmp) / f"config_{n}.json"
+            path.write_text(json.dumps(hf))
+            reports.append(run_case(f"{case}_{n}_layers", config_path, topology, overrides,
+                                    str(path), mfu))  # fmt: skip
+    (n0, r0), (n1, r1) = (layers[0], reports[0]), (layers[-1], reports[-1])
+    full = shape.num_hidden_layers
+    out = {"case": case, "extrapolated_from_layers": layers, "num_hidden_layers": full}
+    for key in ("argument_gib_per_chip", "temp_gib_per_chip", "peak_gib_per_chip",
+                "model_tflops_per_step", "step_seconds"):  # fmt: skip
+        if r0.get(key) is None or r1.get(key) is None:
+            continue
+        slope = (r1[key] - r0[key]) / (n1 - n0)
+        out[key] = round(r1[key] + slope * (full - n1), 3)
+    out["hbm_gib_per_chip"] = r1["hbm_gib_per_chip"]
+    if "step_seconds" in out:
+        out["hours"] = round(out["step_seconds"] * r1["num_steps"] / 3600, 2)
+        out["num_steps"] = r1["num_steps"]
+    if "peak_gib_per_chip" in out:
+        out["fits"] = out["peak_gib_per_chip"] <= r1["hbm_gib_per_chip"]
+    print(json.dumps(out), flush=True)
+
+
 def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, mfu: float):
     """Doubles the stage-1 batch on one v5e chip until it does not fit (or max_batch)."""
     batch, best = start, None
@@ -106,10 +141,14 @@ def main() -> None:
     p.add_argument("--start_gradcache", type=int, default=16384)
     p.add_argument("--max_batch", type=int, default=1 << 20)
     p.add_argument("--chunk", type=int, default=1024, help="GradCache chunk of largest_gradcache")
+    p.add_argument("--layers", default="", help="e.g. 2,4: compile 7B cases with these layer "
+                   "counts and extrapolate linearly to the full model (host memory)")  # fmt: skip
     args = p.parse_args()
     jax.config.update("jax_platforms", "cpu")  # nothing runs here; no TPU backend is probed
     for case in args.cases.split(","):
-        if case in FIXED:
+        if case in FIXED and args.layers:
+            layer_sweep(case, [int(n) for n in args.layers.split(",")], args.mfu)
+        elif case in FIXED:
             run_case(case, *FIXED[case], args.mfu)
         elif case == "largest_plain":
             largest(case, False, args.start_plain, args.max_batch, args.chunk, args.mfu)

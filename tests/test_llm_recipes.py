@@ -141,7 +141,7 @@ def _initial_lora(workdir):
 def test_lora_recipe_resumes_bitwise_after_sigkill(cache, one_device, tmp_path):
     rng = random.Random(14)
     workdir, kills = tmp_path / "killed", 0
-    for _attempt in range(6):
+    for _attempt in range(4):
         proc = subprocess.Popen(
             _cmd(workdir, "--config.export.enabled=false"),
             env=_run_env(cache, 1),
@@ -149,7 +149,7 @@ def test_lora_recipe_resumes_bitwise_after_sigkill(cache, one_device, tmp_path):
             stderr=subprocess.PIPE,
             text=True,
         )
-        if kills < 2:
+        if kills < 1:
             before, deadline = set(_steps(workdir)), time.monotonic() + 300
             while proc.poll() is None and time.monotonic() < deadline:
                 if set(_steps(workdir)) - before:  # progress since the last start
@@ -164,7 +164,7 @@ def test_lora_recipe_resumes_bitwise_after_sigkill(cache, one_device, tmp_path):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         break
-    assert kills == 2
+    assert kills == 1
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] > 0
     (s1, a), (s2, b) = _final_state(one_device), _final_state(workdir)
