@@ -62,7 +62,12 @@ def get_config(arg: str | None = None):
 
     # §4.2: synthetic data + 13 public datasets (~1.8M examples); each source names its task.
     c.data.sources = [
-        {"path": "pairs.jsonl", "query_instruction": E5_TASK, "instruction_template": "e5"}
+        {
+            "path": "pairs.jsonl",
+            "query_instruction": E5_TASK,
+            "instruction_template": "e5",
+            "num_negatives": 1,  # ours: one mined hard negative per query (Eq. 2's hard negatives)
+        }
     ]
     c.data.query_max_length = 512  # App. A: 512 tokens
     c.data.doc_max_length = 512
