@@ -13,7 +13,12 @@ Cases:
   largest_plain               the largest power-of-two batch of stage 1 (seq 128, bf16, remat)
                               that fits one v5e chip without GradCache (doubling until it does not)
   largest_gradcache           the same with GradCache (chunk --chunk)
-Each GTE-base compile takes minutes of CPU; the doubling searches compile once per batch size.
+  e5_mistral_v4_8, _v5p_8     configs/e5_mistral.py (Mistral-7B, LoRA r=16 on every projection,
+                              batch 2048 with 1 hard negative, seq 512, GradCache chunks of 64,
+                              bf16, remat, FSDP), 879 steps (= 1 epoch of the paper's 1.8M)
+  tevatron_v4_8               the same recipe at tevatron's setting (128 queries x 16 passages,
+                              64 / 128 tokens, 3132 steps = 1 epoch of MS MARCO) on v4-8
+Each GTE-base compile takes minutes of CPU (a 7B one ~15 min); the doubling searches compile once per batch size.
 """
 
 from __future__ import annotations
@@ -33,22 +38,81 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STAGE1 = str(CONFIGS / "gte_base_pretrain.py")
 STAGE2 = str(CONFIGS / "gte_base_finetune.py")
 
+E5_MISTRAL = str(CONFIGS / "e5_mistral.py")
+# E5-mistral §4.2: ~1.8M examples, 1 epoch at batch 2048.
+E5_STEPS = ["--config.train.num_steps=879"]
+# tevatron's Mistral-7B LoRA + GradCache run (its README: 128 queries x 16 passages, query 64 /
+# passage 128 tokens, 1 epoch of MS MARCO's 400,782 training queries, "about 35 hours on a v4-8").
+TEVATRON = [
+    "--config.train.batch_size=128",
+    "--config.train.gradcache_chunk_size=8",
+    "--config.data.query_max_length=64",
+    "--config.data.doc_max_length=128",
+    '--config.data.sources=[{"path": "msmarco.jsonl", "num_negatives": 15}]',
+    "--config.train.num_steps=3132",
+]
+
 FIXED = {
-    "stage1_v5e64": (STAGE1, "v5litepod-64", []),
-    "stage1_v4_32": (STAGE1, "v4-32", []),
-    "stage2_v5e8": (STAGE2, "v5litepod-8", []),
-    "stage2_v5e64": (STAGE2, "v5litepod-64", []),
+    "stage1_v5e64": (STAGE1, "v5litepod-64", [], "bert-base"),
+    "stage1_v4_32": (STAGE1, "v4-32", [], "bert-base"),
+    "stage2_v5e8": (STAGE2, "v5litepod-8", [], "bert-base"),
+    "stage2_v5e64": (STAGE2, "v5litepod-64", [], "bert-base"),
+    "e5_mistral_v4_8": (E5_MISTRAL, "v4-8", E5_STEPS, "mistral-7b"),
+    "e5_mistral_v5p_8": (E5_MISTRAL, "v5p-8", E5_STEPS, "mistral-7b"),
+    "tevatron_v4_8": (E5_MISTRAL, "v4-8", TEVATRON, "mistral-7b"),
 }
 
 
-def run_case(case: str, config_path: str, topology: str, overrides: list[str], mfu: float):
+def run_case(
+    case: str,
+    config_path: str,
+    topology: str,
+    overrides: list[str],
+    model: str,
+    mfu: float,
+):
     config = load_config(config_path, overrides)
     t0 = time.perf_counter()
-    report = plan.plan(config, topology, model_config="bert-base", mfu=mfu)
+    report = plan.plan(config, topology, model_config=model, mfu=mfu)
     line = {"case": case, "overrides": overrides, **report}
     line["case_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(line), flush=True)
     return report
+
+
+def layer_sweep(case: str, layers: list[int], mfu: float) -> None:
+    """A 7B case compiled with fewer layers (the same shape otherwise), then every figure
+    extrapolated linearly in the layer count to the model's own: the full 32-layer compile needs
+    more than this machine's 23 GB of host memory (XLA was OOM-killed at 22.5 GB). Per-layer
+    state, activations (remat keeps one input per layer) and FLOPs are linear in the layer count."""
+    import tempfile
+
+    config_path, topology, overrides, model = FIXED[case]
+    shape = plan._decoder_configs()[model]
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in layers:
+            hf = {**shape.to_dict(), "num_hidden_layers": n}
+            path = pathlib.Path(tmp) / f"config_{n}.json"
+            path.write_text(json.dumps(hf))
+            reports.append(run_case(f"{case}_{n}_layers", config_path, topology, overrides,
+                                    str(path), mfu))  # fmt: skip
+    (n0, r0), (n1, r1) = (layers[0], reports[0]), (layers[-1], reports[-1])
+    full = shape.num_hidden_layers
+    out = {"case": case, "extrapolated_from_layers": layers, "num_hidden_layers": full}
+    for key in ("argument_gib_per_chip", "temp_gib_per_chip", "peak_gib_per_chip",
+                "model_tflops_per_step", "step_seconds"):  # fmt: skip
+        if r0.get(key) is None or r1.get(key) is None:
+            continue
+        slope = (r1[key] - r0[key]) / (n1 - n0)
+        out[key] = round(r1[key] + slope * (full - n1), 3)
+    out["hbm_gib_per_chip"] = r1["hbm_gib_per_chip"]
+    if "step_seconds" in out:
+        out["hours"] = round(out["step_seconds"] * r1["num_steps"] / 3600, 2)
+        out["num_steps"] = r1["num_steps"]
+    if "peak_gib_per_chip" in out:
+        out["fits"] = out["peak_gib_per_chip"] <= r1["hbm_gib_per_chip"]
+    print(json.dumps(out), flush=True)
 
 
 def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, mfu: float):
@@ -61,7 +125,7 @@ def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, 
                           f"--config.train.gradcache_chunk_size={min(chunk, batch)}"]  # fmt: skip
         else:
             overrides += ["--config.train.gradcache=false"]
-        report = run_case(case, STAGE1, "v5litepod-1", overrides, mfu)
+        report = run_case(case, STAGE1, "v5litepod-1", overrides, "bert-base", mfu)
         if not report["fits"]:
             break
         best = batch
@@ -77,10 +141,14 @@ def main() -> None:
     p.add_argument("--start_gradcache", type=int, default=16384)
     p.add_argument("--max_batch", type=int, default=1 << 20)
     p.add_argument("--chunk", type=int, default=1024, help="GradCache chunk of largest_gradcache")
+    p.add_argument("--layers", default="", help="e.g. 2,4: compile 7B cases with these layer "
+                   "counts and extrapolate linearly to the full model (host memory)")  # fmt: skip
     args = p.parse_args()
     jax.config.update("jax_platforms", "cpu")  # nothing runs here; no TPU backend is probed
     for case in args.cases.split(","):
-        if case in FIXED:
+        if case in FIXED and args.layers:
+            layer_sweep(case, [int(n) for n in args.layers.split(",")], args.mfu)
+        elif case in FIXED:
             run_case(case, *FIXED[case], args.mfu)
         elif case == "largest_plain":
             largest(case, False, args.start_plain, args.max_batch, args.chunk, args.mfu)

@@ -52,6 +52,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
     # "causal" | "bidirectional" override it (encoders are bidirectional only).
     c.attention = "auto"
     c.train_dropout = True
+    # "auto": the model directory's own pooling (sentence-transformers' Pooling module; mean for a
+    # plain HF model); else one of mean | cls | last | weighted_mean ... (models/pooling.py):
+    # a plain LLM checkpoint needs "last" for E5-mistral / gte-Qwen2 / Qwen3-Embedding.
+    c.pooling = "auto"
     # L2-normalise the embedding (cosine similarity), in training and in the export's Normalize
     # module. The GTE and InfoNCE losses assume unit vectors: a plain HF encoder (no
     # sentence-transformers Normalize module) is trained and exported normalised too.

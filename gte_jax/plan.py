@@ -482,10 +482,18 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
         raise PlanError(str(e)) from None
     abstract_model = nnx.eval_shape(
         lambda: _with_lora(
-            BiEncoder(enc, normalize=bool(config.model.normalize), rngs=nnx.Rngs(0)), config
+            BiEncoder(
+                enc,
+                pooling="mean" if config.model.pooling == "auto" else str(config.model.pooling),
+                normalize=bool(config.model.normalize),
+                rngs=nnx.Rngs(0),
+            ),
+            config,
         )
     )
-    model_fn, params = ModelFn.from_module(abstract_model)
+    model_fn, params = ModelFn.from_module(
+        abstract_model, train_lm_head=train.trains_lm_head(config)
+    )
     trainable, frozen = model_fn.split_params(params)  # LoRA: the base frozen, as in training
     tcfg = config.train
     total_steps = int(tcfg.num_steps)

@@ -30,6 +30,7 @@ from gte_jax import hooks as hooks_lib
 from gte_jax import sharding as shd
 from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
+from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.timing import StageTimer
 
 log = logging.getLogger("gte_jax.train")
@@ -317,6 +318,9 @@ def load_model_for_training(model_cfg: Any):
             "unit-norm (cosine) embeddings" if model_cfg.normalize else "raw embeddings",
         )
         model.normalize = bool(model_cfg.normalize)
+    if str(model_cfg.pooling) not in ("auto", model.pooling):
+        log.info("model.pooling=%s (the model directory said %s)", model_cfg.pooling, model.pooling)
+        model.pooling = str(model_cfg.pooling)
     choice = str(model_cfg.include_prompt).lower()
     if choice != "auto":
         info.include_prompt = choice == "true"
@@ -336,6 +340,11 @@ def load_model_for_training(model_cfg: Any):
             "decoders (Qwen3-Embedding)"
         )
     return model, tokenizer, info
+
+
+def trains_lm_head(config: Any) -> bool:
+    """Only an MNTP stage reads (and so trains) a decoder's LM head; elsewhere it is frozen."""
+    return config.kind == "mntp"
 
 
 # Stage kind -> the kind of source it trains on (gte_jax/defaults.py documents each kind).
@@ -414,6 +423,10 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
             f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"
+        )
+    if str(config.model.pooling) not in ("auto", *POOLING_MODES):
+        problems.append(
+            f"model.pooling={config.model.pooling!r}: use auto or one of {list(POOLING_MODES)}"
         )
     if str(config.model.padding_side) not in ("auto", "left", "right"):
         problems.append(
@@ -593,7 +606,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
     tx, schedule = make_optimizer(tcfg, total_steps)
     _inject_lora(config, model, workdir, is_main)
-    model_fn, params = ModelFn.from_module(model)
+    model_fn, params = ModelFn.from_module(model, train_lm_head=trains_lm_head(config))
     trainable, frozen = model_fn.split_params(params)
     state = initial_state(trainable, tx, int(tcfg.seed), mesh, config.sharding, frozen=frozen)
     restored = ckpt.restore(abstract_like(checkpointed(state)))

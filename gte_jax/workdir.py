@@ -143,8 +143,20 @@ def _checkpoint_model(
     finally:
         ckpt.close()
     model_fn, params = ModelFn.from_module(model)
-    _, frozen = model_fn.split_params(params)
-    return model_fn.module(model_fn.join_params(saved["params"], frozen)), tokenizer, info, step
+    # A checkpoint holds the trained parameters only (LoRA factors, or all but a frozen LM head):
+    # the rest are base_model/'s.
+    return model_fn.module(_overlay(params, saved["params"])), tokenizer, info, step
+
+
+def _overlay(base: Mapping[str, Any], saved: Mapping[str, Any]) -> dict:
+    """``base`` with every leaf that ``saved`` has replaced by saved's (a restored checkpoint
+    names layer indices as strings)."""
+    out = dict(base)
+    keys = {str(k): k for k in base}
+    for name, value in saved.items():
+        key = keys[str(name)]
+        out[key] = _overlay(base[key], value) if isinstance(value, Mapping) else value
+    return out
 
 
 def inference_path(spec: str | epath.PathLike) -> epath.Path:

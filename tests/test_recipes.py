@@ -1,5 +1,6 @@
 """Full-size recipes checked without memory (gemma-style `jax.eval_shape`): the GTE-base stage-1
-step at batch 16384 with GradCache traces end to end, with BERT-base's real parameter count."""
+step at batch 16384 with GradCache traces end to end, with BERT-base's real parameter count; the
+7B decoder recipes (E5-mistral, gte-Qwen2: LoRA, GradCache, remat) likewise."""
 
 from __future__ import annotations
 
@@ -97,4 +98,73 @@ def test_gte_base_recipe_step_traces_at_full_size(config_file, with_negatives):
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
         assert (new.shape, new.dtype) == (old.shape, old.dtype)
+    assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+
+
+# 7B decoder recipes: the published shapes (transformers' config classes, plan.KNOWN_MODELS) as
+# *ForCausalLM checkpoints (untied LM head), traced abstractly.
+LLM_RECIPES = [
+    ("e5_mistral.py", "mistral-7b", "MistralForCausalLM"),
+    ("gte_qwen2.py", "qwen2-7b", "Qwen2ForCausalLM"),
+]
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("config_file, shape, architecture", LLM_RECIPES)
+def test_llm_recipe_step_traces_at_full_size(config_file, shape, architecture):
+    """The E5-mistral / gte-Qwen2 step (LoRA r=16 on q/k/v/o/gate/up/down, batch 2048 with one
+    hard negative, seq 512, GradCache chunks of 64, bf16, remat) traces at 7B; the frozen base is
+    transformers' parameter count, the trainable part is LoRA's closed form (E5-mistral: 41.9M),
+    and the LM head is frozen (no Adam moments)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from gte_jax import plan
+
+    cfg = load_config(CONFIGS / config_file)
+    hf_config = plan._decoder_configs()[shape]
+    with torch.device("meta"):
+        expected = sum(
+            p.numel() for p in getattr(transformers, architecture)(hf_config).parameters()
+        )
+    enc = plan.encoder_config({**hf_config.to_dict(), "architectures": [architecture]}, cfg.model)
+    abstract = nnx.eval_shape(
+        lambda: plan._with_lora(
+            BiEncoder(enc, pooling=cfg.model.pooling, normalize=True, rngs=nnx.Rngs(0)), cfg
+        )
+    )
+    model_fn, params = train.ModelFn.from_module(abstract, train_lm_head=train.trains_lm_head(cfg))
+    trainable, frozen = model_fn.split_params(params)
+    assert _count(frozen) == expected and "lm_head" in frozen["encoder"]
+    h = hf_config.hidden_size
+    head_dim = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    kv = hf_config.num_key_value_heads * head_dim
+    m, r = hf_config.intermediate_size, int(cfg.model.lora.rank)
+    per_layer = r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + m))  # q, o; k, v; gate, up, down
+    assert _count(trainable) == hf_config.num_hidden_layers * per_layer
+    if shape == "mistral-7b":
+        assert _count(trainable) == 41_943_040
+
+    tx, _ = train.make_optimizer(cfg.train, 1000)
+    state = jax.eval_shape(lambda p, f: train.init_train_state(p, tx, 0, f), trainable, frozen)
+    b, length, k = int(cfg.train.batch_size), int(cfg.data.doc_max_length), 1
+    ids = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    batch = {"query_text_id": ids(b), "doc_text_id": ids(b), "valid": ids(b)}
+    batch |= {"neg_text_id": ids(b, k), "neg_valid": ids(b, k)}
+    for role, extra in (("query", ()), ("doc", ()), ("neg", (k,))):
+        for key in ("input_ids", "attention_mask"):
+            batch[f"{role}_{key}"] = ids(b, *extra, length)
+    step = train.make_train_step(
+        model_fn,
+        tx,
+        loss_name=cfg.loss.name,
+        loss_kwargs={"temperature": cfg.loss.temperature},
+        gradcache=True,
+        num_chunks=b // int(cfg.train.gradcache_chunk_size),
+    )
+    new_state, metrics = jax.eval_shape(step, state, batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
