@@ -33,9 +33,7 @@ every projection, GradCache chunks with remat and packing.
 
 from __future__ import annotations
 
-from gte_jax.data.pipeline import DEMO_DIR
-from gte_jax.defaults import stage_config
-from gte_jax.models import tiny_decoder
+from gte_jax.defaults import decoder_runlocal, stage_config
 
 # RankLLaMA's targets: every projection of the attention and MLP blocks.
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -91,26 +89,5 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 100
 
     if arg == "runlocal":  # big_vision's switch: the same recipe, shrunk for a laptop
-        c.model.init_from = str(tiny_decoder.tiny_decoder_dir("mistral"))
-        c.model.dtype = "float32"  # bf16 is ~4x slower on XLA CPU
-        c.data.sources = [
-            {
-                "name": "bible",
-                "path": str(DEMO_DIR / "bible_finetune.jsonl"),
-                "query_instruction": "Given a Bible verse, retrieve its modern translation",
-                "instruction_template": "e5",
-                "num_negatives": 1,
-            }
-        ]
-        c.data.query_max_length = 64
-        c.data.doc_max_length = 64
-        c.data.packing = True
-        c.train.batch_size = 16
-        c.train.gradcache_chunk_size = 8
-        c.train.num_steps = 6
-        c.train.epochs = 0.0
-        c.train.warmup_steps = 2
-        c.train.progress_bar = False
-        c.sharding.params = "replicate"
-        c.checkpoint.every_steps = 3
+        decoder_runlocal(c, "mistral")
     return c

@@ -26,9 +26,7 @@ decoder (gte_jax/models/tiny_decoder.py, written offline once under $GTE_JAX_CAC
 
 from __future__ import annotations
 
-from gte_jax.data.pipeline import DEMO_DIR
-from gte_jax.defaults import stage_config
-from gte_jax.models import tiny_decoder
+from gte_jax.defaults import decoder_runlocal, stage_config
 
 DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEB_SEARCH_TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -76,26 +74,5 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 100
 
     if arg == "runlocal":  # big_vision's switch: the same recipe, shrunk for a laptop
-        c.model.init_from = str(tiny_decoder.tiny_decoder_dir("qwen2"))
-        c.model.dtype = "float32"  # bf16 is ~4x slower on XLA CPU
-        c.data.sources = [
-            {
-                "name": "bible",
-                "path": str(DEMO_DIR / "bible_finetune.jsonl"),
-                "query_instruction": "Given a Bible verse, retrieve its modern translation",
-                "instruction_template": "e5",
-                "num_negatives": 1,
-            }
-        ]
-        c.data.query_max_length = 64
-        c.data.doc_max_length = 64
-        c.data.packing = True
-        c.train.batch_size = 16
-        c.train.gradcache_chunk_size = 8
-        c.train.num_steps = 6
-        c.train.epochs = 0.0
-        c.train.warmup_steps = 2
-        c.train.progress_bar = False
-        c.sharding.params = "replicate"
-        c.checkpoint.every_steps = 3
+        decoder_runlocal(c, "qwen2")
     return c

@@ -184,3 +184,35 @@ def _export_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end
     return c
+
+
+def decoder_runlocal(c: ml_collections.ConfigDict, family: str) -> None:
+    """The ``:runlocal`` shrink of the decoder-LLM recipes (configs/e5_mistral.py,
+    configs/gte_qwen2.py): a tiny random decoder of the recipe's family (written offline once,
+    :mod:`gte_jax.models.tiny_decoder`), the bundled Bible pairs with an E5 query instruction and
+    one hard negative, 6 packed GradCache steps in float32 on one CPU."""
+    from gte_jax.data.pipeline import DEMO_DIR
+    from gte_jax.models import tiny_decoder
+
+    c.model.init_from = str(tiny_decoder.tiny_decoder_dir(family))
+    c.model.dtype = "float32"  # bf16 is ~4x slower on XLA CPU
+    c.data.sources = [
+        {
+            "name": "bible",
+            "path": str(DEMO_DIR / "bible_finetune.jsonl"),
+            "query_instruction": "Given a Bible verse, retrieve its modern translation",
+            "instruction_template": "e5",
+            "num_negatives": 1,
+        }
+    ]
+    c.data.query_max_length = 64
+    c.data.doc_max_length = 64
+    c.data.packing = True
+    c.train.batch_size = 16
+    c.train.gradcache_chunk_size = 8
+    c.train.num_steps = 6
+    c.train.epochs = 0.0
+    c.train.warmup_steps = 2
+    c.train.progress_bar = False
+    c.sharding.params = "replicate"
+    c.checkpoint.every_steps = 3

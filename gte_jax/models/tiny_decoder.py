@@ -24,7 +24,7 @@ import pathlib
 import tempfile
 from typing import Any
 
-from gte_jax.models.tiny_gtr import cache_dir
+from gte_jax.models.tiny_gtr import cache_dir, demo_lines
 
 # family (HF model_type) -> transformers config class.
 CONFIG_CLASSES = {
@@ -62,20 +62,6 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
 }
 
 
-def _demo_lines(limit: int = 3000) -> list[str]:
-    from gte_jax.data.pipeline import DEMO_DIR
-
-    lines: list[str] = []
-    for path in sorted(DEMO_DIR.glob("*.jsonl")):
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                lines += [v for v in record.values() if isinstance(v, str)]
-                if len(lines) >= limit:
-                    return lines
-    return lines
-
-
 def tiny_decoder_tokenizer(vocab_size: int = TINY_DECODER_VOCAB, max_length: int = 512) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` (<pad> 0, <eos> 1, <bos> 2, BOS prepended)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -91,7 +77,7 @@ def tiny_decoder_tokenizer(vocab_size: int = TINY_DECODER_VOCAB, max_length: int
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_demo_lines(), trainer=trainer)
+    tok.train_from_iterator(demo_lines(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
     )

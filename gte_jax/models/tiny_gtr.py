@@ -41,7 +41,8 @@ TINY_GTR_VOCAB = 1000
 T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
-def _demo_lines(limit: int = 3000) -> list[str]:
+def demo_lines(limit: int = 3000) -> list[str]:
+    """Up to ``limit`` texts of the bundled demo files (what the tiny tokenizers train on)."""
     from gte_jax.data.pipeline import DEMO_DIR
 
     lines: list[str] = []
@@ -73,7 +74,7 @@ def tiny_t5_tokenizer(vocab_size: int = TINY_GTR_VOCAB) -> Any:
         unk_token="<unk>",
         show_progress=False,
     )
-    trainer_tok.train_from_iterator(_demo_lines(), trainer)
+    trainer_tok.train_from_iterator(demo_lines(), trainer)
     vocab = [tuple(piece) for piece in json.loads(trainer_tok.to_str())["model"]["vocab"]]
     if [p for p, _ in vocab[:3]] != list(T5_SPECIAL_TOKENS):
         raise RuntimeError(f"Unigram vocabulary does not start with {T5_SPECIAL_TOKENS}")
