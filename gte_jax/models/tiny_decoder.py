@@ -18,13 +18,10 @@ model is never seen. Deterministic: the same arguments give the same weights and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pathlib
-import tempfile
 from typing import Any
 
-from gte_jax.models.tiny_gtr import cache_dir, demo_lines
+from gte_jax.models.tiny_gtr import cached_build, demo_lines
 
 # family (HF model_type) -> transformers config class.
 CONFIG_CLASSES = {
@@ -143,23 +140,10 @@ def tiny_decoder_dir(
     family: str = "gemma3_text", *, pooling: str = "mean", seed: int = 0, **overrides: Any
 ) -> pathlib.Path:
     """The tiny ``family`` model of these settings under :func:`cache_dir`, built on first use."""
-    # The name carries the settings' digest: a changed architecture never reuses a stale copy.
-    spec = json.dumps(
-        [family, TINY_DECODER, FAMILY_EXTRAS.get(family), TINY_DECODER_VOCAB, pooling, overrides],
-        sort_keys=True,
+    spec = [family, TINY_DECODER, FAMILY_EXTRAS.get(family), TINY_DECODER_VOCAB, pooling, overrides]
+    return cached_build(
+        f"tiny-{family}",
+        spec,
+        seed,
+        lambda tmp: build_tiny_decoder(tmp, family, pooling=pooling, seed=seed, **overrides),
     )
-    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
-    out = cache_dir() / f"tiny-{family}-{digest}-seed{seed}"
-    if (out / "modules.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        built = build_tiny_decoder(
-            pathlib.Path(tmp) / "model", family, pooling=pooling, seed=seed, **overrides
-        )
-        try:
-            built.rename(out)
-        except OSError:  # another process finished first: keep its copy
-            if not (out / "modules.json").exists():
-                raise
-    return out

@@ -118,20 +118,27 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(xdg) / "gte-jax"
 
 
-def cached_tiny_gtr(*, seed: int = 0) -> pathlib.Path:
-    """The tiny GTR of ``seed`` under :func:`cache_dir`, built on first use."""
-    # The name carries the architecture's digest: a changed TINY_GTR_T5 never reuses a stale copy.
-    spec = json.dumps([TINY_GTR_T5, TINY_GTR_PROJECTION_DIM, TINY_GTR_VOCAB], sort_keys=True)
-    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]
-    out = cache_dir() / f"tiny-gtr-t5-{digest}-seed{seed}"
+def cached_build(prefix: str, spec: Any, seed: int, build: Any) -> pathlib.Path:
+    """``<cache_dir>/<prefix>-<digest of spec>-seed<seed>``, written by ``build(tmp_dir) -> dir``
+    on first use. The digest of the settings in the name means a changed architecture never
+    reuses a stale copy; the directory is built beside its final place and renamed, so a
+    half-written model is never seen (another process finishing first keeps its copy)."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    out = cache_dir() / f"{prefix}-{digest}-seed{seed}"
     if (out / "modules.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        built = build_tiny_gtr(pathlib.Path(tmp) / "model", seed=seed)
+        built = build(pathlib.Path(tmp) / "model")
         try:
             built.rename(out)
-        except OSError:  # another process finished first: keep its copy
+        except OSError:
             if not (out / "modules.json").exists():
                 raise
     return out
+
+
+def cached_tiny_gtr(*, seed: int = 0) -> pathlib.Path:
+    """The tiny GTR of ``seed`` under :func:`cache_dir`, built on first use."""
+    spec = [TINY_GTR_T5, TINY_GTR_PROJECTION_DIM, TINY_GTR_VOCAB]
+    return cached_build("tiny-gtr-t5", spec, seed, lambda tmp: build_tiny_gtr(tmp, seed=seed))
