@@ -23,6 +23,7 @@ from flax import nnx
 from gte_jax import sharding as shd
 from gte_jax import train
 from gte_jax.errors import ConfigError
+from gte_jax.models import dropout as dropout_bits
 from gte_jax.models import lora
 from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder, ModelFn
@@ -102,7 +103,8 @@ def test_forward_equals_float64_reference_with_dropout():
     w, b = (np.asarray(v[...], np.float64) for v in (layer.kernel, layer.bias))
     a, bb = (np.asarray(v[...], np.float64) for v in (layer.lora_a, layer.lora_b))
     x64 = np.asarray(x, np.float64)
-    keep = np.asarray(jax.random.uniform(key, x.shape)) >= 0.25  # the draws lora.dropout makes
+    words = np.asarray(jax.random.key_data(key)).reshape(-1)  # the draws lora.dropout makes
+    keep = dropout_bits.numpy_bits((int(words[0]), int(words[-1])), x.shape) >= 2**30
     for rng, x_lora in ((None, x64), (key, np.where(keep, x64 / 0.75, 0.0))):
         expected = x64 @ w + b + 2.0 * (x_lora @ a) @ bb  # s = alpha / r = 2
         np.testing.assert_allclose(np.asarray(layer(x, rng)), expected, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,6 @@ same key in both passes.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import gte_jax.models.dropout as _dropout
 import gte_jax.models.lora as lora
 
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
@@ -149,36 +149,22 @@ class EncoderConfig:
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout (as torch): identity when ``rng`` is None or ``rate`` is 0."""
-    if rng is None or rate == 0.0:
-        return x
-    return _drop(x, rate, jax.random.uniform(rng, x.shape))
+    """Inverted dropout (as torch): identity when ``rng`` is None or ``rate`` is 0. The masks are
+    hashed from the key (``gte_jax.models.dropout``), one rule for every tower."""
+    return _dropout.dropout(x, rate, rng)
 
 
-def _drop(x: jax.Array, rate: float, uniform: jax.Array | None) -> jax.Array:
-    """Dropout given U[0, 1) draws of x's shape: keep where uniform >= rate, scale by 1/(1-rate)."""
-    if uniform is None or rate == 0.0:
-        return x
-    return jnp.where(uniform >= rate, x / (1.0 - rate), 0.0).astype(x.dtype)
+def _drop(x: jax.Array, rate: float, draws: jax.Array | None) -> jax.Array:
+    """Dropout given the site's draws (``gte_jax.models.dropout.bits``; None = off)."""
+    return _dropout.drop(x, rate, draws)
 
 
 def _uniforms(
     rng: jax.Array | None, shapes: list[tuple[int, ...] | None]
 ) -> list[jax.Array | None]:
-    """U[0, 1) draws for several dropout sites from one PRNG call (None for a site that is off).
-
-    One threefry call per layer instead of one per site: each call site is a sizeable kernel for
-    XLA to compile, and a 12-layer model has 37 of them.
-    """
-    if rng is None:
-        return [None] * len(shapes)
-    sizes = [math.prod(shape) if shape is not None else 0 for shape in shapes]
-    flat = jax.random.uniform(rng, (sum(sizes),))  # [all sites' elements]
-    out, start = [], 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        out.append(None if shape is None else flat[start : start + size].reshape(shape))
-        start += size
-    return out
+    """Draws for several dropout sites of one layer's key (None for a site that is off). Each is
+    an elementwise hash of the index, fused by XLA into its consumer (no mask in memory)."""
+    return _dropout.site_bits(rng, shapes)
 
 
 def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
@@ -192,7 +178,7 @@ def explicit_attention(
     mask: jax.Array,  # [batch, 1, 1 or q_len, kv_len] bool, True = attend
     *,
     dropout_rate: float,
-    dropout_uniform: jax.Array | None,  # [batch, heads, q_len, kv_len] U[0, 1) draws
+    dropout_uniform: jax.Array | None,  # [batch, heads, q_len, kv_len] dropout draws
 ) -> jax.Array:
     """Softmax attention with dropout on the probabilities (what HF BERT does in training).
 

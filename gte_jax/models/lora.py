@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import gte_jax.models.dropout as _dropout
 from gte_jax.errors import ConfigError
 
 # LoRA target names per tower family: the attribute names of their projections (what a path like
@@ -110,11 +111,8 @@ def config_problems(group: Any) -> list[str]:
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout as ``gte_jax.models.bert.dropout`` (keep where U[0,1) >= rate)."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.uniform(rng, x.shape) >= rate
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    """Inverted dropout, the towers' rule (``gte_jax.models.dropout``)."""
+    return _dropout.dropout(x, rate, rng)
 
 
 class LoRALinear(nnx.Module):
