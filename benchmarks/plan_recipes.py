@@ -18,7 +18,9 @@ Cases:
                               bf16, remat, FSDP), 879 steps (= 1 epoch of the paper's 1.8M)
   tevatron_v4_8               the same recipe at tevatron's setting (128 queries x 16 passages,
                               64 / 128 tokens, 3132 steps = 1 epoch of MS MARCO) on v4-8
-Each GTE-base compile takes minutes of CPU (a 7B one ~15 min); the doubling searches compile once per batch size.
+Each GTE-base compile takes minutes of CPU; the doubling searches compile once per batch size.
+The 7B cases' full (unrolled, 32-layer) compile needs more than 23 GB of host memory: run them
+with --layers 1,2 (compile 1 and 2 layers, ~13 and ~34 min here, and extrapolate the memory).
 """
 
 from __future__ import annotations
@@ -70,49 +72,15 @@ def run_case(
     overrides: list[str],
     model: str,
     mfu: float,
+    layers: list[int] | None = None,
 ):
     config = load_config(config_path, overrides)
     t0 = time.perf_counter()
-    report = plan.plan(config, topology, model_config=model, mfu=mfu)
+    report = plan.plan(config, topology, model_config=model, mfu=mfu, layers=layers)
     line = {"case": case, "overrides": overrides, **report}
     line["case_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(line), flush=True)
     return report
-
-
-def layer_sweep(case: str, layers: list[int], mfu: float) -> None:
-    """A 7B case compiled with fewer layers (the same shape otherwise), then every figure
-    extrapolated linearly in the layer count to the model's own: the full 32-layer compile needs
-    more than this machine's 23 GB of host memory (XLA was OOM-killed at 22.5 GB). Per-layer
-    state, activations (remat keeps one input per layer) and FLOPs are linear in the layer count."""
-    import tempfile
-
-    config_path, topology, overrides, model = FIXED[case]
-    shape = plan._decoder_configs()[model]
-    reports = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in layers:
-            hf = {**shape.to_dict(), "num_hidden_layers": n}
-            path = pathlib.Path(tmp) / f"config_{n}.json"
-            path.write_text(json.dumps(hf))
-            reports.append(run_case(f"{case}_{n}_layers", config_path, topology, overrides,
-                                    str(path), mfu))  # fmt: skip
-    (n0, r0), (n1, r1) = (layers[0], reports[0]), (layers[-1], reports[-1])
-    full = shape.num_hidden_layers
-    out = {"case": case, "extrapolated_from_layers": layers, "num_hidden_layers": full}
-    for key in ("argument_gib_per_chip", "temp_gib_per_chip", "peak_gib_per_chip",
-                "model_tflops_per_step", "step_seconds"):  # fmt: skip
-        if r0.get(key) is None or r1.get(key) is None:
-            continue
-        slope = (r1[key] - r0[key]) / (n1 - n0)
-        out[key] = round(r1[key] + slope * (full - n1), 3)
-    out["hbm_gib_per_chip"] = r1["hbm_gib_per_chip"]
-    if "step_seconds" in out:
-        out["hours"] = round(out["step_seconds"] * r1["num_steps"] / 3600, 2)
-        out["num_steps"] = r1["num_steps"]
-    if "peak_gib_per_chip" in out:
-        out["fits"] = out["peak_gib_per_chip"] <= r1["hbm_gib_per_chip"]
-    print(json.dumps(out), flush=True)
 
 
 def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, mfu: float):
@@ -141,13 +109,13 @@ def main() -> None:
     p.add_argument("--start_gradcache", type=int, default=16384)
     p.add_argument("--max_batch", type=int, default=1 << 20)
     p.add_argument("--chunk", type=int, default=1024, help="GradCache chunk of largest_gradcache")
-    p.add_argument("--layers", default="", help="e.g. 2,4: compile 7B cases with these layer "
-                   "counts and extrapolate linearly to the full model (host memory)")  # fmt: skip
+    p.add_argument("--layers", default="", help="e.g. 1,2: compile the cases at these depths "
+                   "and extrapolate the memory linearly to the model's (gte-jax plan --layers)")  # fmt: skip
     args = p.parse_args()
     jax.config.update("jax_platforms", "cpu")  # nothing runs here; no TPU backend is probed
     for case in args.cases.split(","):
         if case in FIXED and args.layers:
-            layer_sweep(case, [int(n) for n in args.layers.split(",")], args.mfu)
+            run_case(case, *FIXED[case], args.mfu, [int(n) for n in args.layers.split(",")])
         elif case in FIXED:
             run_case(case, *FIXED[case], args.mfu)
         elif case == "largest_plain":

@@ -618,19 +618,29 @@ def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hb
     return out
 
 
+def compiled_memory(compiled: Any) -> dict[str, float]:
+    """Bytes per chip from XLA's buffer assignment: argument, output, alias, temp, code, peak."""
+    ma = compiled.memory_analysis()
+    out = {
+        "argument": float(ma.argument_size_in_bytes),
+        "output": float(ma.output_size_in_bytes),
+        "alias": float(ma.alias_size_in_bytes),
+        "temp": float(ma.temp_size_in_bytes),
+        "code": float(getattr(ma, "generated_code_size_in_bytes", 0) or 0),
+    }
+    out["peak"] = float(getattr(ma, "peak_memory_in_bytes", 0) or 0) or (
+        out["argument"] + out["output"] - out["alias"] + out["temp"] + out["code"]
+    )
+    return out
+
+
 def _memory_report(report: dict, compiled: Any, oom: str, arg: float, hbm: float) -> bool:
-    """Adds per-chip memory (GiB) to ``report`` from XLA's analysis (or its out-of-memory
-    message); returns whether the step fits."""
+    """Adds per-chip memory (GiB) to ``report`` from XLA's analysis (a compiled step, or a dict
+    of :func:`compiled_memory`'s bytes, or its out-of-memory message); returns whether the step
+    fits."""
     if compiled is not None:
-        ma = compiled.memory_analysis()
-        argument = float(ma.argument_size_in_bytes)
-        output = float(ma.output_size_in_bytes)
-        alias = float(ma.alias_size_in_bytes)
-        temp = float(ma.temp_size_in_bytes)
-        code = float(getattr(ma, "generated_code_size_in_bytes", 0) or 0)
-        peak = float(getattr(ma, "peak_memory_in_bytes", 0) or 0) or (
-            argument + output - alias + temp + code
-        )
+        mem = compiled if isinstance(compiled, dict) else compiled_memory(compiled)
+        argument, output, temp, peak = (mem[k] for k in ("argument", "output", "temp", "peak"))
         fits = peak <= hbm
         report |= {
             "argument_gib_per_chip": _sig(argument / GIB),
@@ -656,6 +666,52 @@ def _memory_report(report: dict, compiled: Any, oom: str, arg: float, hbm: float
     return fits
 
 
+_LAYER_KEYS = ("num_hidden_layers", "num_layers")  # BERT and the decoders; T5
+
+
+def num_layers(hf_config: Mapping[str, Any]) -> int:
+    for key in _LAYER_KEYS:
+        if key in hf_config:
+            return int(hf_config[key])
+    raise PlanError(f"the model config has none of {_LAYER_KEYS}: its depth is unknown")
+
+
+def with_layers(hf_config: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The same shape with ``n`` layers (per-layer lists such as ``layer_types`` cut to ``n``)."""
+    out = dict(hf_config)
+    for key in _LAYER_KEYS:
+        if key in out:
+            out[key] = n
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = out["layer_types"][:n]
+    return out
+
+
+def _extrapolated(config, mesh, hf_config, layers: Sequence[int]):
+    """(bytes per chip extrapolated to the model's depth, or None; OOM text; the points).
+
+    Compiles the step at each depth of ``layers`` (the same widths, batch and sharding) and fits
+    every figure of :func:`compiled_memory` linearly in the layer count (least squares): the
+    state, the activations a remat'd layer keeps and the gradients are per layer, and the working
+    set of the layer being recomputed does not grow with depth. ``tests/test_plan.py`` checks the
+    rule against a full compile. A depth that XLA refuses means the model cannot fit either."""
+    full = num_layers(hf_config)
+    points = []
+    for n in layers:
+        compiled, oom = compile_step(abstract_step(config, mesh, with_layers(hf_config, n)))
+        if compiled is None:
+            return None, oom, points
+        points.append({"layers": n, **compiled_memory(compiled)})
+    xs = np.asarray([p["layers"] for p in points], np.float64)
+    out = {}
+    for key in points[0]:
+        if key == "layers":
+            continue
+        slope, intercept = np.polyfit(xs, [p[key] for p in points], 1)
+        out[key] = max(float(intercept + slope * full), 0.0)
+    return out, "", points
+
+
 def plan(
     config: Any,
     topology: str | Topology,
@@ -663,18 +719,32 @@ def plan(
     model_config: str | None = None,
     mfu: float = 0.4,
     stages: Mapping[str, Any] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Compiles one stage's train step for ``topology`` and returns the report (see the module
-    doc). ``stages``: the multi-stage config, to follow ``model.init_from = "stage:NAME"``."""
+    doc). ``stages``: the multi-stage config, to follow ``model.init_from = "stage:NAME"``.
+    ``layers`` (e.g. (1, 2)): compile at these depths and extrapolate the memory to the model's
+    own (:func:`_extrapolated`), for models whose full compile needs more host memory than this
+    machine has (a 7B unrolled step); FLOPs and the state size are the full model's."""
     topo = topology if isinstance(topology, Topology) else parse_topology(topology)
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: must be in (0, 1]")
     hf_config, model_source = model_shape(config.model, model_config, stages)
+    if layers:
+        layers = sorted({int(n) for n in layers})
+        if len(layers) < 2 or layers[0] < 1 or layers[-1] >= num_layers(hf_config):
+            raise PlanError(
+                f"--layers {','.join(map(str, layers))}: give two or more depths, each from 1 "
+                f"to fewer than the model's {num_layers(hf_config)} layers"
+            )
     devices = topology_devices(topo)
     mesh = topology_mesh(devices)
-    step = abstract_step(config, mesh, hf_config)
+    step = abstract_step(config, mesh, hf_config)  # the full model, abstract (nothing compiled)
     t0 = time.perf_counter()
-    compiled, oom = compile_step(step)
+    if layers:
+        compiled, oom, points = _extrapolated(config, mesh, hf_config, layers)
+    else:
+        compiled, oom = compile_step(step)
     compile_s = time.perf_counter() - t0
 
     hbm = topo.chip.hbm_gib * GIB
@@ -689,6 +759,26 @@ def plan(
     }
     fits = _memory_report(report, compiled, oom, arg, hbm)
     report["verdict"] = "fits" if fits else "does not fit"
+    if layers:
+        report["memory_extrapolated_from_layers"] = [
+            {
+                "layers": p["layers"],
+                **{f"{k}_gib_per_chip": _sig(p[k] / GIB) for k in ("argument", "temp", "peak")},
+            }
+            for p in points
+        ]
+        report["state_gib_per_chip"] = _sig(arg / GIB)  # exact: the full model's sharded state
+    report |= _time_report(config, step, topo, mfu) | {
+        "model": model_source,
+        "compile_seconds": round(compile_s, 1),
+    }
+    if not fits:
+        report["advice"] = _advice(config, step, step.sharding, arg, hbm)
+    return report
+
+
+def _time_report(config: Any, step: AbstractStep, topo: Topology, mfu: float) -> dict[str, Any]:
+    """Analytic model FLOPs, time at ``mfu``, and what the step is (batch, lengths, settings)."""
     # Attention's width is heads x head_dim: hidden_size for BERT, not always for T5 (T5-11B).
     enc = step.encoder
     flops = model_flops(
@@ -700,7 +790,7 @@ def plan(
     )
     peak_flops = topo.chip.peak_bf16_flops * topo.chips
     step_s = flops / (peak_flops * mfu)
-    report |= {
+    return {
         "model_tflops_per_step": _sig(flops / 1e12),
         "assumed_mfu": mfu,
         "peak_tflops": round(peak_flops / 1e12, 1),
@@ -718,17 +808,12 @@ def plan(
         "remat": bool(config.model.remat),
         "dtype": str(config.model.dtype),
         "sharding": step.sharding,
-        "model": model_source,
         "parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.params))),
         # What the optimizer holds: every parameter, or the LoRA factors alone.
         "trainable_parameters": int(
             sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.state["params"]))
         ),
-        "compile_seconds": round(compile_s, 1),
     }
-    if not fits:
-        report["advice"] = _advice(config, step, step.sharding, arg, hbm)
-    return report
 
 
 # --------------------------------------------------------------------------------------------------

@@ -170,3 +170,22 @@ def test_stage_init_from_follows_the_earlier_stage():
     shape, source = plan.model_shape(config.finetune.model, None, config)
     assert shape["hidden_size"] == 384 and shape["num_hidden_layers"] == 6
     assert "config.json" in source
+
+
+def test_with_layers_cuts_the_depth_and_per_layer_lists():
+    """--layers compiles shallower copies of the model: the depth key of each family and the
+    per-layer lists transformers checks against it (Qwen2's layer_types) are cut together."""
+    from transformers import Qwen2Config, T5Config
+
+    qwen = plan.with_layers(plan._transformers_config("qwen2-7b"), 2)
+    assert Qwen2Config(**qwen).num_hidden_layers == 2 and len(qwen["layer_types"]) == 2
+    t5 = plan.with_layers(T5Config(num_layers=12).to_dict(), 3)
+    assert plan.num_layers(t5) == 3 and T5Config(**t5).num_layers == 3
+    assert plan.num_layers(plan._transformers_config("mistral-7b")) == 32
+
+
+@pytest.mark.parametrize("layers", ["2", "1,12", "x"])
+def test_bad_layers_exit_2_before_compiling(tiny, capsys, layers):
+    argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2", "--layers", layers]
+    rc, _, err = _run([*argv, "--model-config", "bert-base"], capsys)
+    assert rc == 2 and "--layers" in err

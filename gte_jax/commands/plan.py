@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the time estimate")
     parser.add_argument("--stage", default=None, help="one stage of a multi-stage config")
+    parser.add_argument(
+        "--layers",
+        default="",
+        help="e.g. 1,2: compile the step at these depths and extrapolate the memory linearly to "
+        "the model's depth (a 7B model's unrolled compile needs more host memory than a laptop)",
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -59,11 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_platforms", "cpu")
     try:
         topology = parse_topology(args.topology)
+        try:
+            layers = [int(n) for n in args.layers.split(",") if n.strip()]
+        except ValueError:
+            raise PlanError(f"--layers {args.layers!r}: give depths such as 1,2") from None
         config = load_config(args.config, overrides)
         stages = config if "stages" in config else None
         for stage_cfg in stage_configs(config, args.stage):
             report = plan(
-                stage_cfg, topology, model_config=args.model_config, mfu=args.mfu, stages=stages
+                stage_cfg,
+                topology,
+                model_config=args.model_config,
+                mfu=args.mfu,
+                stages=stages,
+                layers=layers or None,
             )
             print(json.dumps(report, allow_nan=False), flush=True)
     except (PlanError, *USER_ERRORS) as e:
