@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 BUCKET = "gte-jax-test"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 # Shared with tests/test_train.py: XLA executables persist across the runs of a test session.
 XLA_CACHE = os.path.join(tempfile.gettempdir(), "gte_jax_test_xla_cache")
 
@@ -203,7 +204,7 @@ def get_config():
 """
 
 
-def _train(config_file, workdir, *overrides):
+def _train(config_file, workdir, *overrides, runlocal=False):
     """`gte-jax train` in a child process (one CPU device), as a user runs it, in the config's
     directory: a gs:// path mistaken for a local one would land there, in ./gs:/..."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
@@ -214,7 +215,8 @@ def _train(config_file, workdir, *overrides):
         HF_HUB_OFFLINE="1",
     )
     out = subprocess.run(
-        [sys.executable, "-m", "gte_jax.cli", "train", "--config", str(config_file),
+        [sys.executable, "-m", "gte_jax.cli", "train", "--config",
+         f"{config_file}:runlocal" if runlocal else str(config_file),
          "--workdir", workdir, "--log_level=WARNING", *overrides],
         env=env, cwd=config_file.parent, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -309,3 +311,59 @@ def test_two_stage_train_resume_and_export_in_a_gs_workdir(gcs, tiny_model_dir, 
     assert (root / "again/model.safetensors").read_bytes() == (
         root / "finetune/export/model.safetensors"
     ).read_bytes()
+
+
+def test_lora_decoder_recipe_resumes_and_exports_in_a_gs_workdir(gcs, tmp_path):
+    """The path the 7B recipes take, at tiny size: `e5_mistral.py:runlocal` (a plain HF decoder
+    checkpoint, LoRA on every projection, GradCache, packing, instructions) with its workdir in a
+    bucket. Run 1 stops at step 4; run 2 resumes from the bucket's checkpoint (the frozen base's
+    fingerprint read back from the bucket) to step 6; the merged export and the PEFT adapter land
+    in the bucket, and the export read from the bucket embeds like the LoRA checkpoint."""
+    from etils import epath
+
+    from gte_jax.evaluation import load_embedder
+    from gte_jax.models import tiny_decoder
+    from gte_jax.train import FROZEN_BASE_FILE
+    from gte_jax.workdir import load_model
+
+    cache = tmp_path / "cache"
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("GTE_JAX_CACHE", str(cache))
+        tiny_decoder.tiny_decoder_dir("mistral")  # built offline, before the child runs
+    config = REPO / "configs" / "e5_mistral.py"
+    config_file = tmp_path / "e5.py"  # the config in a directory of its own (see _train)
+    config_file.write_text(config.read_text())
+    workdir = f"gs://{BUCKET}/runs/e5"
+    root = epath.Path(workdir)
+    flags = ["--config.checkpoint.every_steps=2", "--config.train.log_every=1"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("GTE_JAX_CACHE", str(cache))
+        _train(config_file, workdir, *flags, "--config.train.num_steps=4", runlocal=True)
+        summary = json.loads((root / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["completed"]
+        fingerprint = (root / FROZEN_BASE_FILE).read_text()
+        _train(config_file, workdir, *flags, "--config.train.num_steps=6", runlocal=True)
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from_step"] == 4
+    assert (root / FROZEN_BASE_FILE).read_text() == fingerprint
+    objects = gcs.objects("runs/e5/")
+    for name in ("export/model.safetensors", "export/tokenizer.json",
+                 "export/config_sentence_transformers.json",
+                 "export/lora_adapter/adapter_config.json",
+                 "export/lora_adapter/adapter_model.safetensors"):  # fmt: skip
+        assert f"runs/e5/{name}" in objects, name
+    assert any(o.startswith("runs/e5/checkpoints/6/") for o in objects)
+    assert not (tmp_path / "gs:").exists()
+
+    texts = ["In the beginning God created the heaven and the earth.", "Jesus wept.", ""]
+    from gte_jax.encode import Embedder
+
+    model, tokenizer, info = load_model(workdir)  # the LoRA checkpoint, from the bucket
+    lora_forward = Embedder.from_loaded(model, tokenizer, info)
+    merged = load_embedder(workdir)  # the workdir's export/, merged weights
+    for prompt in (None, "query"):
+        a = merged.encode(texts, prompt_name=prompt)
+        b = lora_forward.encode(texts, prompt_name=prompt)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    base = Embedder.from_pretrained(f"{workdir}/base_model").encode(texts)
+    assert np.abs(base - b).max() > 1e-4  # the export carries the training
