@@ -16,6 +16,7 @@ Cases:
   e5_mistral_v4_8, _v5p_8     configs/e5_mistral.py (Mistral-7B, LoRA r=16 on every projection,
                               batch 2048 with 1 hard negative, seq 512, GradCache chunks of 64,
                               bf16, remat, FSDP), 879 steps (= 1 epoch of the paper's 1.8M)
+  extrapolation_check         --layers 1,2 vs the full compile of a 4-layer decoder (E5 recipe)
   tevatron_v4_8               the same recipe at tevatron's setting (128 queries x 16 passages,
                               64 / 128 tokens, 3132 steps = 1 epoch of MS MARCO) on v4-8
 Each GTE-base compile takes minutes of CPU; the doubling searches compile once per batch size.
@@ -83,6 +84,32 @@ def run_case(
     return report
 
 
+def extrapolation_check(mfu: float) -> None:
+    """``--layers`` against a full compile: a 4-layer Mistral-shaped decoder (hidden 512) in the
+    E5-mistral recipe (LoRA, bf16, remat, GradCache, FSDP) on v4-8, compiled whole and at 1 and 2
+    layers; prints both reports and the relative error of each extrapolated figure."""
+    import tempfile
+
+    from transformers import MistralConfig
+
+    hf = MistralConfig(
+        vocab_size=512, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+        sliding_window=None,
+    ).to_dict()  # fmt: skip
+    overrides = ["--config.train.num_steps=10", "--config.train.batch_size=64",
+                 "--config.train.gradcache_chunk_size=16", "--config.data.query_max_length=64",
+                 "--config.data.doc_max_length=128"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "config.json"
+        path.write_text(json.dumps(hf))
+        full = run_case("check_full", E5_MISTRAL, "v4-8", overrides, str(path), mfu)
+        fit = run_case("check_layers_1_2", E5_MISTRAL, "v4-8", overrides, str(path), mfu, [1, 2])
+    keys = ("argument_gib_per_chip", "temp_gib_per_chip", "peak_gib_per_chip")
+    error = {k: round(fit[k] / full[k] - 1, 4) for k in keys}
+    print(json.dumps({"case": "extrapolation_check", "relative_error": error}), flush=True)
+
+
 def largest(case: str, gradcache: bool, start: int, max_batch: int, chunk: int, mfu: float):
     """Doubles the stage-1 batch on one v5e chip until it does not fit (or max_batch)."""
     batch, best = start, None
@@ -118,12 +145,14 @@ def main() -> None:
             run_case(case, *FIXED[case], args.mfu, [int(n) for n in args.layers.split(",")])
         elif case in FIXED:
             run_case(case, *FIXED[case], args.mfu)
+        elif case == "extrapolation_check":
+            extrapolation_check(args.mfu)
         elif case == "largest_plain":
             largest(case, False, args.start_plain, args.max_batch, args.chunk, args.mfu)
         elif case == "largest_gradcache":
             largest(case, True, args.start_gradcache, args.max_batch, args.chunk, args.mfu)
         else:
-            sys.exit(f"unknown case {case!r}; known: {', '.join(FIXED)}, largest_plain, "
+            sys.exit(f"unknown case {case!r}; known: {', '.join(FIXED)}, extrapolation_check, largest_plain, "
                      "largest_gradcache")  # fmt: skip
 
 
