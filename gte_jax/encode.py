@@ -1,9 +1,10 @@
 """Embedding texts with a trained model: the ``Embedder`` class and the ``gte-jax encode`` command.
 
 Texts are tokenised once. By default (``packing=True``) they are packed several to a row, as
-training packs them (docs/design.md, "Packed batches"): best-fit decreasing into rows of the call's
-max length, ``batch_size`` rows per program, so a whole corpus runs ONE compiled shape and padding
-nearly vanishes. ``packing=False`` is the padded path: sorted by length and padded to a few bucket
+training packs them (docs/design.md, "Packed batches"): best-fit decreasing into rows as long as
+the call's longest text (its bucket; the max length for any corpus with a truncated text),
+``batch_size`` rows per program, so a whole corpus runs ONE compiled shape and padding nearly
+vanishes. ``packing=False`` is the padded path: sorted by length and padded to a few bucket
 lengths (multiples of 16, then 32, then 64) and batch sizes (powers of two), a handful of shapes
 per corpus. Either way results come back in the input order.
 """
@@ -99,9 +100,9 @@ def packed_plan(
     """(rows per batch, texts per batch, batches) of one encode call: every batch of one shape.
 
     The texts are packed best-fit decreasing into rows of ``row_length`` tokens (the training
-    packer, :func:`gte_jax.data.batching.pack_rows`). A batch is ``batch_size`` rows (the token
-    budget of a padded batch at full length), fewer for a call that needs fewer: the next power of
-    two of its row count, so small calls (one query) compile a few small shapes, not one big one.
+    packer, :func:`gte_jax.data.batching.pack_rows`). A batch is ``batch_size`` rows (the tokens
+    of the padded path's largest batch at this length), fewer for a call that needs fewer: the
+    next power of two of its row count, so a small call (one query) runs a small shape.
     Packed row k goes to batch k % n (as GradCache deals chunks), so every batch gets long- and
     short-text rows alike and the text counts per batch are balanced; the slot axis (texts per
     batch, the ``slot_index`` gather) is the next power of two of the largest count. Each batch is
@@ -206,9 +207,9 @@ class Embedder:
         the model's prompts (as in sentence-transformers); with ``include_prompt`` False its
         tokens are not pooled (:mod:`gte_jax.prompts`). ``pooling`` / ``normalize`` override
         the model's settings for this call. ``packing``: texts packed into ``batch_size`` rows of
-        ``max_length`` tokens, one shape per call (:func:`packed_plan`); False: padded batches of
-        ``batch_size`` texts at bucket lengths. Both give the same embeddings (tested).
-        """
+        the longest text's bucket length (``max_length`` when a text is truncated), one shape per
+        call (:func:`packed_plan`); False: padded batches of ``batch_size`` texts at bucket
+        lengths. Both give the same embeddings (tested)."""
         if prompt_name is not None:
             if prefix:
                 raise ValueError("pass prefix or prompt_name, not both")
@@ -278,12 +279,18 @@ class Embedder:
         ids = encoded["input_ids"]
         type_ids = encoded.get("token_type_ids")
         pools = [pool_mask_of(len(x), prompt_length) for x in ids] if prompt_length else None
-        rows_per_batch, slots, batches = packed_plan([len(x) for x in ids], batch_size, max_length)
-        self.compiled_shapes.add((rows_per_batch, max_length, slots))
+        lengths = [len(x) for x in ids]
+        # The padded path's longest bucket: max_length as soon as a text reaches it (a corpus with
+        # a truncated text), less for a call of short texts (queries), so that no call costs more
+        # memory than its largest padded batch, and a 10-token query on a 32k-context model does
+        # not run a 32k-token row.
+        length = bucket_length(max(lengths), max_length)
+        rows_per_batch, slots, batches = packed_plan(lengths, batch_size, length)
+        self.compiled_shapes.add((rows_per_batch, length, slots))
         pad_id = self.tokenizer.pad_token_id or 0
         for batch in batches:
             arrays, members = _packed_batch(
-                ids, type_ids, pools, batch, rows_per_batch, slots, max_length, pad_id
+                ids, type_ids, pools, batch, rows_per_batch, slots, length, pad_id
             )
             embeddings = _embed_packed(self._graphdef, self._state, arrays, **options)
             yield members, np.asarray(embeddings)[: len(members)]

@@ -177,6 +177,10 @@ def test_input_order_empty_call_and_truncation(tiny_bert):
         tiny_bert.encode([texts[i] for i in perm], batch_size=4), out[perm]
     )
     assert len({tuple(np.round(x, 6)) for x in out}) == len(set(texts))  # no text's vector lost
+    # A call of short texts packs rows of its longest text's bucket, not of max_length (128).
+    tiny_bert.compiled_shapes.clear()
+    tiny_bert.encode(["Hi", "What is AI?"])
+    assert tiny_bert.compiled_shapes == {(1, 16, 2)}  # 3 + 6 tokens in one row of 16
     empty = tiny_bert.encode([])
     assert empty.shape == (0, tiny_bert.model.embedding_dim) and empty.dtype == np.float32
     # A text longer than max_length is cut to max_length tokens, as before ([CLS] ... [SEP]).
