@@ -152,20 +152,23 @@ def tiny_bert(tiny_model_dir):
 
 def test_a_mixed_corpus_compiles_one_program(tiny_bert):
     """300 texts from 5 to several hundred tokens (cut at 128): the padded path runs several
-    shapes, the packed path exactly one (the Embedder's counter and jit's own cache agree)."""
+    shapes, the packed path exactly one (the Embedder's counter and jit's own cache agree), its
+    last batches padded with empty rows (the plan deals 7 or 8 rows to each batch of 8)."""
     texts = _corpus(300)
     lengths = [len(x) for x in tiny_bert.tokenizer(texts)["input_ids"]]
     assert min(lengths) < 16 and max(lengths) > 128
-    padded = tiny_bert.encode(texts, packing=False)
+    padded = tiny_bert.encode(texts, batch_size=8, packing=False)
     assert len(tiny_bert.compiled_shapes) > 3
     tiny_bert.compiled_shapes.clear()
+    _, _, batches = packed_plan([min(n, 128) for n in lengths], 8, 128)
+    assert {len(batch) for batch in batches} == {7, 8}
     before = _embed_packed._cache_size()
-    packed = tiny_bert.encode(texts)
+    packed = tiny_bert.encode(texts, batch_size=8)
     (shape,) = tiny_bert.compiled_shapes
-    assert shape[:2] == (32, 128)
+    assert shape[:2] == (8, 128)
     assert _embed_packed._cache_size() == before + 1
     assert _max_diff(packed, padded) <= TOL
-    tiny_bert.encode(texts[::-1])  # the same corpus again, in another order: no new program
+    tiny_bert.encode(texts[::-1], batch_size=8)  # the corpus in another order: no new program
     assert _embed_packed._cache_size() == before + 1
 
 
