@@ -1,8 +1,12 @@
 """Embedding texts with a trained model: the ``Embedder`` class and the ``gte-jax encode`` command.
 
-Texts are tokenised once, sorted by length and padded to a few bucket lengths (multiples of 16,
-then 32, then 64) and batch sizes (powers of two), so a whole corpus compiles a handful of shapes;
-results come back in the input order.
+Texts are tokenised once. By default (``packing=True``) they are packed several to a row, as
+training packs them (docs/design.md, "Packed batches"): best-fit decreasing into rows as long as
+the call's longest text (its bucket; the max length for any corpus with a truncated text),
+``batch_size`` rows per program, so a whole corpus runs ONE compiled shape and padding nearly
+vanishes. ``packing=False`` is the padded path: sorted by length and padded to a few bucket
+lengths (multiples of 16, then 32, then 64) and batch sizes (powers of two), a handful of shapes
+per corpus. Either way results come back in the input order.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gte_jax.data.batching import pack_rows, packed_arrays
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.prompts import PromptLengths, resolve_prompt
@@ -71,6 +76,66 @@ def _embed(
     )  # [batch, dim]
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "normalize"))
+def _embed_packed(graphdef, state, batch, *, pooling, normalize):
+    """Packed rows (``batch``: :func:`gte_jax.data.batching.packed_arrays`' keys) -> one vector
+    per ``slot_index`` entry [slots, dim]."""
+    model = nnx.merge(graphdef, state)
+    return model.embed(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("token_type_ids"),
+        batch.get("pool_mask"),
+        segment_ids=batch["segment_ids"],
+        position_ids=batch["position_ids"],
+        slot_index=batch["slot_index"],
+        pooling=pooling,
+        normalize=normalize,
+    )  # [slots, dim]
+
+
+def packed_plan(
+    lengths: Sequence[int], batch_size: int, row_length: int
+) -> tuple[int, int, list[list[list[int]]]]:
+    """(rows per batch, texts per batch, batches) of one encode call: every batch of one shape.
+
+    The texts are packed best-fit decreasing into rows of ``row_length`` tokens (the training
+    packer, :func:`gte_jax.data.batching.pack_rows`). A batch is ``batch_size`` rows (the tokens
+    of the padded path's largest batch at this length), fewer for a call that needs fewer: the
+    next power of two of its row count, so a small call (one query) runs a small shape.
+    Packed row k goes to batch k % n (as GradCache deals chunks), so every batch gets long- and
+    short-text rows alike and the text counts per batch are balanced; the slot axis (texts per
+    batch, the ``slot_index`` gather) is the next power of two of the largest count. Each batch is
+    a list of rows of text indices."""
+    rows = pack_rows(lengths, row_length)
+    rows_per_batch = _bucket_rows(len(rows), batch_size)
+    num_batches = -(-len(rows) // rows_per_batch)
+    batches = [rows[b::num_batches] for b in range(num_batches)]
+    most = max(sum(len(row) for row in batch) for batch in batches)
+    return rows_per_batch, _bucket_rows(most, rows_per_batch * row_length), batches
+
+
+def _packed_batch(ids, type_ids, pools, batch, rows_per_batch, slots, length, pad_id):
+    """The packed model inputs of ``batch`` (rows of text indices) and the text indices in slot
+    order (``slot_index`` padded to ``slots`` entries with slot 0, whose vector is dropped)."""
+    members = [i for row in batch for i in row]
+    local, start = [], 0
+    for row in batch:
+        local.append(list(range(start, start + len(row))))
+        start += len(row)
+    arrays = packed_arrays(
+        [ids[i] for i in members],
+        local,
+        num_rows=rows_per_batch,
+        length=length,
+        pad_id=pad_id,
+        pool=None if pools is None else [pools[i] for i in members],
+        token_types=None if type_ids is None else [type_ids[i] for i in members],
+    )
+    arrays["slot_index"] = np.pad(arrays["slot_index"], (0, slots - len(members)))
+    return arrays, members
+
+
 class Embedder:
     """Encodes lists of texts to float32 embeddings with a ``BiEncoder`` and its tokenizer."""
 
@@ -96,6 +161,9 @@ class Embedder:
         # The tokenizer's padding side (gte_jax.prompts.configure_tokenizer), as in training.
         self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
         self._graphdef, self._state = nnx.split(model)
+        # The batch shapes this Embedder has run, one compiled program each (per pooling mode):
+        # (rows, length) padded, (rows, row length, texts) packed.
+        self.compiled_shapes: set[tuple[int, ...]] = set()
 
     @classmethod
     def from_pretrained(cls, path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> Embedder:
@@ -131,14 +199,17 @@ class Embedder:
         normalize: bool | None = None,
         show_progress: bool = False,
         prompt_name: str | None = None,
+        packing: bool = True,
     ) -> np.ndarray:
         """Embed ``texts`` -> float32 [len(texts), dim], in input order.
 
         ``prefix`` is prepended to every text (e.g. "query: "), or ``prompt_name`` names one of
         the model's prompts (as in sentence-transformers); with ``include_prompt`` False its
         tokens are not pooled (:mod:`gte_jax.prompts`). ``pooling`` / ``normalize`` override
-        the model's settings for this call.
-        """
+        the model's settings for this call. ``packing``: texts packed into ``batch_size`` rows of
+        the longest text's bucket length (``max_length`` when a text is truncated), one shape per
+        call (:func:`packed_plan`); False: padded batches of ``batch_size`` texts at bucket
+        lengths. Both give the same embeddings (tested)."""
         if prompt_name is not None:
             if prefix:
                 raise ValueError("pass prefix or prompt_name, not both")
@@ -160,34 +231,66 @@ class Embedder:
             padding=False,
             return_attention_mask=False,
         )
-        ids = encoded["input_ids"]
-        type_ids = encoded.get("token_type_ids")
-        prompt_length = self.prompt_length(prefix)
-        pad_id = self.tokenizer.pad_token_id or 0
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-
+        options = {
+            "pooling": pooling or self.model.pooling,
+            "normalize": self.model.normalize if normalize is None else normalize,
+        }
+        run = self._run_packed if packing else self._run_padded
         from tqdm.auto import tqdm
 
         with tqdm(
             total=len(texts), desc="encode", unit="text", file=sys.stderr, disable=not show_progress
         ) as bar:
-            for start in range(0, len(texts), batch_size):
-                rows = order[start : start + batch_size]
-                length = bucket_length(max(len(ids[i]) for i in rows), max_length)
-                n_rows = _bucket_rows(len(rows), batch_size)
-                input_ids, attention_mask, token_types, pool_mask = _padded(
-                    ids, type_ids, rows, n_rows, length, pad_id, prompt_length, self.left_pad
-                )
-                embeddings = _embed(
-                    self._graphdef,
-                    self._state,
-                    input_ids,
-                    attention_mask,
-                    token_types,
-                    pool_mask,
-                    pooling=pooling or self.model.pooling,
-                    normalize=self.model.normalize if normalize is None else normalize,
-                )
-                out[rows] = np.asarray(embeddings)[: len(rows)]
+            for rows, embeddings in run(
+                encoded, self.prompt_length(prefix), batch_size, max_length, options
+            ):
+                out[rows] = embeddings
                 bar.update(len(rows))
         return out
+
+    def _run_padded(self, encoded, prompt_length, batch_size, max_length, options):
+        """Yields (text indices, their embeddings) per padded batch (longest texts first)."""
+        ids = encoded["input_ids"]
+        type_ids = encoded.get("token_type_ids")
+        pad_id = self.tokenizer.pad_token_id or 0
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        for start in range(0, len(ids), batch_size):
+            rows = order[start : start + batch_size]
+            length = bucket_length(max(len(ids[i]) for i in rows), max_length)
+            n_rows = _bucket_rows(len(rows), batch_size)
+            input_ids, attention_mask, token_types, pool_mask = _padded(
+                ids, type_ids, rows, n_rows, length, pad_id, prompt_length, self.left_pad
+            )
+            self.compiled_shapes.add((n_rows, length))
+            embeddings = _embed(
+                self._graphdef,
+                self._state,
+                input_ids,
+                attention_mask,
+                token_types,
+                pool_mask,
+                **options,
+            )
+            yield rows, np.asarray(embeddings)[: len(rows)]
+
+    def _run_packed(self, encoded, prompt_length, batch_size, max_length, options):
+        """Yields (text indices, their embeddings) per packed batch, all of one shape. A packed
+        text has no padding inside it, so the padding side does not apply (pads end the row)."""
+        ids = encoded["input_ids"]
+        type_ids = encoded.get("token_type_ids")
+        pools = [pool_mask_of(len(x), prompt_length) for x in ids] if prompt_length else None
+        lengths = [len(x) for x in ids]
+        # The padded path's longest bucket: max_length as soon as a text reaches it (a corpus with
+        # a truncated text), less for a call of short texts (queries), so that no call costs more
+        # memory than its largest padded batch, and a 10-token query on a 32k-context model does
+        # not run a 32k-token row.
+        length = bucket_length(max(lengths), max_length)
+        rows_per_batch, slots, batches = packed_plan(lengths, batch_size, length)
+        self.compiled_shapes.add((rows_per_batch, length, slots))
+        pad_id = self.tokenizer.pad_token_id or 0
+        for batch in batches:
+            arrays, members = _packed_batch(
+                ids, type_ids, pools, batch, rows_per_batch, slots, length, pad_id
+            )
+            embeddings = _embed_packed(self._graphdef, self._state, arrays, **options)
+            yield members, np.asarray(embeddings)[: len(members)]

@@ -90,6 +90,22 @@ def test_encode_options_reach_the_embedder(tiny_model_dir, tmp_path):
     assert not np.allclose(np.linalg.norm(want, axis=1), 1.0)
 
 
+def test_encode_reports_its_compiled_shapes_and_pads_on_request(
+    tiny_model_dir, expected, tmp_path, capsys
+):
+    """Packed by default (one shape for the call, reported); --no-packing: padded buckets, the
+    same embeddings."""
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    output = tmp_path / "out.npy"
+    argv = _argv(tiny_model_dir, source, output) + ["--batch-size", "2"]
+    assert cli.main(argv) == 0
+    assert "(1 batch shape(s) compiled: " in capsys.readouterr().err
+    assert cli.main(argv + ["--no-packing"]) == 0
+    assert "padded rows x length" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(output), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "line,message",
     [

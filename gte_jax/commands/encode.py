@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
     )
     parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    parser.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="pad batches to bucket lengths instead of packing several texts per row (same "
+        "embeddings; packing compiles one program per call)",
+    )
     return parser
 
 
@@ -104,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         pooling=args.pooling,
         normalize=False if args.no_normalize else None,
         show_progress=True,
+        packing=not args.no_packing,
     )
     with output.open("wb") as f:
         np.save(f, embeddings)
+    shapes = ", ".join("x".join(map(str, s)) for s in sorted(embedder.compiled_shapes))
     print(
-        f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {output}", file=sys.stderr
+        f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} float32 to {output} "
+        f"({len(embedder.compiled_shapes)} batch shape(s) compiled: {shapes or 'none'}; "
+        f"{'padded rows x length' if args.no_packing else 'packed rows x length x texts'})",
+        file=sys.stderr,
     )
     return 0

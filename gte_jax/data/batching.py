@@ -303,12 +303,14 @@ def packed_arrays(
     pad_id: int,
     slot_offset: int = 0,
     pool: Sequence[Sequence[int]] | None = None,
+    token_types: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """One role's packed model inputs (keys without the role prefix).
 
     ``input_ids`` / ``attention_mask`` / ``segment_ids`` (1, 2, ... per text of a row, 0 = pad) /
     ``position_ids`` (0, 1, ... from each text's first token; the model adds RoBERTa's offset)
-    [num_rows, length], optional ``pool_mask`` [num_rows, length], and ``slot_index`` [n]: text i
+    [num_rows, length], optional ``pool_mask`` and ``token_type_ids`` (the tokenizer's, laid out
+    with their tokens) [num_rows, length], and ``slot_index`` [n]: text i
     lies in row r as the s-th text (s from 0) -> ``slot_offset + r * length + s``. The slot axis
     has ``length`` entries per row (a row holds at most ``length`` texts), so it needs no bucket
     of its own; ``slot_offset`` makes the index global over the processes' rows.
@@ -318,6 +320,7 @@ def packed_arrays(
     segments = np.zeros((num_rows, length), dtype=np.int32)
     positions = np.zeros((num_rows, length), dtype=np.int32)
     pooled = np.zeros((num_rows, length), dtype=np.int32) if pool is not None else None
+    types = np.zeros((num_rows, length), dtype=np.int32) if token_types is not None else None
     slot_index = np.full((len(texts),), -1, dtype=np.int32)
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} packed rows do not fit in num_rows={num_rows}")
@@ -331,6 +334,8 @@ def packed_arrays(
             positions[r, start : start + n] = np.arange(n)
             if pooled is not None:
                 pooled[r, start : start + n] = pool[i]
+            if types is not None:
+                types[r, start : start + n] = token_types[i]
             slot_index[i] = slot_offset + r * length + s
             start += n
     if (slot_index < 0).any():
@@ -344,6 +349,8 @@ def packed_arrays(
     }
     if pooled is not None:
         out["pool_mask"] = pooled
+    if types is not None:
+        out["token_type_ids"] = types
     return out
 
 
