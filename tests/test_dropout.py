@@ -88,3 +88,20 @@ def test_dropout_is_unbiased_and_inverted():
     ratio = (y / xs).ravel()
     assert abs(ratio.mean() - 1.0) < 5 * np.sqrt(0.25 / 0.75 / ratio.size)
     assert d.dropout(x, 0.0, key) is x and d.dropout(x, 0.5, None) is x
+
+
+def test_large_sites_split_their_index_without_wrapping(monkeypatch):
+    """A site whose trailing axes hold 2**32 elements or more (attention dropout of a
+    long-context decoder) hashes (batch, heads) and (query, key) apart, so no index wraps and
+    repeats masks. Checked at a 2**8 limit: JAX equals NumPy, and no draw repeats."""
+    assert d._split((8, 32, 32768, 32768)) == 2  # [b, h, 32k, 32k]
+    assert d._split((8, 12, 128, 128)) == 1
+    monkeypatch.setattr(d, "_INDEX_LIMIT", 1 << 8)
+    shape = (2, 4, 16, 16)
+    assert d._split(shape) == 3  # lead = 2 x 4 x 16 = 128, inner = 16
+    key = jax.random.key(9)
+    got = np.asarray(d.bits(key, shape, 1))
+    np.testing.assert_array_equal(got, d.numpy_bits(_words(key), shape, 1))
+    assert len(np.unique(got)) == got.size
+    with pytest.raises(ValueError, match="too large"):
+        d._split((512, 512))

@@ -16,7 +16,8 @@ so 8 devices give the 1-device masks); ``E[dropout(x)] = x``.
 
 Element ``(i0, rest)`` of a site's shape hashes ``i0`` (the leading, batch axis, the one data
 parallelism shards) and ``rest`` (the row-major index inside ``shape[1:]``) separately, so no
-index ever needs more than 32 bits.
+index needs more than 32 bits (when ``shape[1:]`` has 2**32 elements or more, the split moves
+right: :func:`_split`).
 """
 
 from __future__ import annotations
@@ -50,20 +51,36 @@ def bits(rng: jax.Array, shape: tuple[int, ...], site: int = 0) -> jax.Array:
     """uint32 draws of ``shape`` for dropout site ``site`` of the key ``rng``."""
     k0, k1 = _key_words(rng)
     k0 = _mix(k0 ^ np.uint32(((site + 1) * int(_SALT)) & 0xFFFFFFFF))  # one stream per site
-    shape = tuple(int(d) for d in shape)
-    if not shape:
-        shape = (1,)
-    inner = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in range(len(shape) - 1, 0, -1):
-        inner = inner + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(
-            stride % (1 << 32)
-        )
-        stride *= shape[axis]
-    lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    shape = tuple(int(d) for d in shape) or (1,)
+    split = _split(shape)
+
+    def index(axes):  # row-major index over ``axes`` (< 2**32 by _split)
+        out, stride = jnp.zeros(shape, jnp.uint32), 1
+        for axis in reversed(axes):
+            out = out + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+            stride *= shape[axis]
+        return out
+
+    lead = index(range(split))
+    inner = index(range(split, len(shape)))
     h = _mix(inner ^ k0)
     h = _mix(h + lead * _GOLDEN)
     return _mix(h ^ k1)
+
+
+_INDEX_LIMIT = 1 << 32  # each of the two hashed indices must fit 32 bits
+
+
+def _split(shape: tuple[int, ...]) -> int:
+    """Where ``shape`` splits into the lead and inner indices: after axis 0 unless the rest has
+    2**32 elements or more (attention probabilities of a long-context decoder, [b, h, 32k, 32k]),
+    then later, so that neither index wraps (a wrapped index would repeat masks)."""
+    split = 1
+    while split < len(shape) - 1 and math.prod(shape[split:]) >= _INDEX_LIMIT:
+        split += 1
+    if math.prod(shape[:split]) >= _INDEX_LIMIT or math.prod(shape[split:]) >= _INDEX_LIMIT:
+        raise ValueError(f"dropout site of shape {shape}: too large to index with 2 x 32 bits")
+    return split
 
 
 def threshold(rate: float) -> np.uint32:
@@ -112,7 +129,7 @@ def numpy_bits(key_words: tuple[int, int], shape: tuple[int, ...], site: int = 0
     k0 = mix(k0 ^ np.uint64(((site + 1) * 0x85EBCA6B) & m))
     shape = tuple(shape) or (1,)
     flat = np.arange(math.prod(shape), dtype=np.uint64).reshape(shape)
-    inner_size = math.prod(shape[1:])
+    inner_size = math.prod(shape[_split(shape) :])
     lead = flat // np.uint64(inner_size)
     inner = flat % np.uint64(inner_size)
     h = mix(inner ^ k0)
