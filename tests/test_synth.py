@@ -96,10 +96,12 @@ class ScriptedLLM:
                 try:
                     status, content, sleep = llm.script(prompt, seed, attempt)
                     time.sleep(sleep + llm.delay)
-                    self._reply(status, content, prompt)
                 finally:
+                    # Out of flight before the reply is written: once the client has the reply
+                    # it may send its next request, which must not count this one as well.
                     with llm.lock:
                         llm.in_flight -= 1
+                self._reply(status, content, prompt)
 
             def _reply(self, status, content, prompt):
                 if status == 200:
