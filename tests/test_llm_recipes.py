@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import pathlib
-import random
-import signal
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_train import _env, _final_state, _steps, _train_log
+from test_train import _env, _final_state, _train_log, kill_and_resume, run_train
 
 from gte_jax import sharding as shd
 from gte_jax import train
@@ -77,15 +73,7 @@ def _cmd(workdir, *extra):
 
 
 def _train(cache, workdir, devices, *extra):
-    out = subprocess.run(
-        _cmd(workdir, *extra),
-        env=_run_env(cache, devices),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads((workdir / "summary.json").read_text())
+    return run_train(_cmd(workdir, *extra), _run_env(cache, devices), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -139,32 +127,9 @@ def _initial_lora(workdir):
 
 
 def test_lora_recipe_resumes_bitwise_after_sigkill(cache, one_device, tmp_path):
-    rng = random.Random(14)
-    workdir, kills = tmp_path / "killed", 0
-    for _attempt in range(4):
-        proc = subprocess.Popen(
-            _cmd(workdir, "--config.export.enabled=false"),
-            env=_run_env(cache, 1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if kills < 1:
-            before, deadline = set(_steps(workdir)), time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline:
-                if set(_steps(workdir)) - before:  # progress since the last start
-                    time.sleep(rng.uniform(0.0, 0.3))
-                    break
-                time.sleep(0.05)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.communicate()
-                kills += 1
-                continue
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        break
-    assert kills == 1
+    workdir = tmp_path / "killed"
+    cmd = _cmd(workdir, "--config.export.enabled=false")
+    kill_and_resume(cmd, _run_env(cache, 1), workdir, kills=1, seed=14, wait=300)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] > 0
     (s1, a), (s2, b) = _final_state(one_device), _final_state(workdir)

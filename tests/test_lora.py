@@ -332,17 +332,9 @@ TEXTS = ["In the beginning God created the heaven and the earth.", "", "naïve c
 
 
 def _train(tiny_model_dir, workdir, *extra):
-    from test_train import _env, _train_cmd
+    from test_train import _env, _train_cmd, run_train
 
-    out = subprocess.run(
-        _train_cmd(tiny_model_dir, workdir, *LORA_FLAGS, *extra),
-        env=_env(2),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads((workdir / "summary.json").read_text())
+    return run_train(_train_cmd(tiny_model_dir, workdir, *LORA_FLAGS, *extra), _env(2), workdir)
 
 
 @pytest.fixture(scope="module")

@@ -219,40 +219,47 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     return workdir
 
 
-def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
-    tiny_model_dir, tmp_path, uninterrupted
-):
-    rng = random.Random(1234)
-    workdir = tmp_path / "killed"
-    kills = 0
-    for _attempt in range(12):
+def kill_and_resume(cmd, env, workdir, *, kills: int, seed: int, wait: float = 120) -> None:
+    """Runs ``cmd`` (a `gte-jax train` into ``workdir``) until it completes, SIGKILLing it
+    ``kills`` times at random moments, each once the run has written a new checkpoint since its
+    last start (and while it is still running, so there is a next start to resume)."""
+    rng = random.Random(seed)
+    done = 0
+    for _attempt in range(4 * kills + 1):
         proc = subprocess.Popen(
-            _train_cmd(tiny_model_dir, workdir),
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        if kills < 3:
-            # Kill once the run has made progress since the last start (a new checkpoint).
-            before = set(_steps(workdir))
-            deadline = time.monotonic() + 120
+        if done < kills:
+            before, deadline = set(_steps(workdir)), time.monotonic() + wait
             while proc.poll() is None and time.monotonic() < deadline:
                 if set(_steps(workdir)) - before:
-                    # Anywhere within the next step or two (a warm step takes ~0.1-0.5 s here;
-                    # the run must still be going for the next kill).
+                    # Anywhere within the next step or two (a warm step takes ~0.1-0.5 s here).
                     time.sleep(rng.uniform(0.0, 0.3))
                     break
                 time.sleep(0.05)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.communicate()
-                kills += 1
+                done += 1
                 continue
-        out, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         break
-    assert kills == 3
+    assert done == kills
+
+
+def run_train(cmd, env, workdir) -> dict:
+    """`gte-jax train` in a child process; its summary.json."""
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
+
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
+    tiny_model_dir, tmp_path, uninterrupted
+):
+    workdir = tmp_path / "killed"
+    kill_and_resume(_train_cmd(tiny_model_dir, workdir), _env(2), workdir, kills=3, seed=1234)
     assert any(pathlib.Path(XLA_CACHE).iterdir())  # executables persisted for the restarts
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] > 0
