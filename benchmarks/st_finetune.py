@@ -9,7 +9,15 @@ import json
 import time
 
 
-def training_args(output_dir: str, *, batch_size: int, learning_rate: float, seed: int, **steps):
+def training_args(
+    output_dir: str,
+    *,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    bf16: bool = False,
+    **steps,
+):
     """sentence-transformers' trainer settings both benchmarks use: AdamW (weight decay 0.01, eps
     1e-6), linear schedule, clipping 1.0, CPU, no evaluation, saving or logging in between.
     ``steps``: ``max_steps`` / ``warmup_steps`` or ``num_train_epochs`` / ``warmup_ratio``."""
@@ -30,6 +38,7 @@ def training_args(output_dir: str, *, batch_size: int, learning_rate: float, see
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=True,
+        bf16=bf16,  # torch.autocast(cpu, bfloat16) around the forward (HF Trainer's mixed precision)
         **steps,
     )
 
@@ -47,6 +56,7 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="the trainer's bf16 mixed precision")
     args = p.parse_args()
 
     import torch
@@ -74,6 +84,7 @@ def main() -> None:
         seed=args.seed,
         num_train_epochs=args.epochs,
         warmup_ratio=args.warmup_ratio,
+        bf16=args.bf16,
     )
     dataset = Dataset.from_dict({"anchor": queries, "positive": docs})
     trainer = SentenceTransformerTrainer(
@@ -94,6 +105,7 @@ def main() -> None:
                 "train_seconds": round(train_seconds, 2),
                 "process_seconds": round(time.perf_counter() - t_start, 2),
                 "mean_train_loss": round(float(out.training_loss), 4),
+                "bf16": args.bf16,
             }
         )
     )

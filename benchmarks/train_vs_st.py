@@ -243,10 +243,38 @@ def whole_process(args) -> dict:
         ]  # fmt: skip
         gte = _child(gte_cmd, gte_env, work / f"gte_{r}.log")
         st = _child(st_cmd, env, work / f"st_{r}.log")
-        runs.append({"gte_jax": gte, "sentence_transformers": st})
+        run = {"gte_jax": gte, "sentence_transformers": st}
+        if args.st_bf16:  # the peer with its own mixed precision, same run
+            bf16_cmd = [*st_cmd, "--bf16"]
+            bf16_cmd[bf16_cmd.index("--out") + 1] = str(work / f"st_bf16_{r}")
+            run["sentence_transformers_bf16"] = _child(bf16_cmd, env, work / f"st_bf16_{r}.log")
+        runs.append(run)
     ratios = [
         x["sentence_transformers"]["wall_seconds"] / x["gte_jax"]["wall_seconds"] for x in runs
     ]
+    extra = {}
+    if args.st_bf16:
+        bf16 = [
+            x["sentence_transformers_bf16"]["wall_seconds"] / x["gte_jax"]["wall_seconds"]
+            for x in runs
+        ]
+        extra["ratio_st_bf16_wall_over_gte_wall"] = [round(x, 3) for x in bf16]
+        extra["median_ratio_st_bf16"] = round(statistics.median(bf16), 3)
+    # Quality after the timed runs: the bundled held-out Bible set, each saved model.
+    from gte_jax import evaluation
+    from gte_jax.encode import Embedder
+
+    beir = evaluation.read_beir(args.beir)
+    quality = {"base": _quality(Embedder.from_pretrained(args.model), beir)}
+    for r in range(args.repeats):
+        quality[f"gte_jax_{r}"] = _quality(
+            Embedder.from_pretrained(work / f"gte_{r}" / "export"), beir
+        )
+        for peer in ("st", "st_bf16"):
+            if (work / f"{peer}_{r}").exists():
+                quality[f"{peer}_{r}"] = _quality(
+                    Embedder.from_pretrained(work / f"{peer}_{r}"), beir
+                )
     return {
         "benchmark": "train_vs_st_whole_process",
         "pairs": len(lines),
@@ -255,6 +283,8 @@ def whole_process(args) -> dict:
         "runs": runs,
         "ratio_st_wall_over_gte_wall": [round(x, 3) for x in ratios],
         "median_ratio": round(statistics.median(ratios), 3),
+        **extra,
+        "quality": quality,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -280,6 +310,12 @@ def main() -> None:
     p.add_argument("--whole-process", dest="whole_process", action="store_true")
     p.add_argument("--pairs", type=int, default=3900, help="--whole-process: pairs used")
     p.add_argument("--repeats", type=int, default=2, help="--whole-process: A B pairs")
+    p.add_argument(
+        "--st-bf16",
+        dest="st_bf16",
+        action="store_true",
+        help="--whole-process: also sentence-transformers with bf16=True (A B C)",
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

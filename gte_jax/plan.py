@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gte_jax.models.precision import compute_dtype
+
 GIB = 1024**3
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +344,9 @@ def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
 
     try:
         return registry.config_from_hf(
-            dict(hf_config), dtype=jnp.dtype(model_cfg.dtype), **wd.model_overrides(model_cfg)
+            dict(hf_config),
+            dtype=compute_dtype(model_cfg.dtype, "tpu"),
+            **wd.model_overrides(model_cfg),
         )
     except (TypeError, ValueError) as e:
         raise PlanError(f"model shape: {e}") from None
@@ -806,7 +810,7 @@ def _time_report(config: Any, step: AbstractStep, topo: Topology, mfu: float) ->
         if config.train.gradcache
         else None,
         "remat": bool(config.model.remat),
-        "dtype": str(config.model.dtype),
+        "dtype": compute_dtype(config.model.dtype, "tpu").name,
         "sharding": step.sharding,
         "parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.params))),
         # What the optimizer holds: every parameter, or the LoRA factors alone.

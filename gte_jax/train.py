@@ -31,6 +31,8 @@ from gte_jax import sharding as shd
 from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
 from gte_jax.models.pooling import POOLING_MODES
+from gte_jax.models.precision import DTYPES as PRECISIONS
+from gte_jax.models.precision import compute_dtype
 from gte_jax.timing import StageTimer
 
 log = logging.getLogger("gte_jax.train")
@@ -304,9 +306,12 @@ def load_model_for_training(model_cfg: Any):
     the loss, in-training eval and every export see the same embedding."""
     from gte_jax import workdir as wd
 
+    dtype = compute_dtype(model_cfg.dtype)
+    if str(model_cfg.dtype) == "auto":
+        log.info("model.dtype=auto: %s compute on %s", dtype.name, jax.default_backend())
     model, tokenizer, info = wd.load_model(
         str(model_cfg.init_from),
-        dtype=jnp.dtype(model_cfg.dtype),
+        dtype=dtype,
         host=True,  # placed shard by shard by initial_state
         **wd.model_overrides(model_cfg),
     )
@@ -428,6 +433,8 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         problems.append(
             f"model.pooling={config.model.pooling!r}: use auto or one of {list(POOLING_MODES)}"
         )
+    if str(config.model.dtype) not in PRECISIONS:
+        problems.append(f"model.dtype={config.model.dtype!r}: use one of {', '.join(PRECISIONS)}")
     if str(config.model.padding_side) not in ("auto", "left", "right"):
         problems.append(
             f"model.padding_side={config.model.padding_side!r}: use auto, left or right"
@@ -950,6 +957,7 @@ class _Loop:
             "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
             "nonfinite_steps": int(self.tracker["nonfinite"]),
             "resumed_from_step": st.start_step,
+            "compute_dtype": compute_dtype(st.config.model.dtype).name,
             # Where the time went (compile / host / device) and padding (processed per real token).
             "timing": self.timer.report(self.seconds, _cache_size(st.jit_step)),
             "completed": completed,

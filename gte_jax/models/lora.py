@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 import gte_jax.models.dropout as _dropout
+import gte_jax.models.linear as _linear
 from gte_jax.errors import ConfigError
 
 # LoRA target names per tower family: the attribute names of their projections (what a path like
@@ -174,10 +175,15 @@ class LoRALinear(nnx.Module):
 
 
 def dense(layer: nnx.Module, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """``layer(x)``, giving a LoRA layer its dropout key (a plain Linear is called as before)."""
+    """``layer(x)``, giving a LoRA layer its dropout key. A plain Linear computing in float32 is
+    called as it is; in bf16 it goes through :func:`gte_jax.models.linear.linear` (bf16 operands,
+    float32 accumulation and parameter gradients)."""
     if isinstance(layer, LoRALinear):
         return layer(x, dropout_rng)
-    return layer(x)
+    if layer.dtype is None or jnp.dtype(layer.dtype) == jnp.float32:
+        return layer(x)
+    bias = layer.bias[...] if layer.bias is not None else None
+    return _linear.linear(x, layer.kernel[...], bias, layer.dtype)
 
 
 def site_keys(dropout_rng: jax.Array | None, layers: Sequence[nnx.Module]) -> list:

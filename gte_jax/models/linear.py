@@ -1,0 +1,102 @@
+"""Mixed-precision dense layers: ``y = x·W + b`` with bfloat16 operands and float32 accumulation.
+
+The one rule for a projection whose compute dtype is not float32 (``model.dtype=bfloat16``, or
+``auto`` where bf16 is the fast choice: :func:`gte_jax.models.precision.compute_dtype`):
+
+- forward: the matmul takes bf16 operands and accumulates (and returns) float32, the bias is
+  added in float32, then the output is cast to the compute dtype;
+- backward (a ``custom_vjp``, not autodiff of the forward): ``dx = dy·Wᵀ`` and
+  ``dW = xᵀ·dy`` with bf16 operands and float32 accumulation, contracted over the leading
+  [batch, length] axes as they are (no flattened transposed copy), and ``db = Σ dy`` in float32.
+  The kernel and bias gradients are float32 (the parameters' dtype); autodiff through
+  ``kernel.astype(bf16)`` would have rounded them to bf16 first.
+
+Why not ``nnx.Linear(dtype=bf16)``: its matmul returns bf16, and autodiff's transposed matmuls
+come out as bf16-output dots on transposed operands. XLA:CPU runs those off its fast path; on a
+CPU with AMX-BF16 (this repository's CI machines) the bf16-output form ran at ~180 GFLOP/s and
+the transposed weight-gradient form at ~120, against 750-1200 for the forms used here (f32 at
+~175-215): a MiniLM fine-tune step went from 4.0 s (f32) / 4.3 s (plain bf16) to 2.0 s
+(``benchmarks/README.md``, issue 11). On TPU and GPU these are the forms XLA picks anyway
+(MXU / tensor cores accumulate in f32), so the rule is the same on every backend.
+
+float32 compute keeps ``nnx.Linear``'s own call (bitwise what it was).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def _lead(x: jax.Array) -> tuple[int, ...]:
+    return tuple(range(x.ndim - 1))
+
+
+def _forward(x, kernel, bias, dtype):
+    xc, wc = x.astype(dtype), kernel.astype(dtype)
+    y = lax.dot_general(
+        xc, wc, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=_F32
+    )  # [..., out] float32
+    if bias is not None:
+        y = y + bias.astype(_F32)
+    return y.astype(dtype), (xc, wc)
+
+
+def _backward(dtype, has_bias, res, dy):
+    xc, wc = res
+    dyc = dy.astype(dtype)  # [..., out]
+    lead = _lead(xc)
+    if xc.ndim == 2:  # XLA:CPU's fast weight-gradient form contracts two leading axes
+        x3, dy3 = xc[None], dyc[None]
+    else:
+        x3, dy3 = xc, dyc
+    l3 = _lead(x3)
+    dx = lax.dot_general(
+        dyc, wc, (((dyc.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32
+    ).astype(xc.dtype)  # [..., in]
+    dw = lax.dot_general(x3, dy3, ((l3, l3), ((), ())), preferred_element_type=_F32)  # [in, out]
+    db = jnp.sum(dyc.astype(_F32), axis=lead) if has_bias else None  # [out]
+    return dx, dw, db
+
+
+def linear(
+    x: jax.Array,  # [..., in]
+    kernel: jax.Array,  # [in, out] (parameter dtype, float32)
+    bias: jax.Array | None,  # [out]
+    dtype,
+) -> jax.Array:
+    """``x·kernel + bias`` computed in ``dtype`` as the module docstring says ([..., out], dtype)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        y = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias
+    return _mixed_impl(x, kernel, bias, dtype.name)
+
+
+_mixed_impl = jax.custom_vjp(
+    lambda x, kernel, bias, dtype_name: _forward(x, kernel, bias, jnp.dtype(dtype_name))[0],
+    nondiff_argnums=(3,),
+)
+
+
+def _nd_fwd(x, kernel, bias, dtype_name):
+    y, (xc, wc) = _forward(x, kernel, bias, jnp.dtype(dtype_name))
+    # Dtypes ride along as zero-size arrays (residuals must be JAX values).
+    tags = (
+        jnp.zeros((0,), x.dtype),
+        jnp.zeros((0,), kernel.dtype),
+        None if bias is None else jnp.zeros((0,), bias.dtype),
+    )
+    return y, (xc, wc, tags)
+
+
+def _nd_bwd(dtype_name, saved, dy):
+    xc, wc, (xt, wt, bt) = saved
+    dx, dw, db = _backward(jnp.dtype(dtype_name), bt is not None, (xc, wc), dy)
+    return dx.astype(xt.dtype), dw.astype(wt.dtype), None if db is None else db.astype(bt.dtype)
+
+
+_mixed_impl.defvjp(_nd_fwd, _nd_bwd)
