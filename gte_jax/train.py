@@ -31,8 +31,7 @@ from gte_jax import sharding as shd
 from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
 from gte_jax.models.pooling import POOLING_MODES
-from gte_jax.models.precision import DTYPES as PRECISIONS
-from gte_jax.models.precision import compute_dtype
+from gte_jax.models.precision import as_float32, compute_dtype
 from gte_jax.timing import StageTimer
 
 log = logging.getLogger("gte_jax.train")
@@ -433,8 +432,10 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         problems.append(
             f"model.pooling={config.model.pooling!r}: use auto or one of {list(POOLING_MODES)}"
         )
-    if str(config.model.dtype) not in PRECISIONS:
-        problems.append(f"model.dtype={config.model.dtype!r}: use one of {', '.join(PRECISIONS)}")
+    try:
+        compute_dtype(config.model.dtype)
+    except ValueError as e:  # names the setting and the choices
+        problems.append(str(e))
     if str(config.model.padding_side) not in ("auto", "left", "right"):
         problems.append(
             f"model.padding_side={config.model.padding_side!r}: use auto, left or right"
@@ -1014,7 +1015,9 @@ class Evaluator:
     def __call__(self, step: int, params: Any) -> dict[str, float]:
         # A full copy on a local device (gathered first when sharded: every process calls this).
         local = shd.local_copy(params)
-        model = self.model_fn.module(local)
+        # float32 whatever the training computes in: the figures are the export's, as
+        # `gte-jax eval` / `encode` compute them (models/precision.py).
+        model = as_float32(self.model_fn.module(local))
         t0 = time.perf_counter()
         metrics = self.suite(model, self.tokenizer, include_prompt=self.info.include_prompt)
         log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0, metrics)

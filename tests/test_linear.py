@@ -1,5 +1,6 @@
-"""Mixed-precision projections (gte_jax/models/linear.py) and the compute-dtype rule
-(gte_jax/models/precision.py), against float64 NumPy on the same bf16-rounded operands."""
+"""bf16 compute: the projections' rule (gte_jax/models/linear.py) against float64 NumPy on the
+same bf16-rounded operands; every tower family in bf16 against itself in float32; the
+``model.dtype`` rule and float32 in-training evaluation (gte_jax/models/precision.py)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,98 @@ def test_a_bad_model_dtype_is_refused_at_start_up(tmp_path, capsys):
     )  # fmt: skip
     assert rc == 2
     assert "model.dtype='float16'" in capsys.readouterr().err
+
+
+def _family_dir(family, tmp_path, tiny_model_dir):
+    from tiny_models import tiny_decoder_dir, tiny_t5_dir
+
+    if family == "bert":
+        return tiny_model_dir
+    if family == "t5":
+        return tiny_t5_dir(tmp_path)
+    return tiny_decoder_dir(tmp_path, family)
+
+
+@pytest.mark.parametrize("family", ["bert", "qwen2", "t5"])
+def test_bf16_towers_track_float32_and_as_float32_is_the_float32_model(
+    family, tmp_path, tiny_model_dir
+):
+    """Every family through the bf16 rule: embeddings and parameter gradients close to the same
+    model in float32 (bf16 tolerance, and not equal: bf16 really ran), and ``as_float32`` of the
+    bf16 model is bitwise the float32 model (what in-training eval uses)."""
+    from gte_jax import workdir as wd
+    from gte_jax.models.encoder import ModelFn
+    from gte_jax.models.precision import as_float32
+
+    path = _family_dir(family, tmp_path, tiny_model_dir)
+    f32, tok, _ = wd.load_model(path, dtype=jnp.float32)
+    b16, _, _ = wd.load_model(path, dtype=jnp.bfloat16)
+    enc = tok(["the quick brown fox", "in the beginning was the word and"], padding=True,
+              return_tensors="np")  # fmt: skip
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    probe = jax.random.normal(jax.random.key(3), (2, f32.embedding_dim))
+
+    def value_and_grads(model):
+        fn, params = ModelFn.from_module(model)
+
+        def loss(p):
+            return jnp.sum(fn.module(p)(ids, mask) * probe)
+
+        return jax.value_and_grad(loss)(params)
+
+    (v32, g32), (v16, g16) = value_and_grads(f32), value_and_grads(b16)
+    g32 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
+    g16 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g16)])
+    assert g16.dtype == np.float32
+    assert float(v16) != float(v32) and not np.array_equal(g16, g32)  # bf16 ran
+    assert abs(float(v16) - float(v32)) < 0.05 * (abs(float(v32)) + 1e-3)
+    cos = float(g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)))
+    assert cos > 0.999, cos
+    assert np.linalg.norm(g16 - g32) < 0.05 * np.linalg.norm(g32)
+
+    twin = as_float32(b16)
+    np.testing.assert_array_equal(np.asarray(twin(ids, mask)), np.asarray(f32(ids, mask)))
+
+
+def test_in_training_eval_runs_the_export_in_float32(tiny_model_dir, tmp_path, monkeypatch):
+    """A bf16 run's in-training eval sees the float32 model: at the last eval its embeddings are
+    bitwise those of the export loaded as `gte-jax eval` / `encode` load it."""
+    from gte_jax import evaluation
+    from gte_jax import workdir as wd
+    from gte_jax.cli import main
+    from gte_jax.data.pipeline import DEMO_DIR
+
+    seen = []
+    call = evaluation.EvalSuite.__call__
+
+    def spy(self, model, tokenizer, **kwargs):
+        seen.append((model, tokenizer))
+        return call(self, model, tokenizer, **kwargs)
+
+    monkeypatch.setattr(evaluation.EvalSuite, "__call__", spy)
+    config = tmp_path / "eval_config.py"
+    config.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('ft', {str(REPO / 'configs/finetune.py')!r})\n"
+        "ft = importlib.util.module_from_spec(spec); spec.loader.exec_module(ft)\n"
+        "def get_config():\n"
+        "    c = ft.get_config()\n"
+        f"    c.eval.sets = [{{'name': 'bible', 'kind': 'beir', 'path': {str(DEMO_DIR / 'bible_eval')!r}}}]\n"
+        "    return c\n"
+    )
+    workdir = tmp_path / "w"
+    rc = main(
+        ["train", "--config", str(config), "--workdir", str(workdir),
+         f"--config.model.init_from={tiny_model_dir}",
+         f"--config.data.train_files={DEMO_DIR / 'bible_finetune.jsonl'}",
+         "--config.model.dtype=bfloat16", "--config.data.max_length=32",
+         "--config.train.batch_size=16", "--config.train.num_steps=2",
+         "--config.train.learning_rate=1e-3", "--config.train.progress_bar=false",
+         "--config.checkpoint.async_save=false"]
+    )  # fmt: skip
+    assert rc == 0 and len(seen) >= 2  # at step 0 and at the end
+    model, tokenizer = seen[-1]
+    exported, _, _ = wd.load_model(workdir / "export")
+    enc = tokenizer(["and god said", "let there be light"], padding=True, return_tensors="np")
+    ids, mask = jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"])
+    np.testing.assert_array_equal(np.asarray(model(ids, mask)), np.asarray(exported(ids, mask)))
