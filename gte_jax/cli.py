@@ -34,6 +34,41 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 _COMPILES = {"train", "export", "encode", "eval", "mine"}
+# Commands whose process never runs torch (``eval`` is not one: the MTEB adapter imports mteb and
+# sentence-transformers, which need transformers' torch side).
+_TORCHLESS = {"train", "export", "encode", "mine", "plan"}
+
+
+def _without_torch() -> bool:
+    """Keeps torch out of a CLI process that never runs it; returns whether it did.
+
+    gte-jax computes with JAX and reads safetensors only (pickled ``*.bin`` checkpoints are
+    refused), yet libraries it imports load torch whenever torch is installed, as it is beside
+    sentence-transformers: ``import transformers`` (``configuration_utils`` ->
+    ``modeling_rope_utils``) and tensorboardX (for an ``isinstance`` check). That costs ~2 s of
+    start-up and ~1 s more at exit on a 2-core machine (issue 11: a fine-tune's whole process).
+    ``sys.modules["torch"] = None`` makes ``import torch`` fail as if torch were absent, and
+    transformers' ``is_torch_available()`` (``find_spec``) answer False; both take their non-torch
+    paths (tokenizers, configs). Not done when torch or transformers is already imported, with
+    GTE_JAX_TRANSFORMERS_TORCH=1, or for a caller running ``main([...])`` in its own process."""
+    import os
+
+    if os.environ.get("GTE_JAX_TRANSFORMERS_TORCH") == "1":
+        return False
+    if "torch" in sys.modules or "transformers" in sys.modules:
+        return False
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    # transformers advises at import that "PyTorch was not found": expected here, so unsaid.
+    advisory = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        import transformers  # noqa: F401
+    finally:
+        if advisory is None:
+            os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = advisory
+    return True
 
 
 def _enable_compilation_cache() -> None:
@@ -85,6 +120,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # a usage error: usage on stderr, like an unknown command
         print(_usage(), file=sys.stderr)
@@ -102,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gte-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     _quiet_backend_probe()
+    if command_line and name in _TORCHLESS:
+        _without_torch()
     if name in _COMPILES and "-h" not in rest and "--help" not in rest:
         _enable_compilation_cache()
     module = importlib.import_module(SUBCOMMANDS[name][0])

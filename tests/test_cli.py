@@ -321,3 +321,50 @@ def test_data_build_without_target_or_data_dir_exits_2(capsys):
     # A config whose sources are all local files has nothing to build either.
     rc, out, err = _run(["data", "build", "--config", str(DATA_CONFIG)], capsys)
     assert rc == 2 and not out and "nothing to build" in err
+
+
+_TORCHLESS_ENCODE = """
+import sys
+from gte_jax import cli
+logdir = sys.argv[-1]
+sys.argv = ["gte-jax", *sys.argv[1:-1]]
+rc = cli.main()
+from gte_jax.metrics import MetricWriter  # tensorboardX imports torch when it can
+writer = MetricWriter(logdir)
+writer.write(1, {"loss": 0.5})
+writer.close()
+print("TORCH_IMPORTED", sys.modules.get("torch") is not None)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("keep_torch", ["", "1"])
+def test_command_line_keeps_torch_out_and_embeds_the_same(
+    keep_torch, tiny_model_dir, tmp_path
+):
+    """`gte-jax encode` (as a shell runs it: main() without argv) keeps torch out of the process:
+    transformers and tensorboardX import it only because it is installed, ~3 s of start-up and exit
+    (issue 11). The tokenizer and the embeddings are those of a process with torch (opt-out
+    GTE_JAX_TRANSFORMERS_TORCH=1), bitwise; the metric writer still writes its TensorBoard file."""
+    import numpy as np
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("In the beginning God created the heaven and the earth.\nAnd God said\n")
+    out = tmp_path / f"emb{keep_torch}.npy"
+    logs = tmp_path / f"logs{keep_torch}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GTE_JAX_TRANSFORMERS_TORCH": keep_torch}
+    argv = ["encode", "--model", str(tiny_model_dir), "--input", str(texts), "--output", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-c", _TORCHLESS_ENCODE, *argv, str(logs)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert f"TORCH_IMPORTED {bool(keep_torch)}" in run.stdout
+    assert "PyTorch was not found" not in run.stderr
+    assert list(logs.glob("events.out.tfevents.*")) and (logs / "metrics.jsonl").exists()
+    # The reference: main([...]) in this pytest process, whose transformers has torch (the
+    # in-process call must leave it so: a caller's modules are its own).
+    reference = tmp_path / "reference.npy"
+    assert cli.main([*argv[:-1], str(reference)]) == 0
+    assert sys.modules.get("torch", "absent") is not None
+    np.testing.assert_array_equal(np.load(out), np.load(reference))
