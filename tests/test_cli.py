@@ -339,9 +339,7 @@ sys.exit(rc)
 
 
 @pytest.mark.parametrize("keep_torch", ["", "1"])
-def test_command_line_keeps_torch_out_and_embeds_the_same(
-    keep_torch, tiny_model_dir, tmp_path
-):
+def test_command_line_keeps_torch_out_and_embeds_the_same(keep_torch, tiny_model_dir, tmp_path):
     """`gte-jax encode` (as a shell runs it: main() without argv) keeps torch out of the process:
     transformers and tensorboardX import it only because it is installed, ~3 s of start-up and exit
     (issue 11). The tokenizer and the embeddings are those of a process with torch (opt-out
