@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from simulated import ThreadAllGather
+from simulated import ThreadAllGather, process_tokenizer
 
 from gte_jax.data.batching import (
     PairBatchIterator,
@@ -152,7 +152,10 @@ def test_two_processes_split_the_global_batch(tokenizer):
 
     def run(p: int):
         it = _iterator(
-            tokenizer, process_index=p, process_count=2, agree_lengths=gather.for_process(p)
+            process_tokenizer(tokenizer),
+            process_index=p,
+            process_count=2,
+            agree_lengths=gather.for_process(p),
         )
         for _ in range(steps):
             plan = it.next_plan()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from simulated import ThreadAllGather
+from simulated import ThreadAllGather, process_tokenizer
 
 from gte_jax.data.batching import (
     PairBatchIterator,
@@ -142,7 +142,7 @@ def _two_processes_packed(tokenizer, steps: int) -> dict[int, list]:
 
     def run(p: int):
         it = _iterator(
-            tokenizer,
+            process_tokenizer(tokenizer),
             packing=True,
             pack_row_multiple=2,
             process_index=p,
@@ -360,7 +360,7 @@ def test_two_processes_prime_the_same_row_floor(tokenizer):
 
     def run(p: int):
         it = _iterator(
-            tokenizer, packing=True, process_index=p, process_count=2,
+            process_tokenizer(tokenizer), packing=True, process_index=p, process_count=2,
             agree_lengths=gather.for_process(p), pack_groups=4,
         )  # fmt: skip
         floors[p] = it.prime_row_floor(6)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from simulated import ThreadAllGather
+from simulated import ThreadAllGather, process_tokenizer
 
 from gte_jax import gradcache as gc
 from gte_jax import sharding as shd
@@ -109,7 +109,7 @@ def _two_processes(tokenizer, steps):
 
     def run(p):
         it = _iterator(
-            tokenizer, packing=True, pack_groups=4, pack_chunks=CHUNKS, process_index=p,
+            process_tokenizer(tokenizer), packing=True, pack_groups=4, pack_chunks=CHUNKS, process_index=p,
             process_count=2, agree_lengths=gather.for_process(p),
         )  # fmt: skip
         out[p] = [next(it) for _ in range(steps)]
