@@ -22,26 +22,53 @@ class ThreadAllGather:
     """In-process stand-in for the all-gather (max) that simulated processes (threads) run per
     batch: each thread passes its local array, all get the element-wise max."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, timeout: float = 600):
         self.slots = [None] * n
-        # A thread that dies breaks the barriers for the others (BrokenBarrierError), rather than
-        # leaving them waiting for the test's join timeout.
-        self.gathered, self.read = (
-            threading.Barrier(n, timeout=600),
-            threading.Barrier(n, timeout=600),
-        )
+        self.gathered = threading.Barrier(n, timeout=timeout)
+        self.read = threading.Barrier(n, timeout=timeout)
+
+    def abort(self) -> None:
+        """Breaks the barriers: threads waiting in :meth:`for_process` raise at once."""
+        self.gathered.abort()
+        self.read.abort()
 
     def for_process(self, i: int):
         def agree(local):
-            try:
-                self.slots[i] = local
-                self.gathered.wait()
-                out = np.max(np.stack(self.slots), axis=0)
-                self.read.wait()
-            except BaseException:
-                self.gathered.abort()
-                self.read.abort()
-                raise
+            self.slots[i] = local
+            self.gathered.wait()
+            out = np.max(np.stack(self.slots), axis=0)
+            self.read.wait()
             return out
 
         return agree
+
+
+def run_processes(target, n: int = 2, timeout: float = 600) -> list:
+    """``target(p, agree_lengths)`` for p in 0..n-1, each in a thread (a simulated process) with
+    its own side of one :class:`ThreadAllGather`; returns the n results in process order.
+
+    An exception in one thread is raised here, as it was raised there: the gather is aborted, so
+    the other threads stop at their next all-gather instead of waiting for the timeout, and the
+    test fails with the real error (not an empty result found later). A thread still running after
+    ``timeout`` seconds (a loaded 2-core CI machine once took over 60 s) fails the test too."""
+    gather = ThreadAllGather(n, timeout)
+    results: list = [None] * n
+    errors: list[BaseException] = []
+
+    def run(p: int) -> None:
+        try:
+            results[p] = target(p, gather.for_process(p))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the calling thread)
+            errors.append(e)
+            gather.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    if errors:  # the thread that failed first, not the ones its abort broke
+        real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+        raise (real or errors)[0]
+    assert not any(t.is_alive() for t in threads), f"a simulated process ran over {timeout} s"
+    return results

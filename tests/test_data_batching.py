@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 
 import numpy as np
 import pytest
-from simulated import ThreadAllGather, process_tokenizer
+from simulated import process_tokenizer, run_processes
 
 from gte_jax.data.batching import (
     PairBatchIterator,
@@ -147,25 +146,17 @@ def test_two_processes_split_the_global_batch(tokenizer):
         plan = single.next_plan()
         ref.append((plan.sources[0], single.materialize(plan)))
 
-    gather = ThreadAllGather(2)
-    out: dict[int, list] = {0: [], 1: []}
-
-    def run(p: int):
+    def run(p: int, agree):
         it = _iterator(
-            process_tokenizer(tokenizer),
-            process_index=p,
-            process_count=2,
-            agree_lengths=gather.for_process(p),
+            process_tokenizer(tokenizer), process_index=p, process_count=2, agree_lengths=agree
         )
+        batches = []
         for _ in range(steps):
             plan = it.next_plan()
-            out[p].append((plan.sources[0], it.materialize(plan)))
+            batches.append((plan.sources[0], it.materialize(plan)))
+        return batches
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)  # a loaded 2-core CI machine can take over 60 s
+    out = run_processes(run)
     for step in range(steps):
         (s0, b0), (s1, b1), (sr, br) = out[0][step], out[1][step], ref[step]
         assert s0 == s1 == sr  # same source sequence everywhere

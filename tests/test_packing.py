@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from simulated import ThreadAllGather, process_tokenizer
+from simulated import process_tokenizer, run_processes
 
 from gte_jax.data.batching import (
     PairBatchIterator,
@@ -137,26 +136,19 @@ def test_packed_batch_holds_the_same_texts_as_the_padded_one(tokenizer):
 
 def _two_processes_packed(tokenizer, steps: int) -> dict[int, list]:
     """Packed batches of two simulated processes (threads; the row-count all-gather is real)."""
-    gather = ThreadAllGather(2)
-    out: dict[int, list] = {0: [], 1: []}
 
-    def run(p: int):
+    def run(p: int, agree):
         it = _iterator(
             process_tokenizer(tokenizer),
             packing=True,
             pack_row_multiple=2,
             process_index=p,
             process_count=2,
-            agree_lengths=gather.for_process(p),
+            agree_lengths=agree,
         )
-        out[p] = [next(it) for _ in range(steps)]
+        return [next(it) for _ in range(steps)]
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)  # a loaded 2-core CI machine can take over 60 s
-    return out
+    return run_processes(run)
 
 
 def test_two_processes_pack_complementary_slices(tokenizer):
@@ -355,21 +347,14 @@ def test_primed_row_floor_gives_one_shape_and_the_same_texts(tokenizer):
 
 
 def test_two_processes_prime_the_same_row_floor(tokenizer):
-    gather = ThreadAllGather(2)
-    floors: dict[int, dict] = {}
-
-    def run(p: int):
+    def run(p: int, agree):
         it = _iterator(
             process_tokenizer(tokenizer), packing=True, process_index=p, process_count=2,
-            agree_lengths=gather.for_process(p), pack_groups=4,
+            agree_lengths=agree, pack_groups=4,
         )  # fmt: skip
-        floors[p] = it.prime_row_floor(6)
+        return it.prime_row_floor(6)
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)  # a loaded 2-core CI machine can take over 60 s
+    floors = run_processes(run)
     single = _iterator(tokenizer, packing=True, pack_groups=8).prime_row_floor(6)
     assert floors[0] == floors[1]
     # Rows per device: 8 devices either way, each with the same examples.

@@ -5,13 +5,11 @@ x 4 devices build the same global batch (so draw the same masks) as 1 process x 
 
 from __future__ import annotations
 
-import threading
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from simulated import ThreadAllGather, process_tokenizer
+from simulated import process_tokenizer, run_processes
 
 from gte_jax import gradcache as gc
 from gte_jax import sharding as shd
@@ -104,22 +102,15 @@ def test_chunked_packed_batch_holds_the_padded_batch_texts(tokenizer):
 
 def _two_processes(tokenizer, steps):
     """Chunk-packed batches of 2 simulated processes x 4 devices (threads; real all-gathers)."""
-    gather = ThreadAllGather(2)
-    out: dict[int, list] = {0: [], 1: []}
 
-    def run(p):
+    def run(p, agree):
         it = _iterator(
-            process_tokenizer(tokenizer), packing=True, pack_groups=4, pack_chunks=CHUNKS, process_index=p,
-            process_count=2, agree_lengths=gather.for_process(p),
+            process_tokenizer(tokenizer), packing=True, pack_groups=4, pack_chunks=CHUNKS,
+            process_index=p, process_count=2, agree_lengths=agree,
         )  # fmt: skip
-        out[p] = [next(it) for _ in range(steps)]
+        return [next(it) for _ in range(steps)]
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)  # a loaded 2-core CI machine took over 60 s once
-    assert not any(t.is_alive() for t in threads), "a simulated process did not finish in 600 s"
+    out = run_processes(run)
     return [
         {k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(out[0], out[1], strict=True)
     ]
