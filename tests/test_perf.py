@@ -78,3 +78,24 @@ def test_the_startup_heap_is_frozen_while_the_step_compiles(tiny_model_dir, tmp_
     assert summary["steps"] == 2 and len(frozen) == 2
     assert all(n > 10_000 for n in frozen), frozen  # the modules and the model, at least
     assert gc.get_freeze_count() == 0
+
+
+def test_a_callers_frozen_heap_stays_frozen():
+    """The loop's freeze must not thaw what a caller froze itself (gc.unfreeze() is global): with
+    a frozen heap on entry, frozen_heap() changes nothing; on a thawed one it freezes and thaws."""
+    import gc
+
+    from gte_jax.train import frozen_heap
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        inside = gc.get_freeze_count()
+    assert inside > 10_000 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        with frozen_heap():
+            assert gc.get_freeze_count() == mine
+        assert gc.get_freeze_count() == mine  # still frozen: the caller's
+    finally:
+        gc.unfreeze()
