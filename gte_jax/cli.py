@@ -39,6 +39,17 @@ _COMPILES = {"train", "export", "encode", "eval", "mine"}
 _TORCHLESS = {"train", "export", "encode", "mine", "plan"}
 
 
+def _keep_torch(value: str) -> bool:
+    """GTE_JAX_TRANSFORMERS_TORCH: 1 / true / yes lets torch in; unset, empty, 0 / false / no keep
+    it out; anything else is refused (a misspelt opt-out must not silently do the opposite)."""
+    v = value.strip().lower()
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("", "0", "false", "no"):
+        return False
+    raise ValueError(f"GTE_JAX_TRANSFORMERS_TORCH={value!r}: use 1 (let torch in) or 0")
+
+
 def _without_torch() -> bool:
     """Keeps torch out of a CLI process that never runs it; returns whether it did.
 
@@ -53,7 +64,7 @@ def _without_torch() -> bool:
     GTE_JAX_TRANSFORMERS_TORCH=1, or for a caller running ``main([...])`` in its own process."""
     import os
 
-    if os.environ.get("GTE_JAX_TRANSFORMERS_TORCH") == "1":
+    if _keep_torch(os.environ.get("GTE_JAX_TRANSFORMERS_TORCH", "")):
         return False
     if "torch" in sys.modules or "transformers" in sys.modules:
         return False
@@ -139,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet_backend_probe()
     if command_line and name in _TORCHLESS:
-        _without_torch()
+        try:
+            _without_torch()
+        except ValueError as e:
+            print(f"gte-jax: {e}", file=sys.stderr)
+            return 2
     if name in _COMPILES and "-h" not in rest and "--help" not in rest:
         _enable_compilation_cache()
     module = importlib.import_module(SUBCOMMANDS[name][0])

@@ -338,20 +338,33 @@ sys.exit(rc)
 """
 
 
-@pytest.mark.parametrize("keep_torch", ["", "1"])
-def test_command_line_keeps_torch_out_and_embeds_the_same(keep_torch, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "family,keep_torch", [("bert", ""), ("bert", "1"), ("t5", ""), ("qwen2", "")]
+)
+def test_command_line_keeps_torch_out_and_embeds_the_same(
+    family, keep_torch, tiny_model_dir, tmp_path
+):
     """`gte-jax encode` (as a shell runs it: main() without argv) keeps torch out of the process:
     transformers and tensorboardX import it only because it is installed, ~3 s of start-up and exit
-    (issue 11). The tokenizer and the embeddings are those of a process with torch (opt-out
-    GTE_JAX_TRANSFORMERS_TORCH=1), bitwise; the metric writer still writes its TensorBoard file."""
+    (issue 11). For a BERT (WordPiece), a T5 (SentencePiece, mean pooling) and a Qwen2 decoder
+    (last-token pooling), with an instruction prompt, the embeddings are bitwise those of a process
+    with torch (opt-out GTE_JAX_TRANSFORMERS_TORCH=1 gives the same); the metric writer still
+    writes its TensorBoard file."""
     import numpy as np
+    from tiny_models import tiny_decoder_dir, tiny_t5_dir
 
+    model = {
+        "bert": lambda: tiny_model_dir,
+        "t5": lambda: tiny_t5_dir(tmp_path),
+        "qwen2": lambda: tiny_decoder_dir(tmp_path, "qwen2"),
+    }[family]()
     texts = tmp_path / "texts.txt"
     texts.write_text("In the beginning God created the heaven and the earth.\nAnd God said\n")
-    out = tmp_path / f"emb{keep_torch}.npy"
-    logs = tmp_path / f"logs{keep_torch}"
+    out = tmp_path / "emb.npy"
+    logs = tmp_path / "logs"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GTE_JAX_TRANSFORMERS_TORCH": keep_torch}
-    argv = ["encode", "--model", str(tiny_model_dir), "--input", str(texts), "--output", str(out)]
+    argv = ["encode", "--model", str(model), "--input", str(texts), "--instruction",
+            "Find the verse that continues this one", "--template", "e5", "--output", str(out)]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-c", _TORCHLESS_ENCODE, *argv, str(logs)],
         capture_output=True, text=True, env=env, timeout=300,
@@ -366,3 +379,12 @@ def test_command_line_keeps_torch_out_and_embeds_the_same(keep_torch, tiny_model
     assert cli.main([*argv[:-1], str(reference)]) == 0
     assert sys.modules.get("torch", "absent") is not None
     np.testing.assert_array_equal(np.load(out), np.load(reference))
+
+
+def test_a_misspelt_torch_opt_out_exits_2():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GTE_JAX_TRANSFORMERS_TORCH": "ture"}
+    run = subprocess.run(
+        [sys.executable, "-m", "gte_jax.cli", "encode", "--model", "m", "--input", "i",
+         "--output", "o"], capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "GTE_JAX_TRANSFORMERS_TORCH='ture'" in run.stderr
