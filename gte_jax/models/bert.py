@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import gte_jax.models.dropout as _dropout
@@ -26,8 +27,15 @@ import gte_jax.models.lora as lora
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
 
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU as PyTorch computes it, ``x / 2 * (1 + erf(x / sqrt(2)))``. jax.nn.gelu's exact
+    form goes through erfc, about twice the work on the CPU (2 % of a MiniLM train step)."""
+    return (x * 0.5) * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
