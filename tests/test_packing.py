@@ -361,3 +361,141 @@ def test_two_processes_prime_the_same_row_floor(tokenizer):
     assert {k.split("/")[0]: v for k, v in floors[0].items()} == {
         k.split("/")[0]: v for k, v in single.items()
     }
+
+
+# ----------------------------------------------------------------------------- row length
+
+
+def _lengths(batch: dict, role: str) -> list[int]:
+    mask = batch[f"{role}_attention_mask"]
+    return mask.reshape(-1, mask.shape[-1]).sum(-1).tolist()
+
+
+def test_packed_rows_are_fitted_to_the_primed_texts(tokenizer):
+    """Issue 11: attention over a packed row costs in proportion to its length, so rows are as long
+    as the data needs, not the max length: the longest text of the primed batches (read here from
+    padded batches of the same steps, an independent path) plus an eighth, in multiples of 16."""
+    lengths = dict(query_max_length=128, doc_max_length=256)
+    steps = 6
+    padded = [next(it) for it in [_iterator(tokenizer, **lengths)] for _ in range(steps)]
+    longest = {
+        "query": max(max(_lengths(b, "query")) for b in padded),
+        "doc": max(
+            max(_lengths(b, r)) for b in padded for r in ("doc", "neg") if f"{r}_input_ids" in b
+        ),
+    }
+    want = {
+        r: min(cap, -(-(n + n // 8) // 16) * 16)
+        for (r, n), cap in zip(longest.items(), (128, 256), strict=True)
+    }
+    assert want["query"] < 128 and want["doc"] < 256  # the check has teeth on this data
+    fitted = _iterator(tokenizer, packing=True, pack_row_length=0, **lengths)
+    assert fitted.row_length == {"query": 128, "doc": 256}  # the max lengths until primed
+    fitted.prime_row_floor(steps)
+    assert fitted.row_length == want
+    for ref in padded:
+        got = next(fitted)
+        for role in ("query", "doc", "neg"):
+            if f"{role}_input_ids" in ref:
+                width = want["query" if role == "query" else "doc"]
+                assert got[f"{role}_input_ids"].shape[-1] == width
+                assert _texts_of(got, role) == _unpadded(ref, role)
+    assert fitted.row_length == want  # the primed batches fit
+    # Without priming, or not asked for (None: the old layout), rows are the max lengths.
+    plain = next(_iterator(tokenizer, packing=True, **lengths))
+    assert plain["query_input_ids"].shape[-1] == 128 and plain["doc_input_ids"].shape[-1] == 256
+
+
+def test_a_text_longer_than_the_rows_switches_the_run_to_the_max_lengths(tokenizer, caplog):
+    """A later text longer than the fitted rows is not lost nor cut: that batch and every later one
+    are packed into rows of the max lengths (one more shape, logged), each row floor keeping its
+    tokens; the switch is part of the resumable state."""
+    lengths = dict(query_max_length=128, doc_max_length=256, pack_row_multiple=2)
+    it = _iterator(tokenizer, packing=True, pack_row_length=0, **lengths)
+    ref = _iterator(tokenizer, **lengths)
+    floor = dict(it.prime_row_floor(1))  # one batch: a later one holds a longer text
+    fitted = dict(it.row_length)
+    assert fitted["query"] < 128 and fitted["doc"] < 256
+    for step in range(20):
+        with caplog.at_level("WARNING", logger="gte_jax.data.batching"):
+            got, want = next(it), next(ref)
+        for role in ("query", "doc"):
+            assert _texts_of(got, role) == _unpadded(want, role)
+        if it.row_length != fitted:
+            break
+        assert got["query_input_ids"].shape[-1] == fitted["query"] and not caplog.text, step
+    else:
+        pytest.fail("no later text was longer than the rows fitted to the first batch")
+    longest = (max(_lengths(want, "query")), max(_lengths(want, "doc")))
+    assert longest[0] > fitted["query"] or longest[1] > fitted["doc"]
+    assert f"batch {step} holds a text longer than the packed rows" in caplog.text
+    assert it.row_length == {"query": 128, "doc": 256}
+    assert got["query_input_ids"].shape[-1] == 128 and got["doc_input_ids"].shape[-1] == 256
+    # A floor of n rows of the fitted length becomes ceil(n * fitted / max) rows, rounded up.
+    for key, n in floor.items():
+        short, full = (fitted["query"], 128) if key.startswith("query") else (fitted["doc"], 256)
+        assert it.row_floor[key] >= -(-n * short // full) and it.row_floor[key] % 2 == 0
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["row_length"] == {"query": 128, "doc": 256}
+    resumed = _iterator(tokenizer, packing=True, pack_row_length=0, **lengths)
+    resumed.prime_row_floor(1)
+    resumed.set_state(state)
+    again, cont = next(resumed), next(it)
+    for key in cont:
+        np.testing.assert_array_equal(again[key], cont[key])
+    # A state saved before rows were fitted (floors, no lengths) was packed at the max lengths.
+    old = _iterator(tokenizer, packing=True, pack_row_length=0, **lengths)
+    old.prime_row_floor(1)
+    old.set_state({"sampler": state["sampler"], "row_floor": state["row_floor"]})
+    assert old.row_length == {"query": 128, "doc": 256}
+
+
+def test_fixed_rows_shorter_than_a_primed_text_start_at_the_max_lengths(tokenizer, caplog):
+    it = _iterator(tokenizer, packing=True, pack_row_length=16)
+    assert it.row_length == {"query": 16, "doc": 16}
+    with caplog.at_level("WARNING", logger="gte_jax.data.batching"):
+        it.prime_row_floor(2)
+    assert "longer than the packed rows" in caplog.text
+    assert it.row_length == {"query": 32, "doc": 48}
+    assert _iterator(tokenizer, packing=True, pack_row_length=40).row_length == {
+        "query": 32, "doc": 40,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="pack_row_length"):
+        _iterator(tokenizer, packing=True, pack_row_length=-1)
+
+
+def test_two_processes_fit_and_switch_row_lengths_together(tokenizer):
+    """Both processes fit the same rows (the longest text over both: here the two halves' longest
+    queries of the primed batches fit different rows), and a text longer than the rows on one
+    process only switches both in the same batch: shapes agree at every step, and the global
+    texts are those of one process holding both slices."""
+    lengths = dict(query_max_length=128, doc_max_length=256)
+
+    def run(p: int, agree):
+        out = []
+        for row_length, primed in ((0, 6), (52, 1)):  # fitted; fixed, longer texts later
+            it = _iterator(
+                process_tokenizer(tokenizer), packing=True, process_index=p, process_count=2,
+                agree_lengths=agree, pack_groups=2, pack_row_length=row_length, **lengths,
+            )  # fmt: skip
+            it.prime_row_floor(primed)
+            fitted = dict(it.row_length)
+            out.append((fitted, [next(it) for _ in range(8)], dict(it.row_length)))
+        return out
+
+    per_process = run_processes(run)
+    for case, (row_length, primed) in enumerate(((0, 6), (52, 1))):
+        (fit0, b0, end0), (fit1, b1, end1) = (x[case] for x in per_process)
+        single = _iterator(
+            tokenizer, packing=True, pack_groups=4, pack_row_length=row_length, **lengths
+        )
+        single.prime_row_floor(primed)
+        assert fit0 == fit1 == single.row_length  # agreed
+        for x, y in zip(b0, b1, strict=True):
+            ref = next(single)
+            assert {k: v.shape for k, v in x.items()} == {k: v.shape for k, v in y.items()}
+            for key in ("query_input_ids", "doc_input_ids"):
+                np.testing.assert_array_equal(np.concatenate([x[key], y[key]]), ref[key])
+        assert end0 == end1 == single.row_length
+    assert per_process[0][1][0] == {"query": 52, "doc": 52}
+    assert per_process[0][1][2] == {"query": 128, "doc": 256}  # switched

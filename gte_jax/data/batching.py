@@ -460,12 +460,17 @@ def materialize_packed(
     if b % groups:
         raise ValueError(f"{b} examples do not split over {groups} local devices")
     roles = _role_specs(tok, query_length, doc_length, num_negatives)
-    blocks, texts_of, layouts = _device_layouts(b, groups, roles)
-    counts = agree_rows(
-        np.asarray(
-            [max(max(len(rows), 1) for rows in per_block) for per_block in layouts], np.int32
-        )
-    )
+    # A text longer than its role's rows (rows shorter than the max length: see
+    # PairBatchIterator.prime_row_floor) is agreed in the same all-gather as the row counts.
+    longer = any(len(t) > length for _, texts, length, _ in roles for t in texts)
+    if longer:
+        local = [1] + [0] * len(roles)
+    else:
+        blocks, texts_of, layouts = _device_layouts(b, groups, roles)
+        local = [0] + [max(max(len(rows), 1) for rows in per_block) for per_block in layouts]
+    overflow, *counts = agree_rows(np.asarray(local, np.int32))
+    if overflow:
+        raise RowOverflow(tok.max_lengths())
     out = {}
     floor = row_floor if row_floor is not None else {}
     for (role, texts, length, pool), per_block, count in zip(roles, layouts, counts, strict=True):
@@ -489,6 +494,23 @@ def materialize_packed(
             arrays["slot_index"] = arrays["slot_index"].reshape(b, num_negatives)
         out.update({f"{role}_{k}": value for k, value in arrays.items()})
     return _with_ids(out, plan, tok, num_negatives)
+
+
+class RowOverflow(Exception):
+    """A text (on some process) is longer than its role's packed rows: the caller re-packs the
+    batch into longer rows. ``longest``: this process's [query, doc] longest text."""
+
+    def __init__(self, longest: np.ndarray):
+        super().__init__(f"a text is longer than the packed rows (here: {longest.tolist()})")
+        self.longest = longest
+
+
+def fit_row_length(longest: int, max_length: int) -> int:
+    """The packed row length for texts of at most ``longest`` tokens seen at start-up: an eighth
+    more (a later batch's longest text is rarely that much longer), rounded up to a multiple of
+    16, at most ``max_length``. Attention over a packed row costs in proportion to its length
+    (block-diagonal, computed dense), so rows no longer than the data need are cheaper."""
+    return max(1, min(int(max_length), round_up(int(longest) + int(longest) // 8, 16)))
 
 
 def _floor_key(role: str, local_batch: int, num_negatives: int) -> str:
@@ -634,6 +656,10 @@ class PairBatchIterator:
         padded row; rows are ``query_max_length`` / ``doc_max_length`` long.
       pack_row_multiple: with packing, each device's row count per role is rounded up to a
         multiple of this (larger: fewer shapes to compile).
+      pack_row_length: with packing, tokens per packed row. None: the role's max length. 0: fitted
+        to the data by :meth:`PairBatchIterator.prime_row_floor` (:func:`fit_row_length` of the
+        longest primed text; the max length until then). k > 0: ``min(k, max length)``. A batch
+        with a longer text switches the run to rows of the max lengths (one more shape).
       pack_groups: the process's devices on the data axis; each packs its own examples.
       pack_chunks: the run's GradCache chunks (``batch_size / gradcache_chunk_size``); > 1 with
         packing gives the chunked packed layout (docs/design.md, "Packing with GradCache").
@@ -665,6 +691,7 @@ class PairBatchIterator:
         bucket_multiple: int = 0,
         packing: bool = False,
         pack_row_multiple: int = 1,
+        pack_row_length: int | None = None,
         pack_groups: int = 1,
         pack_chunks: int = 1,
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -723,6 +750,17 @@ class PairBatchIterator:
         # Packed rows per device and role only grow (saved with the sampler state, so a resumed
         # run packs as the uninterrupted one did): see prime_row_floor.
         self.row_floor: dict[str, int] = {}
+        # Tokens per packed row: "query" (queries) and "doc" (documents and negatives); saved
+        # with the state too. Only ever fitted at start-up or raised to the max lengths.
+        if pack_row_length is not None and int(pack_row_length) < 0:
+            raise ValueError(f"pack_row_length must be >= 0 or None, got {pack_row_length}")
+        # GradCache chunks (pack_chunks > 1) budget tokens in rows of the max lengths.
+        self.fit_row_length = pack_row_length == 0 and self.pack_chunks == 1
+        fixed = int(pack_row_length or 0) if self.pack_chunks == 1 else 0
+        fixed = fixed or max(query_max_length, doc_max_length)
+        self.row_length = {
+            "query": min(fixed, query_max_length), "doc": min(fixed, doc_max_length)
+        }  # fmt: skip
 
     def prime_row_floor(self, num_batches: int) -> dict[str, int]:
         """Sets the packed row counts from the first ``num_batches`` batches' lengths (drawn from
@@ -731,18 +769,40 @@ class PairBatchIterator:
         if not self.packing or self.pack_chunks > 1 or num_batches <= 0:
             return self.row_floor
         sampler = copy.deepcopy(self.sampler)
-        needed: dict[str, int] = {}
+        toks = []
         for _ in range(num_batches):
             step = sampler.step
             drawn = sampler.next()
             plan = make_plan(step, drawn, self.sources, self.num_negatives[drawn[0][0]])
             rows = process_slice(plan.size, self.process_index, self.process_count)
-            tok = tokenize_slice(
-                plan, self.tokenizer, rows, query_max_length=self.query_max_length,
-                doc_max_length=self.doc_max_length,
+            toks.append(
+                tokenize_slice(
+                    plan,
+                    self.tokenizer,
+                    rows,
+                    query_max_length=self.query_max_length,
+                    doc_max_length=self.doc_max_length,
+                )  # fmt: skip
+            )
+        # The longest primed texts, the same on every process.
+        longest = self.agree_lengths(np.max([t.max_lengths() for t in toks], axis=0))
+        if not self.fit_row_length and (
+            longest[0] > self.row_length["query"] or longest[1] > self.row_length["doc"]
+        ):
+            self._rows_to_max_lengths(0, longest)
+        if self.fit_row_length:  # rows as long as the primed texts need
+            self.row_length = {
+                "query": fit_row_length(longest[0], self.query_max_length),
+                "doc": fit_row_length(longest[1], self.doc_max_length),
+            }
+            logger.info(
+                "packed rows: %d query / %d doc tokens (longest of %d primed batches: %d / %d; "
+                "max lengths %d / %d)", self.row_length["query"], self.row_length["doc"],
+                num_batches, longest[0], longest[1], self.query_max_length, self.doc_max_length,
             )  # fmt: skip
-            lengths = {"query": self.query_max_length, "doc": self.doc_max_length}
-            lengths["neg"] = self.doc_max_length
+        lengths = {**self.row_length, "neg": self.row_length["doc"]}
+        needed: dict[str, int] = {}
+        for tok in toks:
             for key, n in packed_rows_needed(tok, lengths, self.pack_groups).items():
                 needed[key] = max(needed.get(key, 0), n)
         keys = sorted(needed)  # the same keys on every process: the plans are global
@@ -784,21 +844,11 @@ class PairBatchIterator:
     def _layout(self, plan: GlobalBatchPlan, tok: TokenizedSlice) -> dict[str, np.ndarray]:
         """The tokenised slice packed into rows or padded to the agreed buckets."""
         if self.packing:
-            return materialize_packed(
-                plan,
-                tok,
-                query_length=self.query_max_length,
-                doc_length=self.doc_max_length,
-                pad_id=self.pad_id,
-                num_negatives=len(plan.negatives[0]),
-                row_multiple=self.pack_row_multiple,
-                process_index=self.process_index,
-                groups=self.pack_groups,
-                agree_rows=self.agree_lengths,
-                chunks=self.pack_chunks,
-                process_count=self.process_count,
-                row_floor=self.row_floor,
-            )
+            try:
+                return self._packed(plan, tok)
+            except RowOverflow as e:  # rows of the max lengths from now on (one more shape)
+                self._rows_to_max_lengths(plan.step, e.longest)
+                return self._packed(plan, tok)
         lq, ld = (int(x) for x in self.agree_lengths(tok.max_lengths()))
         return materialize(
             plan,
@@ -810,16 +860,58 @@ class PairBatchIterator:
             left_pad=self.left_pad,
         )
 
+    def _rows_to_max_lengths(self, step: int, longest: np.ndarray) -> None:
+        """Packed rows become the roles' max lengths; each row floor keeps the tokens it had
+        (rows x length), so the longer rows need no more rows than the primed ones did."""
+        old = {**self.row_length, "neg": self.row_length["doc"]}
+        self.row_length = {"query": self.query_max_length, "doc": self.doc_max_length}
+        new = {**self.row_length, "neg": self.row_length["doc"]}
+        for key, n in self.row_floor.items():
+            role = key.split("/")[0]
+            self.row_floor[key] = round_up(-(-n * old[role] // new[role]), self.pack_row_multiple)
+        logger.warning(
+            "batch %d holds a text longer than the packed rows (%d query / %d "
+            "doc tokens; here the longest: %d / %d): rows of the max lengths (%d / %d) from now "
+            "on, one more train-step program (set data.packing_row_length to avoid it)",
+            step, old["query"], old["doc"], int(longest[0]), int(longest[1]),
+            self.row_length["query"], self.row_length["doc"],
+        )  # fmt: skip
+
+    def _packed(self, plan: GlobalBatchPlan, tok: TokenizedSlice) -> dict[str, np.ndarray]:
+        return materialize_packed(
+            plan,
+            tok,
+            query_length=self.row_length["query"],
+            doc_length=self.row_length["doc"],
+            pad_id=self.pad_id,
+            num_negatives=len(plan.negatives[0]),
+            row_multiple=self.pack_row_multiple,
+            process_index=self.process_index,
+            groups=self.pack_groups,
+            agree_rows=self.agree_lengths,
+            chunks=self.pack_chunks,
+            process_count=self.process_count,
+            row_floor=self.row_floor,
+        )
+
     def __next__(self) -> dict[str, np.ndarray]:
         return self.materialize(self.next_plan())
 
     def get_state(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.get_state(), "row_floor": dict(self.row_floor)}
+        return {
+            "sampler": self.sampler.get_state(),
+            "row_floor": dict(self.row_floor),
+            "row_length": dict(self.row_length),
+        }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.sampler.set_state(state["sampler"])
         # A state saved before row floors existed: keep the primed ones.
         self.row_floor = {**self.row_floor, **dict(state.get("row_floor") or {})}
+        if state.get("row_length"):
+            self.row_length = {k: int(v) for k, v in state["row_length"].items()}
+        elif state.get("row_floor"):  # saved before row lengths were fitted: the max lengths
+            self.row_length = {"query": self.query_max_length, "doc": self.doc_max_length}
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per source: size, read / used / skipped (+ reasons), drawn batches and examples."""

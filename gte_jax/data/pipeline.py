@@ -31,7 +31,8 @@
   more shapes to compile).
 - ``packing``: several texts per row of ``*_max_length`` tokens with block-diagonal attention
   (docs/design.md, "Packed batches"); ``packing_row_multiple``: packed row counts are rounded up
-  to a multiple of both this and the process's data devices (fewer shapes to compile).
+  to a multiple of both this and the process's data devices (fewer shapes to compile);
+  ``packing_row_length``: tokens per packed row, 0 = fitted to the first batches' texts.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Packed rows per device and role are fixed at start-up from this many batches' lengths (and
     # only grow if a later batch needs more): one compiled train step. 0: rows per batch.
     c.packing_estimate_batches = 16
+    # Tokens per packed row (GradCache chunks: always the max lengths). 0: fitted to the longest
+    # text of those batches plus an eighth, in multiples of 16 (attention over a packed row costs
+    # in proportion to its length); k > 0: min(k, max length). A later, longer text switches the
+    # run to rows of the max lengths (one more compiled program, logged).
+    c.packing_row_length = 0
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
     return c
@@ -261,6 +267,7 @@ def build_iterator(
         bucket_multiple=int(data.bucket_multiple),
         packing=bool(data.packing),
         pack_row_multiple=int(data.packing_row_multiple),
+        pack_row_length=int(data.get("packing_row_length", 0)),
         pack_groups=int(local_data_devices),
         process_index=process_index,
         process_count=process_count,
