@@ -613,7 +613,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         pack_chunks=num_chunks,  # packing + GradCache: rows dealt to chunks by token budget
         mntp=_mntp_masking(config, model, tokenizer),
     )
-    iterator.prime_row_floor(int(data_cfg.packing_estimate_batches))
+    iterator.prime_row_floor(int(data_cfg.packing_estimate_batches), run_batches=total_steps)
     tx, schedule = make_optimizer(tcfg, total_steps)
     _inject_lora(config, model, workdir, is_main)
     model_fn, params = ModelFn.from_module(model, train_lm_head=trains_lm_head(config))
@@ -965,6 +965,7 @@ class _Loop:
         mntp = str(st.config.kind) == "mntp"
         floor = 0.0 if mntp else LOSS_FLOORS[str(st.config.loss.name)]
         stats = st.iterator.stats()
+        packed = bool(getattr(st.iterator, "packing", False))
         summary = {
             "stage": str(st.config.stage),
             "steps": int(self.step),
@@ -982,7 +983,11 @@ class _Loop:
             "resumed_from_step": st.start_step,
             "compute_dtype": compute_dtype(st.config.model.dtype).name,
             # Where the time went (compile / host / device) and padding (processed per real token).
-            "timing": self.timer.report(self.seconds, _cache_size(st.jit_step)),
+            "timing": {
+                **self.timer.report(self.seconds, _cache_size(st.jit_step)),
+                # Tokens per packed row at the end of the run (data.packing_row_length).
+                **({"packed_row_length": dict(st.iterator.row_length)} if packed else {}),
+            },
             "completed": completed,
             "eval_at_start": self.evaluator.first,
             "eval": self.evaluator.last,

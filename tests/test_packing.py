@@ -374,7 +374,8 @@ def _lengths(batch: dict, role: str) -> list[int]:
 def test_packed_rows_are_fitted_to_the_primed_texts(tokenizer):
     """Issue 11: attention over a packed row costs in proportion to its length, so rows are as long
     as the data needs, not the max length: the longest text of the primed batches (read here from
-    padded batches of the same steps, an independent path) plus an eighth, in multiples of 16."""
+    padded batches of the same steps, an independent path) plus an eighth, in multiples of 8; no
+    eighth when the primed batches are the whole run."""
     lengths = dict(query_max_length=128, doc_max_length=256)
     steps = 6
     padded = [next(it) for it in [_iterator(tokenizer, **lengths)] for _ in range(steps)]
@@ -384,10 +385,12 @@ def test_packed_rows_are_fitted_to_the_primed_texts(tokenizer):
             max(_lengths(b, r)) for b in padded for r in ("doc", "neg") if f"{r}_input_ids" in b
         ),
     }
-    want = {
-        r: min(cap, -(-(n + n // 8) // 16) * 16)
-        for (r, n), cap in zip(longest.items(), (128, 256), strict=True)
-    }
+
+    def rounded(n, cap):  # up to a multiple of 8, at most the max length
+        return min(cap, -(-n // 8) * 8)
+
+    caps = {"query": 128, "doc": 256}
+    want = {r: rounded(n + n // 8, caps[r]) for r, n in longest.items()}
     assert want["query"] < 128 and want["doc"] < 256  # the check has teeth on this data
     fitted = _iterator(tokenizer, packing=True, pack_row_length=0, **lengths)
     assert fitted.row_length == {"query": 128, "doc": 256}  # the max lengths until primed
@@ -401,6 +404,13 @@ def test_packed_rows_are_fitted_to_the_primed_texts(tokenizer):
                 assert got[f"{role}_input_ids"].shape[-1] == width
                 assert _texts_of(got, role) == _unpadded(ref, role)
     assert fitted.row_length == want  # the primed batches fit
+    # Primed batches that are the whole run: no headroom.
+    whole = _iterator(tokenizer, packing=True, pack_row_length=0, **lengths)
+    whole.prime_row_floor(64, run_batches=steps)
+    assert whole.row_length == {r: rounded(n, caps[r]) for r, n in longest.items()} != want
+    for ref in padded:
+        assert _texts_of(next(whole), "query") == _unpadded(ref, "query")
+    assert whole.row_length == {r: rounded(n, caps[r]) for r, n in longest.items()}  # all fit
     # Without priming, or not asked for (None: the old layout), rows are the max lengths.
     plain = next(_iterator(tokenizer, packing=True, **lengths))
     assert plain["query_input_ids"].shape[-1] == 128 and plain["doc_input_ids"].shape[-1] == 256

@@ -32,13 +32,31 @@ def _train(tiny_model_dir, workdir, *extra) -> dict:
 
 
 def test_a_packed_epoch_compiles_one_train_step_program(tiny_model_dir, tmp_path):
-    summary = _train(tiny_model_dir, tmp_path / "fixed")
+    summary = _train(tiny_model_dir, tmp_path / "fixed", "--config.data.max_length=128")
     assert summary["steps"] == 20  # 320 pairs / 16: more steps than the 16 batches primed
     timing = summary["timing"]
     assert timing["train_step_programs"] == 1
     assert timing["compiles"] >= 1 and timing["compile_seconds"] > 0
     assert 0 < timing["host_seconds"] < summary["train_seconds"]
     assert 1.0 <= timing["processed_per_real_token"] < 2.0  # packed rows (4-row multiples)
+    # The 20 batches are the whole run and all primed: rows as long as its longest texts (read
+    # here with the tokenizer itself, truncated at max_length), rounded up to a multiple of 8.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+
+    def longest(texts):
+        n = max(len(x) for x in tok(texts, truncation=True, max_length=128)["input_ids"])
+        return -(-n // 8) * 8
+
+    want = {
+        "query": longest([r["query"] for r in records]),
+        "doc": longest(
+            [r["positive"] for r in records] + [n for r in records for n in r["negatives"]]
+        ),
+    }
+    assert timing["packed_row_length"] == want and want["query"] < 128  # shorter than max_length
     # Rows per batch (the old behaviour) compile a program per new row count.
     per_batch = _train(
         tiny_model_dir,

@@ -505,12 +505,14 @@ class RowOverflow(Exception):
         self.longest = longest
 
 
-def fit_row_length(longest: int, max_length: int) -> int:
-    """The packed row length for texts of at most ``longest`` tokens seen at start-up: an eighth
-    more (a later batch's longest text is rarely that much longer), rounded up to a multiple of
-    16, at most ``max_length``. Attention over a packed row costs in proportion to its length
-    (block-diagonal, computed dense), so rows no longer than the data need are cheaper."""
-    return max(1, min(int(max_length), round_up(int(longest) + int(longest) // 8, 16)))
+def fit_row_length(longest: int, max_length: int, headroom: bool = True) -> int:
+    """The packed row length for texts of at most ``longest`` tokens seen at start-up, rounded up
+    to a multiple of 8, at most ``max_length``. ``headroom``: an eighth more, when the batches
+    seen are not the whole run (a later batch's longest text is rarely that much longer).
+    Attention over a packed row costs in proportion to its length (block-diagonal, computed
+    dense), so rows no longer than the data needs are cheaper."""
+    extra = int(longest) // 8 if headroom else 0
+    return max(1, min(int(max_length), round_up(int(longest) + extra, 8)))
 
 
 def _floor_key(role: str, local_batch: int, num_negatives: int) -> str:
@@ -762,10 +764,16 @@ class PairBatchIterator:
             "query": min(fixed, query_max_length), "doc": min(fixed, doc_max_length)
         }  # fmt: skip
 
-    def prime_row_floor(self, num_batches: int) -> dict[str, int]:
-        """Sets the packed row counts from the first ``num_batches`` batches' lengths (drawn from
-        a copy of the sampler: nothing is consumed), so that a run compiles one train-step
-        program instead of one per new row count. Same on every process (one all-gather)."""
+    def prime_row_floor(self, num_batches: int, run_batches: int | None = None) -> dict[str, int]:
+        """Sets the packed row counts (and, with ``pack_row_length=0``, the row lengths) from the
+        first ``num_batches`` batches' lengths (drawn from a copy of the sampler: nothing is
+        consumed), so that a run compiles one train-step program instead of one per new row
+        count. Same on every process (all-gathers). ``run_batches``: the batches the run draws;
+        when no more than ``num_batches``, only those are primed, and the rows fitted to them
+        need no headroom."""
+        whole_run = run_batches is not None and 0 < run_batches <= num_batches
+        if whole_run:
+            num_batches = int(run_batches)
         if not self.packing or self.pack_chunks > 1 or num_batches <= 0:
             return self.row_floor
         sampler = copy.deepcopy(self.sampler)
@@ -792,13 +800,15 @@ class PairBatchIterator:
             self._rows_to_max_lengths(0, longest)
         if self.fit_row_length:  # rows as long as the primed texts need
             self.row_length = {
-                "query": fit_row_length(longest[0], self.query_max_length),
-                "doc": fit_row_length(longest[1], self.doc_max_length),
+                "query": fit_row_length(longest[0], self.query_max_length, not whole_run),
+                "doc": fit_row_length(longest[1], self.doc_max_length, not whole_run),
             }
             logger.info(
-                "packed rows: %d query / %d doc tokens (longest of %d primed batches: %d / %d; "
-                "max lengths %d / %d)", self.row_length["query"], self.row_length["doc"],
-                num_batches, longest[0], longest[1], self.query_max_length, self.doc_max_length,
+                "packed rows: %d query / %d doc tokens (longest of %s: %d / %d; max lengths "
+                "%d / %d)", self.row_length["query"], self.row_length["doc"],
+                f"the run's {num_batches} batches" if whole_run else
+                f"{num_batches} primed batches, plus an eighth",
+                longest[0], longest[1], self.query_max_length, self.doc_max_length,
             )  # fmt: skip
         lengths = {**self.row_length, "neg": self.row_length["doc"]}
         needed: dict[str, int] = {}
