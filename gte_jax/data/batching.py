@@ -752,16 +752,19 @@ class PairBatchIterator:
         # Packed rows per device and role only grow (saved with the sampler state, so a resumed
         # run packs as the uninterrupted one did): see prime_row_floor.
         self.row_floor: dict[str, int] = {}
-        # Tokens per packed row: "query" (queries) and "doc" (documents and negatives); saved
-        # with the state too. Only ever fitted at start-up or raised to the max lengths.
+        self._init_row_length(pack_row_length)
+
+    def _init_row_length(self, pack_row_length: int | None) -> None:
+        """Tokens per packed row: "query" (queries) and "doc" (documents and negatives); saved
+        with the state too. Only ever fitted at start-up or raised to the max lengths."""
         if pack_row_length is not None and int(pack_row_length) < 0:
             raise ValueError(f"pack_row_length must be >= 0 or None, got {pack_row_length}")
         # GradCache chunks (pack_chunks > 1) budget tokens in rows of the max lengths.
         self.fit_row_length = pack_row_length == 0 and self.pack_chunks == 1
         fixed = int(pack_row_length or 0) if self.pack_chunks == 1 else 0
-        fixed = fixed or max(query_max_length, doc_max_length)
+        fixed = fixed or max(self.query_max_length, self.doc_max_length)
         self.row_length = {
-            "query": min(fixed, query_max_length), "doc": min(fixed, doc_max_length)
+            "query": min(fixed, self.query_max_length), "doc": min(fixed, self.doc_max_length)
         }  # fmt: skip
 
     def prime_row_floor(self, num_batches: int, run_batches: int | None = None) -> dict[str, int]:
