@@ -467,6 +467,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
             )
         else:
             num_chunks = batch_size // chunk
+    problems.extend(packing_problems(config.data, num_chunks))
     if batch_size < 1 or batch_size % (num_chunks * data_devices):
         problems.append(
             f"train.batch_size={batch_size} must be divisible by the {data_devices} data devices"
@@ -475,6 +476,27 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     if problems:
         raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(problems))
     return num_chunks
+
+
+def packing_problems(data: Any, num_chunks: int) -> list[str]:
+    """Packed-row settings that cannot work (docs/design.md, "Packed batches")."""
+    problems = []
+    row_length = int(data.packing_row_length)
+    if row_length < 0:
+        problems.append(
+            f"data.packing_row_length={row_length}: use 0 (fitted to the data) or a token count"
+        )
+    elif row_length and bool(data.packing) and num_chunks > 1:
+        problems.append(
+            f"data.packing_row_length={row_length} with {num_chunks} GradCache chunks: chunks "
+            "budget their tokens in rows of the max lengths; leave data.packing_row_length=0"
+        )
+    if int(data.packing_estimate_batches) < 0:
+        problems.append(
+            f"data.packing_estimate_batches={data.packing_estimate_batches}: use 0 (rows per "
+            "batch) or a number of batches"
+        )
+    return problems
 
 
 def check_source_batches(sources: Any, num_chunks: int, data_devices: int) -> None:
@@ -965,7 +987,7 @@ class _Loop:
         mntp = str(st.config.kind) == "mntp"
         floor = 0.0 if mntp else LOSS_FLOORS[str(st.config.loss.name)]
         stats = st.iterator.stats()
-        packed = bool(getattr(st.iterator, "packing", False))
+        packed = bool(st.iterator.packing)
         summary = {
             "stage": str(st.config.stage),
             "steps": int(self.step),

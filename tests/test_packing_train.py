@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from gte_jax import sharding as shd
@@ -54,13 +55,21 @@ def _setup(minilm_dir):
     return tok, params, run
 
 
-def test_packed_train_step_equals_unpacked_on_8_devices(minilm_dir):
-    """Dropout off: its masks are drawn per [rows, length] layout, so they differ by layout."""
+@pytest.mark.parametrize("rows", ["max_length", "fitted"])
+def test_packed_train_step_equals_unpacked_on_8_devices(minilm_dir, rows):
+    """Dropout off: its masks are drawn per [rows, length] layout, so they differ by layout.
+    ``fitted``: rows as long as the primed texts (data.packing_row_length=0), shorter than the
+    max length 128 and no multiple of 16."""
     tok, params, run = _setup(minilm_dir)
-    kw = dict(global_batch_size=16, seed=0, query_max_length=32, doc_max_length=32)
+    max_length = 32 if rows == "max_length" else 128
+    kw = dict(global_batch_size=16, seed=0, query_max_length=max_length, doc_max_length=max_length)
     src = [from_files("bible_hn", DEMO_DIR / "bible_finetune.jsonl")]
     padded = PairBatchIterator(src, tok, **kw)
-    packed = PairBatchIterator(src, tok, packing=True, pack_row_multiple=8, **kw)
+    fit = {"pack_row_length": 0} if rows == "fitted" else {}
+    packed = PairBatchIterator(src, tok, packing=True, pack_row_multiple=8, **fit, **kw)
+    if rows == "fitted":
+        packed.prime_row_floor(1, run_batches=1)
+        assert all(n < 128 and n % 16 for n in packed.row_length.values()), packed.row_length
 
     s_ref, m_ref = run(next(padded))
     s_got, m_got = run(next(packed))

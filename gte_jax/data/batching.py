@@ -655,7 +655,8 @@ class PairBatchIterator:
       min_bucket, bucket_multiple: padded lengths are :func:`bucket_lengths` (powers of two, or
         multiples of ``bucket_multiple`` when > 0).
       packing: pack several texts per row (:func:`materialize_packed`) instead of one text per
-        padded row; rows are ``query_max_length`` / ``doc_max_length`` long.
+        padded row; rows are at most ``query_max_length`` / ``doc_max_length`` long (see
+        ``pack_row_length``).
       pack_row_multiple: with packing, each device's row count per role is rounded up to a
         multiple of this (larger: fewer shapes to compile).
       pack_row_length: with packing, tokens per packed row. None: the role's max length. 0: fitted
@@ -762,10 +763,16 @@ class PairBatchIterator:
         # GradCache chunks (pack_chunks > 1) budget tokens in rows of the max lengths.
         self.fit_row_length = pack_row_length == 0 and self.pack_chunks == 1
         fixed = int(pack_row_length or 0) if self.pack_chunks == 1 else 0
-        fixed = fixed or max(self.query_max_length, self.doc_max_length)
         self.row_length = {
-            "query": min(fixed, self.query_max_length), "doc": min(fixed, self.doc_max_length)
-        }  # fmt: skip
+            role: min(fixed, n) if fixed else n for role, n in self._max_row_length().items()
+        }
+
+    def _max_row_length(self) -> dict[str, int]:
+        return {"query": self.query_max_length, "doc": self.doc_max_length}
+
+    def _role_row_lengths(self) -> dict[str, int]:
+        """Row length per packed role (negatives are documents), keyed as the row floors."""
+        return {**self.row_length, "neg": self.row_length["doc"]}
 
     def prime_row_floor(self, num_batches: int, run_batches: int | None = None) -> dict[str, int]:
         """Sets the packed row counts (and, with ``pack_row_length=0``, the row lengths) from the
@@ -800,7 +807,7 @@ class PairBatchIterator:
         if not self.fit_row_length and (
             longest[0] > self.row_length["query"] or longest[1] > self.row_length["doc"]
         ):
-            self._rows_to_max_lengths(0, longest)
+            self._rows_to_max_lengths(None, longest)
         if self.fit_row_length:  # rows as long as the primed texts need
             self.row_length = {
                 "query": fit_row_length(longest[0], self.query_max_length, not whole_run),
@@ -813,7 +820,7 @@ class PairBatchIterator:
                 f"{num_batches} primed batches, plus an eighth",
                 longest[0], longest[1], self.query_max_length, self.doc_max_length,
             )  # fmt: skip
-        lengths = {**self.row_length, "neg": self.row_length["doc"]}
+        lengths = self._role_row_lengths()
         needed: dict[str, int] = {}
         for tok in toks:
             for key, n in packed_rows_needed(tok, lengths, self.pack_groups).items():
@@ -873,21 +880,22 @@ class PairBatchIterator:
             left_pad=self.left_pad,
         )
 
-    def _rows_to_max_lengths(self, step: int, longest: np.ndarray) -> None:
+    def _rows_to_max_lengths(self, step: int | None, longest: np.ndarray) -> None:
         """Packed rows become the roles' max lengths; each row floor keeps the tokens it had
-        (rows x length), so the longer rows need no more rows than the primed ones did."""
-        old = {**self.row_length, "neg": self.row_length["doc"]}
-        self.row_length = {"query": self.query_max_length, "doc": self.doc_max_length}
-        new = {**self.row_length, "neg": self.row_length["doc"]}
+        (rows x length), so the longer rows need no more rows than the primed ones did.
+        ``step``: the batch that needed it (None: a primed batch)."""
+        old = self._role_row_lengths()
+        self.row_length = self._max_row_length()
+        new = self._role_row_lengths()
         for key, n in self.row_floor.items():
             role = key.split("/")[0]
             self.row_floor[key] = round_up(-(-n * old[role] // new[role]), self.pack_row_multiple)
         logger.warning(
-            "batch %d holds a text longer than the packed rows (%d query / %d "
-            "doc tokens; here the longest: %d / %d): rows of the max lengths (%d / %d) from now "
-            "on, one more train-step program (set data.packing_row_length to avoid it)",
-            step, old["query"], old["doc"], int(longest[0]), int(longest[1]),
-            self.row_length["query"], self.row_length["doc"],
+            "%s holds a text longer than the packed rows (%d query / %d doc tokens; longest "
+            "here: %d / %d): rows of the max lengths (%d / %d) from now on, one more train-step "
+            "program (a larger data.packing_row_length avoids it)",
+            "a primed batch" if step is None else f"batch {step}", old["query"], old["doc"],
+            int(longest[0]), int(longest[1]), self.row_length["query"], self.row_length["doc"],
         )  # fmt: skip
 
     def _packed(self, plan: GlobalBatchPlan, tok: TokenizedSlice) -> dict[str, np.ndarray]:
@@ -924,7 +932,7 @@ class PairBatchIterator:
         if state.get("row_length"):
             self.row_length = {k: int(v) for k, v in state["row_length"].items()}
         elif state.get("row_floor"):  # saved before row lengths were fitted: the max lengths
-            self.row_length = {"query": self.query_max_length, "doc": self.doc_max_length}
+            self.row_length = self._max_row_length()
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per source: size, read / used / skipped (+ reasons), drawn batches and examples."""

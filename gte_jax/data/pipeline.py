@@ -29,8 +29,8 @@
   (skip|error), ``max_text_chars``.
 - ``bucket_multiple``: 0 pads to power-of-two lengths; k > 0 to multiples of k (less padding,
   more shapes to compile).
-- ``packing``: several texts per row of ``*_max_length`` tokens with block-diagonal attention
-  (docs/design.md, "Packed batches"); ``packing_row_multiple``: packed row counts are rounded up
+- ``packing``: several texts per row of at most ``*_max_length`` tokens with block-diagonal
+  attention (docs/design.md, "Packed batches"); ``packing_row_multiple``: packed row counts are rounded up
   to a multiple of both this and the process's data devices (fewer shapes to compile);
   ``packing_row_length``: tokens per packed row, 0 = fitted to the first batches' texts.
 """
@@ -269,7 +269,7 @@ def build_iterator(
         bucket_multiple=int(data.bucket_multiple),
         packing=bool(data.packing),
         pack_row_multiple=int(data.packing_row_multiple),
-        pack_row_length=int(data.get("packing_row_length", 0)),
+        pack_row_length=int(data.packing_row_length),
         pack_groups=int(local_data_devices),
         process_index=process_index,
         process_count=process_count,
