@@ -188,29 +188,74 @@ class Checkpointer:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (what a TPU VM gets before preemption, and SLURM before a time limit): the loop
-    saves at the next step boundary and exits cleanly instead of losing work since the last save."""
+    """Stop requests the loop honours at a step boundary, with a checkpoint: SIGTERM (what a TPU
+    VM gets before preemption, and SLURM before a time limit) and SIGINT (Ctrl-C).
 
-    def __init__(self) -> None:
+    :meth:`due` is asked after every step and is True at the step where *every* process stops:
+    - one process: the local flag (a Python signal handler sets it);
+    - several processes (``jax.distributed``): JAX's preemption sync point
+      (``multihost_utils.reached_preemption_sync_point``). A SIGTERM on any host reaches the others
+      through the coordination service, which picks the step (the furthest host's next one); each
+      step's check is local, so no host waits on the others at every step. JAX's own notifier
+      owns SIGTERM there (no Python handler replaces it), and a Ctrl-C is passed to it as a
+      SIGTERM to this process. Without JAX's preemption service
+      (``jax_enable_preemption_service=False``) the local flags are all-gathered every
+      ``fallback_every`` steps only.
+    A second Ctrl-C interrupts at once (Python's KeyboardInterrupt).
+    """
+
+    def __init__(self, fallback_every: int = 1) -> None:
         self._event = threading.Event()
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+        self.reason: str | None = None  # "SIGTERM" / "SIGINT" when this process got one
+        self.fallback_every = max(1, int(fallback_every))
+        self._sync = False
 
     def install(self) -> PreemptionFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        from jax._src import distributed
+
+        state = distributed.global_state
+        self._sync = state.client is not None and state.preemption_sync_manager is not None
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if not self._sync:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        log.warning("SIGTERM received: saving a checkpoint at the next step, then stopping")
+        name = signal.Signals(signum).name
+        self.reason = self.reason or name
+        log.warning("%s received: saving a checkpoint at the next step, then stopping", name)
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self._sync:  # JAX's notifier tells every host
+                os.kill(os.getpid(), signal.SIGTERM)
         self._event.set()
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     def set(self) -> None:
         self._event.set()
+
+    def due(self, step: int) -> bool:
+        """Whether every process stops after ``step`` (call it after every step, on every
+        process, with the same steps)."""
+        if self._sync:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+        if jax.process_count() == 1:
+            return self.is_set()
+        if step % self.fallback_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.is_set()))
+        return bool(np.asarray(flags).max())

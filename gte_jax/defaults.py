@@ -145,6 +145,12 @@ def _mesh_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.data = -1  # -1: every device
     c.model = 1  # > 1 only with sharding.params="fsdp_tp"
+    # Multislice (several TPU slices joined by DCN): the "data" axis spans the slices, slice-major;
+    # the batch and the loss's negatives span them (gte_jax/sharding.py, make_mesh). Ours.
+    c.slices = 1
+    # Testing aid: lay this machine's processes' devices out as this TPU topology's training mesh
+    # lays out its hosts' chips (e.g. "v4-32": 4 processes x 4 devices, hosts 0,1,2,3,0,1,...).
+    c.simulate_topology = ""
     return c
 
 

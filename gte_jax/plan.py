@@ -162,8 +162,9 @@ def _name_order(name: str) -> tuple[str, int]:
     return prefix, int(n)
 
 
-def topology_devices(topology: Topology) -> list[Any]:
-    """The devices of ``topology`` as libtpu describes them (no TPU needed)."""
+def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
+    """The devices of ``topology`` as libtpu describes them (no TPU needed); ``num_slices``
+    such slices (multislice: each device has a ``slice_index``)."""
     if importlib.util.find_spec("libtpu") is None:
         raise PlanError(
             "compiling for a TPU topology needs libtpu (no TPU needed): "
@@ -184,29 +185,15 @@ def topology_devices(topology: Topology) -> list[Any]:
         topology_name=topology.name,
         chip_config_name=topology.chip.chip_config,
         chips_per_host_bounds=topology.chips_per_host_bounds,
-        num_slices=1,
+        num_slices=int(num_slices),
     )
     devices = list(desc.devices)
-    if len(devices) != topology.chips:
+    if len(devices) != topology.chips * num_slices:
         raise PlanError(
             f"libtpu describes {topology.name} with {len(devices)} devices, not "
             f"{topology.chips} chips: this libtpu version lays the chip out differently"
         )
     return devices
-
-
-def topology_mesh(devices: Sequence[Any]) -> jax.sharding.Mesh:
-    """The ``("data", "model")`` mesh of :func:`gte_jax.sharding.make_mesh` over ``devices``
-    (every chip on ``"data"``), with the same axis types."""
-    from jax.sharding import AxisType, Mesh
-
-    from gte_jax import sharding as shd
-
-    return Mesh(
-        np.asarray(devices, dtype=object).reshape(len(devices), 1),
-        shd.MESH_AXES,
-        axis_types=(AxisType.Auto, AxisType.Auto),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,9 +711,13 @@ def plan(
     mfu: float = 0.4,
     stages: Mapping[str, Any] | None = None,
     layers: Sequence[int] | None = None,
+    compile: bool = True,
+    num_slices: int | None = None,
 ) -> dict[str, Any]:
     """Compiles one stage's train step for ``topology`` and returns the report (see the module
     doc). ``stages``: the multi-stage config, to follow ``model.init_from = "stage:NAME"``.
+    ``compile=False``: the start-up checks, layout and analytic figures only (seconds).
+    ``num_slices``: that many slices of ``topology`` (multislice; default ``mesh.slices``).
     ``layers`` (e.g. (1, 2)): compile at these depths and extrapolate the memory to the model's
     own (:func:`_extrapolated`), for models whose full compile needs more host memory than this
     machine has (a 7B unrolled step); FLOPs and the state size are the full model's."""
@@ -741,9 +732,34 @@ def plan(
                 f"--layers {','.join(map(str, layers))}: give two or more depths, each from 1 "
                 f"to fewer than the model's {num_layers(hf_config)} layers"
             )
-    devices = topology_devices(topo)
-    mesh = topology_mesh(devices)
+    if num_slices is not None:
+        config = config.copy_and_resolve_references()
+        config.mesh.slices = int(num_slices)
+    slices = int(config.mesh.get("slices", 1))
+    if slices < 1:
+        raise PlanError(f"--num-slices / mesh.slices={slices}: must be >= 1")
+    devices = topology_devices(topo, slices)
+    mesh, start = start_checks(config, devices)
     step = abstract_step(config, mesh, hf_config)  # the full model, abstract (nothing compiled)
+    head: dict[str, Any] = {
+        "stage": str(config.get("stage", "")),
+        "topology": topo.name,
+        "accelerator_type": topo.accelerator_type,
+        "device_kind": devices[0].device_kind,
+        "slices": slices,
+        "chips": topo.chips * slices,
+        "hbm_gib_per_chip": topo.chip.hbm_gib,
+        **start,
+    }
+    if slices > 1:
+        head["dcn_bytes_per_step_per_slice"] = dcn_bytes(step, slices)
+    if not compile:
+        return head | {
+            "compiled": False,
+            "state_gib_per_chip": _sig(state_bytes_per_chip(step.state) / GIB),
+            **_time_report(config, step, topo, mfu, slices),
+            "model": model_source,
+        }
     t0 = time.perf_counter()
     if layers:
         compiled, oom, points = _extrapolated(config, mesh, hf_config, layers)
@@ -753,14 +769,7 @@ def plan(
 
     hbm = topo.chip.hbm_gib * GIB
     arg = state_bytes_per_chip(step.state)
-    report: dict[str, Any] = {
-        "stage": str(config.get("stage", "")),
-        "topology": topo.name,
-        "accelerator_type": topo.accelerator_type,
-        "device_kind": devices[0].device_kind,
-        "chips": topo.chips,
-        "hbm_gib_per_chip": topo.chip.hbm_gib,
-    }
+    report = dict(head)
     fits = _memory_report(report, compiled, oom, arg, hbm)
     report["verdict"] = "fits" if fits else "does not fit"
     if layers:
@@ -772,7 +781,7 @@ def plan(
             for p in points
         ]
         report["state_gib_per_chip"] = _sig(arg / GIB)  # exact: the full model's sharded state
-    report |= _time_report(config, step, topo, mfu) | {
+    report |= _time_report(config, step, topo, mfu, slices) | {
         "model": model_source,
         "compile_seconds": round(compile_s, 1),
     }
@@ -781,7 +790,62 @@ def plan(
     return report
 
 
-def _time_report(config: Any, step: AbstractStep, topo: Topology, mfu: float) -> dict[str, Any]:
+def start_checks(config: Any, devices: Sequence[Any]) -> tuple[jax.sharding.Mesh, dict[str, Any]]:
+    """The mesh ``train`` builds over ``devices`` and ``train``'s start-up checks for every
+    process (host) of it: the config's (:func:`gte_jax.train.check_config`, which includes each
+    host's batch layout), and the per-source batch sizes the config names. (mesh, report
+    fields); a failed check is a :class:`PlanError` naming it."""
+    from gte_jax import sharding as shd
+    from gte_jax import train
+
+    try:
+        mesh = train.run_mesh(config, devices)
+        num_chunks = train.check_config(config, mesh)
+        sizes = {
+            str(s.get("name", i)): int(s.get("batch_size", 0) or 0)
+            for i, s in enumerate(config.data.get("sources", ()))
+        }
+        bad = train.source_batch_problems(sizes, num_chunks, mesh.shape[shd.DATA_AXIS])
+        if bad:
+            raise train.TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
+    except train.TrainingError as e:
+        raise PlanError(f"start_checks failed: {e}") from None
+    layouts = shd.process_layouts(mesh)
+    order = [d.process_index for d in mesh.devices[:, 0]]  # along "data", model index 0
+    return mesh, {
+        "processes": len(layouts),
+        "devices_per_process": len(mesh.devices.flat) // len(layouts),
+        "mesh": dict(mesh.shape),
+        "data_blocks_per_process": next(iter(layouts.values())).groups,
+        # How often the host changes along the "data" axis: 0 would mean one contiguous block
+        # per host, which TPU meshes do not give (BatchLayout reads each host's blocks).
+        "host_changes_along_data": sum(a != b for a, b in zip(order, order[1:], strict=False)),
+        "start_checks": "passed",
+    }
+
+
+def dcn_bytes(step: AbstractStep, slices: int) -> dict[str, int]:
+    """Bytes each slice sends over DCN per step (analytic, ring algorithms across slices; what
+    stays within a slice is ICI): the float32 gradient all-reduce of the trainable parameters,
+    2 (S-1)/S of their bytes (XLA reduces within a slice first, so each slice's share crosses
+    DCN once each way), and the loss's all-gather of the other slices' float32 embeddings plus
+    the reduce-scatter of their gradients, 2 (S-1)/S of the global batch's embedding bytes."""
+    grads = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.state["params"]))
+    dim = int(step.encoder.hidden_size)
+    texts = sum(n for n, _ in step.towers)
+    embeddings = 4 * texts * dim
+    share = 2 * (slices - 1) / slices
+    out = {
+        "gradient_all_reduce": int(share * grads),
+        "embedding_all_gather": int(share * embeddings),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _time_report(
+    config: Any, step: AbstractStep, topo: Topology, mfu: float, slices: int = 1
+) -> dict[str, Any]:
     """Analytic model FLOPs, time at ``mfu``, and what the step is (batch, lengths, settings)."""
     # Attention's width is heads x head_dim: hidden_size for BERT, not always for T5 (T5-11B).
     enc = step.encoder
@@ -792,7 +856,7 @@ def _time_report(config: Any, step: AbstractStep, topo: Topology, mfu: float) ->
         step.towers,
         frozen=step.state.get("frozen"),
     )
-    peak_flops = topo.chip.peak_bf16_flops * topo.chips
+    peak_flops = topo.chip.peak_bf16_flops * topo.chips * slices
     step_s = flops / (peak_flops * mfu)
     return {
         "model_tflops_per_step": _sig(flops / 1e12),

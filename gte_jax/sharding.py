@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gte_jax.data.layout import BatchLayout
+
 logger = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
@@ -35,11 +37,22 @@ def make_mesh(
     model: int = 1,
     devices: Sequence[jax.Device] | None = None,
     *,
+    slices: int = 1,
     axis_types: tuple[AxisType, ...] = (AxisType.Auto, AxisType.Auto),
 ) -> Mesh:
     """A ``("data", "model")`` mesh over ``devices`` (default: all devices of all processes).
 
-    ``data=-1`` takes every device not used by ``model``.
+    ``data=-1`` takes every device not used by ``model``. The device order is the platform's
+    (``jax.make_mesh``: on TPU a ring through the physical torus, so neighbours on an axis are
+    neighbours on the chip network). That order puts a host's chips at scattered places of the
+    ``"data"`` axis on multi-host slices (v4-32: hosts 0,1,2,3,0,1,2,3,...), so nothing may assume a
+    host's rows are one block: :class:`BatchLayout` reads the rows off the mesh.
+
+    ``slices > 1`` (multislice: several TPU slices joined by the data-centre network, DCN): the
+    ``"data"`` axis spans the slices, slice-major (``mesh_utils.create_hybrid_device_mesh``), so the
+    global batch and the loss's negatives span them and only the data-parallel reductions cross
+    DCN; ``"model"`` stays within a slice. Devices without a ``slice_index`` (CPU, GPU) take each
+    process as a slice.
     """
     devices = list(jax.devices() if devices is None else devices)
     if model < 1 or len(devices) % model:
@@ -51,7 +64,62 @@ def make_mesh(
             f"mesh data={data} x model={model} does not match the {len(devices)} devices; "
             "pass data=-1 to use them all or pass `devices` explicitly"
         )
-    return jax.make_mesh((data, model), MESH_AXES, axis_types=axis_types, devices=devices)
+    if slices < 1 or data % slices:
+        raise ValueError(f"mesh.slices={slices} must be >= 1 and divide mesh.data={data}")
+    if slices == 1:
+        return jax.make_mesh((data, model), MESH_AXES, axis_types=axis_types, devices=devices)
+    from jax.experimental import mesh_utils
+
+    granules = {getattr(d, "slice_index", None) for d in devices}
+    by_process = None in granules or len(granules) == 1
+    found = len({d.process_index for d in devices}) if by_process else len(granules)
+    if found != slices:
+        raise ValueError(
+            f"mesh.slices={slices} but the devices come from {found} "
+            + ("processes (no slice_index: a process is a slice)" if by_process else "slices")
+        )
+    array = mesh_utils.create_hybrid_device_mesh(
+        (data // slices, model), (slices, 1), devices, process_is_granule=by_process
+    )
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
+
+
+def training_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """The mesh of a run from its config's ``mesh`` group: what ``train`` runs on and what
+    ``plan`` compiles for (there with a TPU topology's devices). ``mesh.simulate_topology`` lays
+    this machine's devices out as that topology's mesh lays out its hosts' chips (testing the
+    multi-host layout on CPU processes; :func:`arrange_like`)."""
+    data, model = int(mesh_cfg.data), int(mesh_cfg.model)
+    slices = int(mesh_cfg.get("slices", 1))
+    simulate = str(mesh_cfg.get("simulate_topology", "") or "")
+    if simulate:
+        from gte_jax import plan
+
+        topo = plan.parse_topology(simulate)
+        target = make_mesh(data, model, plan.topology_devices(topo, slices), slices=slices)
+        devices = arrange_like(target, list(jax.devices() if devices is None else devices))
+        return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    return make_mesh(data, model, devices, slices=slices)
+
+
+def arrange_like(target: Mesh, devices: Sequence[Any]) -> np.ndarray:
+    """``devices`` in an array of ``target``'s shape where each sits at a place that a device of
+    the same process index holds in ``target`` (in order). Raises unless the processes and
+    devices per process match."""
+    want = [d.process_index for d in target.devices.flat]
+    have: dict[int, list[Any]] = {}
+    for d in devices:
+        have.setdefault(d.process_index, []).append(d)
+    need = {p: want.count(p) for p in set(want)}
+    if {p: len(v) for p, v in have.items()} != need:
+        raise ValueError(
+            f"mesh.simulate_topology needs {len(need)} processes with "
+            f"{sorted(set(need.values()))} devices each (the topology's hosts and chips per "
+            f"host); this run has {len(have)} processes with "
+            f"{sorted({len(v) for v in have.values()})} devices each"
+        )
+    queues = {p: iter(sorted(v, key=lambda d: d.id)) for p, v in have.items()}
+    return np.asarray([next(queues[p]) for p in want], dtype=object).reshape(target.devices.shape)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -63,36 +131,53 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def process_batch_slice(mesh: Mesh, global_batch_size: int) -> slice:
-    """The rows of the global batch that this process feeds to :func:`global_batch`.
-
-    Derived from the sharding itself, so it holds for any device order in the mesh; raises if this
-    process's devices do not own one contiguous block of rows.
-    """
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
-    bounds = [
-        (idx[0].start or 0, global_batch_size if idx[0].stop is None else idx[0].stop)
-        for idx in index_map.values()
-    ]
-    starts, stops = [a for a, _ in bounds], [b for _, b in bounds]
-    start, stop = min(starts), max(stops)
-    covered = set().union(*[range(a, b) for a, b in bounds])
-    if len(covered) != stop - start:
-        raise ValueError("this process's devices do not hold a contiguous block of the batch")
-    return slice(start, stop)
+def process_layouts(mesh: Mesh) -> dict[int, BatchLayout]:
+    """Every process's :class:`BatchLayout` on ``mesh``."""
+    procs = sorted({d.process_index for d in mesh.devices.flat})
+    return {p: BatchLayout.of_mesh(mesh, p) for p in procs}
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Turns this process's slice of the batch into global arrays sharded over ``"data"``.
+def layout_problems(mesh: Mesh, batch_sizes: Sequence[int]) -> list[str]:
+    """Why the processes of ``mesh`` could not each feed their rows of every batch size (empty:
+    they can). Every process must hold the same number of blocks (local batches of one shape,
+    so one compiled program), and every batch size must split into the data axis's blocks."""
+    layouts = process_layouts(mesh)
+    problems = []
+    counts = {p: lay.groups for p, lay in layouts.items()}
+    if len(set(counts.values())) > 1:
+        problems.append(
+            f"processes hold different numbers of data-axis blocks {counts}: mesh.data "
+            f"{mesh.shape[DATA_AXIS]} x mesh.model {mesh.shape[MODEL_AXIS]} does not spread the "
+            "batch evenly over the hosts"
+        )
+    for bs in sorted(set(batch_sizes)):
+        if bs < 1 or bs % mesh.shape[DATA_AXIS]:
+            problems.append(
+                f"batch size {bs} is not divisible by the {mesh.shape[DATA_AXIS]} data devices"
+            )
+    return problems
 
-    Every array is split on its leading axis; the global batch size is the sum of the slices of
-    all processes (``jax.make_array_from_process_local_data``).
-    """
+
+def global_batch(
+    local_batch: Mapping[str, np.ndarray], mesh: Mesh, layout: BatchLayout | None = None
+) -> dict[str, jax.Array]:
+    """Turns this process's rows of the batch (``layout``'s blocks, in increasing order) into
+    global arrays sharded over ``"data"``. Every array is split on its leading axis into
+    ``layout.groups`` equal blocks; ``jax.make_array_from_process_local_data`` maps the process's
+    i-th block to the i-th data-axis block it addresses, wherever that sits."""
+    layout = layout or BatchLayout.of_mesh(mesh)
     sharding = batch_sharding(mesh)
-    return {
-        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for key, value in local_batch.items()
-    }
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        per, rest = divmod(value.shape[0], layout.groups)
+        if rest:
+            raise ValueError(
+                f"{key}: {value.shape[0]} rows do not split into {layout.groups} blocks"
+            )
+        shape = (per * layout.num_blocks, *value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out
 
 
 def place(tree: Any, shardings: Any) -> Any:

@@ -414,9 +414,20 @@ def stage_kind_problems(config: Any) -> list[str]:
     return problems
 
 
+def run_mesh(config: Any, devices: Any = None) -> jax.sharding.Mesh:
+    """The run's mesh (``config.mesh``) over ``devices`` (default: every device of every
+    process; ``gte-jax plan``: a TPU topology's); a mesh that cannot be built is a
+    :class:`TrainingError` naming the setting."""
+    try:
+        return shd.training_mesh(config.mesh, devices)
+    except ValueError as e:
+        raise TrainingError(f"this config cannot run:\n  - mesh: {e}") from None
+
+
 def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     """Refuses settings that cannot work, before any data or model is read; returns the number
-    of GradCache chunks."""
+    of GradCache chunks. The start-up checks of every process of ``mesh`` (``gte-jax plan``
+    runs them for a pod's hosts): each must be able to feed its rows of the batch."""
     tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
     problems = stage_kind_problems(config)
     if lcfg.name not in LOSS_FLOORS:
@@ -473,6 +484,8 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
             f"train.batch_size={batch_size} must be divisible by the {data_devices} data devices"
             + (f" x {num_chunks} GradCache chunks" if num_chunks > 1 else "")
         )
+    if not problems:
+        problems.extend(shd.layout_problems(mesh, [batch_size]))
     if problems:
         raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(problems))
     return num_chunks
@@ -502,15 +515,23 @@ def packing_problems(data: Any, num_chunks: int) -> list[str]:
 def check_source_batches(sources: Any, num_chunks: int, data_devices: int) -> None:
     """A per-source ``batch_size`` must split like the run's (checked at start-up, not when that
     source is first drawn)."""
-    need = num_chunks * data_devices
-    bad = [
-        f"source {s.name!r}: batch_size={s.options.batch_size} is not divisible by {need} "
-        f"({data_devices} data devices x {num_chunks} GradCache chunks)"
-        for s in sources
-        if s.options.batch_size and s.options.batch_size % need
-    ]
+    sizes = {s.name: int(s.options.batch_size or 0) for s in sources}
+    bad = source_batch_problems(sizes, num_chunks, data_devices)
     if bad:
         raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
+
+
+def source_batch_problems(
+    batch_sizes: Mapping[str, int], num_chunks: int, data_devices: int
+) -> list[str]:
+    """Per-source batch sizes (0: the run's) that do not split over the data devices x chunks."""
+    need = num_chunks * data_devices
+    return [
+        f"source {name!r}: batch_size={bs} is not divisible by {need} "
+        f"({data_devices} data devices x {num_chunks} GradCache chunks)"
+        for name, bs in batch_sizes.items()
+        if bs and bs % need
+    ]
 
 
 def _total_steps(train_cfg: Any, num_records: int, batch_size: int) -> int:
@@ -630,7 +651,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         sources=sources,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        local_data_devices=mesh.shape[shd.DATA_AXIS] // jax.process_count(),
+        layout=shd.BatchLayout.of_mesh(mesh),
         include_prompt=info.include_prompt,
         pack_chunks=num_chunks,  # packing + GradCache: rows dealt to chunks by token budget
         mntp=_mntp_masking(config, model, tokenizer),
@@ -753,6 +774,36 @@ def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state)
     return jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
 
 
+class StepRunner:
+    """Calls the jitted step. With several processes each new batch shape is compiled ahead
+    (``lower().compile()``) and the processes meet at a host barrier before running it: a host
+    that compiled faster would otherwise wait inside the step's first collective, and CPU
+    collectives (gloo) give up after 30 s. Once per program, never per step."""
+
+    def __init__(self, jit_step: Callable, timeout_s: float = 3600.0):
+        self.jit_step = jit_step
+        self.compiled: dict[Any, Any] = {}
+        self.timeout_ms = int(timeout_s * 1000)
+
+    def __call__(self, state: Any, batch: Mapping[str, Any]):
+        if jax.process_count() == 1:
+            return self.jit_step(state, batch)
+        key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+        exe = self.compiled.get(key)
+        if exe is None:
+            from jax._src import distributed
+
+            exe = self.jit_step.lower(state, batch).compile()
+            barrier = f"gte_jax/step_compiled/{len(self.compiled)}"
+            distributed.global_state.client.wait_at_barrier(barrier, self.timeout_ms)
+            self.compiled[key] = exe
+        return exe(state, batch)
+
+    @property
+    def programs(self) -> int | None:
+        return len(self.compiled) if self.compiled else _cache_size(self.jit_step)
+
+
 def _cache_size(fn: Any) -> int | None:
     """How many programs a jitted function compiled (None where JAX does not say)."""
     size = getattr(fn, "_cache_size", None)
@@ -830,15 +881,10 @@ def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     """Runs one stage to its last step (resuming from ``workdir`` if it holds checkpoints) and
     returns the run summary; a stage that already finished is not run again."""
     from gte_jax.checkpoint import absolute_path
-    from gte_jax.data import batching
 
     workdir = absolute_path(workdir)
-    mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.model))
+    mesh = run_mesh(config)
     num_chunks = check_config(config, mesh)
-    batch_size = int(config.train.batch_size)
-    expected = shd.process_batch_slice(mesh, batch_size)
-    if expected != batching.process_slice(batch_size, jax.process_index(), jax.process_count()):
-        raise TrainingError("this process's devices do not hold its slice of the batch")
     st = _setup_stage(config, workdir, mesh, num_chunks)
     if isinstance(st, dict):
         return st
@@ -857,13 +903,14 @@ class _Loop:
         from gte_jax.metrics import MetricWriter
 
         self.st = st
+        self.runner = StepRunner(st.jit_step)
         tcfg = st.config.train
         self.is_main = jax.process_index() == 0
         self.writer = MetricWriter(st.workdir / "logs", enabled=self.is_main)
         self.evaluator = Evaluator(
             st.config.eval, st.workdir, st.model_fn, st.tokenizer, st.info, self.writer
         )
-        self.preempt = PreemptionFlag()
+        self.preempt = PreemptionFlag(fallback_every=max(1, int(tcfg.log_every)))
         self.max_bad = int(tcfg.max_consecutive_nonfinite)
         self.tracker = hooks_lib.new_tracker()
         self.timer = StageTimer()
@@ -871,6 +918,7 @@ class _Loop:
         self.step = st.start_step
         self.seconds = 0.0
         self.stopped = False
+        self.interrupted: str | None = None  # the signal that stopped the run early, if any
         self.progress = None
         if self.is_main and bool(tcfg.progress_bar):
             from tqdm import tqdm
@@ -896,18 +944,20 @@ class _Loop:
         if self.evaluator.enabled and st.config.eval.at_start and self.step == 0:
             self.evaluator(0, full_params(st.model_fn, st.state))
         self.preempt.install()
+        layout = st.iterator.layout
+        blocks = layout.num_blocks  # local rows -> global rows
         t0 = time.perf_counter()
         try:
             with frozen_heap():  # the start-up heap, out of the GC's way
                 while self.step < st.total_steps and not self.stopped:
                     t_host = time.perf_counter()
                     local = next(st.iterator)
-                    batch = shd.global_batch(local, st.mesh)
+                    batch = shd.global_batch(local, st.mesh, layout)
                     self.timer.add_batch(local, time.perf_counter() - t_host)
-                    st.state, metrics = st.jit_step(st.state, batch)
+                    st.state, metrics = self.runner(st.state, batch)
                     self.tracker = hooks_lib.track_finite(self.tracker, metrics)
                     self.step += 1
-                    self.examples += int(local["valid"].shape[0]) * jax.process_count()
+                    self.examples += int(local["valid"].shape[0]) // layout.groups * blocks
                     ctx = hooks_lib.StepContext(
                         self.step, st.total_steps, st.state, metrics,
                         time.perf_counter() - t0, self.examples,
@@ -954,14 +1004,14 @@ class _Loop:
                 acc=f"{m.get('accuracy', float('nan')):.3f}",
                 ex_s=f"{ctx.examples / max(ctx.elapsed, 1e-9):.1f}",
                 host=f"{100 * self.timer.host_seconds / max(ctx.elapsed, 1e-9):.0f}%",
-                programs=_cache_size(self.st.jit_step),
+                programs=self.runner.programs,
             )
 
     def _evaluate(self, ctx: hooks_lib.StepContext) -> None:
         self.evaluator(ctx.step, full_params(self.st.model_fn, ctx.state))
 
     def _checkpoint_and_preemption(self, ctx: hooks_lib.StepContext) -> None:
-        stop = _preempted(self.preempt)
+        stop = self.preempt.due(ctx.step)
         self.st.ckpt.save(
             ctx.step,
             checkpointed(ctx.state),
@@ -970,9 +1020,11 @@ class _Loop:
         )
         if stop:
             log.warning(
-                "stopped by SIGTERM at step %d; rerun with the same --workdir to resume", ctx.step
-            )
+                "stopped by %s at step %d; rerun with the same --workdir to resume",
+                self.preempt.reason or "SIGTERM", ctx.step,
+            )  # fmt: skip
             self.stopped = True
+            self.interrupted = self.preempt.reason
 
     def finish(self) -> dict[str, Any]:
         """The summary (summary.json), the model card (card.json) and the export of a finished
@@ -1006,11 +1058,12 @@ class _Loop:
             "compute_dtype": compute_dtype(st.config.model.dtype).name,
             # Where the time went (compile / host / device) and padding (processed per real token).
             "timing": {
-                **self.timer.report(self.seconds, _cache_size(st.jit_step)),
+                **self.timer.report(self.seconds, self.runner.programs),
                 # Tokens per packed row at the end of the run (data.packing_row_length).
                 **({"packed_row_length": dict(st.iterator.row_length)} if packed else {}),
             },
             "completed": completed,
+            **({"stopped_by": self.interrupted} if self.stopped and not completed else {}),
             "eval_at_start": self.evaluator.first,
             "eval": self.evaluator.last,
             "best": self.evaluator.best_summary(),
@@ -1107,16 +1160,6 @@ class Evaluator:
         if self.best is None:
             return None
         return {"step": self.best[0], "metric": self.metric, "value": self.best[1]}
-
-
-def _preempted(flag) -> bool:
-    """The local SIGTERM flag, agreed across processes (any one preempted stops them all)."""
-    local = flag.is_set()
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(local))).max())
 
 
 def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:

@@ -100,7 +100,8 @@ def test_make_mesh_shapes_and_errors():
         except ValueError:
             continue
         raise AssertionError(f"make_mesh({bad}) should raise")
-    assert sharding.process_batch_slice(mesh, 64) == slice(0, 64)
+    layout = sharding.BatchLayout.of_mesh(mesh)
+    assert layout.blocks == tuple(range(8)) and layout.rows(64).tolist() == list(range(64))
 
 
 def test_data_parallel_step_on_8_devices_equals_1_device():
@@ -218,8 +219,8 @@ def _worker(out_dir: str) -> None:
 
     mesh = sharding.make_mesh()
     params, batch = make_problem()
-    rows = sharding.process_batch_slice(mesh, N)
-    slices = multihost_utils.process_allgather(np.array([rows.start, rows.stop]))
+    rows = sharding.BatchLayout.of_mesh(mesh).rows(N)
+    slices = multihost_utils.process_allgather(np.array([rows[0], rows[-1] + 1]))
     local = {k: v[rows] for k, v in batch.items()}
     g_batch = sharding.global_batch(local, mesh)
     assert g_batch["query_x"].shape == (N, FEATURES)

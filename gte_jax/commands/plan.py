@@ -54,6 +54,23 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. 1,2: compile the step at these depths and extrapolate the memory linearly to "
         "the model's depth (a 7B model's unrolled compile needs more host memory than a laptop)",
     )
+    parser.add_argument(
+        "--no-compile",
+        "--no_compile",
+        dest="compile",
+        action="store_false",
+        help="only train's start-up checks for every host of the topology (the mesh, each host's "
+        "rows of the batch, the config's settings) and the analytic figures: seconds, no compile",
+    )
+    parser.add_argument(
+        "--num-slices",
+        "--num_slices",
+        dest="num_slices",
+        type=int,
+        default=None,
+        help="multislice: this many slices of --topology joined by DCN (default: mesh.slices); "
+        "the report adds the DCN bytes per step",
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -79,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 mfu=args.mfu,
                 stages=stages,
                 layers=layers or None,
+                compile=args.compile,
+                num_slices=args.num_slices,
             )
             print(json.dumps(report, allow_nan=False), flush=True)
     except (PlanError, *USER_ERRORS) as e:

@@ -1,10 +1,13 @@
 """`gte-jax train`: run a config's stage(s) (``gte_jax.train``); exit 1 when the loss diverged, 2
-for a config or input that cannot work, 3 when a stage stopped early (SIGTERM)."""
+for a config or input that cannot work, 3 when a stage stopped early (SIGTERM: a checkpoint was
+saved), 130 on Ctrl-C (SIGINT: a checkpoint was saved at the next step, unless training had not
+started)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from gte_jax.commands.common import USER_ERRORS, error, setup_logging
 from gte_jax.train import TrainingDiverged, TrainingError, json_safe, run
@@ -59,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         summaries = run(config, args.workdir)
+    except KeyboardInterrupt:  # Ctrl-C before the loop (or a second one): nothing half-done
+        print(
+            "gte-jax train: interrupted (Ctrl-C) before a checkpoint of this start; rerun the "
+            "same command to resume from the newest checkpoint, if any",
+            file=sys.stderr,
+        )
+        return 130
     except TrainingDiverged as e:  # the run itself failed: exit 1
         error("gte-jax train", e)
         return 1
@@ -75,4 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             if extra in s:
                 line[extra] = s[extra]
         print(json.dumps(json_safe(line), allow_nan=False))
-    return 0 if all(s["completed"] for s in summaries) else 3
+    stopped = [s for s in summaries if not s["completed"]]
+    if stopped and stopped[-1].get("stopped_by") == "SIGINT":
+        print(
+            f"gte-jax train: interrupted (Ctrl-C) at step {stopped[-1]['steps']}: checkpoint "
+            f"saved; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    return 0 if not stopped else 3

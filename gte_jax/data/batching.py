@@ -2,7 +2,9 @@
 
 Division of labour over processes: every process fetches the *texts* of the whole global batch
 (cheap; needed so text ids are exact over the global batch), but tokenises and materialises only
-its contiguous slice ``[p * B/P, (p + 1) * B/P)``. The padded length must be the same everywhere,
+its own rows: the blocks of the mesh's ``"data"`` axis its devices hold
+(:class:`~gte_jax.data.layout.BatchLayout`; on a multi-host TPU slice those blocks are scattered
+over the axis, e.g. hosts 0,1,2,3,0,1,2,3,... on a v4-32). The padded length must be the same everywhere,
 so the processes agree on the longest tokenised length with one tiny all-gather of two int32s per
 batch (``agree_lengths``; a no-op for one process) and pad to the smallest bucket that holds it.
 The alternative rule without communication -- every process tokenises the whole global batch
@@ -15,12 +17,14 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from gte_jax.data.layout import BatchLayout
 from gte_jax.data.mixture import MixtureSampler
 from gte_jax.data.mntp import MntpMasking, label_rows
 from gte_jax.data.sources import PairRecord, Source
@@ -68,15 +72,8 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
 
 
-def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    """The contiguous rows of the global batch that ``process_index`` materialises."""
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by process_count "
-            f"{process_count}: choose a batch size that is a multiple of the process count"
-        )
-    per = global_batch_size // process_count
-    return slice(process_index * per, (process_index + 1) * per)
+def _take(items: Sequence[Any], rows: np.ndarray) -> list[Any]:
+    return [items[i] for i in rows]
 
 
 def assign_text_ids(
@@ -200,19 +197,21 @@ def _tokenize(tokenizer, prefixes: Sequence[str], texts: Sequence[str], max_leng
 def tokenize_slice(
     plan: GlobalBatchPlan,
     tokenizer,
-    rows: slice,
+    rows: np.ndarray,
     *,
     query_max_length: int,
     doc_max_length: int,
     prompt_lengths: PromptLengths | None = None,
 ) -> TokenizedSlice:
-    """Tokenises this process's rows of ``plan``; with ``prompt_lengths`` (``include_prompt`` is
-    False) every role also gets pool masks without its prompt's tokens (:mod:`gte_jax.prompts`)."""
-    q_pre, q_txt = plan.query_prefixes[rows], plan.queries[rows]
+    """Tokenises this process's rows of ``plan`` (global row indices, in local order); with
+    ``prompt_lengths`` (``include_prompt`` is False) every role also gets pool masks without its
+    prompt's tokens (:mod:`gte_jax.prompts`)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    q_pre, q_txt = _take(plan.query_prefixes, rows), _take(plan.queries, rows)
     q_ids = _tokenize(tokenizer, q_pre, q_txt, query_max_length)
-    d_pre = plan.doc_prefixes[rows]
-    d_ids = _tokenize(tokenizer, d_pre, plan.docs[rows], doc_max_length)
-    negs = plan.negatives[rows]
+    d_pre = _take(plan.doc_prefixes, rows)
+    d_ids = _tokenize(tokenizer, d_pre, _take(plan.docs, rows), doc_max_length)
+    negs = _take(plan.negatives, rows)
     flat_negs = [t for row in negs for t in row]
     flat_pre = [p for p, row in zip(d_pre, negs, strict=True) for _ in row]
     n_ids = _tokenize(tokenizer, flat_pre, flat_negs, doc_max_length) if flat_negs else []
@@ -428,19 +427,18 @@ def materialize_packed(
     pad_id: int,
     num_negatives: int,
     row_multiple: int = 1,
-    process_index: int = 0,
-    groups: int = 1,
+    layout: BatchLayout | None = None,
     agree_rows: Callable[[np.ndarray], np.ndarray] = lambda x: x,
     chunks: int = 1,
-    process_count: int = 1,
     row_floor: MutableMapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The process-local batch with every role packed (docs/design.md, "Packed batches").
 
-    The process's examples are split into ``groups`` contiguous blocks, one per local device on
-    the data axis, and each block is packed into its own rows: a device's rows hold exactly its
-    examples, so the global layout (and the dropout masks drawn on it) depends on the number of
-    data devices only, not on how they are spread over processes. Row counts per device are
+    The process's examples are split into its ``layout.groups`` blocks, one per device of the
+    data axis it holds (``layout.blocks``: their places on the axis), and each block is packed into
+    its own rows: a device's rows hold exactly its examples, so the global layout (and the
+    dropout masks drawn on it) depends on the number of data devices only, not on how they are
+    spread over processes. Row counts per device are
     agreed over devices and processes (max) and rounded up to ``row_multiple``, so every device
     holds the same [R, L] shapes.
 
@@ -450,12 +448,14 @@ def materialize_packed(
     ``row_floor`` (one chunk): rows per device at least ``row_floor[key]``, raised to what this
     batch used (shapes only grow: ``PairBatchIterator.prime_row_floor``).
     """
+    layout = layout or BatchLayout((0,), 1)
     if chunks > 1:
         return _materialize_packed_chunked(
             plan, tok, query_length=query_length, doc_length=doc_length, pad_id=pad_id,
-            num_negatives=num_negatives, row_multiple=row_multiple, process_index=process_index,
-            groups=groups, agree_rows=agree_rows, chunks=chunks, process_count=process_count,
+            num_negatives=num_negatives, row_multiple=row_multiple, layout=layout,
+            agree_rows=agree_rows, chunks=chunks,
         )  # fmt: skip
+    groups = layout.groups
     b = len(tok.query_ids)
     if b % groups:
         raise ValueError(f"{b} examples do not split over {groups} local devices")
@@ -484,7 +484,7 @@ def materialize_packed(
                 num_rows=num_rows,
                 length=length,
                 pad_id=pad_id,
-                slot_offset=(process_index * groups + g) * num_rows * length,
+                slot_offset=layout.blocks[g] * num_rows * length,
                 pool=None if pool is None else texts_of(pool, blk),
             )
             for g, (blk, rows) in enumerate(zip(blocks, per_block, strict=True))
@@ -572,9 +572,10 @@ def _role_specs(tok: TokenizedSlice, query_length: int, doc_length: int, num_neg
 
 
 def _materialize_packed_chunked(
-    plan, tok, *, query_length, doc_length, pad_id, num_negatives, row_multiple, process_index,
-    groups, agree_rows, chunks, process_count,
+    plan, tok, *, query_length, doc_length, pad_id, num_negatives, row_multiple, layout,
+    agree_rows, chunks,
 ) -> dict[str, np.ndarray]:  # fmt: skip
+    groups = layout.groups
     b = len(tok.query_ids)
     if b % (groups * chunks):
         raise ValueError(f"{b} examples do not split over {groups} devices x {chunks} chunks")
@@ -604,7 +605,6 @@ def _materialize_packed_chunked(
             np.int32,
         )
     )
-    num_devices = groups * process_count
     out = {}
     for (role, texts, length, pool), lay, (c, r), s in zip(
         roles, layouts, plans, slots, strict=True
@@ -618,8 +618,8 @@ def _materialize_packed_chunked(
                 slots_per_chunk=round_up(int(s), row_multiple),
                 length=length,
                 pad_id=pad_id,
-                device=process_index * groups + g,
-                num_devices=num_devices,
+                device=layout.blocks[g],
+                num_devices=layout.num_blocks,
                 pool=None if pool is None else texts_of(pool, blk),
             )
             for g, (blk, rows) in enumerate(zip(blocks, lay, strict=True))
@@ -631,11 +631,42 @@ def _materialize_packed_chunked(
     return _with_ids(out, plan, tok, num_negatives)
 
 
-def allgather_max(local: np.ndarray) -> np.ndarray:
-    """Element-wise max of ``local`` over all JAX processes (one small collective)."""
-    from jax.experimental import multihost_utils
+_AGREEMENTS = itertools.count()  # one key prefix per agreement; every process counts alike
 
-    return np.asarray(multihost_utils.process_allgather(local)).max(axis=0)
+
+class HostAllGatherMax:
+    """Element-wise max of a small int32 array over all JAX processes, on the host only: through
+    ``jax.distributed``'s coordination service (each process sets its key, one barrier, one read
+    of the round's keys), never a device program. Why not ``multihost_utils.process_allgather``:
+    that runs a collective on the devices, which would take turns with the train step, and from a
+    prefetch thread could be enqueued in a different order on different hosts. Every process must
+    call it the same number of times (the iterator agrees once per batch, in step order)."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        import jax
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client  # None: one JAX process, nothing to agree
+        self.process, self.processes = jax.process_index(), jax.process_count()
+        self.prefix = f"gte_jax/agree/{next(_AGREEMENTS)}"
+        self.round = 0
+        self.timeout_ms = int(timeout_s * 1000)
+
+    def __call__(self, local: np.ndarray) -> np.ndarray:
+        local = np.ascontiguousarray(local, dtype=np.int32)
+        if self.client is None:
+            return local
+        key = f"{self.prefix}/{self.round}"
+        self.client.key_value_set_bytes(f"{key}/{self.process}", local.tobytes())
+        self.client.wait_at_barrier(f"{key}/all", self.timeout_ms)
+        got = self.client.key_value_dir_get_bytes(key)
+        if len(got) != self.processes:
+            raise RuntimeError(f"agreement {key}: {len(got)} of {self.processes} processes")
+        out = np.max([np.frombuffer(v, dtype=np.int32).reshape(local.shape) for _, v in got], 0)
+        if self.round:  # every process has read the previous round once all set this one
+            self.client.key_value_delete(f"{self.prefix}/{self.round - 1}/{self.process}")
+        self.round += 1
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,7 +682,9 @@ class PairBatchIterator:
       global_batch_size: examples per global batch (per-source override: ``options.batch_size``).
       seed, alpha, mixed, weights: see :class:`~gte_jax.data.mixture.MixtureSampler`.
       query_max_length, doc_max_length: token budgets (special tokens and prefix included).
-      process_index, process_count: this process's slice of each global batch.
+      layout: this process's rows of each global batch (:class:`BatchLayout`, read off the
+        mesh); default ``BatchLayout.contiguous(process_index, process_count, pack_groups)``.
+      process_index, process_count: without ``layout``, process p of P holds the p-th block.
       min_bucket, bucket_multiple: padded lengths are :func:`bucket_lengths` (powers of two, or
         multiples of ``bucket_multiple`` when > 0).
       packing: pack several texts per row (:func:`materialize_packed`) instead of one text per
@@ -663,11 +696,12 @@ class PairBatchIterator:
         to the data by :meth:`PairBatchIterator.prime_row_floor` (:func:`fit_row_length` of the
         longest primed text; the max length until then). k > 0: ``min(k, max length)``. A batch
         with a longer text switches the run to rows of the max lengths (one more shape).
-      pack_groups: the process's devices on the data axis; each packs its own examples.
+      pack_groups: without ``layout``, the process's devices on the data axis; each packs its own
+        examples.
       pack_chunks: the run's GradCache chunks (``batch_size / gradcache_chunk_size``); > 1 with
         packing gives the chunked packed layout (docs/design.md, "Packing with GradCache").
       agree_lengths: ``[n] int32 -> [n] int32`` max over processes (lengths, or row counts); default: identity for one
-        process, :func:`allgather_max` otherwise.
+        process, :class:`HostAllGatherMax` otherwise.
       include_prompt: the model's ``include_prompt``; False: prompt tokens (prefixes,
         instructions) are not pooled, by :mod:`gte_jax.prompts`' rule.
       mntp: MNTP masking (:mod:`gte_jax.data.mntp`): the query role's tokens are masked (a pure
@@ -700,6 +734,7 @@ class PairBatchIterator:
         agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None,
         include_prompt: bool = True,
         mntp: MntpMasking | None = None,
+        layout: BatchLayout | None = None,
     ):
         self.sources = {s.name: s for s in sources}
         if len(self.sources) != len(sources):
@@ -709,11 +744,14 @@ class PairBatchIterator:
         # Padded (not packed) rows pad on the tokenizer's side (gte_jax.prompts.configure_tokenizer).
         self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
         self.process_index, self.process_count = process_index, process_count
+        if layout is None:
+            layout = BatchLayout.contiguous(process_index, process_count, int(pack_groups))
+        self.layout = layout
         self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
         self.query_buckets = bucket_lengths(query_max_length, min_bucket, bucket_multiple)
         self.doc_buckets = bucket_lengths(doc_max_length, min_bucket, bucket_multiple)
         self.packing, self.pack_row_multiple = bool(packing), int(pack_row_multiple)
-        self.pack_groups, self.pack_chunks = int(pack_groups), int(pack_chunks)
+        self.pack_groups, self.pack_chunks = layout.groups, int(pack_chunks)
         if self.pack_row_multiple < 1:
             raise ValueError(f"pack_row_multiple must be >= 1, got {pack_row_multiple}")
         if mntp is not None and self.packing and self.pack_chunks > 1:
@@ -731,7 +769,7 @@ class PairBatchIterator:
             weights=weights,
         )
         for bs in self.sampler.batch_sizes:
-            process_slice(bs, process_index, process_count)  # divisibility check
+            layout.block_rows(bs)  # divisibility check
         ks = {s.name: s.num_negatives for s in sources}
         if mixed and len(set(ks.values())) > 1:
             # One batch holds every source: K is the largest, the others' rows are padded with
@@ -748,7 +786,7 @@ class PairBatchIterator:
                     self.prompt_lengths(s.options.query_prompt(query))
                     self.prompt_lengths(s.options.doc_prompt(doc))
         if agree_lengths is None:
-            agree_lengths = allgather_max if process_count > 1 else (lambda x: x)
+            agree_lengths = HostAllGatherMax() if process_count > 1 else (lambda x: x)
         self.agree_lengths = agree_lengths
         # Packed rows per device and role only grow (saved with the sampler state, so a resumed
         # run packs as the uninterrupted one did): see prime_row_floor.
@@ -792,7 +830,7 @@ class PairBatchIterator:
             step = sampler.step
             drawn = sampler.next()
             plan = make_plan(step, drawn, self.sources, self.num_negatives[drawn[0][0]])
-            rows = process_slice(plan.size, self.process_index, self.process_count)
+            rows = self.layout.rows(plan.size)
             toks.append(
                 tokenize_slice(
                     plan,
@@ -844,8 +882,8 @@ class PairBatchIterator:
         return make_plan(step, drawn, self.sources, k)
 
     def materialize(self, plan: GlobalBatchPlan) -> dict[str, np.ndarray]:
-        """Tokenises this process's slice of ``plan`` and pads it to the agreed buckets."""
-        rows = process_slice(plan.size, self.process_index, self.process_count)
+        """Tokenises this process's rows of ``plan`` and pads it to the agreed buckets."""
+        rows = self.layout.rows(plan.size)
         tok = tokenize_slice(
             plan,
             self.tokenizer,
@@ -856,9 +894,9 @@ class PairBatchIterator:
         )
         if self.mntp is None:
             return self._layout(plan, tok)
-        tok.query_ids, labels = self.mntp(tok.query_ids, step=plan.step, first_example=rows.start)
+        tok.query_ids, labels = self.mntp(tok.query_ids, step=plan.step, examples=rows)
         batch = self._layout(plan, tok)
-        batch["query_labels"] = label_rows(batch, labels, "query", self.process_index)
+        batch["query_labels"] = label_rows(batch, labels, "query", self.layout)
         return batch
 
     def _layout(self, plan: GlobalBatchPlan, tok: TokenizedSlice) -> dict[str, np.ndarray]:
@@ -907,11 +945,9 @@ class PairBatchIterator:
             pad_id=self.pad_id,
             num_negatives=len(plan.negatives[0]),
             row_multiple=self.pack_row_multiple,
-            process_index=self.process_index,
-            groups=self.pack_groups,
+            layout=self.layout,
             agree_rows=self.agree_lengths,
             chunks=self.pack_chunks,
-            process_count=self.process_count,
             row_floor=self.row_floor,
         )
 

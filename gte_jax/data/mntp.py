@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gte_jax.data.layout import BatchLayout
 from gte_jax.errors import ConfigError
 
 IGNORE = -100  # label of a position without a loss term (torch's ignore_index)
@@ -81,11 +82,21 @@ class MntpMasking:
             out[swap] = random_ids[swap]
         return out.tolist(), labels.tolist()
 
-    def __call__(self, texts: Sequence[Sequence[int]], *, step: int, first_example: int = 0):
-        """(masked ids, labels) for consecutive texts of a global batch: text i is example
-        ``first_example + i`` (a process's slice starts at its first row)."""
+    def __call__(
+        self,
+        texts: Sequence[Sequence[int]],
+        *,
+        step: int,
+        first_example: int = 0,
+        examples: Sequence[int] | None = None,
+    ):
+        """(masked ids, labels) for texts of a global batch: text i is example ``examples[i]``
+        (a process's rows of the batch), or ``first_example + i`` without ``examples``."""
+        if examples is None:
+            examples = range(first_example, first_example + len(texts))
         pairs = [
-            self.mask_text(ids, step=step, example=first_example + i) for i, ids in enumerate(texts)
+            self.mask_text(ids, step=step, example=int(e))
+            for ids, e in zip(texts, examples, strict=True)
         ]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -128,12 +139,12 @@ def label_rows(
     batch: dict[str, np.ndarray],
     labels: Sequence[Sequence[int]],
     role: str = "query",
-    process_index: int = 0,
+    layout: BatchLayout | None = None,
 ) -> np.ndarray:
-    """Per-text labels laid out like ``role``'s tokens in process ``process_index``'s ``batch``:
-    padded rows (text i in row i from column 0) or packed rows (text i in the segment its global
-    ``slot_index`` names); ``IGNORE`` on pads. [rows, L] int32, the shape of
-    ``<role>_input_ids``."""
+    """Per-text labels laid out like ``role``'s tokens in the process's ``batch`` (its
+    ``layout``'s blocks; default one block): padded rows (text i in row i from column 0) or
+    packed rows (text i in the segment its global ``slot_index`` names); ``IGNORE`` on pads.
+    [rows, L] int32, the shape of ``<role>_input_ids``."""
     ids = batch[f"{role}_input_ids"]
     if ids.ndim != 2:
         raise ValueError(
@@ -147,12 +158,16 @@ def label_rows(
             out[i, : len(lab)] = lab
         return out
     rows, length = ids.shape
-    first_row = process_index * rows  # slot indices count rows over all processes
+    layout = layout or BatchLayout((0,), 1)
+    per_block = rows // layout.groups
+    where = {b: i for i, b in enumerate(layout.blocks)}
     segments = batch[f"{role}_segment_ids"]
     for lab, slot in zip(labels, slots, strict=True):
-        r, s = divmod(int(slot), length)
-        cols = np.flatnonzero(segments[r - first_row] == s + 1)
+        r, s = divmod(int(slot), length)  # slot indices count rows over all data blocks
+        block, within = divmod(r, per_block)
+        local = where[block] * per_block + within
+        cols = np.flatnonzero(segments[local] == s + 1)
         if len(cols) != len(lab):
             raise ValueError(f"text at slot {slot} has {len(cols)} tokens, {len(lab)} labels")
-        out[r - first_row, cols] = lab
+        out[local, cols] = lab
     return out

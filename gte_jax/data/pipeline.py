@@ -43,6 +43,7 @@ from typing import Any
 import ml_collections
 
 from gte_jax.data.batching import PairBatchIterator
+from gte_jax.data.layout import BatchLayout
 from gte_jax.data.sources import (
     SOURCE_KINDS,
     FieldMap,
@@ -250,12 +251,14 @@ def build_iterator(
     process_index: int = 0,
     process_count: int = 1,
     local_data_devices: int = 1,
+    layout: BatchLayout | None = None,
     **kwargs: Any,
 ) -> PairBatchIterator:
     """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`).
 
-    ``local_data_devices``: this process's devices on the mesh's data axis (with packing, each
-    packs its own examples into its own rows)."""
+    ``layout``: this process's rows of every batch (``BatchLayout.of_mesh``); without it, process
+    p holds the p-th of ``process_count`` blocks of ``local_data_devices`` devices each (with
+    packing, each device packs its own examples into its own rows)."""
     return PairBatchIterator(
         sources if sources is not None else build_sources(data),
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
@@ -273,5 +276,6 @@ def build_iterator(
         pack_groups=int(local_data_devices),
         process_index=process_index,
         process_count=process_count,
+        layout=layout,
         **kwargs,
     )
