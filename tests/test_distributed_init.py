@@ -112,6 +112,7 @@ def started(calls) -> tuple[str, int, int]:
          ["10.130.0.2", "10.130.0.3", "10.130.0.4", "10.130.0.5"]),
         ("10.130.0.7,10.130.0.8", ["10.130.0.7", "10.130.0.8"]),
     ],
+    ids=["name_id_ip", "addresses"],
 )  # fmt: skip
 def test_distributed_init_gcloud_tpu_vm_metadata_server(tpu_vm, recorder, endpoints, ips):
     """`gcloud compute tpus tpu-vm ssh --worker=all` sets no env var: id, count and worker 0's
