@@ -360,14 +360,63 @@ def state_shardings(abstract_state: Any, mesh: Mesh, sharding_cfg: Any) -> Any:
     )
 
 
-def _cluster_detected() -> bool:
-    """True on a multi-host TPU slice, a multi-task SLURM job or an Open MPI launch."""
-    env = os.environ
-    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return True
-    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) > 1:
-        return True
-    return int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+# jax.distributed.initialize's default: how long a launcher's coordinator may take to appear.
+COORDINATOR_TIMEOUT_S = 300
+
+
+def launcher_environment() -> Any:
+    """The launcher JAX's own cluster detection finds here (``jax._src.clusters``, the list and
+    order ``jax.distributed.initialize()`` uses): Open MPI, SLURM, a GKE TPU slice
+    (``TPU_WORKER_HOSTNAMES``), a gcloud TPU VM (the GCE metadata server), Kubernetes; None
+    outside one.
+
+    The metadata server is asked only on a Cloud TPU VM: JAX sets ``running_in_cloud_tpu_vm`` at
+    import from the TPU chips on the PCI bus (and ``TPU_SKIP_MDS_QUERY`` when there are none), so
+    a laptop or CI machine, libtpu installed or not, sends no request. Opt-in methods (mpi4py)
+    stay opt-in, as in JAX.
+    """
+    from jax._src import clusters
+
+    return next(
+        (
+            env
+            for env in clusters.ClusterEnv._cluster_types
+            if not env.opt_in_only_method and env.is_env_present()
+        ),
+        None,
+    )
+
+
+def _from_launcher(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> tuple[str | None, int | None, int | None, str]:
+    """Fills what the caller left unset from the launcher, if any, and names the source. The
+    count comes first, so a one-process launch resolves no coordinator (on a TPU VM that waits
+    for worker 0's DNS name)."""
+    launcher = None
+    try:
+        launcher = launcher_environment()
+        if launcher is None:
+            return coordinator_address, num_processes, process_id, "no launcher detected"
+        if num_processes is None:
+            num_processes = int(launcher.get_process_count())
+        if num_processes == 1:
+            return coordinator_address, 1, process_id, launcher.__name__
+        if process_id is None:
+            process_id = int(launcher.get_process_id())
+        if coordinator_address is None:
+            coordinator_address = launcher.get_coordinator_address(
+                timeout_secs=COORDINATOR_TIMEOUT_S,
+                override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT"),
+            )
+    except Exception as err:
+        where = "detecting the launcher" if launcher is None else f"reading {launcher.__name__}"
+        raise RuntimeError(
+            f"jax.distributed: {where} failed ({err!r}); pass --coordinator_address, "
+            "--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+            "JAX_PROCESS_ID; JAX_NUM_PROCESSES=1 for one process) to start without it"
+        ) from err
+    return coordinator_address, num_processes, process_id, launcher.__name__
 
 
 def initialize_distributed(
@@ -378,9 +427,13 @@ def initialize_distributed(
     """Starts ``jax.distributed`` when more than one process takes part; returns whether it did.
 
     Arguments win over the env vars ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``. With neither count nor id, a TPU pod / SLURM / Open MPI launch is detected
-    and ``jax.distributed.initialize()`` discovers the rest itself (the coordinator too, unless
-    given); otherwise (one process) this is a no-op. Call it before anything touches the devices.
+    ``JAX_PROCESS_ID``; what both leave unset comes from the launcher
+    (:func:`launcher_environment`: gcloud TPU VM, GKE, multislice, SLURM, Open MPI), so
+    ``launch/slurm_gpu.sbatch`` may name only the coordinator. The process count is settled
+    first: one process (a single-host TPU VM, a one-task SLURM job, a plain machine) is a no-op.
+    ``jax.distributed.initialize`` then gets all three values and, as without them, picks the
+    local devices itself (``JAX_LOCAL_DEVICE_IDS``, else one GPU per SLURM / Open MPI task).
+    Call it before anything touches the devices.
     """
     if jax.distributed.is_initialized():
         return True
@@ -391,30 +444,27 @@ def initialize_distributed(
     if process_id is None and env.get("JAX_PROCESS_ID"):
         process_id = int(env["JAX_PROCESS_ID"])
 
-    if num_processes is None and process_id is None and _cluster_detected():
-        # The scheduler gives the process count and id; a coordinator address, when given,
-        # replaces the one JAX derives (launch/slurm_gpu.sbatch sets it from `scontrol`).
-        logger.info(
-            "cluster environment detected; jax.distributed.initialize(%s) auto-configures",
-            coordinator_address or "",
+    source = "arguments / JAX_* env vars"
+    if num_processes != 1 and None in (coordinator_address, num_processes, process_id):
+        coordinator_address, num_processes, process_id, source = _from_launcher(
+            coordinator_address, num_processes, process_id
         )
-        jax.distributed.initialize(coordinator_address)
-        return True
-    if coordinator_address is None and num_processes is None and process_id is None:
-        return False
-    if num_processes == 1:
+    if num_processes == 1 or (coordinator_address, num_processes, process_id) == (None,) * 3:
+        logger.info("one process (%s): jax.distributed not started", source)
         return False
     if coordinator_address is None or num_processes is None or process_id is None:
         raise ValueError(
             "multi-process start needs coordinator_address, num_processes and process_id "
-            "(arguments or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); got "
+            "(arguments or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) or a "
+            "launcher JAX detects (TPU VM, GKE, SLURM, Open MPI); got "
             f"{coordinator_address!r}, {num_processes!r}, {process_id!r}"
         )
     logger.info(
-        "jax.distributed: process %d of %d, coordinator %s",
+        "jax.distributed: process %d of %d, coordinator %s (from %s)",
         process_id,
         num_processes,
         coordinator_address,
+        source,
     )
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True

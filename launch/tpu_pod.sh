@@ -3,7 +3,8 @@
 #
 # One script, a few steps run in the order given: create (or reuse) the TPU, install gte-jax on
 # every worker, start `gte-jax train` on every worker, follow the logs, delete the TPU.
-# `--dry-run` prints each command, shell-quoted, one per line, instead of running it.
+# `--dry-run` prints each command, shell-quoted, one per line, instead of running it, and as
+# `# worker ...` lines the command and environment every worker runs.
 # Run `launch/tpu_pod.sh --help` for the flags.
 set -euo pipefail
 
@@ -13,6 +14,8 @@ readonly REPO_DIR
 readonly REMOTE_SRC=gte-jax          # source checkout (tarball install) and uploaded configs
 readonly REMOTE_VENV=gte-jax-venv    # virtualenv: keeps clear of the image's system Python
 readonly REMOTE_RUN=gte-jax-run      # train.log and train.pid of the current run
+# TPU JAX, and gcsfs for the gs:// workdir (and gs:// models) a multi-host slice needs.
+readonly EXTRAS=tpu,gcs
 
 usage() {
   cat <<'EOF'
@@ -48,7 +51,8 @@ Flags:
   --workdir DIR             checkpoints and metrics; must be gs://... for a multi-host slice
   --env KEY=VALUE           environment variable for the training process (repeatable)
   --worker N|all            worker(s) whose log `logs` follows (default 0)
-  --dry-run                 print the commands instead of running them
+  --dry-run                 print the commands instead of running them, and what every
+                            worker runs (command and environment)
   -h, --help                this help
   -- ARGS...                passed to `gte-jax train` unchanged,
                             e.g. -- --config.train.learning_rate=1e-4
@@ -165,12 +169,26 @@ default_version() {
   esac
 }
 
-# A slice spans several hosts when its size suffix exceeds 8: v2/v3/v4/v5p count TensorCores
-# (8 per host), v5e/v6e count chips (up to 8 on a single-host VM, 4 per host in a pod).
-is_multi_host() {
+# Hosts of a slice (nothing when the type has no size suffix). A slice spans several hosts when
+# its size exceeds 8: v2/v3/v4/v5p count TensorCores (8 per host), v5e/v6e count chips (up to 8 on
+# a single-host VM, 4 per host in a pod).
+num_hosts() {
   local size=${1##*-}
   [[ $size =~ ^[0-9]+$ ]] || return 0
-  ((size > 8))
+  if ((size <= 8)); then
+    echo 1
+  else
+    case $1 in
+      v5litepod-* | v5e-* | v6e-*) echo $((size / 4)) ;;
+      *) echo $((size / 8)) ;;
+    esac
+  fi
+}
+
+is_multi_host() {
+  local hosts
+  hosts=$(num_hosts "$1")
+  [[ -z $hosts ]] || ((hosts > 1))
 }
 
 # ---------------------------------------------------------------------------- validation
@@ -276,7 +294,7 @@ step_install() {
   # shellcheck disable=SC2088  # ~ is expanded by the remote shell
   local pip="~/$REMOTE_VENV/bin/pip install -q"
   if [[ -n $GIT_URL ]]; then
-    ssh_workers all "set -e; $(venv_snippet) && $pip $(quote "gte-jax[tpu] @ git+$GIT_URL")"
+    ssh_workers all "set -e; $(venv_snippet) && $pip $(quote "gte-jax[$EXTRAS] @ git+$GIT_URL")"
     return
   fi
   # Ships what `git status` sees (tracked + untracked, minus ignored), so uncommitted edits run too.
@@ -289,7 +307,7 @@ step_install() {
   ssh_workers all "set -e; rm -rf ~/$REMOTE_SRC.new && mkdir -p ~/$REMOTE_SRC.new && \
 tar -xzf ~/gte-jax-src.tar.gz -C ~/$REMOTE_SRC.new && rm -rf ~/$REMOTE_SRC && \
 mv ~/$REMOTE_SRC.new ~/$REMOTE_SRC && rm -f ~/gte-jax-src.tar.gz && $(venv_snippet) && \
-$pip -e \"\$HOME/${REMOTE_SRC}[tpu]\""
+$pip -e \"\$HOME/${REMOTE_SRC}[$EXTRAS]\""
   run rm -f "$tarball"
 }
 
@@ -298,17 +316,37 @@ STOP_SNIPPET="if [ -f ~/$REMOTE_RUN/train.pid ]; then pid=\$(cat ~/$REMOTE_RUN/t
 kill \"\$pid\" 2>/dev/null || true; while kill -0 \"\$pid\" 2>/dev/null; do sleep 1; done; \
 rm -f ~/$REMOTE_RUN/train.pid; fi"
 
+# What the dry run says about the workers before the train command: how many, how they find
+# each other, the environment the training process gets.
+note_workers() {
+  local hosts env_list
+  hosts=$(num_hosts "$ACCELERATOR")
+  if [[ $hosts == 1 ]]; then
+    note "workers: 1 host ($ACCELERATOR), one process: jax.distributed is not started"
+  else
+    note "workers: each of the ${hosts:-N} hosts of $ACCELERATOR runs the worker command;" \
+      "jax.distributed takes its process id, the process count and worker 0's address (port 8482," \
+      "or JAX_COORDINATOR_PORT) from the TPU VM metadata server (agent-worker-number," \
+      "worker-network-endpoints)"
+  fi
+  env_list=$(quote_all "${TRAIN_ENV[@]+"${TRAIN_ENV[@]}"}")
+  note "worker env: ${env_list:-(the login environment only)}"
+}
+
 step_train() {
-  local config_dir env_prefix="" kv train_cmd
+  local config_dir env_prefix="" kv train_cmd worker_cmd
   config_dir=$(dirname "$REMOTE_CONFIG")
   ssh_workers all "$STOP_SNIPPET; mkdir -p ~/$REMOTE_RUN ~/$(quote "$REMOTE_SRC/$config_dir")"
   run "${TPU[@]}" scp "$CONFIG_FILE" "$NAME:$REMOTE_SRC/$REMOTE_CONFIG" "${GCLOUD_FLAGS[@]}" --worker=all
   for kv in "${TRAIN_ENV[@]+"${TRAIN_ENV[@]}"}"; do env_prefix+="export $(quote "$kv"); "; done
   train_cmd=$(quote_all train --config "$REMOTE_CONFIG_ARG" --workdir "$WORKDIR" \
     "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
-  # Same command on every worker; jax.distributed.initialize() finds its peers on a TPU VM.
-  ssh_workers all "cd ~/$REMOTE_SRC && ${env_prefix}nohup ~/$REMOTE_VENV/bin/gte-jax $train_cmd \
+  # Same command on every worker: no worker id on it, the metadata server tells each its own.
+  worker_cmd="cd ~/$REMOTE_SRC && ${env_prefix}nohup ~/$REMOTE_VENV/bin/gte-jax $train_cmd \
 > ~/$REMOTE_RUN/train.log 2>&1 < /dev/null & echo \$! > ~/$REMOTE_RUN/train.pid"
+  note_workers
+  note "worker command: $worker_cmd"
+  ssh_workers all "$worker_cmd"
   ((DRY_RUN)) || log "training started; follow it with: $0 --name $NAME --zone $ZONE logs"
 }
 

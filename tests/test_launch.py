@@ -32,6 +32,16 @@ def _lines_with(stdout: str, *pieces: str) -> list[str]:
     return [line for line in stdout.splitlines() if all(p in line for p in pieces)]
 
 
+def _worker_notes(stdout: str) -> dict[str, str]:
+    """The dry run's `# workers: ...`, `# worker env: ...`, `# worker command: ...` lines."""
+    notes = {}
+    for line in stdout.splitlines():
+        for key in ("workers", "worker env", "worker command"):
+            if line.startswith(f"# {key}: "):
+                notes[key.removeprefix("worker ")] = line[len(f"# {key}: ") :]
+    return notes
+
+
 @pytest.fixture
 def config_file(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "tiny.py"
@@ -70,7 +80,7 @@ def test_tpu_up_queued_spot(config_file: pathlib.Path):
         TPU_BASE
         + ["--project", "my-proj", "--accelerator-type", "v5litepod-64", "--queued", "--spot"]
         + ["--config", f"{config_file}:small", "--workdir", "gs://bucket/run1"]
-        + ["--env", "WANDB_MODE=offline", "up", "logs"]
+        + ["--env", "WANDB_MODE=offline", "--env", "GREETING=two words", "up", "logs"]
         + ["--", "--config.train.learning_rate=1e-4", "--config.name=two words"]
     )
     assert result.returncode == 0, result.stderr
@@ -95,7 +105,8 @@ def test_tpu_up_queued_spot(config_file: pathlib.Path):
     # Install ships a tarball of this checkout to every worker, then pip-installs it.
     assert _lines_with(out, "ls-files", "tar")
     assert _lines_with(out, "tpu-vm scp", "--worker=all")
-    assert _lines_with(out, "tpu-vm ssh gte-pod", "--worker=all", "pip install -q -e", "[tpu]")
+    # [gcs]: gcsfs, without which the gs:// workdir cannot be written.
+    assert _lines_with(out, "tpu-vm ssh gte-pod", "--worker=all", "pip install -q -e", "[tpu,gcs]")
 
     # The uploaded config keeps its ':arg'; the same train command runs on all workers.
     assert _lines_with(out, "tpu-vm scp", str(config_file), "gte-jax/launch_configs/tiny.py")
@@ -113,8 +124,17 @@ def test_tpu_up_queued_spot(config_file: pathlib.Path):
         "--config.train.learning_rate=1e-4",
         "--config.name=two words",
     ]
-    assert "nohup" in remote and "export" in remote and "WANDB_MODE=offline;" in remote
-    assert "~/gte-jax-run/train.log" in remote
+    assert "nohup" in remote and "~/gte-jax-run/train.log" in remote
+    assert [remote[j + 1] for j, w in enumerate(remote) if w == "export"] == [
+        "WANDB_MODE=offline;",
+        "GREETING=two words;",
+    ]
+    # The dry run spells out what each worker runs: the exact string ssh sends, and its env.
+    worker = _worker_notes(out)
+    assert worker["command"] == words[words.index("--command") + 1]
+    assert shlex.split(worker["env"]) == ["WANDB_MODE=offline", "GREETING=two words"]
+    assert "each of the 16 hosts of v5litepod-64" in worker["workers"]
+    assert "metadata server" in worker["workers"]
 
     assert _lines_with(out, "--worker=0", "tail", "train.log")
 
@@ -133,7 +153,7 @@ def test_tpu_plain_create_reuse_check_and_git_install():
     assert describe < create  # an existing TPU of that name is reused
     assert "--version tpu-ubuntu2204-base" in lines[create]
     assert _lines_with(
-        out, "--worker=all", "gte-jax[tpu] @ git+https://example.com/gte-jax.git@v0.1"
+        out, "--worker=all", "gte-jax[tpu,gcs] @ git+https://example.com/gte-jax.git@v0.1"
     )
     assert not _lines_with(out, "tar")
     assert _lines_with(out, "gcloud compute tpus tpu-vm delete gte-pod", "--quiet")
@@ -148,6 +168,11 @@ def test_tpu_config_inside_checkout_keeps_its_path():
     assert result.returncode == 0, result.stderr  # one host: a local workdir is fine
     assert _lines_with(result.stdout, "tpu-vm scp setup.cfg gte-pod:gte-jax/setup.cfg")
     assert _lines_with(result.stdout, "gte-jax train --config setup.cfg --workdir /tmp/run")
+    worker = _worker_notes(result.stdout)
+    assert worker["workers"].startswith("1 host (v5litepod-8)"), worker
+    assert "not started" in worker["workers"]
+    assert worker["env"] == "(the login environment only)"
+    assert worker["command"].startswith("cd ~/gte-jax && nohup ~/gte-jax-venv/bin/gte-jax train")
 
 
 def test_tpu_queued_delete_removes_the_queued_resource():
@@ -277,6 +302,7 @@ def test_tpu_real_run_against_gcloud_stub(gcloud_stub, config_file: pathlib.Path
     )
     assert result.returncode == 0, result.stderr
     assert "step 1 loss 3.21" in result.stdout  # the followed log
+    assert not _worker_notes(result.stdout)  # the worker notes are the dry run's
     result = _run(base + ["--project", "my-proj", "--queued", "delete"], env=env)
     assert result.returncode == 0, result.stderr
 
@@ -312,7 +338,7 @@ def test_tpu_real_run_against_gcloud_stub(gcloud_stub, config_file: pathlib.Path
     for argv in (install, stop, train_call):
         assert "--worker=all" in argv, argv
     assert "--worker=0" in logs and "tail" in logs[-1]
-    assert "pip install" in install[-1] and "[tpu]" in install[-1]
+    assert "pip install" in install[-1] and "[tpu,gcs]" in install[-1]
     remote = shlex.split(train_call[-1].replace(";", " ; "))
     i = remote.index("train")
     assert remote[i : i + 6] == [

@@ -172,7 +172,7 @@ def test_slurm_cluster_two_task_job_equals_one_process(
     assert state == "COMPLETED", f"{state}\n{log[-4000:]}\n{slurm_cluster.logs()}"
     # Two processes, set up from Slurm's environment (no --process_id etc. on the command line).
     assert "gte-jax: 2 processes on 1 nodes" in log
-    assert log.count("cluster environment detected") == 2, log[-4000:]
+    assert log.count("of 2, coordinator") == log.count("(from SlurmCluster)") == 2, log[-4000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == NUM_STEPS and summary["examples"] == 8 * NUM_STEPS
     step_a, a = _final_params(one_process)

@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
     except ConfigError as e:
         return error("gte-jax train", e)
-    shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    except ValueError as e:  # incomplete or inconsistent multi-process settings
+        return error("gte-jax train", e)
     try:
         summaries = run(config, args.workdir)
     except KeyboardInterrupt:  # Ctrl-C before the loop (or a second one): nothing half-done
