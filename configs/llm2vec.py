@@ -18,7 +18,11 @@ trains a fresh LoRA on the merged weights of the last: the release's ``merge_pef
 3. ``supervised`` (``:supervised``, and in ``:runlocal``): contrastive fine-tuning on pairs
    with hard negatives (the paper: public E5 data). The release trains it on top of the MNTP
    model, not on SimCSE (``--config.supervised.model.init_from=stage:mntp`` does that); here
-   it follows the previous stage.
+   it follows the previous stage. The release writes each query as ``"<instruction>; <query>"``
+   (documents bare) and leaves the instruction's tokens out of the mean (``LLM2Vec``'s
+   ``skip_instruction=True``): give a source ``"query_instruction": "...",
+   "instruction_template": "{task}; "``; ``model.include_prompt`` is false here (ours, to pool
+   the instruction too: ``--config.supervised.model.include_prompt=true``).
 
 The LM head in MNTP. The release (experiments/run_mntp.py) applies PEFT to the inner model only
 (``get_model_for_peft``), so an untied head (Llama, Mistral) keeps ``requires_grad`` and trains
@@ -28,12 +32,17 @@ head's V x D weights and Adam moments are not worth training to be discarded) an
 without LoRA (full fine-tuning trains every weight); the gradient still reaches the tower's
 LoRA factors through it.
 
-Release settings (train_configs/{mntp,simcse,supervised}/MetaLlama3.json): MNTP batch 32,
-512 tokens, 1000 steps, p = 0.2 with 80/10/10 replacement (Mistral: p = 0.8, every chosen
-token masked: ``--config.mntp.mntp.mask_probability=0.8 --config.mntp.mntp.mask_all=true``),
+Release settings (train_configs/{mntp,simcse,supervised}/MetaLlama3.json, and the defaults of
+experiments/run_{mntp,simcse,supervised}.py and of HF's Trainer where a JSON sets nothing): MNTP
+batch 32, 512 tokens, 1000 steps, p = 0.2 with 80/10/10 replacement (Mistral: p = 0.8, every
+chosen token masked: ``--config.mntp.mntp.mask_probability=0.8 --config.mntp.mntp.mask_all=true``),
 LoRA r = 16, alpha = 2r, dropout 0.05, lr 5e-5 (Trainer's default); SimCSE batch 128, 128
 tokens, 1000 steps, lr 3e-5, attention dropout 0.3, loss scale 20 (τ = 0.05); supervised batch
-64 per GPU (x 8), 512 tokens, 1000 steps, lr 2e-4, 300 warmup steps, τ = 0.05.
+64 per GPU (x 8), 512 tokens, 1000 steps, lr 2e-4, 300 warmup steps, loss scale 50 (τ = 0.02:
+run_supervised.py's default, the JSONs set none). Every stage: AdamW with Trainer's defaults,
+weight decay 0.0, eps 1e-8, betas (0.9, 0.999), gradient clipping 1.0, linear decay.
+
+Labels: "release" = the authors' code or its train_configs say so; "ours" = our choice.
 
 Export: the last stage's ``export/`` is a plain HF + sentence-transformers directory (LoRA
 merged). Gemma3 writes ``use_bidirectional_attention: true``, which transformers (>= 5) and
@@ -65,10 +74,17 @@ def _lora(c, rank: int = 16, dropout: float = 0.05) -> None:
 
 def _common(c, init_from: str) -> None:
     c.model.init_from = init_from
-    c.model.attention = "bidirectional"  # LLM2Vec step 1: every stage and the export
-    c.model.dtype = "bfloat16"  # TPU/GPU; on CPU use float32
+    # AdamW as HF's Trainer runs it (no train_config / command line sets these):
+    c.train.weight_decay = 0.0  # release: Trainer's default (stage_config: 0.01)
+    c.train.adam_eps = 1e-8  # release: Trainer's default (stage_config: 1e-6)
+    c.train.adam_b1 = 0.9  # release: Trainer's default
+    c.train.adam_b2 = 0.999  # release: Trainer's default
+    c.train.max_grad_norm = 1.0  # release: Trainer's default
+    c.train.schedule = "linear"  # release: Trainer's default
+    c.model.attention = "bidirectional"  # release: bidirectional true (step 1), and the export
+    c.model.dtype = "bfloat16"  # release: torch_dtype bfloat16 (on CPU use float32)
     c.model.remat = True  # release: gradient_checkpointing
-    c.model.normalize = True  # cosine similarity (mean pooling comes with the model dir)
+    c.model.normalize = True  # release: cosine similarity (mean pooling comes with the model dir)
     c.data.text_files = ""
     _lora(c)
 
@@ -86,8 +102,7 @@ def mntp_stage() -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # release
     c.train.num_steps = 1000  # release: stop_after_n_steps
     c.train.learning_rate = 5e-5  # release: Trainer's default
-    c.train.warmup_ratio = 0.0
-    c.train.weight_decay = 0.0  # Trainer's default
+    c.train.warmup_ratio = 0.0  # release: Trainer's default
     c.checkpoint.every_steps = 200  # release: save_steps
     c.export.enabled = False  # the next stage starts from the workdir
     return c
@@ -99,33 +114,39 @@ def simcse_stage() -> ml_collections.ConfigDict:
     _common(c, "stage:mntp")
     c.model.attention_dropout = 0.3  # release: simcse_dropout 0.3 (attention dropout)
     c.data.max_length = 128  # release
-    c.data.packing = True  # both views pack alike; their dropout masks still differ
-    c.loss.name = "infonce"
+    c.data.packing = True  # ours: both views pack alike; their dropout masks still differ
+    c.loss.name = "infonce"  # release: HardNegativeNLLLoss, view 1 -> every view 2 of the batch
+    c.loss.symmetric = False  # release
     c.loss.temperature = 0.05  # release: loss_scale 20
     c.train.batch_size = 128  # release
     c.train.num_steps = 1000  # release
     c.train.learning_rate = 3e-5  # release
-    c.train.warmup_ratio = 0.0
-    c.checkpoint.every_steps = 200
+    c.train.warmup_ratio = 0.0  # release: Trainer's default
+    c.checkpoint.every_steps = 200  # release: save_steps
     return c
 
 
 def supervised_stage() -> ml_collections.ConfigDict:
     c = stage_config("supervised")
     _common(c, "stage:simcse")
-    c.model.dropout = 0.0  # ours: the release sets no dropout for supervised training
+    # release: LLM2Vec(skip_instruction=True) pools the text after the instruction only
+    c.model.include_prompt = "false"
+    c.model.dropout = 0.0  # release: run_supervised.py sets no dropout
     c.data.sources = []  # pairs with hard negatives (release: the public E5 mixture)
+    c.data.mixed_batches = False  # release: E5Data forms each batch from one dataset
+    c.data.alpha = 1.0  # release: those batches shuffled, so datasets in proportion to size
     c.data.max_length = 512  # release
-    c.data.packing = True
-    c.loss.name = "infonce"
-    c.loss.temperature = 0.05  # release: loss_scale 20
-    c.train.batch_size = 512  # release: 64 per GPU x 8
+    c.data.packing = True  # ours
+    c.loss.name = "infonce"  # release: HardNegativeNLLLoss, q -> [all positives, all negatives]
+    c.loss.symmetric = False  # release
+    c.loss.temperature = 0.02  # release: run_supervised.py's loss_scale default 50
+    c.train.batch_size = 512  # release: 64 per GPU; paper: 8 GPUs
     c.train.num_steps = 1000  # release
     c.train.learning_rate = 2e-4  # release
     c.train.warmup_steps = 300  # release
     c.train.gradcache = True  # ours: 512 texts of 512 tokens x 3 roles in chunks
-    c.train.gradcache_chunk_size = 32
-    c.checkpoint.every_steps = 200
+    c.train.gradcache_chunk_size = 32  # ours
+    c.checkpoint.every_steps = 200  # release: save_steps
     return c
 
 

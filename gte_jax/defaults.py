@@ -104,7 +104,9 @@ def _mntp_defaults() -> ml_collections.ConfigDict:
 
 def _loss_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.name = "gte"  # "gte" (joint partition, GTE §3) | "infonce"
+    # "gte" (joint partition, GTE §3) | "infonce" | "instructor" (INSTRUCTOR's q→[d, negatives]
+    # + d→q cross-entropies, gte_jax/losses.py)
+    c.name = "gte"
     c.temperature = 0.01  # GTE §3: τ = 0.01
     c.symmetric = False  # infonce only: add the d→q direction
     return c

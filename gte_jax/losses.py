@@ -1,4 +1,4 @@
-"""Contrastive losses on the global batch: GTE's joint-partition loss and InfoNCE.
+"""Contrastive losses on the global batch: GTE's joint-partition loss, InfoNCE and INSTRUCTOR's.
 
 Both are written as plain math on global arrays (big_vision style): inside one ``jax.jit`` with the
 batch sharded over ``"data"``, XLA inserts the all-gathers of the candidate embeddings. A
@@ -49,6 +49,8 @@ Metrics = dict[str, Array]
 
 GTE_TEMPERATURE = 0.01  # GTE §3: τ = 0.01.
 INFONCE_TEMPERATURE = 0.05  # sentence-transformers MultipleNegativesRankingLoss: scale 20.
+# INSTRUCTOR's release (README's train command): --cl_temperature 0.1 (0.01 before 2023-09).
+INSTRUCTOR_TEMPERATURE = 0.1
 # Rows scored at once. 1024 rows x (2M + 2n) float32 logits, e.g. 64 MiB per logits-sized array at
 # n = 4096 without negatives; None = the whole batch in one block.
 DEFAULT_BLOCK_SIZE = 1024
@@ -153,8 +155,12 @@ def _row_losses(
     def masked(sim, keep):
         return jnp.where(keep, sim / temperature, -jnp.inf)
 
+    if kind == "instructor":
+        # INSTRUCTOR's q→d candidates are d_i and the batch's hard negatives, not the other
+        # positives: the columns past the n positives.
+        keep_qd = is_pos | (keep_qd & (jnp.arange(m) >= n)[None, :])
     logits_qd = masked(sim_qd, keep_qd)  # [r, M]
-    if kind == "gte" or symmetric:
+    if kind in ("gte", "instructor") or symmetric:
         sim_dq = jnp.einsum("rd,nd->rn", rows.d, cands.q, precision=_PRECISION)  # [r, n] s(q_j,d_i)
         logits_dq = masked(sim_dq, is_self | (cands.q_ok[None, :] & ~dup_q))  # [r, n]
     if kind == "gte":
@@ -169,8 +175,11 @@ def _row_losses(
         loss = jax.nn.logsumexp(logits_qd, axis=1) - pos / temperature
         if symmetric:
             loss = 0.5 * (loss + jax.nn.logsumexp(logits_dq, axis=1) - pos / temperature)
+    elif kind == "instructor":  # two cross-entropies, added (not averaged) as the release does
+        loss = jax.nn.logsumexp(logits_qd, axis=1) + jax.nn.logsumexp(logits_dq, axis=1)
+        loss = loss - 2.0 * pos / temperature
     else:
-        raise ValueError(f"unknown loss kind {kind!r}; expected 'gte' or 'infonce'")
+        raise ValueError(f"unknown loss kind {kind!r}; expected one of {sorted(LOSSES)}")
 
     neg_keep = keep_qd & ~is_pos  # [r, M]: the q→d negatives actually in the softmax
     return {
@@ -341,11 +350,57 @@ def infonce_loss(
     )
 
 
-LOSSES = {"gte": gte_loss, "infonce": infonce_loss}
+def instructor_loss(
+    q: Array,
+    d: Array,
+    *,
+    temperature: float = INSTRUCTOR_TEMPERATURE,
+    q_ids: Array | None = None,
+    d_ids: Array | None = None,
+    neg: Array | None = None,
+    neg_ids: Array | None = None,
+    valid: Array | None = None,
+    neg_valid: Array | None = None,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+) -> tuple[Array, Metrics]:
+    """INSTRUCTOR's loss (Su et al., 2023; the release's ``InstructorTrainer.compute_loss``): the
+    sum of two cross-entropies, each averaged over the examples::
+
+        L = -(1/n) Σ_i log(e^{s(q_i,d_i)/τ} / (e^{s(q_i,d_i)/τ} + Σ_c e^{s(q_i,c)/τ}))
+            -(1/n) Σ_i log(e^{s(q_i,d_i)/τ} / Σ_j e^{s(q_j,d_i)/τ})
+
+    c ranges over the hard negatives of the whole batch (not the other positives); j over all
+    queries (q_i included, as the positive). Without hard negatives the first term is 0 and only
+    d→q trains. Masking, padding, ``neg_valid``, metrics (top-1 over the first term's candidates)
+    and ``block_size`` as in :func:`gte_loss`.
+    """
+    return _global_loss(
+        "instructor",
+        q,
+        d,
+        temperature=temperature,
+        q_ids=q_ids,
+        d_ids=d_ids,
+        neg=neg,
+        neg_ids=neg_ids,
+        valid=valid,
+        neg_valid=neg_valid,
+        symmetric=False,
+        block_size=block_size,
+    )
+
+
+LOSSES = {"gte": gte_loss, "infonce": infonce_loss, "instructor": instructor_loss}
+TEMPERATURES = {
+    "gte": GTE_TEMPERATURE,
+    "infonce": INFONCE_TEMPERATURE,
+    "instructor": INSTRUCTOR_TEMPERATURE,
+}
 
 
 def contrastive_loss(name: str, q: Array, d: Array, **kwargs: Any) -> tuple[Array, Metrics]:
-    """Dispatches to :func:`gte_loss` (``"gte"``) or :func:`infonce_loss` (``"infonce"``)."""
+    """Dispatches to :func:`gte_loss` (``"gte"``), :func:`infonce_loss` (``"infonce"``) or
+    :func:`instructor_loss` (``"instructor"``)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     return LOSSES[name](q, d, **kwargs)
@@ -379,7 +434,7 @@ def sharded_contrastive_loss(
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     if temperature is None:
-        temperature = GTE_TEMPERATURE if name == "gte" else INFONCE_TEMPERATURE
+        temperature = TEMPERATURES[name]
     q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid = _prepare(
         q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid
     )

@@ -24,7 +24,9 @@ gives the arguments plus the temporaries XLA named, a lower bound. Every chip is
 What is compiled: the padded batch at the longest lengths the config allows (``data.*_max_length``,
 the largest per-source ``batch_size``, the most hard negatives a source asks for) -- the worst step
 of the run. Packed batches (``data.packing``) have the same number of tokens or fewer, so the
-padded figure bounds them.
+padded figure bounds them. A source whose ``num_negatives`` is auto has its data read for K, as
+training reads them (:func:`num_negatives`); where they cannot be read here, plan exits 2 naming
+the setting. An MNTP step's FLOPs add the LM head on the masked positions (:func:`mntp_head_flops`).
 
 The model's shape comes from ``model.init_from`` when it names a local directory with a
 ``config.json`` (only that file is read), or from ``--model-config``: a known name
@@ -368,7 +370,6 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
         lq = ld = int(data.max_length)
     sources = [dict(s) for s in data.sources]
     b = max([int(config.train.batch_size)] + [int(s.get("batch_size", 0) or 0) for s in sources])
-    k = max([0] + [int(s.get("num_negatives", -1)) for s in sources])
     shapes = {
         "query_input_ids": (b, lq),
         "query_attention_mask": (b, lq),
@@ -382,6 +383,7 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
     if str(config.get("kind", "contrastive")) == "mntp":  # one tower: the masked query role
         shapes["query_labels"] = (b, lq)
         return shapes, b, [(b, lq)]
+    k = num_negatives(config)
     if k:
         shapes |= {
             "neg_input_ids": (b, k, ld),
@@ -393,8 +395,44 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
     return shapes, b, towers
 
 
+def num_negatives(config: Any) -> int:
+    """K of the stage's batches as training gets it: the largest over the pair sources of each
+    source's ``num_negatives``, or, where that is auto (-1), the count training reads from the
+    data (:attr:`gte_jax.data.sources.Source.num_negatives`, from the same
+    :func:`~gte_jax.data.pipeline.build_sources`). The largest: a mixed batch's K, and the
+    costliest of one-source batches. Data that cannot be read here are not guessed at: the
+    error names the setting that fixes K."""
+    from gte_jax.data import pipeline
+    from gte_jax.errors import ConfigError
+    from gte_jax.textio import InputError
+
+    try:
+        specs = pipeline._source_specs(config.data)
+    except ConfigError as e:
+        raise PlanError(f"{e}: plan needs the stage's sources (their num_negatives)") from None
+    pairs = [s for s in specs if s["kind"] == "pairs"]
+    auto = [s for s in pairs if int(s["num_negatives"]) < 0]
+    if not auto:
+        return max([0] + [int(s["num_negatives"]) for s in pairs])
+    try:
+        return max([0] + [src.num_negatives for src in pipeline.build_sources(config.data)])
+    except (OSError, ValueError, InputError) as e:
+        keys = [
+            s["config_key"].removesuffix(".path") + ".num_negatives"
+            if s["config_key"].startswith("data.sources[")
+            else f"{s['config_key']} ({s['path']}: list it in data.sources with num_negatives)"
+            for s in auto
+        ]
+        raise PlanError(
+            f"num_negatives is auto (read from the data by training) and the data cannot be read "
+            f"here ({e}); set {', '.join(keys)}, e.g. --config.data.sources.0.num_negatives=1"
+        ) from None
+
+
 # Parameters that do no matmul in an embedding step: embedding tables, a decoder's LM head.
 _NOT_MATMUL = re.compile(r"embedding|embed_tokens|lm_head")
+# The LM head's weights: its own, or the tied embedding table (gte_jax/models/decoder.py).
+_LM_HEAD = re.compile(r"lm_head|embed_tokens")
 
 
 def model_flops(
@@ -417,7 +455,7 @@ def model_flops(
 
     # Embedding tables are gathers, not matmuls: BERT's embeddings/*, T5's word embeddings and
     # relative position bias (every nnx.Embed's leaf is named "embedding"), a decoder's
-    # embed_tokens; the LM head is not used by an embedding step.
+    # embed_tokens; the LM head is not used by an embedding step (MNTP's: mntp_head_flops).
     def matmul_params(tree: Any) -> int:
         return sum(
             int(np.prod(x.shape))
@@ -428,6 +466,26 @@ def model_flops(
     per_token = 6 * matmul_params(params) + 4 * matmul_params(frozen or {})
     return sum(
         texts * length * (per_token + 12 * num_layers * length * hidden) for texts, length in towers
+    )
+
+
+def mntp_head_flops(
+    vocab: int,
+    hidden: int,
+    towers: Sequence[tuple[int, int]],
+    mask_probability: float,
+    *,
+    trains_head: bool,
+) -> float:
+    """The LM head's FLOPs in an MNTP step, which :func:`model_flops` leaves out: logits for the
+    scored positions only (:func:`gte_jax.losses.mntp_loss_sums`), the expected
+    ``mask_probability`` x (length - 1) per full row (position 0 predicts nothing; special
+    tokens, never masked, make it an upper bound). Per scored position 2·V·D forward, 2·V·D for
+    the hidden state's gradient, and 2·V·D more for the head's weight gradient when it trains
+    (full fine-tuning; frozen with LoRA). A tied head's matmul is the same V x D product."""
+    per_position = (6 if trains_head else 4) * vocab * hidden
+    return sum(
+        texts * mask_probability * max(length - 1, 0) * per_position for texts, length in towers
     )
 
 
@@ -856,10 +914,22 @@ def _time_report(
         step.towers,
         frozen=step.state.get("frozen"),
     )
+    head_flops = 0.0
+    if str(config.get("kind", "contrastive")) == "mntp":
+        trainable = jax.tree_util.tree_leaves_with_path(step.state["params"])
+        head_flops = mntp_head_flops(
+            int(enc.vocab_size),
+            int(enc.hidden_size),
+            step.towers,
+            float(config.mntp.mask_probability),
+            trains_head=any(_LM_HEAD.search(jax.tree_util.keystr(p)) for p, _ in trainable),
+        )
+        flops += head_flops
     peak_flops = topo.chip.peak_bf16_flops * topo.chips * slices
     step_s = flops / (peak_flops * mfu)
     return {
         "model_tflops_per_step": _sig(flops / 1e12),
+        **({"lm_head_tflops_per_step": _sig(head_flops / 1e12)} if head_flops else {}),
         "assumed_mfu": mfu,
         "peak_tflops": round(peak_flops / 1e12, 1),
         "step_seconds": _sig(step_s),
@@ -867,7 +937,11 @@ def _time_report(
         "num_steps": step.total_steps,
         "days": _sig(step.total_steps * step_s / 86400),
         "batch_size": step.batch_size,
-        "lengths": {"query": step.towers[0][1], "doc": step.towers[1][1]},
+        # An MNTP step has one tower (the masked texts), no documents.
+        "lengths": {
+            role: length
+            for role, (_, length) in zip(("query", "doc"), step.towers[:2], strict=False)
+        },
         "num_negatives": step.towers[2][0] // step.batch_size if len(step.towers) > 2 else 0,
         "gradcache": bool(config.train.gradcache),
         "gradcache_chunk_size": step.batch_size // step.num_chunks

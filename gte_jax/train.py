@@ -285,12 +285,15 @@ def make_train_step(
 
 # The lowest value each loss can reach. GTE's positive sits twice in its partition function (q→d
 # and d→q), so p(positive) ≤ 1/2 and the loss never goes below ln 2.
-LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0}
+LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0, "instructor": 0.0}
 
 
 # Per-source counts the summary reports (read = used + skipped; records short of K negatives are
 # kept with a validity mask and counted).
-_SOURCE_STATS = ("size", "read", "used", "skipped", "num_negatives", "records_short_of_negatives")
+_SOURCE_STATS = (
+    "size", "read", "used", "skipped", "num_negatives", "records_short_of_negatives",
+    "unattributed",
+)  # fmt: skip
 
 
 class TrainingError(RuntimeError):
@@ -1030,6 +1033,7 @@ class _Loop:
         """The summary (summary.json), the model card (card.json) and the export of a finished
         stage."""
         from gte_jax import workdir as wd
+        from gte_jax.data.sources import skipped_records
 
         st = self.st
         completed = self.step >= st.total_steps
@@ -1052,7 +1056,7 @@ class _Loop:
             "loss_floor": round(floor, 6),
             "loss_above_floor": float(self.tracker["loss"]) - floor,
             "final_accuracy": float(self.tracker["accuracy"]),
-            "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
+            "skipped_records": skipped_records(stats),
             "nonfinite_steps": int(self.tracker["nonfinite"]),
             "resumed_from_step": st.start_step,
             "compute_dtype": compute_dtype(st.config.model.dtype).name,

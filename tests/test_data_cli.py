@@ -29,7 +29,7 @@ def test_inspect_reports_mixture(capsys, minilm_dir):
     out, err = capsys.readouterr()
     assert rc == 0
     report = json.loads(out)  # exactly one JSON object on stdout
-    assert report["steps"] == 40 and report["alpha"] == 1.0
+    assert report["steps"] == 40 and report["alpha"] == 1.0 and report["skipped_records"] == 0
     # Sizes and α = 1 shares computed independently from the bundled files.
     files = {"bible": "bible_kjv_web_ot", "chat_qa": "chat_qa", "news": "news_lead_body"}
     demo = CONFIG.parents[1] / "gte_jax" / "resources" / "demo"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from gte_jax import prompts
+from gte_jax.data.pipeline import DEMO_DIR
 from tests.test_instructions import _assert_mask_matches, _cos, _texts, offsets_reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -65,6 +66,31 @@ def _medi_instructions() -> set[str]:
             if isinstance(record.get(key), list) and len(record[key]) == 2:
                 out.add(record[key][0])
     return {p for p in out if isinstance(p, str) and p.startswith("Represent the ")}
+
+
+def _unusable_medi_records() -> int:
+    """Records of the MEDI fixture that cannot train, by the format's own rules checked here
+    (not by the reader): an object with a non-empty task_name, query / pos / neg each
+    [instruction, text(, 0|1)] with a non-empty text, and neg's instruction equal to pos's."""
+
+    def side_ok(value):
+        return (
+            isinstance(value, list)
+            and len(value) in (2, 3)
+            and isinstance(value[0], str)
+            and isinstance(value[1], str)
+            and value[1].strip() != ""
+        )
+
+    def ok(r):
+        task = r.get("task_name") if isinstance(r, dict) else None
+        if not (isinstance(task, str) and task.strip()):
+            return False
+        if not all(side_ok(r.get(k)) for k in ("query", "pos", "neg")):
+            return False
+        return r["neg"][0] == r["pos"][0]
+
+    return sum(not ok(r) for r in json.loads(MEDI_FIXTURE.read_text()))
 
 
 def test_the_tiny_gtr_is_a_t5_gtr_and_its_instruction_tokens_are_the_prompts(gtr_cache):
@@ -171,8 +197,13 @@ def test_instructor_runlocal_trains_t5_and_its_export_reproduces_encode(trained,
     workdir, stderr = trained
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 6 and np.isfinite(summary["final_loss"])
-    assert summary["skipped_records"] == 3  # the fixture's bad records that name their task
+    # Every bad record counts, those that name no task included (the bible source has none).
+    assert summary["skipped_records"] == _unusable_medi_records() > 0
     assert "medi-data.json[17]" in stderr  # no task_name: skipped, named in the log
+    bible = DEMO_DIR / "bible_finetune.jsonl"
+    records = len(json.loads(MEDI_FIXTURE.read_text())) + len(bible.read_text().splitlines())
+    sources = summary["sources"].values()
+    assert sum(s["used"] for s in sources) + summary["skipped_records"] == records
     base = json.loads((workdir / "base_model" / "config.json").read_text())
     assert base["model_type"] == "t5"
     export = workdir / "export"

@@ -105,6 +105,55 @@ def reference(case, tau, kind="gte", symmetric=False):
     }
 
 
+def instructor_reference(case, tau):
+    """INSTRUCTOR's release loss (train.py, ``InstructorTrainer.compute_loss``) in float64 loops:
+    a cross-entropy of q_i over [d_i, every hard negative of the batch] plus one of d_i over
+    [q_i, q_j for j != i], each averaged over the examples; the texts left out by the module's
+    masking rule (identical text, padding, placeholder negatives) are simply not listed."""
+    q, d = case["q"], case["d"]
+    n = len(q)
+    q_ids, d_ids, valid = case["q_ids"], case["d_ids"], case["valid"]
+    negs = []  # (embedding, text id) of each hard negative of a valid example
+    if "neg" in case:
+        neg_valid = case.get("neg_valid", np.ones(case["neg"].shape[:2], np.int32))
+        for j, kk in itertools.product(range(n), range(case["neg"].shape[1])):
+            if valid[j] and neg_valid[j, kk]:
+                negs.append((case["neg"][j, kk], case["neg_ids"][j, kk]))
+    ce_q, ce_d, correct, pos_sum, neg_sum, neg_count, rows = 0.0, 0.0, 0, 0.0, 0.0, 0, 0
+    for i in range(n):
+        if not valid[i]:
+            continue
+        removed = {q_ids[i], d_ids[i]}
+        anchor_q = [q[i] @ d[i] / tau]  # label 0: the positive first, as the release lists it
+        for emb, t in negs:
+            if t not in removed:
+                anchor_q.append(q[i] @ emb / tau)
+                neg_sum += q[i] @ emb
+                neg_count += 1
+        anchor_d = [d[i] @ q[i] / tau]
+        for j in range(n):
+            if j != i and valid[j] and q_ids[j] not in removed:
+                anchor_d.append(d[i] @ q[j] / tau)
+        for scores, acc in ((anchor_q, "q"), (anchor_d, "d")):
+            scores = np.array(scores)
+            ce = -scores[0] + scores.max() + np.log(np.exp(scores - scores.max()).sum())
+            if acc == "q":
+                ce_q += ce
+            else:
+                ce_d += ce
+        correct += int(max(anchor_q) == anchor_q[0])
+        pos_sum += q[i] @ d[i]
+        rows += 1
+    loss = ce_q / rows + ce_d / rows
+    return loss, {
+        "loss": loss,
+        "accuracy": correct / rows,
+        "pos_sim": pos_sum / rows,
+        "neg_sim": neg_sum / max(neg_count, 1),
+        "num_examples": rows,
+    }
+
+
 def run(fn, case, **kwargs):
     args = {
         k: jnp.asarray(v, jnp.float32 if v.dtype.kind == "f" else jnp.int32)
@@ -145,6 +194,64 @@ def test_infonce_matches_numpy_reference(case_kw, symmetric):
     case = make_case(**case_kw)
     got = run(losses.infonce_loss, case, temperature=0.05, symmetric=symmetric)
     check(got, reference(case, 0.05, kind="infonce", symmetric=symmetric))
+
+
+@pytest.mark.parametrize("case_kw", CASES)
+def test_instructor_matches_numpy_reference(case_kw):
+    case = make_case(**case_kw)
+    check(run(losses.instructor_loss, case), instructor_reference(case, 0.1))
+    dispatched = functools.partial(losses.contrastive_loss, "instructor")
+    got = run(lambda q, d, **a: dispatched(q, d, **a), case, temperature=0.05)
+    check(got, instructor_reference(case, 0.05))
+
+
+def test_instructor_is_not_infonce():
+    """The release's loss differs from one-direction InfoNCE (other positives are not q→d
+    candidates; the d→q term is added): the reference separates them on the same batch."""
+    case = make_case(duplicates=True)
+    ours = float(run(losses.instructor_loss, case, temperature=0.05)[0])
+    for symmetric in (False, True):
+        infonce = reference(case, 0.05, kind="infonce", symmetric=symmetric)[0]
+        assert abs(ours - infonce) > 0.1
+
+
+def test_instructor_gradient_matches_the_float64_reference():
+    """jax.grad of the loss == central finite differences of the NumPy reference (float64), with
+    duplicates, a padding row and a placeholder negative."""
+    n, k, dim = 4, 2, 3
+    case = make_case(n=n, k=k, dim=dim, seed=6, duplicates=False, short=True)
+    case["valid"][2] = 0
+    case["d_ids"][1] = case["d_ids"][0]  # a repeated positive
+    case["neg_ids"][0, 0] = case["q_ids"][3]  # a negative identical to another query
+    sizes = (n * dim, n * dim, n * k * dim)
+
+    def unpack(x, xp):
+        q, d, neg = xp.split(x, np.cumsum(sizes)[:2])
+        return q.reshape(n, dim), d.reshape(n, dim), neg.reshape(n, k, dim)
+
+    x = np.concatenate([case["q"].ravel(), case["d"].ravel(), case["neg"].ravel()])
+    with jax.enable_x64(True):
+        args = {key: jnp.asarray(case[key]) for key in ("q_ids", "d_ids", "neg_ids", "valid")}
+
+        @jax.jit
+        def loss(v):
+            q, d, neg = unpack(v, jnp)
+            return losses.instructor_loss(
+                q, d, neg=neg, neg_valid=jnp.asarray(case["neg_valid"]), temperature=0.05, **args
+            )[0]
+
+        grad = np.asarray(jax.grad(loss)(jnp.asarray(x)))
+    assert grad.dtype == np.float64
+
+    def ref_loss(v):
+        q, d, neg = unpack(v, np)
+        return instructor_reference(dict(case, q=q, d=d, neg=neg), 0.05)[0]
+
+    np.testing.assert_allclose(grad, finite_difference_grad(ref_loss, x), rtol=1e-6, atol=1e-8)
+    assert np.abs(grad).max() > 1e-2
+    g_q, g_d, g_neg = unpack(grad, np)
+    assert np.all(g_q[2] == 0) and np.all(g_d[2] == 0) and np.all(g_neg[2] == 0)  # padding
+    assert np.all(g_neg[case["neg_valid"] == 0] == 0)
 
 
 def test_dispatcher_and_errors():
@@ -318,7 +425,7 @@ def assert_same(got, want, rtol=1e-5, atol=1e-6):
         )
 
 
-KINDS = [("gte", {}), ("infonce", {"symmetric": True})]
+KINDS = [("gte", {}), ("infonce", {"symmetric": True}), ("instructor", {})]
 
 
 @pytest.mark.parametrize("name,kwargs", KINDS)

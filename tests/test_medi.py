@@ -12,7 +12,7 @@ import pytest
 
 from gte_jax.data.batching import PairBatchIterator
 from gte_jax.data.pipeline import build_sources
-from gte_jax.data.sources import from_medi, read_medi
+from gte_jax.data.sources import from_medi, read_medi, skipped_records
 from gte_jax.textio import InputError
 
 MEDI = pathlib.Path(__file__).parent / "fixtures" / "medi" / "medi-data.json"
@@ -89,6 +89,32 @@ def test_one_source_per_task_from_the_config():
     sources = build_sources(data)
     assert {s.name: len(s) for s in sources} == {f"medi/{t}": n for t, n in VALID.items()}
     assert all(s.num_negatives == 1 for s in sources)
+
+
+def test_records_no_source_holds_are_counted(tmp_path):
+    """Records without a usable task_name and the records of a task with no valid record make
+    no source, yet every record of the file is used or counted as skipped (the run's
+    skipped_records), and the log names them."""
+    raw = json.loads(MEDI.read_text())
+    doomed = {"query": ["Represent the X: ", "q"], "pos": ["Represent the Y: ", ""], "neg": None}
+    extra = [
+        dict(doomed, task_name="all_bad"),  # an empty positive: its task has no valid record
+        dict(doomed, task_name="all_bad", query="not a pair"),
+        {"query": ["i", "q"], "pos": ["j", "p"], "neg": ["j", "n"], "task_name": 7},  # no task
+    ]
+    path = tmp_path / "medi-data.json"
+    path.write_text(json.dumps(raw + extra))
+    sources = from_medi("medi", path)
+    assert {s.name for s in sources} == {f"medi/{t}" for t in VALID}
+    stats = {s.name: s.stats() for s in sources}
+    used = sum(st["used"] for st in stats.values())
+    assert used == sum(VALID.values())
+    # Every record either trains or is counted: the file's length, independently of the reader.
+    assert used + skipped_records(stats) == len(raw) + len(extra)
+    assert skipped_records(stats) == len(BAD) + len(extra)
+    unattributed = stats[sources[0].name]["unattributed"]
+    assert unattributed["medi/all_bad"]["skipped"] == 2
+    assert unattributed["medi (no usable task_name)"]["skipped"] == 2  # index 17 and the last
 
 
 def test_every_batch_is_one_task_with_its_records_instructions(minilm_dir):

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -189,3 +190,97 @@ def test_bad_layers_exit_2_before_compiling(tiny, capsys, layers):
     argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2", "--layers", layers]
     rc, _, err = _run([*argv, "--model-config", "bert-base"], capsys)
     assert rc == 2 and "--layers" in err
+
+
+# ----------------------------------------------------------------------------- no compile
+
+
+def _pairs_config(sources, batch_size=8):
+    from gte_jax.defaults import stage_config
+
+    c = stage_config("pairs")
+    c.data.query_max_length = 16
+    c.data.doc_max_length = 24
+    c.data.sources = sources
+    c.train.batch_size = batch_size
+    return c
+
+
+def test_auto_num_negatives_is_read_from_the_data_as_training_reads_it(tmp_path):
+    """A source without num_negatives: plan's K is the count training reads from the data (the
+    most common number of negatives among records that have any), the largest over sources."""
+    from gte_jax.data.pipeline import build_sources
+
+    counts = [2, 2, 2, 1, 0, 3, 2, 0]  # most common non-zero count: 2
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"query": f"q{i}", "positive": f"p{i}", "negatives": [f"n{i}"] * c}) + "\n"
+            for i, c in enumerate(counts)
+        )
+    )
+    expected = max(set(c for c in counts if c), key=lambda c: (counts.count(c), c))
+    config = _pairs_config([{"name": "pairs", "path": str(path)}])
+    assert build_sources(config.data)[0].num_negatives == expected == 2  # training's K
+    shapes, b, towers = plan.batch_shapes(config)
+    assert shapes["neg_input_ids"] == (b, expected, 24) and towers[2] == (b * expected, 24)
+    assert plan.num_negatives(config) == expected
+    # A second source with a larger fixed K sets the batch's K; a text source has none.
+    config.data.sources = [
+        {"name": "pairs", "path": str(path)},
+        {"name": "more", "path": str(path), "num_negatives": 3},
+    ]
+    assert plan.batch_shapes(config)[0]["neg_input_ids"] == (b, 3, 24)
+
+
+def test_auto_num_negatives_of_unreadable_data_is_refused_not_guessed(tmp_path):
+    config = _pairs_config(
+        [
+            {"name": "fixed", "path": "/path/to/fixed.jsonl", "num_negatives": 1},
+            {"name": "auto", "path": str(tmp_path / "missing.jsonl")},
+        ]
+    )
+    with pytest.raises(plan.PlanError, match=r"set data\.sources\[1\]\.num_negatives"):
+        plan.batch_shapes(config)
+    config.data.sources[1]["num_negatives"] = 2  # fixed: nothing is read
+    assert plan.batch_shapes(config)[0]["neg_input_ids"][1] == 2
+
+
+def test_unreadable_auto_num_negatives_exits_2_naming_the_key(tiny, capsys):
+    pytest.importorskip("libtpu")
+    argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2"]
+    overrides = ["--config.data.sources.0.num_negatives=-1"]
+    rc, out, err = _run([*argv, "--model-config", str(tiny / "config.json"), *overrides], capsys)
+    assert rc == 2 and not out
+    assert "data.sources[0].num_negatives" in err
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_mntp_flops_count_the_lm_head_on_the_masked_positions(lora):
+    """The MNTP step's analytic FLOPs add the LM head (V x D) on the expected masked positions:
+    4 x V x D each with the head frozen (LoRA: forward + the hidden state's gradient), 6 x with
+    it trained (full fine-tuning)."""
+    from gte_jax.config import load_config
+
+    stages = load_config(f"{REPO / 'configs' / 'llm2vec.py'}:runlocal")
+    config = plan.stage_configs(stages, "mntp")[0]
+    config.model.lora.enabled = lora
+    hf_config, _ = plan.model_shape(config.model, None, stages)
+    mesh = plan.topology_mesh(jax.devices()[:1])  # nothing is compiled: any device will do
+    step = plan.abstract_step(config, mesh, hf_config)
+    report = plan._time_report(config, step, plan.parse_topology("v5e:2x2"), 0.5)
+
+    b, length = int(config.train.batch_size), int(config.data.max_length)
+    vocab, hidden = hf_config["vocab_size"], hf_config["hidden_size"]
+    scored = b * (length - 1) * float(config.mntp.mask_probability)
+    head = scored * (4 if lora else 6) * vocab * hidden
+    tower = plan.model_flops(
+        step.state["params"],
+        plan.num_layers(hf_config),
+        step.encoder.num_attention_heads * step.encoder.head_dim,
+        [(b, length)],
+        frozen=step.state.get("frozen"),
+    )
+    assert report["lm_head_tflops_per_step"] * 1e12 == pytest.approx(head, rel=1e-3)
+    assert report["model_tflops_per_step"] * 1e12 == pytest.approx(tower + head, rel=1e-3)
+    assert head > 0.05 * tower  # a real share of the step, not a rounding

@@ -5,9 +5,9 @@
     gte-jax data build --config CONFIG      # every data.sources entry with `tfds` set
 
 ``inspect`` prints one JSON object on stdout:
-``{"steps", "alpha", "sources": {name: {size, expected_share, observed_share, skipped}}}`` where
-the shares are of drawn batches (of examples with ``mixed_batches``), and a few decoded batches on
-stderr. Exit codes: 0 ok, 2 bad usage / config / input.
+``{"steps", "alpha", "skipped_records", "sources": {name: {size, expected_share, observed_share,
+skipped}}}`` where the shares are of drawn batches (of examples with ``mixed_batches``), and a few
+decoded batches on stderr. Exit codes: 0 ok, 2 bad usage / config / input.
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ def training_data_config(config, stage: str | None, path: str):
 
 def inspect_main(args, overrides: list[str]) -> int:
     from gte_jax.data.pipeline import build_iterator
+    from gte_jax.data.sources import skipped_records
 
     config = load_config(args.config, overrides)
     data = training_data_config(config, args.stage, args.config)
@@ -136,6 +137,8 @@ def inspect_main(args, overrides: list[str]) -> int:
     report = {
         "steps": args.steps,
         "alpha": sampler.alpha,
+        # Every bad record, those of a file that no source holds (MEDI) included.
+        "skipped_records": skipped_records(stats),
         "sources": {
             name: {
                 "size": s["size"],

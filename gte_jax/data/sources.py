@@ -421,6 +421,10 @@ class Source:
         self._get = getter
         self.options = options
         self.accounting = accounting or BadInputAccounting(name)
+        # Bad records of this source's file that no source holds (a MEDI record without a usable
+        # task_name, or a task with no valid record): reported with this source, label -> counts,
+        # so that the run's counts (skipped_records) still include them.
+        self.unattributed: dict[str, SourceStats] = {}
         self.negatives_histogram = {
             int(c): int(r) for c, r in sorted((negatives_histogram or {0: size}).items())
         }
@@ -465,10 +469,25 @@ class Source:
             **self.accounting.stats.as_dict(),
             "num_negatives": self.num_negatives,
             "records_short_of_negatives": self.records_short_of_negatives,
+            **(
+                {"unattributed": {k: v.as_dict() for k, v in self.unattributed.items()}}
+                if self.unattributed
+                else {}
+            ),
         }
 
     def __repr__(self) -> str:
         return f"Source({self.name!r}, size={len(self)}, kind={self.kind!r})"
+
+
+def skipped_records(stats: Mapping[str, Mapping[str, Any]]) -> int:
+    """Bad records skipped over all sources (``{name: Source.stats()}``), those of a file that no
+    source holds (``unattributed``) included."""
+    return sum(
+        int(s.get("skipped", 0))
+        + sum(int(u["skipped"]) for u in s.get("unattributed", {}).values())
+        for s in stats.values()
+    )
 
 
 def _histogram(counts: Iterable[int]) -> dict[int, int]:
@@ -756,16 +775,20 @@ def from_medi(
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
 ) -> list[Source]:
     """One source per MEDI task, named ``"<name>/<task_name>"`` (sorted), with each record's
-    query / document instructions (:func:`read_medi`). Records with an unusable ``task_name``
-    are skipped (counted in the log), like any bad record."""
+    query / document instructions (:func:`read_medi`). Records with an unusable ``task_name``,
+    and the records of a task none of whose records is valid, belong to no source: they are
+    skipped, logged, and counted in the first source's ``unattributed`` (:meth:`Source.stats`),
+    so the run's ``skipped_records`` has every bad record of the file."""
     by_task, accounts = read_medi(
         path, name=name, on_bad_input=on_bad_input, max_text_chars=max_text_chars
     )
+    unattributed: dict[str, SourceStats] = {}
     orphans = accounts.pop("", None)
     if orphans is not None:
         logger.warning(
             "%s: %d records without a usable task_name skipped", path, orphans.stats.skipped
         )
+        unattributed[f"{name} (no usable task_name)"] = orphans.stats
     sources = []
     for task in sorted(accounts):
         acct = accounts[task]
@@ -776,6 +799,9 @@ def from_medi(
             )  # fmt: skip
         if by_task.get(task):
             sources.append(_in_memory(acct.source, by_task[task], options, acct))
+        else:
+            unattributed[acct.source] = acct.stats  # every record of the task was bad
     if not sources:
         raise ValueError(f"{path}: no valid MEDI records; check the file")
+    sources[0].unattributed = unattributed
     return sources
