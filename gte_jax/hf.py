@@ -78,6 +78,8 @@ _ST_ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
 }
 _ACTIVATION_TO_ST = {v: k for k, v in _ST_ACTIVATIONS.items()}
+# Our key in config_sentence_transformers.json (sentence-transformers reads only its own keys).
+INSTRUCTION_TEMPLATES_KEY = "gte_jax_instruction_templates"
 # Legacy module paths: every sentence-transformers release from 2.x to 6.x resolves them.
 _ST_MODULE_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
@@ -97,6 +99,9 @@ class PretrainedInfo:
     include_prompt: bool = True
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    # The instruction templates training formatted instructions with (gte_jax.prompts
+    # .training_templates), for gte_jax.prompts.resolve_template.
+    instruction_templates: list[str] = dataclasses.field(default_factory=list)
     similarity_fn_name: str | None = None
     # Tensors we carry but do not train (the BERT pooler), torch names -> arrays.
     extra_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -292,6 +297,7 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
         settings["prompts"] = dict(st.get("prompts") or {})
         settings["default_prompt_name"] = st.get("default_prompt_name")
         settings["similarity_fn_name"] = st.get("similarity_fn_name")
+        settings["instruction_templates"] = list(st.get(INSTRUCTION_TEMPLATES_KEY) or [])
     return transformer_dir, settings
 
 
@@ -468,6 +474,7 @@ def load_model(
         include_prompt=st.get("include_prompt", True),
         prompts=st.get("prompts", {}),
         default_prompt_name=st.get("default_prompt_name"),
+        instruction_templates=st.get("instruction_templates", []),
         similarity_fn_name=st.get("similarity_fn_name"),
         extra_tensors=extra,
         transformer_dir=str(transformer_dir),
@@ -657,6 +664,11 @@ def _write_sentence_transformers_modules(
             "prompts": info.prompts,
             "default_prompt_name": info.default_prompt_name,
             "similarity_fn_name": info.similarity_fn_name or "cosine",
+            **(
+                {INSTRUCTION_TEMPLATES_KEY: sorted(info.instruction_templates)}
+                if info.instruction_templates
+                else {}
+            ),
         },
     )
 
