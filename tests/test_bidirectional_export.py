@@ -14,7 +14,7 @@ import pytest
 import transformers
 from tiny_models import tiny_decoder_dir
 
-from gte_jax import hf, hf_bidirectional
+from gte_jax import hf, hf_bidirectional, plan
 from gte_jax import workdir as wd
 from gte_jax.encode import Embedder
 
@@ -93,6 +93,7 @@ def test_gte_jax_reads_its_export_without_running_the_shipped_code(tmp_path):
     (export / f"{hf_bidirectional.MODULE}.py").write_text("raise SystemExit('never run')\n")
     model, _, info = wd.load_model(str(export))
     assert model.config.model_type == "llama" and model.config.attention == "bidirectional"
+    assert plan._config_json_of(export)["model_type"] == "llama"  # `gte-jax plan` reads it too
     np.testing.assert_array_equal(Embedder.from_pretrained(str(export)).encode(TEXTS), before)
 
     again = hf.export_pretrained(model, hf.load_tokenizer(export), tmp_path / "again", info=info)
