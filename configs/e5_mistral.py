@@ -14,7 +14,9 @@ documents bare, InfoNCE (τ = 0.02) over in-batch and hard negatives, LoRA rank 
         --instruction "Given a web search query, retrieve relevant passages that answer the query"
 
 Each source names its task (``query_instruction``) and uses the ``"e5"`` template
-(gte_jax/prompts.py); records with an ``instruction`` field override it. The export
+(gte_jax/prompts.py); records with an ``instruction`` field override it. The export records the
+template, so ``encode --instruction`` above formats the task as training did without
+``--template`` (another template is refused). The export
 (``runs/e5_mistral/export``: merged weights, last-token Pooling, Normalize, the tokenizer
 appending EOS and padding left, the sources' prompts) loads in ``SentenceTransformer``; the LoRA
 adapter alone is in ``export/lora_adapter`` (PEFT's format). Values marked "ours" are not given by

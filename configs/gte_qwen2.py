@@ -14,10 +14,11 @@ the supervised (fine-tuning) stage; the weakly supervised stage is the same file
         --config.data.sources='[{"path": "pairs.jsonl", "query_instruction": "Given a web search query, retrieve relevant passages that answer the query", "instruction_template": "e5"}]'
     gte-jax plan --config configs/gte_qwen2.py --topology v5p-8 --model-config qwen2-7b
 
-The export is a Qwen2 checkpoint that *our* encode, eval and ``gte-jax`` commands run
-bidirectionally (its ``config.json`` says ``"gte_jax_attention": "bidirectional"``); transformers'
-``Qwen2Model`` ignores that key and runs causal attention, so ``SentenceTransformer(export)`` does
-not reproduce these embeddings (the README's "LLM embedders" says what loads where).
+The export is a Qwen2 checkpoint under gte-jax's own ``model_type``
+(``gte_jax_bidirectional_qwen2``) with its modeling code, as gte-Qwen2 ships on the hub:
+``SentenceTransformer(export, trust_remote_code=True)`` runs it bidirectionally, as ``gte-jax
+encode`` does; without ``trust_remote_code`` transformers refuses it rather than running it causal
+(gte_jax/hf_bidirectional.py). gte-jax reads it back from its ``config.json`` alone.
 
 ``configs/gte_qwen2.py:runlocal`` trains it on a CPU in about 20 s from a tiny random Qwen2-shaped
 decoder (gte_jax/models/tiny_decoder.py, written offline once under $GTE_JAX_CACHE or

@@ -47,8 +47,8 @@ Labels: "release" = the authors' code or its train_configs say so; "ours" = our 
 Export: the last stage's ``export/`` is a plain HF + sentence-transformers directory (LoRA
 merged). Gemma3 writes ``use_bidirectional_attention: true``, which transformers (>= 5) and
 sentence-transformers honour: ``SentenceTransformer(export)`` embeds as gte-jax does, no remote
-code. Llama / Mistral / Qwen have no such switch in transformers: README "LLM2Vec" says what to
-load and how.
+code. Llama / Mistral / Qwen have no such switch in transformers: their export ships its modeling
+code (gte_jax/hf_bidirectional.py), loaded with ``trust_remote_code=True``.
 
 ``configs/llm2vec.py:runlocal``: all three stages on a tiny random Gemma3 causal LM built
 offline (gte_jax/models/tiny_decoder.py) and the bundled texts, a few minutes on a laptop CPU.

@@ -26,7 +26,7 @@ from flax import nnx
 from gte_jax.data.batching import pack_rows, packed_arrays
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES
-from gte_jax.prompts import PromptLengths, resolve_prompt
+from gte_jax.prompts import PromptLengths, resolve_prompt, resolve_template
 from gte_jax.prompts import pool_mask as pool_mask_of
 from gte_jax.workdir import inference_path, load_model
 
@@ -147,6 +147,7 @@ class Embedder:
         max_length: int | None = None,
         include_prompt: bool = True,
         prompts: dict[str, str] | None = None,
+        instruction_templates: Sequence[str] = (),
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -157,6 +158,8 @@ class Embedder:
         self.include_prompt = include_prompt
         # Named prompts (sentence-transformers' ``prompts``): encode(..., prompt_name="query").
         self.prompts = dict(prompts or {})
+        # The templates training formatted instructions with (the export's record).
+        self.instruction_templates = list(instruction_templates)
         self._prompt_lengths = PromptLengths(tokenizer)  # checked against the offsets, memoised
         # The tokenizer's padding side (gte_jax.prompts.configure_tokenizer), as in training.
         self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
@@ -182,7 +185,13 @@ class Embedder:
             max_length=info.max_seq_length,
             include_prompt=info.include_prompt,
             prompts=info.prompts,
+            instruction_templates=info.instruction_templates,
         )
+
+    def instruction_template(self, given: str | None = None) -> str:
+        """The template this model's instructions go through: ``given`` if it is the one the
+        model was trained with, else the model's (:func:`gte_jax.prompts.resolve_template`)."""
+        return resolve_template(self.instruction_templates, given)
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens of ``prompt`` left out of pooling (0 with ``include_prompt``); raises ValueError

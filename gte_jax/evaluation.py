@@ -26,7 +26,7 @@ import numpy as np
 from gte_jax.encode import Embedder
 from gte_jax.eval_data import BeirData, doc_text, read_beir, read_sts  # noqa: F401
 from gte_jax.models.pooling import l2_normalize
-from gte_jax.prompts import side_prompt
+from gte_jax.prompts import instruction_template, resolve_template, side_prompt
 from gte_jax.ranking import (  # noqa: F401
     DEFAULT_CUTOFFS,
     pearson,
@@ -167,21 +167,21 @@ class EvalSet:
     query_prefix: str = ""  # STS sentences get this one
     doc_prefix: str = ""
     split: str = "test"  # BEIR qrels split
+    query_instruction: str = ""  # tasks, through the model's template (:meth:`prefixes`)
+    doc_instruction: str = ""
+    instruction_template: str | None = None  # None: the model's (gte_jax.prompts)
 
     @classmethod
     def from_config(cls, entry: Any) -> EvalSet:
-        """From a config dict; ``query_instruction`` / ``doc_instruction`` (tasks) with
-        ``instruction_template`` become the prefixes, as for a training source
-        (:func:`gte_jax.prompts.side_prompt`)."""
+        """From a config dict; ``query_instruction`` / ``doc_instruction`` (tasks) become the
+        prefixes as for a training source (:func:`gte_jax.prompts.side_prompt`), through the
+        template the model was trained with unless ``instruction_template`` names it."""
         d = entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
-        template = d.pop("instruction_template", "plain")
         for side in ("query", "doc"):
-            task = d.pop(f"{side}_instruction", "")
-            if task and d.get(f"{side}_prefix"):
+            if d.get(f"{side}_instruction") and d.get(f"{side}_prefix"):
                 raise ValueError(
                     f"eval set {d.get('name', d)!r}: set {side}_prefix or {side}_instruction"
                 )
-            d[f"{side}_prefix"] = side_prompt(d.get(f"{side}_prefix", ""), template, task)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -193,7 +193,20 @@ class EvalSet:
             raise ValueError(f"eval set {d!r}: missing keys {missing}.")
         if d["kind"] not in ("beir", "sts"):
             raise ValueError(f"eval set {d['name']!r}: kind must be 'beir' or 'sts'.")
+        if d.get("instruction_template") is not None:
+            instruction_template(d["instruction_template"])  # a bad template fails at start-up
         return cls(**d)
+
+    def prefixes(self, embedder: Embedder) -> tuple[str, str]:
+        """(query prefix, document prefix) for ``embedder``'s model: instructions through
+        ``Embedder.instruction_template`` (the rule of encode, eval, mine and the MTEB adapter)."""
+        template = self.instruction_template
+        if self.query_instruction or self.doc_instruction:
+            template = embedder.instruction_template(template)
+        return (
+            side_prompt(self.query_prefix, template or "plain", self.query_instruction),
+            side_prompt(self.doc_prefix, template or "plain", self.doc_instruction),
+        )
 
 
 class EvalSuite:
@@ -224,29 +237,51 @@ class EvalSuite:
             for s in self.sets
         }
 
+    def check_templates(self, instruction_templates: Sequence[str]) -> None:
+        """Raises ValueError now (at start-up) for a set whose instructions a model trained with
+        ``instruction_templates`` would refuse at its first evaluation."""
+        for s in self.sets:
+            if s.query_instruction or s.doc_instruction:
+                try:
+                    resolve_template(instruction_templates, s.instruction_template)
+                except ValueError as e:
+                    raise ValueError(f"eval set {s.name!r}: {e}") from None
+
     def __call__(
-        self, model: Any, tokenizer: Any, *, include_prompt: bool = True
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        include_prompt: bool = True,
+        instruction_templates: Sequence[str] = (),
     ) -> dict[str, float]:
         return self.evaluate_embedder(
-            Embedder(model, tokenizer, max_length=self.max_length, include_prompt=include_prompt)
+            Embedder(
+                model,
+                tokenizer,
+                max_length=self.max_length,
+                include_prompt=include_prompt,
+                instruction_templates=instruction_templates,
+            )
         )
 
     def evaluate_embedder(self, embedder: Embedder) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for s in self.sets:
             data = self._data[s.name]
+            query_prefix, doc_prefix = s.prefixes(embedder)
             if s.kind == "beir":
                 result = evaluate_beir(
                     embedder,
                     data,
-                    prefix_query=s.query_prefix,
-                    prefix_doc=s.doc_prefix,
+                    prefix_query=query_prefix,
+                    prefix_doc=doc_prefix,
                     batch_size=self.batch_size,
                 )
                 keys = [k for k in result if "@" in k]
             else:
                 result = evaluate_sts(
-                    embedder, *data, prefix=s.query_prefix, batch_size=self.batch_size
+                    embedder, *data, prefix=query_prefix, batch_size=self.batch_size
                 )
                 keys = ["spearman", "pearson"]
             metrics.update({f"{s.name}/{k}": float(result[k]) for k in keys})

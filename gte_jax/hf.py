@@ -14,7 +14,9 @@ written through gcsfs). Remote weights are read and written as bytes; the tokeni
 transformers only reads and writes on local disk, goes through a temporary local copy.
 
 Safety: configs that need remote code (``auto_map``, ``trust_remote_code``) and pickled weights
-(``*.bin`` / ``*.pt``) are refused, never executed.
+(``*.bin`` / ``*.pt``) are refused, never executed. gte-jax's own bidirectional Llama / Mistral /
+Qwen exports (``gte_jax.hf_bidirectional``) name a modeling file for transformers; gte-jax reads
+them from ``config.json`` alone and never runs that file.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save as save_bytes
 
 import gte_jax.models.lora as lora
+from gte_jax import hf_bidirectional
 from gte_jax.models import registry
 from gte_jax.models.encoder import BiEncoder
 
@@ -75,6 +78,8 @@ _ST_ACTIVATIONS = {
     "torch.nn.modules.activation.Tanh": "tanh",
 }
 _ACTIVATION_TO_ST = {v: k for k, v in _ST_ACTIVATIONS.items()}
+# Our key in config_sentence_transformers.json (sentence-transformers reads only its own keys).
+INSTRUCTION_TEMPLATES_KEY = "gte_jax_instruction_templates"
 # Legacy module paths: every sentence-transformers release from 2.x to 6.x resolves them.
 _ST_MODULE_TYPES = {
     "Transformer": "sentence_transformers.models.Transformer",
@@ -94,6 +99,9 @@ class PretrainedInfo:
     include_prompt: bool = True
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    # The instruction templates training formatted instructions with (gte_jax.prompts
+    # .training_templates), for gte_jax.prompts.resolve_template.
+    instruction_templates: list[str] = dataclasses.field(default_factory=list)
     similarity_fn_name: str | None = None
     # Tensors we carry but do not train (the BERT pooler), torch names -> arrays.
     extra_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -186,7 +194,11 @@ def _read_json(path: epath.Path) -> Any:
 def _refuse_remote_code(directory: epath.Path) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         path = directory / name
-        if path.exists() and "auto_map" in _read_json(path):
+        if not path.exists():
+            continue
+        config = _read_json(path)
+        # Our own bidirectional export names its modeling file; we read it by its config alone.
+        if "auto_map" in config and not hf_bidirectional.is_own_export(config):
             raise ValueError(
                 f"{path} has an `auto_map`: this model needs custom (remote) Python code, which "
                 "gte-jax never runs. Use a model whose architecture gte-jax supports natively "
@@ -285,6 +297,7 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
         settings["prompts"] = dict(st.get("prompts") or {})
         settings["default_prompt_name"] = st.get("default_prompt_name")
         settings["similarity_fn_name"] = st.get("similarity_fn_name")
+        settings["instruction_templates"] = list(st.get(INSTRUCTION_TEMPLATES_KEY) or [])
     return transformer_dir, settings
 
 
@@ -403,7 +416,7 @@ def load_model(
         _refuse_remote_code(transformer_dir)
     if not (transformer_dir / "config.json").exists():
         raise FileNotFoundError(f"{transformer_dir} has no config.json: not a Hugging Face model.")
-    hf_config = _read_json(transformer_dir / "config.json")
+    hf_config = hf_bidirectional.plain_config(_read_json(transformer_dir / "config.json"))
     family = registry.family_for(hf_config.get("model_type", "bert"))
     config = family.config_from_hf(hf_config, dtype=dtype, **config_overrides)
     tensors = load_safetensors(transformer_dir)
@@ -461,6 +474,7 @@ def load_model(
         include_prompt=st.get("include_prompt", True),
         prompts=st.get("prompts", {}),
         default_prompt_name=st.get("default_prompt_name"),
+        instruction_templates=st.get("instruction_templates", []),
         similarity_fn_name=st.get("similarity_fn_name"),
         extra_tensors=extra,
         transformer_dir=str(transformer_dir),
@@ -562,6 +576,14 @@ def _write_transformer(
     hf.update(config.to_hf())
     hf["architectures"] = [registry.family_of(config).architecture(config)]
     hf["dtype"] = "float32"
+    code_files: dict[str, str] = {}
+    if hf_bidirectional.needs_remote_code(hf):
+        hf, code_files = hf_bidirectional.export_config(hf)
+    stale = out / f"{hf_bidirectional.MODULE}.py"
+    if stale.exists() and stale.name not in code_files:
+        stale.unlink()
+    for name, text in code_files.items():
+        (out / name).write_text(text, encoding="utf-8")
     _write_json(out / "config.json", hf)
 
     max_seq_length = info.max_seq_length or min(
@@ -642,6 +664,11 @@ def _write_sentence_transformers_modules(
             "prompts": info.prompts,
             "default_prompt_name": info.default_prompt_name,
             "similarity_fn_name": info.similarity_fn_name or "cosine",
+            **(
+                {INSTRUCTION_TEMPLATES_KEY: sorted(info.instruction_templates)}
+                if info.instruction_templates
+                else {}
+            ),
         },
     )
 

@@ -70,7 +70,10 @@ class MTEBEncoder:
     ``get_instruction`` order), turned into the prompt by the template: on queries, and on
     documents too with ``instruct_documents`` (INSTRUCTOR; E5-mistral / Qwen3 leave documents
     bare). A task with an instruction uses it in place of the prompt lookup above; one without
-    falls back to it."""
+    falls back to it. ``instruction_template`` None means the template the model was trained with
+    when its export records one (instructions on), else no instructions; a template other than
+    the recorded one is refused (:func:`gte_jax.prompts.resolve_template`, the rule of ``encode``,
+    ``eval`` and ``mine``)."""
 
     def __init__(
         self,
@@ -99,8 +102,8 @@ class MTEBEncoder:
         if doc_prefix is not None:
             self.prompts["document"] = doc_prefix
         self.batch_size = batch_size
-        if instruction_template is not None:
-            prompts_lib.instruction_template(instruction_template)  # raises on a bad template
+        if instruction_template is not None or self.embedder.instruction_templates:
+            instruction_template = self.embedder.instruction_template(instruction_template)
         self.instruction_template = instruction_template
         self.instructions = dict(instructions or {})
         self.instruct_documents = instruct_documents

@@ -262,9 +262,11 @@ def _config_json_of(path: Any) -> dict[str, Any] | None:
     workdir, whose ``base_model/`` holds it), a config.json file, or None."""
     from etils import epath
 
+    from gte_jax.hf_bidirectional import plain_config
+
     path = epath.Path(path)
     if path.is_file():
-        return json.loads(path.read_text())
+        return plain_config(json.loads(path.read_text()))
     if not path.is_dir():
         return None
     candidates = [path, path / "base_model"]
@@ -276,7 +278,7 @@ def _config_json_of(path: Any) -> dict[str, Any] | None:
                     candidates.append(folder / module.get("path", ""))
     for folder in candidates:
         if (folder / "config.json").exists():
-            return json.loads((folder / "config.json").read_text())
+            return plain_config(json.loads((folder / "config.json").read_text()))
     return None
 
 

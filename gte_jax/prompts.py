@@ -176,6 +176,62 @@ def training_prompts(sources: Sequence[Any]) -> dict[str, str]:
     return out
 
 
+def training_templates(sources: Sequence[Any]) -> list[str]:
+    """The instruction templates (resolved, sorted) a training run formatted instructions with:
+    those of the pair sources with a task of their own, a template other than "plain", or records
+    known to carry instructions (a TFDS source's are read lazily: unknown records with the plain
+    template record nothing, which :func:`resolve_template` also reads as plain). The export records
+    them so that :func:`resolve_template` gives encode, eval, mine and the MTEB adapter the
+    training's formatting of an instruction."""
+    used = set()
+    for s in sources:
+        if getattr(s, "kind", "pairs") != "pairs":
+            continue
+        o = s.options
+        records = getattr(s, "record_instructions", None) or ()
+        if (
+            o.query_instruction
+            or o.doc_instruction
+            or instruction_template(o.instruction_template) != INSTRUCTION_TEMPLATES["plain"]
+            or any(q or d for q, d in records)
+        ):
+            used.add(instruction_template(o.instruction_template))
+    return sorted(used)
+
+
+def template_name(template: str) -> str:
+    """The preset name of a resolved template, else the template text (for messages)."""
+    names = [k for k, v in INSTRUCTION_TEMPLATES.items() if v == template]
+    return names[0] if names else repr(template)
+
+
+def resolve_template(recorded: Sequence[str], given: str | None) -> str:
+    """The template an instruction is formatted with at inference, one rule for ``encode``,
+    ``eval``, ``mine`` and the MTEB adapter. ``recorded``: the templates the model was trained
+    with (its export's, :func:`training_templates`; empty when unknown); ``given``: the user's
+    (``--template``), or None.
+
+    None takes the model's one template ("plain" when it records none); a given template must be
+    one the model was trained with. Raises ValueError (exit 2 in the CLI) instead of formatting
+    the instruction unlike training."""
+    recorded = sorted(set(recorded))
+    names = ", ".join(template_name(t) for t in recorded)
+    if given is None:
+        if len(recorded) > 1:
+            raise ValueError(
+                f"the model was trained with several instruction templates ({names}): pass "
+                "--template (instruction_template) to say which one this instruction uses"
+            )
+        return recorded[0] if recorded else INSTRUCTION_TEMPLATES["plain"]
+    template = instruction_template(given)
+    if recorded and template not in recorded:
+        raise ValueError(
+            f"template {given!r} is not the one the model was trained with ({names}): drop "
+            "--template (instruction_template) to use the model's, or pass that one"
+        )
+    return template
+
+
 def resolve_prompt(prompts: Mapping[str, str], prompt_name: str | None, prompt: str | None) -> str:
     """sentence-transformers' ``encode(prompt=..., prompt_name=...)``: an explicit prompt wins."""
     if prompt is not None:

@@ -611,7 +611,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     from gte_jax import hf
     from gte_jax.checkpoint import Checkpointer, abstract_like
     from gte_jax.data.pipeline import build_iterator, build_sources
-    from gte_jax.prompts import training_prompts
+    from gte_jax.prompts import training_prompts, training_templates
 
     is_main = jax.process_index() == 0
     tcfg, batch_size = config.train, int(config.train.batch_size)
@@ -646,6 +646,8 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         )
     # The export carries the prompts this stage trained with (after those of earlier stages).
     info.prompts = {**info.prompts, **training_prompts(sources)}
+    # A stage without instructions keeps the templates of the stage it started from.
+    info.instruction_templates = training_templates(sources) or info.instruction_templates
     if is_main and not (workdir / "base_model").exists():
         hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info)
     iterator = build_iterator(
@@ -1109,6 +1111,7 @@ class Evaluator:
             batch_size=int(eval_cfg.batch_size),
             max_length=int(eval_cfg.max_length) or None,
         )
+        self.suite.check_templates(info.instruction_templates)  # a template mismatch: now
         self.every = int(eval_cfg.every_steps)
         self.metric = str(eval_cfg.best_metric)
         self.sign = 1.0 if eval_cfg.best_mode == "max" else -1.0
@@ -1125,7 +1128,12 @@ class Evaluator:
         # `gte-jax eval` / `encode` compute them (models/precision.py).
         model = as_float32(self.model_fn.module(local))
         t0 = time.perf_counter()
-        metrics = self.suite(model, self.tokenizer, include_prompt=self.info.include_prompt)
+        metrics = self.suite(
+            model,
+            self.tokenizer,
+            include_prompt=self.info.include_prompt,
+            instruction_templates=self.info.instruction_templates,
+        )
         log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0, metrics)
         self.writer.write(step, metrics, prefix="eval/")
         if step == 0:

@@ -17,6 +17,7 @@ from gte_jax.data.batching import PairBatchIterator
 from gte_jax.data.pipeline import DEMO_DIR
 from gte_jax.data.sources import PairRecord, SourceOptions, from_records
 from gte_jax.models.pooling import pool, pool_segments
+from gte_jax.prompts import INSTRUCTION_TEMPLATES, resolve_template
 
 INSTR_Q = "Bible verse for retrieving its modern translation"
 INSTR_D = "Bible translation for retrieval"
@@ -565,15 +566,26 @@ def test_mteb_adapter_passes_each_tasks_instruction(minilm_dir):
 def test_eval_sets_take_instructions_like_sources():
     from gte_jax.evaluation import EvalSet
 
-    s = EvalSet.from_config(
-        {"name": "dev", "kind": "beir", "path": "x", "query_instruction": "Given a claim, find "
-         "evidence", "instruction_template": "e5"}
-    )  # fmt: skip
-    assert (s.query_prefix, s.doc_prefix) == ("Instruct: Given a claim, find evidence\nQuery: ", "")
+    class Trained:  # an Embedder's template rule, without a model
+        def __init__(self, *templates):
+            self.recorded = [INSTRUCTION_TEMPLATES[t] for t in templates]
+
+        def instruction_template(self, given=None):
+            return resolve_template(self.recorded, given)
+
+    entry = {"name": "dev", "kind": "beir", "path": "x",
+             "query_instruction": "Given a claim, find evidence"}  # fmt: skip
+    s = EvalSet.from_config({**entry, "instruction_template": "e5"})
+    want = ("Instruct: Given a claim, find evidence\nQuery: ", "")
+    assert s.prefixes(Trained()) == s.prefixes(Trained("e5")) == want
     opts = SourceOptions(
         query_instruction="Given a claim, find evidence", instruction_template="e5"
     )
-    assert s.query_prefix == opts.query_prompt()  # the one rule
+    assert s.prefixes(Trained())[0] == opts.query_prompt()  # the one rule
+    # No template in the eval set: the model's; a template the model was not trained with: refused.
+    assert EvalSet.from_config(entry).prefixes(Trained("e5")) == want
+    with pytest.raises(ValueError, match="not the one the model was trained with"):
+        s.prefixes(Trained("instructor"))
     with pytest.raises(ValueError, match="query_prefix or query_instruction"):
         EvalSet.from_config(
             {

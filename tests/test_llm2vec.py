@@ -355,28 +355,30 @@ def test_llm2vec_runlocal_three_stages_and_a_bidirectional_export(recipe):
     assert float(early[0, :-1].abs().max()) > 1e-4  # a later token reaches earlier ones
 
 
-def test_llama_bidirectional_export_loads_with_a_4d_mask(decoders, tmp_path):
-    """Llama / Mistral / Qwen have no bidirectional switch in transformers: the export keeps
-    gte-jax's setting in config.json (``gte_jax_attention``) and plain transformers reproduces
-    it when given a 4D all-keys mask (README, "LLM2Vec"); with the usual 2D mask it runs causal."""
+def test_llama_bidirectional_export_runs_bidirectional_in_transformers(decoders, tmp_path):
+    """Llama / Mistral / Qwen have no bidirectional switch in transformers: the export ships its
+    modeling code under a model_type of gte-jax's (gte_jax/hf_bidirectional.py), so AutoModel
+    with trust_remote_code reproduces gte-jax with the usual 2D mask, and without it refuses."""
     path, _ = decoders["llama"]
     model, tokenizer, info = hf.load_pretrained(path, attention="bidirectional")
-    hf.export_pretrained(model, tokenizer, tmp_path / "export", info=info)
-    config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["gte_jax_attention"] == "bidirectional"
+    hf.export_pretrained(model, tokenizer, tmp_path / "llama_export", info=info)
+    config = json.loads((tmp_path / "llama_export" / "config.json").read_text())
+    assert config["gte_jax_attention"] == "bidirectional" and "auto_map" in config
     texts = ["What is AI?", "A new blaze near Goulburn has forced the closure of the Hume."]
     batch = tokenizer(texts, padding=True, return_tensors="np")
     ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
     ours = _hidden(model, ids, mask)
-    torch_model = transformers.AutoModel.from_pretrained(tmp_path / "export").eval()
-    two_d = torch.tensor(mask, dtype=torch.long)
-    four_d = two_d[:, None, None, :].bool().expand(-1, 1, mask.shape[1], -1)  # key padding only
+    torch_model = transformers.AutoModel.from_pretrained(
+        tmp_path / "llama_export", trust_remote_code=True
+    ).eval()
     with torch.no_grad():
-        bidi = torch_model(input_ids=torch.tensor(ids), attention_mask=four_d).last_hidden_state
-        causal = torch_model(input_ids=torch.tensor(ids), attention_mask=two_d).last_hidden_state
+        bidi = torch_model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask, dtype=torch.long)
+        ).last_hidden_state
     real = mask.astype(bool)
     assert np.abs(bidi.numpy() - ours)[real].max() < TOL
-    assert np.abs(causal.numpy() - ours)[real].max() > 1e-3
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModel.from_pretrained(tmp_path / "llama_export", trust_remote_code=False)
 
 
 def test_mntp_stage_resumes_bitwise_on_8_devices(tmp_path, monkeypatch):

@@ -181,6 +181,8 @@ def test_export_in_sentence_transformers_equals_gte_jax_encode(one_device, tmp_p
     _agree(prompted, _gte_jax_encode(one_device, TEXTS, tmp_path, "--prompt-name", "query"))
     task = _gte_jax_encode(one_device, TEXTS, tmp_path, "--instruction", TASK, "--template", "e5")
     _agree(prompted, task)
+    # As configs/e5_mistral.py documents it: no --template, the export's (e5) is used.
+    _agree(prompted, _gte_jax_encode(one_device, TEXTS, tmp_path, "--instruction", TASK))
     assert np.abs(prompted - bare).max() > 1e-2  # the prompt reaches the last token
     # The merged export == our unmerged LoRA forward on the last checkpoint.
     model, tokenizer, _, _ = wd._checkpoint_model(one_device, None)

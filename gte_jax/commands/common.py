@@ -46,7 +46,8 @@ def positive_int(text: str) -> int:
 def add_encoding_arguments(parser, *, batch_size: int, prefixes: bool = False) -> None:
     """The options every command that embeds texts shares: ``--batch-size``, ``--max-length`` and,
     with ``prefixes``, ``--query-prefix`` / ``--doc-prefix`` (``--prefix-query`` / ``--prefix-doc``
-    also accepted; destinations ``query_prefix`` / ``doc_prefix``)."""
+    also accepted; destinations ``query_prefix`` / ``doc_prefix``) or ``--query-instruction`` /
+    ``--doc-instruction`` through ``--template`` (:func:`side_prefixes`)."""
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument(
         "--max-length", type=positive_int, default=None, help="default: the model's"
@@ -54,3 +55,33 @@ def add_encoding_arguments(parser, *, batch_size: int, prefixes: bool = False) -
     if prefixes:
         parser.add_argument("--query-prefix", "--prefix-query", dest="query_prefix", default="")
         parser.add_argument("--doc-prefix", "--prefix-doc", dest="doc_prefix", default="")
+        parser.add_argument(
+            "--query-instruction", default="", help="a task for queries, through --template"
+        )
+        parser.add_argument(
+            "--doc-instruction", default="", help="a task for documents, through --template"
+        )
+        parser.add_argument(
+            "--template",
+            default=None,
+            help="how an instruction becomes the prompt (plain, e5, qwen3, instructor, or a text "
+            'with one "{task}"); default: the one the model was trained with (its export says); '
+            "another one is an error",
+        )
+
+
+def side_prefixes(args: Any, embedder: Any) -> tuple[str, str]:
+    """(query prefix, document prefix) of ``add_encoding_arguments(prefixes=True)``'s options: a
+    side's instruction goes through the model's template (``Embedder.instruction_template``, the
+    rule ``encode`` and training use), else its prefix. Raises ValueError on a conflict."""
+    from gte_jax.prompts import side_prompt
+
+    out = []
+    for side in ("query", "doc"):
+        prefix, task = getattr(args, f"{side}_prefix"), getattr(args, f"{side}_instruction")
+        if prefix and task:
+            raise ValueError(f"pass --{side}-prefix or --{side}-instruction, not both")
+        out.append(side_prompt(prefix, embedder.instruction_template(args.template), task))
+    if args.template is not None and not (args.query_instruction or args.doc_instruction):
+        raise ValueError("--template formats --query-instruction / --doc-instruction: pass one")
+    return out[0], out[1]

@@ -3,7 +3,9 @@
 
 ``--instruction TASK`` prepends ``TASK`` through ``--template`` (``gte_jax.prompts``: "plain" =
 the text as given, e.g. INSTRUCTOR's "Represent the Medicine sentence for retrieval: "; "e5",
-"qwen3", "instructor" or a text with one "{task}"); like any prompt, its tokens are left out of
+"qwen3", "instructor" or a text with one "{task}"; default: the template the model was trained
+with, from its export, and a different one is refused: ``gte_jax.prompts.resolve_template``);
+like any prompt, its tokens are left out of
 pooling when the model's ``include_prompt`` is false -- what ``SentenceTransformer(export)
 .encode(x, prompt=<the same prompt>)`` does."""
 
@@ -69,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--template",
-        default="plain",
+        default=None,
         help="how --instruction becomes the prompt: plain (as given), e5, qwen3, instructor, or a "
-        'text with one "{task}"',
+        'text with one "{task}"; default: the one the model was trained with (its export says); '
+        "another one is an error",
     )
     parser.add_argument(
         "--pooling", choices=POOLING_MODES, default=None, help="default: the model's"
@@ -96,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         embedder = Embedder.from_pretrained(args.model)
         prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
         if args.instruction is not None:
-            prefix = instruction_prompt(args.template, args.instruction)
-        elif args.template != "plain":
+            template = embedder.instruction_template(args.template)
+            prefix = instruction_prompt(template, args.instruction)
+        elif args.template is not None:
             raise InputError("--template formats --instruction: pass --instruction too.")
         embedder.prompt_length(prefix)  # a prompt that does not split exactly: exit 2 now
     except USER_ERRORS as e:

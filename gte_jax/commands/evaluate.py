@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error
-from gte_jax.evaluation import evaluate
+from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error, side_prefixes
+from gte_jax.evaluation import evaluate, load_embedder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,12 +33,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        embedder = load_embedder(args.model)
+        query_prefix, doc_prefix = side_prefixes(args, embedder)
         result = evaluate(
-            args.model,
+            embedder,
             beir_dir=args.beir,
             sts_file=args.sts,
-            prefix_query=args.query_prefix,
-            prefix_doc=args.doc_prefix,
+            prefix_query=query_prefix,
+            prefix_doc=doc_prefix,
             split=args.split,
             batch_size=args.batch_size,
             max_length=args.max_length,

@@ -9,7 +9,7 @@ import pathlib
 import sys
 from typing import Any
 
-from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error
+from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error, side_prefixes
 from gte_jax.encode import Embedder
 from gte_jax.mining import (
     DEFAULT_CANDIDATES,
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(args.pairs)
         corpus = read_corpus_texts(args.corpus)
         embedder = Embedder.from_pretrained(args.model)
+        query_prefix, doc_prefix = side_prefixes(args, embedder)
     except USER_ERRORS as e:
         return fail(e)
     mined = mine_negatives(
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         candidates=args.candidates,
         fallback_depth=args.fallback_depth,
         seed=args.seed,
-        query_prefix=args.query_prefix,
-        doc_prefix=args.doc_prefix,
+        query_prefix=query_prefix,
+        doc_prefix=doc_prefix,
         batch_size=args.batch_size,
         max_length=args.max_length,
     )
