@@ -139,13 +139,104 @@ def shortneg_dir(tmp_path_factory):
     return tmp
 
 
-def test_tfds_source_skips_bad_records_instead_of_duplicating_the_next(shortneg_dir):
-    """Issue 9 item 7: a record that fails at read time is skipped and counted like a file
-    source's: not replaced by the next valid one (a duplicate), not counted in the α sizes."""
+def _counts_path(data_dir) -> pathlib.Path:
+    from gte_jax.data.sources import COUNTS_FILE
+
+    return pathlib.Path(data_dir) / "local_pairs" / "shortneg" / "1.0.0" / COUNTS_FILE
+
+
+def _stored(data_dir) -> list[dict]:
+    ds = tfds.builder("local_pairs/shortneg", data_dir=str(data_dir)).as_data_source("train")
+    return [
+        {"query": ds[i]["query"].decode(), "positive": ds[i]["positive"].decode(),
+         "negatives": [n.decode() for n in ds[i]["negatives"]]}
+        for i in range(len(ds))
+    ]  # fmt: skip
+
+
+def test_builder_writes_the_counts_of_what_it_stored(shortneg_dir):
+    """The counts beside the data are those of the stored records, and of the input rows."""
+    from collections import Counter
+
+    counts = json.loads(_counts_path(shortneg_dir).read_text())["splits"]
+    stored = Counter(len(r["negatives"]) for r in _stored(shortneg_dir))
+    rows = Counter(len(r["negatives"]) for r in _short_and_long_rows())
+    assert stored == rows
+    assert counts == {
+        "train": {
+            "num_records": 60,
+            "negatives_histogram": {str(k): v for k, v in sorted(rows.items())},
+        }
+    }
+
+
+def test_tfds_source_opens_from_counts_without_reading_records(shortneg_dir, monkeypatch):
+    from gte_jax.data import sources
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("opening read the records")
+
+    monkeypatch.setattr(sources, "_scan", no_read)
+    src = sources.from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir))
+    short = sum(not r["negatives"] for r in _short_and_long_rows())
+    assert (len(src), src.num_negatives, src.stats()["records_short_of_negatives"]) == (
+        60, 1, short,
+    )  # fmt: skip
+    st = src.stats()
+    assert (st["read"], st["used"], st["skipped"]) == (60, 60, 0)
+    with pytest.raises(ValueError, match=r"no feature\(s\) \['question'\]"):
+        sources.from_tfds(
+            "sn", "local_pairs/shortneg", data_dir=str(shortneg_dir),
+            fields=FieldMap("question", "positive"),
+        )  # fmt: skip
+
+
+def test_tfds_source_skips_records_bad_at_read_time(shortneg_dir):
+    """Opened from counts, a record too long for this run's max_text_chars is found when read:
+    skipped and counted once, and its index stands for the next valid stored record
+    (cyclically), whatever was read before: the mixture stays a pure function of the index."""
     from gte_jax.data.sources import from_tfds
 
-    rows = _short_and_long_rows()
+    stored = _stored(shortneg_dir)
+    ok = [len(r["positive"]) <= 40 for r in stored]
+    expected = []
+    for i in range(len(stored)):
+        j = i
+        while not ok[j]:
+            j = (j + 1) % len(stored)
+        expected.append(stored[j]["query"])
     src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
+    assert len(src) == 60  # the α size is the stored count: nothing is read at opening
+    assert [src[i].query for i in reversed(range(60))] == expected[::-1]
+    assert [src[i].query for i in range(60)] == expected
+    st = src.stats()
+    assert (st["read"], st["used"], st["skipped"]) == (60, sum(ok), 60 - sum(ok)) != (60, 60, 0)
+    with pytest.raises(Exception, match=r"local_pairs/shortneg\[train\]:\d+: .*max_text_chars"):
+        src = from_tfds(
+            "sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40,
+            on_bad_input="error",
+        )  # fmt: skip
+        [src[i] for i in range(60)]
+
+
+@pytest.mark.parametrize("counts", ["missing", "stale"])
+def test_tfds_source_without_counts_reads_every_record(shortneg_dir, tmp_path, counts, caplog):
+    """A dataset built before the counts were written (or whose counts do not match it) is read
+    through at opening: bad records skipped and counted, not replaced, not in the α sizes."""
+    import shutil
+
+    from gte_jax.data.sources import from_tfds
+
+    data_dir = tmp_path / "copy"
+    shutil.copytree(shortneg_dir, data_dir)
+    if counts == "missing":
+        _counts_path(data_dir).unlink()
+    else:
+        text = _counts_path(data_dir).read_text().replace('"num_records": 60', '"num_records": 61')
+        _counts_path(data_dir).write_text(text)
+    rows = _short_and_long_rows()
+    src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(data_dir), max_text_chars=40)
+    assert "reading all 60 records" in caplog.text
     good = [r for r in rows if len(r["positive"]) <= 40]
     assert len(src) == len(good)  # what the α mixture weights see
     st = src.stats()

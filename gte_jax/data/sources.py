@@ -15,13 +15,18 @@ policy: ``"skip"`` (default) drops the record, counts it and logs the first few 
 ``"error"`` raises :class:`InputError` naming ``file:line``. Per source the invariant
 ``read == used + skipped`` holds and :meth:`Source.stats` returns the counts for the run summary.
 
-Every source is validated eagerly, when it is opened, so ``Source[i]`` only ever returns valid
-records, ``len(source)`` (which the α mixture weights use) counts valid records only, and the
-mixture sampler's index math never depends on the data. Local files are parsed into memory. A TFDS
-dataset is read once through (the builders in ``data_pipelines/`` validate when they build, but a
-catalogue dataset read through a field mapping, or other read-time settings, may still reject
-records): the bad records are skipped and counted like a file's, and only their positions are
-kept, so memory is O(bad records) and index -> record stays a pure function of the index.
+Local files are validated eagerly, when they are opened (parsed into memory), so ``Source[i]``
+only ever returns valid records and ``len(source)`` (which the α mixture weights use) counts
+valid records only. A TFDS dataset built by ``data_pipelines/`` (which validate when they build)
+opens from the counts its builder wrote beside the data (:data:`COUNTS_FILE`: records and
+negatives per record), without reading a record: at pre-training size a read-through costs hours
+per process at every restart. A record that still turns out bad when read (read-time settings
+stricter than the build's) is skipped and counted then, and index i stands for the next valid
+record after it (cyclically): a pure function of the index, so every process and a resumed run
+draw the same records. A dataset without counts (built before they were written, a catalogue
+dataset, a sliced split, a field mapping other than the stored features) is read once through at
+opening, as before (logged): its bad records are skipped and counted like a file's and only their
+positions are kept, so memory is O(bad records) and index -> record stays a pure function.
 
 Hard negatives: K (``num_negatives``) is decided once per source, when it is opened: the
 configured value, or "auto" = the most common number of negatives among the records that have any
@@ -34,8 +39,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -64,6 +71,12 @@ MAX_REPORTED = 5
 DEFAULT_MAX_TEXT_CHARS = 100_000
 # Records read per call when a TFDS source is checked through, when it is opened.
 SCAN_CHUNK = 1024
+# Written by the builders of data_pipelines/ beside a dataset's array_record files: per split,
+# {"num_records": n, "negatives_histogram": {"k": records}}. A file of our own rather than TFDS's
+# DatasetInfo.metadata: TFDS restores MetadataDict only through a builder class whose _info
+# declares it, whereas this is read from the directory whatever reads it.
+COUNTS_FILE = "gte_jax_counts.json"
+COUNTS_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,6 +607,66 @@ def _scan(
     return bad, histogram
 
 
+def read_counts(data_dir: Any, split: str, num_records: int) -> dict[int, int] | None:
+    """The negatives histogram of ``split`` from the builder's :data:`COUNTS_FILE`, or None when
+    the dataset has none (built before it was written) or it does not describe these records."""
+    import etils.epath
+
+    path = etils.epath.Path(data_dir) / COUNTS_FILE
+    if not path.exists():
+        return None
+    try:
+        counts = json.loads(path.read_text())
+        entry = counts["splits"][split] if counts.get("format") == COUNTS_FORMAT else None
+        if entry is None or int(entry["num_records"]) != num_records:
+            return None
+        return {int(k): int(v) for k, v in entry["negatives_histogram"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        logger.warning("%s: unreadable (%s); reading the records instead", path, e)
+        return None
+
+
+class LazyChecked:
+    """Index -> record over stored records counted at build time, checking each when it is read.
+
+    A bad record is skipped and counted the first time it is met (``acct``: read == used +
+    skipped over the stored records), and index i stands for the next valid stored record after
+    i, cyclically: a pure function of i whatever was read before, so the mixture stays
+    deterministic across processes and resumes. Thread-safe (a prefetch thread reads records
+    while the loop reads the counts)."""
+
+    def __init__(
+        self, read: Callable[[int], Any], n: int, parse: Callable[[Any], PairRecord],
+        acct: BadInputAccounting, where: str,
+    ):  # fmt: skip
+        self._read, self._n, self._parse = read, n, parse
+        self._acct, self._where = acct, where
+        self._bad: set[int] = set()
+        self._lock = threading.Lock()
+        acct.stats.read = acct.stats.used = n
+
+    def __call__(self, index: int) -> PairRecord:
+        i = int(index)
+        for _ in range(self._n):
+            if i not in self._bad:
+                try:
+                    return self._parse(self._read(i))
+                except InputError as e:
+                    self._skip(i, e)
+            i = (i + 1) % self._n
+        raise InputError(f"{self._where}: every one of its {self._n} records is bad")
+
+    def _skip(self, i: int, err: InputError) -> None:
+        with self._lock:
+            if i in self._bad:
+                return
+            self._acct.bad(f"{self._where}:{i}", err)  # raises with on_bad_input="error"
+            self._bad.add(i)
+            # The stored record was counted as read and used at opening.
+            self._acct.stats.read -= 1
+            self._acct.stats.used -= 1
+
+
 def from_tfds(
     name: str,
     tfds_name: str,
@@ -615,10 +688,10 @@ def from_tfds(
     ``text_field`` (a feature name, nested as ``"a/b"``) it is a text source of that feature
     (module docstring; e.g. the ``"positive"`` of a pair dataset, or a catalogue text dataset).
 
-    Opening reads every record once (module docstring): bad records are skipped and counted, so
-    ``len()`` and the mixture weights count valid records only and no record stands in for
-    another. That pass costs one read of the dataset per process at start-up (logged with its
-    time).
+    Opening reads the builder's counts (:data:`COUNTS_FILE`), not the records; bad records met
+    later are skipped and counted when read (module docstring). Without counts it reads every
+    record once (one read of the dataset per process at start-up, logged with its time): bad
+    records are skipped and counted then, and ``len()`` counts valid records only.
     """
     import tensorflow_datasets as tfds
 
@@ -648,8 +721,37 @@ def from_tfds(
                 out[key] = value
         return out
 
+    where = f"{tfds_name}[{split}]"
+    kind = "pairs" if text_field is None else "text"
+    # The counts describe the stored "negatives" feature; another negatives field needs a read.
+    histogram = None
+    if text_field is not None or fields.negatives in ("negatives", None):
+        histogram = read_counts(builder.data_dir, split, n)
+    if histogram is not None:
+        # Nothing is read now: a mapping onto features the dataset lacks must fail here, not as
+        # every record skipped when drawn.
+        stored = set(builder.info.features.keys())
+        missing = [k for k in (fields.query, fields.positive) if k.split("/")[0] not in stored]
+        if missing:
+            raise ValueError(
+                f"source {name!r}: {where} has no feature(s) {missing} (its features: "
+                f"{sorted(stored)}); check the source's field names"
+            )
+        if text_field is not None or fields.negatives is None:
+            histogram = {0: n}
+        get = LazyChecked(ds.__getitem__, n, lambda ex: parser(flat(ex)), acct, where)
+        logger.info("source %r: %d records of %s (counts from %s)", name, n, where, COUNTS_FILE)
+        return Source(
+            name, n, get, options=options, accounting=acct, negatives_histogram=histogram,
+            kind=kind,
+        )  # fmt: skip
+    logger.warning(
+        "source %r: %s has no %s for this split and field mapping: reading all %d records to "
+        "count them (rebuild it with `gte-jax data build` to open it without a read)",
+        name, where, COUNTS_FILE, n,
+    )  # fmt: skip
     start = time.perf_counter()
-    bad, histogram = _scan(ds, lambda ex: parser(flat(ex)), acct, f"{tfds_name}[{split}]")
+    bad, histogram = _scan(ds, lambda ex: parser(flat(ex)), acct, where)
     bad_at = np.asarray(bad, dtype=np.int64)
     logger.info(
         "source %r: read %d records of %s[%s] in %.1f s, %d skipped",
@@ -664,7 +766,7 @@ def from_tfds(
 
     return Source(
         name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram,
-        kind="pairs" if text_field is None else "text",
+        kind=kind,
     )  # fmt: skip
 
 
