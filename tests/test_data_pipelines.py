@@ -207,6 +207,12 @@ def test_tfds_source_skips_records_bad_at_read_time(shortneg_dir):
         expected.append(stored[j]["query"])
     src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
     assert len(src) == 60  # the α size is the stored count: nothing is read at opening
+    # Read as a batch does (one read of a list of records), the skips found on the way.
+    assert [r.query for r in src.many([*range(0, 60, 2), *range(1, 60, 2)])] == [
+        *expected[0::2], *expected[1::2],
+    ]  # fmt: skip
+    assert src.stats()["skipped"] == 60 - sum(ok)
+    src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
     assert [src[i].query for i in reversed(range(60))] == expected[::-1]
     assert [src[i].query for i in range(60)] == expected
     st = src.stats()
@@ -244,6 +250,8 @@ def test_tfds_source_without_counts_reads_every_record(shortneg_dir, tmp_path, c
     got = sorted(src[i].query for i in range(len(src)))
     assert got == sorted(r["query"] for r in good)  # each valid record once: no stand-ins
     assert sorted(src[i].query for i in range(len(src))) == got  # a pure function of the index
+    ids = [*range(1, len(src), 2), *range(0, len(src), 2)]
+    assert src.many(ids) == [src[i] for i in ids]
 
 
 def test_tfds_source_keeps_records_short_of_negatives(shortneg_dir):

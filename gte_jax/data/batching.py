@@ -152,9 +152,15 @@ def make_plan(
     step: int, drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source], num_negatives: int
 ) -> GlobalBatchPlan:
     names, queries, qpre, docs, dpre, negs, neg_ok = [], [], [], [], [], [], []
-    for name, index in drawn:
+    at: dict[str, list[int]] = {}
+    for j, (name, _) in enumerate(drawn):
+        at.setdefault(name, []).append(j)
+    records: list[Any] = [None] * len(drawn)
+    for name, rows in at.items():  # one read per source
+        for j, rec in zip(rows, sources[name].many([drawn[j][1] for j in rows]), strict=True):
+            records[j] = rec
+    for (name, _), rec in zip(drawn, records, strict=True):
         src = sources[name]
-        rec = src[index]
         opts = src.options
         names.append(name)
         queries.append(rec.query)
