@@ -280,3 +280,24 @@ def test_tfds_source_keeps_records_short_of_negatives(shortneg_dir):
             else:
                 masked.add(q)
     assert masked == set(short)
+
+
+def test_pair_records_decoded_from_their_bytes_as_tfds_decodes_them(shortneg_dir, tmp_path):
+    """Our builders' records are decoded straight from their Example bytes (faster): the same
+    values TFDS's own decoding gives; other feature sets keep TFDS's decoding."""
+    from gte_jax.data.sources import _pair_example_reader
+
+    builder = tfds.builder("local_pairs/shortneg", data_dir=str(shortneg_dir))
+    ds = builder.as_data_source("train")
+    read = _pair_example_reader(ds, builder.info.features)
+    ids = [7, 0, 59, 3, 3, 12]
+    fast, ref = read(ids), ds.__getitems__(ids)
+    assert [sorted(f) for f in fast] == [sorted(r) for r in ref]
+    for f, r in zip(fast, ref, strict=True):
+        assert [f[k] for k in ("query", "positive", "instruction")] == [
+            r[k] for k in ("query", "positive", "instruction")
+        ]
+        assert f["negatives"] == list(r["negatives"])
+    assert any(f["negatives"] for f in fast) and not all(f["negatives"] for f in read(range(60)))
+    other = tfds.features.FeaturesDict({"query": tfds.features.Text()})
+    assert _pair_example_reader(ds, other) is None

@@ -593,17 +593,19 @@ PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction", "doc_ins
 
 
 def _scan(
-    ds: Any, parse: Callable[[Any], PairRecord], acct: BadInputAccounting, where: str
+    read_many: Callable[[list[int]], list[Any]],
+    n: int,
+    parse: Callable[[Any], PairRecord],
+    acct: BadInputAccounting,
+    where: str,
 ) -> tuple[list[int], dict[int, int]]:
     """One pass over a TFDS source's stored records: skips and counts the bad ones (like a file
     source's) and counts negatives per record (for K). Returns (bad positions, histogram)."""
     bad: list[int] = []
     histogram: dict[int, int] = {}
-    n = len(ds)
-    read_many = getattr(ds, "__getitems__", None)
     for lo in range(0, n, SCAN_CHUNK):
         ids = list(range(lo, min(n, lo + SCAN_CHUNK)))
-        examples = read_many(ids) if read_many else [ds[i] for i in ids]
+        examples = read_many(ids)
         for i, example in zip(ids, examples, strict=True):
             try:
                 rec = parse(example)
@@ -687,6 +689,39 @@ class LazyChecked:
             self._acct.stats.used -= 1
 
 
+def _pair_example_reader(ds: Any, features: Any) -> Callable[[list[int]], list[Any]] | None:
+    """Reads a list of records of a dataset stored with our builders' features (three texts and
+    a sequence of texts) and decodes their ``tf.train.Example`` bytes directly; None for other
+    feature sets. TFDS's generic NumPy decoding costs ~4x more per record (measured:
+    benchmarks/README.md), and every process reads the whole global batch's texts each step."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    raw = getattr(ds, "data_source", None)  # array_record's reader, the one grain uses
+    text = tfds.features.Text
+    if raw is None or set(features.keys()) != {"query", "positive", "negatives", "instruction"}:
+        return None
+    seq = features["negatives"]
+    if not (
+        all(isinstance(features[k], text) for k in ("query", "positive", "instruction"))
+        and isinstance(seq, tfds.features.Sequence)
+        and isinstance(seq.feature, text)
+    ):
+        return None
+    decode = tf_example_pb2.Example.FromString
+
+    def read(ids: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for record in raw.__getitems__(ids):
+            feature = decode(record).features.feature
+            ex = {k: feature[k].bytes_list.value[0] for k in ("query", "positive", "instruction")}
+            ex["negatives"] = list(feature["negatives"].bytes_list.value)
+            out.append(ex)
+        return out
+
+    return read
+
+
 def from_tfds(
     name: str,
     tfds_name: str,
@@ -730,7 +765,11 @@ def from_tfds(
         parser = TextParser(text_field, max_text_chars=max_text_chars)
         fields = parser.fields
     n = len(ds)
-    read_many = getattr(ds, "__getitems__", None) or (lambda ids: [ds[i] for i in ids])
+    read_many = (
+        _pair_example_reader(ds, builder.info.features)
+        or getattr(ds, "__getitems__", None)
+        or (lambda ids: [ds[i] for i in ids])
+    )
 
     def flat(example: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(example)
@@ -760,7 +799,8 @@ def from_tfds(
             )
         if text_field is not None or fields.negatives is None:
             histogram = {0: n}
-        get = LazyChecked(ds.__getitem__, n, lambda ex: parser(flat(ex)), acct, where)
+        read_one = lambda i: read_many([i])[0]  # noqa: E731
+        get = LazyChecked(read_one, n, lambda ex: parser(flat(ex)), acct, where)
         logger.info("source %r: %d records of %s (counts from %s)", name, n, where, COUNTS_FILE)
         return Source(
             name, n, get, options=options, accounting=acct, negatives_histogram=histogram,
@@ -772,7 +812,7 @@ def from_tfds(
         name, where, COUNTS_FILE, n,
     )  # fmt: skip
     start = time.perf_counter()
-    bad, histogram = _scan(ds, lambda ex: parser(flat(ex)), acct, where)
+    bad, histogram = _scan(read_many, n, lambda ex: parser(flat(ex)), acct, where)
     bad_at = np.asarray(bad, dtype=np.int64)
     logger.info(
         "source %r: read %d records of %s[%s] in %.1f s, %d skipped",
@@ -785,7 +825,7 @@ def from_tfds(
         return valid_position(bad_at, index) if len(bad_at) else int(index)
 
     def get(index: int) -> PairRecord:
-        return parser(flat(ds[position(index)]))  # valid: checked by the pass above
+        return parser(flat(read_many([position(index)])[0]))  # valid: checked by the pass above
 
     def get_many(indices: Sequence[int]) -> list[PairRecord]:
         return [parser(flat(ex)) for ex in read_many([position(i) for i in indices])]
