@@ -771,68 +771,97 @@ def from_tfds(
         or (lambda ids: [ds[i] for i in ids])
     )
 
-    def flat(example: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(example)
-        for key in dataclasses.astuple(fields):
-            if key and "/" in key:
-                value: Any = example
-                for part in key.split("/"):
-                    value = value.get(part) if isinstance(value, Mapping) else None
-                out[key] = value
-        return out
-
-    where = f"{tfds_name}[{split}]"
-    kind = "pairs" if text_field is None else "text"
+    stored = _Stored(
+        name, f"{tfds_name}[{split}]", n, read_many, lambda ex: parser(_flat(ex, fields)), acct,
+        options,
+        "pairs" if text_field is None else "text",
+    )  # fmt: skip
     # The counts describe the stored "negatives" feature; another negatives field needs a read.
     histogram = None
     if text_field is not None or fields.negatives in ("negatives", None):
         histogram = read_counts(builder.data_dir, split, n)
-    if histogram is not None:
-        # Nothing is read now: a mapping onto features the dataset lacks must fail here, not as
-        # every record skipped when drawn.
-        stored = set(builder.info.features.keys())
-        missing = [k for k in (fields.query, fields.positive) if k.split("/")[0] not in stored]
-        if missing:
-            raise ValueError(
-                f"source {name!r}: {where} has no feature(s) {missing} (its features: "
-                f"{sorted(stored)}); check the source's field names"
-            )
-        if text_field is not None or fields.negatives is None:
-            histogram = {0: n}
-        read_one = lambda i: read_many([i])[0]  # noqa: E731
-        get = LazyChecked(read_one, n, lambda ex: parser(flat(ex)), acct, where)
-        logger.info("source %r: %d records of %s (counts from %s)", name, n, where, COUNTS_FILE)
-        return Source(
-            name, n, get, options=options, accounting=acct, negatives_histogram=histogram,
-            kind=kind, get_many=lambda ids: get.many(ids, read_many),
-        )  # fmt: skip
+    if histogram is None:
+        return _by_reading(stored)
+    if text_field is not None or fields.negatives is None:
+        histogram = {0: n}
+    # Nothing is read now: a mapping onto features the dataset lacks must fail here, not as
+    # every record skipped when drawn.
+    features = set(builder.info.features.keys())
+    missing = [k for k in (fields.query, fields.positive) if k.split("/")[0] not in features]
+    if missing:
+        raise ValueError(
+            f"source {name!r}: {stored.where} has no feature(s) {missing} (its features: "
+            f"{sorted(features)}); check the source's field names"
+        )
+    return _from_counts(stored, histogram)
+
+
+def _flat(example: Mapping[str, Any], fields: FieldMap) -> dict[str, Any]:
+    """The example with each nested field of ``fields`` ("a/b") also at its flat key."""
+    out = dict(example)
+    for key in dataclasses.astuple(fields):
+        if key and "/" in key:
+            value: Any = example
+            for part in key.split("/"):
+                value = value.get(part) if isinstance(value, Mapping) else None
+            out[key] = value
+    return out
+
+
+@dataclasses.dataclass
+class _Stored:
+    """A TFDS split being opened: how to read and parse its records, where to count."""
+
+    name: str
+    where: str
+    n: int
+    read_many: Callable[[list[int]], list[Any]]
+    parse: Callable[[Any], PairRecord]
+    acct: BadInputAccounting
+    options: SourceOptions
+    kind: str
+
+
+def _from_counts(st: _Stored, histogram: dict[int, int]) -> Source:
+    get = LazyChecked(lambda i: st.read_many([i])[0], st.n, st.parse, st.acct, st.where)
+    logger.info(
+        "source %r: %d records of %s (counts from %s)", st.name, st.n, st.where, COUNTS_FILE
+    )
+    return Source(
+        st.name, st.n, get, options=st.options, accounting=st.acct,
+        negatives_histogram=histogram, kind=st.kind,
+        get_many=lambda ids: get.many(ids, st.read_many),
+    )  # fmt: skip
+
+
+def _by_reading(st: _Stored) -> Source:
     logger.warning(
         "source %r: %s has no %s for this split and field mapping: reading all %d records to "
         "count them (rebuild it with `gte-jax data build` to open it without a read)",
-        name, where, COUNTS_FILE, n,
+        st.name, st.where, COUNTS_FILE, st.n,
     )  # fmt: skip
     start = time.perf_counter()
-    bad, histogram = _scan(read_many, n, lambda ex: parser(flat(ex)), acct, where)
+    bad, histogram = _scan(st.read_many, st.n, st.parse, st.acct, st.where)
     bad_at = np.asarray(bad, dtype=np.int64)
     logger.info(
-        "source %r: read %d records of %s[%s] in %.1f s, %d skipped",
-        name, n, tfds_name, split, time.perf_counter() - start, len(bad),
+        "source %r: read %d records of %s in %.1f s, %d skipped",
+        st.name, st.n, st.where, time.perf_counter() - start, len(bad),
     )  # fmt: skip
     if bad:
-        logger.warning("source %r: skipped %d of %d records", name, len(bad), n)
+        logger.warning("source %r: skipped %d of %d records", st.name, len(bad), st.n)
 
     def position(index: int) -> int:
         return valid_position(bad_at, index) if len(bad_at) else int(index)
 
     def get(index: int) -> PairRecord:
-        return parser(flat(read_many([position(index)])[0]))  # valid: checked by the pass above
+        return st.parse(st.read_many([position(index)])[0])  # valid: checked by the read above
 
     def get_many(indices: Sequence[int]) -> list[PairRecord]:
-        return [parser(flat(ex)) for ex in read_many([position(i) for i in indices])]
+        return [st.parse(ex) for ex in st.read_many([position(i) for i in indices])]
 
     return Source(
-        name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram,
-        kind=kind, get_many=get_many,
+        st.name, st.n - len(bad), get, options=st.options, accounting=st.acct,
+        negatives_histogram=histogram, kind=st.kind, get_many=get_many,
     )  # fmt: skip
 
 
