@@ -771,9 +771,10 @@ def from_tfds(
         or (lambda ids: [ds[i] for i in ids])
     )
 
+    nested = [k for k in dataclasses.astuple(fields) if k and "/" in k]  # once, not per record
     stored = _Stored(
-        name, f"{tfds_name}[{split}]", n, read_many, lambda ex: parser(_flat(ex, fields)), acct,
-        options,
+        name, f"{tfds_name}[{split}]", n, read_many,
+        (lambda ex: parser(_flat(ex, nested))) if nested else parser, acct, options,
         "pairs" if text_field is None else "text",
     )  # fmt: skip
     # The counts describe the stored "negatives" feature; another negatives field needs a read.
@@ -796,15 +797,14 @@ def from_tfds(
     return _from_counts(stored, histogram)
 
 
-def _flat(example: Mapping[str, Any], fields: FieldMap) -> dict[str, Any]:
-    """The example with each nested field of ``fields`` ("a/b") also at its flat key."""
+def _flat(example: Mapping[str, Any], nested: Sequence[str]) -> dict[str, Any]:
+    """The example with each nested field name ("a/b") also at its flat key."""
     out = dict(example)
-    for key in dataclasses.astuple(fields):
-        if key and "/" in key:
-            value: Any = example
-            for part in key.split("/"):
-                value = value.get(part) if isinstance(value, Mapping) else None
-            out[key] = value
+    for key in nested:
+        value: Any = example
+        for part in key.split("/"):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        out[key] = value
     return out
 
 
