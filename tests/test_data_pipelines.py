@@ -301,3 +301,35 @@ def test_pair_records_decoded_from_their_bytes_as_tfds_decodes_them(shortneg_dir
     assert any(f["negatives"] for f in fast) and not all(f["negatives"] for f in read(range(60)))
     other = tfds.features.FeaturesDict({"query": tfds.features.Text()})
     assert _pair_example_reader(ds, other) is None
+
+
+def test_mixture_over_read_time_skips_resumes_exactly(shortneg_dir, minilm_dir):
+    """Bad records met while drawing (opened from counts) leave the batches a function of the
+    sampler state: a run resumed from a mid-run state (in a fresh process's sources, which have
+    met no bad record yet) draws the uninterrupted run's batches, and the counts include them."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from gte_jax.data.batching import PairBatchIterator
+    from gte_jax.data.sources import from_tfds
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+
+    def iterator():
+        src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
+        return PairBatchIterator([src], tokenizer, global_batch_size=8, doc_max_length=32)
+
+    full = iterator()
+    batches = [next(full) for _ in range(16)]  # two epochs of 60 records
+    assert full.stats()["sn"]["skipped"] == sum(
+        len(r["positive"]) > 40 for r in _stored(shortneg_dir)
+    )
+    first = iterator()
+    for _ in range(6):
+        next(first)
+    resumed = iterator()
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    for expected in batches[6:]:
+        got = next(resumed)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], key)
