@@ -290,7 +290,10 @@ LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0}
 
 # Per-source counts the summary reports (read = used + skipped; records short of K negatives are
 # kept with a validity mask and counted).
-_SOURCE_STATS = ("size", "read", "used", "skipped", "num_negatives", "records_short_of_negatives")
+_SOURCE_STATS = (
+    "size", "read", "used", "skipped", "skipped_at_build", "num_negatives",
+    "records_short_of_negatives",
+)  # fmt: skip
 
 
 class TrainingError(RuntimeError):

@@ -113,6 +113,15 @@ def test_local_pairs_builder_skips_bad_lines(tmp_path):
         direct[i].query for i in range(len(direct))
     )
     assert {ds[i]["instruction"] for i in range(len(ds))} == {b"query: "}
+    # The build's bad-input counts travel with the data, into the run's source stats.
+    from gte_jax.data.sources import COUNTS_FILE, from_tfds
+
+    built = tmp_path / "local_pairs" / "broken" / "1.0.0"
+    counts = json.loads((built / COUNTS_FILE).read_text())["splits"]["train"]["build"]
+    assert counts == {k: direct.stats()[k] for k in ("read", "used", "skipped", "reasons")}
+    assert counts["skipped"] > 0
+    src = from_tfds("broken", "local_pairs/broken", data_dir=str(tmp_path), max_text_chars=1000)
+    assert src.stats()["skipped_at_build"] == counts["skipped"]
 
 
 def _short_and_long_rows() -> list[dict]:
@@ -166,6 +175,7 @@ def test_builder_writes_the_counts_of_what_it_stored(shortneg_dir):
         "train": {
             "num_records": 60,
             "negatives_histogram": {str(k): v for k, v in sorted(rows.items())},
+            "build": {"read": 60, "used": 60, "skipped": 0, "reasons": {}},
         }
     }
 

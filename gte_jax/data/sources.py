@@ -407,6 +407,9 @@ def auto_num_negatives(histogram: Mapping[int, int]) -> int:
 class Source:
     """A named, random-access collection of valid :class:`PairRecord` s.
 
+    ``skipped_at_build``: input records a TFDS builder dropped as bad (from its counts file;
+    None when not known). ``stats()`` counts the stored records only.
+
     ``negatives_histogram``: number of negatives per record -> number of (valid) records; fixes
     the auto K and the count of records short of K (module docstring). ``kind``: ``"pairs"`` or
     ``"text"`` (single texts; module docstring)."""
@@ -426,6 +429,7 @@ class Source:
     ):
         if kind not in SOURCE_KINDS:
             raise ValueError(f"source {name!r}: kind={kind!r}, use one of {SOURCE_KINDS}")
+        self.skipped_at_build: int | None = None
         self.name = name
         self.kind = kind
         # The distinct (instruction, doc_instruction) of the records, when known without a read
@@ -481,13 +485,16 @@ class Source:
         return auto_num_negatives(self.negatives_histogram)
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out = {
             "size": len(self),
             "kind": self.kind,
             **self.accounting.stats.as_dict(),
             "num_negatives": self.num_negatives,
             "records_short_of_negatives": self.records_short_of_negatives,
         }
+        if self.skipped_at_build is not None:
+            out["skipped_at_build"] = self.skipped_at_build
+        return out
 
     def __repr__(self) -> str:
         return f"Source({self.name!r}, size={len(self)}, kind={self.kind!r})"
@@ -618,9 +625,10 @@ def _scan(
     return bad, histogram
 
 
-def read_counts(data_dir: Any, split: str, num_records: int) -> dict[int, int] | None:
-    """The negatives histogram of ``split`` from the builder's :data:`COUNTS_FILE`, or None when
-    the dataset has none (built before it was written) or it does not describe these records."""
+def read_counts(data_dir: Any, split: str, num_records: int) -> dict[str, Any] | None:
+    """The entry of ``split`` in the builder's :data:`COUNTS_FILE` (``negatives_histogram`` with
+    int keys, ``build``: the builder's bad-input counts), or None when the dataset has none
+    (built before it was written) or it does not describe these records."""
     import etils.epath
 
     path = etils.epath.Path(data_dir) / COUNTS_FILE
@@ -631,7 +639,8 @@ def read_counts(data_dir: Any, split: str, num_records: int) -> dict[int, int] |
         entry = counts["splits"][split] if counts.get("format") == COUNTS_FORMAT else None
         if entry is None or int(entry["num_records"]) != num_records:
             return None
-        return {int(k): int(v) for k, v in entry["negatives_histogram"].items()}
+        hist = {int(k): int(v) for k, v in entry["negatives_histogram"].items()}
+        return {**entry, "negatives_histogram": hist}
     except (KeyError, TypeError, ValueError) as e:
         logger.warning("%s: unreadable (%s); reading the records instead", path, e)
         return None
@@ -778,11 +787,12 @@ def from_tfds(
         "pairs" if text_field is None else "text",
     )  # fmt: skip
     # The counts describe the stored "negatives" feature; another negatives field needs a read.
-    histogram = None
+    counts = None
     if text_field is not None or fields.negatives in ("negatives", None):
-        histogram = read_counts(builder.data_dir, split, n)
-    if histogram is None:
+        counts = read_counts(builder.data_dir, split, n)
+    if counts is None:
         return _by_reading(stored)
+    histogram = counts["negatives_histogram"]
     if text_field is not None or fields.negatives is None:
         histogram = {0: n}
     # Nothing is read now: a mapping onto features the dataset lacks must fail here, not as
@@ -794,7 +804,9 @@ def from_tfds(
             f"source {name!r}: {stored.where} has no feature(s) {missing} (its features: "
             f"{sorted(features)}); check the source's field names"
         )
-    return _from_counts(stored, histogram)
+    source = _from_counts(stored, histogram)
+    source.skipped_at_build = counts.get("build", {}).get("skipped")
+    return source
 
 
 def _flat(example: Mapping[str, Any], nested: Sequence[str]) -> dict[str, Any]:
