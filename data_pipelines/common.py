@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
-from gte_jax.data.sources import BadInputAccounting, PairRecord
+from gte_jax.data.sources import COUNTS_FILE, COUNTS_FORMAT, BadInputAccounting, PairRecord
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +38,69 @@ class PairBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             citation=self.CITATION or None,
         )
 
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        """Also writes :data:`~gte_jax.data.sources.COUNTS_FILE` (records and negatives per
+        record of each split), so that opening the dataset reads it instead of every record.
+
+        Written into TFDS's temporary build directory, so it appears with the data in one
+        rename, or not at all."""
+        generators = self._split_generators
+        counts: dict[str, dict[int, int]] = {}
+        accounts: dict[str, dict[str, Any]] = {}
+        self._accounts: list[dict[str, Any]] = []
+
+        def counted(*args, **kwargs):
+            splits = generators(*args, **kwargs)
+            return {
+                split: _counting(gen, counts.setdefault(str(split), {}), self._accounts,
+                                 accounts.setdefault(str(split), {}))
+                for split, gen in splits.items()
+            }  # fmt: skip
+
+        self._split_generators = counted  # the instance attribute shadows the method
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        finally:
+            del self._split_generators
+        payload = {
+            "format": COUNTS_FORMAT,
+            "splits": {
+                split: {
+                    "num_records": sum(hist.values()),
+                    "negatives_histogram": {str(k): v for k, v in sorted(hist.items())},
+                    # The input lines the builder read, used and dropped (bad input).
+                    "build": accounts[split],
+                }
+                for split, hist in counts.items()
+            },
+        }
+        (epath.Path(self.data_dir) / COUNTS_FILE).write_text(json.dumps(payload, indent=1))
+
+    def log_accounting(self, acct: BadInputAccounting) -> None:
+        """Logs a split's bad-input counts (call at the end of ``_generate_examples``) and keeps
+        them for the counts file."""
+        log_accounting(acct)
+        self._accounts.append(acct.stats.as_dict())
+
     # TFDS 4.9.10 finds a packaged builder's source through `importlib_resources`, which its
     # dependencies do not install (ModuleNotFoundError on first use); the file is all it needs.
     @py_utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(inspect.getfile(cls))
+
+
+def _counting(
+    examples: Iterator[Any], histogram: dict[int, int], logged: list[dict], build: dict
+) -> Iterator[Any]:
+    """Passes a split's ``(key, example)`` through, counting negatives per stored example; at
+    its end, takes the bad-input counts its generator logged (splits are generated in turn)."""
+    for key, ex in examples:
+        k = len(ex["negatives"])
+        histogram[k] = histogram.get(k, 0) + 1
+        yield key, ex
+    if logged:
+        build.update(logged.pop())
 
 
 def pair_features() -> tfds.features.FeaturesDict:

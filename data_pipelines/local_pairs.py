@@ -16,7 +16,7 @@ import dataclasses
 
 import tensorflow_datasets as tfds
 
-from data_pipelines.common import PairBuilder, example, log_accounting
+from data_pipelines.common import PairBuilder, example
 from gte_jax.data.sources import (
     DEFAULT_MAX_TEXT_CHARS,
     BadInputAccounting,
@@ -72,4 +72,4 @@ class LocalPairs(PairBuilder):
             rows = iter_raw_rows(path, cfg.format or guess_format(path), tsv_header=cfg.tsv_header)
             for loc, rec in parse_rows(rows, parser, acct):
                 yield loc, example(rec, cfg.instruction)
-        log_accounting(acct)
+        self.log_accounting(acct)

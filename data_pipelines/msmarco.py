@@ -14,7 +14,6 @@ from data_pipelines.common import (
     PairBuilder,
     example,
     local_or_download,
-    log_accounting,
 )
 from gte_jax.data.sources import (
     BadInputAccounting,
@@ -45,4 +44,4 @@ class MsmarcoTriples(PairBuilder):
         parser = RecordParser(FieldMap("0", "1", "2", None), min_negatives=1)
         for loc, rec in parse_rows(iter_raw_rows(path, "tsv"), parser, acct):
             yield loc, example(rec)
-        log_accounting(acct)
+        self.log_accounting(acct)

@@ -19,7 +19,6 @@ from data_pipelines.common import (
     PairBuilder,
     example,
     local_or_download,
-    log_accounting,
 )
 from gte_jax.data.sources import BadInputAccounting, RecordParser, iter_raw_rows
 from gte_jax.textio import InputError
@@ -96,4 +95,4 @@ class NliTriplets(PairBuilder):
                 except InputError:
                     continue  # already validated above; over-long texts only
                 yield f"{first_loc[premise]}#{j}", example(rec)
-        log_accounting(acct)
+        self.log_accounting(acct)

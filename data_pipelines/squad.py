@@ -18,7 +18,6 @@ from data_pipelines.common import (
     PairBuilder,
     example,
     local_or_download,
-    log_accounting,
 )
 from gte_jax.data.sources import BadInputAccounting, RecordParser
 from gte_jax.textio import InputError
@@ -91,4 +90,4 @@ class SquadPairs(PairBuilder):
                         continue
                     acct.ok()
                     yield qa.get("id") or loc, example(rec)
-        log_accounting(acct)
+        self.log_accounting(acct)

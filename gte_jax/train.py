@@ -291,8 +291,8 @@ LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0, "instructor": 0.0}
 # Per-source counts the summary reports (read = used + skipped; records short of K negatives are
 # kept with a validity mask and counted).
 _SOURCE_STATS = (
-    "size", "read", "used", "skipped", "num_negatives", "records_short_of_negatives",
-    "unattributed",
+    "size", "read", "used", "skipped", "skipped_at_build", "num_negatives",
+    "records_short_of_negatives", "unattributed",
 )  # fmt: skip
 
 
@@ -482,6 +482,8 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         else:
             num_chunks = batch_size // chunk
     problems.extend(packing_problems(config.data, num_chunks))
+    if int(config.data.prefetch) < 0:
+        problems.append(f"data.prefetch={config.data.prefetch}: use 0 (off) or a number of batches")
     if batch_size < 1 or batch_size % (num_chunks * data_devices):
         problems.append(
             f"train.batch_size={batch_size} must be divisible by the {data_devices} data devices"
@@ -611,6 +613,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     from gte_jax import hf
     from gte_jax.checkpoint import Checkpointer, abstract_like
     from gte_jax.data.pipeline import build_iterator, build_sources
+    from gte_jax.data.prefetch import with_prefetch
     from gte_jax.prompts import training_prompts, training_templates
 
     is_main = jax.process_index() == 0
@@ -675,6 +678,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         state = {**state, **saved}
         iterator.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start_step)
+    iterator = with_prefetch(iterator, int(data_cfg.prefetch))
     jit_step = _compiled_step(config, model_fn, tx, schedule, num_chunks, mesh, state)
     return _Stage(
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
@@ -970,6 +974,7 @@ class _Loop:
                     self.hooks.run(ctx)
         finally:
             self.seconds = time.perf_counter() - t0
+            st.iterator.close()
             if self.progress is not None:
                 self.progress.close()
             st.ckpt.close()

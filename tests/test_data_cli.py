@@ -73,3 +73,24 @@ def test_inspect_reads_a_stage_of_a_training_config(capsys):
     assert neg[:2] == [16, 1]
     assert main(["data", "inspect", "--config", demo, "--stage", "nope"]) == 2
     assert "pretrain" in capsys.readouterr().err
+
+
+def test_build_files_then_read_them_as_a_tfds_source(tmp_path, capsys):
+    """`data build --files` makes a local file a TFDS source that opens from its counts, with
+    the records a direct read of the file gives."""
+    from gte_jax.data.pipeline import DEMO_DIR
+    from gte_jax.data.sources import COUNTS_FILE, from_files, from_tfds
+
+    src_file = DEMO_DIR / "chat_qa.jsonl"
+    rc = cli.main(["build", "--files", str(src_file), "--name", "chat", "--data_dir",
+                   str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    built = pathlib.Path(json.loads(capsys.readouterr().out.splitlines()[-1])["path"])
+    assert (built / COUNTS_FILE).exists()
+    direct = from_files("chat", src_file)
+    tfds_src = from_tfds("chat", "local_pairs/chat", data_dir=str(tmp_path))
+    assert len(tfds_src) == len(direct)
+    key = lambda r: (r.query, r.positive, r.negatives)  # noqa: E731
+    assert sorted(map(key, (tfds_src[i] for i in range(len(tfds_src))))) == sorted(
+        map(key, (direct[i] for i in range(len(direct))))
+    )

@@ -113,6 +113,15 @@ def test_local_pairs_builder_skips_bad_lines(tmp_path):
         direct[i].query for i in range(len(direct))
     )
     assert {ds[i]["instruction"] for i in range(len(ds))} == {b"query: "}
+    # The build's bad-input counts travel with the data, into the run's source stats.
+    from gte_jax.data.sources import COUNTS_FILE, from_tfds
+
+    built = tmp_path / "local_pairs" / "broken" / "1.0.0"
+    counts = json.loads((built / COUNTS_FILE).read_text())["splits"]["train"]["build"]
+    assert counts == {k: direct.stats()[k] for k in ("read", "used", "skipped", "reasons")}
+    assert counts["skipped"] > 0
+    src = from_tfds("broken", "local_pairs/broken", data_dir=str(tmp_path), max_text_chars=1000)
+    assert src.stats()["skipped_at_build"] == counts["skipped"]
 
 
 def _short_and_long_rows() -> list[dict]:
@@ -139,13 +148,111 @@ def shortneg_dir(tmp_path_factory):
     return tmp
 
 
-def test_tfds_source_skips_bad_records_instead_of_duplicating_the_next(shortneg_dir):
-    """Issue 9 item 7: a record that fails at read time is skipped and counted like a file
-    source's: not replaced by the next valid one (a duplicate), not counted in the α sizes."""
+def _counts_path(data_dir) -> pathlib.Path:
+    from gte_jax.data.sources import COUNTS_FILE
+
+    return pathlib.Path(data_dir) / "local_pairs" / "shortneg" / "1.0.0" / COUNTS_FILE
+
+
+def _stored(data_dir) -> list[dict]:
+    ds = tfds.builder("local_pairs/shortneg", data_dir=str(data_dir)).as_data_source("train")
+    return [
+        {"query": ds[i]["query"].decode(), "positive": ds[i]["positive"].decode(),
+         "negatives": [n.decode() for n in ds[i]["negatives"]]}
+        for i in range(len(ds))
+    ]  # fmt: skip
+
+
+def test_builder_writes_the_counts_of_what_it_stored(shortneg_dir):
+    """The counts beside the data are those of the stored records, and of the input rows."""
+    from collections import Counter
+
+    counts = json.loads(_counts_path(shortneg_dir).read_text())["splits"]
+    stored = Counter(len(r["negatives"]) for r in _stored(shortneg_dir))
+    rows = Counter(len(r["negatives"]) for r in _short_and_long_rows())
+    assert stored == rows
+    assert counts == {
+        "train": {
+            "num_records": 60,
+            "negatives_histogram": {str(k): v for k, v in sorted(rows.items())},
+            "build": {"read": 60, "used": 60, "skipped": 0, "reasons": {}},
+        }
+    }
+
+
+def test_tfds_source_opens_from_counts_without_reading_records(shortneg_dir, monkeypatch):
+    from gte_jax.data import sources
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("opening read the records")
+
+    monkeypatch.setattr(sources, "_scan", no_read)
+    src = sources.from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir))
+    short = sum(not r["negatives"] for r in _short_and_long_rows())
+    assert (len(src), src.num_negatives, src.stats()["records_short_of_negatives"]) == (
+        60, 1, short,
+    )  # fmt: skip
+    st = src.stats()
+    assert (st["read"], st["used"], st["skipped"]) == (60, 60, 0)
+    with pytest.raises(ValueError, match=r"no feature\(s\) \['question'\]"):
+        sources.from_tfds(
+            "sn", "local_pairs/shortneg", data_dir=str(shortneg_dir),
+            fields=FieldMap("question", "positive"),
+        )  # fmt: skip
+
+
+def test_tfds_source_skips_records_bad_at_read_time(shortneg_dir):
+    """Opened from counts, a record too long for this run's max_text_chars is found when read:
+    skipped and counted once, and its index stands for the next valid stored record
+    (cyclically), whatever was read before: the mixture stays a pure function of the index."""
     from gte_jax.data.sources import from_tfds
 
-    rows = _short_and_long_rows()
+    stored = _stored(shortneg_dir)
+    ok = [len(r["positive"]) <= 40 for r in stored]
+    expected = []
+    for i in range(len(stored)):
+        j = i
+        while not ok[j]:
+            j = (j + 1) % len(stored)
+        expected.append(stored[j]["query"])
     src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
+    assert len(src) == 60  # the α size is the stored count: nothing is read at opening
+    # Read as a batch does (one read of a list of records), the skips found on the way.
+    assert [r.query for r in src.many([*range(0, 60, 2), *range(1, 60, 2)])] == [
+        *expected[0::2], *expected[1::2],
+    ]  # fmt: skip
+    assert src.stats()["skipped"] == 60 - sum(ok)
+    src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
+    assert [src[i].query for i in reversed(range(60))] == expected[::-1]
+    assert [src[i].query for i in range(60)] == expected
+    st = src.stats()
+    assert (st["read"], st["used"], st["skipped"]) == (60, sum(ok), 60 - sum(ok)) != (60, 60, 0)
+    with pytest.raises(Exception, match=r"local_pairs/shortneg\[train\]:\d+: .*max_text_chars"):
+        src = from_tfds(
+            "sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40,
+            on_bad_input="error",
+        )  # fmt: skip
+        [src[i] for i in range(60)]
+
+
+@pytest.mark.parametrize("counts", ["missing", "stale"])
+def test_tfds_source_without_counts_reads_every_record(shortneg_dir, tmp_path, counts, caplog):
+    """A dataset built before the counts were written (or whose counts do not match it) is read
+    through at opening: bad records skipped and counted, not replaced, not in the α sizes."""
+    import shutil
+
+    from gte_jax.data.sources import from_tfds
+
+    data_dir = tmp_path / "copy"
+    shutil.copytree(shortneg_dir, data_dir)
+    if counts == "missing":
+        _counts_path(data_dir).unlink()
+    else:
+        text = _counts_path(data_dir).read_text().replace('"num_records": 60', '"num_records": 61')
+        _counts_path(data_dir).write_text(text)
+    rows = _short_and_long_rows()
+    src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(data_dir), max_text_chars=40)
+    assert "reading all 60 records" in caplog.text
     good = [r for r in rows if len(r["positive"]) <= 40]
     assert len(src) == len(good)  # what the α mixture weights see
     st = src.stats()
@@ -153,6 +260,8 @@ def test_tfds_source_skips_bad_records_instead_of_duplicating_the_next(shortneg_
     got = sorted(src[i].query for i in range(len(src)))
     assert got == sorted(r["query"] for r in good)  # each valid record once: no stand-ins
     assert sorted(src[i].query for i in range(len(src))) == got  # a pure function of the index
+    ids = [*range(1, len(src), 2), *range(0, len(src), 2)]
+    assert src.many(ids) == [src[i] for i in ids]
 
 
 def test_tfds_source_keeps_records_short_of_negatives(shortneg_dir):
@@ -181,3 +290,56 @@ def test_tfds_source_keeps_records_short_of_negatives(shortneg_dir):
             else:
                 masked.add(q)
     assert masked == set(short)
+
+
+def test_pair_records_decoded_from_their_bytes_as_tfds_decodes_them(shortneg_dir, tmp_path):
+    """Our builders' records are decoded straight from their Example bytes (faster): the same
+    values TFDS's own decoding gives; other feature sets keep TFDS's decoding."""
+    from gte_jax.data.sources import _pair_example_reader
+
+    builder = tfds.builder("local_pairs/shortneg", data_dir=str(shortneg_dir))
+    ds = builder.as_data_source("train")
+    read = _pair_example_reader(ds, builder.info.features)
+    ids = [7, 0, 59, 3, 3, 12]
+    fast, ref = read(ids), ds.__getitems__(ids)
+    assert [sorted(f) for f in fast] == [sorted(r) for r in ref]
+    for f, r in zip(fast, ref, strict=True):
+        assert [f[k] for k in ("query", "positive", "instruction")] == [
+            r[k] for k in ("query", "positive", "instruction")
+        ]
+        assert f["negatives"] == list(r["negatives"])
+    assert any(f["negatives"] for f in fast) and not all(f["negatives"] for f in read(range(60)))
+    other = tfds.features.FeaturesDict({"query": tfds.features.Text()})
+    assert _pair_example_reader(ds, other) is None
+
+
+def test_mixture_over_read_time_skips_resumes_exactly(shortneg_dir, minilm_dir):
+    """Bad records met while drawing (opened from counts) leave the batches a function of the
+    sampler state: a run resumed from a mid-run state (in a fresh process's sources, which have
+    met no bad record yet) draws the uninterrupted run's batches, and the counts include them."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from gte_jax.data.batching import PairBatchIterator
+    from gte_jax.data.sources import from_tfds
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+
+    def iterator():
+        src = from_tfds("sn", "local_pairs/shortneg", data_dir=str(shortneg_dir), max_text_chars=40)
+        return PairBatchIterator([src], tokenizer, global_batch_size=8, doc_max_length=32)
+
+    full = iterator()
+    batches = [next(full) for _ in range(16)]  # two epochs of 60 records
+    assert full.stats()["sn"]["skipped"] == sum(
+        len(r["positive"]) > 40 for r in _stored(shortneg_dir)
+    )
+    first = iterator()
+    for _ in range(6):
+        next(first)
+    resumed = iterator()
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    for expected in batches[6:]:
+        got = next(resumed)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], key)

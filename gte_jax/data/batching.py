@@ -149,9 +149,15 @@ def make_plan(
     step: int, drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source], num_negatives: int
 ) -> GlobalBatchPlan:
     names, queries, qpre, docs, dpre, negs, neg_ok = [], [], [], [], [], [], []
-    for name, index in drawn:
+    at: dict[str, list[int]] = {}
+    for j, (name, _) in enumerate(drawn):
+        at.setdefault(name, []).append(j)
+    records: list[Any] = [None] * len(drawn)
+    for name, rows in at.items():  # one read per source
+        for j, rec in zip(rows, sources[name].many([drawn[j][1] for j in rows]), strict=True):
+            records[j] = rec
+    for (name, _), rec in zip(drawn, records, strict=True):
         src = sources[name]
-        rec = src[index]
         opts = src.options
         names.append(name)
         queries.append(rec.query)
@@ -631,6 +637,16 @@ def _materialize_packed_chunked(
     return _with_ids(out, plan, tok, num_negatives)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A drawn, tokenised batch waiting for its layout (:meth:`PairBatchIterator.prepare`)."""
+
+    plan: GlobalBatchPlan
+    tok: TokenizedSlice
+    labels: Any  # MNTP labels per query row, or None
+    sampler_state: dict[str, Any] | None  # right after this batch's draw
+
+
 _AGREEMENTS = itertools.count()  # one key prefix per agreement; every process counts alike
 
 
@@ -792,6 +808,8 @@ class PairBatchIterator:
         # run packs as the uninterrupted one did): see prime_row_floor.
         self.row_floor: dict[str, int] = {}
         self._init_row_length(pack_row_length)
+        # The sampler state of the last batch handed out (None: the sampler's own).
+        self._consumed_sampler_state: dict[str, Any] | None = None
 
     def _init_row_length(self, pack_row_length: int | None) -> None:
         """Tokens per packed row: "query" (queries) and "doc" (documents and negatives); saved
@@ -876,6 +894,10 @@ class PairBatchIterator:
 
     def next_plan(self) -> GlobalBatchPlan:
         """Advances the sampler and fetches the global batch's texts (same on every process)."""
+        self._consumed_sampler_state = None  # the state is the sampler's again
+        return self._next_plan()
+
+    def _next_plan(self) -> GlobalBatchPlan:
         step = self.sampler.step
         drawn = self.sampler.next()
         k = self.num_negatives[drawn[0][0]]
@@ -883,6 +905,9 @@ class PairBatchIterator:
 
     def materialize(self, plan: GlobalBatchPlan) -> dict[str, np.ndarray]:
         """Tokenises this process's rows of ``plan`` and pads it to the agreed buckets."""
+        return self.finish(self._tokenized(plan, None))
+
+    def _tokenized(self, plan: GlobalBatchPlan, sampler_state: Any) -> Prepared:
         rows = self.layout.rows(plan.size)
         tok = tokenize_slice(
             plan,
@@ -892,11 +917,27 @@ class PairBatchIterator:
             doc_max_length=self.doc_max_length,
             prompt_lengths=self.prompt_lengths,
         )
-        if self.mntp is None:
-            return self._layout(plan, tok)
-        tok.query_ids, labels = self.mntp(tok.query_ids, step=plan.step, examples=rows)
-        batch = self._layout(plan, tok)
-        batch["query_labels"] = label_rows(batch, labels, "query", self.layout)
+        labels = None
+        if self.mntp is not None:
+            tok.query_ids, labels = self.mntp(tok.query_ids, step=plan.step, examples=rows)
+        return Prepared(plan, tok, labels, sampler_state)
+
+    def prepare(self) -> Prepared:
+        """The host-only half of :meth:`__next__`: draws the next global batch, reads its texts
+        and tokenises this process's rows (no JAX call, no exchange between processes: safe in
+        a prefetch thread, :mod:`gte_jax.data.prefetch`). Carries the sampler state right after
+        the draw, which becomes the iterator's state when :meth:`finish` hands the batch out."""
+        plan = self._next_plan()
+        return self._tokenized(plan, self.sampler.get_state())
+
+    def finish(self, prepared: Prepared) -> dict[str, np.ndarray]:
+        """The other half: the lengths agreed across processes, rows padded or packed."""
+        if prepared.sampler_state is not None:
+            self._consumed_sampler_state = prepared.sampler_state
+        if prepared.labels is None:
+            return self._layout(prepared.plan, prepared.tok)
+        batch = self._layout(prepared.plan, prepared.tok)
+        batch["query_labels"] = label_rows(batch, prepared.labels, "query", self.layout)
         return batch
 
     def _layout(self, plan: GlobalBatchPlan, tok: TokenizedSlice) -> dict[str, np.ndarray]:
@@ -952,17 +993,28 @@ class PairBatchIterator:
         )
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return self.materialize(self.next_plan())
+        return self.finish(self.prepare())
 
     def get_state(self) -> dict[str, Any]:
+        """The state right after the last batch handed out by :meth:`finish` (with a prefetch
+        thread, the sampler itself may have drawn further)."""
         return {
-            "sampler": self.sampler.get_state(),
+            "sampler": self._sampler_state(),
             "row_floor": dict(self.row_floor),
             "row_length": dict(self.row_length),
         }
 
+    def close(self) -> None:
+        """Nothing to release (a :class:`~gte_jax.data.prefetch.Prefetcher` stops its thread)."""
+
+    def _sampler_state(self) -> dict[str, Any]:
+        if self._consumed_sampler_state is not None:
+            return copy.deepcopy(self._consumed_sampler_state)
+        return self.sampler.get_state()
+
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.sampler.set_state(state["sampler"])
+        self._consumed_sampler_state = None
         # A state saved before row floors existed: keep the primed ones.
         self.row_floor = {**self.row_floor, **dict(state.get("row_floor") or {})}
         if state.get("row_length"):
@@ -972,7 +1024,7 @@ class PairBatchIterator:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per source: size, read / used / skipped (+ reasons), drawn batches and examples."""
-        st = self.sampler.get_state()["sources"]
+        st = self._sampler_state()["sources"]
         return {
             name: {
                 **src.stats(),

@@ -3,6 +3,7 @@
     gte-jax data inspect --config configs/demo_data.py [--config.data.alpha=1.0] [--steps 100]
     gte-jax data build --builder msmarco_triples --data_dir DIR [--manual_dir DIR]
     gte-jax data build --config CONFIG      # every data.sources entry with `tfds` set
+    gte-jax data build --files a.jsonl[,b.jsonl] --name NAME --data_dir DIR   # -> local_pairs/NAME
 
 ``inspect`` prints one JSON object on stdout:
 ``{"steps", "alpha", "skipped_records", "sources": {name: {size, expected_share, observed_share,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pathlib
 import sys
 
 import numpy as np
@@ -40,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--data_dir", help="TFDS data dir (default: data.data_dir of the config)")
     b.add_argument("--manual_dir", help="directory holding already downloaded source files")
+    b.add_argument(
+        "--files",
+        help="comma-separated local pair files (JSONL/TSV/Parquet) built into local_pairs/NAME "
+        "(train split), read back as a source with tfds='local_pairs/NAME'",
+    )
+    b.add_argument("--name", help="with --files: the dataset's name (default: the first stem)")
     return p
 
 
@@ -164,12 +172,23 @@ def build_main(args, overrides: list[str]) -> int:
         targets += [(s["tfds"], None) for s in config.data.get("sources", []) if s.get("tfds")]
     if args.builder:
         targets.append((args.builder, None))
+    kwargs: dict = {}
+    if args.files:
+        from data_pipelines import LocalPairsConfig
+
+        files = [f for f in args.files.split(",") if f]
+        name = args.name or pathlib.Path(files[0]).stem
+        kwargs["config"] = LocalPairsConfig(name=name, files={"train": files})
+        targets = [(f"local_pairs/{name}", None)]
     if not targets:
-        raise ConfigError("nothing to build: pass --builder NAME or a --config with tfds sources")
+        raise ConfigError(
+            "nothing to build: pass --builder NAME, --files, or a --config with tfds sources"
+        )
     if not data_dir:
         raise ConfigError("no data dir: pass --data_dir or set data.data_dir in the config")
     for name, _ in targets:
-        path = build_dataset(name, data_dir=data_dir, manual_dir=args.manual_dir)
+        builder = "local_pairs" if kwargs else name
+        path = build_dataset(builder, data_dir=data_dir, manual_dir=args.manual_dir, **kwargs)
         print(json.dumps({"built": name, "path": str(path)}))
     return 0
 

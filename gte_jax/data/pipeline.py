@@ -33,6 +33,8 @@
   attention (docs/design.md, "Packed batches"); ``packing_row_multiple``: packed row counts are rounded up
   to a multiple of both this and the process's data devices (fewer shapes to compile);
   ``packing_row_length``: tokens per packed row, 0 = fitted to the first batches' texts.
+- ``max_direct_file_bytes``: larger local files are refused, pointing to ``gte-jax data build``.
+- ``prefetch``: batches prepared ahead in a background thread (:mod:`gte_jax.data.prefetch`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.packing_row_length = 0
     c.on_bad_input = "skip"
     c.max_text_chars = 100_000
+    # A local file larger than this (bytes) is refused (ours): parsed whole into memory by every
+    # process at every start; built once (`gte-jax data build --files`), it opens from its counts.
+    # 0: no limit.
+    c.max_direct_file_bytes = 1 << 30
+    # Batches drawn and tokenised ahead of the device in a background thread (ours); 0: none.
+    c.prefetch = 2
     return c
 
 
@@ -184,9 +192,26 @@ def _source_options(spec: dict[str, Any]) -> SourceOptions:
         raise ConfigError(f"data source {spec['name']!r}: {e}") from e
 
 
+def _check_file_sizes(spec: dict[str, Any], limit: int) -> None:
+    """Refuses a local file larger than ``data.max_direct_file_bytes`` (read whole into memory by
+    every process, at every start), pointing to the build that opens in O(1)."""
+    for path in (p for p in str(spec["path"]).split(",") if p):
+        size = pathlib.Path(path).stat().st_size if pathlib.Path(path).is_file() else 0
+        if limit and size > limit:
+            raise ConfigError(
+                f"{path}: {size / 2**30:.2f} GiB > data.max_direct_file_bytes={limit}: every "
+                "process would parse it whole into memory at every start. Build it once with "
+                f"`gte-jax data build --files {path} --name NAME --data_dir DIR` and read it as "
+                "tfds='local_pairs/NAME' (opens from its counts), or raise "
+                "data.max_direct_file_bytes"
+            )
+
+
 def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
     out = []
     for spec in _source_specs(data):
+        if spec["path"]:
+            _check_file_sizes(spec, int(data.max_direct_file_bytes))
         options = _source_options(spec)
         text_field = spec["text_field"] if spec["kind"] == "text" else None
         fields = FieldMap(

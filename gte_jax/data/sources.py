@@ -15,13 +15,18 @@ policy: ``"skip"`` (default) drops the record, counts it and logs the first few 
 ``"error"`` raises :class:`InputError` naming ``file:line``. Per source the invariant
 ``read == used + skipped`` holds and :meth:`Source.stats` returns the counts for the run summary.
 
-Every source is validated eagerly, when it is opened, so ``Source[i]`` only ever returns valid
-records, ``len(source)`` (which the α mixture weights use) counts valid records only, and the
-mixture sampler's index math never depends on the data. Local files are parsed into memory. A TFDS
-dataset is read once through (the builders in ``data_pipelines/`` validate when they build, but a
-catalogue dataset read through a field mapping, or other read-time settings, may still reject
-records): the bad records are skipped and counted like a file's, and only their positions are
-kept, so memory is O(bad records) and index -> record stays a pure function of the index.
+Local files are validated eagerly, when they are opened (parsed into memory), so ``Source[i]``
+only ever returns valid records and ``len(source)`` (which the α mixture weights use) counts
+valid records only. A TFDS dataset built by ``data_pipelines/`` (which validate when they build)
+opens from the counts its builder wrote beside the data (:data:`COUNTS_FILE`: records and
+negatives per record), without reading a record: at pre-training size a read-through costs hours
+per process at every restart. A record that still turns out bad when read (read-time settings
+stricter than the build's) is skipped and counted then, and index i stands for the next valid
+record after it (cyclically): a pure function of the index, so every process and a resumed run
+draw the same records. A dataset without counts (built before they were written, a catalogue
+dataset, a sliced split, a field mapping other than the stored features) is read once through at
+opening, as before (logged): its bad records are skipped and counted like a file's and only their
+positions are kept, so memory is O(bad records) and index -> record stays a pure function.
 
 Hard negatives: K (``num_negatives``) is decided once per source, when it is opened: the
 configured value, or "auto" = the most common number of negatives among the records that have any
@@ -34,8 +39,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -64,6 +71,12 @@ MAX_REPORTED = 5
 DEFAULT_MAX_TEXT_CHARS = 100_000
 # Records read per call when a TFDS source is checked through, when it is opened.
 SCAN_CHUNK = 1024
+# Written by the builders of data_pipelines/ beside a dataset's array_record files: per split,
+# {"num_records": n, "negatives_histogram": {"k": records}}. A file of our own rather than TFDS's
+# DatasetInfo.metadata: TFDS restores MetadataDict only through a builder class whose _info
+# declares it, whereas this is read from the directory whatever reads it.
+COUNTS_FILE = "gte_jax_counts.json"
+COUNTS_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +407,9 @@ def auto_num_negatives(histogram: Mapping[int, int]) -> int:
 class Source:
     """A named, random-access collection of valid :class:`PairRecord` s.
 
+    ``skipped_at_build``: input records a TFDS builder dropped as bad (from its counts file;
+    None when not known). ``stats()`` counts the stored records only.
+
     ``negatives_histogram``: number of negatives per record -> number of (valid) records; fixes
     the auto K and the count of records short of K (module docstring). ``kind``: ``"pairs"`` or
     ``"text"`` (single texts; module docstring)."""
@@ -409,9 +425,11 @@ class Source:
         negatives_histogram: Mapping[int, int] | None = None,
         kind: str = "pairs",
         record_instructions: frozenset[tuple[str, str]] | None = None,
+        get_many: Callable[[Sequence[int]], list[PairRecord]] | None = None,
     ):
         if kind not in SOURCE_KINDS:
             raise ValueError(f"source {name!r}: kind={kind!r}, use one of {SOURCE_KINDS}")
+        self.skipped_at_build: int | None = None
         self.name = name
         self.kind = kind
         # The distinct (instruction, doc_instruction) of the records, when known without a read
@@ -419,6 +437,7 @@ class Source:
         self.record_instructions = record_instructions
         self._size = size
         self._get = getter
+        self._get_many = get_many
         self.options = options
         self.accounting = accounting or BadInputAccounting(name)
         # Bad records of this source's file that no source holds (a MEDI record without a usable
@@ -456,6 +475,13 @@ class Source:
     def __getitem__(self, index: int) -> PairRecord:
         return self._get(int(index))
 
+    def many(self, indices: Sequence[int]) -> list[PairRecord]:
+        """``[self[i] for i in indices]``, in one read where the storage allows it (a TFDS
+        dataset reads a list of records several times faster than one by one)."""
+        if self._get_many is not None:
+            return self._get_many([int(i) for i in indices])
+        return [self._get(int(i)) for i in indices]
+
     @property
     def num_negatives(self) -> int:
         if self.options.num_negatives is not None:
@@ -463,7 +489,7 @@ class Source:
         return auto_num_negatives(self.negatives_histogram)
 
     def stats(self) -> dict[str, Any]:
-        return {
+        out = {
             "size": len(self),
             "kind": self.kind,
             **self.accounting.stats.as_dict(),
@@ -475,6 +501,9 @@ class Source:
                 else {}
             ),
         }
+        if self.skipped_at_build is not None:
+            out["skipped_at_build"] = self.skipped_at_build
+        return out
 
     def __repr__(self) -> str:
         return f"Source({self.name!r}, size={len(self)}, kind={self.kind!r})"
@@ -590,17 +619,19 @@ PAIR_FIELDS = FieldMap("query", "positive", "negatives", "instruction", "doc_ins
 
 
 def _scan(
-    ds: Any, parse: Callable[[Any], PairRecord], acct: BadInputAccounting, where: str
+    read_many: Callable[[list[int]], list[Any]],
+    n: int,
+    parse: Callable[[Any], PairRecord],
+    acct: BadInputAccounting,
+    where: str,
 ) -> tuple[list[int], dict[int, int]]:
     """One pass over a TFDS source's stored records: skips and counts the bad ones (like a file
     source's) and counts negatives per record (for K). Returns (bad positions, histogram)."""
     bad: list[int] = []
     histogram: dict[int, int] = {}
-    n = len(ds)
-    read_many = getattr(ds, "__getitems__", None)
     for lo in range(0, n, SCAN_CHUNK):
         ids = list(range(lo, min(n, lo + SCAN_CHUNK)))
-        examples = read_many(ids) if read_many else [ds[i] for i in ids]
+        examples = read_many(ids)
         for i, example in zip(ids, examples, strict=True):
             try:
                 rec = parse(example)
@@ -611,6 +642,112 @@ def _scan(
             acct.ok()
             histogram[len(rec.negatives)] = histogram.get(len(rec.negatives), 0) + 1
     return bad, histogram
+
+
+def read_counts(data_dir: Any, split: str, num_records: int) -> dict[str, Any] | None:
+    """The entry of ``split`` in the builder's :data:`COUNTS_FILE` (``negatives_histogram`` with
+    int keys, ``build``: the builder's bad-input counts), or None when the dataset has none
+    (built before it was written) or it does not describe these records."""
+    import etils.epath
+
+    path = etils.epath.Path(data_dir) / COUNTS_FILE
+    if not path.exists():
+        return None
+    try:
+        counts = json.loads(path.read_text())
+        entry = counts["splits"][split] if counts.get("format") == COUNTS_FORMAT else None
+        if entry is None or int(entry["num_records"]) != num_records:
+            return None
+        hist = {int(k): int(v) for k, v in entry["negatives_histogram"].items()}
+        return {**entry, "negatives_histogram": hist}
+    except (KeyError, TypeError, ValueError) as e:
+        logger.warning("%s: unreadable (%s); reading the records instead", path, e)
+        return None
+
+
+class LazyChecked:
+    """Index -> record over stored records counted at build time, checking each when it is read.
+
+    A bad record is skipped and counted the first time it is met (``acct``: read == used +
+    skipped over the stored records), and index i stands for the next valid stored record after
+    i, cyclically: a pure function of i whatever was read before, so the mixture stays
+    deterministic across processes and resumes. Thread-safe (a prefetch thread reads records
+    while the loop reads the counts)."""
+
+    def __init__(
+        self, read: Callable[[int], Any], n: int, parse: Callable[[Any], PairRecord],
+        acct: BadInputAccounting, where: str,
+    ):  # fmt: skip
+        self._read, self._n, self._parse = read, n, parse
+        self._acct, self._where = acct, where
+        self._bad: set[int] = set()
+        self._lock = threading.Lock()
+        acct.stats.read = acct.stats.used = n
+
+    def __call__(self, index: int) -> PairRecord:
+        i = int(index)
+        for _ in range(self._n):
+            if i not in self._bad:
+                try:
+                    return self._parse(self._read(i))
+                except InputError as e:
+                    self._skip(i, e)
+            i = (i + 1) % self._n
+        raise InputError(f"{self._where}: every one of its {self._n} records is bad")
+
+    def many(self, indices: Sequence[int], read_many: Callable[[list[int]], list[Any]]):
+        """``[self(i) for i in indices]`` with the stored records read in one call."""
+        out = []
+        for i, raw in zip(indices, read_many(list(indices)), strict=True):
+            try:
+                out.append(self(i) if i in self._bad else self._parse(raw))
+            except InputError as e:
+                self._skip(i, e)
+                out.append(self(i))
+        return out
+
+    def _skip(self, i: int, err: InputError) -> None:
+        with self._lock:
+            if i in self._bad:
+                return
+            self._acct.bad(f"{self._where}:{i}", err)  # raises with on_bad_input="error"
+            self._bad.add(i)
+            # The stored record was counted as read and used at opening.
+            self._acct.stats.read -= 1
+            self._acct.stats.used -= 1
+
+
+def _pair_example_reader(ds: Any, features: Any) -> Callable[[list[int]], list[Any]] | None:
+    """Reads a list of records of a dataset stored with our builders' features (three texts and
+    a sequence of texts) and decodes their ``tf.train.Example`` bytes directly; None for other
+    feature sets. TFDS's generic NumPy decoding costs ~4x more per record (measured:
+    benchmarks/README.md), and every process reads the whole global batch's texts each step."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    raw = getattr(ds, "data_source", None)  # array_record's reader, the one grain uses
+    text = tfds.features.Text
+    if raw is None or set(features.keys()) != {"query", "positive", "negatives", "instruction"}:
+        return None
+    seq = features["negatives"]
+    if not (
+        all(isinstance(features[k], text) for k in ("query", "positive", "instruction"))
+        and isinstance(seq, tfds.features.Sequence)
+        and isinstance(seq.feature, text)
+    ):
+        return None
+    decode = tf_example_pb2.Example.FromString
+
+    def read(ids: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for record in raw.__getitems__(ids):
+            feature = decode(record).features.feature
+            ex = {k: feature[k].bytes_list.value[0] for k in ("query", "positive", "instruction")}
+            ex["negatives"] = list(feature["negatives"].bytes_list.value)
+            out.append(ex)
+        return out
+
+    return read
 
 
 def from_tfds(
@@ -634,10 +771,10 @@ def from_tfds(
     ``text_field`` (a feature name, nested as ``"a/b"``) it is a text source of that feature
     (module docstring; e.g. the ``"positive"`` of a pair dataset, or a catalogue text dataset).
 
-    Opening reads every record once (module docstring): bad records are skipped and counted, so
-    ``len()`` and the mixture weights count valid records only and no record stands in for
-    another. That pass costs one read of the dataset per process at start-up (logged with its
-    time).
+    Opening reads the builder's counts (:data:`COUNTS_FILE`), not the records; bad records met
+    later are skipped and counted when read (module docstring). Without counts it reads every
+    record once (one read of the dataset per process at start-up, logged with its time): bad
+    records are skipped and counted then, and ``len()`` counts valid records only.
     """
     import tensorflow_datasets as tfds
 
@@ -656,34 +793,106 @@ def from_tfds(
         parser = TextParser(text_field, max_text_chars=max_text_chars)
         fields = parser.fields
     n = len(ds)
+    read_many = (
+        _pair_example_reader(ds, builder.info.features)
+        or getattr(ds, "__getitems__", None)
+        or (lambda ids: [ds[i] for i in ids])
+    )
 
-    def flat(example: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(example)
-        for key in dataclasses.astuple(fields):
-            if key and "/" in key:
-                value: Any = example
-                for part in key.split("/"):
-                    value = value.get(part) if isinstance(value, Mapping) else None
-                out[key] = value
-        return out
+    nested = [k for k in dataclasses.astuple(fields) if k and "/" in k]  # once, not per record
+    stored = _Stored(
+        name, f"{tfds_name}[{split}]", n, read_many,
+        (lambda ex: parser(_flat(ex, nested))) if nested else parser, acct, options,
+        "pairs" if text_field is None else "text",
+    )  # fmt: skip
+    # The counts describe the stored "negatives" feature; another negatives field needs a read.
+    counts = None
+    if text_field is not None or fields.negatives in ("negatives", None):
+        counts = read_counts(builder.data_dir, split, n)
+    if counts is None:
+        return _by_reading(stored)
+    histogram = counts["negatives_histogram"]
+    if text_field is not None or fields.negatives is None:
+        histogram = {0: n}
+    # Nothing is read now: a mapping onto features the dataset lacks must fail here, not as
+    # every record skipped when drawn.
+    features = set(builder.info.features.keys())
+    missing = [k for k in (fields.query, fields.positive) if k.split("/")[0] not in features]
+    if missing:
+        raise ValueError(
+            f"source {name!r}: {stored.where} has no feature(s) {missing} (its features: "
+            f"{sorted(features)}); check the source's field names"
+        )
+    source = _from_counts(stored, histogram)
+    source.skipped_at_build = counts.get("build", {}).get("skipped")
+    return source
 
+
+def _flat(example: Mapping[str, Any], nested: Sequence[str]) -> dict[str, Any]:
+    """The example with each nested field name ("a/b") also at its flat key."""
+    out = dict(example)
+    for key in nested:
+        value: Any = example
+        for part in key.split("/"):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        out[key] = value
+    return out
+
+
+@dataclasses.dataclass
+class _Stored:
+    """A TFDS split being opened: how to read and parse its records, where to count."""
+
+    name: str
+    where: str
+    n: int
+    read_many: Callable[[list[int]], list[Any]]
+    parse: Callable[[Any], PairRecord]
+    acct: BadInputAccounting
+    options: SourceOptions
+    kind: str
+
+
+def _from_counts(st: _Stored, histogram: dict[int, int]) -> Source:
+    get = LazyChecked(lambda i: st.read_many([i])[0], st.n, st.parse, st.acct, st.where)
+    logger.info(
+        "source %r: %d records of %s (counts from %s)", st.name, st.n, st.where, COUNTS_FILE
+    )
+    return Source(
+        st.name, st.n, get, options=st.options, accounting=st.acct,
+        negatives_histogram=histogram, kind=st.kind,
+        get_many=lambda ids: get.many(ids, st.read_many),
+    )  # fmt: skip
+
+
+def _by_reading(st: _Stored) -> Source:
+    logger.warning(
+        "source %r: %s has no %s for this split and field mapping: reading all %d records to "
+        "count them (rebuild it with `gte-jax data build` to open it without a read)",
+        st.name, st.where, COUNTS_FILE, st.n,
+    )  # fmt: skip
     start = time.perf_counter()
-    bad, histogram = _scan(ds, lambda ex: parser(flat(ex)), acct, f"{tfds_name}[{split}]")
+    bad, histogram = _scan(st.read_many, st.n, st.parse, st.acct, st.where)
     bad_at = np.asarray(bad, dtype=np.int64)
     logger.info(
-        "source %r: read %d records of %s[%s] in %.1f s, %d skipped",
-        name, n, tfds_name, split, time.perf_counter() - start, len(bad),
+        "source %r: read %d records of %s in %.1f s, %d skipped",
+        st.name, st.n, st.where, time.perf_counter() - start, len(bad),
     )  # fmt: skip
     if bad:
-        logger.warning("source %r: skipped %d of %d records", name, len(bad), n)
+        logger.warning("source %r: skipped %d of %d records", st.name, len(bad), st.n)
+
+    def position(index: int) -> int:
+        return valid_position(bad_at, index) if len(bad_at) else int(index)
 
     def get(index: int) -> PairRecord:
-        i = valid_position(bad_at, index) if len(bad_at) else int(index)
-        return parser(flat(ds[i]))  # valid: checked by the pass above
+        return st.parse(st.read_many([position(index)])[0])  # valid: checked by the read above
+
+    def get_many(indices: Sequence[int]) -> list[PairRecord]:
+        return [st.parse(ex) for ex in st.read_many([position(i) for i in indices])]
 
     return Source(
-        name, n - len(bad), get, options=options, accounting=acct, negatives_histogram=histogram,
-        kind="pairs" if text_field is None else "text",
+        st.name, st.n - len(bad), get, options=st.options, accounting=st.acct,
+        negatives_histogram=histogram, kind=st.kind, get_many=get_many,
     )  # fmt: skip
 
 
