@@ -43,10 +43,7 @@ def is_complete(directory: epath.PathLike) -> bool:
 
 
 def _rmtree(path: epath.Path) -> None:
-    if is_local(path):
-        shutil.rmtree(os.fspath(path), ignore_errors=True)
-    elif path.exists():
-        path.rmtree()
+    shutil.rmtree(os.fspath(path), ignore_errors=True)
 
 
 def _replaceable(out: epath.Path) -> bool:
@@ -56,7 +53,8 @@ def _replaceable(out: epath.Path) -> bool:
     if not out.is_dir():
         return False
     names = {p.name for p in out.iterdir()}
-    return not names or bool(names & {COMPLETE_MARKER, "config.json", "modules.json"})
+    model_files = {COMPLETE_MARKER, "config.json", "modules.json"}
+    return not names or bool(names & model_files) or any(n.endswith(".safetensors") for n in names)
 
 
 @contextlib.contextmanager
@@ -64,18 +62,18 @@ def complete_dir(out: epath.PathLike) -> Iterator[epath.Path]:
     """Yields the directory to write ``out``'s files into; when the block ends without an error
     the marker is written last (and, locally, the directory renamed to ``out``)."""
     out = epath.Path(out)
-    if not _replaceable(out):
-        raise ConfigError(
-            f"{out} exists and is not a model directory: refusing to replace it; choose another "
-            "output directory"
-        )
-    if not is_local(out):
+    if not is_local(out):  # files are overwritten in place, nothing else is removed
         if is_complete(out):
             (out / COMPLETE_MARKER).unlink()
         out.mkdir(parents=True, exist_ok=True)
         yield out
         (out / COMPLETE_MARKER).write_text("")
         return
+    if not _replaceable(out):  # the rename below replaces the whole directory
+        raise ConfigError(
+            f"{out} exists and is not a model directory: refusing to replace it; choose another "
+            "output directory"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial"
     _rmtree(tmp)  # what a killed earlier attempt left

@@ -174,16 +174,30 @@ class _FullDisk:
 
 
 @pytest.mark.parametrize(
-    "where",
-    ["base_model weights", "base_model config.json", "export weights", "summary.json"],
+    "where, as_on_gcs",
+    [
+        ("base_model weights", False),
+        ("base_model config.json", False),
+        ("export weights", False),
+        ("summary.json", False),
+        ("base_model weights", True),
+        ("export weights", True),
+    ],
 )
 def test_a_write_failing_mid_way_exits_2_and_the_rerun_finishes(
-    tiny_model_dir, tmp_path, monkeypatch, capsys, where
+    tiny_model_dir, tmp_path, monkeypatch, capsys, where, as_on_gcs
 ):
     """The first run dies on an injected ENOSPC (one line, exit 2); the rerun, with space again,
-    finishes and every directory it wrote loads."""
+    finishes and every directory it wrote loads. ``as_on_gcs``: written as on a bucket (no
+    rename: files go to their final names, the completion marker alone says a directory is
+    whole), so the half-written directory is there for the rerun to find."""
     from gte_jax import hf
     from gte_jax.workdir import inference_path
+
+    workdir = tmp_path / "w"
+    if as_on_gcs:
+        monkeypatch.setattr(storage, "is_local", lambda path: False)
+        workdir.mkdir()  # a bucket has no directories to create; here the probe needs one
 
     match = {
         "base_model weights": lambda p: p.name == "model.safetensors",
@@ -193,7 +207,6 @@ def test_a_write_failing_mid_way_exits_2_and_the_rerun_finishes(
         "export weights": lambda p: p.name == "model.safetensors" and "export" in p.parent.name,
         "summary.json": lambda p: "summary.json" in p.name,
     }[where]
-    workdir = tmp_path / "w"
     overrides = [*_TINY, "--config.train.num_steps=2"]
     with monkeypatch.context() as mp:
         disk = _FullDisk(mp, match)
@@ -204,10 +217,12 @@ def test_a_write_failing_mid_way_exits_2_and_the_rerun_finishes(
         f"gte-jax train: error: {disk.failed}: No space left on device (ENOSPC); free some "
         "space (or use another --workdir) and rerun: the run resumes"
     ]
-    # No final name holds a half-written model: what is there is whole.
-    for name in ("base_model", "export"):
-        assert not (workdir / name).exists() or storage.is_complete(workdir / name), name
-    assert not (workdir / "summary.json").exists()
+    if as_on_gcs:  # the directory is there, half-written, and not marked complete
+        assert disk.failed.parent.exists() and not storage.is_complete(disk.failed.parent)
+    else:  # no final name holds a half-written model: what is there is whole
+        for name in ("base_model", "export"):
+            assert not (workdir / name).exists() or storage.is_complete(workdir / name), name
+        assert not (workdir / "summary.json").exists()
 
     assert _train_main(workdir, *overrides, model=tiny_model_dir) == 0
     summary = json.loads((workdir / "summary.json").read_text())
