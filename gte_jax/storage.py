@@ -137,6 +137,14 @@ def check_writable(workdir: epath.PathLike) -> None:
 
 def _check_remote(workdir: epath.Path) -> None:
     text = os.fspath(workdir)
+    # gcsfs logs at import (its experimental features), each retry (a traceback once out of
+    # retries) and its bucket-type probe: ~170 lines for one unreachable bucket. Quiet while
+    # probing; left quiet when the probe fails, since its retries go on in the background until
+    # the process exits.
+    quiet = [logging.getLogger(name) for name in ("gcsfs", "fsspec", "google")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     if text.startswith(("gs://", "gcs://")):
         try:
             import gcsfs  # noqa: F401
@@ -153,13 +161,6 @@ def _check_remote(workdir: epath.Path) -> None:
         except BaseException as e:  # reported by the caller's thread
             result.append(e)
 
-    # gcsfs logs each retry (with a traceback once out of retries) and its bucket-type probe:
-    # ~170 lines for one unreachable bucket. Quiet while probing; left quiet when the probe
-    # fails, since its retries go on in the background until the process exits.
-    quiet = [logging.getLogger(name) for name in ("gcsfs", "fsspec", "google")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.CRITICAL)
     thread = threading.Thread(target=probe, daemon=True, name="gte-jax workdir probe")
     thread.start()
     thread.join(GCS_PROBE_SECONDS)

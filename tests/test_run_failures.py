@@ -357,3 +357,23 @@ def test_unreachable_gs_workdir_exits_2_within_seconds(monkeypatch, capsys):
     ), "\n".join(err)
     # gcsfs alone retries a refused connection for ~50 s; the probe gives up after its limit.
     assert elapsed < storage.GCS_PROBE_SECONDS + 5, elapsed
+
+
+def test_unreachable_gs_workdir_is_one_line_from_a_fresh_process():
+    """What a user sees: the CLI in its own process (gcsfs imported there, logging set up by the
+    CLI), one line on stderr and exit 2."""
+    pytest.importorskip("gcsfs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "GCSFS_"))}
+    env.update(JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{_closed_port()}")
+    out = subprocess.run(
+        [sys.executable, "-m", "gte_jax.cli", "train", "--config",
+         str(REPO / "configs" / "finetune.py"), "--workdir", "gs://some-bucket/run"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"gte-jax train: error: --workdir gs://some-bucket/run: no answer from the storage "
+        f"within {storage.GCS_PROBE_SECONDS:.0f} s (no network, no credentials, or "
+        "STORAGE_EMULATOR_HOST pointing nowhere?); check `gcloud auth application-default "
+        "login` and the bucket name"
+    ]
