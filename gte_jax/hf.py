@@ -681,8 +681,13 @@ def export_pretrained(
     card: dict[str, Any] | None = None,
     info: PretrainedInfo | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    atomic: bool = True,
 ) -> epath.Path:
     """Write a directory that transformers' AutoModel and SentenceTransformer both load.
+
+    ``atomic``: written as :func:`gte_jax.storage.complete_dir` writes (under a temporary name,
+    the completion marker last), so a full disk or a kill never leaves a half-written model
+    under ``out_dir``; False for a caller that adds files and marks the directory itself.
 
     Weights over ``max_shard_size`` bytes are written as shards with an index
     (``save_safetensors``).
@@ -693,6 +698,15 @@ def export_pretrained(
     ``stages`` (list of str or dict), ``data_sources`` (list), ``metrics`` (dict name -> value).
     """
     out = epath.Path(out_dir)
+    if atomic:
+        from gte_jax import storage
+
+        with storage.complete_dir(out) as tmp:
+            export_pretrained(
+                model, tokenizer, tmp, card=card, info=info, max_shard_size=max_shard_size,
+                atomic=False,
+            )  # fmt: skip
+        return out
     out.mkdir(parents=True, exist_ok=True)
     info = info or PretrainedInfo()
     model = lora.merge(model)  # LoRA layers written back as W + s·A·B: a plain HF model

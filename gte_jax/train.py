@@ -390,8 +390,6 @@ def stage_kind_problems(config: Any) -> list[str]:
             "data.text_files, or set kind='text' and text_field (e.g. 'positive') in data.sources"
         )
     if kind == "mntp":
-        if not 0.0 < float(config.mntp.mask_probability) <= 1.0:
-            problems.append(f"mntp.mask_probability={config.mntp.mask_probability}: use (0, 1]")
         tcfg = config.train
         chunk = int(tcfg.gradcache_chunk_size)
         chunked = bool(tcfg.gradcache) and chunk > 0 and int(tcfg.batch_size) > chunk
@@ -431,15 +429,12 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     """Refuses settings that cannot work, before any data or model is read; returns the number
     of GradCache chunks. The start-up checks of every process of ``mesh`` (``gte-jax plan``
     runs them for a pod's hosts): each must be able to feed its rows of the batch."""
+    from gte_jax.ranges import range_problems
+
     tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
-    problems = stage_kind_problems(config)
+    problems = range_problems(config) + stage_kind_problems(config)
     if lcfg.name not in LOSS_FLOORS:
         problems.append(f"loss.name={lcfg.name!r}: use one of {sorted(LOSS_FLOORS)}")
-    if not float(lcfg.temperature) > 0:
-        problems.append(
-            f"loss.temperature={lcfg.temperature}: must be > 0 (GTE uses 0.01, MNRL 0.05); "
-            "τ < 0 would train the embeddings apart"
-        )
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
             f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"
@@ -474,17 +469,15 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         )
     batch_size, chunk = int(tcfg.batch_size), int(tcfg.gradcache_chunk_size)
     num_chunks = 1
-    if tcfg.gradcache and chunk:
-        if chunk < 0 or batch_size % chunk:
+    if tcfg.gradcache and chunk > 0 and batch_size > 0:
+        if batch_size % chunk:
             problems.append(
                 f"train.gradcache_chunk_size={chunk} must divide train.batch_size={batch_size}"
             )
         else:
             num_chunks = batch_size // chunk
     problems.extend(packing_problems(config.data, num_chunks))
-    if int(config.data.prefetch) < 0:
-        problems.append(f"data.prefetch={config.data.prefetch}: use 0 (off) or a number of batches")
-    if batch_size < 1 or batch_size % (num_chunks * data_devices):
+    if batch_size > 0 and batch_size % (num_chunks * data_devices):
         problems.append(
             f"train.batch_size={batch_size} must be divisible by the {data_devices} data devices"
             + (f" x {num_chunks} GradCache chunks" if num_chunks > 1 else "")
@@ -492,27 +485,37 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     if not problems:
         problems.extend(shd.layout_problems(mesh, [batch_size]))
     if problems:
-        raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(problems))
+        raise TrainingError(cannot_run(_one_per_key(problems)))
     return num_chunks
+
+
+def cannot_run(problems: list[str]) -> str:
+    """One line for one problem (what a user reads first), a list for several."""
+    if len(problems) == 1:
+        return f"this config cannot run: {problems[0]}"
+    return "this config cannot run:\n  - " + "\n  - ".join(problems)
+
+
+def _one_per_key(problems: list[str]) -> list[str]:
+    """The first line about each ``key=value`` setting (the range table's comes first; a
+    group's own check, e.g. model.lora's, may say the same again)."""
+    seen, out = set(), []
+    for line in problems:
+        key = line.split("=", 1)[0] if "=" in line.split(" ", 1)[0] else None
+        if key is None or key not in seen:
+            out.append(line)
+        seen.add(key)
+    return out
 
 
 def packing_problems(data: Any, num_chunks: int) -> list[str]:
     """Packed-row settings that cannot work (docs/design.md, "Packed batches")."""
     problems = []
     row_length = int(data.packing_row_length)
-    if row_length < 0:
-        problems.append(
-            f"data.packing_row_length={row_length}: use 0 (fitted to the data) or a token count"
-        )
-    elif row_length and bool(data.packing) and num_chunks > 1:
+    if row_length > 0 and bool(data.packing) and num_chunks > 1:
         problems.append(
             f"data.packing_row_length={row_length} with {num_chunks} GradCache chunks: chunks "
             "budget their tokens in rows of the max lengths; leave data.packing_row_length=0"
-        )
-    if int(data.packing_estimate_batches) < 0:
-        problems.append(
-            f"data.packing_estimate_batches={data.packing_estimate_batches}: use 0 (rows per "
-            "batch) or a number of batches"
         )
     return problems
 
@@ -523,7 +526,7 @@ def check_source_batches(sources: Any, num_chunks: int, data_devices: int) -> No
     sizes = {s.name: int(s.options.batch_size or 0) for s in sources}
     bad = source_batch_problems(sizes, num_chunks, data_devices)
     if bad:
-        raise TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
+        raise TrainingError(cannot_run(bad))
 
 
 def source_batch_problems(
@@ -560,8 +563,11 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json(path: epath.PathLike, obj: Any) -> None:
-    epath.Path(path).write_text(
-        json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    """Written whole or not at all (a full disk leaves the previous file, not a truncated one)."""
+    from gte_jax import storage
+
+    storage.write_text(
+        path, json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     )
 
 
@@ -605,12 +611,13 @@ class _Stage:
     start_step: int
     ckpt: Any
     jit_step: Callable
+    start_examples: int = 0  # examples of the steps before start_step (a resumed run)
 
 
 def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     """Sources, model, iterator, optimizer, state (restored when the workdir has checkpoints) and
     the compiled step; or the existing summary when this stage already finished."""
-    from gte_jax import hf
+    from gte_jax import hf, storage
     from gte_jax.checkpoint import Checkpointer, abstract_like
     from gte_jax.data.pipeline import build_iterator, build_sources
     from gte_jax.data.prefetch import with_prefetch
@@ -638,7 +645,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         return done
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     model, tokenizer, info = load_model_for_training(config.model)
     longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
@@ -651,7 +658,9 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     info.prompts = {**info.prompts, **training_prompts(sources)}
     # A stage without instructions keeps the templates of the stage it started from.
     info.instruction_templates = training_templates(sources) or info.instruction_templates
-    if is_main and not (workdir / "base_model").exists():
+    # A base_model/ without its completion marker (a full disk or a kill while it was written):
+    # written again, whole.
+    if is_main and not storage.is_complete(workdir / "base_model"):
         hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info)
     iterator = build_iterator(
         data_cfg,
@@ -672,18 +681,25 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     state = initial_state(trainable, tx, int(tcfg.seed), mesh, config.sharding, frozen=frozen)
     restored = ckpt.restore(abstract_like(checkpointed(state)))
     _check_frozen_base(frozen, workdir, resuming=restored is not None, is_main=is_main)
-    start_step = 0
+    start_step = start_examples = 0
     if restored is not None:
         start_step, saved, data_state = restored
         state = {**state, **saved}
+        # Checkpoints written before the count was saved: every step drew train.batch_size.
+        start_examples = int(data_state.pop(EXAMPLES_SEEN, start_step * batch_size))
         iterator.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start_step)
     iterator = with_prefetch(iterator, int(data_cfg.prefetch))
     jit_step = _compiled_step(config, model_fn, tx, schedule, num_chunks, mesh, state)
     return _Stage(
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
-        state, start_step, ckpt, jit_step,
+        state, start_step, ckpt, jit_step, start_examples,
     )  # fmt: skip
+
+
+# The data state of a checkpoint also holds the examples trained on up to its step, so that a
+# resumed run's summary counts the whole run.
+EXAMPLES_SEEN = "examples_seen"
 
 
 def _mntp_masking(config: Any, model: Any, tokenizer: Any):
@@ -740,7 +756,9 @@ def _check_frozen_base(frozen: Any, workdir: epath.Path, *, resuming: bool, is_m
             "new workdir"
         )
     if is_main and not path.exists():
-        path.write_text(fingerprint + "\n")
+        from gte_jax import storage
+
+        storage.write_text(path, fingerprint + "\n")
 
 
 def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) -> None:
@@ -756,9 +774,10 @@ def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) ->
     paths = lora.inject(model, lora_cfg, rngs=nnx.Rngs(int(config.train.seed)))
     log.info("LoRA (rank %d, alpha %g) on %d layers", lora_cfg.rank, lora_cfg.alpha, len(paths))
     if is_main:
+        from gte_jax import storage
         from gte_jax import workdir as wd
 
-        (workdir / wd.LORA_FILE).write_text(lora_cfg.to_json())
+        storage.write_text(workdir / wd.LORA_FILE, lora_cfg.to_json())
 
 
 def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state) -> Callable:
@@ -889,11 +908,16 @@ def initial_state(
 def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
     """Runs one stage to its last step (resuming from ``workdir`` if it holds checkpoints) and
     returns the run summary; a stage that already finished is not run again."""
+    from gte_jax import storage
     from gte_jax.checkpoint import absolute_path
+    from gte_jax.ranges import range_problems
 
     workdir = absolute_path(workdir)
+    if problems := range_problems(config):  # before the mesh: mesh.data=0 is one of them
+        raise TrainingError(cannot_run(problems))
     mesh = run_mesh(config)
     num_chunks = check_config(config, mesh)
+    storage.check_writable(workdir)  # read-only, full or unreachable: one line, nothing loaded
     st = _setup_stage(config, workdir, mesh, num_chunks)
     if isinstance(st, dict):
         return st
@@ -1025,7 +1049,7 @@ class _Loop:
         self.st.ckpt.save(
             ctx.step,
             checkpointed(ctx.state),
-            self.st.iterator.get_state(),
+            {**self.st.iterator.get_state(), EXAMPLES_SEEN: self.st.start_examples + ctx.examples},
             force=stop or ctx.is_last,
         )
         if stop:
@@ -1053,8 +1077,9 @@ class _Loop:
         packed = bool(st.iterator.packing)
         summary = {
             "stage": str(st.config.stage),
+            # The whole run's counts; the rate is of this process's part (resumed_from_step on).
             "steps": int(self.step),
-            "examples": int(self.examples),
+            "examples": int(st.start_examples + self.examples),
             "train_seconds": round(self.seconds, 3),
             "examples_per_second": round(self.examples / max(self.seconds, 1e-9), 3),
             "final_loss": float(self.tracker["loss"]),
@@ -1183,11 +1208,19 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     """One stage, or each stage of a multi-stage config in order (``config.stages``), each in
     ``workdir/<stage>``; a stage whose ``model.init_from`` is ``"stage:<name>"`` starts from that
     stage's final checkpoint."""
+    from gte_jax import storage
     from gte_jax.checkpoint import absolute_path
+    from gte_jax.ranges import range_problems
 
     workdir = absolute_path(workdir)
     if "stages" not in config:
         return [train_stage(config, workdir)]
+    # Every stage's ranges before the first stage starts: a later stage's typo must not cost the
+    # hours of the earlier ones.
+    problems = [p for name in config.stages for p in range_problems(config[name], f"{name}.")]
+    if problems:
+        raise TrainingError(cannot_run(problems))
+    storage.check_writable(workdir)
     summaries = []
     for name in config.stages:
         stage_cfg = config[name].copy_and_resolve_references()

@@ -159,6 +159,16 @@ def _overlay(base: Mapping[str, Any], saved: Mapping[str, Any]) -> dict:
     return out
 
 
+def _finished_export(export: epath.Path) -> bool:
+    """A workdir's export/ that was written to the end (locally it appears under its name only
+    when whole; on gs:// only its completion marker says so; gte_jax/storage.py)."""
+    from gte_jax import storage
+
+    if storage.is_complete(export):
+        return True
+    return storage.is_local(export) and (export / "config.json").exists()
+
+
 def inference_path(spec: str | epath.PathLike) -> epath.Path:
     """The directory an ``Embedder`` loads for a model spec: a workdir's ``export/`` when a
     finished stage wrote one (else the workdir itself: its newest checkpoint), a model directory
@@ -167,7 +177,7 @@ def inference_path(spec: str | epath.PathLike) -> epath.Path:
     if not path.is_dir():
         raise ModelNotFoundError(f"{path} is not a directory; pass a model directory or a workdir.")
     if is_workdir(path):
-        return path / "export" if (path / "export" / "config.json").exists() else path
+        return path / "export" if _finished_export(path / "export") else path
     if not ((path / "config.json").exists() or (path / "modules.json").exists()):
         stages = sorted(p.name for p in path.iterdir() if is_workdir(p))
         hint = f" It holds the stage workdirs {stages}: pass one of them." if stages else ""
@@ -187,7 +197,7 @@ def export_workdir(
 ) -> tuple[epath.Path, int]:
     """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
     its newest readable one); returns (output, the step exported)."""
-    from gte_jax import hf
+    from gte_jax import hf, storage
     from gte_jax.models import lora
 
     workdir = epath.Path(workdir)
@@ -199,14 +209,16 @@ def export_workdir(
     if jax.process_index() == 0:
         card = dict(card or {})
         card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
-        # A LoRA run: the merged model (export_pretrained merges), and the adapter alone.
-        hf.export_pretrained(model, tokenizer, output, card=card, info=info)
-        if lora.has_lora(model):
-            hf.export_lora_adapter(
-                model,
-                epath.Path(output) / LORA_ADAPTER_DIR,
-                base_model_name_or_path=str(workdir / "base_model"),
-            )
+        # A LoRA run: the merged model (export_pretrained merges), and the adapter alone; both
+        # inside one complete_dir, so the export is marked complete only with its adapter.
+        with storage.complete_dir(output) as tmp:
+            hf.export_pretrained(model, tokenizer, tmp, card=card, info=info, atomic=False)
+            if lora.has_lora(model):
+                hf.export_lora_adapter(
+                    model,
+                    tmp / LORA_ADAPTER_DIR,
+                    base_model_name_or_path=str(workdir / "base_model"),
+                )
     return epath.Path(output), step
 
 

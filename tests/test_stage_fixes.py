@@ -268,7 +268,7 @@ def test_encode_accepts_a_workdir_and_an_offline_model_name(two_stage, tmp_path)
             "batch_size=24 is not divisible by 16",
         ),
         ("", {"batch_size": 12}, "batch_size=12 is not divisible by 8"),
-        ("--config.data.packing_row_length=-8", {}, "data.packing_row_length=-8: use 0"),
+        ("--config.data.packing_row_length=-8", {}, "data.packing_row_length=-8: must be >= 0"),
         (
             "--config.data.packing_row_length=96 --config.train.gradcache=true "
             "--config.train.gradcache_chunk_size=8",

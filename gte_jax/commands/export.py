@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         out, step = export_workdir(workdir, args.output, step=args.step, card=card)
     except USER_ERRORS as e:
         return error("gte-jax export", e)
+    except OSError as e:  # a read-only or full output directory: one line, exit 2
+        from gte_jax.storage import os_error_line
+
+        return error("gte-jax export", os_error_line(e))
     print(json.dumps({"output": str(out), "workdir": str(workdir), "step": step}))
     return 0
 

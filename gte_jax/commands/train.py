@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (TrainingError, *USER_ERRORS) as e:  # bad config/input
         return error("gte-jax train", e)
+    except OSError as e:  # a read-only, full or unreachable workdir: one line, exit 2
+        from gte_jax.storage import os_error_line
+
+        return error("gte-jax train", os_error_line(e))
     for s in summaries:
         line = {k: s.get(k) for k in _PRINTED}
         if "timing" in s:  # compiled train-step programs and where the time went
