@@ -100,22 +100,41 @@ def test_prefetch_gives_the_same_batches_and_states_as_without(tokenizer, kw):
     fetched.close()
 
 
-def test_lengths_are_agreed_on_the_consumer_thread_only(tokenizer):
-    """The agreement across processes (a collective with several hosts) never runs in the
-    prefetch thread: a device collective from a background thread could interleave differently
-    with the train step's on different hosts."""
-    threads = []
+def test_lengths_are_agreed_in_the_thread_in_batch_order_without_jax(tokenizer, monkeypatch):
+    """The agreement across processes runs ahead in the prefetch thread (so the step never waits
+    for it), once per batch in batch order, and makes no JAX call (a device collective from a
+    thread could interleave differently with the step's on different hosts)."""
+    import jax
+
+    threads, seen = [], []
 
     def agree(x):
         threads.append(threading.current_thread().name)
+        seen.append(np.asarray(x).copy())
         return x
 
+    def no_jax(*args, **kwargs):
+        raise AssertionError("the prefetch thread called JAX")
+
     it = with_prefetch(_iterator(tokenizer, agree_lengths=agree), 3)
-    for _ in range(6):
-        next(it)
+    monkeypatch.setattr(jax, "device_put", no_jax)
+    monkeypatch.setattr(jax, "jit", no_jax)
+    got = [next(it) for _ in range(6)]
     _filled(it)
     it.close()
-    assert threads and set(threads) == {threading.current_thread().name}
+    assert threads and set(threads) == {"gte-jax-prefetch"}
+    ref_seen = []
+
+    def ref_agree(x):
+        ref_seen.append(np.asarray(x).copy())
+        return x
+
+    ref = _iterator(tokenizer, agree_lengths=ref_agree)
+    want = [next(ref) for _ in range(6)]
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for a, b in zip(ref_seen, seen, strict=False):  # the same exchanges, in the same order
+        np.testing.assert_array_equal(a, b)
 
 
 def test_an_error_in_the_thread_is_raised_in_the_consumer(tokenizer):

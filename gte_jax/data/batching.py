@@ -1022,9 +1022,10 @@ class PairBatchIterator:
         elif state.get("row_floor"):  # saved before row lengths were fitted: the max lengths
             self.row_length = self._max_row_length()
 
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Per source: size, read / used / skipped (+ reasons), drawn batches and examples."""
-        st = self._sampler_state()["sources"]
+    def stats(self, sampler_state: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """Per source: size, read / used / skipped (+ reasons), drawn batches and examples
+        (``sampler_state``: as of that state, default the iterator's)."""
+        st = (sampler_state or self._sampler_state())["sources"]
         return {
             name: {
                 **src.stats(),

@@ -1,17 +1,18 @@
 """Prefetch: the next batches are drawn, read and tokenised in a background thread while the
 device runs the current step (``data.prefetch`` batches ahead; 0 = off).
 
-The iterator's work splits in two (:meth:`~gte_jax.data.batching.PairBatchIterator.prepare` /
-:meth:`~gte_jax.data.batching.PairBatchIterator.finish`). The thread runs only ``prepare``:
-drawing, reading texts and tokenising, host work without a JAX call. ``finish`` (the lengths
-agreed across processes, padding or packing) runs in the consumer, the training loop's thread:
-with several hosts, a collective started from a background thread could interleave differently
-with the train step's collectives on different hosts. Packing's row lengths and floors change
-only in ``finish``, in batch order, as without prefetch.
+The thread runs the whole batch: :meth:`~gte_jax.data.batching.PairBatchIterator.prepare`
+(drawing, reading texts, tokenising) and :meth:`~gte_jax.data.batching.PairBatchIterator.finish`
+(the lengths or rows agreed across processes, padding or packing), in batch order, as without
+prefetch. Neither makes a JAX call: the agreement across processes goes through
+``jax.distributed``'s key-value store (:class:`~gte_jax.data.batching.HostAllGatherMax`), host
+only, so it cannot interleave with the train step's device collectives. That exchange is the one
+thing per batch that every host waits for; in the thread it runs ``depth`` batches ahead of the
+step, so the step never waits for it unless a host falls that far behind.
 
 Exact resume: :meth:`Prefetcher.get_state` is the consumer's state, the state right after the last
-batch the loop took (the sampler state each prepared batch carries), never the thread's, which
-is up to ``depth + 1`` batches ahead. :meth:`Prefetcher.set_state` stops the thread and drops
+batch the loop took (the iterator's state each finished batch carries: sampler, row floors and
+lengths), never the thread's, which is up to ``depth + 1`` batches ahead. :meth:`Prefetcher.set_state` stops the thread and drops
 what it had prepared. An exception in the thread is raised in the consumer, at the batch it would
 have produced, as the same exception object (its message and the thread's traceback).
 """
@@ -48,6 +49,7 @@ class Prefetcher:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._state: dict[str, Any] | None = None  # the iterator's state after the last batch taken
 
     def __getattr__(self, name: str) -> Any:
         if "iterator" not in self.__dict__:
@@ -75,7 +77,8 @@ class Prefetcher:
     def _produce(self, out: queue.Queue) -> None:
         while not self._stop.is_set():
             try:
-                item: Any = self.iterator.prepare()
+                batch = self.iterator.finish(self.iterator.prepare())
+                item: Any = (batch, copy.deepcopy(self.iterator.get_state()))
             except BaseException as e:  # handed to the consumer, which raises it
                 item = _Failure(e)
             while not self._stop.is_set():
@@ -94,14 +97,29 @@ class Prefetcher:
         if isinstance(item, _Failure):
             self.close()
             raise item.error
-        return self.iterator.finish(item)
+        batch, self._state = item
+        return batch
 
     def get_state(self) -> dict[str, Any]:
+        if self._state is not None:
+            return copy.deepcopy(self._state)
         return self.iterator.get_state()
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """The iterator's per-source counts, drawn batches as of the last batch taken."""
+        return self.iterator.stats(self._state["sampler"] if self._state is not None else None)
+
+    @property
+    def row_length(self) -> dict[str, int]:
+        """Packed row lengths of the last batch taken (the thread may have switched further)."""
+        if self._state is not None and self._state.get("row_length"):
+            return dict(self._state["row_length"])
+        return self.iterator.row_length
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.close()  # what the thread drew is dropped: the next batch follows ``state``
         self.iterator.set_state(state)
+        self._state = None
 
     def prime_row_floor(self, *args: Any, **kwargs: Any) -> Any:
         if self._thread is not None:
@@ -109,12 +127,16 @@ class Prefetcher:
         return self.iterator.prime_row_floor(*args, **kwargs)
 
     def close(self) -> None:
-        """Stops the thread (it finishes the batch it is preparing) and drops its batches."""
+        """Stops the thread (it finishes the batch it is preparing) and drops its batches; the
+        iterator is left at the state of the last batch taken."""
         if self._thread is None:
             return
         self._stop.set()
         self._thread.join()
         self._thread = self._queue = None
+        if self._state is not None:  # rewind what the thread drew beyond the last batch taken
+            self.iterator.set_state(self._state)
+            self.iterator.row_floor = dict(self._state.get("row_floor") or {})
 
 
 def with_prefetch(iterator: Any, depth: int) -> Any:
