@@ -19,7 +19,7 @@ bidirectionally (its ``config.json`` says ``"gte_jax_attention": "bidirectional"
 ``Qwen2Model`` ignores that key and runs causal attention, so ``SentenceTransformer(export)`` does
 not reproduce these embeddings (the README's "LLM embedders" says what loads where).
 
-``configs/gte_qwen2.py:runlocal`` trains it on a CPU in about 20 s from a tiny random Qwen2-shaped
+``configs/gte_qwen2.py:runlocal`` trains it on a CPU (20-85 s on 2 cores, XLA cache warm / cold) from a tiny random Qwen2-shaped
 decoder (gte_jax/models/tiny_decoder.py, written offline once under $GTE_JAX_CACHE or
 ~/.cache/gte-jax) on the bundled Bible pairs with their hard negatives.
 """

@@ -69,7 +69,7 @@ def resolve_model_path(spec: str | epath.PathLike) -> epath.Path:
         return epath.Path(pkg.MODEL_DIR)
     raise ModelNotFoundError(
         f"model {spec!r} is not a local directory. gte-jax never downloads weights: pass a "
-        "directory with config.json + model.safetensors (e.g. from `huggingface-cli download`), "
+        "directory with config.json + model.safetensors (e.g. from `hf download`), "
         "a gte-jax workdir, or one of " + ", ".join(sorted(OFFLINE_MODELS))
     )
 
