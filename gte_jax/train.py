@@ -1097,6 +1097,7 @@ class Evaluator:
             self.workdir / "best",
             info=self.info,
             card={"metrics": dict(metrics), "description": f"Best {self.metric} at step {step}."},
+            lm_head=False,
         )
         write_json(
             self.workdir / "best.json",

@@ -198,9 +198,11 @@ def export_workdir(
     model, tokenizer, info, step = _checkpoint_model(workdir, step)
     if jax.process_index() == 0:
         card = dict(card or {})
-        card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
+        card.setdefault(
+            "description", f"Exported by gte-jax from {hf.card_ref(workdir)} at step {step}."
+        )
         # A LoRA run: the merged model (export_pretrained merges), and the adapter alone.
-        hf.export_pretrained(model, tokenizer, output, card=card, info=info)
+        hf.export_pretrained(model, tokenizer, output, card=card, info=info, lm_head=False)
         if lora.has_lora(model):
             hf.export_lora_adapter(
                 model,
