@@ -1000,6 +1000,10 @@ class _Loop:
             "loss_floor": round(floor, 6),
             "loss_above_floor": float(self.tracker["loss"]) - floor,
             "final_accuracy": float(self.tracker["accuracy"]),
+            # over the last ~10 finite steps (hooks.EMA_DECAY), kept on the device: this run's
+            # steps only (a resumed run starts it again)
+            "smoothed_loss": hooks_lib.smoothed(self.tracker, "loss"),
+            "smoothed_accuracy": hooks_lib.smoothed(self.tracker, "accuracy"),
             "skipped_records": int(sum(s.get("skipped", 0) for s in stats.values())),
             "nonfinite_steps": int(self.tracker["nonfinite"]),
             "resumed_from_step": st.start_step,
