@@ -115,6 +115,7 @@ def test_forward_equals_float64_reference_with_dropout():
     )
 
 
+@pytest.mark.numerics
 def test_gradient_equals_the_merged_formulation():
     """jax.grad through x·W + s·(x·A)·B equals jax.grad through x·(W + s·A·B), whole model."""
     model = _small_model()
@@ -139,13 +140,15 @@ def test_gradient_equals_the_merged_formulation():
         return jnp.sum(base_fn.module(full)(ids, mask) * target)
 
     ours, merged = jax.jit(ours), jax.jit(merged)
-    np.testing.assert_allclose(ours(trainable), merged(trainable), rtol=1e-5)
+    # (x·A)·B vs x·(W + s·A·B): sums over the width reassociated, then over every token
+    terms = int(ids.size) + SMALL.hidden_size
+    np.testing.assert_allclose(ours(trainable), merged(trainable), rtol=reorder_rtol(terms))
     g_ours, g_merged = jax.jit(jax.grad(ours))(trainable), jax.jit(jax.grad(merged))(trainable)
     assert jax.tree.structure(g_ours) == jax.tree.structure(trainable)  # A and B only
     for x, y in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_merged), strict=True):
         scale = float(np.abs(np.asarray(y)).max())
         assert scale > 1e-4
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=reorder_atol(scale, terms))
 
 
 def test_inject_refuses_targets_the_model_lacks_and_merge_gives_a_plain_model():
