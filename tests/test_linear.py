@@ -16,8 +16,6 @@ from gte_jax.models import lora
 from gte_jax.models.linear import linear
 from gte_jax.models.precision import compute_dtype, cpu_fast_bf16
 
-pytestmark = pytest.mark.numerics  # float tolerances: .ci/run runs them under AVX2 too
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BF16_EPS = 2.0**-8  # one bf16 rounding of a value (8 significant bits)
 
@@ -27,6 +25,7 @@ def _bf16_f64(a) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 48), (21, 48)])
+@pytest.mark.numerics
 def test_bf16_linear_and_its_gradients_match_float64(shape):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
@@ -62,6 +61,7 @@ def test_bf16_linear_and_its_gradients_match_float64(shape):
     np.testing.assert_allclose(np.asarray(db, np.float64), db_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_float32_linear_is_nnx_linear_bitwise():
     layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
@@ -72,6 +72,7 @@ def test_float32_linear_is_nnx_linear_bitwise():
     )
 
 
+@pytest.mark.numerics
 def test_bf16_nnx_linear_goes_through_the_mixed_rule():
     layer = nnx.Linear(16, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 16)).astype(jnp.bfloat16)
