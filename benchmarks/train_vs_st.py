@@ -146,11 +146,14 @@ def run_st(args, queries, docs, out_dir: pathlib.Path) -> dict:
     }
 
 
-def run_gte(args, name: str, overrides: dict, out_dir: pathlib.Path, clock: CompileClock) -> dict:
+def run_gte(
+    args, name: str, overrides: dict, out_dir: pathlib.Path, clock: CompileClock, dtype="auto"
+) -> dict:
     from gte_jax import train
     from gte_jax.config import load_config
 
     config = load_config(REPO / "configs" / "finetune.py")
+    config.model.dtype = dtype
     config.model.init_from = args.model
     config.data.train_files = ""
     config.data.sources = [{"name": "bible", "path": str(args.train_file), "num_negatives": 0}]
@@ -178,6 +181,8 @@ def run_gte(args, name: str, overrides: dict, out_dir: pathlib.Path, clock: Comp
     steady = seconds - compile_info["compile_seconds"]
     return {
         "data": overrides,
+        "model.dtype": dtype,
+        "compute_dtype": summary["compute_dtype"],
         "examples": summary["examples"],
         "train_seconds": seconds,
         "examples_per_second_end_to_end": round(summary["examples"] / seconds, 3),
@@ -306,6 +311,12 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {sorted(VARIANTS)}")
+    p.add_argument(
+        "--dtypes",
+        default="auto",
+        help="model.dtype per gte-jax run, in turn, e.g. float32,bfloat16,float32,bfloat16 "
+        "(an in-process A/B of the compute dtype; repeats alternate)",
+    )
     p.add_argument("--skip_st", action="store_true")
     p.add_argument("--whole-process", dest="whole_process", action="store_true")
     p.add_argument("--pairs", type=int, default=3900, help="--whole-process: pairs used")
@@ -371,8 +382,11 @@ def main() -> None:
             st["quality"] = _quality(Embedder.from_pretrained(out_dir / "st_model"), beir)
             result["sentence_transformers"] = st
         ours = {}
-        for name in variants:
-            r = run_gte(args, name, VARIANTS[name], out_dir, clock)
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        runs = [(n, d, i) for i, d in enumerate(dtypes) for n in variants]
+        for name, dtype, i in runs:
+            key = name if len(dtypes) == 1 else f"{name}_{dtype}_{i}"
+            r = run_gte(args, key, VARIANTS[name], out_dir, clock, dtype)
             r["quality"] = _quality(evaluation.load_embedder(r.pop("workdir")), beir)
             if not args.skip_st:
                 r["ratio_vs_st_steady"] = round(
@@ -381,7 +395,7 @@ def main() -> None:
                 r["ratio_vs_st_end_to_end"] = round(
                     r["examples_per_second_end_to_end"] / st["examples_per_second"], 3
                 )
-            ours[name] = r
+            ours[key] = r
         result["gte_jax"] = ours
         result["load_average"] = [round(x, 2) for x in os.getloadavg()]
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)

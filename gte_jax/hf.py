@@ -549,10 +549,12 @@ def _write_transformer(
     out: epath.Path,
     info: PretrainedInfo,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    *,
+    config: Any = None,
 ) -> int:
     """model.safetensors, config.json and the tokenizer (what AutoModel loads); returns the max
-    sequence length written."""
-    config = model.config
+    sequence length written. ``config``: the model's, or a variant of it to write."""
+    config = model.config if config is None else config
     family = registry.family_of(config)
     tensors = {
         family.export_name(config, name): np.ascontiguousarray(
@@ -682,12 +684,18 @@ def export_pretrained(
     info: PretrainedInfo | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     atomic: bool = True,
+    lm_head: bool = True,
 ) -> epath.Path:
     """Write a directory that transformers' AutoModel and SentenceTransformer both load.
 
     ``atomic``: written as :func:`gte_jax.storage.complete_dir` writes (under a temporary name,
     the completion marker last), so a full disk or a kill never leaves a half-written model
     under ``out_dir``; False for a caller that adds files and marks the directory itself.
+
+    ``lm_head=False`` (a model exported for embedding): a decoder with an untied LM head is
+    written as the plain ``*Model`` (``MistralModel``, ...) without ``lm_head.weight``, which
+    AutoModel would otherwise report as an unexpected weight and no embedding reads. A workdir's
+    ``base_model/`` keeps it (an MNTP stage trains it).
 
     Weights over ``max_shard_size`` bytes are written as shards with an index
     (``save_safetensors``).
@@ -704,15 +712,19 @@ def export_pretrained(
         with storage.complete_dir(out) as tmp:
             export_pretrained(
                 model, tokenizer, tmp, card=card, info=info, max_shard_size=max_shard_size,
-                atomic=False,
+                atomic=False, lm_head=lm_head,
             )  # fmt: skip
         return out
     out.mkdir(parents=True, exist_ok=True)
     info = info or PretrainedInfo()
     model = lora.merge(model)  # LoRA layers written back as W + s·A·B: a plain HF model
     config = model.config
+    if not lm_head and getattr(config, "has_lm_head", False):
+        config = dataclasses.replace(config, causal_lm=False)
     params = _params_numpy(model)
-    max_seq_length = _write_transformer(model, params, tokenizer, out, info, max_shard_size)
+    max_seq_length = _write_transformer(
+        model, params, tokenizer, out, info, max_shard_size, config=config
+    )
     _write_sentence_transformers_modules(model, params, out, info, max_seq_length)
     (out / "README.md").write_text(
         model_card(model, info, card or {}, max_seq_length), encoding="utf-8"
@@ -790,6 +802,17 @@ def export_lora_adapter(
     return out
 
 
+def card_ref(value: Any) -> str:
+    """A model or data reference as a model card shows it: a Hub id, a ``stage:`` name or a
+    relative path as given; a local absolute path, ``~`` path or URL (``gs://``, ``file://``) by
+    its last component. The card travels with the model; the writer's directories do not, and
+    they can name users and buckets."""
+    text = str(value)
+    if text.startswith(("/", "~", "\\")) or "://" in text or text[1:3] in (":\\", ":/"):
+        return text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or text
+    return text
+
+
 def _card_header(card: dict[str, Any], base_model: Any, sources: list) -> list[str]:
     """The model card's YAML front matter (what the Hugging Face Hub indexes)."""
     header = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity"]
@@ -820,6 +843,10 @@ def _card_training(card: dict[str, Any], sources: list) -> list[str]:
         lines += ["", "## Training stages", ""]
         for i, stage in enumerate(stages, 1):
             if isinstance(stage, dict):
+                stage = {
+                    k: [card_ref(x) for x in v] if k == "data" and isinstance(v, list) else v
+                    for k, v in stage.items()
+                }
                 detail = ", ".join(f"{k}: {v}" for k, v in stage.items() if k != "name")
                 lines.append(
                     f"{i}. {stage.get('name', f'stage {i}')}" + (f" — {detail}" if detail else "")
@@ -844,7 +871,8 @@ def model_card(
     """A sentence-transformers style README.md: YAML header, architecture, training, metrics."""
     config = model.config
     base_model = card.get("base_model") or info.source or None
-    sources = list(card.get("data_sources") or [])
+    base_model = card_ref(base_model) if base_model else None
+    sources = [card_ref(s) for s in card.get("data_sources") or []]
     header = _card_header(card, base_model, sources)
     name = card.get("model_name", "gte-jax text-embedding model")
     lines = header + ["", f"# {name}", ""]

@@ -1088,6 +1088,10 @@ class _Loop:
             "loss_floor": round(floor, 6),
             "loss_above_floor": float(self.tracker["loss"]) - floor,
             "final_accuracy": float(self.tracker["accuracy"]),
+            # over the last ~10 finite steps (hooks.EMA_DECAY), kept on the device: this run's
+            # steps only (a resumed run starts it again)
+            "smoothed_loss": hooks_lib.smoothed(self.tracker, "loss"),
+            "smoothed_accuracy": hooks_lib.smoothed(self.tracker, "accuracy"),
             "skipped_records": skipped_records(stats),
             "nonfinite_steps": int(self.tracker["nonfinite"]),
             "resumed_from_step": st.start_step,
@@ -1192,6 +1196,7 @@ class Evaluator:
             self.workdir / "best",
             info=self.info,
             card={"metrics": dict(metrics), "description": f"Best {self.metric} at step {step}."},
+            lm_head=False,
         )
         write_json(
             self.workdir / "best.json",

@@ -69,7 +69,7 @@ def resolve_model_path(spec: str | epath.PathLike) -> epath.Path:
         return epath.Path(pkg.MODEL_DIR)
     raise ModelNotFoundError(
         f"model {spec!r} is not a local directory. gte-jax never downloads weights: pass a "
-        "directory with config.json + model.safetensors (e.g. from `huggingface-cli download`), "
+        "directory with config.json + model.safetensors (e.g. from `hf download`), "
         "a gte-jax workdir, or one of " + ", ".join(sorted(OFFLINE_MODELS))
     )
 
@@ -208,11 +208,15 @@ def export_workdir(
     model, tokenizer, info, step = _checkpoint_model(workdir, step)
     if jax.process_index() == 0:
         card = dict(card or {})
-        card.setdefault("description", f"Exported by gte-jax from {workdir} at step {step}.")
+        card.setdefault(
+            "description", f"Exported by gte-jax from {hf.card_ref(workdir)} at step {step}."
+        )
         # A LoRA run: the merged model (export_pretrained merges), and the adapter alone; both
         # inside one complete_dir, so the export is marked complete only with its adapter.
         with storage.complete_dir(output) as tmp:
-            hf.export_pretrained(model, tokenizer, tmp, card=card, info=info, atomic=False)
+            hf.export_pretrained(
+                model, tokenizer, tmp, card=card, info=info, atomic=False, lm_head=False
+            )
             if lora.has_lora(model):
                 hf.export_lora_adapter(
                     model,

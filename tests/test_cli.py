@@ -113,7 +113,9 @@ def test_exit_codes_reach_the_shell():
 
 def test_no_libtpu_probe_line_on_a_cpu_machine(tmp_path):
     """JAX_PLATFORMS unset (as for a user): JAX's "Unable to initialize backend 'tpu'" INFO line
-    does not reach the console; the command's own error does."""
+    does not reach the console, nor libtpu's start-up lines; the command's own error does. (libtpu
+    stays silent by chance while another process holds its lock file: the rule itself is pinned by
+    test_tpu_backend_is_probed_only_where_a_tpu_can_be.)"""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     argv = ["train", "--config", str(FINETUNE_CONFIG), "--workdir", str(tmp_path / "w")]
     run = subprocess.run(
@@ -122,6 +124,35 @@ def test_no_libtpu_probe_line_on_a_cpu_machine(tmp_path):
     )  # fmt: skip
     assert run.returncode == 2 and "no data sources" in run.stderr
     assert "Unable to initialize backend" not in run.stderr, run.stderr
+    # libtpu's own start-up lines (written by C++ to fd 2 when the TPU backend is probed)
+    for line in ("Failed to find host bounds", "unexpected worker hostname", "libtpu"):
+        assert line not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    "env,tpu_chips,nvidia,skipped",
+    [({}, 0, False, True), ({}, 4, False, False), ({}, 0, True, False),
+     ({"JAX_PLATFORMS": ""}, 0, False, False), ({"JAX_FORCE_TPU_INIT": "1"}, 0, False, False)],
+)  # fmt: skip
+def test_tpu_backend_is_probed_only_where_a_tpu_can_be(
+    monkeypatch, env, tpu_chips, nvidia, skipped
+):
+    """A TPU VM (TPU chips on the PCI bus), a GPU machine, a user's JAX_PLATFORMS (even empty) or
+    JAX_FORCE_TPU_INIT keep JAX's backend discovery as it is; elsewhere the CLI asks for the CPU."""
+    import jax
+    from jax._src import hardware_utils
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delenv("JAX_FORCE_TPU_INIT", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(
+        hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None)
+    )
+    monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: nvidia)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # this process's backends stay
+    assert cli._skip_absent_tpu() is skipped
+    assert os.environ.get("JAX_PLATFORMS") == ("cpu" if skipped else env.get("JAX_PLATFORMS"))
 
 
 @pytest.mark.parametrize("tpu_chips,level,kept", [(0, "INFO", False), (4, "INFO", True),

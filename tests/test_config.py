@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pathlib
 import textwrap
 
 import pytest
 
 from gte_jax.config import ConfigError, load_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -68,6 +71,22 @@ def test_overrides_coerce_to_field_types(config_file):
 def test_bad_overrides_raise_clear_errors(config_file, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(config_file, [override])
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("--config.train.learnig_rate=1", "did you mean 'train.learning_rate'?"),
+        ("--config.trian.learning_rate=1", "did you mean 'train'?"),
+        ("--config.model.poolling=cls", "did you mean 'model.pooling'?"),
+        ("--config.zzzq=1", "known fields here: ['checkpoint', 'data'"),  # nothing close
+    ],
+)
+def test_unknown_override_names_the_closest_key(override, hint):
+    """What the README promises: the misspelt key's closest known key, with its full path."""
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "finetune.py", [override])
+    assert hint in str(e.value)
 
 
 def test_missing_file(tmp_path):

@@ -94,3 +94,14 @@ def test_build_files_then_read_them_as_a_tfds_source(tmp_path, capsys):
     assert sorted(map(key, (tfds_src[i] for i in range(len(tfds_src))))) == sorted(
         map(key, (direct[i] for i in range(len(direct))))
     )
+
+
+def test_unprepared_tfds_source_is_one_short_error(capsys, minilm_dir, tmp_path):
+    """TFDS's "not found" message lists its whole catalogue (~250 lines): the error keeps its
+    first line, names the dataset and where it looked, and says how to build it."""
+    recipe = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "gte_base_pretrain.py")
+    argv = ["inspect", "--config", recipe, "--steps", "2", f"--config.data.data_dir={tmp_path}"]
+    rc = cli.main([*argv, f"--config.model.init_from={minilm_dir}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) <= 5, err[:3000]
+    assert "'msmarco_triples'" in err and str(tmp_path) in err and "gte-jax data build" in err

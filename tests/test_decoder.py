@@ -319,6 +319,29 @@ def test_export_reloads_in_transformers_and_sentence_transformers(model_dir, tmp
     np.testing.assert_allclose(ours(again, ids, mask), got, atol=0)
 
 
+def test_embedding_export_drops_an_untied_lm_head(model_dir, tmp_path):
+    """`gte-jax export` and best/ (``lm_head=False``): an untied *ForCausalLM is written as the
+    plain *Model without ``lm_head.weight`` (no embedding reads it), so AutoModel loads it with
+    nothing unexpected or missing and the same hidden states; ours reads it back."""
+    from safetensors import safe_open
+
+    model, tok, info = hf.load_pretrained(model_dir("llama"))
+    assert model.config.has_lm_head
+    out = hf.export_pretrained(model, tok, tmp_path / "export", info=info, lm_head=False)
+    with safe_open(str(out / hf.SAFETENSORS_FILE), "np") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and not any(n.startswith("model.") for n in names)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    auto, loading = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not loading["unexpected_keys"] and not loading["missing_keys"], loading
+    ids, mask = batch("right")
+    got = ours(model, ids, mask)
+    assert max_err(torch_hidden(auto.eval(), ids, mask), got, mask) <= TOL
+    again, _ = hf.load_model(out)
+    assert not again.config.has_lm_head
+    np.testing.assert_allclose(ours(again, ids, mask), got, atol=0)
+
+
 @pytest.mark.parametrize("family,causal_lm,overrides", [
     ("gemma3_text", True, {"use_bidirectional_attention": True}),
     ("qwen3", False, {}),

@@ -123,3 +123,104 @@ def test_readme_sts_example_is_what_the_reader_reads(tmp_path):
     path.write_text(block.group(1), encoding="utf-8")
     first, second, scores = read_sts(path)
     assert len(first) == len(second) == len(scores) == 2 and scores[0] > scores[1]
+
+
+# ----------------------------------------------------------------- the README's fenced commands
+# Every `gte-jax ...` line of a fenced shell block in README.md is checked: its command exists and
+# every flag it passes is one its `--help` lists (overrides and configs: test_documented_example_loads).
+# What needs no network and no earlier output also runs: here, with a smaller override where the
+# command takes minutes, or in the test named below. `pip install` and the whole suite's pytest line
+# are what CI itself runs (.ci/run); they are not re-run here.
+RUN_HERE = {  # README command -> the overrides this test adds (later flags win in argparse)
+    "gte-jax data inspect --config configs/gte_base_pretrain.py:runlocal --steps 200": [
+        "--steps",
+        "20",
+    ],
+}
+RUN_ELSEWHERE = {  # a config spec the command trains -> the test file that runs that training
+    "configs/e5_mistral.py:runlocal": "test_llm_recipes.py",
+    "configs/llm2vec.py:runlocal": "test_llm2vec.py",
+    "configs/instructor.py:runlocal": "test_instructor_recipe.py",
+}
+VALIDATED_ONLY = {  # needs no network, but takes minutes on 2 cores: parsed and validated only
+    "configs/demo.py": "the two-stage demo (3-4 min)",
+    "configs/gte_qwen2.py:runlocal": "the same code path as e5_mistral.py:runlocal, run elsewhere",
+    "configs/e5_mistral.py": "`gte-jax plan` of Mistral-7B: 12-34 min of AOT compile per depth",
+}
+# What a command needs that a fresh checkout has not: a download, a placeholder, a service, or the
+# output of an earlier command in the README.
+NEEDS = ("data build", "/path/to", "path/to/", "BUCKET", "localhost", "runs/", "my_model",
+         "synth/", "texts.txt", "q.txt", "pairs.jsonl", "corpus.txt", "sts.jsonl", "support_qa")  # fmt: skip
+
+
+def _readme_commands() -> list[tuple[str, str]]:
+    """(README.md:line, command without its trailing comment) for each `gte-jax` command."""
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    found = []
+    for block in re.finditer(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+        first = text.count("\n", 0, block.start(1)) + 1
+        for offset, line in _logical_lines(block.group(1)):
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["gte-jax"]:
+                found.append((f"README.md:{first + offset - 1}", shlex.join(words)))
+    return found
+
+
+README_COMMANDS = _readme_commands()
+_HELP: dict[tuple[str, ...], str] = {}
+
+
+def _help(argv: tuple[str, ...]) -> str:
+    if argv not in _HELP:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--help"])
+        assert e.value.code == 0, f"gte-jax {' '.join(argv)} --help failed"
+        _HELP[argv] = out.getvalue()
+    return _HELP[argv]
+
+
+def test_the_readme_scan_finds_its_commands():
+    assert len(README_COMMANDS) >= 20
+    assert any(c in RUN_HERE for _, c in README_COMMANDS), "RUN_HERE names no README command"
+
+
+@pytest.mark.parametrize("where,command", README_COMMANDS, ids=[w for w, _ in README_COMMANDS])
+def test_readme_command_is_valid_and_accounted_for(where, command):
+    import shlex
+
+    words = shlex.split(command)[1:]
+    assert words[0] in cli.SUBCOMMANDS, f"{where}: unknown command {words[0]!r}"
+    nested = words[0] in ("data", "synth") and not words[1].startswith("-")
+    help_text = _help(tuple(words[: 2 if nested else 1]))
+    for word in words:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and not flag.startswith("--config."):
+            assert re.search(rf"{re.escape(flag)}\b", help_text), f"{where}: {flag} not in --help"
+    specs = [m.group(1) for m in CONFIG_RE.finditer(command)]
+    reasons = [
+        command in RUN_HERE,
+        any(s in RUN_ELSEWHERE for s in specs),
+        any(s in VALIDATED_ONLY for s in specs),
+        any(token in command for token in NEEDS),
+    ]
+    assert any(reasons), f"{where}: `{command}` needs nothing: run it in RUN_HERE or say why not"
+    for spec in specs:
+        if spec in RUN_ELSEWHERE:
+            test_file = (REPO / "tests" / RUN_ELSEWHERE[spec]).read_text(encoding="utf-8")
+            name = pathlib.Path(spec.split(":")[0]).name
+            assert name in test_file or spec.split(":")[0] in test_file
+
+
+@pytest.mark.parametrize("command", sorted(RUN_HERE))
+def test_readme_offline_command_runs(command, capsys):
+    import json
+    import shlex
+
+    rc = cli.main([*shlex.split(command)[1:], *RUN_HERE[command]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    report = json.loads(out.splitlines()[0])
+    assert report["steps"] == 20 and set(report["sources"]) == {"bible", "chat_qa", "news"}

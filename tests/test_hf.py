@@ -390,3 +390,25 @@ def test_missing_tensors_are_listed(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"encoder\.layer\.1\.output\.dense\.weight"):
         load_model(tmp_path)
+
+
+def test_model_card_names_no_local_directory(tiny_model_dir, tmp_path):
+    """A card travels with the model: local absolute paths and bucket URLs (base model, data,
+    the workdir it came from) appear by their last component; Hub ids stay as given."""
+    from gte_jax import hf
+
+    model, _, info = hf.load_pretrained(tiny_model_dir)
+    assert str(info.source).startswith("/")
+    secret = "/home/alice/private"
+    card = {
+        "stages": [{"name": "pretrain", "data": [f"{secret}/pairs.jsonl", "bible"]}],
+        "data_sources": [f"{secret}/pairs.jsonl", "gs://alice-bucket/x/news.jsonl", "bible"],
+    }
+    text = hf.model_card(model, info, card, 128)
+    assert str(tiny_model_dir) not in text and secret not in text and "alice" not in text, text
+    assert f"base_model: {json.dumps(tiny_model_dir.name)}" in text
+    for name in ("pairs.jsonl", "news.jsonl", "bible"):
+        assert f"- {json.dumps(name)}" in text
+    hub = hf.model_card(model, info, {"base_model": "sentence-transformers/all-MiniLM-L6-v2"}, 8)
+    assert 'base_model: "sentence-transformers/all-MiniLM-L6-v2"' in hub
+    assert hf.card_ref("C:\\Users\\bob\\model") == "model" and hf.card_ref("runs/a") == "runs/a"

@@ -14,7 +14,7 @@ from flax import nnx
 
 from gte_jax.models import lora
 from gte_jax.models.linear import linear
-from gte_jax.models.precision import compute_dtype, cpu_has_amx_bf16
+from gte_jax.models.precision import compute_dtype, cpu_fast_bf16
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BF16_EPS = 2.0**-8  # one bf16 rounding of a value (8 significant bits)
@@ -25,6 +25,7 @@ def _bf16_f64(a) -> np.ndarray:
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 48), (21, 48)])
+@pytest.mark.numerics
 def test_bf16_linear_and_its_gradients_match_float64(shape):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
@@ -60,6 +61,7 @@ def test_bf16_linear_and_its_gradients_match_float64(shape):
     np.testing.assert_allclose(np.asarray(db, np.float64), db_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_float32_linear_is_nnx_linear_bitwise():
     layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
@@ -70,6 +72,7 @@ def test_float32_linear_is_nnx_linear_bitwise():
     )
 
 
+@pytest.mark.numerics
 def test_bf16_nnx_linear_goes_through_the_mixed_rule():
     layer = nnx.Linear(16, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, 16)).astype(jnp.bfloat16)
@@ -97,17 +100,26 @@ def test_compute_dtype_rule(tmp_path):
     assert compute_dtype("bfloat16", "cpu") == jnp.bfloat16
     for accelerator in ("tpu", "gpu"):
         assert compute_dtype("auto", accelerator) == jnp.bfloat16
-    assert compute_dtype("auto", "cpu", amx_bf16=True) == jnp.bfloat16
-    assert compute_dtype("auto", "cpu", amx_bf16=False) == jnp.float32
+    assert compute_dtype("auto", "cpu", fast_bf16=True) == jnp.bfloat16
+    assert compute_dtype("auto", "cpu", fast_bf16=False) == jnp.float32
     with pytest.raises(ValueError, match="model.dtype='float16'"):
         compute_dtype("float16")
-    sapphire = tmp_path / "spr"
-    sapphire.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    zen = tmp_path / "zen"
-    zen.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert cpu_has_amx_bf16.__wrapped__(str(sapphire))
-    assert not cpu_has_amx_bf16.__wrapped__(str(zen))
-    assert not cpu_has_amx_bf16.__wrapped__(str(tmp_path / "missing"))
+    cpus = {  # /proc/cpuinfo flags -> whether XLA:CPU's bf16 dots are the fast choice
+        "spr": ("fpu avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids: AMX
+        "zen4": ("fpu avx2 avx512f avx512_bf16", True),  # AMD EPYC Zen 4: AVX-512 BF16
+        "skylake": ("fpu avx2 avx512f", False),  # AVX-512 without BF16
+        "zen2": ("fpu avx2", False),
+    }
+    fast = cpu_fast_bf16.__wrapped__
+    for name, (flags, expected) in cpus.items():
+        path = tmp_path / name
+        path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert fast(str(path), "") is expected, name
+        # XLA held to AVX2 has no bf16 instructions: float32 whatever the CPU
+        capped = "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2"
+        assert fast(str(path), capped) is False, name
+        assert fast(str(path), "--xla_cpu_max_isa=AVX512") is expected, name
+    assert not fast(str(tmp_path / "missing"), "")
 
 
 def test_a_bad_model_dtype_is_refused_at_start_up(tmp_path, capsys):

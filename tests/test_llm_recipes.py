@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from numerics import F32_EPS, reorder_atol, reorder_rtol
 from test_train import _env, _final_state, _train_log, kill_and_resume, run_train
 
 from gte_jax import sharding as shd
@@ -229,6 +230,7 @@ def _packed_chunked_batch(tokenizer, chunks):
     return next(it)
 
 
+@pytest.mark.numerics
 def test_gradcache_lora_remat_packing_equal_plain_autodiff_on_a_decoder(cache):
     """One SGD step (params after it = init - lr x gradient) with LoRA dropout on: GradCache over
     2 chunks of the chunk-packed batch with per-layer remat == plain autodiff on the same batch
@@ -254,14 +256,19 @@ def test_gradcache_lora_remat_packing_equal_plain_autodiff_on_a_decoder(cache):
         results[name] = jax.device_get((new, metrics))
     (plain, m_plain), (cached, m_cached) = results["plain"], results["gradcache"]
     assert bool(m_plain["finite"]) and float(m_plain["grad_norm"]) > 1e-3
-    np.testing.assert_allclose(m_cached["loss"], m_plain["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m_cached["grad_norm"], m_plain["grad_norm"], rtol=1e-5)
+    # Each LoRA factor's gradient sums over every token of every role, in an order that chunks,
+    # remat and the CPU's kernels change: float32 reordering error, n = those tokens.
+    tokens = sum(batch[f"{r}_input_ids"].size for r in ("query", "doc", "neg"))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(m_cached[key], m_plain[key], rtol=reorder_rtol(tokens))
     init = _leaves(state["params"])
     for x, y, x0 in zip(_leaves(cached["params"]), _leaves(plain["params"]), init, strict=True):
         gx, gy = (x0 - x) / LR, (x0 - y) / LR
         scale = float(np.abs(gy).max())
         assert scale > 0
-        np.testing.assert_allclose(gx, gy, rtol=0, atol=1e-5 * scale)
+        # + the rounding of x0 - LR g to float32, read back through / LR
+        atol = reorder_atol(scale, tokens) + 2 * F32_EPS * float(np.abs(x0).max()) / LR
+        np.testing.assert_allclose(gx, gy, rtol=0, atol=atol)
 
 
 def test_untied_lm_head_is_frozen_outside_mntp(cache):

@@ -31,7 +31,7 @@ QUERY_PREFIX, DOC_PREFIX = "query: ", "passage: "
 @pytest.fixture(scope="module")
 def raw_bert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     """A random BertModel saved by transformers (model.safetensors + config.json) and the MiniLM
-    tokenizer: what `huggingface-cli download bert-base-uncased` gives, in miniature."""
+    tokenizer: what `hf download bert-base-uncased` gives, in miniature."""
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, BertConfig, BertModel
 

@@ -216,6 +216,10 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 8 and summary["examples"] == 64
+    saved = json.loads((workdir / "summary.json").read_text())
+    assert (
+        np.isfinite(summary["smoothed_loss"]) and summary["smoothed_loss"] == saved["smoothed_loss"]
+    )
     return workdir
 
 

@@ -19,10 +19,25 @@ _PRINTED = (
     "train_seconds",
     "examples_per_second",
     "final_loss",
+    "smoothed_loss",
     "loss_above_floor",
     "final_accuracy",
     "skipped_records",
 )
+
+
+def eval_change(summary: dict) -> dict[str, str]:
+    """Each eval metric as "before -> after" (``eval_at_start`` -> ``eval``; the after value alone
+    when the stage did not evaluate at step 0), for the printed line: the numbers summary.json
+    keeps, where a reader of the console looks."""
+    before, after = summary.get("eval_at_start") or {}, summary.get("eval") or {}
+    change = {}
+    for name, value in after.items():
+        if name == "step" or not isinstance(value, (int, float)):
+            continue
+        start = before.get(name)
+        change[name] = f"{value:.4f}" if start is None else f"{start:.4f} -> {value:.4f}"
+    return change
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return error("gte-jax train", os_error_line(e))
     for s in summaries:
         line = {k: s.get(k) for k in _PRINTED}
+        if eval_change(s):
+            line["eval"] = eval_change(s)
         if "timing" in s:  # compiled train-step programs and where the time went
             line["timing"] = {
                 k: s["timing"][k]

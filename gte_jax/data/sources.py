@@ -782,9 +782,14 @@ def from_tfds(
         builder = tfds.builder(tfds_name, data_dir=data_dir)
         ds = builder.as_data_source(split=split)
     except Exception as e:  # TFDS raises several types for "not prepared"
+        # TFDS's own message lists its whole catalogue (~250 lines) when the name is unknown:
+        # its first line says what went wrong; the rest buries the advice.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        where = data_dir or "~/tensorflow_datasets (TFDS's default; set data.data_dir)"
         raise FileNotFoundError(
-            f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared under data_dir="
-            f"{data_dir!r}: run `gte-jax data build` or tfds build first ({e})"
+            f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared under {where}: "
+            f"build it first (`gte-jax data build --builder {tfds_name.split(':')[0]} "
+            f"--data_dir DIR`, or `tfds build`). TFDS said: {reason}"
         ) from e
     acct = BadInputAccounting(name, on_bad_input)
     if text_field is None:
