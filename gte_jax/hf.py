@@ -399,6 +399,20 @@ def load_pretrained(
     return model, load_tokenizer(info.transformer_dir), info
 
 
+def _model_dirs(directory: epath.Path) -> tuple[epath.Path, dict[str, Any]]:
+    """(the transformer's directory, sentence-transformers settings) of a model directory,
+    refusing remote code and what is not a Hugging Face model."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory; pass a model directory.")
+    _refuse_remote_code(directory)
+    transformer_dir, st = _read_sentence_transformers(directory)
+    if transformer_dir != directory:
+        _refuse_remote_code(transformer_dir)
+    if not (transformer_dir / "config.json").exists():
+        raise FileNotFoundError(f"{transformer_dir} has no config.json: not a Hugging Face model.")
+    return transformer_dir, st
+
+
 def load_model(
     path: epath.PathLike, *, dtype: Any = jnp.float32, host: bool = False, **config_overrides: Any
 ) -> tuple[BiEncoder, PretrainedInfo]:
@@ -408,14 +422,7 @@ def load_model(
     them straight onto their shards (training a 7B model under FSDP: no device ever holds it
     whole); otherwise they are put on the default device."""
     directory = epath.Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory; pass a model directory.")
-    _refuse_remote_code(directory)
-    transformer_dir, st = _read_sentence_transformers(directory)
-    if transformer_dir != directory:
-        _refuse_remote_code(transformer_dir)
-    if not (transformer_dir / "config.json").exists():
-        raise FileNotFoundError(f"{transformer_dir} has no config.json: not a Hugging Face model.")
+    transformer_dir, st = _model_dirs(directory)
     hf_config = hf_bidirectional.plain_config(_read_json(transformer_dir / "config.json"))
     family = registry.family_for(hf_config.get("model_type", "bert"))
     config = family.config_from_hf(hf_config, dtype=dtype, **config_overrides)

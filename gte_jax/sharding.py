@@ -93,10 +93,10 @@ def training_mesh(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
     slices = int(mesh_cfg.get("slices", 1))
     simulate = str(mesh_cfg.get("simulate_topology", "") or "")
     if simulate:
-        from gte_jax import plan
+        from gte_jax import topologies
 
-        topo = plan.parse_topology(simulate)
-        target = make_mesh(data, model, plan.topology_devices(topo, slices), slices=slices)
+        topo = topologies.parse_topology(simulate)
+        target = make_mesh(data, model, topologies.topology_devices(topo, slices), slices=slices)
         devices = arrange_like(target, list(jax.devices() if devices is None else devices))
         return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
     return make_mesh(data, model, devices, slices=slices)
@@ -450,7 +450,7 @@ def initialize_distributed(
             coordinator_address, num_processes, process_id
         )
     if num_processes == 1 or (coordinator_address, num_processes, process_id) == (None,) * 3:
-        logger.info("one process (%s): jax.distributed not started", source)
+        logger.debug("one process (%s): jax.distributed not started", source)
         return False
     if coordinator_address is None or num_processes is None or process_id is None:
         raise ValueError(

@@ -621,7 +621,6 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     from gte_jax.checkpoint import Checkpointer, abstract_like
     from gte_jax.data.pipeline import build_iterator, build_sources
     from gte_jax.data.prefetch import with_prefetch
-    from gte_jax.prompts import training_prompts, training_templates
 
     is_main = jax.process_index() == 0
     tcfg, batch_size = config.train, int(config.train.batch_size)
@@ -647,17 +646,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         workdir.mkdir(parents=True, exist_ok=True)
         storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
-    model, tokenizer, info = load_model_for_training(config.model)
-    longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
-    if longest > model.config.max_length:
-        raise TrainingError(
-            f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
-            "lower data.query_max_length / data.doc_max_length"
-        )
-    # The export carries the prompts this stage trained with (after those of earlier stages).
-    info.prompts = {**info.prompts, **training_prompts(sources)}
-    # A stage without instructions keeps the templates of the stage it started from.
-    info.instruction_templates = training_templates(sources) or info.instruction_templates
+    model, tokenizer, info = _stage_model(config, data_cfg, sources)
     # A base_model/ without its completion marker (a full disk or a kill while it was written):
     # written again, whole.
     if is_main and not storage.is_complete(workdir / "base_model"):
@@ -695,6 +684,25 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
         state, start_step, ckpt, jit_step, start_examples,
     )  # fmt: skip
+
+
+def _stage_model(config: Any, data_cfg: Any, sources: Any):
+    """(model, tokenizer, info) of a stage, its info carrying the prompts and templates this
+    stage trains with (what the export records)."""
+    from gte_jax.prompts import training_prompts, training_templates
+
+    model, tokenizer, info = load_model_for_training(config.model)
+    longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
+    if longest > model.config.max_length:
+        raise TrainingError(
+            f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
+            "lower data.query_max_length / data.doc_max_length"
+        )
+    # The export carries the prompts this stage trained with (after those of earlier stages).
+    info.prompts = {**info.prompts, **training_prompts(sources)}
+    # A stage without instructions keeps the templates of the stage it started from.
+    info.instruction_templates = training_templates(sources) or info.instruction_templates
+    return model, tokenizer, info
 
 
 # The data state of a checkpoint also holds the examples trained on up to its step, so that a

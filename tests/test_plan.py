@@ -85,7 +85,7 @@ def test_model_shape_is_needed_when_init_from_points_nowhere(tiny, capsys):
 def test_missing_libtpu_says_how_to_install_it(tiny, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        plan.importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
+        importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a)
     )
     argv = ["--config", str(tiny / "tiny.py"), "--topology", "v5e:2x2"]
     rc, _, err = _run([*argv, "--model-config", str(tiny / "config.json")], capsys)
@@ -266,7 +266,9 @@ def test_mntp_flops_count_the_lm_head_on_the_masked_positions(lora):
     config = plan.stage_configs(stages, "mntp")[0]
     config.model.lora.enabled = lora
     hf_config, _ = plan.model_shape(config.model, None, stages)
-    mesh = plan.topology_mesh(jax.devices()[:1])  # nothing is compiled: any device will do
+    from gte_jax import train
+
+    mesh = train.run_mesh(config, jax.devices()[:1])  # nothing is compiled: any device will do
     step = plan.abstract_step(config, mesh, hf_config)
     report = plan._time_report(config, step, plan.parse_topology("v5e:2x2"), 0.5)
 

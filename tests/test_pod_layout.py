@@ -141,11 +141,12 @@ def _cmd(tiny_model_dir, workdir, batch, *extra):
     # process's by float32 reduction-order rounding (a few ulps); Adam's default eps turns that
     # into O(1) relative changes of the update wherever a gradient is near 0 (m / sqrt(v) ~ the
     # sign), which no tolerance derived from the rounding would bound. Linear updates keep each
-    # parameter's difference within lr x steps x the gradients' rounding.
+    # parameter's difference within lr x steps x the gradients' rounding. float32 compute: in
+    # bf16 (what model.dtype=auto picks on some CPUs) the reduction-order difference is bf16's.
     return _train_cmd(
         tiny_model_dir, workdir, f"--config.train.batch_size={batch}",
         f"--config.train.num_steps={STEPS}", "--config.train.adam_eps=1.0",
-        "--config.train.learning_rate=0.1", *extra,
+        "--config.train.learning_rate=0.1", "--config.model.dtype=float32", *extra,
     )  # fmt: skip
 
 

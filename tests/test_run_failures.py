@@ -261,12 +261,14 @@ def test_summary_of_a_stopped_then_resumed_run_counts_the_whole_run(
     overrides = [*_TINY, f"--config.train.num_steps={steps}", "--config.export.enabled=false"]
     calls = []
 
-    def preempted(flag):  # the SIGTERM check of each step: "stopped" after step `stop_after`
+    def due(self, step):  # the stop check of each step: "stopped" after step `stop_after`
         calls.append(1)
         return len(calls) == stop_after
 
+    from gte_jax.checkpoint import PreemptionFlag
+
     with monkeypatch.context() as mp:
-        mp.setattr(train, "_preempted", preempted)
+        mp.setattr(PreemptionFlag, "due", due)
         assert _train_main(workdir, *overrides, model=tiny_model_dir) == 3  # stopped early
     first = json.loads((workdir / "summary.json").read_text())
     assert not first["completed"] and first["steps"] == stop_after

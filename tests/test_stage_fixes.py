@@ -276,7 +276,7 @@ def test_encode_accepts_a_workdir_and_an_offline_model_name(two_stage, tmp_path)
             "data.packing_row_length=96 with 4 GradCache chunks",
         ),
         ("--config.data.packing_estimate_batches=-1", {}, "packing_estimate_batches=-1"),
-        ("--config.data.prefetch=-1", {}, "data.prefetch=-1: use 0 (off)"),
+        ("--config.data.prefetch=-1", {}, "data.prefetch=-1: must be >= 0"),
         (
             "--config.data.max_direct_file_bytes=1000",
             {},

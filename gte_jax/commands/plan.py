@@ -21,9 +21,7 @@ from gte_jax.plan import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from gte_jax.config import load_config
-
+def _parser() -> argparse.ArgumentParser:
     known = ", ".join(sorted(KNOWN_TOPOLOGIES, key=_name_order))
     parser = argparse.ArgumentParser(
         prog="gte-jax plan",
@@ -71,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         help="multislice: this many slices of --topology joined by DCN (default: mesh.slices); "
         "the report adds the DCN bytes per step",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gte_jax.config import load_config
+
+    parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:

@@ -689,6 +689,16 @@ class HostAllGatherMax:
 # The iterator training uses
 
 
+def _negatives_per_source(sources: Sequence[Source], mixed: bool) -> dict[str, int]:
+    """K per source; mixed batches hold every source, so K is the largest and the others' rows
+    are padded with masked placeholder negatives."""
+    ks = {s.name: s.num_negatives for s in sources}
+    if mixed and len(set(ks.values())) > 1:
+        logger.info("mixed batches: num_negatives %s -> %d for all", ks, max(ks.values()))
+        ks = dict.fromkeys(ks, max(ks.values()))
+    return ks
+
+
 class PairBatchIterator:
     """Infinite iterator of process-local batch dicts over an α-mixture of sources.
 
@@ -786,13 +796,7 @@ class PairBatchIterator:
         )
         for bs in self.sampler.batch_sizes:
             layout.block_rows(bs)  # divisibility check
-        ks = {s.name: s.num_negatives for s in sources}
-        if mixed and len(set(ks.values())) > 1:
-            # One batch holds every source: K is the largest, the others' rows are padded with
-            # masked placeholder negatives.
-            logger.info("mixed batches: num_negatives %s -> %d for all", ks, max(ks.values()))
-            ks = dict.fromkeys(ks, max(ks.values()))
-        self.num_negatives = ks
+        self.num_negatives = _negatives_per_source(sources, mixed)
         # include_prompt=False: every batch carries pool masks without the prompt tokens (one key
         # set for every batch, or jit would retrace).
         self.prompt_lengths = None if include_prompt else PromptLengths(tokenizer)

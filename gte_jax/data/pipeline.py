@@ -211,7 +211,7 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
     out = []
     for spec in _source_specs(data):
         if spec["path"]:
-            _check_file_sizes(spec, int(data.max_direct_file_bytes))
+            _check_file_sizes(spec, int(data.get("max_direct_file_bytes", 1 << 30)))
         options = _source_options(spec)
         text_field = spec["text_field"] if spec["kind"] == "text" else None
         fields = FieldMap(

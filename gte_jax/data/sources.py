@@ -750,6 +750,25 @@ def _pair_example_reader(ds: Any, features: Any) -> Callable[[list[int]], list[A
     return read
 
 
+def _tfds_data_source(tfds_name: str, data_dir: str | None, split: str):
+    """(builder, data source) of a prepared TFDS dataset, or one short error."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        return builder, builder.as_data_source(split=split)
+    except Exception as e:  # TFDS raises several types for "not prepared"
+        # TFDS's own message lists its whole catalogue (~250 lines) when the name is unknown:
+        # its first line says what went wrong; the rest buries the advice.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        where = data_dir or "~/tensorflow_datasets (TFDS's default; set data.data_dir)"
+        raise FileNotFoundError(
+            f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared under {where}: "
+            f"build it first (`gte-jax data build --builder {tfds_name.split(':')[0]} "
+            f"--data_dir DIR`, or `tfds build`). TFDS said: {reason}"
+        ) from e
+
+
 def from_tfds(
     name: str,
     tfds_name: str,
@@ -776,21 +795,7 @@ def from_tfds(
     record once (one read of the dataset per process at start-up, logged with its time): bad
     records are skipped and counted then, and ``len()`` counts valid records only.
     """
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir)
-        ds = builder.as_data_source(split=split)
-    except Exception as e:  # TFDS raises several types for "not prepared"
-        # TFDS's own message lists its whole catalogue (~250 lines) when the name is unknown:
-        # its first line says what went wrong; the rest buries the advice.
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        where = data_dir or "~/tensorflow_datasets (TFDS's default; set data.data_dir)"
-        raise FileNotFoundError(
-            f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared under {where}: "
-            f"build it first (`gte-jax data build --builder {tfds_name.split(':')[0]} "
-            f"--data_dir DIR`, or `tfds build`). TFDS said: {reason}"
-        ) from e
+    builder, ds = _tfds_data_source(tfds_name, data_dir, split)
     acct = BadInputAccounting(name, on_bad_input)
     if text_field is None:
         parser: RecordParser = RecordParser(fields, max_text_chars=max_text_chars)
