@@ -139,7 +139,9 @@ def _default(value: Any) -> str:
 def _row(key: str, value: Any, comment: str) -> str:
     rule = ranges.RANGES.get(key)
     limits = _cell(rule.describe()) if rule else ""
-    return f"| `{key}` | {_cell(_default(value))} | {limits} | {label(comment)} | {_cell(comment)} |"
+    return (
+        f"| `{key}` | {_cell(_default(value))} | {limits} | {label(comment)} | {_cell(comment)} |"
+    )
 
 
 def _sections() -> dict[str, list[tuple[str, Any]]]:

@@ -5,7 +5,6 @@ not stale, every page under docs/ is reachable from docs/README.md, every relati
 from __future__ import annotations
 
 import pathlib
-import re
 import subprocess
 import sys
 

@@ -1,7 +1,7 @@
 """Writes docs/configuration.md from the config schema (gte_jax/docs_gen.py).
 
-    python3 tools/gen_config_docs.py           # regenerate the page
-    python3 tools/gen_config_docs.py --check   # exit 1 if the page is stale
+python3 tools/gen_config_docs.py           # regenerate the page
+python3 tools/gen_config_docs.py --check   # exit 1 if the page is stale
 """
 
 from __future__ import annotations
