@@ -57,7 +57,7 @@ def _without_torch() -> bool:
     refused), yet libraries it imports load torch whenever torch is installed, as it is beside
     sentence-transformers: ``import transformers`` (``configuration_utils`` ->
     ``modeling_rope_utils``) and tensorboardX (for an ``isinstance`` check). That costs ~2 s of
-    start-up and ~1 s more at exit on a 2-core machine (issue 11: a fine-tune's whole process).
+    start-up and ~1 s more at exit on a 2-core machine (measured on a fine-tune's whole process).
     ``sys.modules["torch"] = None`` makes ``import torch`` fail as if torch were absent, and
     transformers' ``is_torch_available()`` (``find_spec``) answer False; both take their non-torch
     paths (tokenizers, configs). Not done when torch or transformers is already imported, with

@@ -868,7 +868,7 @@ def frozen_heap():
     """Everything alive on entry (modules, the model, the tokenizer: what lives for the whole
     run) is kept out of the cyclic collector's way until exit. Tracing the train step allocates
     enough to set off full collections, and each walked that heap: ~1 s of a MiniLM step's 3.6 s
-    trace (issue 11). Collected first, so no garbage is kept. A caller that froze its own heap
+    trace (profiled on 2 CPU cores). Collected first, so no garbage is kept. A caller that froze its own heap
     (``gc.freeze()`` before forking workers, say) keeps its policy: nothing is done then, since
     ``gc.unfreeze()`` would thaw the caller's objects too."""
     if gc.get_freeze_count():

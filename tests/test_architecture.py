@@ -5,9 +5,12 @@ past what a reader can hold (docs/design.md has the map)."""
 from __future__ import annotations
 
 import ast
+import io
 import pathlib
+import re
 import subprocess
 import sys
+import tokenize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "gte_jax"
@@ -124,3 +127,62 @@ def test_no_function_is_longer_than_a_screen():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert not long, long
+
+
+# A comment that points at a tracker entry (a hash and a number, "issue" and a number, a
+# bracketed tag and a hash) says nothing to a reader of the code: it should say what the code does.
+ISSUE_REFERENCE = re.compile(r"(?<![\w&/])#\d+\b|\bissues?\s*#?\s*\d+\b|\[\w+\]\s*#", re.I)
+COMMENT_SCAN = ("gte_jax", "configs", "data_pipelines", "launch", "tests")
+
+
+def _python_comments(path: pathlib.Path):
+    """(line, text) of every comment and docstring of a Python file."""
+    source = path.read_text(encoding="utf-8")
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            yield tok.start[0], tok.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = node.body[0] if node.body else None
+            if isinstance(doc, ast.Expr) and isinstance(getattr(doc, "value", None), ast.Constant):
+                if isinstance(doc.value.value, str):
+                    yield doc.lineno, doc.value.value
+
+
+def _shell_comments(path: pathlib.Path):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if "#" in line:
+            yield number, line[line.index("#") :]
+
+
+def issue_references(root: pathlib.Path) -> list[str]:
+    hits = []
+    for top in COMMENT_SCAN:
+        for path in sorted((root / top).rglob("*")):
+            if path.suffix == ".py":
+                comments = _python_comments(path)
+            elif path.suffix in (".sh", ".sbatch"):
+                comments = _shell_comments(path)
+            else:
+                continue
+            for number, text in comments:
+                for m in ISSUE_REFERENCE.finditer(text):
+                    line = number + text.count("\n", 0, m.start())
+                    hits.append(f"{path.relative_to(root)}:{line}: {m.group(0)!r}")
+    return hits
+
+
+def test_no_comment_cites_an_issue_number():
+    hits = issue_references(REPO)
+    assert not hits, "comments citing an issue (say what the code does instead):\n" + "\n".join(hits)
+
+
+def test_the_issue_number_scan_can_fail(tmp_path):
+    (tmp_path / "gte_jax").mkdir()
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "gte_jax" / "m.py").write_text(
+        '"""Fixes Issue 25."""\nx = "#24 in a string is data"  # see #24\ny = 1  # 2 of 3\n'
+    )
+    (tmp_path / "launch" / "run.sh").write_text("echo hi  # [pod] # 3\n")
+    hits = issue_references(tmp_path)
+    assert [h.split(": ", 1)[1] for h in hits] == ["'#24'", "'Issue 25'", "'[pod] #'"], hits

@@ -377,7 +377,7 @@ def test_command_line_keeps_torch_out_and_embeds_the_same(
 ):
     """`gte-jax encode` (as a shell runs it: main() without argv) keeps torch out of the process:
     transformers and tensorboardX import it only because it is installed, ~3 s of start-up and exit
-    (issue 11). For a BERT (WordPiece), a T5 (SentencePiece, mean pooling) and a Qwen2 decoder
+    (measured on 2 cores). For a BERT (WordPiece), a T5 (SentencePiece, mean pooling) and a Qwen2 decoder
     (last-token pooling), with an instruction prompt, the embeddings are bitwise those of a process
     with torch (opt-out GTE_JAX_TRANSFORMERS_TORCH=1 gives the same); the metric writer still
     writes its TensorBoard file."""

@@ -205,7 +205,7 @@ def test_global_batch_shards_batch_axis_over_data(tokenizer):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_records_short_of_negatives_carry_a_validity_mask(tokenizer, packing):
-    """Issue 9 items 5/17: records with fewer than K negatives are kept; the batch has K slots
+    """Records with fewer than K negatives are kept; the batch has K slots
     per example and ``neg_valid`` [B, K] marks the real ones (both layouts)."""
     records = [
         PairRecord(f"question {i}", f"answer {i}", tuple(f"wrong {i} {j}" for j in range(i % 4)))

@@ -95,7 +95,7 @@ def test_set_state_rejects_a_different_data_config():
     ],
 )
 def test_set_state_refuses_a_changed_mixture_and_says_what_changed(changed, message):
-    """Issue 9 item 4: α, weights, source order and per-source batch size are part of the
+    """α, weights, source order and per-source batch size are part of the
     stream; a resume with any of them changed would silently produce other batches."""
     kw = dict(sizes=SIZES, alpha=0.5, seed=0)
     first = MixtureSampler(kw["sizes"], 4, alpha=kw["alpha"], seed=0)

@@ -265,7 +265,7 @@ def test_tfds_source_without_counts_reads_every_record(shortneg_dir, tmp_path, c
 
 
 def test_tfds_source_keeps_records_short_of_negatives(shortneg_dir):
-    """Issue 9 item 5 for TFDS: K is decided once, on the whole dataset; a record without
+    """For TFDS too: K is decided once, on the whole dataset; a record without
     negatives (anywhere, not only in the first 16) is kept with a masked negative, counted, and
     never raises mid-run."""
     import types

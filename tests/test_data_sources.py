@@ -112,7 +112,7 @@ def test_tsv_and_parquet_readers(tmp_path):
 
 
 def _short_of_negatives_file(path: pathlib.Path) -> list[dict]:
-    """10 records: 6 with two negatives, 2 with one, 2 with none (issue 9 item 5)."""
+    """10 records: 6 with two negatives, 2 with one, 2 with none."""
     rows = []
     for i in range(10):
         negs = [f"neg {i} a", f"neg {i} b"][: 2 if i < 6 else 1 if i < 8 else 0]

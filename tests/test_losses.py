@@ -303,7 +303,7 @@ def test_padding_rows_are_ignored():
 
 @pytest.mark.parametrize("name,kwargs", [("gte", {}), ("infonce", {"symmetric": True})])
 def test_masked_negatives_equal_the_loss_without_them(name, kwargs):
-    """Issue 9 item 17: a record with fewer than K negatives carries placeholders with
+    """A record with fewer than K negatives carries placeholders with
     neg_valid = 0; they add nothing to any partition sum, whatever their embeddings."""
 
     def loss(case):

@@ -129,7 +129,7 @@ def test_cli_mine(tmp_path, minilm_dir, data, capsys):
 
 
 def test_cli_mine_never_drops_a_pair_whatever_the_filter_does(tmp_path, minilm_dir, data, capsys):
-    """Issue 9 item 17: a guard that rejects every candidate used to drop every pair."""
+    """A guard that rejects every candidate used to drop every pair."""
     pairs, corpus = data
     _write(tmp_path / "pairs.jsonl", [{"query": q, "positive": p} for q, p in pairs])
     _write(tmp_path / "corpus.jsonl", [{"text": t} for t in corpus])

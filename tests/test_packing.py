@@ -317,7 +317,7 @@ def test_data_inspect_decodes_packed_examples_like_padded_ones(tokenizer):
 
 
 def test_primed_row_floor_gives_one_shape_and_the_same_texts(tokenizer):
-    """Issue 11: packed row counts fixed at start-up from the data's lengths, so a run compiles
+    """Packed row counts fixed at start-up from the data's lengths, so a run compiles
     one train-step program. The batches hold the same texts as without the floor; the shapes of
     the primed batches never change; the floor is part of the resumable state."""
     steps = 8
@@ -372,7 +372,7 @@ def _lengths(batch: dict, role: str) -> list[int]:
 
 
 def test_packed_rows_are_fitted_to_the_primed_texts(tokenizer):
-    """Issue 11: attention over a packed row costs in proportion to its length, so rows are as long
+    """Attention over a packed row costs in proportion to its length, so rows are as long
     as the data needs, not the max length: the longest text of the primed batches (read here from
     padded batches of the same steps, an independent path) plus an eighth, in multiples of 8; no
     eighth when the primed batches are the whole run."""

@@ -92,7 +92,7 @@ def test_packed_train_step_equals_unpacked_on_8_devices(minilm_dir, rows):
 
 
 def test_train_step_with_records_short_of_negatives(minilm_dir):
-    """Issue 9 item 17: a batch with records short of K negatives trains (padded and packed
+    """A batch with records short of K negatives trains (padded and packed
     layouts agree), and what stands in for a missing negative does not matter: other token ids
     in the masked slots give the same loss and update."""
     tok, _, run = _setup(minilm_dir)

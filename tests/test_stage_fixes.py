@@ -1,4 +1,4 @@
-"""Regression tests for what an outside audit and a new user found in a training stage (issue 9):
+"""Regression tests for what an outside audit and a new user found in a training stage:
 a plain HF encoder trains normalised, prompts pool the same tokens everywhere and reach the export,
 settings that cannot work are refused at start-up, every default lives in one place, a finished
 stage rerun is a no-op, every stage evaluates at step 0, the loss floor is reported, and encode
@@ -118,7 +118,7 @@ def _train_time_query_embeddings(stage_cfg, workdir):
     return plan.queries, np.asarray(emb)
 
 
-# ------------------------------------------------------------------ item 1: normalised training
+# ------------------------------------------------------------------ normalised training
 
 
 def test_plain_hf_encoder_trains_and_exports_unit_norm_embeddings(two_stage):
@@ -146,7 +146,7 @@ def test_model_normalize_false_trains_raw_embeddings(raw_bert_dir):
     assert model.normalize is True
 
 
-# ------------------------------------------------------------------ item 3: one prompt rule
+# ------------------------------------------------------------------ one prompt rule
 
 
 def test_prompts_train_encode_and_sentence_transformers_agree(two_stage, tmp_path):
@@ -187,7 +187,7 @@ def test_old_per_source_pool_switch_is_refused_with_the_replacement():
         build_sources(data)
 
 
-# ------------------------------------------------------------------ items 10, 11, 13: summaries
+# ------------------------------------------------------------------ summaries
 
 
 def _strict_json(path: pathlib.Path):
@@ -230,7 +230,7 @@ def test_summary_json_has_no_nan():
     }
 
 
-# ------------------------------------------------------------------ item 12: encode takes a workdir
+# ------------------------------------------------------------------ encode takes a workdir
 
 
 def test_encode_accepts_a_workdir_and_an_offline_model_name(two_stage, tmp_path):
@@ -248,7 +248,7 @@ def test_encode_accepts_a_workdir_and_an_offline_model_name(two_stage, tmp_path)
         np.testing.assert_allclose(np.load(out), ref, atol=1e-6)
 
 
-# ------------------------------------------------------------------ item 6: refused at start-up
+# ------------------------------------------------------------------ refused at start-up
 
 
 @pytest.mark.parametrize(
@@ -298,7 +298,7 @@ def test_settings_that_cannot_work_exit_2_at_start_up(tmp_path, capsys, override
     assert message in err and "/no/such/model" not in err
 
 
-# ------------------------------------------------------------------ item 8: one place for defaults
+# ------------------------------------------------------------------ one place for defaults
 
 _CONFIG_NAMES = {  # variable name in gte_jax/ -> the config group it holds
     "tcfg": "train",

@@ -3,7 +3,7 @@
 Why not ``jax.random.uniform``: with partitionable threefry (JAX's default) every element costs one
 threefry-2x32 (20 rounds on two words, ~130 integer ops), and a packed BERT step draws ~80M of
 them, mostly for the attention probabilities ``[batch, heads, len, len]``. On a 2-core CPU that was
-~16 % of a MiniLM fine-tune step (issue 11's profile). Here the layer's key (still a threefry key,
+~16 % of a MiniLM fine-tune step (in a profile of that step). Here the layer's key (still a threefry key,
 split per layer and per step as before) is turned into two 32-bit words once, and each element's
 bits are a keyed hash of its index: three rounds of ``lowbias32`` (Wellons' integer finaliser,
 a bijection of uint32 with full avalanche), ~25 integer ops that XLA fuses into the consumer, so

@@ -16,7 +16,7 @@ come out as bf16-output dots on transposed operands. XLA:CPU runs those off its 
 CPU with AMX-BF16 (this repository's CI machines) the bf16-output form ran at ~180 GFLOP/s and
 the transposed weight-gradient form at ~120, against 750-1200 for the forms used here (f32 at
 ~175-215): a MiniLM fine-tune step went from 3.9-4.1 s (f32) / 4.0-4.6 s (plain bf16) to 1.64 s
-(``benchmarks/README.md``, issue 11). The rule is the same on every backend (TPU MXUs and GPU
+(``benchmarks/README.md``, where a fine-tune step's time goes). The rule is the same on every backend (TPU MXUs and GPU
 tensor cores accumulate bf16 products in f32 too); it was not measured on an accelerator.
 
 float32 compute keeps ``nnx.Linear``'s own call (bitwise what it was).
