@@ -174,7 +174,8 @@ def issue_references(root: pathlib.Path) -> list[str]:
 
 def test_no_comment_cites_an_issue_number():
     hits = issue_references(REPO)
-    assert not hits, "comments citing an issue (say what the code does instead):\n" + "\n".join(hits)
+    advice = "comments citing an issue (say what the code does instead):\n"
+    assert not hits, advice + "\n".join(hits)
 
 
 def test_the_issue_number_scan_can_fail(tmp_path):
