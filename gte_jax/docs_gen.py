@@ -166,7 +166,7 @@ schema. **label** is where the default comes from when its comment says so: *pap
 paper), *release* (the authors' released code or configs), *ours* (our choice); blank where the
 default is a plain code default. A recipe file (`configs/*.py`) changes only what its recipe
 changes, and labels its own values the same way. How configs, overrides and multi-stage files
-work: [the README's "Configs"](../README.md#configs).
+work: [recipes.md](recipes.md#configs-how-they-work).
 """
 
 

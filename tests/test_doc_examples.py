@@ -113,20 +113,20 @@ def test_documented_example_loads(where, spec, overrides):
     load_config(REPO / spec, overrides)
 
 
-def test_readme_sts_example_is_what_the_reader_reads(tmp_path):
+def test_documented_sts_example_is_what_the_reader_reads(tmp_path):
     from gte_jax.evaluation import read_sts
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"An STS file.*?```jsonl\n(.*?)```", readme, re.S)
-    assert block, "README.md shows no STS example"
+    page = (REPO / "docs" / "inference.md").read_text(encoding="utf-8")
+    block = re.search(r"An STS file.*?```jsonl\n(.*?)```", page, re.S)
+    assert block, "docs/inference.md shows no STS example"
     path = tmp_path / "sts.jsonl"
     path.write_text(block.group(1), encoding="utf-8")
     first, second, scores = read_sts(path)
     assert len(first) == len(second) == len(scores) == 2 and scores[0] > scores[1]
 
 
-# ----------------------------------------------------------------- the README's fenced commands
-# Every `gte-jax ...` line of a fenced shell block in README.md is checked: its command exists and
+# ------------------------------------------------------ the README's and docs/'s fenced commands
+# Every `gte-jax ...` line of a fenced shell block in README.md and docs/*.md is checked: its command exists and
 # every flag it passes is one its `--help` lists (overrides and configs: test_documented_example_loads).
 # What needs no network and no earlier output also runs: here, with a smaller override where the
 # command takes minutes, or in the test named below. `pip install` and the whole suite's pytest line
@@ -153,18 +153,23 @@ NEEDS = ("data build", "/path/to", "path/to/", "BUCKET", "localhost", "runs/", "
          "synth/", "texts.txt", "q.txt", "pairs.jsonl", "corpus.txt", "sts.jsonl", "support_qa")  # fmt: skip
 
 
+COMMAND_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
 def _readme_commands() -> list[tuple[str, str]]:
-    """(README.md:line, command without its trailing comment) for each `gte-jax` command."""
+    """(page:line, command without its trailing comment) for each `gte-jax` command of a fenced
+    shell block in the README and the docs/ pages (a command moved to a page stays checked)."""
     import shlex
 
-    text = (REPO / "README.md").read_text(encoding="utf-8")
     found = []
-    for block in re.finditer(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
-        first = text.count("\n", 0, block.start(1)) + 1
-        for offset, line in _logical_lines(block.group(1)):
-            words = shlex.split(line, comments=True)
-            if words[:1] == ["gte-jax"]:
-                found.append((f"README.md:{first + offset - 1}", shlex.join(words)))
+    for page in COMMAND_PAGES:
+        text, name = page.read_text(encoding="utf-8"), str(page.relative_to(REPO))
+        for block in re.finditer(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
+            first = text.count("\n", 0, block.start(1)) + 1
+            for offset, line in _logical_lines(block.group(1)):
+                words = shlex.split(line, comments=True)
+                if words[:1] == ["gte-jax"]:
+                    found.append((f"{name}:{first + offset - 1}", shlex.join(words)))
     return found
 
 
@@ -184,6 +189,8 @@ def _help(argv: tuple[str, ...]) -> str:
 
 def test_the_readme_scan_finds_its_commands():
     assert len(README_COMMANDS) >= 20
+    pages = {where.split(":")[0] for where, _ in README_COMMANDS}
+    assert {"README.md", "docs/training.md", "docs/synthetic-data.md"} <= pages, pages
     assert any(c in RUN_HERE for _, c in README_COMMANDS), "RUN_HERE names no README command"
 
 
