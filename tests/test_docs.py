@@ -56,7 +56,11 @@ CODE_SPAN = re.compile(r"`[^`\n]*`")
 
 
 def _pages() -> list[pathlib.Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    return [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        REPO / "benchmarks" / "README.md",
+    ]
 
 
 def _prose(text: str) -> str:
