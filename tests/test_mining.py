@@ -44,30 +44,31 @@ def _reference(embedder, pairs, corpus, k, skip_top, max_similarity):
     return out, sims
 
 
-def _mine(embedder, pairs, corpus, **kw):
+def _mine(embedder, pairs, corpus, **settings):
+    config = mining.MiningConfig(**settings)
     return mining.mine_hard_negatives(
-        embedder, pairs, corpus, max_length=MAX_LENGTH, batch_size=64, **kw
+        embedder, pairs, corpus, config, max_length=MAX_LENGTH, batch_size=64
     )
 
 
 def test_rules_match_numpy_reference(embedder, data):
     pairs, corpus = data
     no_guard = float("inf")
-    top5 = _mine(embedder, pairs, corpus, num_negatives=5, max_similarity=no_guard)
+    top5 = _mine(embedder, pairs, corpus, num_negatives=5, perc_pos=None)
     ref5, _ = _reference(embedder, pairs, corpus, 5, 0, no_guard)
     assert top5 == ref5
     for (query, positive), negs in zip(pairs, top5, strict=True):
         assert len(negs) == 5 and positive not in negs and query not in negs
         assert len(set(negs)) == 5
     # skip-top: the same ranking, shifted by R.
-    skipped = _mine(embedder, pairs, corpus, num_negatives=3, skip_top=2, max_similarity=no_guard)
+    skipped = _mine(embedder, pairs, corpus, num_negatives=3, skip_top=2, perc_pos=None)
     assert skipped == [negs[2:5] for negs in top5]
 
 
 def test_false_negative_guard(embedder, data):
     pairs, corpus = data
     x = 0.5  # paraphrase pairs: sim(q, pos) ~ 0.9, so the guard drops the closest verses
-    guarded = _mine(embedder, pairs, corpus, num_negatives=4, max_similarity=x)
+    guarded = _mine(embedder, pairs, corpus, num_negatives=4, perc_pos=x)
     ref, sims = _reference(embedder, pairs, corpus, 4, 0, x)
     assert guarded == ref
     position = {t: j for j, t in enumerate(corpus)}
@@ -90,7 +91,7 @@ def test_all_positives_of_a_query_are_excluded(embedder):
         ("the lord is my shepherd", "the lord guides me"),
     ]
     corpus = ["a shepherd cares for sheep", "the lord guides me", "stock prices fell", "rain"]
-    negs = _mine(embedder, pairs, corpus, num_negatives=4, max_similarity=float("inf"))
+    negs = _mine(embedder, pairs, corpus, num_negatives=4, perc_pos=None)
     assert [sorted(n) for n in negs] == [["rain", "stock prices fell"]] * 2
 
 
@@ -136,7 +137,7 @@ def test_cli_mine_never_drops_a_pair_whatever_the_filter_does(tmp_path, minilm_d
     out = tmp_path / "mined.jsonl"
     base = ["mine", "--model", str(minilm_dir), "--pairs", str(tmp_path / "pairs.jsonl")]
     base += ["--corpus", str(tmp_path / "corpus.jsonl"), "--output", str(out)]
-    base += ["--num-negatives", "2", "--max-length", str(MAX_LENGTH), "--max-similarity=-100"]
+    base += ["--num-negatives", "2", "--max-length", str(MAX_LENGTH), "--margin-pos", "2"]
     # Depth beyond the corpus: nothing passes, nothing is left to draw at random: kept, empty.
     assert cli.main(base) == 0
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
@@ -181,21 +182,22 @@ def test_filter_removing_all_top_candidates_falls_back_to_deeper_ranks():
     passing = [j for j in range(40) if cos[j] <= 0.95 * 0.5]
     assert passing[0] == 26  # ranks 27.. pass the guard
     emb = _FixedEmbedder(vectors)
-    kw = dict(num_negatives=3, candidates=10)
-    (deeper,) = mining.mine_negatives(emb, [("q", "pos")], corpus, fallback_depth=30, **kw)
+    def mine(**settings):
+        config = mining.MiningConfig(num_negatives=3, **settings)
+        return mining.mine_negatives(emb, [("q", "pos")], corpus, config)
+
+    (deeper,) = mine(candidates=10, fallback_depth=30)
     assert deeper.negatives == ["doc 26", "doc 27", "doc 28"]
     assert deeper.sources == ["deeper"] * 3
     # Ranks 27..28 only are searched deeper: the third negative is drawn from ranks 29..40.
-    (mixed,) = mining.mine_negatives(emb, [("q", "pos")], corpus, fallback_depth=28, **kw)
+    (mixed,) = mine(candidates=10, fallback_depth=28)
     assert mixed.negatives[:2] == ["doc 26", "doc 27"]
     assert mixed.sources == ["deeper", "deeper", "random"]
     assert mixed.negatives[2] in corpus[28:]
     # The old behaviour (no fallback) loses the pair: now it keeps what there is.
-    (none,) = mining.mine_negatives(emb, [("q", "pos")], corpus, fallback_depth=10, **kw)
+    (none,) = mine(candidates=10, fallback_depth=10)
     assert none.sources == ["random"] * 3 and set(none.negatives) <= set(corpus[10:])
-    (kept,) = mining.mine_negatives(
-        emb, [("q", "pos")], corpus, num_negatives=3, candidates=40, max_similarity=-1.0
-    )
+    (kept,) = mine(candidates=40, margin_pos=2.0)
     assert kept.negatives == [] and kept.sources == []
 
 
