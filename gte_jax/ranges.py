@@ -133,6 +133,22 @@ RANGES: dict[str, Range] = {
 }
 
 
+# ``gte-jax mine`` (gte_jax/mining.py ``MiningConfig``): not a training stage's key, checked by
+# ``mining.setting_problems`` at the command's start; ``tests/test_mining.py`` walks the fields.
+MINE_RANGES: dict[str, Range] = {
+    "num_negatives": _at_least(1, "K negatives per pair"),
+    "skip_top": _at_least(0, "the rank window starts here (0: the best candidate)"),
+    "candidates": _at_least(1, "the rank window ends before this rank"),
+    "fallback_depth": _at_least(1, "ranks searched for pairs still short of K"),
+    "perc_pos": _positive("drop sim(q, c) > perc_pos x sim(q, positive); NV-Retriever: 0.95"),
+    "margin_pos": Range(
+        -2, 2, why="drop sim(q, c) > sim(q, positive) - margin; cosines differ by <= 2"
+    ),
+    "max_positive_similarity": Range(-1, 1, why="drop cos(c, positive) > this; a cosine"),
+    "seed": _at_least(0, "NumPy seeds are unsigned"),
+}
+
+
 def _leaves(node: Any, prefix: str = ""):
     """(dotted key, value) of every setting of a config group, sources as ``data.sources[]``."""
     for key in node.keys():

@@ -9,6 +9,7 @@ sources skip and count bad lines (:func:`iter_json_lines` yields the error inste
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -75,3 +76,11 @@ def jsonl_field(record: Mapping[str, Any], key: str, where: str, kind: type | tu
     if not isinstance(value, kind) or isinstance(value, bool):
         raise InputError(f'{where}: field "{key}" has type {type(value).__name__}.')
     return value
+
+
+def normalise(text: str) -> str:
+    """The one rule for "the same text" (synth's duplicates, mine's excluded candidates): NFKC,
+    case-folded, punctuation and symbols removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if unicodedata.category(c)[0] in "PSZC" else c for c in text)
+    return " ".join(kept.split())

@@ -57,6 +57,11 @@ def resolve_model_path(spec: str | epath.PathLike) -> epath.Path:
     path = epath.Path(spec)
     if path.exists():
         return path
+    if spec.startswith("stage:"):
+        raise ModelNotFoundError(
+            f"{spec!r} names a stage of a multi-stage train config, which alone resolves it; "
+            f"here pass that stage's workdir (<workdir>/{spec.split(':', 1)[1]})"
+        )
     alias = OFFLINE_MODELS.get(spec.lower())
     if alias is not None:
         module, install = alias

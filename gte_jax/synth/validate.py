@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gte_jax.synth.templates import Category
+from gte_jax.textio import normalise  # the one duplicate-text rule (mine uses it too)
 
 REASONS = (
     "not_json",
@@ -95,13 +96,6 @@ class Rejected(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-def normalise(text: str) -> str:
-    """NFKC, case-folded, without punctuation or symbols, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    kept = "".join(" " if unicodedata.category(c)[0] in "PSZC" else c for c in text)
-    return " ".join(kept.split())
 
 
 def dedup_key(query: str, positive: str) -> str:
