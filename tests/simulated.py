@@ -42,25 +42,43 @@ class ThreadAllGather:
 
         return agree
 
+    def gather_for_process(self, i: int):
+        """Process i's side of an all-gather of any values (``host_gather``): every thread
+        gets the list of all threads' values, in process order."""
 
-def run_processes(target, n: int = 2, timeout: float = 600) -> list:
+        def gather(local):
+            self.slots[i] = local
+            self.gathered.wait()
+            out = list(self.slots)
+            self.read.wait()
+            return out
+
+        return gather
+
+
+def run_processes(target, n: int = 2, timeout: float = 600, *, gather: bool = False) -> list:
     """``target(p, agree_lengths)`` for p in 0..n-1, each in a thread (a simulated process) with
     its own side of one :class:`ThreadAllGather`; returns the n results in process order.
+    ``gather``: ``target(p, agree_lengths, host_gather)``, both sides of the same gather (the
+    threads call them in the same order, as processes do).
 
     An exception in one thread is raised here, as it was raised there: the gather is aborted, so
     the other threads stop at their next all-gather instead of waiting for the timeout, and the
     test fails with the real error (not an empty result found later). A thread still running after
     ``timeout`` seconds (a loaded 2-core CI machine once took over 60 s) fails the test too."""
-    gather = ThreadAllGather(n, timeout)
+    exchange = ThreadAllGather(n, timeout)
     results: list = [None] * n
     errors: list[BaseException] = []
 
     def run(p: int) -> None:
         try:
-            results[p] = target(p, gather.for_process(p))
+            sides = (exchange.for_process(p),)
+            if gather:
+                sides += (exchange.gather_for_process(p),)
+            results[p] = target(p, *sides)
         except BaseException as e:  # noqa: BLE001 (re-raised in the calling thread)
             errors.append(e)
-            gather.abort()
+            exchange.abort()
 
     threads = [threading.Thread(target=run, args=(p,)) for p in range(n)]
     for t in threads:

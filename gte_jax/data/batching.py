@@ -1,15 +1,19 @@
-"""From sampled records to the batch dict of docs/design.md: tokenise, bucket, pad, slice.
+"""From sampled records to the batch dict of docs/design.md: read, tokenise, bucket, pad, slice.
 
-Division of labour over processes: every process fetches the *texts* of the whole global batch
-(cheap; needed so text ids are exact over the global batch), but tokenises and materialises only
-its own rows: the blocks of the mesh's ``"data"`` axis its devices hold
+Division of labour over processes: every process draws the same global batch (the α-sampler is
+a pure function of the seed and the step) but reads, tokenises and materialises only its own
+rows: the blocks of the mesh's ``"data"`` axis its devices hold
 (:class:`~gte_jax.data.layout.BatchLayout`; on a multi-host TPU slice those blocks are scattered
-over the axis, e.g. hosts 0,1,2,3,0,1,2,3,... on a v4-32). The padded length must be the same everywhere,
-so the processes agree on the longest tokenised length with one tiny all-gather of two int32s per
-batch (``agree_lengths``; a no-op for one process) and pad to the smallest bucket that holds it.
-The alternative rule without communication -- every process tokenises the whole global batch
-just to learn the lengths -- would make tokenisation cost O(global batch) per host, the thing the
-split is meant to avoid; character-count estimates are not exact and would truncate.
+over the axis, e.g. hosts 0,1,2,3,0,1,2,3,... on a v4-32). Text ids must still be exact over the
+global batch, so each process publishes a 64-bit hash of every text it read and all assign the
+ids from the assembled hashes by :func:`assign_text_ids`' rule (:func:`exchange_text_ids`; one
+host-side exchange per batch, docs/pod_input.md). The padded length must be the same
+everywhere, so the processes agree on the longest tokenised length with one tiny all-gather of
+two int32s per batch (``agree_lengths``; a no-op for one process) and pad to the smallest bucket
+that holds it. The alternative rule without communication -- every process tokenises the whole
+global batch just to learn the lengths -- would make tokenisation cost O(global batch) per host,
+the thing the split is meant to avoid; character-count estimates are not exact and would
+truncate.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -96,6 +102,32 @@ def assign_text_ids(
     return q, d, n
 
 
+def text_hashes(texts: Sequence[str]) -> np.ndarray:
+    """[n] uint64: the first 8 bytes of BLAKE2b of each text's UTF-8 bytes, the same on every
+    process and run (Python's ``hash`` of a str is salted per process)."""
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+
+def ids_from_hashes(
+    queries: np.ndarray, docs: np.ndarray, negatives: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`assign_text_ids`' rule on text hashes ([B], [B], [B, K] uint64): ids numbered by
+    first appearance in the order queries, documents, negatives (row-major).
+
+    Equal to the ids of the texts unless two different texts of one batch share a hash: for n
+    distinct texts the chance is about n^2 / 2^65, 3e-11 for the 2 x 16384 texts of a GTE
+    stage-1 batch, 3e-6 over 100k such steps. Its only effect would be one pair masked as a
+    duplicate (a negative fewer in one row of the loss), so it is not checked for."""
+    b, k = negatives.shape
+    flat = np.concatenate([queries, docs, negatives.reshape(-1)])
+    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int32)
+    rank[np.argsort(first)] = np.arange(len(first), dtype=np.int32)
+    ids = rank[inverse.reshape(-1)]
+    return ids[:b], ids[b : 2 * b], ids[2 * b :].reshape(b, k)
+
+
 def pad_ids(
     rows: Sequence[Sequence[int]], length: int, pad_id: int, *, left: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -111,26 +143,43 @@ def pad_ids(
 
 
 # --------------------------------------------------------------------------------------------
-# Global batch plan: the texts of one global batch, identical on every process
+# Batch plan: the texts of one global batch's rows (all of them, or one process's)
 
 
 @dataclasses.dataclass
 class GlobalBatchPlan:
+    """The texts of ``rows`` of one global batch of ``batch_size`` examples: every row (one
+    process, or a process that reads the whole batch) or one process's own rows. The lists and
+    arrays are indexed by position in ``rows`` (:meth:`positions`)."""
+
     step: int
-    sources: list[str]  # [B] source name of each example
-    queries: list[str]  # [B] raw texts
-    query_prefixes: list[str]  # [B] query prompts (the source's, or the record's instruction)
-    docs: list[str]  # [B]
-    doc_prefixes: list[str]  # [B] prompts of the document and negatives of each example
-    negatives: list[list[str]]  # [B][K]; placeholders (NEG_PLACEHOLDER) where neg_valid is 0
-    query_text_id: np.ndarray  # [B]
-    doc_text_id: np.ndarray  # [B]
-    neg_text_id: np.ndarray  # [B, K]
-    neg_valid: np.ndarray  # [B, K] int32: 1 = a real negative, 0 = the record had fewer than K
+    sources: list[str]  # [n] source name of each example
+    queries: list[str]  # [n] raw texts
+    query_prefixes: list[str]  # [n] query prompts (the source's, or the record's instruction)
+    docs: list[str]  # [n]
+    doc_prefixes: list[str]  # [n] prompts of the document and negatives of each example
+    negatives: list[list[str]]  # [n][K]; placeholders (NEG_PLACEHOLDER) where neg_valid is 0
+    query_text_id: np.ndarray | None  # [n] (None until exchange_text_ids when rows are partial)
+    doc_text_id: np.ndarray | None  # [n]
+    neg_text_id: np.ndarray | None  # [n, K]
+    neg_valid: np.ndarray  # [n, K] int32: 1 = a real negative, 0 = the record had fewer than K
+    rows: np.ndarray | None = None  # [n] increasing global rows held; None: every row
+    batch_size: int | None = None  # global examples; None: n
 
     @property
     def size(self) -> int:
-        return len(self.queries)
+        """Examples of the global batch (not only the rows held)."""
+        return len(self.queries) if self.batch_size is None else self.batch_size
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Where global ``rows`` (all held) sit in this plan's lists."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.rows is None:
+            return rows
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        if (self.rows[at] != rows).any():
+            raise ValueError(f"rows {rows.tolist()} are not all held by this plan")
+        return at
 
 
 # The text standing in for a missing negative (a record with fewer than K): it is tokenised like
@@ -145,20 +194,32 @@ def _fill_negatives(rec: PairRecord, k: int) -> tuple[list[str], list[int]]:
     return real + [NEG_PLACEHOLDER] * (k - len(real)), [1] * len(real) + [0] * (k - len(real))
 
 
-def make_plan(
-    step: int, drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source], num_negatives: int
-) -> GlobalBatchPlan:
-    names, queries, qpre, docs, dpre, negs, neg_ok = [], [], [], [], [], [], []
+def _read_records(drawn: Sequence[tuple[str, int]], sources: Mapping[str, Source]) -> list[Any]:
+    """The records of ``drawn``, in order, with one read per source."""
     at: dict[str, list[int]] = {}
     for j, (name, _) in enumerate(drawn):
         at.setdefault(name, []).append(j)
     records: list[Any] = [None] * len(drawn)
-    for name, rows in at.items():  # one read per source
+    for name, rows in at.items():
         for j, rec in zip(rows, sources[name].many([drawn[j][1] for j in rows]), strict=True):
             records[j] = rec
-    for (name, _), rec in zip(drawn, records, strict=True):
-        src = sources[name]
-        opts = src.options
+    return records
+
+
+def make_plan(
+    step: int,
+    drawn: Sequence[tuple[str, int]],
+    sources: Mapping[str, Source],
+    num_negatives: int,
+    rows: np.ndarray | None = None,
+) -> GlobalBatchPlan:
+    """The plan of the global batch ``drawn``, reading only the records of ``rows`` (global
+    indices, increasing; None: all). Text ids are assigned here when every row is read; for a
+    part, :func:`exchange_text_ids` assigns them over the global batch."""
+    held = drawn if rows is None else [drawn[int(j)] for j in rows]
+    names, queries, qpre, docs, dpre, negs, neg_ok = [], [], [], [], [], [], []
+    for (name, _), rec in zip(held, _read_records(held, sources), strict=True):
+        opts = sources[name].options
         names.append(name)
         queries.append(rec.query)
         qpre.append(opts.query_prompt(rec.instruction))
@@ -167,9 +228,12 @@ def make_plan(
         texts, ok = _fill_negatives(rec, num_negatives)
         negs.append(texts)
         neg_ok.append(ok)
-    q_id, d_id, n_id = assign_text_ids(queries, docs, negs)
-    n_ok = np.asarray(neg_ok, dtype=np.int32).reshape(len(drawn), num_negatives)
-    return GlobalBatchPlan(step, names, queries, qpre, docs, dpre, negs, q_id, d_id, n_id, n_ok)
+    n_ok = np.asarray(neg_ok, dtype=np.int32).reshape(len(held), num_negatives)
+    ids = assign_text_ids(queries, docs, negs) if rows is None else (None, None, None)
+    return GlobalBatchPlan(
+        step, names, queries, qpre, docs, dpre, negs, *ids, n_ok,
+        rows=None if rows is None else np.asarray(rows, dtype=np.int64), batch_size=len(drawn),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,11 +277,12 @@ def tokenize_slice(
     ``prompt_lengths`` (``include_prompt`` is False) every role also gets pool masks without its
     prompt's tokens (:mod:`gte_jax.prompts`)."""
     rows = np.asarray(rows, dtype=np.int64)
-    q_pre, q_txt = _take(plan.query_prefixes, rows), _take(plan.queries, rows)
+    at = plan.positions(rows)
+    q_pre, q_txt = _take(plan.query_prefixes, at), _take(plan.queries, at)
     q_ids = _tokenize(tokenizer, q_pre, q_txt, query_max_length)
-    d_pre = _take(plan.doc_prefixes, rows)
-    d_ids = _tokenize(tokenizer, d_pre, _take(plan.docs, rows), doc_max_length)
-    negs = _take(plan.negatives, rows)
+    d_pre = _take(plan.doc_prefixes, at)
+    d_ids = _tokenize(tokenizer, d_pre, _take(plan.docs, at), doc_max_length)
+    negs = _take(plan.negatives, at)
     flat_negs = [t for row in negs for t in row]
     flat_pre = [p for p, row in zip(d_pre, negs, strict=True) for _ in row]
     n_ids = _tokenize(tokenizer, flat_pre, flat_negs, doc_max_length) if flat_negs else []
@@ -241,7 +306,7 @@ def materialize(
 ) -> dict[str, np.ndarray]:
     """The process-local batch dict (docs/design.md table), padded to the agreed bucket lengths
     (before the texts with ``left_pad``; pool masks move with their tokens)."""
-    b = len(tok.query_ids)
+    b, at = len(tok.query_ids), plan.positions(tok.rows)
     q_ids, q_mask = pad_ids(tok.query_ids, query_length, pad_id, left=left_pad)
     d_ids, d_mask = pad_ids(tok.doc_ids, doc_length, pad_id, left=left_pad)
     out = {
@@ -249,8 +314,8 @@ def materialize(
         "query_attention_mask": q_mask,
         "doc_input_ids": d_ids,
         "doc_attention_mask": d_mask,
-        "query_text_id": plan.query_text_id[tok.rows],
-        "doc_text_id": plan.doc_text_id[tok.rows],
+        "query_text_id": plan.query_text_id[at],
+        "doc_text_id": plan.doc_text_id[at],
         "valid": np.ones((b,), dtype=np.int32),
     }
     if tok.query_pool is not None:
@@ -263,8 +328,8 @@ def materialize(
         if tok.neg_pool is not None:
             n_pool, _ = pad_ids(tok.neg_pool, doc_length, 0, left=left_pad)
             out["neg_pool_mask"] = n_pool.reshape(b, num_negatives, doc_length)
-        out["neg_text_id"] = plan.neg_text_id[tok.rows]
-        out["neg_valid"] = plan.neg_valid[tok.rows]
+        out["neg_text_id"] = plan.neg_text_id[at]
+        out["neg_valid"] = plan.neg_valid[at]
     return out
 
 
@@ -542,12 +607,12 @@ def _with_ids(
     out: dict[str, np.ndarray], plan: GlobalBatchPlan, tok: TokenizedSlice, num_negatives: int
 ) -> dict[str, np.ndarray]:
     """Adds the text ids, negative validity and ``valid`` of this process's rows."""
-    b = len(tok.query_ids)
-    out["query_text_id"] = plan.query_text_id[tok.rows]
-    out["doc_text_id"] = plan.doc_text_id[tok.rows]
+    b, at = len(tok.query_ids), plan.positions(tok.rows)
+    out["query_text_id"] = plan.query_text_id[at]
+    out["doc_text_id"] = plan.doc_text_id[at]
     if num_negatives:
-        out["neg_text_id"] = plan.neg_text_id[tok.rows]
-        out["neg_valid"] = plan.neg_valid[tok.rows]
+        out["neg_text_id"] = plan.neg_text_id[at]
+        out["neg_valid"] = plan.neg_valid[at]
     out["valid"] = np.ones((b,), dtype=np.int32)
     return out
 
@@ -650,13 +715,14 @@ class Prepared:
 _AGREEMENTS = itertools.count()  # one key prefix per agreement; every process counts alike
 
 
-class HostAllGatherMax:
-    """Element-wise max of a small int32 array over all JAX processes, on the host only: through
+class HostAllGather:
+    """Every JAX process's bytes, in process order, on the host only: through
     ``jax.distributed``'s coordination service (each process sets its key, one barrier, one read
     of the round's keys), never a device program. Why not ``multihost_utils.process_allgather``:
     that runs a collective on the devices, which would take turns with the train step, and from a
     prefetch thread could be enqueued in a different order on different hosts. Every process must
-    call it the same number of times (the iterator agrees once per batch, in step order)."""
+    call it the same number of times (the iterator: once per batch, in step order), and build its
+    exchanges in the same order (each gets its own key prefix from a count)."""
 
     def __init__(self, timeout_s: float = 600.0):
         import jax
@@ -668,21 +734,85 @@ class HostAllGatherMax:
         self.round = 0
         self.timeout_ms = int(timeout_s * 1000)
 
-    def __call__(self, local: np.ndarray) -> np.ndarray:
-        local = np.ascontiguousarray(local, dtype=np.int32)
+    @classmethod
+    def between_processes(cls) -> HostAllGather | None:
+        """An exchange when there are several JAX processes to exchange with, else None."""
+        from jax._src import distributed
+
+        if distributed.global_state.client is None:
+            return None
+        out = cls()
+        return out if out.processes > 1 else None
+
+    def __call__(self, local: bytes) -> list[bytes]:
         if self.client is None:
-            return local
+            return [bytes(local)]
         key = f"{self.prefix}/{self.round}"
-        self.client.key_value_set_bytes(f"{key}/{self.process}", local.tobytes())
+        self.client.key_value_set_bytes(f"{key}/{self.process}", bytes(local))
         self.client.wait_at_barrier(f"{key}/all", self.timeout_ms)
-        got = self.client.key_value_dir_get_bytes(key)
-        if len(got) != self.processes:
+        got = {int(k.rsplit("/", 1)[-1]): v for k, v in self.client.key_value_dir_get_bytes(key)}
+        if sorted(got) != list(range(self.processes)):
             raise RuntimeError(f"agreement {key}: {len(got)} of {self.processes} processes")
-        out = np.max([np.frombuffer(v, dtype=np.int32).reshape(local.shape) for _, v in got], 0)
         if self.round:  # every process has read the previous round once all set this one
             self.client.key_value_delete(f"{self.prefix}/{self.round - 1}/{self.process}")
         self.round += 1
-        return out
+        return [got[p] for p in range(self.processes)]
+
+
+class HostAllGatherMax:
+    """Element-wise max of a small int32 array over all JAX processes (:class:`HostAllGather`)."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        self.gather = HostAllGather(timeout_s)
+
+    def __call__(self, local: np.ndarray) -> np.ndarray:
+        local = np.ascontiguousarray(local, dtype=np.int32)
+        parts = self.gather(local.tobytes())
+        return np.max([np.frombuffer(v, dtype=np.int32).reshape(local.shape) for v in parts], 0)
+
+
+# What a process publishes instead of its hashes when it could not read its rows: the others stop
+# with an error at once instead of waiting at the next exchange's barrier for it.
+_READ_FAILED = np.asarray([1], dtype=np.uint64).tobytes()
+
+
+def _hash_payload(plan: GlobalBatchPlan) -> bytes:
+    """[0, n, rows (n), query hashes (n), doc hashes (n), negative hashes (n * K)] uint64."""
+    negatives = [t for row in plan.negatives for t in row]
+    head = np.asarray([0, len(plan.rows)], dtype=np.uint64)
+    parts = [head, plan.rows.astype(np.uint64), text_hashes(plan.queries)]
+    return np.concatenate([*parts, text_hashes(plan.docs), text_hashes(negatives)]).tobytes()
+
+
+def exchange_text_ids(
+    plan: GlobalBatchPlan, gather: Callable[[bytes], list[bytes]]
+) -> GlobalBatchPlan:
+    """``plan`` (this process's rows) with the text ids of the global batch: every process
+    publishes the hashes of the texts it read (:func:`text_hashes`), all assemble the global
+    [B], [B], [B, K] hash arrays and number them by :func:`assign_text_ids`' rule
+    (:func:`ids_from_hashes`). ``gather``: bytes -> every process's bytes (:class:`HostAllGather`)."""
+    b, k = plan.size, plan.neg_valid.shape[1]
+    q, d = np.zeros(b, np.uint64), np.zeros(b, np.uint64)
+    n, held = np.zeros((b, k), np.uint64), np.zeros(b, np.int64)
+    for p, payload in enumerate(gather(_hash_payload(plan))):
+        words = np.frombuffer(payload, dtype=np.uint64)
+        if words[0]:
+            raise RuntimeError(
+                f"process {p} could not read its rows of batch {plan.step} (its log says why)"
+            )
+        m = int(words[1])
+        rows, hashes = words[2 : 2 + m].astype(np.int64), words[2 + m :]
+        q[rows], d[rows], n[rows] = hashes[:m], hashes[m : 2 * m], hashes[2 * m :].reshape(m, k)
+        held[rows] += 1
+    if (held != 1).any():
+        raise RuntimeError(
+            f"batch {plan.step}: rows {np.flatnonzero(held != 1)[:8]} are not held once"
+        )
+    ids = ids_from_hashes(q, d, n)
+    return dataclasses.replace(
+        plan, query_text_id=ids[0][plan.rows], doc_text_id=ids[1][plan.rows],
+        neg_text_id=ids[2][plan.rows],
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,6 +858,12 @@ class PairBatchIterator:
         packing gives the chunked packed layout (docs/design.md, "Packing with GradCache").
       agree_lengths: ``[n] int32 -> [n] int32`` max over processes (lengths, or row counts); default: identity for one
         process, :class:`HostAllGatherMax` otherwise.
+      host_gather: ``bytes -> [bytes of every process]`` (:class:`HostAllGather`); default: one
+        when there are several ``jax.distributed`` processes. With it, and rows of other
+        processes in the batch, the iterator reads only its own rows' records and the text ids
+        come from the exchanged hashes (:func:`exchange_text_ids`); without it every process
+        reads the whole global batch. :meth:`stats` then exchanges once too (the bad records
+        each process met), so every process must call it.
       include_prompt: the model's ``include_prompt``; False: prompt tokens (prefixes,
         instructions) are not pooled, by :mod:`gte_jax.prompts`' rule.
       mntp: MNTP masking (:mod:`gte_jax.data.mntp`): the query role's tokens are masked (a pure
@@ -761,6 +897,7 @@ class PairBatchIterator:
         include_prompt: bool = True,
         mntp: MntpMasking | None = None,
         layout: BatchLayout | None = None,
+        host_gather: Callable[[bytes], list[bytes]] | None = None,
     ):
         self.sources = {s.name: s for s in sources}
         if len(self.sources) != len(sources):
@@ -808,12 +945,28 @@ class PairBatchIterator:
         if agree_lengths is None:
             agree_lengths = HostAllGatherMax() if process_count > 1 else (lambda x: x)
         self.agree_lengths = agree_lengths
+        self._init_exchanges(host_gather, process_count)
         # Packed rows per device and role only grow (saved with the sampler state, so a resumed
         # run packs as the uninterrupted one did): see prime_row_floor.
         self.row_floor: dict[str, int] = {}
         self._init_row_length(pack_row_length)
         # The sampler state of the last batch handed out (None: the sampler's own).
         self._consumed_sampler_state: dict[str, Any] | None = None
+
+    def _init_exchanges(self, host_gather, process_count: int) -> None:
+        """Own rows only when there are others' rows and a way to exchange text hashes. The
+        bad-record counts of :meth:`stats` get an exchange object of their own: stats run on the
+        loop's thread after the prefetch thread's batches, and each object's rounds must match
+        over the processes."""
+        if host_gather is None and process_count > 1:
+            host_gather = HostAllGather.between_processes()
+            self._stats_gather = HostAllGather.between_processes()
+        else:
+            self._stats_gather = host_gather
+        self.reads_own_rows = (
+            host_gather is not None and self.layout.groups < self.layout.num_blocks
+        )
+        self._host_gather = host_gather if self.reads_own_rows else None
 
     def _init_row_length(self, pack_row_length: int | None) -> None:
         """Tokens per packed row: "query" (queries) and "doc" (documents and negatives); saved
@@ -850,14 +1003,12 @@ class PairBatchIterator:
         toks = []
         for _ in range(num_batches):
             step = sampler.step
-            drawn = sampler.next()
-            plan = make_plan(step, drawn, self.sources, self.num_negatives[drawn[0][0]])
-            rows = self.layout.rows(plan.size)
+            plan = self._plan(step, sampler.next())
             toks.append(
                 tokenize_slice(
                     plan,
                     self.tokenizer,
-                    rows,
+                    self.layout.rows(plan.size),
                     query_max_length=self.query_max_length,
                     doc_max_length=self.doc_max_length,
                 )  # fmt: skip
@@ -897,15 +1048,26 @@ class PairBatchIterator:
         return self
 
     def next_plan(self) -> GlobalBatchPlan:
-        """Advances the sampler and fetches the global batch's texts (same on every process)."""
+        """Advances the sampler and reads the next global batch's texts: all of them, or this
+        process's rows only (:attr:`reads_own_rows`), with text ids over the global batch."""
         self._consumed_sampler_state = None  # the state is the sampler's again
         return self._next_plan()
 
     def _next_plan(self) -> GlobalBatchPlan:
         step = self.sampler.step
-        drawn = self.sampler.next()
+        return self._plan(step, self.sampler.next())
+
+    def _plan(self, step: int, drawn: Sequence[tuple[str, int]]) -> GlobalBatchPlan:
+        """The plan of ``drawn``; with own rows only, one exchange, also when the read fails."""
         k = self.num_negatives[drawn[0][0]]
-        return make_plan(step, drawn, self.sources, k)
+        if self._host_gather is None:
+            return make_plan(step, drawn, self.sources, k)
+        try:
+            plan = make_plan(step, drawn, self.sources, k, self.layout.rows(len(drawn)))
+        except Exception:
+            self._host_gather(_READ_FAILED)  # the others stop too, not at a barrier's timeout
+            raise
+        return exchange_text_ids(plan, self._host_gather)
 
     def materialize(self, plan: GlobalBatchPlan) -> dict[str, np.ndarray]:
         """Tokenises this process's rows of ``plan`` and pads it to the agreed buckets."""
@@ -1030,6 +1192,7 @@ class PairBatchIterator:
         """Per source: size, read / used / skipped (+ reasons), drawn batches and examples
         (``sampler_state``: as of that state, default the iterator's)."""
         st = (sampler_state or self._sampler_state())["sources"]
+        self._merge_found_bad()
         return {
             name: {
                 **src.stats(),
@@ -1039,3 +1202,14 @@ class PairBatchIterator:
             }
             for name, src in self.sources.items()
         }
+
+    def _merge_found_bad(self) -> None:
+        """With own rows only, each process met the bad records of its own rows (a TFDS source
+        checks records when read); their union is what one process reading every row meets, so
+        each process adds the others' (one exchange: every process calls :meth:`stats`)."""
+        if not self.reads_own_rows or self._stats_gather is None:
+            return
+        local = {name: src.found_bad() for name, src in sorted(self.sources.items())}
+        for payload in self._stats_gather(json.dumps(local).encode("utf-8")):
+            for name, found in json.loads(payload).items():
+                self.sources[name].merge_found_bad({int(i): r for i, r in found.items()})

@@ -15,6 +15,12 @@ batch the loop took (the iterator's state each finished batch carries: sampler, 
 lengths), never the thread's, which is up to ``depth + 1`` batches ahead. :meth:`Prefetcher.set_state` stops the thread and drops
 what it had prepared. An exception in the thread is raised in the consumer, at the batch it would
 have produced, as the same exception object (its message and the thread's traceback).
+
+Stopping with several processes: every batch's exchanges need every process's thread, so a thread
+must not stop at whatever batch it happens to be on (one host's thread waiting at a barrier for a
+batch another host's thread never started would hold its ``close`` until the barrier's timeout).
+The loops of all processes take the same number of batches, so ``close`` lets the thread fill its
+queue and stop at the first batch it cannot put: the same batch on every process.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class Prefetcher:
         self.depth = int(depth)
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        # Several processes: stop after the batch that finds the queue full (module docstring).
+        self._drain = threading.Event()
         self._thread: threading.Thread | None = None
         self._state: dict[str, Any] | None = None  # the iterator's state after the last batch taken
 
@@ -68,6 +76,7 @@ class Prefetcher:
         if it.prompt_lengths is not None:
             it.prompt_lengths.tokenizer = it.tokenizer
         self._stop.clear()
+        self._drain.clear()
         self._queue = queue.Queue(maxsize=self.depth)
         self._thread = threading.Thread(
             target=self._produce, args=(self._queue,), name="gte-jax-prefetch", daemon=True
@@ -86,7 +95,8 @@ class Prefetcher:
                     out.put(item, timeout=_POLL_S)
                     break
                 except queue.Full:
-                    continue
+                    if self._drain.is_set():
+                        return
             if isinstance(item, _Failure):
                 return
 
@@ -127,11 +137,15 @@ class Prefetcher:
         return self.iterator.prime_row_floor(*args, **kwargs)
 
     def close(self) -> None:
-        """Stops the thread (it finishes the batch it is preparing) and drops its batches; the
-        iterator is left at the state of the last batch taken."""
+        """Stops the thread (it finishes the batch it is preparing; with several processes, the
+        batches up to a full queue) and drops its batches; the iterator is left at the state of
+        the last batch taken."""
         if self._thread is None:
             return
-        self._stop.set()
+        if getattr(self.iterator, "process_count", 1) > 1:
+            self._drain.set()
+        else:
+            self._stop.set()
         self._thread.join()
         self._thread = self._queue = None
         if self._state is not None:  # rewind what the thread drew beyond the last batch taken

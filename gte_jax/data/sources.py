@@ -311,6 +311,15 @@ class BadInputAccounting:
         self.stats.read += 1
         self.stats.used += 1
 
+    @staticmethod
+    def reason(err: InputError) -> str:
+        """The count's key for ``err``: its message without the part in brackets."""
+        return str(err).split(" (")[0]
+
+    def count_skipped(self, reason: str) -> None:
+        self.stats.skipped += 1
+        self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+
     def bad(self, location: str, err: InputError) -> None:
         self.stats.read += 1
         if self.policy == "error":
@@ -318,9 +327,8 @@ class BadInputAccounting:
                 f"{location}: {err} (source {self.source!r}); fix or remove the record, "
                 "or set on_bad_input='skip' to drop bad records"
             ) from err
-        self.stats.skipped += 1
-        reason = str(err).split(" (")[0]
-        self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
+        reason = self.reason(err)
+        self.count_skipped(reason)
         if self.stats.skipped <= MAX_REPORTED:
             logger.warning("%s: skipped bad record of source %r: %s", location, self.source, err)
         elif self.stats.skipped == MAX_REPORTED + 1:
@@ -481,6 +489,16 @@ class Source:
         if self._get_many is not None:
             return self._get_many([int(i) for i in indices])
         return [self._get(int(i)) for i in indices]
+
+    def found_bad(self) -> dict[int, str]:
+        """Stored records found bad when read (position -> reason): a TFDS source opened from
+        its counts checks each record when it is read; other sources checked all at opening."""
+        return self._get.found() if isinstance(self._get, LazyChecked) else {}
+
+    def merge_found_bad(self, found: Mapping[int, str]) -> None:
+        """Counts the bad records another process found (:meth:`found_bad`) as if read here."""
+        if isinstance(self._get, LazyChecked):
+            self._get.merge(found)
 
     @property
     def num_negatives(self) -> int:
@@ -680,7 +698,7 @@ class LazyChecked:
     ):  # fmt: skip
         self._read, self._n, self._parse = read, n, parse
         self._acct, self._where = acct, where
-        self._bad: set[int] = set()
+        self._bad: dict[int, str] = {}  # stored position -> reason
         self._lock = threading.Lock()
         acct.stats.read = acct.stats.used = n
 
@@ -711,10 +729,24 @@ class LazyChecked:
             if i in self._bad:
                 return
             self._acct.bad(f"{self._where}:{i}", err)  # raises with on_bad_input="error"
-            self._bad.add(i)
+            self._bad[i] = self._acct.reason(err)
             # The stored record was counted as read and used at opening.
             self._acct.stats.read -= 1
             self._acct.stats.used -= 1
+
+    def found(self) -> dict[int, str]:
+        """The bad records met so far (stored position -> reason)."""
+        with self._lock:
+            return dict(self._bad)
+
+    def merge(self, found: Mapping[int, str]) -> None:
+        """Counts bad records met elsewhere (another process's :meth:`found`), each once."""
+        with self._lock:
+            for i, reason in found.items():
+                if int(i) not in self._bad:
+                    self._bad[int(i)] = reason
+                    self._acct.count_skipped(reason)
+                    self._acct.stats.used -= 1
 
 
 def _pair_example_reader(ds: Any, features: Any) -> Callable[[list[int]], list[Any]] | None:
