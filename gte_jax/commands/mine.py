@@ -9,7 +9,13 @@ import pathlib
 import sys
 from typing import Any
 
-from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error, side_prefixes
+from gte_jax.commands.common import (
+    USER_ERRORS,
+    add_encoding_arguments,
+    apply_dim,
+    error,
+    side_prefixes,
+)
 from gte_jax.encode import Embedder
 from gte_jax.mining import (
     DEFAULT_CANDIDATES,
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(args.pairs)
         corpus = read_corpus_texts(args.corpus)
         embedder = Embedder.from_pretrained(args.model)
+        apply_dim(args, embedder)
         query_prefix, doc_prefix = side_prefixes(args, embedder)
     except USER_ERRORS as e:
         return fail(e)
