@@ -82,6 +82,10 @@ class MinedNegatives:
 
     negatives: list[str]
     sources: list[str]
+    # The mining model's cosine of the query with its positive and with each negative (parallel
+    # to ``negatives``): teacher scores for distillation (gte_jax/objectives/distill.py).
+    pos_score: float = float("nan")
+    neg_scores: list[float] = dataclasses.field(default_factory=list)
 
 
 def mine_negatives(
@@ -163,7 +167,17 @@ def mine_negatives(
         _add_random(
             out[p], corpus, searched, positives_of[query] | {query}, num_negatives, [seed, p]
         )
+    query_unit = l2_normalize(query_emb[[row_of[q] for q, _ in pairs]])  # [num_pairs, D]
+    _set_scores(out, positive_sim, query_unit, l2_normalize(corpus_emb), corpus)
     return out
+
+
+def _set_scores(out, positive_sim, query_unit, corpus_unit, corpus) -> None:
+    """Each pair's cosine with its positive and with each chosen negative (the search's score)."""
+    index_of = {text: i for i, text in enumerate(corpus)}
+    for m, pos, q in zip(out, positive_sim, query_unit, strict=True):
+        m.pos_score = float(pos)
+        m.neg_scores = [float(corpus_unit[index_of[t]] @ q) for t in m.negatives]
 
 
 def _add(m: MinedNegatives, texts: Sequence[str], k: int, source: str) -> None:

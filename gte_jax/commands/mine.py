@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "corpus texts beyond it (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random fallback")
+    parser.add_argument(
+        "--teacher-scores",
+        action="store_true",
+        help='also write the model\'s cosine with the positive ("pos_score") and with each '
+        'negative ("neg_scores"): teacher scores for loss.distill_weight',
+    )
     add_encoding_arguments(parser, batch_size=64, prefixes=True)
     return parser
 
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 "negatives": m.negatives,
                 "negatives_source": m.sources,
             }
+            if args.teacher_scores:
+                record["pos_score"] = m.pos_score
+                record["neg_scores"] = m.neg_scores
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     summary = {
         "pairs_read": len(pairs),

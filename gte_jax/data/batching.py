@@ -127,6 +127,9 @@ class GlobalBatchPlan:
     doc_text_id: np.ndarray  # [B]
     neg_text_id: np.ndarray  # [B, K]
     neg_valid: np.ndarray  # [B, K] int32: 1 = a real negative, 0 = the record had fewer than K
+    # [B, 1+K] float32 teacher scores (positive, then negatives; 0 for placeholders) when every
+    # record of the batch has them (PairRecord.teacher_scores), else None: no key in the batch.
+    teacher_scores: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -169,7 +172,22 @@ def make_plan(
         neg_ok.append(ok)
     q_id, d_id, n_id = assign_text_ids(queries, docs, negs)
     n_ok = np.asarray(neg_ok, dtype=np.int32).reshape(len(drawn), num_negatives)
-    return GlobalBatchPlan(step, names, queries, qpre, docs, dpre, negs, q_id, d_id, n_id, n_ok)
+    return GlobalBatchPlan(
+        step, names, queries, qpre, docs, dpre, negs, q_id, d_id, n_id, n_ok,
+        teacher_scores=_teacher_scores(records, num_negatives),
+    )  # fmt: skip
+
+
+def _teacher_scores(records: Sequence[PairRecord], k: int) -> np.ndarray | None:
+    """[B, 1+K] float32: each record's teacher scores cut or padded (0, masked by ``neg_valid``)
+    to K negatives, as :func:`_fill_negatives` does; None unless every record has them."""
+    if not records or not all(rec.teacher_scores for rec in records):
+        return None
+    out = np.zeros((len(records), 1 + k), np.float32)
+    for i, rec in enumerate(records):
+        scores = rec.teacher_scores[: 1 + k]
+        out[i, : len(scores)] = scores
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +283,8 @@ def materialize(
             out["neg_pool_mask"] = n_pool.reshape(b, num_negatives, doc_length)
         out["neg_text_id"] = plan.neg_text_id[tok.rows]
         out["neg_valid"] = plan.neg_valid[tok.rows]
+    if plan.teacher_scores is not None:
+        out["teacher_scores"] = plan.teacher_scores[tok.rows]
     return out
 
 
@@ -548,6 +568,8 @@ def _with_ids(
     if num_negatives:
         out["neg_text_id"] = plan.neg_text_id[tok.rows]
         out["neg_valid"] = plan.neg_valid[tok.rows]
+    if plan.teacher_scores is not None:
+        out["teacher_scores"] = plan.teacher_scores[tok.rows]
     out["valid"] = np.ones((b,), dtype=np.int32)
     return out
 
