@@ -140,9 +140,8 @@ def mine_negatives(
                       if corpus[i] not in excluded][:k]  # fmt: skip
         return out
 
-    positive_sim = np.sum(
-        l2_normalize(query_emb[[row_of[q] for q, _ in pairs]]) * l2_normalize(positive_emb), axis=-1
-    )  # [num_pairs]
+    query_unit = l2_normalize(query_emb[[row_of[q] for q, _ in pairs]])  # [num_pairs, D]
+    positive_sim = np.sum(query_unit * l2_normalize(positive_emb), axis=-1)  # [num_pairs]
     limits = [max_similarity * float(s) for s in positive_sim]
     top = ranked_lists(list(range(len(queries))), depth)
     out = []
@@ -167,7 +166,6 @@ def mine_negatives(
         _add_random(
             out[p], corpus, searched, positives_of[query] | {query}, num_negatives, [seed, p]
         )
-    query_unit = l2_normalize(query_emb[[row_of[q] for q, _ in pairs]])  # [num_pairs, D]
     _set_scores(out, positive_sim, query_unit, l2_normalize(corpus_emb), corpus)
     return out
 

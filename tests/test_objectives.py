@@ -247,3 +247,33 @@ def test_with_distillation_adds_the_weighted_kl_and_gets_no_teacher_gradient():
     np.testing.assert_allclose(float(metrics["distill_loss"]), kd, rtol=1e-10)
     assert float(alone) == float(base)
     assert not np.any(np.asarray(g_teacher))
+
+
+def test_the_train_steps_loss_fn_applies_matryoshka_and_distillation():
+    """gradcache.make_loss_fn (the train step's loss) with the loss.* options == the objectives."""
+    from gte_jax import gradcache
+
+    q, d, neg = _case(n=4, k=2, seed=9)
+    teacher = np.random.default_rng(10).uniform(0, 1, size=(4, 3))
+    batch = {"teacher_scores": teacher}
+    emb = {"query": q, "doc": d, "neg": neg}
+    fn = gradcache.make_loss_fn(
+        "infonce", temperature=0.05, matryoshka_dims=(48, 8), matryoshka_weights=(1.0, 0.5),
+        distill_weight=0.3, teacher_temperature=0.1,
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        got, metrics = fn(emb, batch)
+        mat, _ = matryoshka.matryoshka_loss(
+            losses.infonce_loss, q, d, neg=neg, dims=(48, 8), weights=(1.0, 0.5), temperature=0.05
+        )
+        kd = distill.distill_loss(
+            distill.student_scores(q, d, neg), teacher, student_temperature=0.05,
+            teacher_temperature=0.1,
+        )  # fmt: skip
+        plain, _ = gradcache.make_loss_fn("infonce", temperature=0.05)(emb, batch)
+    np.testing.assert_allclose(float(got), float(mat) + 0.3 * float(kd), rtol=1e-10)
+    assert "loss_dim8" in metrics and "distill_loss" in metrics
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(
+            float(plain), float(losses.infonce_loss(q, d, neg=neg, temperature=0.05)[0]), 1e-12
+        )
