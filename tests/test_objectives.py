@@ -277,3 +277,16 @@ def test_the_train_steps_loss_fn_applies_matryoshka_and_distillation():
         np.testing.assert_allclose(
             float(plain), float(losses.infonce_loss(q, d, neg=neg, temperature=0.05)[0]), 1e-12
         )
+
+
+def test_inconsistent_matryoshka_settings_are_refused_naming_the_key():
+    from gte_jax.defaults import stage_config
+    from gte_jax.train import matryoshka_problems
+
+    lcfg = stage_config().loss
+    assert matryoshka_problems(lcfg) == []
+    lcfg.matryoshka_dims = (32, 16)
+    lcfg.matryoshka_weights = (1.0,)
+    assert matryoshka_problems(lcfg)[0].startswith("loss.matryoshka_dims=[32, 16]: 1 matryoshka")
+    lcfg.matryoshka_weights = (1.0, -1.0)
+    assert "weights must be >= 0" in matryoshka_problems(lcfg)[0]
