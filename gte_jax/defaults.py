@@ -109,6 +109,14 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     c.name = "gte"
     c.temperature = 0.01  # GTE §3: τ = 0.01
     c.symmetric = False  # infonce only: add the d→q direction
+    # Matryoshka (gte_jax/objectives/matryoshka.py): prefix sizes, e.g. (768, 512, 256, 128, 64)
+    # (Kusupati et al., 2022); () = off. Ours: off by default.
+    c.matryoshka_dims = ()
+    c.matryoshka_weights = ()  # one per dim; () = 1 each (sentence-transformers' default)
+    # Distillation from the batch's teacher_scores (gte_jax/objectives/distill.py): weight of the
+    # KL term added to the contrastive loss; 0 = off. Ours.
+    c.distill_weight = 0.0
+    c.teacher_temperature = 0.02  # ours: FlagEmbedding's bge student τ, applied to the teacher
     return c
 
 

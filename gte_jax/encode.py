@@ -25,7 +25,7 @@ from flax import nnx
 
 from gte_jax.data.batching import pack_rows, packed_arrays
 from gte_jax.models.encoder import BiEncoder
-from gte_jax.models.pooling import POOLING_MODES
+from gte_jax.models.pooling import POOLING_MODES, truncate_embeddings
 from gte_jax.prompts import PromptLengths, resolve_prompt, resolve_template
 from gte_jax.prompts import pool_mask as pool_mask_of
 from gte_jax.workdir import inference_path, load_model
@@ -148,6 +148,7 @@ class Embedder:
         include_prompt: bool = True,
         prompts: dict[str, str] | None = None,
         instruction_templates: Sequence[str] = (),
+        truncate_dim: int | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -160,6 +161,8 @@ class Embedder:
         self.prompts = dict(prompts or {})
         # The templates training formatted instructions with (the export's record).
         self.instruction_templates = list(instruction_templates)
+        self.truncate_dim: int | None = None
+        self.set_truncate_dim(truncate_dim)
         self._prompt_lengths = PromptLengths(tokenizer)  # checked against the offsets, memoised
         # The tokenizer's padding side (gte_jax.prompts.configure_tokenizer), as in training.
         self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
@@ -186,7 +189,19 @@ class Embedder:
             include_prompt=info.include_prompt,
             prompts=info.prompts,
             instruction_templates=info.instruction_templates,
+            truncate_dim=info.truncate_dim,
         )
+
+    def set_truncate_dim(self, dim: int | None) -> None:
+        """Every later :meth:`encode` returns the first ``dim`` coordinates, re-normalised when the
+        embedding is (:func:`gte_jax.models.pooling.truncate_embeddings`, the rule of Matryoshka
+        training and of sentence-transformers' ``truncate_dim``); None: the full embedding.
+        Raises ValueError for a dim outside [1, the model's dim]."""
+        if dim is not None and not 1 <= int(dim) <= self.model.embedding_dim:
+            raise ValueError(
+                f"--dim {dim}: must be in [1, {self.model.embedding_dim}] (the model's dim)"
+            )
+        self.truncate_dim = None if dim is None else int(dim)
 
     def instruction_template(self, given: str | None = None) -> str:
         """The template this model's instructions go through: ``given`` if it is the one the
@@ -210,7 +225,8 @@ class Embedder:
         prompt_name: str | None = None,
         packing: bool = True,
     ) -> np.ndarray:
-        """Embed ``texts`` -> float32 [len(texts), dim], in input order.
+        """Embed ``texts`` -> float32 [len(texts), dim], in input order (dim: the model's, or
+        :attr:`truncate_dim` when set).
 
         ``prefix`` is prepended to every text (e.g. "query: "), or ``prompt_name`` names one of
         the model's prompts (as in sentence-transformers); with ``include_prompt`` False its
@@ -232,7 +248,7 @@ class Embedder:
         max_length = min(max_length or self.max_length, self.model.config.max_length)
         out = np.zeros((len(texts), self.model.embedding_dim), np.float32)
         if not texts:
-            return out
+            return out[:, : self.truncate_dim]
         encoded = self.tokenizer(
             [prefix + text for text in texts],
             truncation=True,
@@ -255,7 +271,7 @@ class Embedder:
             ):
                 out[rows] = embeddings
                 bar.update(len(rows))
-        return out
+        return truncate_embeddings(out, self.truncate_dim, normalize=options["normalize"])
 
     def _run_padded(self, encoded, prompt_length, batch_size, max_length, options):
         """Yields (text indices, their embeddings) per padded batch (longest texts first)."""

@@ -103,6 +103,9 @@ class PretrainedInfo:
     # .training_templates), for gte_jax.prompts.resolve_template.
     instruction_templates: list[str] = dataclasses.field(default_factory=list)
     similarity_fn_name: str | None = None
+    # sentence-transformers' truncate_dim (config_sentence_transformers.json): embeddings are cut
+    # to their first truncate_dim coordinates (gte_jax.models.pooling.truncate_embeddings).
+    truncate_dim: int | None = None
     # Tensors we carry but do not train (the BERT pooler), torch names -> arrays.
     extra_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     # Where config.json / weights / tokenizer live (a subfolder in old sentence-transformers dirs).
@@ -297,6 +300,7 @@ def _read_sentence_transformers(directory: epath.Path) -> tuple[epath.Path, dict
         settings["prompts"] = dict(st.get("prompts") or {})
         settings["default_prompt_name"] = st.get("default_prompt_name")
         settings["similarity_fn_name"] = st.get("similarity_fn_name")
+        settings["truncate_dim"] = st.get("truncate_dim")
         settings["instruction_templates"] = list(st.get(INSTRUCTION_TEMPLATES_KEY) or [])
     return transformer_dir, settings
 
@@ -483,6 +487,7 @@ def load_model(
         default_prompt_name=st.get("default_prompt_name"),
         instruction_templates=st.get("instruction_templates", []),
         similarity_fn_name=st.get("similarity_fn_name"),
+        truncate_dim=st.get("truncate_dim"),
         extra_tensors=extra,
         transformer_dir=str(transformer_dir),
     )
@@ -673,6 +678,7 @@ def _write_sentence_transformers_modules(
             "prompts": info.prompts,
             "default_prompt_name": info.default_prompt_name,
             "similarity_fn_name": info.similarity_fn_name or "cosine",
+            **({"truncate_dim": int(info.truncate_dim)} if info.truncate_dim else {}),
             **(
                 {INSTRUCTION_TEMPLATES_KEY: sorted(info.instruction_templates)}
                 if info.instruction_templates

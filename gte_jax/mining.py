@@ -131,6 +131,10 @@ class MinedNegatives:
 
     negatives: list[str]
     sources: list[str]
+    # The mining model's cosine of the query with its positive and with each negative (parallel
+    # to ``negatives``): teacher scores for distillation (gte_jax/objectives/distill.py).
+    pos_score: float = float("nan")
+    neg_scores: list[float] = dataclasses.field(default_factory=list)
     dropped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(FILTERS, 0))
     unused: int = 0
 
@@ -282,7 +286,19 @@ class _Miner:
             searched = deeper.get(row) or top[row]
             self.fill_deeper(p, top[row], searched[len(top[row]) :], out[p])
             self.fill_random(p, {i for i, _, _ in searched}, out[p])
+        self.set_scores(out)
         return out
+
+    def set_scores(self, out: list[MinedNegatives]) -> None:
+        """Each pair's cosine with its positive and with each chosen negative (the search's
+        score): the teacher scores ``mine --teacher-scores`` writes."""
+        index_of = {text: i for i, text in enumerate(self.corpus)}
+        corpus_unit = l2_normalize(np.asarray(self.corpus_emb, np.float32))
+        query_unit = l2_normalize(np.asarray(self.query_emb, np.float32))
+        for m, (query, _), pos in zip(out, self.pairs, self.positive_sim, strict=True):
+            q = query_unit[self.row_of[query]]
+            m.pos_score = float(pos)
+            m.neg_scores = [float(corpus_unit[index_of[t]] @ q) for t in m.negatives]
 
     def fill_deeper(self, p: int, top: list[_Entry], entries: list[_Entry], m: MinedNegatives):
         """Tops ``m`` up with the best of ``entries`` (the ranks after ``top``) that pass."""

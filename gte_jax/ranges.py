@@ -96,6 +96,8 @@ RANGES: dict[str, Range] = {
     "checkpoint.max_to_keep": _at_least(1, "a resume needs the newest checkpoint"),
     # loss
     "loss.temperature": _positive("GTE uses 0.01, MNRL 0.05; τ < 0 trains the embeddings apart"),
+    "loss.distill_weight": _at_least(0, "weight of the KL to the teacher; 0: off"),
+    "loss.teacher_temperature": _positive("softmax temperature of the teacher scores"),
     # model
     "model.dropout": _rate("-1: the checkpoint's own rate", also=(-1,)),
     "model.attention_dropout": _rate("-1: the checkpoint's own rate", also=(-1,)),

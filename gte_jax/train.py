@@ -435,6 +435,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     problems = range_problems(config) + stage_kind_problems(config)
     if lcfg.name not in LOSS_FLOORS:
         problems.append(f"loss.name={lcfg.name!r}: use one of {sorted(LOSS_FLOORS)}")
+    problems.extend(matryoshka_problems(lcfg))
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
             f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"
@@ -487,6 +488,23 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     if problems:
         raise TrainingError(cannot_run(_one_per_key(problems)))
     return num_chunks
+
+
+def matryoshka_problems(lcfg: Any) -> list[str]:
+    """loss.matryoshka_dims / _weights that cannot work (sizes are checked against the model's
+    dim when the loss first runs: the model is not loaded yet here)."""
+    from gte_jax.objectives.matryoshka import sorted_dims
+
+    dims, weights = tuple(lcfg.matryoshka_dims), tuple(lcfg.matryoshka_weights)
+    if not dims and not weights:
+        return []
+    try:
+        sorted_dims(dims, weights)
+    except (ValueError, TypeError) as e:
+        return [f"loss.matryoshka_dims={list(dims)}: {e}"]
+    if any(float(w) < 0 for w in weights):
+        return [f"loss.matryoshka_weights={list(weights)}: weights must be >= 0"]
+    return []
 
 
 def cannot_run(problems: list[str]) -> str:
@@ -794,6 +812,10 @@ def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state)
     loss_kwargs = {"temperature": float(lcfg.temperature)}
     if lcfg.name == "infonce":
         loss_kwargs["symmetric"] = bool(lcfg.symmetric)
+    loss_kwargs["matryoshka_dims"] = tuple(int(m) for m in lcfg.matryoshka_dims)
+    loss_kwargs["matryoshka_weights"] = tuple(float(w) for w in lcfg.matryoshka_weights)
+    loss_kwargs["distill_weight"] = float(lcfg.distill_weight)
+    loss_kwargs["teacher_temperature"] = float(lcfg.teacher_temperature)
     step_fn = make_train_step(
         model_fn,
         tx,

@@ -199,9 +199,11 @@ def export_workdir(
     *,
     step: int | None = None,
     card: Mapping[str, Any] | None = None,
+    truncate_dim: int | None = None,
 ) -> tuple[epath.Path, int]:
     """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
-    its newest readable one); returns (output, the step exported)."""
+    its newest readable one); returns (output, the step exported). ``truncate_dim``: written as
+    sentence-transformers' ``truncate_dim`` (ValueError outside [1, the model's dim])."""
     from gte_jax import hf, storage
     from gte_jax.models import lora
 
@@ -211,6 +213,10 @@ def export_workdir(
             f"{workdir} is not a gte-jax workdir (no checkpoints/ and base_model/)"
         )
     model, tokenizer, info, step = _checkpoint_model(workdir, step)
+    if truncate_dim is not None:
+        if not 1 <= truncate_dim <= model.embedding_dim:
+            raise ValueError(f"--dim {truncate_dim}: must be in [1, {model.embedding_dim}]")
+        info.truncate_dim = int(truncate_dim)
     if jax.process_index() == 0:
         card = dict(card or {})
         card.setdefault(

@@ -44,13 +44,21 @@ def positive_int(text: str) -> int:
 
 
 def add_encoding_arguments(parser, *, batch_size: int, prefixes: bool = False) -> None:
-    """The options every command that embeds texts shares: ``--batch-size``, ``--max-length`` and,
+    """The options every command that embeds texts shares: ``--batch-size``, ``--max-length``,
+    ``--dim`` (:func:`apply_dim`) and,
     with ``prefixes``, ``--query-prefix`` / ``--doc-prefix`` (``--prefix-query`` / ``--prefix-doc``
     also accepted; destinations ``query_prefix`` / ``doc_prefix``) or ``--query-instruction`` /
     ``--doc-instruction`` through ``--template`` (:func:`side_prefixes`)."""
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     parser.add_argument(
         "--max-length", type=positive_int, default=None, help="default: the model's"
+    )
+    parser.add_argument(
+        "--dim",
+        type=positive_int,
+        default=None,
+        help="keep the first DIM coordinates of each embedding, re-normalised (a Matryoshka "
+        "model's prefix); default: the model's truncate_dim, else its full dim",
     )
     if prefixes:
         parser.add_argument("--query-prefix", "--prefix-query", dest="query_prefix", default="")
@@ -68,6 +76,13 @@ def add_encoding_arguments(parser, *, batch_size: int, prefixes: bool = False) -
             'with one "{task}"); default: the one the model was trained with (its export says); '
             "another one is an error",
         )
+
+
+def apply_dim(args: Any, embedder: Any) -> None:
+    """``--dim`` given: the embedder truncates every embedding to it (``Embedder
+    .set_truncate_dim``; ValueError, exit 2, for a dim the model does not have)."""
+    if args.dim is not None:
+        embedder.set_truncate_dim(args.dim)
 
 
 def side_prefixes(args: Any, embedder: Any) -> tuple[str, str]:

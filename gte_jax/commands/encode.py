@@ -18,7 +18,7 @@ import sys
 import numpy as np
 from etils import epath
 
-from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error
+from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, apply_dim, error
 from gte_jax.encode import Embedder
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.prompts import instruction_prompt, resolve_prompt
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if not output.parent.is_dir():
             raise InputError(f"{output.parent} does not exist.")
         embedder = Embedder.from_pretrained(args.model)
+        apply_dim(args, embedder)
         prefix = resolve_prompt(embedder.prompts, args.prompt_name, args.prefix or None)
         if args.instruction is not None:
             template = embedder.instruction_template(args.template)

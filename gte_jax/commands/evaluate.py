@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error, side_prefixes
+from gte_jax.commands.common import (
+    USER_ERRORS,
+    add_encoding_arguments,
+    apply_dim,
+    error,
+    side_prefixes,
+)
 from gte_jax.evaluation import evaluate, load_embedder
 
 
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         embedder = load_embedder(args.model)
+        apply_dim(args, embedder)
         query_prefix, doc_prefix = side_prefixes(args, embedder)
         result = evaluate(
             embedder,

@@ -18,6 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--model-name", default=None, help="name for the model card")
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="write sentence-transformers' truncate_dim: the export's embeddings are their first "
+        "DIM coordinates (a Matryoshka model's prefix), in SentenceTransformer and gte-jax alike",
+    )
     args = parser.parse_args(argv)
     from gte_jax.commands.common import setup_logging
 
@@ -39,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_name:
         card["model_name"] = args.model_name
     try:
-        out, step = export_workdir(workdir, args.output, step=args.step, card=card)
+        out, step = export_workdir(
+            workdir, args.output, step=args.step, card=card, truncate_dim=args.dim
+        )
     except USER_ERRORS as e:
         return error("gte-jax export", e)
     except OSError as e:  # a read-only or full output directory: one line, exit 2

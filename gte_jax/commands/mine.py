@@ -10,7 +10,13 @@ import pathlib
 import sys
 from typing import Any
 
-from gte_jax.commands.common import USER_ERRORS, add_encoding_arguments, error, side_prefixes
+from gte_jax.commands.common import (
+    USER_ERRORS,
+    add_encoding_arguments,
+    apply_dim,
+    error,
+    side_prefixes,
+)
 from gte_jax.encode import Embedder
 from gte_jax.mining import (
     FILTERS,
@@ -95,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         help="drop near-duplicates of a positive: cos(c, positive) > x (default %(default)s: off)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the random draws")
+    parser.add_argument(
+        "--teacher-scores",
+        action="store_true",
+        help='also write the model\'s cosine with the positive ("pos_score") and with each '
+        'negative ("neg_scores"): teacher scores for loss.distill_weight',
+    )
     add_encoding_arguments(parser, batch_size=64, prefixes=True)
     return parser
 
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(args.pairs)
         corpus = read_corpus_texts(args.corpus)
         embedder = Embedder.from_pretrained(args.model)
+        apply_dim(args, embedder)
         query_prefix, doc_prefix = side_prefixes(args, embedder)
     except USER_ERRORS as e:
         return fail(e)
@@ -135,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
     )
-    _write(output, pairs, mined)
+    _write(output, pairs, mined, teacher_scores=args.teacher_scores)
     summary = {
         "pairs_read": len(pairs),
         "pairs_written": len(mined),  # every pair: none is dropped
@@ -150,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write(output: pathlib.Path, pairs, mined: list[MinedNegatives]) -> None:
+def _write(
+    output: pathlib.Path, pairs, mined: list[MinedNegatives], *, teacher_scores: bool
+) -> None:
     with output.open("w", encoding="utf-8") as f:
         for (query, positive), m in zip(pairs, mined, strict=True):
             record = {
@@ -159,6 +174,9 @@ def _write(output: pathlib.Path, pairs, mined: list[MinedNegatives]) -> None:
                 "negatives": m.negatives,
                 "negatives_source": m.sources,
             }
+            if teacher_scores:
+                record["pos_score"] = m.pos_score
+                record["neg_scores"] = m.neg_scores
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

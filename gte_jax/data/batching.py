@@ -165,6 +165,9 @@ class GlobalBatchPlan:
     neg_valid: np.ndarray  # [n, K] int32: 1 = a real negative, 0 = the record had fewer than K
     rows: np.ndarray | None = None  # [n] increasing global rows held; None: every row
     batch_size: int | None = None  # global examples; None: n
+    # [n, 1+K] float32 teacher scores (positive, then negatives; 0 for placeholders) when every
+    # record read has them (PairRecord.teacher_scores), else None: no key in the batch.
+    teacher_scores: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -218,7 +221,8 @@ def make_plan(
     part, :func:`exchange_text_ids` assigns them over the global batch."""
     held = drawn if rows is None else [drawn[int(j)] for j in rows]
     names, queries, qpre, docs, dpre, negs, neg_ok = [], [], [], [], [], [], []
-    for (name, _), rec in zip(held, _read_records(held, sources), strict=True):
+    records = _read_records(held, sources)
+    for (name, _), rec in zip(held, records, strict=True):
         opts = sources[name].options
         names.append(name)
         queries.append(rec.query)
@@ -233,7 +237,20 @@ def make_plan(
     return GlobalBatchPlan(
         step, names, queries, qpre, docs, dpre, negs, *ids, n_ok,
         rows=None if rows is None else np.asarray(rows, dtype=np.int64), batch_size=len(drawn),
+        teacher_scores=_teacher_scores(records, num_negatives),
     )  # fmt: skip
+
+
+def _teacher_scores(records: Sequence[PairRecord], k: int) -> np.ndarray | None:
+    """[B, 1+K] float32: each record's teacher scores cut or padded (0, masked by ``neg_valid``)
+    to K negatives, as :func:`_fill_negatives` does; None unless every record has them."""
+    if not records or not all(rec.teacher_scores for rec in records):
+        return None
+    out = np.zeros((len(records), 1 + k), np.float32)
+    for i, rec in enumerate(records):
+        scores = rec.teacher_scores[: 1 + k]
+        out[i, : len(scores)] = scores
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +347,8 @@ def materialize(
             out["neg_pool_mask"] = n_pool.reshape(b, num_negatives, doc_length)
         out["neg_text_id"] = plan.neg_text_id[at]
         out["neg_valid"] = plan.neg_valid[at]
+    if plan.teacher_scores is not None:
+        out["teacher_scores"] = plan.teacher_scores[at]
     return out
 
 
@@ -613,6 +632,8 @@ def _with_ids(
     if num_negatives:
         out["neg_text_id"] = plan.neg_text_id[at]
         out["neg_valid"] = plan.neg_valid[at]
+    if plan.teacher_scores is not None:
+        out["teacher_scores"] = plan.teacher_scores[at]
     out["valid"] = np.ones((b,), dtype=np.int32)
     return out
 

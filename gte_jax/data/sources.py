@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import threading
 import time
@@ -90,6 +91,9 @@ class PairRecord:
     negatives: tuple[str, ...] = ()
     instruction: str = ""
     doc_instruction: str = ""
+    # A teacher's scores of the positive then of each negative (``gte-jax mine --teacher-scores``
+    # writes them as ``pos_score`` / ``neg_scores``), for distillation; empty: none.
+    teacher_scores: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +111,8 @@ class FieldMap:
     negatives: str | None = "negatives"
     instruction: str | None = "instruction"
     doc_instruction: str | None = "doc_instruction"
+    pos_score: str | None = "pos_score"
+    neg_scores: str | None = "neg_scores"
 
 
 @dataclasses.dataclass
@@ -200,7 +206,33 @@ class RecordParser:
         for key in (f.instruction, f.doc_instruction):
             raw = self._get(row, key, False)
             instructions.append("" if raw is None else _as_text(raw, f"field {key!r}"))
-        return PairRecord(query, positive, negatives, *instructions)
+        scores = self._teacher_scores(row, len(negatives))
+        return PairRecord(query, positive, negatives, *instructions, teacher_scores=scores)
+
+    def _teacher_scores(self, row: Any, num_negatives: int) -> tuple[float, ...]:
+        """(pos_score, *neg_scores) when the row has a positive score, else (); the negatives'
+        scores must be one number per negative."""
+        f = self.fields
+        pos = self._get(row, f.pos_score, False)
+        if pos is None:
+            return ()
+        negs = self._get(row, f.neg_scores, False)
+        negs = [] if negs is None else negs
+        if isinstance(negs, (str, bytes)) or not hasattr(negs, "__len__"):
+            raise InputError(f"field {f.neg_scores!r} must be a list of numbers")
+        if len(negs) != num_negatives:
+            raise InputError(
+                f"field {f.neg_scores!r} has {len(negs)} scores for {num_negatives} negatives"
+            )
+        out = []
+        for i, value in enumerate([pos, *negs]):
+            what = f"field {f.pos_score!r}" if i == 0 else f"field {f.neg_scores!r}[{i - 1}]"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{what} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise InputError(f"{what} is not finite ({value})")
+            out.append(float(value))
+        return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)

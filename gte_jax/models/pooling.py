@@ -111,3 +111,17 @@ def l2_normalize(x: Any, eps: float = 1e-12) -> Any:
     xp = np if isinstance(x, np.ndarray) else jnp
     norm = xp.linalg.norm(x, axis=-1, keepdims=True)
     return x / xp.maximum(norm, eps)
+
+
+def truncate_embeddings(x: Any, dim: int | None, *, normalize: bool = True) -> Any:
+    """The first ``dim`` coordinates of each embedding, re-normalised when ``normalize``: the one
+    truncation rule of Matryoshka training, ``gte-jax encode --dim``, eval and the export's
+    ``truncate_dim`` (sentence-transformers' ``truncate_embeddings`` is the same prefix; cosines
+    agree whatever the order of truncation and normalisation). ``None``: ``x`` unchanged.
+    NumPy in, NumPy out, as :func:`l2_normalize`."""
+    if dim is None:
+        return x
+    if not 1 <= dim <= x.shape[-1]:
+        raise ValueError(f"truncation dim {dim} must be in [1, {x.shape[-1]}] (the model's dim)")
+    x = x[..., :dim]
+    return l2_normalize(x) if normalize else x
