@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -26,16 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from jax import lax
 
 from gte_jax import hooks as hooks_lib
 from gte_jax import objectives
 from gte_jax import sharding as shd
 from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
-from gte_jax.objectives.mntp import MNTP_LOGITS_BLOCK, mntp_value_and_grad  # noqa: F401
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.models.precision import as_float32, compute_dtype
+from gte_jax.objectives.mntp import MNTP_LOGITS_BLOCK, mntp_value_and_grad  # noqa: F401
 from gte_jax.timing import StageTimer
 
 log = logging.getLogger("gte_jax.train")
