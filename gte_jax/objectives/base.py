@@ -58,6 +58,7 @@ class Objective:
 
     temperature: float = -1.0  # -1: default_temperature (__post_init__)
     symmetric: bool = False  # infonce only (checked at start-up)
+    block_size: int | None = losses.DEFAULT_BLOCK_SIZE  # rows scored at once (losses "Memory")
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -83,12 +84,12 @@ class Objective:
     # ------------------------------------------------------------------ the loss
 
     def loss_kwargs(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
+        return {"temperature": self.temperature, "block_size": self.block_size}
 
     def loss(self, q: Array, d: Array, **batch: Any) -> tuple[Array, dict[str, Array]]:
         """The loss on the global batch: ``q``, ``d`` [n, D], ``neg`` [n, K, D], the ids and
         validity of :mod:`gte_jax.losses` as keywords."""
-        return type(self).loss_function(q, d, **batch, **self.loss_kwargs())
+        return type(self).loss_function(q, d, **{**self.loss_kwargs(), **batch})
 
     def loss_fn(self) -> gc.LossFn:
         """``loss_fn(embeddings, batch)`` for :mod:`gte_jax.gradcache`: the batch's text ids,
@@ -130,11 +131,11 @@ class Objective:
         n, k = work.batch_size, work.num_negatives
         return 3.0 * 2 * work.embed_dim * n * self.similarity_columns(n, k)
 
-    def memory_bytes(self, work: Workload, block_size: int | None = losses.DEFAULT_BLOCK_SIZE):
+    def memory_bytes(self, work: Workload) -> float:
         """Bytes of one logits block, the loss's largest array ([block, columns] float32,
         :mod:`gte_jax.losses` "Memory"), before XLA splits it over devices."""
         n, k = work.batch_size, work.num_negatives
-        rows = n if block_size is None else min(n, block_size)
+        rows = n if self.block_size is None else min(n, self.block_size)
         return float(rows * self.similarity_columns(n, k) * _LOGIT_BYTES)
 
 

@@ -21,7 +21,7 @@ class InfoNCE(Objective):
         return []  # loss.symmetric is its own setting
 
     def loss_kwargs(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "symmetric": self.symmetric}
+        return {**super().loss_kwargs(), "symmetric": self.symmetric}
 
     def similarity_columns(self, n: int, k: int) -> int:
         return n * (1 + k) + (n if self.symmetric else 0)  # q→d (+ d→q)

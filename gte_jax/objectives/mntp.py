@@ -118,9 +118,9 @@ class MNTP(Objective):
         per_position = (6 if work.trains_head else 4) * work.vocab * work.hidden
         return self.scored_positions(work) * per_position
 
-    def memory_bytes(self, work: Workload, block_size: int | None = MNTP_LOGITS_BLOCK):
-        """One block of LM-head logits, [block, V] float32."""
-        return float((block_size or MNTP_LOGITS_BLOCK) * work.vocab * 4)
+    def memory_bytes(self, work: Workload) -> float:
+        """One block of LM-head logits, [MNTP_LOGITS_BLOCK, V] float32."""
+        return float(MNTP_LOGITS_BLOCK * work.vocab * 4)
 
 
 OBJECTIVE = register(MNTP())
