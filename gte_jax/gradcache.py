@@ -37,7 +37,6 @@ Interfaces:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,7 +46,6 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gte_jax import losses
-from gte_jax.objectives import distill, matryoshka
 from gte_jax.sharding import DATA_AXIS
 
 Array = jax.Array
@@ -298,31 +296,11 @@ def cached_value_and_grad(
 def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:
     """A ``loss_fn(embeddings, batch)`` for :mod:`gte_jax.losses`, reading the batch's text ids
     (``query_text_id``, ``doc_text_id``, ``neg_text_id``), ``valid`` and ``neg_valid`` (placeholder
-    negatives of records with fewer than K) when present. ``matryoshka_dims`` / ``_weights``
-    (non-empty) sum the loss over embedding prefixes (:mod:`gte_jax.objectives.matryoshka`);
-    ``distill_weight`` > 0 adds the KL to the batch's ``teacher_scores`` when it has them
-    (:mod:`gte_jax.objectives.distill`, teacher τ ``teacher_temperature``)."""
-    dims = tuple(loss_kwargs.pop("matryoshka_dims", ()) or ())
-    dim_weights = tuple(loss_kwargs.pop("matryoshka_weights", ()) or ())
-    distill_weight = float(loss_kwargs.pop("distill_weight", 0.0))
-    teacher_temperature = float(loss_kwargs.pop("teacher_temperature", distill.TEACHER_TEMPERATURE))
-    loss_kwargs.setdefault("temperature", losses.TEMPERATURES[name])
-
-    def contrastive(q, d, **kwargs):
-        if dims:
-            return matryoshka.matryoshka_loss(
-                functools.partial(losses.contrastive_loss, name), q, d, dims=dims,
-                weights=dim_weights, **kwargs,
-            )  # fmt: skip
-        return losses.contrastive_loss(name, q, d, **kwargs)
-
-    combined = distill.with_distillation(
-        contrastive, weight=distill_weight, teacher_temperature=teacher_temperature
-    )
+    negatives of records with fewer than K) when present."""
 
     def loss_fn(embeddings: dict[str, Array], batch: Batch):
-        extra = {"teacher_scores": batch.get("teacher_scores")} if distill_weight else {}
-        return combined(
+        return losses.contrastive_loss(
+            name,
             embeddings["query"],
             embeddings["doc"],
             neg=embeddings.get("neg"),
@@ -331,7 +309,6 @@ def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:
             neg_ids=batch.get("neg_text_id"),
             valid=batch.get("valid"),
             neg_valid=batch.get("neg_valid") if "neg" in embeddings else None,
-            **extra,
             **loss_kwargs,
         )
 

@@ -26,7 +26,8 @@ the largest per-source ``batch_size``, the most hard negatives a source asks for
 of the run. Packed batches (``data.packing``) have the same number of tokens or fewer, so the
 padded figure bounds them. A source whose ``num_negatives`` is auto has its data read for K, as
 training reads them (:func:`num_negatives`); where they cannot be read here, plan exits 2 naming
-the setting. An MNTP step's FLOPs add the LM head on the masked positions (:func:`mntp_head_flops`).
+the setting. Each step's FLOPs add the objective's own (:meth:`gte_jax.objectives.Objective.flops`: the
+similarity matrices, or MNTP's LM head on the masked positions).
 
 The model's shape comes from ``model.init_from`` when it names a local directory with a
 ``config.json`` (only that file is read), or from ``--model-config``: a known name
@@ -47,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gte_jax import objectives
 from gte_jax.models.precision import compute_dtype
 from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where users look)
     CHIPS,
@@ -320,7 +322,7 @@ def model_flops(
 
     # Embedding tables are gathers, not matmuls: BERT's embeddings/*, T5's word embeddings and
     # relative position bias (every nnx.Embed's leaf is named "embedding"), a decoder's
-    # embed_tokens; the LM head is not used by an embedding step (MNTP's: mntp_head_flops).
+    # embed_tokens; the LM head is not used by an embedding step (MNTP's: objectives.mntp).
     def matmul_params(tree: Any) -> int:
         return sum(
             int(np.prod(x.shape))
@@ -331,26 +333,6 @@ def model_flops(
     per_token = 6 * matmul_params(params) + 4 * matmul_params(frozen or {})
     return sum(
         texts * length * (per_token + 12 * num_layers * length * hidden) for texts, length in towers
-    )
-
-
-def mntp_head_flops(
-    vocab: int,
-    hidden: int,
-    towers: Sequence[tuple[int, int]],
-    mask_probability: float,
-    *,
-    trains_head: bool,
-) -> float:
-    """The LM head's FLOPs in an MNTP step, which :func:`model_flops` leaves out: logits for the
-    scored positions only (:func:`gte_jax.losses.mntp_loss_sums`), the expected
-    ``mask_probability`` x (length - 1) per full row (position 0 predicts nothing; special
-    tokens, never masked, make it an upper bound). Per scored position 2·V·D forward, 2·V·D for
-    the hidden state's gradient, and 2·V·D more for the head's weight gradient when it trains
-    (full fine-tuning; frozen with LoRA). A tied head's matmul is the same V x D product."""
-    per_position = (6 if trains_head else 4) * vocab * hidden
-    return sum(
-        texts * mask_probability * max(length - 1, 0) * per_position for texts, length in towers
     )
 
 
@@ -432,21 +414,15 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=data_sharding)
         for k, shape in shapes.items()
     }
-    lcfg = config.loss
-    loss_kwargs = {"temperature": float(lcfg.temperature)}
-    if lcfg.name == "infonce":
-        loss_kwargs["symmetric"] = bool(lcfg.symmetric)
     step_fn = train.make_train_step(
         model_fn,
         tx,
-        loss_name=str(lcfg.name),
-        loss_kwargs=loss_kwargs,
+        objectives.from_config(config),
         num_chunks=num_chunks,
         gradcache=bool(tcfg.gradcache),
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
-        kind=str(config.kind),
     )
     return AbstractStep(
         step_fn, state, batch, shardings, sharding_name, num_chunks, batch_size, towers, params,
@@ -786,22 +762,27 @@ def _time_report(
         step.towers,
         frozen=step.state.get("frozen"),
     )
-    head_flops = 0.0
-    if str(config.get("kind", "contrastive")) == "mntp":
-        trainable = jax.tree_util.tree_leaves_with_path(step.state["params"])
-        head_flops = mntp_head_flops(
-            int(enc.vocab_size),
-            int(enc.hidden_size),
-            step.towers,
-            float(config.mntp.mask_probability),
-            trains_head=any(_LM_HEAD.search(jax.tree_util.keystr(p)) for p, _ in trainable),
-        )
-        flops += head_flops
+    trainable = jax.tree_util.tree_leaves_with_path(step.state["params"])
+    work = objectives.Workload(
+        batch_size=step.batch_size,
+        num_negatives=step.towers[2][0] // step.batch_size if len(step.towers) > 2 else 0,
+        embed_dim=int(enc.hidden_size),
+        towers=step.towers,
+        vocab=int(getattr(enc, "vocab_size", 0) or 0),
+        hidden=int(enc.hidden_size),
+        trains_head=any(_LM_HEAD.search(jax.tree_util.keystr(p)) for p, _ in trainable),
+    )
+    # The objective's own work: the similarity matrices, or MNTP's LM head on masked positions.
+    objective = objectives.from_config(config)
+    loss_flops = objective.flops(work)
+    flops += loss_flops
+    loss_key = "lm_head_tflops_per_step" if objective.kind == "mntp" else "loss_tflops_per_step"
     peak_flops = topo.chip.peak_bf16_flops * topo.chips * slices
     step_s = flops / (peak_flops * mfu)
     return {
         "model_tflops_per_step": _sig(flops / 1e12),
-        **({"lm_head_tflops_per_step": _sig(head_flops / 1e12)} if head_flops else {}),
+        **({loss_key: _sig(loss_flops / 1e12)} if loss_flops else {}),
+        "loss_logits_gib": _sig(objective.memory_bytes(work) / GIB),
         "assumed_mfu": mfu,
         "peak_tflops": round(peak_flops / 1e12, 1),
         "step_seconds": _sig(step_s),

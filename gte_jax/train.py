@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -26,14 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from jax import lax
 
 from gte_jax import hooks as hooks_lib
+from gte_jax import objectives
 from gte_jax import sharding as shd
 from gte_jax.errors import ConfigError
 from gte_jax.models.encoder import ModelFn
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.models.precision import as_float32, compute_dtype
+from gte_jax.objectives.mntp import MNTP_LOGITS_BLOCK, mntp_value_and_grad  # noqa: F401
 from gte_jax.timing import StageTimer
 
 log = logging.getLogger("gte_jax.train")
@@ -134,76 +134,6 @@ def make_embed_fn(model_fn: ModelFn, frozen: Mapping[str, Any] | None = None):
     return embed_fn
 
 
-# Scored positions per LM-head block in the MNTP loss (losses.mntp_loss_sums): the logits held at
-# once are [MNTP_LOGITS_BLOCK, vocab] (256k-vocab Gemma: 512 MiB in float32).
-MNTP_LOGITS_BLOCK = 512
-
-
-def mntp_value_and_grad(
-    model_fn: ModelFn,
-    params: Any,
-    frozen: Mapping[str, Any] | None,
-    batch: Mapping[str, Any],
-    rng: jax.Array | None,
-    num_chunks: int = 1,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-    block_size: int = MNTP_LOGITS_BLOCK,
-):
-    """``((loss, metrics), grads)`` of the MNTP stage (LLM2Vec §2.2) on the query role's masked
-    tokens: the tower's hidden states (padded or packed rows, the model's attention mode), the
-    LM head on the scored positions only (:func:`gte_jax.losses.mntp_loss_sums`), the mean
-    cross-entropy over the masked tokens of the whole global batch — :func:`losses.mntp_loss`.
-
-    The loss is a sum over tokens divided by the global count (known from the labels before any
-    forward), so GradCache's chunks need no cached embeddings here: each chunk's gradient of its
-    own sum / count is exact and the chunks' gradients add up (rows strided over chunks as
-    GradCache's, chunk k's dropout key ``fold_in(fold_in(rng, query), k)`` as for embeddings).
-    """
-    from gte_jax import gradcache as gc
-    from gte_jax import losses
-    from gte_jax.models.decoder import head_logits
-
-    inputs = gc.role_inputs(batch, "query")
-    inputs.pop("slot_index", None)  # one loss term per token: the texts' slots are not needed
-    count = jnp.sum(inputs["labels"][:, 1:] != losses.MNTP_IGNORE).astype(jnp.float32)
-    denom = jnp.maximum(count, 1.0)
-
-    def sums(p, rows, key):
-        tower = model_fn.module(model_fn.join_params(p, frozen) if frozen else p).encoder
-        hidden = tower(
-            rows["input_ids"],
-            rows["attention_mask"],
-            position_ids=rows.get("position_ids"),
-            segment_ids=rows.get("segment_ids"),
-            dropout_rng=key,
-        )  # [rows, L, D]
-        head = functools.partial(head_logits, tower.config)
-        nll, correct, _ = losses.mntp_loss_sums(
-            hidden, rows["labels"], head, tower.lm_head_kernel(), block_size=block_size
-        )
-        return nll / denom, correct
-
-    keys = gc.chunk_keys(rng, "query", num_chunks)
-    if num_chunks == 1:
-        (loss, correct), grads = jax.value_and_grad(sums, has_aux=True)(
-            params, inputs, None if keys is None else keys[0]
-        )
-    else:
-        chunks = jax.tree.map(lambda x: gc.split_chunks(x, num_chunks, mesh), inputs)
-
-        def one(acc, xs):
-            rows, key = xs
-            (part, right), g = jax.value_and_grad(sums, has_aux=True)(params, rows, key)
-            return jax.tree.map(jnp.add, acc, (part, right, g)), None
-
-        zero = jnp.zeros((), jnp.float32)
-        init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
-        (loss, correct, grads), _ = lax.scan(one, init, (chunks, keys))
-    metrics = {"loss": loss, "accuracy": correct / denom, "num_masked": count}
-    return (loss, metrics), grads
-
-
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
@@ -212,9 +142,10 @@ def _all_finite(tree) -> jax.Array:
 def make_train_step(
     model_fn: ModelFn,
     tx: optax.GradientTransformation,
+    objective: objectives.Objective | None = None,
     *,
-    loss_name: str,
-    loss_kwargs: Mapping[str, Any],
+    loss_name: str = "gte",
+    loss_kwargs: Mapping[str, Any] | None = None,
     num_chunks: int = 1,
     gradcache: bool = False,
     dropout: bool = True,
@@ -224,10 +155,11 @@ def make_train_step(
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` on the global batch.
 
-    ``kind`` (the stage kind, :data:`STAGE_KINDS`) picks the loss: "contrastive" and "simcse"
-    embed every role and take ``loss_name``'s contrastive loss (GradCache when ``gradcache``);
-    "mntp" scores the query role's masked tokens with the LM head (:func:`mntp_value_and_grad`).
-    Everything after the gradient (skip when not finite, the update, the state) is shared.
+    ``objective`` (:mod:`gte_jax.objectives`) gives the loss and its gradient: a contrastive one
+    embeds every role (GradCache when ``gradcache``); MNTP scores the query role's masked tokens
+    with the LM head. Without it, ``loss_name`` / ``loss_kwargs`` (``kind="mntp"``: MNTP) name
+    a registered objective and its settings. Everything after the gradient (skip when not
+    finite, the update, the state) is shared.
 
     ``state`` = {"params", "opt_state", "step", "rng"} (+ "frozen" with LoRA: the frozen base,
     passed through unchanged; "params" and the optimizer state are the LoRA factors alone).
@@ -238,25 +170,20 @@ def make_train_step(
     ``metrics["learning_rate"]`` is the rate of this step's update (skipped steps do not advance
     it: :func:`update_count`).
     """
-    from gte_jax import gradcache as gc
-
-    loss_fn = gc.make_loss_fn(loss_name, **dict(loss_kwargs))
+    if objective is None:
+        name = "mntp" if kind == "mntp" else loss_name
+        objective = objectives.get(name)
+        if name != "mntp":
+            objective = dataclasses.replace(objective, **dict(loss_kwargs or {}))
 
     def step_fn(state, batch):
         embed_fn = make_embed_fn(model_fn, state.get("frozen"))
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
-        if kind == "mntp":
-            (loss, metrics), grads = mntp_value_and_grad(
-                model_fn, state["params"], state.get("frozen"), batch, rng, num_chunks, mesh=mesh
-            )
-        elif gradcache:
-            (loss, metrics), grads = gc.cached_value_and_grad(
-                embed_fn, loss_fn, state["params"], batch, rng, num_chunks, mesh=mesh
-            )
-        else:
-            (loss, metrics), grads = gc.plain_value_and_grad(
-                embed_fn, loss_fn, state["params"], batch, rng, num_chunks, mesh=mesh
-            )
+        inputs = objectives.StepInputs(
+            model_fn, state["params"], state.get("frozen"), embed_fn, batch, rng, num_chunks,
+            gradcache, mesh,
+        )  # fmt: skip
+        (loss, metrics), grads = objective.value_and_grad(inputs)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -283,9 +210,8 @@ def make_train_step(
 # The loop (shell)
 # --------------------------------------------------------------------------------------------------
 
-# The lowest value each loss can reach. GTE's positive sits twice in its partition function (q→d
-# and d→q), so p(positive) ≤ 1/2 and the loss never goes below ln 2.
-LOSS_FLOORS = {"gte": math.log(2.0), "infonce": 0.0, "instructor": 0.0}
+# The lowest value each loss can reach (each objective's ``floor``; GTE's is ln 2).
+LOSS_FLOORS = {name: objectives.get(name).floor for name in objectives.contrastive_names()}
 
 
 # Per-source counts the summary reports (read = used + skipped; records short of K negatives are
@@ -433,8 +359,12 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
 
     tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
     problems = range_problems(config) + stage_kind_problems(config)
-    if lcfg.name not in LOSS_FLOORS:
-        problems.append(f"loss.name={lcfg.name!r}: use one of {sorted(LOSS_FLOORS)}")
+    if str(config.kind) != "mntp" and lcfg.name not in objectives.contrastive_names():
+        problems.append(
+            f"loss.name={lcfg.name!r}: use one of {objectives.contrastive_names()}"
+        )
+    else:
+        problems.extend(objectives.from_config(config).problems(config))
     problems.extend(matryoshka_problems(lcfg))
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
@@ -808,25 +738,15 @@ def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) ->
 
 def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state) -> Callable:
     """The stage's jitted train step; its output state keeps the input state's shardings."""
-    lcfg = config.loss
-    loss_kwargs = {"temperature": float(lcfg.temperature)}
-    if lcfg.name == "infonce":
-        loss_kwargs["symmetric"] = bool(lcfg.symmetric)
-    loss_kwargs["matryoshka_dims"] = tuple(int(m) for m in lcfg.matryoshka_dims)
-    loss_kwargs["matryoshka_weights"] = tuple(float(w) for w in lcfg.matryoshka_weights)
-    loss_kwargs["distill_weight"] = float(lcfg.distill_weight)
-    loss_kwargs["teacher_temperature"] = float(lcfg.teacher_temperature)
     step_fn = make_train_step(
         model_fn,
         tx,
-        loss_name=str(lcfg.name),
-        loss_kwargs=loss_kwargs,
+        objectives.from_config(config),
         num_chunks=num_chunks,
         gradcache=bool(config.train.gradcache),
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
-        kind=str(config.kind),
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
@@ -1101,8 +1021,7 @@ class _Loop:
         if completed and self.evaluator.enabled and not self.evaluator.last:
             self.evaluator(self.step, full_params(st.model_fn, st.state))  # resumed at the end
         # MNTP's cross-entropy can reach 0; its accuracy is over the masked tokens.
-        mntp = str(st.config.kind) == "mntp"
-        floor = 0.0 if mntp else LOSS_FLOORS[str(st.config.loss.name)]
+        floor = objectives.from_config(st.config).floor
         stats = st.iterator.stats()
         packed = bool(st.iterator.packing)
         summary = {

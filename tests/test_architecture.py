@@ -187,3 +187,33 @@ def test_the_issue_number_scan_can_fail(tmp_path):
     (tmp_path / "launch" / "run.sh").write_text("echo hi  # [pod] # 3\n")
     hits = issue_references(tmp_path)
     assert [h.split(": ", 1)[1] for h in hits] == ["'#24'", "'Issue 25'", "'[pod] #'"], hits
+
+
+def test_each_objective_module_registers_one_objective():
+    """A loss is one module of gte_jax/objectives/ that registers itself (docs/design.md, "Adding
+    a loss"): a module with a ``register(...)`` call at top level has exactly one, and the
+    registry holds exactly the objectives of those modules."""
+    folder = PACKAGE / "objectives"
+    registering = {}
+    for path in sorted(folder.glob("*.py")):
+        if path.stem in ("__init__", "base"):
+            continue
+        calls = [
+            node
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "register"
+        ]
+        if calls:
+            registering[path.stem] = len(calls)
+    assert registering and all(n == 1 for n in registering.values()), registering
+    code = (
+        "from gte_jax import objectives\n"
+        "print(' '.join(sorted(type(o).__module__.rpartition('.')[2] "
+        "for o in objectives.registered().values())))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == sorted(registering), (out.stdout, registering)

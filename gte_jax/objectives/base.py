@@ -1,0 +1,199 @@
+"""The objective as a value (levanter's ``Trainer(config, optimizer, loss_fn)``): one frozen
+:class:`Objective` per loss owns its name, its loss on the global batch (the math stays in
+:mod:`gte_jax.losses`), its defaults, its config checks, its floor and its share of a step's
+FLOPs and memory for ``gte-jax plan``. The step builder (:mod:`gte_jax.training.step`), the
+loop's summary and ``plan`` ask the objective; none of them dispatches on a loss name.
+
+A contrastive objective embeds every role of the batch (query, doc, hard negatives) and scores
+them with :meth:`Objective.loss`; :meth:`Objective.value_and_grad` runs that through GradCache
+or plain value-and-grad. An objective that does not embed (MNTP) overrides
+:meth:`value_and_grad` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import jax
+
+from gte_jax import gradcache as gc
+from gte_jax import losses
+import gte_jax.objectives.distill as distill
+import gte_jax.objectives.matryoshka as matryoshka
+
+Array = jax.Array
+
+# Bytes of a float32 logit: the losses score in float32 whatever the model computes in.
+_LOGIT_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What a step scores, for an objective's FLOPs / memory: the global batch, hard negatives
+    per query, the embedding width and the towers as [(texts, length)]; ``vocab``, ``hidden``
+    and ``trains_head`` for objectives that use a decoder's LM head."""
+
+    batch_size: int
+    num_negatives: int
+    embed_dim: int
+    towers: Sequence[tuple[int, int]] = ()
+    vocab: int = 0
+    hidden: int = 0
+    trains_head: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A contrastive objective with its settings bound (``temperature``, ``symmetric``).
+
+    Subclasses set ``name``, ``default_temperature`` (the paper / release value), ``floor`` (the
+    lowest loss it can reach) and ``loss_function`` (a :mod:`gte_jax.losses` function), and
+    override :meth:`similarity_columns` (candidates scored per row)."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "contrastive"  # what the step computes: embeddings, or "mntp"
+    default_temperature: ClassVar[float] = 0.0
+    floor: ClassVar[float] = 0.0
+    loss_function: ClassVar[Callable[..., tuple[Array, dict[str, Array]]] | None] = None
+
+    temperature: float = -1.0  # -1: default_temperature (__post_init__)
+    symmetric: bool = False  # infonce only (checked at start-up)
+    block_size: int | None = losses.DEFAULT_BLOCK_SIZE  # rows scored at once (losses "Memory")
+    # Modifiers any contrastive objective takes (docs/objectives.md): the loss summed over nested
+    # prefixes of the embedding (Matryoshka), and a KL to the batch's teacher scores.
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()
+    distill_weight: float = 0.0
+    teacher_temperature: float = distill.TEACHER_TEMPERATURE
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            object.__setattr__(self, "temperature", float(self.default_temperature))
+
+    # ------------------------------------------------------------------ configuration
+
+    def configured(self, config: Any) -> Objective:
+        """This objective with a stage config's ``loss`` settings."""
+        return dataclasses.replace(
+            self,
+            temperature=float(config.loss.temperature),
+            symmetric=bool(config.loss.get("symmetric", False)),
+            matryoshka_dims=tuple(int(m) for m in config.loss.get("matryoshka_dims", ())),
+            matryoshka_weights=tuple(float(w) for w in config.loss.get("matryoshka_weights", ())),
+            distill_weight=float(config.loss.get("distill_weight", 0.0)),
+            teacher_temperature=float(
+                config.loss.get("teacher_temperature", distill.TEACHER_TEMPERATURE)
+            ),
+        )
+
+    def problems(self, config: Any) -> list[str]:
+        """Why the stage's settings cannot work with this objective (empty: they can). The
+        range of ``loss.temperature`` is the range table's (:mod:`gte_jax.ranges`)."""
+        if bool(config.loss.get("symmetric", False)):
+            return [f"loss.symmetric=True: only loss.name=infonce has a d→q form, not {self.name}"]
+        return []
+
+    # ------------------------------------------------------------------ the loss
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "block_size": self.block_size}
+
+    def loss(self, q: Array, d: Array, **batch: Any) -> tuple[Array, dict[str, Array]]:
+        """The loss on the global batch: ``q``, ``d`` [n, D], ``neg`` [n, K, D], the ids and
+        validity of :mod:`gte_jax.losses` as keywords (``teacher_scores`` [n, 1+K] too: read
+        when ``distill_weight`` > 0). With ``matryoshka_dims``, summed over the embedding's
+        prefixes; with ``distill_weight``, plus the weighted KL to the teacher's scores."""
+        base = type(self).loss_function
+        if self.matryoshka_dims:
+            dims, weights = self.matryoshka_dims, self.matryoshka_weights or None
+
+            def contrastive(q, d, **kw):
+                return matryoshka.matryoshka_loss(base, q, d, dims=dims, weights=weights, **kw)
+        else:
+            contrastive = base
+        combined = distill.with_distillation(
+            contrastive, weight=self.distill_weight, teacher_temperature=self.teacher_temperature
+        )
+        teacher = batch.pop("teacher_scores", None) if self.distill_weight else None
+        batch.pop("teacher_scores", None)
+        return combined(q, d, teacher_scores=teacher, **{**self.loss_kwargs(), **batch})
+
+    def loss_fn(self) -> gc.LossFn:
+        """``loss_fn(embeddings, batch)`` for :mod:`gte_jax.gradcache`: the batch's text ids,
+        ``valid`` and ``neg_valid`` read when present."""
+
+        def loss_fn(embeddings: Mapping[str, Array], batch: Mapping[str, Array]):
+            return self.loss(
+                embeddings["query"],
+                embeddings["doc"],
+                neg=embeddings.get("neg"),
+                q_ids=batch.get("query_text_id"),
+                d_ids=batch.get("doc_text_id"),
+                neg_ids=batch.get("neg_text_id"),
+                valid=batch.get("valid"),
+                neg_valid=batch.get("neg_valid") if "neg" in embeddings else None,
+                teacher_scores=batch.get("teacher_scores"),
+            )
+
+        return loss_fn
+
+    def value_and_grad(self, step: StepInputs) -> tuple[tuple[Array, dict[str, Array]], Any]:
+        """``((loss, metrics), grads)`` w.r.t. ``step.params``: every role embedded by
+        ``step.embed_fn``, through GradCache when ``step.gradcache``."""
+        run = gc.cached_value_and_grad if step.gradcache else gc.plain_value_and_grad
+        return run(
+            step.embed_fn, self.loss_fn(), step.params, step.batch, step.rng, step.num_chunks,
+            mesh=step.mesh,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ plan
+
+    def similarity_columns(self, n: int, k: int) -> int:
+        """Candidates each of the n rows is scored against (similarity dot products per row)."""
+        raise NotImplementedError
+
+    def flops(self, work: Workload) -> float:
+        """Analytic FLOPs of the loss on one step (forward + backward, 3 x the forward's
+        similarity matmuls, 2 D each; the blocked loss's recomputation not counted, as
+        :func:`gte_jax.plan.model_flops` does not count remat)."""
+        n, k = work.batch_size, work.num_negatives
+        return 3.0 * 2 * work.embed_dim * n * self.similarity_columns(n, k)
+
+    def memory_bytes(self, work: Workload) -> float:
+        """Bytes of one logits block, the loss's largest array ([block, columns] float32,
+        :mod:`gte_jax.losses` "Memory"), before XLA splits it over devices."""
+        n, k = work.batch_size, work.num_negatives
+        rows = n if self.block_size is None else min(n, self.block_size)
+        return float(rows * self.similarity_columns(n, k) * _LOGIT_BYTES)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """What :meth:`Objective.value_and_grad` is given inside the train step."""
+
+    model_fn: Any  # gte_jax.models.encoder.ModelFn
+    params: Any  # the trainable parameters (the gradient's variable)
+    frozen: Any  # LoRA's frozen base (or None)
+    embed_fn: gc.EmbedFn
+    batch: Mapping[str, Array]
+    rng: Array | None
+    num_chunks: int = 1
+    gradcache: bool = False
+    mesh: jax.sharding.Mesh | None = None
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    """Adds ``objective`` (with its default settings) under its name; returns it."""
+    if not objective.name or objective.name in _REGISTRY:
+        raise ValueError(f"objective name {objective.name!r} is empty or taken")
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def registered() -> Mapping[str, Objective]:
+    return dict(_REGISTRY)
