@@ -52,7 +52,7 @@ def test_matryoshka_equals_the_numpy_float64_weighted_sum():
     q, d, neg = _case()
     want = sum(
         w * _np_infonce(_np_truncate(q, m), _np_truncate(d, m), _np_truncate(neg, m), 0.05)
-        for m, w in zip(DIMS, WEIGHTS)
+        for m, w in zip(DIMS, WEIGHTS, strict=True)
     )
     with jax.enable_x64(True):
         got, metrics = matryoshka.matryoshka_loss(

@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 
 import jax
 
-from gte_jax import gradcache as gc
-from gte_jax import losses
 import gte_jax.objectives.distill as distill
 import gte_jax.objectives.matryoshka as matryoshka
+from gte_jax import gradcache as gc
+from gte_jax import losses
 
 Array = jax.Array
 
