@@ -360,9 +360,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
     problems = range_problems(config) + stage_kind_problems(config)
     if str(config.kind) != "mntp" and lcfg.name not in objectives.contrastive_names():
-        problems.append(
-            f"loss.name={lcfg.name!r}: use one of {objectives.contrastive_names()}"
-        )
+        problems.append(f"loss.name={lcfg.name!r}: use one of {objectives.contrastive_names()}")
     else:
         problems.extend(objectives.from_config(config).problems(config))
     problems.extend(matryoshka_problems(lcfg))

@@ -128,7 +128,9 @@ def test_truncation_is_a_renormalised_prefix_for_numpy_and_jax():
     got_np = truncate_embeddings(neg, 16)
     assert isinstance(got_np, np.ndarray)
     np.testing.assert_allclose(got_np, want, rtol=1e-12)
-    np.testing.assert_allclose(np.asarray(truncate_embeddings(jnp.asarray(neg), 16)), want, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(truncate_embeddings(jnp.asarray(neg), 16)), want, atol=1e-6
+    )
     assert truncate_embeddings(neg, None) is neg
     np.testing.assert_array_equal(truncate_embeddings(neg, 16, normalize=False), neg[..., :16])
     with pytest.raises(ValueError, match="must be in"):
@@ -197,7 +199,9 @@ def test_distill_loss_matches_numpy_and_torch_kl_div():
     with jax.enable_x64(True):
         np.testing.assert_allclose(np.asarray(distill.student_scores(q, d, neg)), student, 1e-12)
         got = float(
-            distill.distill_loss(student, teacher, student_temperature=0.05, teacher_temperature=0.1)
+            distill.distill_loss(
+                student, teacher, student_temperature=0.05, teacher_temperature=0.1
+            )
         )
     want = _np_kl(student, teacher, 0.05, 0.1, np.ones((5, 4), bool))
     np.testing.assert_allclose(got, want, rtol=1e-10)

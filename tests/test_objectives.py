@@ -44,8 +44,10 @@ def test_configured_objective_matches_the_float64_reference(name, symmetric):
     with jax.enable_x64(True):
         q, d, batch = _batch(case)
         loss, metrics = objective.loss(q, d, **batch)
-    want = instructor_reference(case, tau) if name == "instructor" else reference(
-        case, tau, kind=name, symmetric=symmetric
+    want = (
+        instructor_reference(case, tau)
+        if name == "instructor"
+        else reference(case, tau, kind=name, symmetric=symmetric)
     )
     np.testing.assert_allclose(float(loss), want[0], rtol=1e-10)
     np.testing.assert_allclose(float(metrics["accuracy"]), want[1]["accuracy"], rtol=1e-10)
@@ -98,7 +100,9 @@ def _matmul_flops(fn, *args) -> int:
     return total
 
 
-@pytest.mark.parametrize("name,symmetric", [("gte", False), ("infonce", True), ("instructor", False)])
+@pytest.mark.parametrize(
+    "name,symmetric", [("gte", False), ("infonce", True), ("instructor", False)]
+)
 def test_flops_are_the_similarity_matmuls_of_the_traced_loss(name, symmetric):
     n, k, dim = 6, 3, 16
     objective = objectives.from_config(_config(name, 0.05, symmetric))
@@ -108,4 +112,6 @@ def test_flops_are_the_similarity_matmuls_of_the_traced_loss(name, symmetric):
     work = objectives.Workload(batch_size=n, num_negatives=k, embed_dim=dim)
     assert forward > 0
     assert objective.flops(work) == 3 * forward  # forward + backward (2 x the forward)
-    assert dataclasses.replace(objective, block_size=None).memory_bytes(work) == 4 * n * forward // (2 * dim * n)
+    assert dataclasses.replace(objective, block_size=None).memory_bytes(
+        work
+    ) == 4 * n * forward // (2 * dim * n)
