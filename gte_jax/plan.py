@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gte_jax import plan_cost
 from gte_jax.models.precision import compute_dtype
 from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where users look)
     CHIPS,
@@ -615,7 +616,8 @@ def _extrapolated(config, mesh, hf_config, layers: Sequence[int]):
         compiled, oom = compile_step(abstract_step(config, mesh, with_layers(hf_config, n)))
         if compiled is None:
             return None, oom, points
-        points.append({"layers": n, **compiled_memory(compiled)})
+        cost = plan_cost.compiled_cost(compiled, mesh.devices.flat)  # FLOPs, bytes: linear too
+        points.append({"layers": n, **compiled_memory(compiled), **cost})
     xs = np.asarray([p["layers"] for p in points], np.float64)
     out = {}
     for key in points[0]:
@@ -715,6 +717,18 @@ def plan(
         "model": model_source,
         "compile_seconds": round(compile_s, 1),
     }
+    if compiled is not None:  # what the compiled program does: the step time from it
+        cost = compiled if layers else plan_cost.compiled_cost(compiled, mesh.devices.flat)
+        report |= plan_cost.time_fields(
+            cost,
+            generation=topo.chip.generation,
+            chips=report["chips"],
+            mfu=mfu,
+            model_flops=report["model_flops"],
+            trainable_parameters=report["trainable_parameters"],
+            batch_size=step.batch_size,
+            num_steps=step.total_steps,
+        )
     if not fits:
         report["advice"] = _advice(config, step, step.sharding, arg, hbm)
     return report
@@ -800,6 +814,7 @@ def _time_report(
     peak_flops = topo.chip.peak_bf16_flops * topo.chips * slices
     step_s = flops / (peak_flops * mfu)
     return {
+        "model_flops": flops,
         "model_tflops_per_step": _sig(flops / 1e12),
         **({"lm_head_tflops_per_step": _sig(head_flops / 1e12)} if head_flops else {}),
         "assumed_mfu": mfu,

@@ -28,7 +28,6 @@ bf16 peak (:data:`gte_jax.topologies.CHIPS`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -386,3 +385,67 @@ def program_cost(hlo_text: str, slice_of: Sequence[int] | None = None) -> Progra
     module = parse_hlo(hlo_text)
     slices = list(slice_of) if slice_of is not None else [0] * module.num_partitions
     return _walk(module, module.entry, slices, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan's fields
+# --------------------------------------------------------------------------------------------------
+
+
+def compiled_cost(compiled: Any, devices: Sequence[Any]) -> dict[str, float]:
+    """:meth:`ProgramCost.flat` of a compiled step whose partitions are ``devices`` in order
+    (``mesh.devices.flat``); each device's ``slice_index`` (multislice) decides ICI vs DCN."""
+    slice_of = [int(getattr(d, "slice_index", 0) or 0) for d in devices]
+    return program_cost(compiled.as_text(), slice_of).flat()
+
+
+def time_fields(
+    cost: Mapping[str, float],
+    *,
+    generation: str,
+    chips: int,
+    mfu: float,
+    model_flops: float,
+    trainable_parameters: int,
+    batch_size: int,
+    num_steps: int,
+) -> dict[str, Any]:
+    """The report's cost fields from :func:`compiled_cost`'s numbers: FLOPs of the whole step
+    (all chips), collective bytes per chip, seconds, and the step time max(compute,
+    collectives) with what bounds it. Collectives are taken as not overlapping each other (ICI
+    and DCN seconds add up) but as overlapping compute (XLA schedules them asynchronously)."""
+    link, peak = INTERCONNECT[generation], CHIPS[generation].peak_bf16_flops
+    flops = cost["hardware_flops_per_chip"]
+    by_kind = {
+        k: {"ici": int(cost[f"ici_bytes:{k}"]), "dcn": int(cost[f"dcn_bytes:{k}"])}
+        for k in COLLECTIVE_KINDS
+    }
+    compute_s = flops / (peak * mfu)
+    ici_s = sum(b["ici"] for b in by_kind.values()) / link.ici_bytes_per_s
+    dcn_s = sum(b["dcn"] for b in by_kind.values()) / link.dcn_bytes_per_s
+    step_s = max(compute_s, ici_s + dcn_s)
+    bound = "compute" if compute_s >= ici_s + dcn_s else ("ici" if ici_s >= dcn_s else "dcn")
+    reduced = sum(by_kind[k]["ici"] + by_kind[k]["dcn"] for k in ("all-reduce", "reduce-scatter"))
+    out = {
+        "hardware_flops": _sig(flops * chips),
+        "model_flops": _sig(model_flops),
+        "hardware_to_model_flops": _sig(flops * chips / model_flops) if model_flops else None,
+        "collective_bytes": by_kind,
+        "compute_seconds": _sig(compute_s),
+        "ici_seconds": _sig(ici_s),
+        "dcn_seconds": _sig(dcn_s),
+        "bound": bound,
+        "step_seconds": _sig(step_s),
+        "examples_per_second": _sig(batch_size / step_s) if step_s else None,
+        "days": _sig(num_steps * step_s / 86400),
+        "reduce_bytes_over_float32_parameters": _sig(reduced / (4 * trainable_parameters))
+        if trainable_parameters
+        else None,
+    }
+    if cost.get("unknown_trip_counts", 0) >= 0.5:  # a loop counted once: FLOPs are a lower bound
+        out["loops_without_trip_count"] = round(cost["unknown_trip_counts"])
+    return out
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}") if x and math.isfinite(x) else x
