@@ -717,21 +717,31 @@ def plan(
         "model": model_source,
         "compile_seconds": round(compile_s, 1),
     }
-    if compiled is not None:  # what the compiled program does: the step time from it
-        cost = compiled if layers else plan_cost.compiled_cost(compiled, mesh.devices.flat)
-        report |= plan_cost.time_fields(
-            cost,
-            generation=topo.chip.generation,
-            chips=report["chips"],
-            mfu=mfu,
-            model_flops=report["model_flops"],
-            trainable_parameters=report["trainable_parameters"],
-            batch_size=step.batch_size,
-            num_steps=step.total_steps,
-        )
+    report |= _cost_report(compiled, mesh, report, topo, step, mfu) if compiled is not None else {}
     if not fits:
         report["advice"] = _advice(config, step, step.sharding, arg, hbm)
     return report
+
+
+def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: AbstractStep, mfu: float):
+    """What the compiled program does (:func:`gte_jax.plan_cost.time_fields`): the step time
+    from it replaces the analytic one. ``compiled``: the executable, or the numbers
+    :func:`_extrapolated` fitted in depth."""
+    cost = (
+        compiled
+        if isinstance(compiled, dict)
+        else plan_cost.compiled_cost(compiled, mesh.devices.flat)
+    )
+    return plan_cost.time_fields(
+        cost,
+        generation=topo.chip.generation,
+        chips=report["chips"],
+        mfu=mfu,
+        model_flops=report["model_flops"],
+        trainable_parameters=report["trainable_parameters"],
+        batch_size=step.batch_size,
+        num_steps=step.total_steps,
+    )
 
 
 def start_checks(config: Any, devices: Sequence[Any]) -> tuple[jax.sharding.Mesh, dict[str, Any]]:

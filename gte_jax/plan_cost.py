@@ -37,7 +37,13 @@ import numpy as np
 
 from gte_jax.topologies import CHIPS
 
-COLLECTIVE_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVE_KINDS = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,9 +160,7 @@ def parse_hlo(text: str) -> Module:
 
 
 def _arrays(type_: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [
-        (dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_)
-    ]
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_)]
 
 
 def type_bytes(type_: str) -> float:
@@ -246,14 +250,20 @@ def trip_count(module: Module, ins: Instr, table: Mapping[str, Instr]) -> int | 
     direction = re.search(r"direction=(\w+)", compare[0].attrs)
     init_tuple = table.get(ins.operands[0]) if ins.operands else None
     start = 0
-    if init_tuple is not None and init_tuple.opcode == "tuple" and index[0] < len(init_tuple.operands):
+    if (
+        init_tuple is not None
+        and init_tuple.opcode == "tuple"
+        and index[0] < len(init_tuple.operands)
+    ):
         start = _constant(init_tuple.operands[index[0]], table) or 0
     extra = {"LT": 0, "LE": 1}.get(direction.group(1) if direction else "", None)
     return None if extra is None else max(limits[0] - start + extra, 0)
 
 
 def _is_int(ins: Instr) -> bool:
-    return bool(re.match(r"[su]\d+\[\]", ins.type)) and bool(re.fullmatch(r"-?\d+", ins.operands[0]))
+    return bool(re.match(r"[su]\d+\[\]", ins.type)) and bool(
+        re.fullmatch(r"-?\d+", ins.operands[0])
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +287,10 @@ def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
         return ids.reshape(shape[0], -1).tolist()
     listed = _GROUPS_LIST.search(attrs)
     groups = (
-        [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", listed.group(1))]
+        [
+            [int(x) for x in g.split(",") if x.strip()]
+            for g in re.findall(r"\{([\d,\s]*)\}", listed.group(1))
+        ]
         if listed
         else []
     )
@@ -290,10 +303,14 @@ def _collective_bytes(
     """(ICI, DCN) bytes one chip sends for one collective (the module doc's formulas)."""
     sizes = [type_bytes(table[o].type) for o in ins.operands if o in table]
     if kind == "collective-permute":
-        pairs = [
-            tuple(int(x) for x in p.split(","))
-            for p in re.findall(r"\{(\d+,\d+)\}", ins.attrs.split("source_target_pairs=")[-1])
-        ] if "source_target_pairs=" in ins.attrs else []
+        pairs = (
+            [
+                tuple(int(x) for x in p.split(","))
+                for p in re.findall(r"\{(\d+,\d+)\}", ins.attrs.split("source_target_pairs=")[-1])
+            ]
+            if "source_target_pairs=" in ins.attrs
+            else []
+        )
         size = sizes[0] if sizes else 0.0
         share = size * len(pairs) / max(num_devices, 1)
         crossing = any(slice_of[a] != slice_of[b] for a, b in pairs if max(a, b) < len(slice_of))
@@ -321,8 +338,12 @@ class ProgramCost:
     """Per chip and per step: matmul FLOPs and bytes sent by collective kind and network."""
 
     flops: float = 0.0
-    ici: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0))
-    dcn: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0))
+    ici: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0)
+    )
+    dcn: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0)
+    )
     unknown_trip_counts: int = 0
 
     def add(self, other: ProgramCost, times: float = 1.0) -> None:
@@ -334,7 +355,10 @@ class ProgramCost:
 
     def flat(self) -> dict[str, float]:
         """Flat numbers (what ``plan --layers`` extrapolates in depth)."""
-        out = {"hardware_flops_per_chip": self.flops, "unknown_trip_counts": float(self.unknown_trip_counts)}
+        out = {
+            "hardware_flops_per_chip": self.flops,
+            "unknown_trip_counts": float(self.unknown_trip_counts),
+        }
         out |= {f"ici_bytes:{k}": v for k, v in self.ici.items()}
         return out | {f"dcn_bytes:{k}": v for k, v in self.dcn.items()}
 
@@ -344,7 +368,9 @@ def _kind(opcode: str) -> str | None:
     return kind if kind in COLLECTIVE_KINDS else None
 
 
-def _walk(module: Module, name: str, slice_of: Sequence[int], memo: dict[str, ProgramCost]) -> ProgramCost:
+def _walk(
+    module: Module, name: str, slice_of: Sequence[int], memo: dict[str, ProgramCost]
+) -> ProgramCost:
     """The cost of one run of computation ``name`` (memoised: a fused computation is often
     called from several places)."""
     if name in memo:
@@ -367,8 +393,12 @@ def _walk(module: Module, name: str, slice_of: Sequence[int], memo: dict[str, Pr
             for body in _called(ins, "body"):
                 cost.add(_walk(module, body, slice_of, memo), 1 if trips is None else trips)
         elif op == "conditional":  # the costlier branch
-            branches = [_walk(module, b, slice_of, memo) for b in _called(ins, "branch_computations")
-                        + _called(ins, "true_computation") + _called(ins, "false_computation")]
+            branches = [
+                _walk(module, b, slice_of, memo)
+                for b in _called(ins, "branch_computations")
+                + _called(ins, "true_computation")
+                + _called(ins, "false_computation")
+            ]
             if branches:
                 cost.add(max(branches, key=lambda c: c.flops))
         elif op in ("fusion", "async-start") or op == "call":
