@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gte_jax import objectives
+from gte_jax import objectives, plan_cost
 from gte_jax.models.precision import compute_dtype
 from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where users look)
     CHIPS,
@@ -591,7 +591,8 @@ def _extrapolated(config, mesh, hf_config, layers: Sequence[int]):
         compiled, oom = compile_step(abstract_step(config, mesh, with_layers(hf_config, n)))
         if compiled is None:
             return None, oom, points
-        points.append({"layers": n, **compiled_memory(compiled)})
+        cost = plan_cost.compiled_cost(compiled, mesh.devices.flat)  # FLOPs, bytes: linear too
+        points.append({"layers": n, **compiled_memory(compiled), **cost})
     xs = np.asarray([p["layers"] for p in points], np.float64)
     out = {}
     for key in points[0]:
@@ -691,9 +692,31 @@ def plan(
         "model": model_source,
         "compile_seconds": round(compile_s, 1),
     }
+    report |= _cost_report(compiled, mesh, report, topo, step, mfu) if compiled is not None else {}
     if not fits:
         report["advice"] = _advice(config, step, step.sharding, arg, hbm)
     return report
+
+
+def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: AbstractStep, mfu: float):
+    """What the compiled program does (:func:`gte_jax.plan_cost.time_fields`): the step time
+    from it replaces the analytic one. ``compiled``: the executable, or the numbers
+    :func:`_extrapolated` fitted in depth."""
+    cost = (
+        compiled
+        if isinstance(compiled, dict)
+        else plan_cost.compiled_cost(compiled, mesh.devices.flat)
+    )
+    return plan_cost.time_fields(
+        cost,
+        generation=topo.chip.generation,
+        chips=report["chips"],
+        mfu=mfu,
+        model_flops=report["model_flops"],
+        trainable_parameters=report["trainable_parameters"],
+        batch_size=step.batch_size,
+        num_steps=step.total_steps,
+    )
 
 
 def start_checks(config: Any, devices: Sequence[Any]) -> tuple[jax.sharding.Mesh, dict[str, Any]]:
@@ -780,6 +803,7 @@ def _time_report(
     peak_flops = topo.chip.peak_bf16_flops * topo.chips * slices
     step_s = flops / (peak_flops * mfu)
     return {
+        "model_flops": flops,
         "model_tflops_per_step": _sig(flops / 1e12),
         **({loss_key: _sig(loss_flops / 1e12)} if loss_flops else {}),
         "loss_logits_gib": _sig(objective.memory_bytes(work) / GIB),

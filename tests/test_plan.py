@@ -131,9 +131,22 @@ def test_tiny_config_fits_on_v5e_2x2(tiny, capsys):
     assert 0 < r["argument_gib_per_chip"] <= r["peak_gib_per_chip"] < 1
     assert r["gradcache"] and r["gradcache_chunk_size"] == 16 and r["sharding"] == "replicate"
     assert (r["batch_size"], r["num_negatives"], r["lengths"]) == (64, 1, {"query": 32, "doc": 64})
-    # Time at the assumed MFU follows from the analytic FLOPs and the chips' peak.
-    flops = r["model_tflops_per_step"] * 1e12
-    assert r["step_seconds"] == pytest.approx(flops / (4 * 197e12 * 0.5), rel=1e-3)
+    # The compiled program's cost: hardware FLOPs at the assumed MFU of the chips' peak, the
+    # collectives at the table's bandwidth, the step the larger of the two.
+    assert r["model_flops"] == pytest.approx(r["model_tflops_per_step"] * 1e12, rel=1e-3)
+    # GradCache's second forward is in the program: at least 4/3 of the model's 6N.
+    assert r["hardware_to_model_flops"] >= 4 / 3
+    assert r["compute_seconds"] == pytest.approx(r["hardware_flops"] / (4 * 197e12 * 0.5), rel=1e-3)
+    sent = sum(b["ici"] for b in r["collective_bytes"].values())
+    assert r["ici_seconds"] == pytest.approx(sent / 200e9, rel=1e-3) and r["dcn_seconds"] == 0
+    collectives = r["ici_seconds"] + r["dcn_seconds"]
+    assert r["step_seconds"] == pytest.approx(max(r["compute_seconds"], collectives), rel=1e-3)
+    assert r["bound"] == ("compute" if r["compute_seconds"] >= collectives else "ici")
+    # Replicated parameters: the gradient is all-reduced, 2 (n-1)/n of the float32 bytes or more.
+    reduced = sum(r["collective_bytes"][k]["ici"] for k in ("all-reduce", "reduce-scatter"))
+    params = 4 * r["trainable_parameters"]
+    assert r["reduce_bytes_over_float32_parameters"] == pytest.approx(reduced / params, rel=1e-3)
+    assert r["reduce_bytes_over_float32_parameters"] >= 2 * 3 / 4 * 0.5  # bf16 grads at least
     assert r["days"] == pytest.approx(1000 * r["step_seconds"] / 86400, rel=1e-3)
     assert r["examples_per_second"] == pytest.approx(64 / r["step_seconds"], rel=1e-3)
 

@@ -1,0 +1,481 @@
+"""What a compiled step makes the chip do: matmul FLOPs and collective bytes, read off its HLO.
+
+``gte-jax plan`` compiles the real train step for a TPU topology (:mod:`gte_jax.plan`); this
+module reads the compiled program's text (``compiled.as_text()``: the per-chip SPMD program after
+XLA's optimisations) and counts, per chip and per step:
+
+- **hardware FLOPs**: 2 x (output elements) x (contraction length) of every ``dot`` and
+  ``convolution`` (XLA:TPU writes matmuls as convolutions), inside fusions too, each multiplied by
+  the trip counts of the ``while`` loops around it (GradCache's chunks and ``lax.map`` /
+  ``lax.scan`` loops). Remat's recomputation and GradCache's extra forward are in the program,
+  so they are counted. XLA's own ``cost_analysis()`` counts a loop body once, whatever its trip
+  count (checked on CPU and TPU: ``tests/test_plan_cost.py``), hence the parse. Element-wise work
+  (softmax, norms, the optimizer) is not counted: it runs on the vector unit, not the MXU.
+- **collective bytes** by kind (all-gather, all-reduce, reduce-scatter, all-to-all,
+  collective-permute): what one chip sends, with the ring algorithm's share: over a group of
+  ``n`` chips an all-gather or a reduce-scatter moves (n-1)/n x the full (gathered / unreduced)
+  array, an all-to-all (n-1)/n x its array, an all-reduce 2 (n-1)/n x its array (a
+  reduce-scatter then an all-gather), a collective-permute its whole array. An async pair
+  (``*-start`` / ``*-done``, ``async-start`` / ``async-done``) is counted once, at its start.
+  Each is ICI or DCN by its replica groups: a group within one slice is ICI; a group spanning
+  ``s`` slices with ``m`` chips in each is taken as hierarchical (XLA's multislice collectives):
+  the ICI share over ``m`` chips and the DCN share (s-1)/s of the chip's 1/m part of the array.
+
+Seconds follow from the per-chip figures of :data:`INTERCONNECT` (vendor figures) and the chip's
+bf16 peak (:data:`gte_jax.topologies.CHIPS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gte_jax.topologies import CHIPS
+
+COLLECTIVE_KINDS = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interconnect:
+    """Bytes per second one chip sends: over ICI (all its links) and over DCN (its share of the
+    host's NICs)."""
+
+    ici_bytes_per_s: float
+    dcn_bytes_per_s: float
+
+
+# Vendor figures, Google Cloud's TPU system-architecture pages (cloud.google.com/tpu/docs/v4,
+# /v5e, /v5p, /v6e, read Dec 2026). ICI: what a chip sends, half the bidirectional figure, which
+# is also each page's "all-reduce bandwidth per Pod" / chips per Pod:
+#   v4   1.1 PB/s all-reduce per 4096-chip Pod -> 268.6 GB/s per chip;
+#   v5e  400 GB/s bidirectional per chip (51.2 TB/s per 256-chip Pod) -> 200 GB/s;
+#   v5p  1200 GB/s bidirectional per chip -> 600 GB/s;
+#   v6e  800 GB/s bidirectional per chip (102.4 TB/s per Pod) -> 400 GB/s.
+# DCN per chip: v5e 2 x 100 Gbps NICs per 8-chip host (6.4 Tbps per 256-chip Pod) -> 25 Gbps =
+# 3.125 GB/s; v5p 50 Gbps per chip -> 6.25 GB/s. Ours (no figure on their pages): v4 as v5p's
+# 50 Gbps per chip, v6e as v5e's 25 Gbps per chip.
+INTERCONNECT: dict[str, Interconnect] = {
+    "v4": Interconnect(1.1e15 / 4096, 50e9 / 8),
+    "v5e": Interconnect(200e9, 25e9 / 8),
+    "v5p": Interconnect(600e9, 50e9 / 8),
+    "v6e": Interconnect(400e9, 25e9 / 8),
+}
+assert set(INTERCONNECT) == set(CHIPS), "a chip without interconnect figures"
+
+# --------------------------------------------------------------------------------------------------
+# The HLO text, parsed as far as the counts need
+# --------------------------------------------------------------------------------------------------
+
+_BYTES = {"pred": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+|f8\w*|c64|c128)\[([\d,]*)\]")
+_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    type: str  # e.g. "f32[8,16]{1,0}" or a tuple "(f32[2], s32[])"
+    opcode: str
+    operands: list[str]  # operand names (without %), or the raw text of a literal
+    attrs: str
+
+
+def _closing(text: str, start: int) -> int:
+    """Index just past the bracket group that opens at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] in "([{":
+            depth += 1
+        elif text[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, last = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+    return [p.strip() for p in [*parts, text[last:]] if p.strip()]
+
+
+def _instr(line: str) -> Instr | None:
+    head = _HEAD.match(line)
+    if not head:
+        return None
+    rest = line[head.end() :]
+    cut = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
+    type_, rest = rest[:cut], rest[cut:].lstrip()
+    opcode = re.match(r"[\w\-]+", rest)
+    if not opcode:
+        return None
+    open_at = opcode.end()
+    close = _closing(rest, open_at)
+    operands = [
+        (m.group(1) if (m := re.search(r"%([\w.\-]+)\s*$", p)) else p)
+        for p in _split_top(rest[open_at + 1 : close - 1])
+    ]
+    return Instr(head.group(1), type_, opcode.group(0), operands, rest[close:])
+
+
+@dataclasses.dataclass
+class Module:
+    computations: dict[str, list[Instr]]
+    entry: str
+    num_partitions: int
+
+
+def parse_hlo(text: str) -> Module:
+    """The computations of an HLO module's text (``compiled.as_text()``)."""
+    computations: dict[str, list[Instr]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        start = _COMPUTATION.match(line)
+        if start:
+            current = computations.setdefault(start.group(2), [])
+            entry = start.group(2) if start.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and (instr := _instr(line)) is not None:
+            current.append(instr)
+    partitions = re.search(r"num_partitions=(\d+)", text)
+    return Module(computations, entry, int(partitions.group(1)) if partitions else 1)
+
+
+def _arrays(type_: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_)]
+
+
+def type_bytes(type_: str) -> float:
+    """Bytes of every array in an HLO type (a tuple's elements summed)."""
+    total = 0.0
+    for dt, dims in _arrays(type_):
+        size = _BYTES.get(dt) or (int(re.sub(r"\D", "", dt) or 8) / 8)
+        total += size * math.prod(dims)
+    return total
+
+
+def _dims(type_: str) -> tuple[int, ...]:
+    arrays = _arrays(type_)
+    return arrays[0][1] if arrays else ()
+
+
+def _attr_ints(attrs: str, key: str) -> list[int]:
+    m = re.search(rf"\b{key}=\{{([\d,]*)\}}", attrs)
+    return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs and loop trip counts
+# --------------------------------------------------------------------------------------------------
+
+
+def _matmul_flops(ins: Instr, table: Mapping[str, Instr]) -> float:
+    """2 x output elements x contraction length of a ``dot`` or ``convolution``."""
+    out = math.prod(_dims(ins.type))
+    lhs = table.get(ins.operands[0]) if ins.operands else None
+    rhs = table.get(ins.operands[1]) if len(ins.operands) > 1 else None
+    if ins.opcode == "dot":
+        dims = _dims(lhs.type) if lhs else ()
+        return 2.0 * out * math.prod(dims[c] for c in _attr_ints(ins.attrs, "lhs_contracting_dims"))
+    # convolution: each output element reduces over the kernel's elements of one output feature
+    # (its input features and window); dim_labels name the kernel's output-feature dimension "o".
+    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+    kernel = _dims(rhs.type) if rhs else ()
+    if not labels or len(labels.group(1)) != len(kernel):
+        return 0.0
+    per_output = math.prod(d for d, c in zip(kernel, labels.group(1), strict=True) if c != "o")
+    return 2.0 * out * per_output
+
+
+def _constant(name: str, table: Mapping[str, Instr]) -> int | None:
+    """The integer value of ``name`` when it is a constant (through copies), else None."""
+    for _ in range(8):
+        ins = table.get(name)
+        if ins is None:
+            return None
+        if ins.opcode == "constant" and ins.operands:
+            try:
+                return int(ins.operands[0])
+            except ValueError:
+                return None
+        if ins.opcode not in ("copy", "bitcast") or not ins.operands:
+            return None
+        name = ins.operands[0]
+    return None
+
+
+def _called(ins: Instr, key: str) -> list[str]:
+    """Computations an instruction names in ``key=%c`` or ``key={%a, %b}``."""
+    m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%[\w.\-]+)", ins.attrs)
+    return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
+
+
+def trip_count(module: Module, ins: Instr, table: Mapping[str, Instr]) -> int | None:
+    """Trips of a ``while``: XLA's ``known_trip_count`` when it wrote one, else read off the
+    condition (``i < N`` or ``i <= N`` on one tuple element, N a constant, i's start a constant
+    in the loop's initial tuple, step 1, which is how ``lax.scan`` / ``fori_loop`` / ``lax.map``
+    lower); None when neither applies."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.attrs)
+    if known:
+        return int(known.group(1))
+    cond = _called(ins, "condition")
+    if not cond or cond[0] not in module.computations:
+        return None
+    body = module.computations[cond[0]]
+    for fused in [c for i in body for c in _called(i, "calls")]:
+        body = body + module.computations.get(fused, [])
+    compare = [i for i in body if i.opcode == "compare"]
+    limits = [int(i.operands[0]) for i in body if i.opcode == "constant" and _is_int(i)]
+    index = [int(m.group(1)) for i in body if (m := re.search(r"index=(\d+)", i.attrs))]
+    if len(compare) != 1 or len(limits) != 1 or not index:
+        return None
+    direction = re.search(r"direction=(\w+)", compare[0].attrs)
+    init_tuple = table.get(ins.operands[0]) if ins.operands else None
+    start = 0
+    if (
+        init_tuple is not None
+        and init_tuple.opcode == "tuple"
+        and index[0] < len(init_tuple.operands)
+    ):
+        start = _constant(init_tuple.operands[index[0]], table) or 0
+    extra = {"LT": 0, "LE": 1}.get(direction.group(1) if direction else "", None)
+    return None if extra is None else max(limits[0] - start + extra, 0)
+
+
+def _is_int(ins: Instr) -> bool:
+    return bool(re.match(r"[su]\d+\[\]", ins.type)) and bool(
+        re.fullmatch(r"-?\d+", ins.operands[0])
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives
+# --------------------------------------------------------------------------------------------------
+
+_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_GROUPS_LIST = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
+
+
+def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
+    """The device groups of a collective: the explicit ``{{0,1},{2,3}}`` form, the iota form
+    ``[G,S]<=[dims]T(perm)``, or all devices when none are listed."""
+    iota = _GROUPS_IOTA.search(attrs)
+    if iota:
+        shape = [int(x) for x in iota.group(1).split(",")]
+        dims = [int(x) for x in iota.group(2).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if iota.group(3):
+            ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
+        return ids.reshape(shape[0], -1).tolist()
+    listed = _GROUPS_LIST.search(attrs)
+    groups = (
+        [
+            [int(x) for x in g.split(",") if x.strip()]
+            for g in re.findall(r"\{([\d,\s]*)\}", listed.group(1))
+        ]
+        if listed
+        else []
+    )
+    return [g for g in groups if g] or [list(range(num_devices))]
+
+
+def _collective_bytes(
+    kind: str, ins: Instr, table: Mapping[str, Instr], num_devices: int, slice_of: Sequence[int]
+) -> tuple[float, float]:
+    """(ICI, DCN) bytes one chip sends for one collective (the module doc's formulas)."""
+    sizes = [type_bytes(table[o].type) for o in ins.operands if o in table]
+    if kind == "collective-permute":
+        pairs = (
+            [
+                tuple(int(x) for x in p.split(","))
+                for p in re.findall(r"\{(\d+,\d+)\}", ins.attrs.split("source_target_pairs=")[-1])
+            ]
+            if "source_target_pairs=" in ins.attrs
+            else []
+        )
+        size = sizes[0] if sizes else 0.0
+        share = size * len(pairs) / max(num_devices, 1)
+        crossing = any(slice_of[a] != slice_of[b] for a, b in pairs if max(a, b) < len(slice_of))
+        return (0.0, share) if crossing else (share, 0.0)
+    group = replica_groups(ins.attrs, num_devices)[0]
+    n = len(group)
+    if n <= 1:
+        return 0.0, 0.0
+    full = sum(sizes) * (n if kind == "all-gather" else 1)
+    factor = 2.0 if kind == "all-reduce" else 1.0
+    slices = len({slice_of[d] for d in group if d < len(slice_of)}) or 1
+    per_slice = n // slices
+    ici = factor * (per_slice - 1) / per_slice * full
+    dcn = factor * (slices - 1) / slices * full / per_slice
+    return ici, dcn
+
+
+# --------------------------------------------------------------------------------------------------
+# The walk: every computation reached from the entry, times its loops' trips
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProgramCost:
+    """Per chip and per step: matmul FLOPs and bytes sent by collective kind and network."""
+
+    flops: float = 0.0
+    ici: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0)
+    )
+    dcn: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0)
+    )
+    unknown_trip_counts: int = 0
+
+    def add(self, other: ProgramCost, times: float = 1.0) -> None:
+        self.flops += times * other.flops
+        for k in COLLECTIVE_KINDS:
+            self.ici[k] += times * other.ici[k]
+            self.dcn[k] += times * other.dcn[k]
+        self.unknown_trip_counts += other.unknown_trip_counts
+
+    def flat(self) -> dict[str, float]:
+        """Flat numbers (what ``plan --layers`` extrapolates in depth)."""
+        out = {
+            "hardware_flops_per_chip": self.flops,
+            "unknown_trip_counts": float(self.unknown_trip_counts),
+        }
+        out |= {f"ici_bytes:{k}": v for k, v in self.ici.items()}
+        return out | {f"dcn_bytes:{k}": v for k, v in self.dcn.items()}
+
+
+def _kind(opcode: str) -> str | None:
+    kind = opcode.removesuffix("-start")
+    return kind if kind in COLLECTIVE_KINDS else None
+
+
+def _walk(
+    module: Module, name: str, slice_of: Sequence[int], memo: dict[str, ProgramCost]
+) -> ProgramCost:
+    """The cost of one run of computation ``name`` (memoised: a fused computation is often
+    called from several places)."""
+    if name in memo:
+        return memo[name]
+    instrs = module.computations.get(name, [])
+    table = {i.name: i for i in instrs}
+    cost = ProgramCost()
+    for ins in instrs:
+        op = ins.opcode
+        if op in ("dot", "convolution"):
+            cost.flops += _matmul_flops(ins, table)
+        elif (kind := _kind(op)) is not None:
+            ici, dcn = _collective_bytes(kind, ins, table, module.num_partitions, slice_of)
+            cost.ici[kind] += ici
+            cost.dcn[kind] += dcn
+        elif op == "while":
+            trips = trip_count(module, ins, table)
+            if trips is None:
+                cost.unknown_trip_counts += 1
+            for body in _called(ins, "body"):
+                cost.add(_walk(module, body, slice_of, memo), 1 if trips is None else trips)
+        elif op == "conditional":  # the costlier branch
+            branches = [
+                _walk(module, b, slice_of, memo)
+                for b in _called(ins, "branch_computations")
+                + _called(ins, "true_computation")
+                + _called(ins, "false_computation")
+            ]
+            if branches:
+                cost.add(max(branches, key=lambda c: c.flops))
+        elif op in ("fusion", "async-start") or op == "call":
+            for callee in _called(ins, "calls") + _called(ins, "to_apply"):
+                cost.add(_walk(module, callee, slice_of, memo))
+    memo[name] = cost
+    return cost
+
+
+def program_cost(hlo_text: str, slice_of: Sequence[int] | None = None) -> ProgramCost:
+    """Per-chip FLOPs and collective bytes of one run of a compiled SPMD program.
+    ``slice_of[d]``: the slice of the device with id ``d`` (the program's partition id, which
+    for a ``jit`` over a mesh is the position in ``mesh.devices.flat``); None: one slice."""
+    module = parse_hlo(hlo_text)
+    slices = list(slice_of) if slice_of is not None else [0] * module.num_partitions
+    return _walk(module, module.entry, slices, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan's fields
+# --------------------------------------------------------------------------------------------------
+
+
+def compiled_cost(compiled: Any, devices: Sequence[Any]) -> dict[str, float]:
+    """:meth:`ProgramCost.flat` of a compiled step whose partitions are ``devices`` in order
+    (``mesh.devices.flat``); each device's ``slice_index`` (multislice) decides ICI vs DCN."""
+    slice_of = [int(getattr(d, "slice_index", 0) or 0) for d in devices]
+    return program_cost(compiled.as_text(), slice_of).flat()
+
+
+def time_fields(
+    cost: Mapping[str, float],
+    *,
+    generation: str,
+    chips: int,
+    mfu: float,
+    model_flops: float,
+    trainable_parameters: int,
+    batch_size: int,
+    num_steps: int,
+) -> dict[str, Any]:
+    """The report's cost fields from :func:`compiled_cost`'s numbers: FLOPs of the whole step
+    (all chips), collective bytes per chip, seconds, and the step time max(compute,
+    collectives) with what bounds it. Collectives are taken as not overlapping each other (ICI
+    and DCN seconds add up) but as overlapping compute (XLA schedules them asynchronously)."""
+    link, peak = INTERCONNECT[generation], CHIPS[generation].peak_bf16_flops
+    flops = cost["hardware_flops_per_chip"]
+    by_kind = {
+        k: {"ici": int(cost[f"ici_bytes:{k}"]), "dcn": int(cost[f"dcn_bytes:{k}"])}
+        for k in COLLECTIVE_KINDS
+    }
+    compute_s = flops / (peak * mfu)
+    ici_s = sum(b["ici"] for b in by_kind.values()) / link.ici_bytes_per_s
+    dcn_s = sum(b["dcn"] for b in by_kind.values()) / link.dcn_bytes_per_s
+    step_s = max(compute_s, ici_s + dcn_s)
+    bound = "compute" if compute_s >= ici_s + dcn_s else ("ici" if ici_s >= dcn_s else "dcn")
+    reduced = sum(by_kind[k]["ici"] + by_kind[k]["dcn"] for k in ("all-reduce", "reduce-scatter"))
+    out = {
+        "hardware_flops": _sig(flops * chips),
+        "model_flops": _sig(model_flops),
+        "hardware_to_model_flops": _sig(flops * chips / model_flops) if model_flops else None,
+        "collective_bytes": by_kind,
+        "compute_seconds": _sig(compute_s),
+        "ici_seconds": _sig(ici_s),
+        "dcn_seconds": _sig(dcn_s),
+        "bound": bound,
+        "step_seconds": _sig(step_s),
+        "examples_per_second": _sig(batch_size / step_s) if step_s else None,
+        "days": _sig(num_steps * step_s / 86400),
+        "reduce_bytes_over_float32_parameters": _sig(reduced / (4 * trainable_parameters))
+        if trainable_parameters
+        else None,
+    }
+    if cost.get("unknown_trip_counts", 0) >= 0.5:  # a loop counted once: FLOPs are a lower bound
+        out["loops_without_trip_count"] = round(cost["unknown_trip_counts"])
+    return out
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}") if x and math.isfinite(x) else x

@@ -1,0 +1,201 @@
+"""gte_jax.plan_cost: matmul FLOPs (loop trips multiplied in) and per-chip collective bytes read
+off compiled programs, against figures computed here from the shapes (8 fake CPU devices; the
+TPU checks need libtpu, the [plan] extra)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gte_jax import plan_cost
+
+F32 = np.dtype(np.float32).itemsize
+
+
+def _abstract(shape, dtype=jnp.float32, sharding=None):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _compiled_collectives(mesh, axis, shape):
+    """psum, all_gather and psum_scatter of a [rows, cols] float32 array sharded on ``axis``."""
+
+    def f(x):
+        return lax.psum(x, axis), lax.all_gather(x, axis), lax.psum_scatter(x, axis, tiled=True)
+
+    spec = P(axis)
+    fn = jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=(spec, spec, spec))
+    return jax.jit(fn).lower(_abstract(shape, sharding=NamedSharding(mesh, spec))).compile()
+
+
+def _ring(n, size):
+    """What one chip sends in a ring over n chips (computed here, not by the module)."""
+    return {
+        "all-reduce": 2 * (n - 1) / n * size,
+        "all-gather": (n - 1) / n * size * n,  # the gathered array is n shards
+        "reduce-scatter": (n - 1) / n * size,
+    }
+
+
+def test_collective_bytes_follow_the_ring_formula():
+    mesh = jax.make_mesh((8,), ("data",))
+    rows, cols = 64, 48
+    cost = plan_cost.program_cost(_compiled_collectives(mesh, "data", (rows, cols)).as_text())
+    shard = rows // 8 * cols * F32  # each chip's block
+    for kind, expected in _ring(8, shard).items():
+        assert cost.ici[kind] == pytest.approx(expected, rel=1e-12), kind
+    assert cost.ici["all-to-all"] == cost.ici["collective-permute"] == 0
+    assert not any(cost.dcn.values())
+
+
+def test_subgroups_and_slices_split_ici_from_dcn():
+    """A psum over the 4-chip axis of a 2 x 4 mesh: groups of 4 (XLA writes them in the iota
+    form). Over all 8 chips with chips 0-3 and 4-7 in two slices: hierarchical, the ICI share
+    over the 4 chips of a slice and the DCN share (2-1)/2 of the chip's quarter of the array."""
+    devices = np.array(jax.devices()[:8]).reshape(2, 4)
+    mesh = Mesh(devices, ("slice", "data"))
+    rows, cols = 64, 16
+    compiled = _compiled_collectives(mesh, "data", (rows, cols))
+    assert plan_cost.parse_hlo(compiled.as_text()).num_partitions == 8
+    cost = plan_cost.program_cost(compiled.as_text())
+    shard = rows // 4 * cols * F32
+    assert cost.ici["all-reduce"] == pytest.approx(_ring(4, shard)["all-reduce"], rel=1e-12)
+
+    both = Mesh(devices.reshape(8), ("all",))
+    compiled = _compiled_collectives(both, "all", (rows, cols))
+    slice_of = [d // 4 for d in range(8)]
+    cost = plan_cost.program_cost(compiled.as_text(), slice_of)
+    size = rows // 8 * cols * F32
+    assert cost.ici["all-reduce"] == pytest.approx(2 * 3 / 4 * size, rel=1e-12)
+    assert cost.dcn["all-reduce"] == pytest.approx(2 * 1 / 2 * size / 4, rel=1e-12)
+    assert cost.dcn["all-gather"] == pytest.approx(1 / 2 * 8 * size / 4, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "text, groups",
+    [
+        ("replica_groups={{0,1,2,3},{4,5,6,7}}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("replica_groups=[2,4]<=[8]", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("replica_groups=[4,2]<=[2,4]T(1,0)", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+        ("replica_groups={}", [list(range(8))]),
+    ],
+)
+def test_replica_group_forms(text, groups):
+    expected = np.arange(8).reshape(2, 4).T.tolist() if "T(" in text else groups
+    assert plan_cost.replica_groups(f"x, {text}, y", 8) == expected
+
+
+def _loop_matmul(m, k, trips, inner=1):
+    """``trips`` x (``inner`` x [m,k] @ [k,k]) in a fori_loop around a scan."""
+
+    def step(a, w):
+        def body(_, a):
+            a, _ = lax.scan(lambda c, _: (jnp.tanh(c @ w), None), a, None, length=inner)
+            return a
+
+        return lax.fori_loop(0, trips, body, a)
+
+    return jax.jit(step).lower(_abstract((m, k)), _abstract((k, k))).compile()
+
+
+@pytest.mark.parametrize("trips, inner", [(5, 1), (3, 4)])
+def test_loop_flops_multiply_the_trip_counts(trips, inner):
+    m, k = 24, 40
+    compiled = _loop_matmul(m, k, trips, inner)
+    cost = plan_cost.program_cost(compiled.as_text())
+    assert cost.flops == 2 * m * k * k * trips * inner
+    assert cost.unknown_trip_counts == 0
+    # XLA's own count runs each loop body once: why the plan parses the program.
+    xla = compiled.cost_analysis()["flops"]
+    assert xla < cost.flops and xla == pytest.approx(2 * m * k * k, rel=0.05)
+
+
+def test_loop_free_flops_agree_with_xla_cost_analysis():
+    """Where XLA's count is right (no loop, matmuls only): a two-layer gradient, both agree."""
+
+    def loss(w1, w2, x):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ w1) @ w2))
+
+    b, d, h, o = 64, 128, 128, 64
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    compiled = grad.lower(_abstract((d, h)), _abstract((h, o)), _abstract((b, d))).compile()
+    ours = plan_cost.program_cost(compiled.as_text()).flops
+    # forward 2 matmuls, dW1, dW2, and the hidden layer's gradient (x takes none)
+    assert ours == 2 * b * (d * h + h * o) * 2 + 2 * b * o * h
+    # XLA's count adds the element-wise work (tanh's derivative): a few per hidden element.
+    assert ours == pytest.approx(compiled.cost_analysis()["flops"], rel=0.02)
+
+
+def test_a_mutated_trip_count_changes_the_flops():
+    """The trips are read from the program: edit the loop's count and the FLOPs follow."""
+    m, k = 16, 32
+    text = _loop_matmul(m, k, 5).as_text()
+    mutated, n = re.subn(r'"known_trip_count":\{"n":"5"\}', '"known_trip_count":{"n":"7"}', text)
+    if not n:  # no known_trip_count written: the condition's limit is the count
+        mutated, n = re.subn(r"constant\(5\)", "constant(7)", text)
+    assert n >= 1
+    assert plan_cost.program_cost(mutated).flops == 2 * m * k * k * 7
+
+
+def test_seconds_and_bound_follow_the_table():
+    flat = {"hardware_flops_per_chip": 197e12 * 0.5 * 2.0, "unknown_trip_counts": 0.0}
+    for k in plan_cost.COLLECTIVE_KINDS:
+        flat[f"ici_bytes:{k}"] = flat[f"dcn_bytes:{k}"] = 0.0
+    flat["ici_bytes:all-reduce"] = 3 * 200e9  # 3 s at v5e's 200 GB/s
+    flat["dcn_bytes:all-gather"] = 25e9 / 8  # 1 s at 25 Gbps
+    out = plan_cost.time_fields(
+        flat, generation="v5e", chips=4, mfu=0.5, model_flops=4 * 197e12 * 0.5,
+        trainable_parameters=10**9, batch_size=8, num_steps=86400,
+    )  # fmt: skip
+    assert (out["compute_seconds"], out["ici_seconds"], out["dcn_seconds"]) == (2.0, 3.0, 1.0)
+    assert out["step_seconds"] == 4.0 and out["bound"] == "ici" and out["days"] == 4.0
+    assert out["hardware_to_model_flops"] == 2.0
+    assert out["reduce_bytes_over_float32_parameters"] == pytest.approx(3 * 200e9 / 4e9)
+
+
+# ----------------------------------------------------------------------------- TPU (libtpu)
+
+
+def _tpu_mesh(name="v5e:2x4"):
+    pytest.importorskip("libtpu")
+    from gte_jax.topologies import parse_topology, topology_devices
+
+    return Mesh(np.array(topology_devices(parse_topology(name))), ("data",))
+
+
+def test_tpu_program_counts_loops_and_collectives():
+    """XLA:TPU writes matmuls as convolutions and may drop the known trip count: the trips come
+    from the loop condition; the gradient all-reduce follows the ring formula."""
+    mesh = _tpu_mesh()
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    m, k, trips = 256, 512, 5
+
+    def loop(a, w):
+        return lax.fori_loop(0, trips, lambda _, a: jnp.tanh(a @ w), a)
+
+    text = (
+        jax.jit(loop)
+        .lower(_abstract((m, k), jnp.bfloat16, rep), _abstract((k, k), jnp.bfloat16, rep))
+        .compile()
+        .as_text()
+    )
+    assert "convolution" in text
+    assert plan_cost.program_cost(text).flops == 2 * m * k * k * trips
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(x @ w))
+
+    compiled = (
+        jax.jit(jax.grad(loss))
+        .lower(_abstract((k, 128), jnp.float32, rep), _abstract((1024, k), jnp.float32, rows))
+        .compile()
+    )
+    cost = plan_cost.program_cost(compiled.as_text())
+    assert cost.ici["all-reduce"] == pytest.approx(2 * 7 / 8 * k * 128 * F32, rel=1e-12)
+    assert cost.flops == pytest.approx(2 * 2 * 1024 // 8 * k * 128, rel=1e-12)  # fwd + dW
