@@ -201,7 +201,16 @@ def _matmul_flops(ins: Instr, table: Mapping[str, Instr]) -> float:
     kernel = _dims(rhs.type) if rhs else ()
     if not labels or len(labels.group(1)) != len(kernel):
         return 0.0
-    per_output = math.prod(d for d, c in zip(kernel, labels.group(1), strict=True) if c != "o")
+    # XLA:TPU writes batched matmuls as convolutions whose "window" walks a dilated input
+    # (lhs_dilate = window size): of a window of k positions over an input dilated by l, only
+    # ceil(k / l) touch real elements.
+    dilate = re.search(r"lhs_dilate=([\dx]+)", ins.attrs)
+    dilation = [int(x) for x in dilate.group(1).split("x")] if dilate else []
+    per_output = 1
+    for size, label in zip(kernel, labels.group(1), strict=True):
+        if label.isdigit() and int(label) < len(dilation):
+            size = -(-size // dilation[int(label)])
+        per_output *= size if label != "o" else 1
     return 2.0 * out * per_output
 
 

@@ -134,8 +134,9 @@ def test_tiny_config_fits_on_v5e_2x2(tiny, capsys):
     # The compiled program's cost: hardware FLOPs at the assumed MFU of the chips' peak, the
     # collectives at the table's bandwidth, the step the larger of the two.
     assert r["model_flops"] == pytest.approx(r["model_tflops_per_step"] * 1e12, rel=1e-3)
-    # GradCache's second forward is in the program: at least 4/3 of the model's 6N.
-    assert r["hardware_to_model_flops"] >= 4 / 3
+    # GradCache's second forward (+2N) is in the program; the model's 6N counts an input
+    # gradient of the first layer that the program skips: more than 1, less than 8/6 + slack.
+    assert 1 < r["hardware_to_model_flops"] < 1.5
     assert r["compute_seconds"] == pytest.approx(r["hardware_flops"] / (4 * 197e12 * 0.5), rel=1e-3)
     sent = sum(b["ici"] for b in r["collective_bytes"].values())
     assert r["ici_seconds"] == pytest.approx(sent / 200e9, rel=1e-3) and r["dcn_seconds"] == 0
