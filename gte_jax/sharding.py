@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+import gte_jax.models.registry as registry
 from gte_jax.data.layout import BatchLayout
 
 logger = logging.getLogger(__name__)
@@ -224,36 +225,17 @@ def local_copy(tree: Any) -> Any:
 
 SHARDING_MODES = ("replicate", "fsdp", "fsdp_tp")
 
-# The logical axes of a parameter, by a regex searched in its path, e.g.
-# "params/encoder/layers/3/query/kernel". First match wins. An Adam moment's path ends like its
-# parameter's ("opt_state/1/0/mu/encoder/layers/3/query/kernel") and has its shape, so every
-# rule below gives it its parameter's sharding. Names after MaxText: embed (model width), heads
-# (heads x head_dim), mlp (feed-forward width), vocab.
-PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"word_embeddings/embedding$", ("vocab", "embed")),
-    (r"(position|token_type)_embeddings/embedding$", (None, "embed")),
-    # T5: [buckets, heads], split like the attention heads it biases.
-    (r"relative_attention_bias/embedding$", (None, "heads")),
-    (r"/(query|key|value)/kernel$", ("embed", "heads")),
-    (r"/(query|key|value)/bias$", ("heads",)),
-    (r"/attention_output/kernel$", ("heads", "embed")),
-    (r"/(intermediate|gate)/kernel$", ("embed", "mlp")),
-    (r"/intermediate/bias$", ("mlp",)),
-    (r"/output/kernel$", ("mlp", "embed")),
-    # Decoders (gte_jax/models/decoder.py; HF names). k/v's "heads" are kv_heads x head_dim.
-    (r"embed_tokens/embedding$", ("vocab", "embed")),
-    (r"/lm_head/kernel$", ("embed", "vocab")),
-    (r"/(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),
-    (r"/(q_proj|k_proj|v_proj)/bias$", ("heads",)),
-    (r"/o_proj/kernel$", ("heads", "embed")),
-    (r"/(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
-    (r"/(gate_proj|up_proj)/bias$", ("mlp",)),
-    (r"/down_proj/kernel$", ("mlp", "embed")),
-)
-
-# Logical axis -> mesh axis, per ``sharding.params`` mode. FSDP needs no names (below); tensor
-# parallelism splits attention heads and the MLP over "model" (Megatron's column/row split:
-# one all-reduce per block), and the vocabulary where it divides.
+# The logical axes of a parameter come from its model family (``Family.logical_axes`` in
+# gte_jax/models/registry.py, declared in each family's module), read off the last two components
+# of its path, e.g. "params/encoder/layers/3/query/kernel" -> ("embed", "heads"). An Adam
+# moment's path ends like its parameter's ("opt_state/1/0/mu/encoder/layers/3/query/kernel") and
+# has its shape, so it gets its parameter's sharding. Names after MaxText: embed (model width),
+# heads (heads x head_dim), mlp (feed-forward width), vocab.
+#
+# Logical axis -> mesh axis, per ``sharding.params`` mode: the one rule table of every family.
+# FSDP needs no names (below); tensor parallelism splits attention heads and the MLP over
+# "model" (Megatron's column/row split: one all-reduce per block), and the vocabulary where it
+# divides.
 LOGICAL_AXIS_RULES: dict[str, dict[str, str]] = {
     "replicate": {},
     "fsdp": {},
@@ -263,8 +245,9 @@ FSDP_MODES = ("fsdp", "fsdp_tp")
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """The logical axes :data:`PARAM_LOGICAL_AXES` gives the leaf at ``path`` (all None when no
-    rule matches or the rule's rank differs from ``ndim``).
+    """The logical axes the model families give the leaf at ``path``
+    (:func:`gte_jax.models.registry.param_logical_axes`; all None when no family declares it or
+    its rank differs from ``ndim``: optimizer counts, a test's own parameters).
 
     LoRA factors follow their layer's kernel [in, out]: ``lora_a`` [in, r] gets (in's axis, None),
     ``lora_b`` [r, out] (None, out's axis), so x·A·B comes out split like x·W (tensor
@@ -273,10 +256,7 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     if lora and ndim == 2:
         kernel_in, kernel_out = logical_axes(lora.group(1) + "/kernel", 2)
         return (kernel_in, None) if lora.group(2) == "a" else (None, kernel_out)
-    for pattern, axes in PARAM_LOGICAL_AXES:
-        if re.search(pattern, path):
-            return axes if len(axes) == ndim else (None,) * ndim
-    return (None,) * ndim
+    return registry.param_logical_axes(path, ndim) or (None,) * ndim
 
 
 def leaf_spec(

@@ -22,10 +22,42 @@ import numpy as np
 from flax import nnx
 
 import gte_jax.models.dropout as _dropout
-import gte_jax.models.lora as lora
+import gte_jax.models.lora_layer as lora
 
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
+
+# The logical axes of every parameter, by the last two components of its path (module attribute
+# / parameter): MaxText's names, vocab, embed (model width), heads (heads x head_dim), mlp
+# (feed-forward width); None: an axis no rule splits. gte_jax/sharding.py maps them to mesh axes.
+_NORM = {"scale": ("embed",), "bias": ("embed",)}
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "word_embeddings/embedding": ("vocab", "embed"),
+    "position_embeddings/embedding": (None, "embed"),
+    "token_type_embeddings/embedding": (None, "embed"),
+    **{
+        f"{norm}/{p}": axes
+        for norm in ("layer_norm", "attention_layer_norm", "output_layer_norm")
+        for p, axes in _NORM.items()
+    },
+    **{f"{proj}/kernel": ("embed", "heads") for proj in ("query", "key", "value")},
+    **{f"{proj}/bias": ("heads",) for proj in ("query", "key", "value")},
+    "attention_output/kernel": ("heads", "embed"),
+    "attention_output/bias": ("embed",),
+    "intermediate/kernel": ("embed", "mlp"),
+    "intermediate/bias": ("mlp",),
+    "output/kernel": ("mlp", "embed"),
+    "output/bias": ("embed",),
+}
+# The projections LoRA may wrap, by role (gte_jax/models/lora_layer.py: LORA_ROLES).
+LORA_TARGETS: dict[str, str] = {
+    "attention_q": "query",
+    "attention_k": "key",
+    "attention_v": "value",
+    "attention_o": "attention_output",
+    "mlp_up": "intermediate",
+    "mlp_down": "output",
+}
 
 
 _SQRT_HALF = float(np.sqrt(0.5))

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import gte_jax.models.lora as lora
+import gte_jax.models.lora_layer as lora
 from gte_jax.models.bert import ACTIVATIONS, dropout, segment_positions
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,43 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gemma3_text": ("Gemma3TextModel", "Gemma3ForCausalLM"),
 }
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+
+# The logical axes of every parameter by the last two components of its path (names as in
+# bert.LOGICAL_AXES; HF's module names). k/v's "heads" are kv_heads x head_dim; "kv" is one
+# head's width (Qwen3 / Gemma3 q/k norms), which no rule splits.
+_NORMS = (  # Gemma3's sandwich norms included; "norm" is the final one
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "norm",
+)
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed_tokens/embedding": ("vocab", "embed"),
+    "lm_head/kernel": ("embed", "vocab"),
+    **{f"{norm}/weight": ("embed",) for norm in _NORMS},
+    "q_norm/weight": ("kv",),
+    "k_norm/weight": ("kv",),
+    **{f"{proj}/kernel": ("embed", "heads") for proj in ("q_proj", "k_proj", "v_proj")},
+    **{f"{proj}/bias": ("heads",) for proj in ("q_proj", "k_proj", "v_proj")},
+    "o_proj/kernel": ("heads", "embed"),
+    "o_proj/bias": ("embed",),
+    **{f"{proj}/kernel": ("embed", "mlp") for proj in ("gate_proj", "up_proj")},
+    **{f"{proj}/bias": ("mlp",) for proj in ("gate_proj", "up_proj")},
+    "down_proj/kernel": ("mlp", "embed"),
+    "down_proj/bias": ("embed",),
+}
+# The projections LoRA may wrap, by role (the LM head is not one: E5-mistral / LLM2Vec / PEFT).
+LORA_TARGETS: dict[str, str] = {
+    "attention_q": "q_proj",
+    "attention_k": "k_proj",
+    "attention_v": "v_proj",
+    "attention_o": "o_proj",
+    "mlp_gate": "gate_proj",
+    "mlp_up": "up_proj",
+    "mlp_down": "down_proj",
+}
+
 ATTENTION_MODES = ("causal", "bidirectional")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FULL, SLIDING = "full_attention", "sliding_attention"

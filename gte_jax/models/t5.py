@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import gte_jax.models.lora as lora
+import gte_jax.models.lora_layer as lora
 from gte_jax.models.bert import (
     ACTIVATIONS,
     _drop,
@@ -45,6 +45,32 @@ from gte_jax.models.bert import (
 # architecture with a multilingual vocabulary; UMT5's per-layer position biases are not this).
 HF_ARCHITECTURES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
 SUPPORTED_MODEL_TYPES = tuple(HF_ARCHITECTURES)
+
+# The logical axes of every parameter by the last two components of its path (names as in
+# bert.LOGICAL_AXES). The relative position bias [buckets, heads] is split like the heads it
+# biases; "heads" here is heads x d_kv, which need not equal d_model.
+LOGICAL_AXES: dict[str, tuple[str | None, ...]] = {
+    "word_embeddings/embedding": ("vocab", "embed"),
+    "relative_attention_bias/embedding": (None, "heads"),
+    "attention_layer_norm/scale": ("embed",),
+    "mlp_layer_norm/scale": ("embed",),
+    "final_layer_norm/scale": ("embed",),
+    **{f"{proj}/kernel": ("embed", "heads") for proj in ("query", "key", "value")},
+    "attention_output/kernel": ("heads", "embed"),
+    "intermediate/kernel": ("embed", "mlp"),
+    "gate/kernel": ("embed", "mlp"),
+    "output/kernel": ("mlp", "embed"),
+}
+# The projections LoRA may wrap, by role; HF's wi_0 (activated) is our gate, wi_1 intermediate.
+LORA_TARGETS: dict[str, str] = {
+    "attention_q": "query",
+    "attention_k": "key",
+    "attention_v": "value",
+    "attention_o": "attention_output",
+    "mlp_gate": "gate",
+    "mlp_up": "intermediate",
+    "mlp_down": "output",
+}
 
 # The HF T5Config fields T5EncoderConfig reads (T5-small's defaults where HF has one).
 _HF_FIELDS = (
