@@ -115,6 +115,70 @@ def test_forward_equals_float64_reference_with_dropout():
     )
 
 
+def _bf16_f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16), np.float64)
+
+
+def _bf16_lora_grads(path, shape=(3, 40, 64), d_in=64, d_out=48, rank=8):
+    """(dA, dB) of a bf16 LoRA layer's sum(y * g) and the float64 references on the same
+    bf16-rounded x, A, B and upstream gradient, with each entry's Higham bound
+    gamma_n · Σ|terms| (n: the longest chain of float32 additions behind the entry)."""
+    rng = np.random.default_rng(0)
+    base = nnx.Linear(d_in, d_out, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    layer = lora.LoRALinear(base, rank=rank, alpha=2.0 * rank, dropout_rate=0.0, rngs=nnx.Rngs(1))
+    layer.lora_b = lora.LoRAParam(jnp.asarray(rng.standard_normal((rank, d_out)) * 0.1))
+    x = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((*shape[:-1], d_out)), jnp.float32)
+    s, w, bias = layer.scale, layer.kernel[...], layer.bias[...]
+    da, db = jax.jit(jax.grad(lambda a, b: jnp.sum(path(x, w, bias, a, b, s) * g), (0, 1)))(
+        layer.lora_a[...], layer.lora_b[...]
+    )
+    xs, a, b = _bf16_f64(x), _bf16_f64(layer.lora_a[...]), _bf16_f64(layer.lora_b[...])
+    gs, lead = _bf16_f64(g), tuple(range(len(shape) - 1))  # dy: the bf16 output's cotangent
+    n_tok = int(np.prod(shape[:-1]))
+    da_ref = np.tensordot(xs, s * gs @ b.T, (lead, lead))
+    db_ref = np.tensordot(s * xs @ a, gs, (lead, lead))
+    da_bound = reorder_rtol(n_tok + d_out + 2) * np.tensordot(
+        np.abs(xs), s * np.abs(gs) @ np.abs(b).T, (lead, lead)
+    )
+    db_bound = reorder_rtol(n_tok + d_in + 2) * np.tensordot(
+        s * np.abs(xs) @ np.abs(a), np.abs(gs), (lead, lead)
+    )
+    return (np.asarray(da), da_ref, da_bound), (np.asarray(db), db_ref, db_bound)
+
+
+def _lora_layer_call(x, w, bias, a, b, s):
+    """The LoRA layer's own bf16 path (gte_jax/models/lora_layer.py, linear.lora_delta)."""
+    layer = lora.LoRALinear(
+        nnx.Linear(w.shape[0], w.shape[1], dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+        rank=a.shape[1],
+        alpha=s * a.shape[1],
+        dropout_rate=0.0,
+        rngs=nnx.Rngs(0),
+    )
+    layer.kernel, layer.bias = nnx.Param(w), nnx.Param(bias)
+    layer.lora_a, layer.lora_b = lora.LoRAParam(a), lora.LoRAParam(b)
+    return layer(x).astype(jnp.float32)
+
+
+def _plain_autodiff(x, w, bias, a, b, s):
+    """The mutation: the LoRA path in bf16 through plain autodiff (bf16 h and dh)."""
+    bf = jnp.bfloat16
+    y = jnp.matmul(x, w.astype(bf)) + bias.astype(bf)
+    return (y + jnp.matmul(jnp.matmul(x, a.astype(bf)) * s, b.astype(bf))).astype(jnp.float32)
+
+
+@pytest.mark.numerics
+def test_bf16_lora_factor_gradients_are_float32_accumulated():
+    """dA and dB of a bf16 LoRA layer within float32's summation bound of float64 on the same
+    bf16 operands (plain autodiff, which rounds the rank-r intermediates to bf16, is not)."""
+    for grad, ref, bound in _bf16_lora_grads(_lora_layer_call):
+        assert grad.dtype == np.float32
+        assert np.all(np.abs(grad - ref) <= bound), np.max(np.abs(grad - ref) / bound)
+    worst = [np.max(np.abs(g - r) / b) for g, r, b in _bf16_lora_grads(_plain_autodiff)]
+    assert min(worst) > 1, worst
+
+
 @pytest.mark.numerics
 def test_gradient_equals_the_merged_formulation():
     """jax.grad through x·W + s·(x·A)·B equals jax.grad through x·(W + s·A·B), whole model."""

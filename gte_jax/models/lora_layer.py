@@ -72,6 +72,8 @@ class LoRALinear(nnx.Module):
         return self.alpha / self.rank
 
     def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        if self.dtype is not None and jnp.dtype(self.dtype) != jnp.float32:
+            return self._mixed(x, dropout_rng)
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
@@ -89,6 +91,17 @@ class LoRALinear(nnx.Module):
             dropout(x, self.dropout_rate, dropout_rng), a, precision=self.precision
         )  # [..., rank]
         return y + jnp.matmul(h * self.scale, b, precision=self.precision)  # [..., out]
+
+    def _mixed(self, x: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+        """bf16 compute: the base as a plain layer's (:func:`gte_jax.models.linear.linear`) and
+        the LoRA path with float32 accumulation and float32 dA / dB (``linear.lora_delta``)."""
+        bias = self.bias[...] if self.bias is not None else None
+        y = _linear.linear(x, self.kernel[...], bias, self.dtype)  # [..., out]
+        dropped = dropout(x.astype(self.dtype), self.dropout_rate, dropout_rng)
+        delta = _linear.lora_delta(
+            dropped, self.lora_a[...], self.lora_b[...], self.scale, self.dtype
+        )  # [..., out] float32
+        return (y + delta).astype(y.dtype)
 
     def merged_kernel(self) -> jax.Array | np.ndarray:
         """``W + s·A·B`` [in, out] in the parameter dtype (export and between stages only). A
