@@ -11,7 +11,8 @@
 (b) At GTE-base stage-1 shapes (configs/gte_base_pretrain.py: global batch 16384, max lengths
     128/128, packing with GradCache chunks of 1024, no hard negatives) for one of --hosts
     processes (16384 / 64 = 256 rows, 4 data devices each): records/s of one process's
-    prepare (draw + read the global batch's texts + tokenise its rows) and finish (pack), and
+    prepare without a hash exchange (draw + read the global batch's texts + tokenise its rows;
+    the own-rows path is (c)) and finish (pack), and
     the loop's wait per batch with prefetch on/off while a simulated step of --step_s runs
     (default: 0.436 s, `gte-jax plan` for stage 1 on v5litepod-64 at 40 % MFU,
     benchmarks/README.md). The step consumes rows / step_s records/s per process.
