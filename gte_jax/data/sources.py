@@ -785,7 +785,7 @@ def _pair_example_reader(ds: Any, features: Any) -> Callable[[list[int]], list[A
     """Reads a list of records of a dataset stored with our builders' features (three texts and
     a sequence of texts) and decodes their ``tf.train.Example`` bytes directly; None for other
     feature sets. TFDS's generic NumPy decoding costs ~4x more per record (measured:
-    benchmarks/README.md), and every process reads the whole global batch's texts each step."""
+    benchmarks/README.md), and every batch reads a process's rows' records through it."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.proto import tf_example_pb2
 
