@@ -13,11 +13,8 @@ import pytest
 from gte_jax import plan
 from gte_jax import sharding as shd
 from gte_jax.defaults import stage_config
-from gte_jax.models.encoder import ModelFn
 from gte_jax.training import checks
-from gte_jax.training.optimizer import make_optimizer
-from gte_jax.training.setup import load_model_for_training
-from gte_jax.training.state import initial_state
+from gte_jax.training.setup import initial_training, load_model_for_training
 from gte_jax.training.step import build_train_step
 
 
@@ -38,12 +35,8 @@ def _as_train_does(config):
     mesh = checks.run_mesh(config)
     num_chunks = checks.check_config(config, mesh)
     model, _, _ = load_model_for_training(config.model)
-    tx, schedule = make_optimizer(config.train, int(config.train.num_steps))
-    model_fn, params = ModelFn.from_module(model, train_lm_head=checks.trains_lm_head(config))
-    trainable, frozen = model_fn.split_params(params)
-    state = initial_state(
-        trainable, tx, int(config.train.seed), mesh, config.sharding, frozen=frozen
-    )
+    total_steps = int(config.train.num_steps)
+    model_fn, tx, schedule, state, _ = initial_training(config, model, mesh, total_steps)
     step = build_train_step(config, mesh, model_fn, tx, schedule, state, num_chunks=num_chunks)
     shapes, _, _ = plan.batch_shapes(config)
     local = {k: np.zeros(shape, np.int32) for k, shape in shapes.items()}

@@ -153,11 +153,8 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         mntp=_mntp_masking(config, model, tokenizer),
     )
     iterator.prime_row_floor(int(data_cfg.packing_estimate_batches), run_batches=total_steps)
-    tx, schedule = make_optimizer(tcfg, total_steps)
     _inject_lora(config, model, workdir, is_main)
-    model_fn, params = ModelFn.from_module(model, train_lm_head=trains_lm_head(config))
-    trainable, frozen = model_fn.split_params(params)
-    state = initial_state(trainable, tx, int(tcfg.seed), mesh, config.sharding, frozen=frozen)
+    model_fn, tx, schedule, state, frozen = initial_training(config, model, mesh, total_steps)
     restored = ckpt.restore(abstract_like(checkpointed(state)))
     _check_frozen_base(frozen, workdir, resuming=restored is not None, is_main=is_main)
     start_step = start_examples = 0
@@ -174,6 +171,18 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
         state, start_step, ckpt, step, start_examples,
     )  # fmt: skip
+
+
+def initial_training(config: Any, model: Any, mesh: Any, total_steps: int):
+    """(model_fn, optimizer, schedule, initial train state on ``mesh``, LoRA's frozen base as
+    host arrays) of a stage's model (LoRA already injected): what the step is built from, before
+    a checkpoint is restored."""
+    model_fn, params = ModelFn.from_module(model, train_lm_head=trains_lm_head(config))
+    trainable, frozen = model_fn.split_params(params)
+    tx, schedule = make_optimizer(config.train, total_steps)
+    seed = int(config.train.seed)
+    state = initial_state(trainable, tx, seed, mesh, config.sharding, frozen=frozen)
+    return model_fn, tx, schedule, state, frozen
 
 
 def _stage_model(config: Any, data_cfg: Any, sources: Any):
