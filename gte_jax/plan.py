@@ -1,8 +1,8 @@
 """`gte-jax plan`: will a recipe fit a TPU pod, and how long will it take? Answered on a laptop.
 
-The recipe's real train step (:func:`gte_jax.train.make_train_step` with
-:func:`~gte_jax.train.make_optimizer` and :func:`~gte_jax.train.init_train_state`) is built on
-abstract values only (``nnx.eval_shape`` / ``jax.eval_shape``: no weights are read, nothing is
+The recipe's real train step (:func:`gte_jax.training.step.build_train_step`, what ``train``
+runs, with :func:`~gte_jax.training.optimizer.make_optimizer` and
+:func:`~gte_jax.training.state.init_train_state`) is built on abstract values only (``nnx.eval_shape`` / ``jax.eval_shape``: no weights are read, nothing is
 allocated) and compiled ahead of time for a TPU topology described by ``libtpu`` (MaxText's
 ``train_compile.py`` practice): ``jax.experimental.topologies.get_topology_desc`` gives the devices
 of a pod that is not there, XLA's TPU compiler lays the step out on them and reports its memory per
@@ -45,10 +45,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gte_jax import objectives, plan_cost
+from gte_jax import sharding as shd
 from gte_jax.models.precision import compute_dtype
 from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where users look)
     CHIPS,
@@ -60,6 +60,10 @@ from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where user
     parse_topology,
     topology_devices,
 )
+from gte_jax.training import checks
+from gte_jax.training.optimizer import make_optimizer
+from gte_jax.training.state import abstract_train_state
+from gte_jax.training.step import TrainStep, build_train_step
 
 GIB = 1024**3
 
@@ -213,21 +217,6 @@ def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
 # --------------------------------------------------------------------------------------------------
 
 
-def _state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, config: Any):
-    """(pytree of NamedSharding, name): ``gte_jax.sharding.state_shardings`` with the config's
-    ``sharding`` group when the sharding rules exist, else every leaf replicated (today's
-    training)."""
-    from gte_jax import sharding as shd
-
-    rules = getattr(shd, "state_shardings", None)
-    sharding_cfg = config.get("sharding") if hasattr(config, "get") else None
-    if rules is not None and sharding_cfg is not None:
-        shardings = rules(abstract_state, mesh, sharding_cfg)
-        return shardings, str(sharding_cfg.get("params", "replicate"))
-    replicated = shd.replicated(mesh)
-    return jax.tree.map(lambda _: replicated, abstract_state), "replicate"
-
-
 def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tuple[int, int]]]:
     """(shapes of the padded global batch at the longest lengths, batch size, towers as
     [(texts, length)]) for a stage config, in the format of :mod:`gte_jax.data.batching`."""
@@ -350,7 +339,9 @@ def _with_lora(model: Any, config: Any) -> Any:
 
 @dataclasses.dataclass
 class AbstractStep:
-    step_fn: Any
+    """The stage's train step as ``train`` builds it (``train_step``) with abstract arguments."""
+
+    step_fn: Any  # train_step.fn
     state: Any  # ShapeDtypeStructs with shardings
     batch: dict[str, Any]
     state_shardings: Any
@@ -361,20 +352,20 @@ class AbstractStep:
     params: Any
     encoder: Any  # EncoderConfig
     total_steps: int
+    train_step: TrainStep
 
 
 def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, Any]):
-    """The stage's real train step and abstract arguments (with shardings) on ``mesh``."""
+    """The stage's real train step (:func:`gte_jax.training.step.build_train_step`) and
+    abstract arguments (with its shardings) on ``mesh``."""
     from flax import nnx
 
-    from gte_jax import sharding as shd
-    from gte_jax import train
     from gte_jax.models.encoder import BiEncoder, ModelFn
 
     enc = encoder_config(hf_config, config.model)
     try:
-        num_chunks = train.check_config(config, mesh)
-    except train.TrainingError as e:
+        num_chunks = checks.check_config(config, mesh)
+    except checks.TrainingError as e:
         raise PlanError(str(e)) from None
     abstract_model = nnx.eval_shape(
         lambda: _with_lora(
@@ -388,7 +379,7 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
         )
     )
     model_fn, params = ModelFn.from_module(
-        abstract_model, train_lm_head=train.trains_lm_head(config)
+        abstract_model, train_lm_head=checks.trains_lm_head(config)
     )
     trainable, frozen = model_fn.split_params(params)  # LoRA: the base frozen, as in training
     tcfg = config.train
@@ -398,35 +389,14 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
             "train.num_steps is 0 (derived from the data's size and train.epochs): plan needs "
             "it, e.g. --config.train.num_steps=10000"
         )
-    tx, schedule = train.make_optimizer(tcfg, total_steps)
-    state = jax.eval_shape(
-        lambda p, f: train.init_train_state(p, tx, int(tcfg.seed), frozen=f),
-        trainable,
-        frozen or None,
-    )
-    shardings, sharding_name = _state_shardings(state, mesh, config)
-    state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-    )
+    tx, schedule = make_optimizer(tcfg, total_steps)
+    state = abstract_train_state(trainable, tx, int(tcfg.seed), frozen)
+    step = build_train_step(config, mesh, model_fn, tx, schedule, state, num_chunks=num_chunks)
     shapes, batch_size, towers = batch_shapes(config)
-    data_sharding = shd.batch_sharding(mesh)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=data_sharding)
-        for k, shape in shapes.items()
-    }
-    step_fn = train.make_train_step(
-        model_fn,
-        tx,
-        objectives.from_config(config),
-        num_chunks=num_chunks,
-        gradcache=bool(tcfg.gradcache),
-        dropout=bool(config.model.train_dropout),
-        mesh=mesh,
-        schedule=schedule,
-    )
     return AbstractStep(
-        step_fn, state, batch, shardings, sharding_name, num_chunks, batch_size, towers, params,
-        enc, total_steps,
+        step.fn, step.abstract_state(state), step.abstract_batch(shapes), step.state_shardings,
+        str(config.sharding.params), num_chunks, batch_size, towers, params, enc, total_steps,
+        step,
     )  # fmt: skip
 
 
@@ -459,12 +429,7 @@ def state_bytes_per_chip(state: Any) -> int:
 
 def compile_step(step: AbstractStep):
     """(compiled executable or None, error text when XLA refused for lack of memory)."""
-    jitted = jax.jit(
-        step.step_fn,
-        out_shardings=(step.state_shardings, None),
-        donate_argnums=(0,),
-    )
-    lowered = jitted.lower(step.state, step.batch)
+    lowered = step.train_step.lower(step.state, step.batch)
     try:
         return lowered.compile(), None
     except Exception as e:  # XLA's TPU compiler raises XlaRuntimeError / ValueError
@@ -494,15 +459,9 @@ def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hb
     if not bool(config.model.remat):
         out.append("recompute activations per layer: --config.model.remat=true")
     if sharding == "replicate" and arg_bytes > 0.25 * hbm:
-        from gte_jax import sharding as shd
-
         out.append(
             "shard parameters and optimizer state over the chips (FSDP): "
-            + (
-                "--config.sharding.params=fsdp"
-                if getattr(shd, "state_shardings", None) is not None
-                else "not in this version of gte-jax (they are replicated)"
-            )
+            "--config.sharding.params=fsdp"
         )
     out.append("or a topology with more HBM per chip / more chips (--topology)")
     return out
@@ -721,23 +680,20 @@ def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: Abstra
 
 def start_checks(config: Any, devices: Sequence[Any]) -> tuple[jax.sharding.Mesh, dict[str, Any]]:
     """The mesh ``train`` builds over ``devices`` and ``train``'s start-up checks for every
-    process (host) of it: the config's (:func:`gte_jax.train.check_config`, which includes each
-    host's batch layout), and the per-source batch sizes the config names. (mesh, report
-    fields); a failed check is a :class:`PlanError` naming it."""
-    from gte_jax import sharding as shd
-    from gte_jax import train
-
+    process (host) of it: the config's (:func:`gte_jax.training.checks.check_config`, which
+    includes each host's batch layout), and the per-source batch sizes the config names. (mesh,
+    report fields); a failed check is a :class:`PlanError` naming it."""
     try:
-        mesh = train.run_mesh(config, devices)
-        num_chunks = train.check_config(config, mesh)
+        mesh = checks.run_mesh(config, devices)
+        num_chunks = checks.check_config(config, mesh)
         sizes = {
             str(s.get("name", i)): int(s.get("batch_size", 0) or 0)
             for i, s in enumerate(config.data.get("sources", ()))
         }
-        bad = train.source_batch_problems(sizes, num_chunks, mesh.shape[shd.DATA_AXIS])
+        bad = checks.source_batch_problems(sizes, num_chunks, mesh.shape[shd.DATA_AXIS])
         if bad:
-            raise train.TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
-    except train.TrainingError as e:
+            raise checks.TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
+    except checks.TrainingError as e:
         raise PlanError(f"start_checks failed: {e}") from None
     layouts = shd.process_layouts(mesh)
     order = [d.process_index for d in mesh.devices[:, 0]]  # along "data", model index 0

@@ -217,3 +217,92 @@ def test_each_objective_module_registers_one_objective():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == sorted(registering), (out.stdout, registering)
+
+
+# The training package's layout (docs/design.md, "Map of the package").
+TRAINING = "gte_jax.training"
+LOOP = "gte_jax.training.loop"
+LOOP_IMPORTERS = ("gte_jax.commands", TRAINING, "gte_jax.train")  # the shim re-exports it
+MAX_TRAINING_MODULE_LINES = 600
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def loop_importers(graph: dict[str, set[str]]) -> list[str]:
+    """Modules outside the commands, the training package and the shim that import the loop."""
+    inside = lambda name: any(name == p or name.startswith(p + ".") for p in LOOP_IMPORTERS)  # noqa: E731
+    return sorted(name for name, deps in graph.items() if LOOP in deps and not inside(name))
+
+
+def test_only_the_commands_import_the_training_loop():
+    assert not loop_importers(_graph())
+
+
+def test_the_loop_check_can_fail():
+    graph = {"gte_jax.plan": {LOOP}, "gte_jax.commands.train": {LOOP}, LOOP: set()}
+    assert loop_importers(graph) == ["gte_jax.plan"]
+
+
+def test_plan_builds_the_step_without_train_or_the_loop():
+    """``gte-jax plan`` compiles the step of gte_jax/training/step.py; nothing it imports, even
+    indirectly, is the loop or the ``gte_jax.train`` shim."""
+    reached = _reachable(_graph(), "gte_jax.plan")
+    assert "gte_jax.training.step" in reached
+    assert not reached & {"gte_jax.train", LOOP}, sorted(reached & {"gte_jax.train", LOOP})
+
+
+def test_training_modules_are_short():
+    long = {
+        name: n
+        for name, path in _modules().items()
+        if name.startswith(TRAINING + ".")
+        and (n := len(path.read_text().splitlines())) > MAX_TRAINING_MODULE_LINES
+    }
+    assert not long, (
+        f"split these modules of gte_jax/training/ (> {MAX_TRAINING_MODULE_LINES} lines): {long}"
+    )
+
+
+def uncommented_local_imports(path: pathlib.Path) -> list[str]:
+    """Imports inside a function with no comment on their line or the line above (why not at
+    the top of the module: an optional dependency, a cycle, start-up time)."""
+    lines = path.read_text().splitlines()
+    out = []
+    for fn in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                here, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+                if "#" not in here and not above.startswith("#"):
+                    out.append(f"{path.name}:{node.lineno}: {here.strip()}")
+    return out
+
+
+def test_imports_inside_training_functions_say_why():
+    found = [
+        hit
+        for path in sorted((PACKAGE / "training").glob("*.py"))
+        for hit in uncommented_local_imports(path)
+    ]
+    assert not found, "say why each is not at the top of its module:\n" + "\n".join(found)
+
+
+def test_the_local_import_check_can_fail(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "def f():\n    import json\n\n\ndef g():\n    # optional\n    import tqdm\n"
+    )
+    assert uncommented_local_imports(tmp_path / "m.py") == ["m.py:2: import json"]

@@ -16,6 +16,7 @@ from test_train import _env, _final_state, _iterator, _train_cmd, run_two_proces
 from gte_jax import sharding as shd
 from gte_jax import train
 from gte_jax.checkpoint import Checkpointer, abstract_like
+from gte_jax.training import state as training_state
 
 # Parameters after two AdamW updates agree to 1e-6 (absolute, float32). Gradients agree to 1e-5
 # of each leaf's largest entry: sharded weights change how XLA splits the matmuls, so float32
@@ -254,7 +255,7 @@ def test_training_state_is_built_on_its_shards(tiny_model_dir, monkeypatch):
         eager.extend(not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(p))
         return real_init(p, *args)
 
-    monkeypatch.setattr(train, "init_train_state", spy)
+    monkeypatch.setattr(training_state, "init_train_state", spy)
     state = train.initial_state(params, tx, 0, mesh, "fsdp")
     assert eager and not any(eager)
     gc.collect()

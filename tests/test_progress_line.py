@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gte_jax import hooks
 from gte_jax.commands.train import eval_change
+from gte_jax.training import hooks
 
 
 def test_smoothed_loss_is_the_bias_corrected_ema_of_the_finite_steps():

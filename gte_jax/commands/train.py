@@ -1,4 +1,4 @@
-"""`gte-jax train`: run a config's stage(s) (``gte_jax.train``); exit 1 when the loss diverged, 2
+"""`gte-jax train`: run a config's stage(s) (``gte_jax.training``); exit 1 when the loss diverged, 2
 for a config or input that cannot work, 3 when a stage stopped early (SIGTERM: a checkpoint was
 saved), 130 on Ctrl-C (SIGINT: a checkpoint was saved at the next step, unless training had not
 started)."""
@@ -10,7 +10,9 @@ import json
 import sys
 
 from gte_jax.commands.common import USER_ERRORS, error, setup_logging
-from gte_jax.train import TrainingDiverged, TrainingError, json_safe, run
+from gte_jax.training.checks import TrainingDiverged, TrainingError
+from gte_jax.training.loop import run
+from gte_jax.training.summary import json_safe
 
 _PRINTED = (
     "stage",
