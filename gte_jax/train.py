@@ -355,6 +355,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     """Refuses settings that cannot work, before any data or model is read; returns the number
     of GradCache chunks. The start-up checks of every process of ``mesh`` (``gte-jax plan``
     runs them for a pod's hosts): each must be able to feed its rows of the batch."""
+    from gte_jax import interpolate
     from gte_jax.ranges import range_problems
 
     tcfg, lcfg, data_devices = config.train, config.loss, mesh.shape[shd.DATA_AXIS]
@@ -364,6 +365,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     else:
         problems.extend(objectives.from_config(config).problems(config))
     problems.extend(matryoshka_problems(lcfg))
+    problems.extend(interpolate.config_problems(config.export))
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
             f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"
@@ -565,7 +567,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     the compiled step; or the existing summary when this stage already finished."""
     from gte_jax import hf, storage
     from gte_jax.checkpoint import Checkpointer, abstract_like
-    from gte_jax.data.pipeline import build_iterator, build_sources
+    from gte_jax.data.pipeline import build_iterator, build_sources, epoch_records
     from gte_jax.data.prefetch import with_prefetch
 
     is_main = jax.process_index() == 0
@@ -577,7 +579,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         data_cfg.query_max_length = data_cfg.doc_max_length = int(data_cfg.max_length)
     sources = build_sources(data_cfg)
     check_source_batches(sources, num_chunks, mesh.shape[shd.DATA_AXIS])
-    total_steps = _total_steps(tcfg, sum(len(s) for s in sources), batch_size)
+    total_steps = _total_steps(tcfg, epoch_records(data_cfg, sources), batch_size)
     ckpt = Checkpointer(
         workdir / "checkpoints",
         every_steps=int(config.checkpoint.every_steps),
@@ -1011,6 +1013,7 @@ class _Loop:
     def finish(self) -> dict[str, Any]:
         """The summary (summary.json), the model card (card.json) and the export of a finished
         stage."""
+        from gte_jax import interpolate
         from gte_jax import workdir as wd
         from gte_jax.data.sources import skipped_records
 
@@ -1064,7 +1067,12 @@ class _Loop:
             write_json(st.workdir / "card.json", card)
         if completed and st.config.export.enabled:
             summary["export"] = str(
-                wd.export_workdir(st.workdir, st.workdir / "export", card=card)[0]
+                wd.export_workdir(
+                    st.workdir,
+                    st.workdir / "export",
+                    card=card,
+                    interpolate=interpolate.from_config(st.config.export),
+                )[0]
             )
         if self.is_main:
             write_json(st.workdir / "summary.json", summary)
@@ -1160,8 +1168,9 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     """One stage, or each stage of a multi-stage config in order (``config.stages``), each in
     ``workdir/<stage>``; a stage whose ``model.init_from`` is ``"stage:<name>"`` starts from that
     stage's final checkpoint."""
-    from gte_jax import storage
+    from gte_jax import interpolate, storage
     from gte_jax.checkpoint import absolute_path
+    from gte_jax.data.pipeline import replay_problems, resolve_replay
     from gte_jax.ranges import range_problems
 
     workdir = absolute_path(workdir)
@@ -1170,6 +1179,7 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     # Every stage's ranges before the first stage starts: a later stage's typo must not cost the
     # hours of the earlier ones.
     problems = [p for name in config.stages for p in range_problems(config[name], f"{name}.")]
+    problems += replay_problems(config) + interpolate.stage_problems(config)
     if problems:
         raise TrainingError(cannot_run(problems))
     storage.check_writable(workdir)
@@ -1177,6 +1187,7 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     for name in config.stages:
         stage_cfg = config[name].copy_and_resolve_references()
         stage_cfg.stage = name
+        resolve_replay(stage_cfg.data, config)
         init = str(stage_cfg.model.init_from)
         if init.startswith("stage:"):
             stage_cfg.model.init_from = str(workdir / init.split(":", 1)[1])
