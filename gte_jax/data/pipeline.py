@@ -126,18 +126,18 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def _replay_defaults() -> ml_collections.ConfigDict:
     """Replay (ours): a share of this stage's batches drawn from an earlier stage's sources, so
-    that a fine-tuning stage keeps what the earlier one taught (docs/training.md, "Replay")."""
+    that a fine-tuning stage keeps what the earlier one taught (docs/training.md)."""
     c = ml_collections.ConfigDict()
-    # The share of the steps that draw a replayed source (one source per batch as ever); 0: off.
+    # The share of the steps that draw a replayed source (one source per batch); 0: off (ours).
     c.share = 0.0
     # A stage of this multi-stage config whose sources are replayed (its data.sources,
-    # train_files, text_files, data_dir and alpha); or leave it empty and list the sources here.
+    # train_files, text_files, data_dir and alpha); or leave it empty and list sources below.
     c.stage = ""
-    c.sources = []  # as data.sources
-    c.train_files = ""  # as data.train_files
-    c.text_files = ""  # as data.text_files
+    c.sources = []  # replayed sources, as data.sources (named replay/<name> in the run)
+    c.train_files = ""  # replayed pair files, as data.train_files
+    c.text_files = ""  # replayed text files, as data.text_files
     c.data_dir = ""  # TFDS data directory of the replayed sources; "": data.data_dir
-    c.alpha = -1.0  # p_j ∝ n_j^alpha among the replayed sources; -1: data.alpha
+    c.alpha = -1.0  # p_j ∝ n_j^alpha among the replayed sources; -1: data.alpha (ours)
     return c
 
 
