@@ -637,6 +637,7 @@ def _setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
 def _stage_model(config: Any, data_cfg: Any, sources: Any):
     """(model, tokenizer, info) of a stage, its info carrying the prompts and templates this
     stage trains with (what the export records)."""
+    from gte_jax.data.mixture import is_replay
     from gte_jax.prompts import training_prompts, training_templates
 
     model, tokenizer, info = load_model_for_training(config.model)
@@ -646,10 +647,12 @@ def _stage_model(config: Any, data_cfg: Any, sources: Any):
             f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
             "lower data.query_max_length / data.doc_max_length"
         )
-    # The export carries the prompts this stage trained with (after those of earlier stages).
-    info.prompts = {**info.prompts, **training_prompts(sources)}
+    # The export carries the prompts this stage trained with (after those of earlier stages);
+    # replayed sources are an earlier stage's, whose prompts the chain already holds.
+    own = [s for s in sources if not is_replay(s.name)]
+    info.prompts = {**info.prompts, **training_prompts(own)}
     # A stage without instructions keeps the templates of the stage it started from.
-    info.instruction_templates = training_templates(sources) or info.instruction_templates
+    info.instruction_templates = training_templates(own) or info.instruction_templates
     return model, tokenizer, info
 
 

@@ -196,6 +196,9 @@ def test_a_run_reports_replayed_sources_and_exports_the_interpolated_mix(tiny_mo
     assert all(s["drawn_examples"] == 8 * s["drawn_batches"] for s in sources.values())
     on_disk = json.loads((tmp_path / "ft" / "summary.json").read_text())["sources"]
     assert on_disk == sources
+    # The export's prompts are the stage's own sources' (CHAT's "query: " is a replayed one).
+    st_config = tmp_path / "ft" / "export" / "config_sentence_transformers.json"
+    assert not json.loads(st_config.read_text()).get("prompts")
     # The end-of-stage export is (1 - 0.25)·own + 0.25·base per tensor (float64 reference).
     own_dir = export_workdir(tmp_path / "ft", tmp_path / "own")[0]
     own = load_file(str(own_dir / "model.safetensors"))

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from gte_jax.storage import os_error_line
 
         return error("gte-jax export", os_error_line(e))
-    print(json.dumps({"output": str(out), "workdir": str(workdir), "step": step}))
+    line = {"output": str(out), "workdir": str(workdir), "step": step}
+    if mix is not None:
+        line["interpolate"] = {"model": mix.partner, "weight": mix.weight}
+    print(json.dumps(line))
     return 0
 
 
