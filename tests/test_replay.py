@@ -14,7 +14,8 @@ import pytest
 from safetensors.numpy import load_file
 from scipy import stats
 
-from gte_jax import cli, train
+from gte_jax import cli, plan, train
+from gte_jax.data.cli import training_data_config
 from gte_jax.data.mixture import REPLAY_PREFIX, mixture_weights, replay_weights
 from gte_jax.data.pipeline import (
     DEMO_DIR,
@@ -175,6 +176,14 @@ def test_resolving_a_stage_copies_its_sources_and_alpha():
     assert [dict(s) for s in data.replay.sources] == [CHAT]
     assert data.replay.alpha == 0.8
     assert [s.name for s in build_sources(data)] == ["bible", f"{REPLAY_PREFIX}chat"]
+    # `gte-jax data inspect` and `gte-jax plan` resolve it as the run does.
+    inspected = training_data_config(config, "ft", "config.py")
+    assert [dict(s) for s in inspected.replay.sources] == [CHAT]
+    planned = plan.stage_configs(config, "ft")[0]
+    assert [dict(s) for s in planned.data.replay.sources] == [CHAT]
+    config.ft.data.replay.stage = "nope"
+    with pytest.raises(ConfigError, match="not a stage of this config"):
+        resolve_replay(config.ft.data.copy_and_resolve_references(), config)
 
 
 def test_a_run_reports_replayed_sources_and_exports_the_interpolated_mix(tiny_model_dir, tmp_path):

@@ -400,6 +400,11 @@ def resolve_replay(data: ml_collections.ConfigDict, config: ml_collections.Confi
     replay = data.get("replay")
     if replay is None or not replay.stage:
         return
+    if str(replay.stage) not in config.stages:
+        raise ConfigError(
+            f"data.replay.stage={replay.stage!r}: not a stage of this config (stages: "
+            f"{list(config.stages)})"
+        )
     other = config[str(replay.stage)].data
     replay.sources = [dict(s) for s in other.sources]
     replay.train_files = str(other.train_files)
