@@ -205,3 +205,16 @@ def test_mix_params_reference_and_tree():
     with pytest.raises(interpolate.InterpolationError, match="tensor a/0 is missing"):
         interpolate.mix_params(own, {"b": partner["b"]}, 0.5)
     assert json.dumps(interpolate.parse("a=b=0.5").__dict__) == '{"partner": "a=b", "weight": 0.5}'
+
+
+def test_models_of_two_families_are_refused():
+    from gte_jax.models.registry import config_from_hf
+
+    bert = BiEncoder(
+        EncoderConfig.from_hf(TINY_BERT), pooling="mean", normalize=True, rngs=nnx.Rngs(0)
+    )
+    t5_hf = {"model_type": "t5", "vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 32}
+    t5_config = config_from_hf({**t5_hf, "num_layers": 1, "num_heads": 2})
+    t5 = BiEncoder(t5_config, pooling="mean", normalize=True, rngs=nnx.Rngs(0))
+    with pytest.raises(interpolate.InterpolationError, match="one family"):
+        interpolate.mix_models(bert, t5, 0.5)
