@@ -35,6 +35,9 @@
   ``packing_row_length``: tokens per packed row, 0 = fitted to the first batches' texts.
 - ``max_direct_file_bytes``: larger local files are refused, pointing to ``gte-jax data build``.
 - ``prefetch``: batches prepared ahead in a background thread (:mod:`gte_jax.data.prefetch`).
+- ``replay``: a ``share`` of the steps drawn from an earlier stage's sources (``stage``, resolved
+  by :func:`resolve_replay`, or ``sources`` / ``train_files`` / ``text_files`` as above), named
+  ``replay/<name>``; the weights are :func:`gte_jax.data.mixture.replay_weights`.
 """
 
 from __future__ import annotations
