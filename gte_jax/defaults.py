@@ -203,6 +203,11 @@ def _eval_defaults() -> ml_collections.ConfigDict:
 def _export_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.enabled = True  # write <workdir>/export (HF + sentence-transformers) at the end; ours
+    # Weight interpolation of the export (WiSE-FT / LM-Cocktail; gte_jax/interpolate.py; ours):
+    # the export's weights are (1 - w)·this stage's + w·this model's, a model directory, a
+    # workdir or "stage:<name>" (an earlier stage of this config, e.g. the one it started from).
+    c.interpolate_from = ""
+    c.interpolate_weight = 0.0  # w, the weight on interpolate_from; ours: off
     return c
 
 

@@ -105,7 +105,10 @@ def schema_comments() -> dict[str, str]:
     calls = _group_calls(ast.parse(inspect.getsource(defaults)))
     prefixes = {"stage_config": ""} | {name: _prefix(name, calls) for name in calls}
     out = _module_comments(defaults, prefixes)
-    out |= _module_comments(pipeline, {"default_data_config": prefixes["default_data_config"]})
+    data = prefixes["default_data_config"]
+    out |= _module_comments(
+        pipeline, {"default_data_config": data, "_replay_defaults": f"{data}replay."}
+    )
     return out
 
 

@@ -797,6 +797,8 @@ def _time_report(
 
 
 def stage_configs(config: Any, stage: str | None) -> list[Any]:
+    from gte_jax.data import pipeline
+
     if "stages" not in config:
         if stage and stage != str(config.get("stage", "")):
             raise PlanError(
@@ -810,5 +812,6 @@ def stage_configs(config: Any, stage: str | None) -> list[Any]:
     for name in [stage] if stage else names:
         c = config[name].copy_and_resolve_references()
         c.stage = name
+        pipeline.resolve_replay(c.data, config)  # as train.run does: the replayed stage's sources
         out.append(c)
     return out

@@ -115,6 +115,8 @@ RANGES: dict[str, Range] = {
     "eval.batch_size": _at_least(1, "texts per encode batch"),
     "eval.every_steps": _at_least(0, "0: only at the end"),
     "eval.max_length": _at_least(0, "0: the model's own max length"),
+    # export
+    "export.interpolate_weight": Range(0, 1, why="the weight on export.interpolate_from"),
     # data
     "data.alpha": _at_least(0, "p_i ∝ n_i^alpha: 0 is uniform, 1 proportional (GTE: 0.5)"),
     "data.seed": _at_least(0, "NumPy seeds are unsigned"),
@@ -130,6 +132,8 @@ RANGES: dict[str, Range] = {
     "data.max_text_chars": _at_least(1, "longer texts are skipped or refused"),
     "data.prefetch": _at_least(0, "batches prepared ahead in a thread; 0: off"),
     "data.max_direct_file_bytes": _at_least(1, "larger local files: gte-jax data build"),
+    "data.replay.share": _rate("the share of steps drawn from replayed sources; 0: off"),
+    "data.replay.alpha": _at_least(0, "among the replayed sources; -1: data.alpha", also=(-1,)),
     "data.sources[].batch_size": _at_least(0, "0: the run's train.batch_size"),
     "data.sources[].num_negatives": _at_least(0, "-1: as many as the records have", also=(-1,)),
 }
@@ -151,23 +155,29 @@ MINE_RANGES: dict[str, Range] = {
 }
 
 
+# Config lists whose elements are data sources (data.sources' fields).
+_SOURCE_LISTS = ("data.sources", "data.replay.sources")
+
+
 def _leaves(node: Any, prefix: str = ""):
     """(dotted key, value) of every setting of a config group, sources as ``data.sources[]``."""
     for key in node.keys():
         value, path = node[key], f"{prefix}{key}"
         if hasattr(value, "keys"):
             yield from _leaves(value, f"{path}.")
-        elif path == "data.sources" and isinstance(value, (list, tuple)):
+        elif path in _SOURCE_LISTS and isinstance(value, (list, tuple)):
             for i, source in enumerate(value):
                 for field, v in dict(source).items():
-                    yield f"data.sources[{i}].{field}", v
+                    yield f"{path}[{i}].{field}", v
         else:
             yield path, value
 
 
 def _table_key(key: str) -> str:
-    if key.startswith("data.sources["):
-        return "data.sources[]." + key.split("].", 1)[1]
+    """A source's field is ranged as ``data.sources[].<field>``, replayed ones included."""
+    for prefix in _SOURCE_LISTS:
+        if key.startswith(prefix + "["):
+            return "data.sources[]." + key.split("].", 1)[1]
     return key
 
 

@@ -200,10 +200,13 @@ def export_workdir(
     step: int | None = None,
     card: Mapping[str, Any] | None = None,
     truncate_dim: int | None = None,
+    interpolate: Any = None,
 ) -> tuple[epath.Path, int]:
     """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
     its newest readable one); returns (output, the step exported). ``truncate_dim``: written as
-    sentence-transformers' ``truncate_dim`` (ValueError outside [1, the model's dim])."""
+    sentence-transformers' ``truncate_dim`` (ValueError outside [1, the model's dim]).
+    ``interpolate`` (:class:`gte_jax.interpolate.Interpolation`): the weights written are
+    (1 - w)·this checkpoint's + w·the partner's (both LoRA-merged; no adapter is written)."""
     from gte_jax import hf, storage
     from gte_jax.models import lora
 
@@ -213,6 +216,9 @@ def export_workdir(
             f"{workdir} is not a gte-jax workdir (no checkpoints/ and base_model/)"
         )
     model, tokenizer, info, step = _checkpoint_model(workdir, step)
+    mixed = ""
+    if interpolate is not None:
+        model, mixed = _interpolated(model, workdir, interpolate)
     if truncate_dim is not None:
         if not 1 <= truncate_dim <= model.embedding_dim:
             raise ValueError(f"--dim {truncate_dim}: must be in [1, {model.embedding_dim}]")
@@ -222,6 +228,7 @@ def export_workdir(
         card.setdefault(
             "description", f"Exported by gte-jax from {hf.card_ref(workdir)} at step {step}."
         )
+        card["description"] += mixed
         # A LoRA run: the merged model (export_pretrained merges), and the adapter alone; both
         # inside one complete_dir, so the export is marked complete only with its adapter.
         with storage.complete_dir(output) as tmp:
@@ -235,6 +242,32 @@ def export_workdir(
                     base_model_name_or_path=str(workdir / "base_model"),
                 )
     return epath.Path(output), step
+
+
+def interpolation_partner(spec: str, workdir: epath.PathLike) -> epath.Path:
+    """The model an export is interpolated with: ``stage:<name>`` or a bare name of a sibling
+    stage workdir (``<workdir>/../<name>``), else a model spec (directory, workdir, offline name)."""
+    name = spec.split(":", 1)[1] if spec.startswith("stage:") else spec
+    sibling = epath.Path(workdir).parent / name
+    if (spec.startswith("stage:") or "/" not in spec) and name and is_workdir(sibling):
+        return sibling
+    if spec.startswith("stage:"):
+        raise ModelNotFoundError(f"interpolate with {spec!r}: {sibling} is not a stage workdir")
+    return resolve_model_path(spec)
+
+
+def _interpolated(model: Any, workdir: epath.Path, interpolation: Any) -> tuple[Any, str]:
+    """(the mixed model, the model card's sentence about it)."""
+    from gte_jax import hf, interpolate
+
+    partner = interpolation_partner(interpolation.partner, workdir)
+    w = float(interpolation.weight)
+    mixed = interpolate.mix_models(model, load_model(partner)[0], w)
+    log.info("interpolated the weights with %s: (1 - %g)·own + %g·partner", partner, w, w)
+    return mixed, (
+        f" Its weights are interpolated (WiSE-FT): {1 - w:g} x this checkpoint + {w:g} x "
+        f"{hf.card_ref(partner)}."
+    )
 
 
 def stage_card(config: Any, summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         help="write sentence-transformers' truncate_dim: the export's embeddings are their first "
         "DIM coordinates (a Matryoshka model's prefix), in SentenceTransformer and gte-jax alike",
     )
+    parser.add_argument(
+        "--interpolate",
+        default=None,
+        metavar="MODEL=W",
+        help="write (1 - W) x this checkpoint's weights + W x MODEL's (WiSE-FT / LM-Cocktail): "
+        "MODEL is a stage name (a sibling workdir, e.g. pretrain=0.3), a model directory or a "
+        "workdir, of the same family and shapes; LoRA runs are merged first",
+    )
     args = parser.parse_args(argv)
     from gte_jax.commands.common import setup_logging
 
@@ -32,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from etils import epath
 
+    from gte_jax import interpolate
     from gte_jax.commands.common import USER_ERRORS, error
     from gte_jax.workdir import export_workdir
 
@@ -46,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_name:
         card["model_name"] = args.model_name
     try:
+        mix = interpolate.parse(args.interpolate) if args.interpolate is not None else None
         out, step = export_workdir(
-            workdir, args.output, step=args.step, card=card, truncate_dim=args.dim
+            workdir, args.output, step=args.step, card=card, truncate_dim=args.dim, interpolate=mix
         )
     except USER_ERRORS as e:
         return error("gte-jax export", e)
@@ -55,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from gte_jax.storage import os_error_line
 
         return error("gte-jax export", os_error_line(e))
-    print(json.dumps({"output": str(out), "workdir": str(workdir), "step": step}))
+    line = {"output": str(out), "workdir": str(workdir), "step": step}
+    if mix is not None:
+        line["interpolate"] = {"model": mix.partner, "weight": mix.weight}
+    print(json.dumps(line))
     return 0
 
 

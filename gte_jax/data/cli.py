@@ -94,6 +94,10 @@ def training_data_config(config, stage: str | None, path: str):
     if "data" not in config:
         raise ConfigError(f"{path}: the config has no `data` group")
     data = config.data.copy_and_resolve_references()
+    if "stages" in root:  # as train.run does: the replayed stage's sources
+        from gte_jax.data.pipeline import resolve_replay
+
+        resolve_replay(data, root)
     if "train" in config and config.train.get("batch_size"):
         data.batch_size = int(config.train.batch_size)
     if not data.get("tokenizer") and "model" in config:

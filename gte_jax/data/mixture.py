@@ -37,6 +37,39 @@ def mixture_weights(sizes: Sequence[int], alpha: float) -> np.ndarray:
     return w / w.sum()
 
 
+# Sources of an earlier stage mixed into this one (``data.replay``) carry this prefix in the
+# stage's mixture, its sampler state and its summary's per-source counts.
+REPLAY_PREFIX = "replay/"
+
+
+def is_replay(name: str) -> bool:
+    return name.startswith(REPLAY_PREFIX)
+
+
+def replay_weights(
+    sizes: Mapping[str, int], *, alpha: float, replay_alpha: float, share: float
+) -> list[float]:
+    """Mixture weights (in the order of ``sizes``) with a ``share`` of the batches replayed.
+
+    The stage's own sources split ``1 - share`` by n_i^alpha among themselves, the replayed ones
+    (names with :data:`REPLAY_PREFIX`) split ``share`` by n_j^replay_alpha: one categorical over
+    every source, so a step still draws one source and the replayed share of the steps is
+    Binomial(steps, share)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"replay share must be in [0, 1), got {share}")
+    own = [n for n in sizes if not is_replay(n)]
+    replay = [n for n in sizes if is_replay(n)]
+    if not own or (share > 0 and not replay):
+        raise ValueError(f"replay needs own and replayed sources, got own={own}, replayed={replay}")
+    weights = dict(
+        zip(own, (1 - share) * mixture_weights([sizes[n] for n in own], alpha), strict=True)
+    )
+    if replay:
+        replayed = share * mixture_weights([sizes[n] for n in replay], replay_alpha)
+        weights.update(zip(replay, replayed, strict=True))
+    return [float(weights[n]) for n in sizes]
+
+
 def _name_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 

@@ -35,6 +35,9 @@
   ``packing_row_length``: tokens per packed row, 0 = fitted to the first batches' texts.
 - ``max_direct_file_bytes``: larger local files are refused, pointing to ``gte-jax data build``.
 - ``prefetch``: batches prepared ahead in a background thread (:mod:`gte_jax.data.prefetch`).
+- ``replay``: a ``share`` of the steps drawn from an earlier stage's sources (``stage``, resolved
+  by :func:`resolve_replay`, or ``sources`` / ``train_files`` / ``text_files`` as above), named
+  ``replay/<name>``; the weights are :func:`gte_jax.data.mixture.replay_weights`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import ml_collections
 
 from gte_jax.data.batching import PairBatchIterator
 from gte_jax.data.layout import BatchLayout
+from gte_jax.data.mixture import REPLAY_PREFIX, is_replay, replay_weights
 from gte_jax.data.sources import (
     SOURCE_KINDS,
     FieldMap,
@@ -121,54 +125,99 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_direct_file_bytes = 1 << 30
     # Batches drawn and tokenised ahead of the device in a background thread (ours); 0: none.
     c.prefetch = 2
+    c.replay = _replay_defaults()
+    return c
+
+
+def _replay_defaults() -> ml_collections.ConfigDict:
+    """Replay (ours): a share of this stage's batches drawn from an earlier stage's sources, so
+    that a fine-tuning stage keeps what the earlier one taught (docs/training.md)."""
+    c = ml_collections.ConfigDict()
+    # The share of the steps that draw a replayed source (one source per batch); 0: off (ours).
+    c.share = 0.0
+    # A stage of this multi-stage config whose sources are replayed (its data.sources,
+    # train_files, text_files, data_dir and alpha); or leave it empty and list sources below.
+    c.stage = ""
+    c.sources = []  # replayed sources, as data.sources (named replay/<name> in the run)
+    c.train_files = ""  # replayed pair files, as data.train_files
+    c.text_files = ""  # replayed text files, as data.text_files
+    c.data_dir = ""  # TFDS data directory of the replayed sources; "": data.data_dir
+    c.alpha = -1.0  # p_j ∝ n_j^alpha among the replayed sources; -1: data.alpha (ours)
     return c
 
 
 def _source_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-    specs = []
-    for path in (p.strip() for p in str(data.train_files).split(",")):
-        if path:
-            spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
-            specs.append({**spec, "config_key": "data.train_files"})
-    for path in (p.strip() for p in str(data.get("text_files", "")).split(",")):
-        if path:
-            spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
-            specs.append({**spec, "kind": "text", "config_key": "data.text_files"})
-    for i, raw in enumerate(data.sources):
-        raw = dict(raw)
-        if "pool_query_prefix" in raw:
-            raise ConfigError(
-                f"data.sources[{i}].pool_query_prefix is gone: whether prompt tokens are pooled is "
-                "one setting of the model, model.include_prompt (true/false), used the same way "
-                "by training, encode, eval and the export"
-            )
-        unknown = set(raw) - set(SOURCE_DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                f"data.sources[{i}]: unknown field(s) {sorted(unknown)}; known: "
-                f"{sorted(SOURCE_DEFAULTS)}"
-            )
-        spec = {**SOURCE_DEFAULTS, **raw}
-        if not spec["name"]:
-            spec["name"] = pathlib.Path(spec["path"].split(",")[0]).stem or spec["tfds"]
-        if bool(spec["path"]) == bool(spec["tfds"]):
-            raise ConfigError(
-                f"data.sources[{i}] ({spec['name']!r}): set exactly one of path, tfds"
-            )
-        if spec["kind"] not in SOURCE_KINDS:
-            raise ConfigError(
-                f"data.sources[{i}] ({spec['name']!r}): kind={spec['kind']!r}; use one of "
-                f"{SOURCE_KINDS}"
-            )
-        if spec["kind"] == "text" and spec["doc_prefix"]:
-            raise ConfigError(
-                f"data.sources[{i}] ({spec['name']!r}): a text source has one prefix, "
-                "query_prefix, for every view of its texts; doc_prefix must stay empty"
-            )
-        specs.append({**spec, "config_key": f"data.sources[{i}].path"})
+    """The stage's own sources, then the replayed ones (:func:`_replay_specs`)."""
+    specs = _group_specs(data, "data")
     if not specs:
         raise ConfigError("no data sources: set data.train_files or data.sources in the config")
+    return specs + _replay_specs(data)
+
+
+def _group_specs(group: Any, key: str) -> list[dict[str, Any]]:
+    """Source specs of ``group``'s train_files, text_files and sources (``key``: the group's
+    config path, for the messages)."""
+    specs = []
+    for path in (p.strip() for p in str(group.train_files).split(",")):
+        if path:
+            spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
+            specs.append({**spec, "config_key": f"{key}.train_files"})
+    for path in (p.strip() for p in str(group.get("text_files", "")).split(",")):
+        if path:
+            spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
+            specs.append({**spec, "kind": "text", "config_key": f"{key}.text_files"})
+    for i, raw in enumerate(group.sources):
+        specs.append(_checked_spec(dict(raw), f"{key}.sources[{i}]"))
     return specs
+
+
+def _checked_spec(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    if "pool_query_prefix" in raw:
+        raise ConfigError(
+            f"{where}.pool_query_prefix is gone: whether prompt tokens are pooled is "
+            "one setting of the model, model.include_prompt (true/false), used the same way "
+            "by training, encode, eval and the export"
+        )
+    unknown = set(raw) - set(SOURCE_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(SOURCE_DEFAULTS)}"
+        )
+    spec = {**SOURCE_DEFAULTS, **raw}
+    if not spec["name"]:
+        spec["name"] = pathlib.Path(spec["path"].split(",")[0]).stem or spec["tfds"]
+    if bool(spec["path"]) == bool(spec["tfds"]):
+        raise ConfigError(f"{where} ({spec['name']!r}): set exactly one of path, tfds")
+    if spec["kind"] not in SOURCE_KINDS:
+        raise ConfigError(
+            f"{where} ({spec['name']!r}): kind={spec['kind']!r}; use one of {SOURCE_KINDS}"
+        )
+    if spec["kind"] == "text" and spec["doc_prefix"]:
+        raise ConfigError(
+            f"{where} ({spec['name']!r}): a text source has one prefix, "
+            "query_prefix, for every view of its texts; doc_prefix must stay empty"
+        )
+    return {**spec, "config_key": f"{where}.path"}
+
+
+def _replay_specs(data: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The replayed sources (``data.replay``), named ``replay/<name>``; none when the share is 0."""
+    replay = data.get("replay")
+    if replay is None or not float(replay.share):
+        return []
+    specs = _group_specs(replay, "data.replay")
+    if not specs:
+        hint = (
+            f"data.replay.stage={replay.stage!r} is resolved only when the stage runs in a "
+            "multi-stage config (config.stages)"
+            if replay.stage
+            else "set data.replay.stage (a stage of this multi-stage config) or list them in "
+            "data.replay.sources / train_files / text_files"
+        )
+        raise ConfigError(f"data.replay.share={replay.share} but no sources to replay: {hint}")
+    # A replayed TFDS source is read from its stage's data directory.
+    data_dir = str(replay.data_dir)
+    return [{**spec, "name": REPLAY_PREFIX + spec["name"], "data_dir": data_dir} for spec in specs]
 
 
 def source_kinds(data: ml_collections.ConfigDict) -> dict[str, str]:
@@ -252,7 +301,7 @@ def build_sources(data: ml_collections.ConfigDict) -> list[Source]:
                 from_tfds(
                     spec["name"],
                     spec["tfds"],
-                    data_dir=data.data_dir or None,
+                    data_dir=spec.get("data_dir") or data.data_dir or None,
                     split=spec["split"],
                     fields=fields,
                     text_field=text_field,
@@ -286,8 +335,13 @@ def build_iterator(
     ``layout``: this process's rows of every batch (``BatchLayout.of_mesh``); without it, process
     p holds the p-th of ``process_count`` blocks of ``local_data_devices`` devices each (with
     packing, each device packs its own examples into its own rows)."""
+    sources = sources if sources is not None else build_sources(data)
+    if "weights" not in kwargs and any(is_replay(s.name) for s in sources):
+        kwargs["weights"] = replay_weights(
+            {s.name: len(s) for s in sources}, **_replay_mixture(data)
+        )
     return PairBatchIterator(
-        sources if sources is not None else build_sources(data),
+        sources,
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
         global_batch_size=int(data.batch_size),
         seed=int(data.seed),
@@ -306,3 +360,60 @@ def build_iterator(
         layout=layout,
         **kwargs,
     )
+
+
+def _replay_mixture(data: ml_collections.ConfigDict) -> dict[str, float]:
+    replay = data.replay
+    replay_alpha = float(replay.alpha) if float(replay.alpha) >= 0 else float(data.alpha)
+    return {"alpha": float(data.alpha), "replay_alpha": replay_alpha, "share": float(replay.share)}
+
+
+def epoch_records(data: ml_collections.ConfigDict, sources: list[Source]) -> int:
+    """The records one epoch (``train.epochs``) counts: the stage's own, scaled up by the replayed
+    share so that the own records are still read ``epochs`` times (in expectation); a large
+    replayed stage does not lengthen the run."""
+    own = sum(len(s) for s in sources if not is_replay(s.name))
+    replay = data.get("replay")
+    share = float(replay.share) if replay is not None else 0.0
+    return int(round(own / (1 - share)))
+
+
+def replay_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """One line per stage of a multi-stage config whose ``data.replay`` cannot work (checked
+    before the first stage starts)."""
+    problems = []
+    for name in config.stages:
+        replay = config[name].data.get("replay")
+        if replay is None or not replay.stage:
+            continue
+        where = f"{name}.data.replay.stage={replay.stage!r}"
+        if replay.stage not in config.stages:
+            problems.append(f"{where}: not a stage of this config (stages: {list(config.stages)})")
+        elif replay.stage == name:
+            problems.append(f"{where}: a stage cannot replay its own sources")
+        elif replay.sources or replay.train_files or replay.text_files:
+            problems.append(
+                f"{where}: set either the stage or data.replay.sources / train_files / "
+                "text_files, not both"
+            )
+    return problems
+
+
+def resolve_replay(data: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """Fills ``data.replay`` from the stage it names (``data.replay.stage``) of the multi-stage
+    ``config``: that stage's own sources, data directory and alpha (unless set here)."""
+    replay = data.get("replay")
+    if replay is None or not replay.stage:
+        return
+    if str(replay.stage) not in config.stages:
+        raise ConfigError(
+            f"data.replay.stage={replay.stage!r}: not a stage of this config (stages: "
+            f"{list(config.stages)})"
+        )
+    other = config[str(replay.stage)].data
+    replay.sources = [dict(s) for s in other.sources]
+    replay.train_files = str(other.train_files)
+    replay.text_files = str(other.get("text_files", ""))
+    replay.data_dir = str(replay.data_dir or other.data_dir)
+    if float(replay.alpha) < 0:
+        replay.alpha = float(other.alpha)

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from gte_jax import objectives
+from gte_jax import interpolate, objectives
 from gte_jax import sharding as shd
 from gte_jax.data.pipeline import source_kinds
 from gte_jax.errors import ConfigError
@@ -111,6 +111,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
     else:
         problems.extend(objectives.from_config(config).problems(config))
     problems.extend(matryoshka_problems(lcfg))
+    problems.extend(interpolate.config_problems(config.export))
     if str(config.model.include_prompt).lower() not in ("auto", "true", "false"):
         problems.append(
             f"model.include_prompt={config.model.include_prompt!r}: use auto, true or false"

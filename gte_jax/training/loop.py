@@ -15,10 +15,11 @@ from typing import Any
 import jax
 from etils import epath
 
+from gte_jax import interpolate, storage
 from gte_jax import sharding as shd
-from gte_jax import storage
 from gte_jax import workdir as wd
 from gte_jax.checkpoint import PreemptionFlag, absolute_path
+from gte_jax.data.pipeline import replay_problems, resolve_replay
 from gte_jax.metrics import MetricWriter
 from gte_jax.ranges import range_problems
 from gte_jax.timing import StageTimer
@@ -165,7 +166,12 @@ class Loop:
             write_json(st.workdir / "card.json", card)
         if completed and st.config.export.enabled:
             summary["export"] = str(
-                wd.export_workdir(st.workdir, st.workdir / "export", card=card)[0]
+                wd.export_workdir(
+                    st.workdir,
+                    st.workdir / "export",
+                    card=card,
+                    interpolate=interpolate.from_config(st.config.export),
+                )[0]
             )
         if self.is_main:
             write_json(st.workdir / "summary.json", summary)
@@ -182,6 +188,7 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     # Every stage's ranges before the first stage starts: a later stage's typo must not cost the
     # hours of the earlier ones.
     problems = [p for name in config.stages for p in range_problems(config[name], f"{name}.")]
+    problems += replay_problems(config) + interpolate.stage_problems(config)
     if problems:
         raise TrainingError(cannot_run(problems))
     storage.check_writable(workdir)
@@ -189,6 +196,7 @@ def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
     for name in config.stages:
         stage_cfg = config[name].copy_and_resolve_references()
         stage_cfg.stage = name
+        resolve_replay(stage_cfg.data, config)
         init = str(stage_cfg.model.init_from)
         if init.startswith("stage:"):
             stage_cfg.model.init_from = str(workdir / init.split(":", 1)[1])

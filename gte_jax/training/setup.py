@@ -21,8 +21,9 @@ from gte_jax import hf, storage
 from gte_jax import sharding as shd
 from gte_jax import workdir as wd
 from gte_jax.checkpoint import Checkpointer, abstract_like
+from gte_jax.data.mixture import is_replay
 from gte_jax.data.mntp import masking_from_config
-from gte_jax.data.pipeline import build_iterator, build_sources
+from gte_jax.data.pipeline import build_iterator, build_sources, epoch_records
 from gte_jax.data.prefetch import with_prefetch
 from gte_jax.models import lora
 from gte_jax.models.encoder import ModelFn
@@ -121,7 +122,7 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         data_cfg.query_max_length = data_cfg.doc_max_length = int(data_cfg.max_length)
     sources = build_sources(data_cfg)
     check_source_batches(sources, num_chunks, mesh.shape[shd.DATA_AXIS])
-    total_steps = _total_steps(tcfg, sum(len(s) for s in sources), batch_size)
+    total_steps = _total_steps(tcfg, epoch_records(data_cfg, sources), batch_size)
     ckpt = Checkpointer(
         workdir / "checkpoints",
         every_steps=int(config.checkpoint.every_steps),
@@ -195,10 +196,12 @@ def _stage_model(config: Any, data_cfg: Any, sources: Any):
             f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
             "lower data.query_max_length / data.doc_max_length"
         )
-    # The export carries the prompts this stage trained with (after those of earlier stages).
-    info.prompts = {**info.prompts, **training_prompts(sources)}
+    # The export carries the prompts this stage trained with (after those of earlier stages);
+    # replayed sources are an earlier stage's, whose prompts the chain already holds.
+    own = [s for s in sources if not is_replay(s.name)]
+    info.prompts = {**info.prompts, **training_prompts(own)}
     # A stage without instructions keeps the templates of the stage it started from.
-    info.instruction_templates = training_templates(sources) or info.instruction_templates
+    info.instruction_templates = training_templates(own) or info.instruction_templates
     return model, tokenizer, info
 
 

@@ -26,7 +26,7 @@ LOSS_FLOORS = {name: objectives.get(name).floor for name in objectives.contrasti
 # kept with a validity mask and counted).
 SOURCE_STATS = (
     "size", "read", "used", "skipped", "skipped_at_build", "num_negatives",
-    "records_short_of_negatives", "unattributed",
+    "records_short_of_negatives", "unattributed", "drawn_batches", "drawn_examples",
 )  # fmt: skip
 
 
