@@ -136,12 +136,12 @@ def _replay_defaults() -> ml_collections.ConfigDict:
     # The share of the steps that draw a replayed source (one source per batch); 0: off (ours).
     c.share = 0.0
     # A stage of this multi-stage config whose sources are replayed (its data.sources,
-    # train_files, text_files, data_dir and alpha); or leave it empty and list sources below.
+    # train_files, text_files, data_dir and alpha); or leave it empty and list sources below. Ours.
     c.stage = ""
-    c.sources = []  # replayed sources, as data.sources (named replay/<name> in the run)
-    c.train_files = ""  # replayed pair files, as data.train_files
-    c.text_files = ""  # replayed text files, as data.text_files
-    c.data_dir = ""  # TFDS data directory of the replayed sources; "": data.data_dir
+    c.sources = []  # replayed sources, as data.sources (named replay/<name> in the run); ours
+    c.train_files = ""  # replayed pair files, as data.train_files; ours
+    c.text_files = ""  # replayed text files, as data.text_files; ours
+    c.data_dir = ""  # TFDS data directory of the replayed sources; "": data.data_dir; ours
     c.alpha = -1.0  # p_j ∝ n_j^alpha among the replayed sources; -1: data.alpha (ours)
     return c
 
