@@ -30,6 +30,7 @@ from gte_jax import hooks as hooks_lib
 from gte_jax import objectives
 from gte_jax import sharding as shd
 from gte_jax.errors import ConfigError
+from gte_jax.gradcache import GATHER_MODES
 from gte_jax.models.encoder import ModelFn
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.models.precision import as_float32, compute_dtype
@@ -152,6 +153,8 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     schedule: Callable | None = None,
     kind: str = "contrastive",
+    gather_params: str | None = None,
+    param_shardings: Any = None,
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` on the global batch.
 
@@ -168,7 +171,9 @@ def make_train_step(
     A non-finite loss or gradient leaves params and optimizer state untouched (``metrics["finite"]``
     says so; the loop counts and stops after too many in a row). With ``schedule``,
     ``metrics["learning_rate"]`` is the rate of this step's update (skipped steps do not advance
-    it: :func:`update_count`).
+    it: :func:`update_count`). ``gather_params`` / ``param_shardings``: GradCache's one gradient
+    reduction per step (:func:`gte_jax.gradcache.cached_value_and_grad`; not with LoRA, whose
+    frozen base it would gather whole).
     """
     if objective is None:
         name = "mntp" if kind == "mntp" else loss_name
@@ -181,9 +186,10 @@ def make_train_step(
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         inputs = objectives.StepInputs(
             model_fn, state["params"], state.get("frozen"), embed_fn, batch, rng, num_chunks,
-            gradcache, mesh,
+            gradcache, mesh, None if "frozen" in state else gather_params, param_shardings,
         )  # fmt: skip
-        (loss, metrics), grads = objective.value_and_grad(inputs)
+        with shd.mesh_context(mesh):  # the towers' activation constraints (sharding.constrain)
+            (loss, metrics), grads = objective.value_and_grad(inputs)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -395,6 +401,11 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         problems.append(
             f"mesh.model={config.mesh.model}: only sharding.params=fsdp_tp uses the model axis "
             "(tensor parallelism); otherwise it would only waste devices: set mesh.model=1"
+        )
+    if config.sharding.get("gather_params", "per_chunk") not in GATHER_MODES:
+        problems.append(
+            f"sharding.gather_params={config.sharding.gather_params!r}: use one of "
+            + ", ".join(GATHER_MODES)
         )
     batch_size, chunk = int(tcfg.batch_size), int(tcfg.gradcache_chunk_size)
     num_chunks = 1
@@ -745,6 +756,8 @@ def _compiled_step(config, model_fn, tx, schedule, num_chunks: int, mesh, state)
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
+        gather_params=str(config.sharding.get("gather_params", "per_chunk")),
+        param_shardings=jax.tree.map(lambda x: x.sharding, state["params"]),
     )
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(step_fn, out_shardings=(state_sharding, None), donate_argnums=(0,))
