@@ -268,6 +268,9 @@ def cached_value_and_grad(
     roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
     keys = {role: chunk_keys(rng, role, chunks[role][1]) for role in roles}
     frozen = lax.stop_gradient(params)
+    if gather == "per_step" and _reducible_once(batch, _mesh_of(mesh), data_axis):
+        # Gathered whole once, before the chunk loop (else XLA gathers each weight per chunk).
+        frozen = jax.tree.map(lambda x: _constrain(x, mesh, PartitionSpec()), frozen)
 
     # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
     embeddings, shapes = {}, {}
@@ -289,7 +292,7 @@ def cached_value_and_grad(
         role: _unmerge(emb_grads[role], shapes[role], batch, role, mesh, data_axis)
         for role in roles
     }  # [C, B/C, (K,) D] per role
-    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    mesh = _mesh_of(mesh)
     if gather is not None and _reducible_once(batch, mesh, data_axis):
         grads = _backward_reduce_once(
             embed_fn, params, roles, chunks, keys, cached, mesh, data_axis, param_shardings, gather
@@ -311,6 +314,11 @@ def cached_value_and_grad(
 
 
 GATHER_MODES = ("per_chunk", "per_step")
+
+
+def _mesh_of(mesh: Any) -> Any:
+    """The mesh passed, else the one in context (an empty abstract mesh when none)."""
+    return mesh if mesh is not None else jax.sharding.get_abstract_mesh()
 
 
 def _reducible_once(batch: Batch, mesh: Any, data_axis: str) -> bool:

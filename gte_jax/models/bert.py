@@ -23,7 +23,7 @@ from flax import nnx
 
 import gte_jax.models.dropout as _dropout
 import gte_jax.models.lora_layer as lora
-from gte_jax.models.partitioning import constrain
+from gte_jax.models.partitioning import constrain, lookup
 
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
@@ -300,10 +300,10 @@ class Embeddings(nnx.Module):
         dropout_rng: jax.Array | None,
     ) -> jax.Array:
         x = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
-        )  # [batch, length, embed] float32
+            lookup(self.word_embeddings.embedding[...], input_ids)
+            + lookup(self.position_embeddings.embedding[...], position_ids)
+            + lookup(self.token_type_embeddings.embedding[...], token_type_ids)
+        )  # [batch, length, embed] float32 (the tables' param dtype, as nnx.Embed)
         x = self.layer_norm(x).astype(self.config.dtype)
         x = constrain(x, BLE)  # the table gather's output: split by batch, never gathered
         return dropout(x, self.config.hidden_dropout_prob, dropout_rng)

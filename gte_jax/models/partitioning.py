@@ -65,6 +65,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]`` ([vocab, embed] -> [*ids.shape, embed]) with the table whole on every
+    device when a mesh is in context. Why: FSDP splits a table on its embed dim, and left alone
+    XLA looks up the ids in each device's slice, so it gathers the ids along the batch and then
+    swaps the [batch, length, embed] output back to a batch split (an all-to-all of the
+    activations); gathering the table, as FSDP does for every other weight, moves no
+    activation."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        table = jax.lax.with_sharding_constraint(table, PartitionSpec())
+    out = jax.numpy.take(table, ids, axis=0)
+    return constrain(out, ("batch",) + (None,) * (out.ndim - 1))
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: jax.sharding.Mesh | None) -> Iterator[None]:
     """Makes ``mesh`` the context of :func:`constrain` (also inside ``jit``, where
