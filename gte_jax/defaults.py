@@ -181,7 +181,7 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
     # GradCache's backward runs per device and reduces each gradient once per step (not once per
     # chunk): FSDP-split weights are all-gathered "per_chunk" (one layer's weights resident, the
     # FSDP memory) or "per_step" (gathered once; full weights resident for the step, fewer
-    # collectives: `gte-jax plan` shows both figures). Ours.
+    # collectives: run `gte-jax plan` with each value for both figures); ours.
     c.gather_params = "per_chunk"
     return c
 
