@@ -381,9 +381,7 @@ def _backward_reduce_once(
     if param_shardings is None:
         specs = jax.tree.map(lambda x: PartitionSpec(), params)
     else:
-        specs = jax.tree.map(
-            lambda s, x: _data_spec(s, x.ndim, data_axis), param_shardings, params
-        )
+        specs = jax.tree.map(lambda s, x: _data_spec(s, x.ndim, data_axis), param_shardings, params)
     per_chunk = gather == "per_chunk"
     replicated = jax.tree.map(lambda _: PartitionSpec(), params)
     rows = PartitionSpec(None, data_axis)

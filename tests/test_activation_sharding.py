@@ -135,7 +135,9 @@ def test_one_reduction_gradcache_equals_the_plain_replicated_step():
     )
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(ref)) > 1e-2
     for gather in gc.GATHER_MODES:
-        loss, got = _grads(params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng)
+        loss, got = _grads(
+            params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng
+        )
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         _close(got, ref, atol=GRAD_ATOL, rel=GRAD_REL_TOL)
 
@@ -143,7 +145,9 @@ def test_one_reduction_gradcache_equals_the_plain_replicated_step():
 def test_activation_spec_follows_the_rules():
     auto = AbstractMesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     spec = shd.activation_spec
-    assert spec(("batch", "length", "embed"), (8, 13, 32), auto) == PartitionSpec("data", None, None)
+    assert spec(("batch", "length", "embed"), (8, 13, 32), auto) == PartitionSpec(
+        "data", None, None
+    )
     assert spec(("batch", "length", "heads", "kv"), (8, 13, 4, 16), auto) == PartitionSpec(
         "data", None, "model", None
     )
