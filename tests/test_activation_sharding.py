@@ -6,7 +6,7 @@ parameter's gradient is reduced once per step, not once per chunk and role. The 
 those of the replicated, plain (non-GradCache) step.
 
 Sizes are picked so that shapes cannot be confused: the length L = 13 divides no parameter dim
-(the tiny BERT's are 30522, 128, 64, 32, 16 and 2), so a collective with a dim divisible by 13
+(the tiny BERT's are 5000, 128, 64, 32, 16 and 2), so a collective with a dim divisible by 13
 carries an activation ([rows, L, ...], attention [rows, heads, L, L]) or token ids.
 """
 
@@ -31,11 +31,13 @@ from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder
 
 BATCH, LENGTH, CHUNKS = 48, 13, 2  # chunks of 24 rows, 3 per device
+VOCAB = 5000
 
 
 def _model():
-    # One layer (compile time): every constraint site and every parameter kind is in it.
-    config = EncoderConfig.from_hf({**TINY_BERT, "num_hidden_layers": 1})
+    # One layer and a 5000-token table (test time): every constraint site and every parameter
+    # kind is in it.
+    config = EncoderConfig.from_hf({**TINY_BERT, "num_hidden_layers": 1, "vocab_size": VOCAB})
     model = BiEncoder(config, pooling="mean", normalize=True, rngs=nnx.Rngs(0))
     return train.ModelFn.from_module(model)
 
@@ -45,7 +47,7 @@ def _batch(seed: int = 0) -> dict[str, np.ndarray]:
     out = {}
     for role in ("query", "doc"):
         lengths = rs.randint(3, LENGTH + 1, (BATCH, 1))
-        out[f"{role}_input_ids"] = rs.randint(1000, 5000, (BATCH, LENGTH)).astype(np.int32)
+        out[f"{role}_input_ids"] = rs.randint(1000, VOCAB, (BATCH, LENGTH)).astype(np.int32)
         out[f"{role}_attention_mask"] = (np.arange(LENGTH)[None] < lengths).astype(np.int32)
     return out
 
