@@ -182,6 +182,11 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
     # (("word_embeddings", ("data", None)),). Paths look like "params/encoder/layers/3/query/kernel"
     # and the regex is searched, so it also matches the Adam moments of those parameters.
     c.rules = ()  # ours
+    # GradCache's backward runs per device and reduces each gradient once per step (not once per
+    # chunk): FSDP-split weights are all-gathered "per_chunk" (one layer's weights resident, the
+    # FSDP memory) or "per_step" (gathered once; full weights resident for the step, fewer
+    # collectives: run `gte-jax plan` with each value for both figures); ours.
+    c.gather_params = "per_chunk"
     return c
 
 

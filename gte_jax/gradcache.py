@@ -248,6 +248,8 @@ def cached_value_and_grad(
     *,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = DATA_AXIS,
+    gather: str | None = None,
+    param_shardings: Any = None,
 ) -> tuple[tuple[Array, dict[str, Array]], Params]:
     """GradCache: ``((loss, metrics), grads)`` equal to :func:`plain_value_and_grad`.
 
@@ -256,10 +258,19 @@ def cached_value_and_grad(
     usually finds the same layout. Per-layer rematerialisation inside a chunk is the model's job
     (``EncoderConfig.remat``): remat of the whole ``embed_fn`` here would recompute the forward
     right before its own backward and save nothing.
+
+    ``gather`` (``per_chunk`` | ``per_step``; ``sharding.gather_params``) runs pass 2 per device
+    with one gradient reduction per parameter per step (:func:`_backward_reduce_once`);
+    ``param_shardings`` (the params' ``NamedSharding`` tree) says which leaves FSDP splits, so
+    their gradients come out reduce-scattered to the same split. ``None``: the global-view scan,
+    which XLA partitions with one reduction per chunk.
     """
     roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
     keys = {role: chunk_keys(rng, role, chunks[role][1]) for role in roles}
     frozen = lax.stop_gradient(params)
+    if gather == "per_step" and _reducible_once(batch, _mesh_of(mesh), data_axis):
+        # Gathered whole once, before the chunk loop (else XLA gathers each weight per chunk).
+        frozen = jax.tree.map(lambda x: _constrain(x, mesh, PartitionSpec()), frozen)
 
     # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
     embeddings, shapes = {}, {}
@@ -277,6 +288,17 @@ def cached_value_and_grad(
         embeddings
     )
 
+    cached = {
+        role: _unmerge(emb_grads[role], shapes[role], batch, role, mesh, data_axis)
+        for role in roles
+    }  # [C, B/C, (K,) D] per role
+    mesh = _mesh_of(mesh)
+    if gather is not None and _reducible_once(batch, mesh, data_axis):
+        grads = _backward_reduce_once(
+            embed_fn, params, roles, chunks, keys, cached, mesh, data_axis, param_shardings, gather
+        )
+        return (loss, metrics), grads
+
     # Pass 2: per chunk, vjp of the encoder with the cached embedding gradient; sum over chunks.
     grads = jax.tree.map(jnp.zeros_like, params)
     for role in roles:
@@ -287,10 +309,111 @@ def cached_value_and_grad(
             (chunk_grads,) = pullback(emb_grad)
             return jax.tree.map(jnp.add, acc, chunk_grads), None
 
-        # [C, B/C, (K,) D]
-        cached = _unmerge(emb_grads[role], shapes[role], batch, role, mesh, data_axis)
-        grads, _ = lax.scan(backward_one, grads, (chunks[role][0], keys[role], cached))
+        grads, _ = lax.scan(backward_one, grads, (chunks[role][0], keys[role], cached[role]))
     return (loss, metrics), grads
+
+
+GATHER_MODES = ("per_chunk", "per_step")
+
+
+def _mesh_of(mesh: Any) -> Any:
+    """The mesh passed, else the one in context (an empty abstract mesh when none)."""
+    return mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+
+
+def _reducible_once(batch: Batch, mesh: Any, data_axis: str) -> bool:
+    """Whether pass 2 can run per device (:func:`_backward_reduce_once`): a mesh whose data
+    axis has > 1 device, and every packed role chunk-packed (its texts sit in its device's rows;
+    one-chunk packing spreads a device's texts over any rows)."""
+    if mesh is None or mesh.empty or mesh.shape.get(data_axis, 1) == 1:
+        return False
+    return not is_packed(batch) or all(is_chunk_packed(batch, r) for r in batch_roles(batch))
+
+
+def _data_spec(sharding: Any, ndim: int, data_axis: str) -> PartitionSpec:
+    """The part of a parameter's sharding on ``data_axis`` (shard_map names only its manual
+    axis; a tensor-parallel split over "model" stays XLA's)."""
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return PartitionSpec(*(data_axis if a == data_axis else None for a in spec))
+
+
+def _gather(x: Array, spec: PartitionSpec, data_axis: str) -> Array:
+    for dim, axis in enumerate(spec):
+        if axis == data_axis:
+            return lax.all_gather(x, data_axis, axis=dim, tiled=True)
+    return x
+
+
+def _reduce(x: Array, spec: PartitionSpec, data_axis: str) -> Array:
+    """The sum over devices of a per-device gradient, split as the parameter: a reduce-scatter
+    for an FSDP-split leaf, an all-reduce for a replicated one."""
+    for dim, axis in enumerate(spec):
+        if axis == data_axis:
+            return lax.psum_scatter(x, data_axis, scatter_dimension=dim, tiled=True)
+    return lax.psum(x, data_axis)
+
+
+def _local_slots(inputs: dict[str, Array], data_axis: str) -> dict[str, Array]:
+    """Packed chunk inputs inside ``shard_map``: ``slot_index`` holds global slots
+    ``(device * R + r) * L + s``; the device's own rows are [R, L], so its texts' slots less
+    ``device * R * L``. Unused entries point at device 0's first text: clipped, their cached
+    gradient is zero."""
+    if "slot_index" not in inputs:
+        return inputs
+    rows, length = inputs["input_ids"].shape[:2]
+    local = inputs["slot_index"] - lax.axis_index(data_axis) * rows * length
+    return {**inputs, "slot_index": jnp.clip(local, 0, rows * length - 1)}
+
+
+def _backward_reduce_once(
+    embed_fn, params, roles, chunks, keys, cached, mesh, data_axis, param_shardings, gather
+) -> Params:
+    """Pass 2 per device (``shard_map`` over ``data_axis``): each device pulls its rows of every
+    chunk back to the full parameters and sums over chunks and roles into its own accumulator;
+    one reduction per parameter after the scans (not one per chunk, role and parameter, as the
+    global-view scan partitions). ``gather``: FSDP-split parameters are all-gathered in every
+    chunk (``per_chunk``: one layer's weights at a time, the FSDP memory) or once before the
+    scans (``per_step``: full parameters resident for the step, fewer collectives). Dropout
+    masks match pass 1: :mod:`gte_jax.models.dropout` offsets the batch index by the device's
+    block."""
+    if gather not in GATHER_MODES:
+        raise ValueError(f"gather={gather!r}: use one of {GATHER_MODES}")
+    if param_shardings is None:
+        specs = jax.tree.map(lambda x: PartitionSpec(), params)
+    else:
+        specs = jax.tree.map(lambda s, x: _data_spec(s, x.ndim, data_axis), param_shardings, params)
+    per_chunk = gather == "per_chunk"
+    replicated = jax.tree.map(lambda _: PartitionSpec(), params)
+    rows = PartitionSpec(None, data_axis)
+
+    def body(p, chunks, keys, cached):
+        full = lambda q: jax.tree.map(lambda x, s: _gather(x, s, data_axis), q, specs)  # noqa: E731
+        resident = full(p) if per_chunk else p  # per_chunk: only its shape is used here
+        acc = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), resident)
+        for role in roles:
+
+            def backward_one(acc, xs, role=role):
+                inputs, key, emb_grad = xs
+                weights = full(p) if per_chunk else p
+                inputs = _local_slots(inputs, data_axis)
+                embed = lambda w: _embed_chunk(embed_fn, w, inputs, key, role)  # noqa: E731
+                _, pullback = jax.vjp(embed, weights)
+                (chunk_grads,) = pullback(emb_grad)
+                return jax.tree.map(jnp.add, acc, chunk_grads), None
+
+            acc, _ = lax.scan(backward_one, acc, (chunks[role], keys[role], cached[role]))
+        return jax.tree.map(lambda g, s: _reduce(g, s, data_axis), acc, specs)
+
+    run = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(specs if per_chunk else replicated, rows, PartitionSpec(), rows),
+        out_specs=specs,
+        axis_names={data_axis},
+        check_vma=False,  # the per-device sums are reduced by hand (_reduce)
+    )
+    inputs = {role: chunks[role][0] for role in roles}
+    return run(params, inputs, {r: keys[r] for r in roles}, cached)
 
 
 def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:

@@ -426,6 +426,47 @@ def program_cost(hlo_text: str, slice_of: Sequence[int] | None = None) -> Progra
     return _walk(module, module.entry, slices, {})
 
 
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    """One collective of a compiled program: its kind, the shapes of its operands and results,
+    and how many times a step runs it (the trip counts of the loops around it)."""
+
+    kind: str
+    operand_shapes: tuple[tuple[int, ...], ...]
+    result_shapes: tuple[tuple[int, ...], ...]
+    runs: int
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+    """Every collective reached from the entry (async pairs once, at the start), with its runs
+    per step: what the activation-sharding tests read (which arrays cross devices, how often)."""
+    module = parse_hlo(hlo_text)
+    out: list[CollectiveOp] = []
+
+    def walk(name: str, runs: int) -> None:
+        instrs = module.computations.get(name, [])
+        table = {i.name: i for i in instrs}
+        for ins in instrs:
+            if (kind := _kind(ins.opcode)) is not None:
+                operands = tuple(
+                    dims for o in ins.operands if o in table for _, dims in _arrays(table[o].type)
+                )
+                results = tuple(dims for _, dims in _arrays(ins.type))
+                out.append(CollectiveOp(kind, operands, results, runs))
+            elif ins.opcode == "while":
+                trips = trip_count(module, ins, table) or 1
+                for body in _called(ins, "body"):
+                    walk(body, runs * trips)
+            else:
+                for key in ("calls", "to_apply", "branch_computations", "true_computation",
+                            "false_computation"):  # fmt: skip
+                    for callee in _called(ins, key):
+                        walk(callee, runs)
+
+    walk(module.entry, 1)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The plan's fields
 # --------------------------------------------------------------------------------------------------

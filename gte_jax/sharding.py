@@ -26,10 +26,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import gte_jax.models.registry as registry
 from gte_jax.data.layout import BatchLayout
 
+# Activation rules and the towers' constraint live in a leaf module the model families can
+# import (this one imports their registry); re-exported here beside the parameter rules.
+from gte_jax.models.partitioning import (  # noqa: F401
+    ACTIVATION_AXIS_RULES,
+    DATA_AXIS,
+    MODEL_AXIS,
+    activation_spec,
+    constrain,
+    mesh_context,
+)
+
 logger = logging.getLogger(__name__)
 
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
 MESH_AXES = (DATA_AXIS, MODEL_AXIS)
 
 

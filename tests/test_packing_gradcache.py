@@ -127,10 +127,11 @@ def _tiny_step_fns():
     loss_fn = gc.make_loss_fn("gte", temperature=0.05)
     mesh = shd.make_mesh()
 
-    def make(cached, num_chunks):
+    def make(cached, num_chunks, gather=None):
         fn = gc.cached_value_and_grad if cached else gc.plain_value_and_grad
+        kwargs = {"gather": gather} if gather else {}
         return jax.jit(
-            lambda p, b, r: fn(embed_fn, loss_fn, p, b, r, num_chunks, mesh=mesh),
+            lambda p, b, r: fn(embed_fn, loss_fn, p, b, r, num_chunks, mesh=mesh, **kwargs),
             out_shardings=shd.replicated(mesh),
         )
 
@@ -174,7 +175,7 @@ def test_packed_gradcache_equals_padded_gradcache_equals_plain(tokenizer):
 
 def test_packed_gradcache_with_dropout_is_pure_in_seed_and_step(tokenizer):
     """GradCache == plain on the chunk-packed batch with dropout on (both passes see the same
-    masks); the global batch of 2 processes x 4 devices is the one of 1 process x 8 bit for bit,
+    masks, also in the per-device backward); the global batch of 2 processes x 4 devices is the one of 1 process x 8 bit for bit,
     so the masks drawn from fold_in(rng, step) on it are the same, and so is the step."""
     steps = 3
     one = _iterator(tokenizer, packing=True, pack_groups=8, pack_chunks=CHUNKS)
@@ -192,6 +193,10 @@ def test_packed_gradcache_with_dropout_is_pure_in_seed_and_step(tokenizer):
     (p_loss, _), p_g = make(False, CHUNKS)(params, batch, rng)
     np.testing.assert_allclose(float(loss), float(p_loss), rtol=1e-5)
     _assert_close(g, p_g)
+    # The per-device backward with one reduction (sharding.gather_params): each device's
+    # slots, the masks of the global rows.
+    _, o_g = make(True, CHUNKS, "per_chunk")(params, batch, rng)
+    _assert_close(o_g, p_g)
     (n_loss, _), _ = make(True, CHUNKS)(params, batch, None)
     assert abs(float(n_loss) - float(loss)) > 1e-6  # dropout was on
     (t_loss, _), t_g = make(True, CHUNKS)(params, shd.global_batch(two[i], mesh), rng)

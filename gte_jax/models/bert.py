@@ -23,6 +23,7 @@ from flax import nnx
 
 import gte_jax.models.dropout as _dropout
 import gte_jax.models.lora_layer as lora
+from gte_jax.models.partitioning import constrain, lookup
 
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"bert": False, "roberta": True, "xlm-roberta": True}
@@ -213,6 +214,11 @@ class EncoderConfig:
         return out
 
 
+# Logical axes of the activations the layers pin (gte_jax/models/partitioning.py).
+BLE = ("batch", "length", "embed")
+BLHK = ("batch", "length", "heads", "kv")
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout (as torch): identity when ``rng`` is None or ``rate`` is 0. The masks are
     hashed from the key (``gte_jax.models.dropout``), one rule for every tower."""
@@ -294,11 +300,12 @@ class Embeddings(nnx.Module):
         dropout_rng: jax.Array | None,
     ) -> jax.Array:
         x = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
-        )  # [batch, length, embed] float32
+            lookup(self.word_embeddings.embedding[...], input_ids)
+            + lookup(self.position_embeddings.embedding[...], position_ids)
+            + lookup(self.token_type_embeddings.embedding[...], token_type_ids)
+        )  # [batch, length, embed] float32 (the tables' param dtype, as nnx.Embed)
         x = self.layer_norm(x).astype(self.config.dtype)
+        x = constrain(x, BLE)  # the table gather's output: split by batch, never gathered
         return dropout(x, self.config.hidden_dropout_prob, dropout_rng)
 
 
@@ -365,9 +372,11 @@ class EncoderLayer(nnx.Module):
             [self.query, self.key, self.value, self.attention_output, self.intermediate,
              self.output],
         )  # fmt: skip
+        x = constrain(x, BLE)
         q = lora.dense(self.query, x, q_key).reshape(heads)  # [batch, length, heads, head_dim]
         k = lora.dense(self.key, x, k_key).reshape(heads)  # [batch, length, heads, head_dim]
         v = lora.dense(self.value, x, v_key).reshape(heads)  # [batch, length, heads, head_dim]
+        q, k, v = (constrain(t, BLHK) for t in (q, k, v))
         if attn_drop:
             ctx = explicit_attention(
                 q,
@@ -382,7 +391,7 @@ class EncoderLayer(nnx.Module):
             ctx = jax.nn.dot_product_attention(
                 q, k, v, mask=mask
             )  # [batch, length, heads, head_dim]
-        ctx = ctx.reshape(b, n, cfg.hidden_size)  # [batch, length, embed]
+        ctx = constrain(ctx, BLHK).reshape(b, n, cfg.hidden_size)  # [batch, length, embed]
         h = _drop(
             lora.dense(self.attention_output, ctx, o_key), cfg.hidden_dropout_prob, attn_out_u
         )
@@ -392,12 +401,12 @@ class EncoderLayer(nnx.Module):
         h = ACTIVATIONS[cfg.hidden_act](
             lora.dense(self.intermediate, x, i_key)
         )  # [batch, length, mlp]
+        h = constrain(h, ("batch", "length", "mlp"))
         h = _drop(
             lora.dense(self.output, h, out_key), cfg.hidden_dropout_prob, mlp_u
         )  # [batch, length, embed]
-        return self.output_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32)).astype(
-            cfg.dtype
-        )
+        out = self.output_layer_norm(h.astype(jnp.float32) + x.astype(jnp.float32))
+        return constrain(out.astype(cfg.dtype), BLE)
 
 
 def _layer_forward(

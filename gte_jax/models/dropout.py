@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gte_jax.models.partitioning import DATA_AXIS
+
 _GOLDEN = np.uint32(0x9E3779B9)
 _SALT = np.uint32(0x85EBCA6B)
 
@@ -57,7 +59,8 @@ def bits(rng: jax.Array, shape: tuple[int, ...], site: int = 0) -> jax.Array:
     def index(axes):  # row-major index over ``axes`` (< 2**32 by _split)
         out, stride = jnp.zeros(shape, jnp.uint32), 1
         for axis in reversed(axes):
-            out = out + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+            iota = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+            out = out + (iota + (_row_offset(shape[0]) if axis == 0 else 0)) * np.uint32(stride)
             stride *= shape[axis]
         return out
 
@@ -66,6 +69,17 @@ def bits(rng: jax.Array, shape: tuple[int, ...], site: int = 0) -> jax.Array:
     h = _mix(inner ^ k0)
     h = _mix(h + lead * _GOLDEN)
     return _mix(h ^ k1)
+
+
+def _row_offset(rows: int) -> jax.Array | int:
+    """The global index of this device's first batch row. Inside ``shard_map`` over the data
+    axis (GradCache's backward, :mod:`gte_jax.gradcache`) axis 0 is the device's block of the
+    batch, the ``axis_index``-th: offsetting by it draws the global batch's masks, as the
+    forward (global view) did. Elsewhere 0."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.manual_axes:
+        return 0
+    return jax.lax.axis_index(DATA_AXIS).astype(jnp.uint32) * np.uint32(rows)
 
 
 _INDEX_LIMIT = 1 << 32  # each of the two hashed indices must fit 32 bits

@@ -145,7 +145,7 @@ class Objective:
         run = gc.cached_value_and_grad if step.gradcache else gc.plain_value_and_grad
         return run(
             step.embed_fn, self.loss_fn(), step.params, step.batch, step.rng, step.num_chunks,
-            mesh=step.mesh,
+            mesh=step.mesh, **step.gradcache_kwargs(),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ plan
@@ -182,6 +182,14 @@ class StepInputs:
     num_chunks: int = 1
     gradcache: bool = False
     mesh: jax.sharding.Mesh | None = None
+    gather_params: str | None = None  # GradCache's one reduction per step (sharding.gather_params)
+    param_shardings: Any = None  # the params' NamedSharding tree (which leaves FSDP splits)
+
+    def gradcache_kwargs(self) -> dict[str, Any]:
+        """The one-reduction settings of :func:`gte_jax.gradcache.cached_value_and_grad`."""
+        if not self.gradcache:
+            return {}
+        return {"gather": self.gather_params, "param_shardings": self.param_shardings}
 
 
 _REGISTRY: dict[str, Objective] = {}

@@ -13,6 +13,7 @@ from gte_jax import interpolate, objectives
 from gte_jax import sharding as shd
 from gte_jax.data.pipeline import source_kinds
 from gte_jax.errors import ConfigError
+from gte_jax.gradcache import GATHER_MODES
 from gte_jax.models import lora
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.models.precision import compute_dtype
@@ -141,6 +142,11 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         problems.append(
             f"mesh.model={config.mesh.model}: only sharding.params=fsdp_tp uses the model axis "
             "(tensor parallelism); otherwise it would only waste devices: set mesh.model=1"
+        )
+    if config.sharding.get("gather_params", "per_chunk") not in GATHER_MODES:
+        problems.append(
+            f"sharding.gather_params={config.sharding.gather_params!r}: use one of "
+            + ", ".join(GATHER_MODES)
         )
     batch_size, chunk = int(tcfg.batch_size), int(tcfg.gradcache_chunk_size)
     num_chunks = 1

@@ -60,6 +60,8 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     schedule: Callable | None = None,
     kind: str = "contrastive",
+    gather_params: str | None = None,
+    param_shardings: Any = None,
 ) -> Callable:
     """``step(state, batch) -> (state, metrics)`` on the global batch.
 
@@ -76,7 +78,9 @@ def make_train_step(
     A non-finite loss or gradient leaves params and optimizer state untouched (``metrics["finite"]``
     says so; the loop counts and stops after too many in a row). With ``schedule``,
     ``metrics["learning_rate"]`` is the rate of this step's update (skipped steps do not advance
-    it: :func:`update_count`).
+    it: :func:`update_count`). ``gather_params`` / ``param_shardings``: GradCache's one gradient
+    reduction per step (:func:`gte_jax.gradcache.cached_value_and_grad`; not with LoRA, whose
+    frozen base it would gather whole).
     """
     if objective is None:
         name = "mntp" if kind == "mntp" else loss_name
@@ -89,9 +93,10 @@ def make_train_step(
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         inputs = objectives.StepInputs(
             model_fn, state["params"], state.get("frozen"), embed_fn, batch, rng, num_chunks,
-            gradcache, mesh,
+            gradcache, mesh, None if "frozen" in state else gather_params, param_shardings,
         )  # fmt: skip
-        (loss, metrics), grads = objective.value_and_grad(inputs)
+        with shd.mesh_context(mesh):  # the towers' activation constraints (sharding.constrain)
+            (loss, metrics), grads = objective.value_and_grad(inputs)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -171,6 +176,7 @@ def build_train_step(
     shapes are read) gets the shardings of ``sharding.state_shardings`` with the config's
     ``sharding`` group, the ones :func:`gte_jax.training.state.initial_state` places it with."""
     objective = objectives.from_config(config)
+    shardings = shd.state_shardings(state, mesh, config.sharding)
     fn = make_train_step(
         model_fn,
         tx,
@@ -180,8 +186,9 @@ def build_train_step(
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
+        gather_params=str(config.sharding.get("gather_params", "per_chunk")),
+        param_shardings=shardings["params"],
     )
-    shardings = shd.state_shardings(state, mesh, config.sharding)
     return TrainStep(fn, shardings, shd.batch_sharding(mesh), objective, num_chunks)
 
 
