@@ -202,6 +202,7 @@ def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
         return registry.config_from_hf(
             dict(hf_config),
             dtype=compute_dtype(model_cfg.dtype, "tpu"),
+            attention_platform="tpu",  # model.attention_kernel "auto" decides for the TPU
             **wd.model_overrides(model_cfg),
         )
     except (TypeError, ValueError) as e:

@@ -96,7 +96,7 @@ def reference_attention(
     scale: float,
     bias: jax.Array | None = None,  # broadcastable to [batch, heads, q_len, kv_len], float32
     softcap: float | None = None,
-    dropout: Callable[[jax.Array], jax.Array] | None = None,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,  # on [batch, heads, q_len, kv_len]
 ) -> jax.Array:
     """Grouped-query softmax attention: float32 logits, softcap, bias, mask, softmax, dropout.
 
@@ -116,8 +116,8 @@ def reference_attention(
         logits = logits + bias.reshape(bias.shape[0], kv_heads, n // kv_heads, t, k.shape[1])
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)  # float32
-    if dropout is not None:
-        probs = dropout(probs)
+    if dropout is not None:  # on [batch, heads, q_len, kv_len], the heads in HF's order
+        probs = dropout(probs.reshape(b, n, t, -1)).reshape(probs.shape)
     out = jnp.einsum(
         "bkgts,bskh->btkgh", probs.astype(v.dtype), v
     )  # [batch, q_len, kv_heads, group, head_dim]
@@ -224,6 +224,7 @@ def splash_attention(
     mask: Mask,
     *,
     scale: float,
+    interpret: bool = False,  # Pallas' interpreter: the kernel's maths on CPU (tests)
 ) -> jax.Array:
     """The Pallas TPU splash kernel: one MQA kernel per key/value head (grouped-query heads share
     it, K/V never repeated), vmapped over the batch. Padding and packing are segment ids (pads:
@@ -234,7 +235,9 @@ def splash_attention(
 
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
-    kernel = sk.make_splash_mqa_single_device(mask=_splash_mask(mask, t, n // kv_heads))
+    kernel = sk.make_splash_mqa_single_device(
+        mask=_splash_mask(mask, t, n // kv_heads), interpret=interpret
+    )
     segments = mask.attention_mask if mask.segment_ids is None else mask.segment_ids
 
     def one_row(q, k, v, seg):  # [kv_heads, group, t, h], [kv_heads, t, h] x2, [t]
