@@ -36,6 +36,7 @@ The model's shape comes from ``model.init_from`` when it names a local directory
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -465,7 +466,12 @@ def compile_step(step: AbstractStep):
         out_shardings=(step.state_shardings, None),
         donate_argnums=(0,),
     )
-    lowered = jitted.lower(step.state, step.batch)
+    # The splash attention kernel (Mosaic) runs per data shard in a shard_map, which needs the
+    # mesh set while tracing (gte_jax/models/attention.py).
+    splash = getattr(step.encoder, "attention_kernel", "") == "splash"
+    mesh = jax.tree.leaves(step.state_shardings)[0].mesh
+    with jax.set_mesh(mesh) if splash else contextlib.nullcontext():
+        lowered = jitted.lower(step.state, step.batch)
     try:
         return lowered.compile(), None
     except Exception as e:  # XLA's TPU compiler raises XlaRuntimeError / ValueError

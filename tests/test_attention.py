@@ -184,9 +184,11 @@ def test_auto_picks_the_platform_kernel_where_the_call_allows():
     q, k, v = _inputs(length=128, dtype=jnp.bfloat16)
     short, _, _ = _inputs(length=12, dtype=jnp.bfloat16)
     assert attn.choose("auto", "cpu", q, k) == "reference"
-    assert attn.choose("auto", "tpu", q, k) == "splash"
-    assert attn.choose("auto", "tpu", short, short) == "reference"  # not a multiple of 128
-    assert attn.choose("auto", "tpu", q, k, bias=jnp.zeros((1, 4, 128, 128))) == "reference"
+    assert attn.choose("auto", "tpu", q, k) == "reference"  # no mesh set: no shard_map
+    with jax.set_mesh(shd.make_mesh(1, 1, jax.devices()[:1])):
+        assert attn.choose("auto", "tpu", q, k) == "splash"
+        assert attn.choose("auto", "tpu", short, short) == "reference"  # not a multiple of 128
+        assert attn.choose("auto", "tpu", q, k, bias=jnp.zeros((1, 4, 128, 128))) == "reference"
     assert attn.choose("auto", "gpu", q, k) == "cudnn"
     assert attn.choose("auto", "gpu", q.astype(jnp.float32), k) == "reference"
     assert attn.choose("auto", "gpu", q, k, dropout=lambda p: p) == "reference"

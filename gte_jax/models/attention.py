@@ -25,8 +25,8 @@ Kernels (``model.attention_kernel``; ours):
   what MaxText runs): block-sparse over the causal / local mask, segment ids for packing and
   padding, grouped-query heads without repeating K/V. TPU only, lengths a multiple of 128,
   no bias.
-- ``auto``: the platform's fused kernel where it supports the call (GPU: cudnn, TPU: splash),
-  else ``reference``. Decided per call at trace time, for ``platform`` (the devices the step is
+- ``auto``: the platform's fused kernel where it supports the call (GPU: cudnn; TPU: splash when
+  the step is traced under ``jax.set_mesh``, which its ``shard_map`` needs), else ``reference``. Decided per call at trace time, for ``platform`` (the devices the step is
   compiled for; "" = ``jax.default_backend()``; ``gte-jax plan`` passes "tpu").
 
 A kernel named explicitly that cannot run a call (dropout, bias, shapes) raises ValueError naming
@@ -161,6 +161,8 @@ def choose(kernel: str, platform: str, q: jax.Array, k: jax.Array, **call) -> st
         raise ValueError(f"model.attention_kernel={kernel!r}: use one of {list(KERNELS)}")
     if kernel == "auto":
         fused = _AUTO.get(platform or jax.default_backend())
+        if fused == "splash" and "data" not in jax.sharding.get_abstract_mesh().axis_names:
+            fused = None  # XLA cannot partition a Mosaic kernel; shard_map needs the mesh
         return fused if fused and unsupported(fused, q, k, **call) is None else "reference"
     why = unsupported(kernel, q, k, **call)
     if why is not None:
