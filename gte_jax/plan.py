@@ -714,6 +714,8 @@ def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: Abstra
         if isinstance(compiled, dict)
         else plan_cost.compiled_cost(compiled, mesh.devices.flat)
     )
+    if not cost:  # XLA could not print the program (Mosaic kernels): the analytic time stays
+        return {"compiled_cost": "unavailable: XLA cannot print a program with Mosaic kernels"}
     return plan_cost.time_fields(
         cost,
         generation=topo.chip.generation,
