@@ -50,12 +50,14 @@ def _rule(mask: attn.Mask) -> np.ndarray:
     return out
 
 
-def _oracle(q, k, v, allowed, scale) -> np.ndarray:
+def _oracle(q, k, v, allowed, scale, bias=None) -> np.ndarray:
     """float64 softmax attention, grouped-query heads by repeating K/V (HF's repeat_kv)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     group = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
     logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
     logits = np.where(allowed[:, None], logits, -np.inf)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -116,6 +118,18 @@ def test_kernels_equal_the_float64_oracle(case, kv_heads):
     tol = _tol(q, k, v, scale)
     for kernel in ("reference", "xla"):
         got = attn.attend(q, k, v, mask, kernel=kernel, scale=scale)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol, err_msg=kernel)
+
+
+def test_a_bias_reaches_every_kernel_that_takes_one():
+    # T5's relative position bias: [1, heads, q, kv] float32, unscaled logits.
+    q, k, v = _inputs()
+    bias = jnp.asarray(np.random.default_rng(3).normal(size=(1, 4, 12, 12)), jnp.float32)
+    mask = _mask(packed=True)
+    want = _oracle(q, k, v, _rule(mask), 1.0, bias)
+    tol = _tol(q, k, v, 1.0) + reorder_atol(float(jnp.abs(bias).max()), 12)
+    for kernel in ("reference", "xla"):
+        got = attn.attend(q, k, v, mask, kernel=kernel, scale=1.0, bias=bias)
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=tol, err_msg=kernel)
 
 
