@@ -69,8 +69,11 @@ class Mask:
 
 
 def explicit_mask(mask: Mask) -> jax.Array:
-    """[batch, 1, length, length] bool, True = attend: the rule, expanded."""
+    """[batch, 1, length or 1, length] bool, True = attend: the rule, expanded (keys only,
+    [batch, 1, 1, length], when every query of a row sees the same keys: unpacked, full)."""
     real = mask.attention_mask.astype(bool)  # [batch, length]
+    if mask.segment_ids is None and not mask.causal and mask.window is None:
+        return real[:, None, None, :]
     index = jnp.arange(real.shape[1])
     distance = index[:, None] - index[None, :]  # [q, kv]: i - j
     allowed = real[:, None, :]  # [batch, 1, kv]
@@ -190,7 +193,7 @@ def attend(
     chosen = choose(kernel, platform, q, k, **call)
     if chosen == "splash":
         return splash_attention(q, k, v, mask, scale=scale)
-    dense = explicit_mask(mask)  # [batch, 1, length, length]
+    dense = explicit_mask(mask)  # [batch, 1, length or 1, length]
     if chosen == "reference":
         return reference_attention(q, k, v, dense, scale=scale, **call)
     return jax.nn.dot_product_attention(
