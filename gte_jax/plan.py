@@ -714,7 +714,9 @@ def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: Abstra
         if isinstance(compiled, dict)
         else plan_cost.compiled_cost(compiled, mesh.devices.flat)
     )
-    if not cost:  # XLA could not print the program (Mosaic kernels): the analytic time stays
+    # No cost figures: XLA could not print the program (a Mosaic kernel such as splash), so
+    # compiled_cost gave {} and --layers fitted the memory alone. The analytic time stays.
+    if "hardware_flops_per_chip" not in cost:
         return {"compiled_cost": "unavailable: XLA cannot print a program with Mosaic kernels"}
     return plan_cost.time_fields(
         cost,

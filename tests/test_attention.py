@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from numerics import reorder_atol
 
-from gte_jax import plan_cost, train
+from gte_jax import plan, plan_cost, train
 from gte_jax import sharding as shd
 from gte_jax.defaults import stage_config
 from gte_jax.models import attention as attn
@@ -272,3 +272,6 @@ def test_plan_keeps_the_analytic_time_when_xla_cannot_print_the_program():
             raise jax.errors.JaxRuntimeError("RET_CHECK failure: async-update instruction")
 
     assert plan_cost.compiled_cost(Unprintable(), []) == {}
+    # --layers: the memory fitted in depth, no cost figures -> no time from the program
+    fitted = {"argument": 1.0, "temp": 2.0, "peak": 3.0}
+    assert "unavailable" in plan._cost_report(fitted, None, {}, None, None, 0.4)["compiled_cost"]
