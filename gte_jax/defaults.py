@@ -45,12 +45,18 @@ def _model_defaults() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU. Ours.
     c.remat = False  # recompute each layer's activations in the backward pass; ours
     c.dropout = -1.0  # -1: the checkpoint's own dropout rates; ours
-    # Attention-probability dropout alone (-1: as above). 0 keeps jax.nn.dot_product_attention's
-    # fused kernels (cuDNN flash attention, TPU) in training: they have no dropout.
+    # Attention-probability dropout alone (-1: as above). 0 lets the fused attention kernels
+    # (model.attention_kernel; they have no dropout) run in training.
     c.attention_dropout = -1.0  # ours
     # "auto": the checkpoint's own (decoders: causal, Gemma3's use_bidirectional_attention);
     # "causal" | "bidirectional" override it (encoders are bidirectional only).
     c.attention = "auto"  # ours
+    # Which kernel computes attention (gte_jax/models/attention.py), ours: "reference" (float32
+    # einsum; the CPU default and the tests' oracle) | "xla" (jax.nn.dot_product_attention) |
+    # "cudnn" (cuDNN flash attention, GPU, bf16) | "splash" (Pallas splash kernel, TPU, lengths
+    # multiple of 128) | "auto" (GPU: cudnn, TPU: splash, where the call allows; else reference).
+    # Fused kernels have no attention dropout: auto falls back, the others need it at 0.
+    c.attention_kernel = "auto"
     c.train_dropout = True  # ours
     # "auto": the model directory's own pooling (sentence-transformers' Pooling module; mean for a
     # plain HF model); else one of mean | cls | last | weighted_mean ... (models/pooling.py):

@@ -36,6 +36,7 @@ The model's shape comes from ``model.init_from`` when it names a local directory
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -206,6 +207,7 @@ def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
         return registry.config_from_hf(
             dict(hf_config),
             dtype=compute_dtype(model_cfg.dtype, "tpu"),
+            attention_platform="tpu",  # model.attention_kernel "auto" decides for the TPU
             **wd.model_overrides(model_cfg),
         )
     except (TypeError, ValueError) as e:
@@ -429,7 +431,12 @@ def state_bytes_per_chip(state: Any) -> int:
 
 def compile_step(step: AbstractStep):
     """(compiled executable or None, error text when XLA refused for lack of memory)."""
-    lowered = step.train_step.lower(step.state, step.batch)
+    # The splash attention kernel (Mosaic) runs per data shard in a shard_map, which needs the
+    # mesh set while tracing (gte_jax/models/attention.py).
+    splash = getattr(step.encoder, "attention_kernel", "") == "splash"
+    mesh = jax.tree.leaves(step.state_shardings)[0].mesh
+    with jax.set_mesh(mesh) if splash else contextlib.nullcontext():
+        lowered = step.train_step.lower(step.state, step.batch)
     try:
         return lowered.compile(), None
     except Exception as e:  # XLA's TPU compiler raises XlaRuntimeError / ValueError
@@ -666,6 +673,10 @@ def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: Abstra
         if isinstance(compiled, dict)
         else plan_cost.compiled_cost(compiled, mesh.devices.flat)
     )
+    # No cost figures: XLA could not print the program (a Mosaic kernel such as splash), so
+    # compiled_cost gave {} and --layers fitted the memory alone. The analytic time stays.
+    if "hardware_flops_per_chip" not in cost:
+        return {"compiled_cost": "unavailable: XLA cannot print a program with Mosaic kernels"}
     return plan_cost.time_fields(
         cost,
         generation=topo.chip.generation,

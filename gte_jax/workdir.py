@@ -86,7 +86,7 @@ def is_workdir(path: epath.PathLike) -> bool:
 
 def model_overrides(model_cfg: Any) -> dict[str, Any]:
     """Tower config overrides from a config's ``model`` group (remat, dropout rates, attention
-    mode), in the generic names every family maps onto its own fields
+    mode and kernel), in the generic names every family maps onto its own fields
     (``gte_jax.models.registry``)."""
     overrides: dict[str, Any] = {}
     if model_cfg.remat:
@@ -97,6 +97,8 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
         overrides["attention_dropout"] = float(model_cfg.attention_dropout)
     if str(model_cfg.attention) != "auto":
         overrides["attention"] = str(model_cfg.attention)
+    if str(model_cfg.get("attention_kernel", "auto")) != "auto":
+        overrides["attention_kernel"] = str(model_cfg.attention_kernel)
     return overrides
 
 

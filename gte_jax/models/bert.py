@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import gte_jax.models.attention as attn
 import gte_jax.models.dropout as _dropout
 import gte_jax.models.lora_layer as lora
 from gte_jax.models.partitioning import constrain, lookup
@@ -142,6 +143,10 @@ class EncoderConfig:
     param_dtype: Any = jnp.float32
     # Rematerialise each layer in the backward pass (activation memory ~ 1 layer instead of L).
     remat: bool = False
+    # Which attention kernel runs (gte_jax.models.attention.KERNELS; model.attention_kernel) and
+    # the platform "auto" decides for ("" = jax.default_backend(); plan compiles for "tpu").
+    attention_kernel: str = "auto"
+    attention_platform: str = ""
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -251,19 +256,23 @@ def explicit_attention(
     dropout_rate: float,
     dropout_uniform: jax.Array | None,  # [batch, heads, q_len, kv_len] dropout draws
 ) -> jax.Array:
-    """Softmax attention with dropout on the probabilities (what HF BERT does in training).
+    """Softmax attention with dropout on the probabilities (what HF BERT does in training):
+    ``attention.reference_attention`` with BERT's dropout draws."""
+    return attn.reference_attention(
+        q,
+        k,
+        v,
+        mask,
+        scale=q.shape[-1] ** -0.5,
+        dropout=_attention_dropout(dropout_rate, dropout_uniform),
+    )
 
-    The fused ``jax.nn.dot_product_attention`` has no attention dropout, so this path is taken only
-    when attention dropout is active; it follows the same maths (float32 logits and softmax).
-    """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum(
-        "btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32
-    )  # [batch, heads, q_len, kv_len]
-    logits = jnp.where(mask, logits * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)  # float32
-    probs = _drop(probs, dropout_rate, dropout_uniform).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [batch, q_len, heads, head_dim]
+
+def _attention_dropout(rate: float, draws: jax.Array | None):
+    """BERT's dropout on the float32 attention probabilities, or None when it is off."""
+    if draws is None or rate == 0.0:
+        return None
+    return lambda probs: _drop(probs, rate, draws)
 
 
 class Embeddings(nnx.Module):
@@ -350,7 +359,7 @@ class EncoderLayer(nnx.Module):
     def __call__(
         self,
         x: jax.Array,  # [batch, length, embed]
-        mask: jax.Array,  # [batch, 1, 1 or length, length] bool
+        mask: attn.Mask,
         dropout_rng: jax.Array | None,
     ) -> jax.Array:
         cfg = self.config
@@ -377,20 +386,15 @@ class EncoderLayer(nnx.Module):
         k = lora.dense(self.key, x, k_key).reshape(heads)  # [batch, length, heads, head_dim]
         v = lora.dense(self.value, x, v_key).reshape(heads)  # [batch, length, heads, head_dim]
         q, k, v = (constrain(t, BLHK) for t in (q, k, v))
-        if attn_drop:
-            ctx = explicit_attention(
-                q,
-                k,
-                v,
-                mask,
-                dropout_rate=cfg.attention_probs_dropout_prob,
-                dropout_uniform=attn_u,
-            )
-        else:
-            # Fused kernel (cuDNN flash attention on GPU, XLA elsewhere); softmax in float32.
-            ctx = jax.nn.dot_product_attention(
-                q, k, v, mask=mask
-            )  # [batch, length, heads, head_dim]
+        ctx = attn.attend(
+            q,
+            k,
+            v,
+            mask,
+            kernel=cfg.attention_kernel,
+            platform=cfg.attention_platform,
+            dropout=_attention_dropout(cfg.attention_probs_dropout_prob, attn_u),
+        )  # [batch, length, heads, head_dim]
         ctx = constrain(ctx, BLHK).reshape(b, n, cfg.hidden_size)  # [batch, length, embed]
         h = _drop(
             lora.dense(self.attention_output, ctx, o_key), cfg.hidden_dropout_prob, attn_out_u
@@ -410,7 +414,7 @@ class EncoderLayer(nnx.Module):
 
 
 def _layer_forward(
-    layer: EncoderLayer, x: jax.Array, mask: jax.Array, dropout_rng: jax.Array | None
+    layer: EncoderLayer, x: jax.Array, mask: attn.Mask, dropout_rng: jax.Array | None
 ) -> jax.Array:
     return layer(x, mask, dropout_rng)
 
@@ -440,10 +444,7 @@ def packed_attention_mask(segment_ids: jax.Array, attention_mask: jax.Array) -> 
     to every real key, as in the unpacked path, so no softmax row is empty unless the whole row is
     padding; their outputs are never pooled.
     """
-    real_key = attention_mask.astype(bool)[:, None, :]  # [batch, 1, length]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, length, length]
-    pad_query = (segment_ids == 0)[:, :, None]  # [batch, length, 1]
-    return (real_key & (same | pad_query))[:, None]
+    return attn.explicit_mask(attn.Mask(attention_mask, segment_ids))
 
 
 class TransformerEncoder(nnx.Module):
@@ -481,11 +482,9 @@ class TransformerEncoder(nnx.Module):
             if position_ids is None:
                 position_ids = segment_positions(segment_ids)
             position_ids = position_ids + cfg.position_offset
-            mask = packed_attention_mask(segment_ids, attention_mask)  # [batch, 1, length, length]
-        else:
-            # Keys only are masked: rows at pad positions still attend to the real tokens (as
-            # HF), so no softmax row is empty unless a whole sequence is padding.
-            mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
+        # Packed rows: block-diagonal per segment. Pad rows attend to the real tokens (as HF), so
+        # no softmax row is empty unless a whole sequence is padding (attention.py's rule).
+        mask = attn.Mask(attention_mask, segment_ids)
         if position_ids is None:
             if cfg.position_offset:
                 position_ids = roberta_position_ids(input_ids, cfg.pad_token_id)

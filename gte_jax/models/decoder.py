@@ -23,9 +23,9 @@ the families is data in ``DecoderConfig``, not code paths:
 
 Attention is ``causal`` or ``bidirectional`` by *our* config (``DecoderConfig.attention``; default
 from the HF config: Gemma3's ``use_bidirectional_attention``, else causal; ``attention=`` is a
-config override), never by which kernel runs: one explicit boolean mask [batch, 1, q, kv] is built
-for every call — batch size 1, padded or packed alike — and one explicit softmax attention uses
-it. Token i may attend to key j iff j is a real token, both are in the same segment (packed rows),
+config override), never by which kernel runs: one mask description (``attention.Mask``) is built
+for every call — batch size 1, padded or packed alike — and ``attention.attend`` runs it on the
+kernel of ``model.attention_kernel`` (reference einsum, XLA, cuDNN, TPU splash). Token i may attend to key j iff j is a real token, both are in the same segment (packed rows),
 j <= i (causal), and j is inside i's window (sliding layers). Windows follow transformers 5.24
 (``masking_utils`` and ``Gemma3TextModel``): causal ``0 <= i - j < w``; bidirectional
 ``|i - j| < w // 2 + 1``, where w is ``sliding_window`` as config.json stores it (Gemma3TextConfig
@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import gte_jax.models.attention as attn
 import gte_jax.models.lora_layer as lora
 from gte_jax.models.bert import ACTIVATIONS, dropout, segment_positions
 
@@ -222,6 +223,10 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    # Which attention kernel runs (gte_jax.models.attention.KERNELS; model.attention_kernel) and
+    # the platform "auto" decides for ("" = jax.default_backend(); plan compiles for "tpu").
+    attention_kernel: str = "auto"
+    attention_platform: str = ""
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -520,28 +525,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def attention_masks(
     config: DecoderConfig, attention_mask: jax.Array, segment_ids: jax.Array | None
-) -> dict[str, jax.Array]:
-    """{layer type: [batch, 1, length, length] bool} — the one mask rule (module docstring)."""
-    length = attention_mask.shape[1]
-    real = attention_mask.astype(bool)
-    index = jnp.arange(length)
-    distance = index[:, None] - index[None, :]  # [q, kv]: i - j
-    allowed = real[:, None, :]  # [batch, 1, kv]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+) -> dict[str, attn.Mask]:
+    """{layer type: its mask} — the one mask rule (module docstring, ``attention.Mask``)."""
     causal = config.attention == "causal"
-    if causal:
-        allowed = allowed & (distance >= 0)[None]
-    pad_query = (~real)[:, :, None]  # [batch, q, 1]
-    masks = {}
-    for layer_type in sorted(set(config.layer_types)):
-        window = config.window(layer_type)
-        layer = allowed
-        if window is not None:
-            inside = distance < window if causal else jnp.abs(distance) < window // 2 + 1
-            layer = layer & inside[None]
-        masks[layer_type] = (layer | (pad_query & real[:, None, :]))[:, None]
-    return masks
+    return {
+        layer_type: attn.Mask(attention_mask, segment_ids, causal, config.window(layer_type))
+        for layer_type in sorted(set(config.layer_types))
+    }
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -586,32 +576,27 @@ def decoder_attention(
     q: jax.Array,  # [batch, q_len, heads, head_dim]
     k: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
     v: jax.Array,  # [batch, kv_len, kv_heads, head_dim]
-    mask: jax.Array,  # [batch, 1, q_len, kv_len] bool, True = attend
+    mask: attn.Mask,
     *,
+    config: DecoderConfig,
     scale: float,
-    softcap: float | None,
-    dropout_rate: float,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
-    """Grouped-query softmax attention: float32 logits, softcap, mask, softmax, dropout.
-
-    Query heads are grouped per key/value head ([.., kv_heads, group, ..]), so keys and values
-    are never repeated in memory (HF's repeat_kv).
-    """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [batch, q_len, kv_heads, group, head_dim]
-    logits = jnp.einsum(
-        "btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32
-    )  # [batch, kv_heads, group, q_len, kv_len]
-    logits = logits * scale
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)  # float32
-    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [batch, q_len, kv_heads, group, head_dim]
-    return out.reshape(b, t, n, h)
+    """Grouped-query softmax attention (``attention.attend``, the config's kernel): float32
+    logits, softcap, mask, softmax, dropout on the probabilities when ``dropout_rng`` is given."""
+    rate = config.attention_dropout
+    drop = None if dropout_rng is None or rate == 0.0 else (lambda p: dropout(p, rate, dropout_rng))
+    return attn.attend(
+        q,
+        k,
+        v,
+        mask,
+        kernel=config.attention_kernel,
+        platform=config.attention_platform,
+        scale=scale,
+        softcap=config.attn_logit_softcapping,
+        dropout=drop,
+    )  # [batch, q_len, heads, head_dim]
 
 
 class Attention(nnx.Module):
@@ -631,7 +616,7 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,  # [batch, length, embed]
         rope: tuple[jax.Array, jax.Array],  # cos, sin [batch, length, head_dim]
-        mask: jax.Array,  # [batch, 1, length, length] bool
+        mask: attn.Mask,
         dropout_rng: jax.Array | None,
     ) -> jax.Array:
         cfg = self.config
@@ -648,14 +633,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         scalar = cfg.query_pre_attn_scalar if cfg.gemma else cfg.head_dim
         ctx = decoder_attention(
-            q,
-            k,
-            v,
-            mask,
-            scale=float(scalar) ** -0.5,
-            softcap=cfg.attn_logit_softcapping,
-            dropout_rate=cfg.attention_dropout,
-            dropout_rng=dropout_rng,
+            q, k, v, mask, config=cfg, scale=float(scalar) ** -0.5, dropout_rng=dropout_rng
         )  # [batch, length, heads, head_dim]
         return lora.dense(self.o_proj, ctx.reshape(b, n, -1), o_key)  # [batch, length, embed]
 

@@ -7,7 +7,9 @@ A *family* is everything gte-jax needs to know about one kind of transformer tow
   every family accepts: ``dtype`` (compute dtype), ``remat`` (bool), ``dropout`` and
   ``attention_dropout`` (floats: the config group ``model``'s switches, mapped onto the family's
   fields — BERT's ``hidden_dropout_prob``, T5's ``dropout_rate``, ...), ``attention``
-  ("causal" | "bidirectional": decoders take either, encoders refuse "causal").
+  ("causal" | "bidirectional": decoders take either, encoders refuse "causal"),
+  ``attention_kernel`` and ``attention_platform`` (``gte_jax.models.attention``: which kernel
+  computes attention, and the platform "auto" decides for).
 - ``tower(config, *, rngs) -> nnx.Module`` with ``__call__(input_ids, attention_mask,
   token_type_ids=None, position_ids=None, *, segment_ids=None, dropout_rng=None) -> [B, L, D]``
   (docs/design.md, "Model"; packed rows when ``segment_ids`` is given).

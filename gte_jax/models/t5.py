@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import gte_jax.models.attention as attn
 import gte_jax.models.lora_layer as lora
 from gte_jax.models.bert import (
     ACTIVATIONS,
@@ -38,7 +39,6 @@ from gte_jax.models.bert import (
     _split,
     _uniforms,
     dropout,
-    packed_attention_mask,
 )
 
 # HF model_type -> the encoder-only class sentence-transformers loads for it (mT5 is T5 v1.1's
@@ -116,6 +116,11 @@ class T5EncoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    # Which attention kernel runs (gte_jax.models.attention.KERNELS; model.attention_kernel) and
+    # the platform "auto" decides for. The relative position bias rules out splash, so "auto"
+    # is the reference einsum on TPU; xla / cudnn take the bias.
+    attention_kernel: str = "auto"
+    attention_platform: str = ""
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -272,21 +277,25 @@ def _attention(
     q: jax.Array,  # [batch, q_len, heads, d_kv]
     k: jax.Array,  # [batch, kv_len, heads, d_kv]
     v: jax.Array,  # [batch, kv_len, heads, d_kv]
-    mask: jax.Array,  # [batch, 1, 1 or q_len, kv_len] bool, True = attend
+    mask: attn.Mask,
     bias: jax.Array,  # [1, heads, q_len, kv_len] float32 relative position bias
-    rate: float,
+    config: T5EncoderConfig,
     uniform: jax.Array | None,  # [batch, heads, q_len, kv_len] U[0, 1) draws, or None
 ) -> jax.Array:
     """softmax(q.k + bias) v with T5's unscaled logits; dropout on the probabilities if drawn."""
-    if uniform is None:
-        # Fused kernel (XLA's): float32 logits, bias added before the mask, float32 softmax.
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
-    logits = jnp.einsum(
-        "btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32
-    )  # [batch, heads, q_len, kv_len]
-    logits = jnp.where(mask, logits + bias, jnp.finfo(jnp.float32).min)
-    probs = _drop(jax.nn.softmax(logits, axis=-1), rate, uniform).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [batch, q_len, heads, d_kv]
+    rate = config.attention_dropout
+    drop = None if uniform is None or rate == 0.0 else (lambda p: _drop(p, rate, uniform))
+    return attn.attend(
+        q,
+        k,
+        v,
+        mask,
+        kernel=config.attention_kernel,
+        platform=config.attention_platform,
+        scale=1.0,
+        bias=bias,
+        dropout=drop,
+    )  # [batch, q_len, heads, d_kv]
 
 
 class T5Layer(nnx.Module):
@@ -310,7 +319,7 @@ class T5Layer(nnx.Module):
     def __call__(
         self,
         x: jax.Array,  # [batch, length, embed] float32 residual stream
-        mask: jax.Array,  # [batch, 1, 1 or length, length] bool
+        mask: attn.Mask,
         bias: jax.Array,  # [1, heads, length, length] float32
         dropout_rng: jax.Array | None,
     ) -> jax.Array:
@@ -336,7 +345,7 @@ class T5Layer(nnx.Module):
         q = lora.dense(self.query, h, q_key).reshape(heads)  # [batch, length, heads, d_kv]
         k = lora.dense(self.key, h, k_key).reshape(heads)  # [batch, length, heads, d_kv]
         v = lora.dense(self.value, h, v_key).reshape(heads)  # [batch, length, heads, d_kv]
-        ctx = _attention(q, k, v, mask, bias, cfg.attention_dropout, attn_u)
+        ctx = _attention(q, k, v, mask, bias, cfg, attn_u)
         ctx = ctx.reshape(b, n, cfg.inner_dim)  # [batch, length, heads * d_kv]
         o = lora.dense(self.attention_output, ctx, o_key)  # [batch, length, embed]
         x = x + _drop(o, cfg.dropout_rate, attn_out_u).astype(jnp.float32)
@@ -354,7 +363,7 @@ class T5Layer(nnx.Module):
 def _layer_forward(
     layer: T5Layer,
     x: jax.Array,
-    mask: jax.Array,
+    mask: attn.Mask,
     bias: jax.Array,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
@@ -414,11 +423,8 @@ class T5Encoder(nnx.Module):
         """
         del token_type_ids, position_ids
         cfg = self.config
-        if segment_ids is not None:
-            mask = packed_attention_mask(segment_ids, attention_mask)  # [batch, 1, length, length]
-        else:
-            # Keys only are masked (as HF), so pad rows still have keys to attend to.
-            mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, length]
+        # Packed rows: block-diagonal; pad rows attend to the real keys (attention.py's rule).
+        mask = attn.Mask(attention_mask, segment_ids)
         bias = self.position_bias(input_ids.shape[1])  # [1, heads, length, length]
         rngs = _split(dropout_rng, cfg.num_layers + 2)
         x = dropout(self.word_embeddings(input_ids), cfg.dropout_rate, rngs[0])  # float32

@@ -14,7 +14,7 @@ from gte_jax import sharding as shd
 from gte_jax.data.pipeline import source_kinds
 from gte_jax.errors import ConfigError
 from gte_jax.gradcache import GATHER_MODES
-from gte_jax.models import lora
+from gte_jax.models import attention, lora
 from gte_jax.models.pooling import POOLING_MODES
 from gte_jax.models.precision import compute_dtype
 from gte_jax.objectives.matryoshka import sorted_dims
@@ -125,6 +125,13 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
         compute_dtype(config.model.dtype)
     except ValueError as e:  # names the setting and the choices
         problems.append(str(e))
+    problems.extend(
+        attention.config_problems(
+            config.model,
+            mesh.devices.flat[0].platform,
+            train_dropout=bool(config.model.train_dropout),
+        )
+    )
     if str(config.model.padding_side) not in ("auto", "left", "right"):
         problems.append(
             f"model.padding_side={config.model.padding_side!r}: use auto, left or right"
