@@ -91,6 +91,8 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if model_cfg.remat:
         overrides["remat"] = True
+    if model_cfg.get("scan_layers", False):
+        overrides["scan_layers"] = True
     if model_cfg.dropout >= 0:
         overrides["dropout"] = float(model_cfg.dropout)
     if model_cfg.attention_dropout >= 0:
