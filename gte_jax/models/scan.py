@@ -19,7 +19,7 @@ its string in a restored checkpoint) in an unrolled tower, an attribute name in 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -147,3 +147,35 @@ def stack_saved(saved: Any) -> Any:
             lambda *xs: np.stack(xs) if isinstance(xs[0], np.ndarray) else jnp.stack(xs), *rows
         )
     return saved
+
+
+def unstack_saved(saved: Any, n: int) -> dict:
+    """A stacked layer stack ({...: [L, ...]}) as an unrolled tower stores it ({"0": {...}})."""
+    return {str(i): jax.tree.map(lambda x, i=i: x[i], saved) for i in range(n)}
+
+
+def _unrolled(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and bool(tree) and all(str(k).isdigit() for k in tree)
+
+
+def like(base: Mapping, saved: Any) -> Any:
+    """``saved[LAYERS]`` (a restored checkpoint's layer stack) in ``base[LAYERS]``'s layout:
+    stacked for a scanned tower, per layer for an unrolled one (a checkpoint written with the
+    other ``scan_layers`` setting is converted, not refused)."""
+    if _unrolled(saved) and not _unrolled(base):
+        return stack_saved(saved)
+    if _unrolled(base) and isinstance(saved, Mapping) and not _unrolled(saved):
+        return unstack_saved(saved, len(base))
+    return saved
+
+
+def layout(tree: Any) -> str | None:
+    """"stacked" when a pytree holds a scanned tower's layers, "unrolled" when an unrolled
+    tower's, None when it holds no layer stack."""
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        text = jax.tree_util.keystr(path, simple=True, separator="/")
+        if is_stacked_path(text):
+            return "stacked"
+        if re.search(rf"(^|/){LAYERS}/\d+/", text):
+            return "unrolled"
+    return None
