@@ -30,14 +30,14 @@ from gte_jax.models.bert import EncoderConfig, TransformerEncoder
 from gte_jax.models.decoder import DecoderConfig, DecoderTower
 from gte_jax.models.t5 import T5EncoderConfig, T5Encoder
 
-BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=24)  # fmt: skip
-T5 = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_heads=4,
+T5 = dict(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
           relative_attention_num_buckets=8, relative_attention_max_distance=10,
           feed_forward_proj="gated-gelu")  # fmt: skip
-GEMMA_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
+GEMMA_TYPES = ("sliding_attention", "full_attention")
 GEMMA = dict(model_type="gemma3_text", vocab_size=64, hidden_size=16, intermediate_size=32,
-             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=4,
              hidden_act="gelu_pytorch_tanh", qk_norm=True, gemma=True, query_pre_attn_scalar=4.0,
              layer_types=GEMMA_TYPES, sliding_window=3, attention="bidirectional",
              rope=(("full_attention", (("rope_theta", 10000.0), ("rope_type", "default"))),
@@ -56,8 +56,10 @@ def _towers(name: str, **overrides):
     parameters stacked."""
     config_cls, tower_cls, fields = TOWERS[name]
     config = config_cls(**{**fields, **overrides})
-    unrolled = tower_cls(config, rngs=nnx.Rngs(0))
-    scanned = tower_cls(dataclasses.replace(config, scan_layers=True), rngs=nnx.Rngs(1))
+    unrolled = nnx.jit(lambda: tower_cls(config, rngs=nnx.Rngs(0)))()  # one compile, not one per op
+    scanned = nnx.eval_shape(
+        lambda: tower_cls(dataclasses.replace(config, scan_layers=True), rngs=nnx.Rngs(1))
+    )
     _copy_stacked(unrolled, scanned)
     return unrolled, scanned
 
@@ -123,21 +125,16 @@ def _assert_same(unrolled, scanned, *, packed=False, dropout=False):
 
 
 @pytest.mark.parametrize("name", sorted(TOWERS))
-def test_scanned_equals_unrolled_with_dropout_and_remat(name):
-    """Forward and every gradient; dropout keys per layer as the unrolled loop draws them (a key
-    given to the wrong layer moves the output by O(1)); remat inside the scan."""
+def test_scanned_equals_unrolled_with_dropout_remat_and_packing(name):
+    """Forward and every gradient on packed rows (segment masks); dropout keys per layer as the
+    unrolled loop draws them (a key given to the wrong layer moves the output by O(1)); remat
+    inside the scan. Gemma3: a sliding and a full layer, each with its own mask and RoPE."""
     unrolled, scanned = _towers(name, remat=True, **DROPOUT[name])
-    _assert_same(unrolled, scanned, dropout=True)
-
-
-@pytest.mark.parametrize("name", sorted(TOWERS))
-def test_scanned_equals_unrolled_on_packed_rows(name):
-    unrolled, scanned = _towers(name)
-    _assert_same(unrolled, scanned, packed=True)
+    _assert_same(unrolled, scanned, packed=True, dropout=True)
 
 
 def test_scanned_init_is_the_unrolled_init_stacked():
-    config = EncoderConfig(**BERT)
+    config = EncoderConfig(**{**BERT, "num_hidden_layers": 3})
     unrolled = _pure(TransformerEncoder(config, rngs=nnx.Rngs(0)))
     scanned = _pure(TransformerEncoder(dataclasses.replace(config, scan_layers=True),
                                        rngs=nnx.Rngs(0)))  # fmt: skip
@@ -146,17 +143,18 @@ def test_scanned_init_is_the_unrolled_init_stacked():
 
 
 def _lora(tower, rank=2):
-    lora.inject(tower, lora.LoRAConfig(rank=rank, alpha=4.0), rngs=nnx.Rngs(5))
+    targets = ("q_proj", "o_proj", "down_proj")  # attention in and out, MLP
+    lora.inject(tower, lora.LoRAConfig(rank=rank, alpha=4.0, target_modules=targets),
+                rngs=nnx.Rngs(5))  # fmt: skip
     for _, layer in lora.lora_layers(tower):  # B = 0 would hide the LoRA path
         layer.lora_b[...] = jax.random.normal(jax.random.key(9), layer.lora_b.shape) * 0.1
 
 
-@pytest.mark.parametrize("name", ["bert", "gemma3"])
-def test_lora_scanned_equals_unrolled_and_merges_alike(name):
-    unrolled, scanned = _towers(name)
+def test_lora_scanned_equals_unrolled_and_merges_alike():
+    unrolled, scanned = _towers("gemma3")
     _lora(unrolled)
     _lora(scanned)
-    assert scanned.layers.query.lora_a.shape[0] == 3 if name == "bert" else True
+    assert scanned.layers.self_attn.q_proj.lora_a.shape == (2, 16, 2)
     _copy_stacked(unrolled, scanned)
     _assert_same(unrolled, scanned)
     merged = _pure(lora.merge(scanned))
@@ -196,7 +194,7 @@ def test_fsdp_never_splits_the_layer_axis():
 def gemma_dir(tmp_path_factory):
     return tiny_decoder_dir(
         tmp_path_factory.mktemp("scan"), "gemma3_text", causal_lm=False,
-        num_hidden_layers=3, layer_types=list(GEMMA_TYPES),
+        num_hidden_layers=3, layer_types=[*GEMMA_TYPES, "sliding_attention"],
     )  # fmt: skip
 
 
@@ -204,7 +202,7 @@ def test_hf_load_scanned_export_is_transformers_model(gemma_dir, tmp_path):
     """HF weights -> scanned tower == transformers' hidden states; the export writes back the
     very tensors, and its LoRA adapter names every layer's modules as the unrolled one does."""
     model, info = hf.load_model(gemma_dir, scan_layers=True)
-    assert model.encoder.layers.self_attn.q_proj.kernel.shape[0] == 3
+    assert model.encoder.layers.self_attn.q_proj.kernel.shape[0] == 3  # the layers are stacked
     tok = tiny_tokenizer()
     batch = tok(["What is AI?", "A new blaze near Goulburn closed the Hume Highway."],
                 padding=True, return_tensors="np")  # fmt: skip
