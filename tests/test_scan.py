@@ -56,7 +56,12 @@ def _towers(name: str, **overrides):
     parameters stacked."""
     config_cls, tower_cls, fields = TOWERS[name]
     config = config_cls(**{**fields, **overrides})
-    unrolled = nnx.jit(lambda: tower_cls(config, rngs=nnx.Rngs(0)))()  # one compile, not one per op
+    # Random NumPy parameters into abstract towers: no init program to compile.
+    unrolled = nnx.eval_shape(lambda: tower_cls(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(unrolled)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), state)
+    unrolled = nnx.merge(graphdef, state)
     scanned = nnx.eval_shape(
         lambda: tower_cls(dataclasses.replace(config, scan_layers=True), rngs=nnx.Rngs(1))
     )
