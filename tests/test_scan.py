@@ -28,7 +28,7 @@ from gte_jax.checkpoint import Checkpointer, CheckpointError
 from gte_jax.models import lora, scan
 from gte_jax.models.bert import EncoderConfig, TransformerEncoder
 from gte_jax.models.decoder import DecoderConfig, DecoderTower
-from gte_jax.models.t5 import T5EncoderConfig, T5Encoder
+from gte_jax.models.t5 import T5Encoder, T5EncoderConfig
 
 BERT = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=24)  # fmt: skip
@@ -223,8 +223,9 @@ def test_hf_load_scanned_export_is_transformers_model(gemma_dir, tmp_path):
     real = mask.astype(bool)
     assert np.abs(got - ref)[real].max() <= 1e-5
     out = hf.export_pretrained(model, tok, tmp_path / "export", info=info, lm_head=False)
-    source, written = load_file(gemma_dir / hf.SAFETENSORS_FILE), load_file(
-        out / hf.SAFETENSORS_FILE
+    source, written = (
+        load_file(gemma_dir / hf.SAFETENSORS_FILE),
+        load_file(out / hf.SAFETENSORS_FILE),
     )
     assert source.keys() == written.keys()
     for name, tensor in source.items():

@@ -170,8 +170,8 @@ def like(base: Mapping, saved: Any) -> Any:
 
 
 def layout(tree: Any) -> str | None:
-    """"stacked" when a pytree holds a scanned tower's layers, "unrolled" when an unrolled
-    tower's, None when it holds no layer stack."""
+    """The layout of a pytree's layer stack: "stacked" (a scanned tower's), "unrolled" (an
+    unrolled tower's), or None when it holds none."""
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
         text = jax.tree_util.keystr(path, simple=True, separator="/")
         if is_stacked_path(text):
