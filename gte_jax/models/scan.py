@@ -39,7 +39,9 @@ def layer_stack(make_layer: Callable[[], nnx.Module], n: int, scanned: bool) -> 
 
 def stack(make_layer: Callable[[], nnx.Module], n: int) -> nnx.Module:
     """``n`` layers from ``make_layer()`` (called n times in order, so the random init equals an
-    unrolled tower's) as one module whose every leaf is stacked on a new leading axis."""
+    unrolled tower's) as one module whose every leaf is stacked on a new leading axis. A random
+    init holds the layers twice while it stacks; a loaded model is built abstractly
+    (``nnx.eval_shape`` in ``gte_jax.hf``), so nothing is held there."""
     layers = [make_layer() for _ in range(n)]
     graphdef = nnx.split(layers[0])[0]
     states = [nnx.split(layer)[1] for layer in layers]
