@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+import gte_jax.models.scan as scan
+
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +114,7 @@ class Checkpointer:
             candidates = [step]
         if not candidates:
             return None
+        self._check_layout(abstract_state, candidates[-1])
         failures = []
         for s in reversed(candidates):
             try:
@@ -141,6 +144,22 @@ class Checkpointer:
             + "\n  ".join(failures)
             + "\nMove the damaged step directories away (or start a fresh --workdir) and rerun."
         )
+
+    def _check_layout(self, abstract_state: Any, step: int) -> None:
+        """Refuses (one line) to resume a run whose layers are laid out otherwise than the
+        checkpoint's (``model.scan_layers`` changed): orbax would report every step damaged."""
+        try:
+            meta = self._manager.item_metadata(step)["state"]
+        except Exception:  # unreadable: restore() skips the step with its own message
+            return
+        saved, wanted = scan.layout(getattr(meta, "tree", meta)), scan.layout(abstract_state)
+        if saved and wanted and saved != wanted:
+            setting = {"stacked": "true", "unrolled": "false"}
+            raise CheckpointError(
+                f"{self.directory}/{step} was written with model.scan_layers="
+                f"{setting[saved]} and this run has model.scan_layers={setting[wanted]}: resume "
+                "with the setting the run started with"
+            )
 
     def restore_unsharded(self, step: int | None = None, *, host: bool = False) -> tuple[int, Any]:
         """The saved state as arrays on one local device (``host``: NumPy arrays in host memory,

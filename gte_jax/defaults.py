@@ -44,6 +44,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
     c.init_from = "all-MiniLM-L6-v2"  # ours
     c.dtype = "float32"  # compute dtype; params stay float32. bfloat16 on TPU/GPU, not CPU. Ours.
     c.remat = False  # recompute each layer's activations in the backward pass; ours
+    # Store the layers stacked and run them as one jax.lax.scan (ours; models/scan.py): the
+    # compiled program stops growing with depth (7B: plan compiles the full model). Off by default:
+    # checkpoints and paths keep their per-layer layout, and small CPU models gain nothing.
+    c.scan_layers = False
     c.dropout = -1.0  # -1: the checkpoint's own dropout rates; ours
     # Attention-probability dropout alone (-1: as above). 0 lets the fused attention kernels
     # (model.attention_kernel; they have no dropout) run in training.

@@ -42,7 +42,7 @@ from safetensors.numpy import save as save_bytes
 
 import gte_jax.models.lora as lora
 from gte_jax import hf_bidirectional
-from gte_jax.models import registry
+from gte_jax.models import registry, scan
 from gte_jax.models.encoder import BiEncoder
 
 logger = logging.getLogger(__name__)
@@ -495,17 +495,13 @@ def load_model(
 
 
 def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> None:
-    *parents, leaf = tuple(path)
-    node = tree
-    for key in parents:
-        node = node[key]
-    expected = tuple(node[leaf].shape)
+    # A scanned tower stores its layers stacked: a layer index in ``path`` is a row (models/scan).
+    expected = scan.set_leaf(tree, tuple(path), array)
     if tuple(array.shape) != expected:
         raise ValueError(
             f"tensor {name}: shape {tuple(array.shape)} does not fit the config's {expected}; "
             "config.json and the weights disagree."
         )
-    node[leaf] = np.ascontiguousarray(array)
 
 
 # ----------------------------------------------------------------------------- export
@@ -519,10 +515,7 @@ def _params_numpy(model: BiEncoder) -> dict[str, Any]:
 
 
 def _get_leaf(tree: dict, path: Iterable[Any]) -> np.ndarray:
-    node = tree
-    for key in path:
-        node = node[key]
-    return node
+    return scan.get_leaf(tree, tuple(path))
 
 
 def _write_json(path: epath.Path, obj: Any) -> None:
@@ -771,16 +764,24 @@ def export_lora_adapter(
         if where[-1] == "kernel" and transpose and name.endswith(".weight")
     }
     tensors, modules = {}, []
-    for path, layer in layers:
-        torch_weight = kernel_to_torch.get(tuple(path) + ("kernel",))
-        if torch_weight is None:
-            raise ValueError(f"LoRA layer {'/'.join(map(str, path))} has no torch name to export")
-        module = torch_weight.removesuffix(".weight")
-        modules.append(module)
-        # torch Linear weights are (out, in): A^T [r, in], B^T [out, r].
-        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            array = np.asarray(jax.device_get(getattr(layer, ours)[...]), dtype=np.float32)
-            tensors[f"base_model.model.{module}.{theirs}.weight"] = np.ascontiguousarray(array.T)
+    depth = model.config.num_hidden_layers
+    for stacked_path, layer in layers:
+        # A scanned tower's LoRA layer holds every layer's factors ([layers, ...]): one row each.
+        for row, path in scan.unstacked(tuple(stacked_path), depth):
+            torch_weight = kernel_to_torch.get(tuple(path) + ("kernel",))
+            if torch_weight is None:
+                raise ValueError(
+                    f"LoRA layer {'/'.join(map(str, path))} has no torch name to export"
+                )
+            module = torch_weight.removesuffix(".weight")
+            modules.append(module)
+            # torch Linear weights are (out, in): A^T [r, in], B^T [out, r].
+            for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+                array = np.asarray(jax.device_get(getattr(layer, ours)[...]), dtype=np.float32)
+                array = array if row is None else array[row]
+                tensors[f"base_model.model.{module}.{theirs}.weight"] = np.ascontiguousarray(
+                    array.T
+                )
     first = layers[0][1]
     if any((m.rank, m.alpha, m.dropout_rate) != (first.rank, first.alpha, first.dropout_rate)
            for _, m in layers):  # fmt: skip

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import gte_jax.models.registry as registry
+import gte_jax.models.scan as scan
 from gte_jax.data.layout import BatchLayout
 
 # Activation rules and the towers' constraint live in a leaf module the model families can
@@ -261,6 +262,10 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     LoRA factors follow their layer's kernel [in, out]: ``lora_a`` [in, r] gets (in's axis, None),
     ``lora_b`` [r, out] (None, out's axis), so x·A·B comes out split like x·W (tensor
     parallelism: no extra collective) and FSDP splits each factor on its wide dim."""
+    if scan.is_stacked_path(path) and ndim >= 1:
+        # A scanned tower's layer parameter: the stacked layer axis first, never split.
+        row = re.sub(rf"(^|/){scan.LAYERS}/", rf"\g<1>{scan.LAYERS}/0/", path, count=1)
+        return (scan.LAYERS,) + logical_axes(row, ndim - 1)
     lora = re.search(r"^(.*)/lora_([ab])$", path)
     if lora and ndim == 2:
         kernel_in, kernel_out = logical_axes(lora.group(1) + "/kernel", 2)
@@ -295,13 +300,20 @@ def leaf_spec(
         if re.search(pattern, path):
             return _checked_rule(pattern, tuple(axes), path, shape, mesh_shape)
     spec: list[str | None] = [None] * ndim
-    for i, name in enumerate(logical_axes(path, ndim)):
+    names = logical_axes(path, ndim)
+    for i, name in enumerate(names):
         axis = LOGICAL_AXIS_RULES[mode].get(name) if name else None
         if axis and mesh_shape[axis] > 1 and shape[i] % mesh_shape[axis] == 0:
             spec[i] = axis
     data = mesh_shape[DATA_AXIS]
-    if mode in FSDP_MODES and ndim >= 2 and data > 1:
-        free = [i for i in range(ndim) if spec[i] is None and shape[i] % data == 0]
+    # The stacked layer axis of a scanned tower stays whole: the scan slices it per layer.
+    stacked = sum(name == scan.LAYERS for name in names)
+    if mode in FSDP_MODES and ndim - stacked >= 2 and data > 1:
+        free = [
+            i
+            for i in range(ndim)
+            if spec[i] is None and shape[i] % data == 0 and names[i] != scan.LAYERS
+        ]
         if free:
             spec[max(free, key=lambda i: (shape[i], -i))] = DATA_AXIS
     return PartitionSpec(*spec)

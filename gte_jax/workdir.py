@@ -91,6 +91,8 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if model_cfg.remat:
         overrides["remat"] = True
+    if model_cfg.get("scan_layers", False):
+        overrides["scan_layers"] = True
     if model_cfg.dropout >= 0:
         overrides["dropout"] = float(model_cfg.dropout)
     if model_cfg.attention_dropout >= 0:
@@ -158,10 +160,14 @@ def _checkpoint_model(
 def _overlay(base: Mapping[str, Any], saved: Mapping[str, Any]) -> dict:
     """``base`` with every leaf that ``saved`` has replaced by saved's (a restored checkpoint
     names layer indices as strings)."""
+    from gte_jax.models import scan
+
     out = dict(base)
     keys = {str(k): k for k in base}
     for name, value in saved.items():
         key = keys[str(name)]
+        if key == scan.LAYERS:  # written with the other model.scan_layers setting: converted
+            value = scan.like(base[key], value)
         out[key] = _overlay(base[key], value) if isinstance(value, Mapping) else value
     return out
 

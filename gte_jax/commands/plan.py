@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         "--layers",
         default="",
         help="e.g. 1,2: compile the step at these depths and extrapolate the memory linearly to "
-        "the model's depth (a 7B model's unrolled compile needs more host memory than a laptop)",
+        "the model's depth (a 7B model's unrolled compile needs more host memory than a laptop; "
+        "with --config.model.scan_layers=true the full depth compiles as one scanned layer)",
     )
     parser.add_argument(
         "--no-compile",

@@ -24,6 +24,7 @@ from flax import nnx
 import gte_jax.models.attention as attn
 import gte_jax.models.dropout as _dropout
 import gte_jax.models.lora_layer as lora
+import gte_jax.models.scan as _scan
 from gte_jax.models.partitioning import constrain, lookup
 
 # HF `model_type` -> whether position ids start after the padding index (fairseq convention).
@@ -143,6 +144,8 @@ class EncoderConfig:
     param_dtype: Any = jnp.float32
     # Rematerialise each layer in the backward pass (activation memory ~ 1 layer instead of L).
     remat: bool = False
+    # Ours: the layers stored stacked and run as one scan (gte_jax/models/scan.py).
+    scan_layers: bool = False
     # Which attention kernel runs (gte_jax.models.attention.KERNELS; model.attention_kernel) and
     # the platform "auto" decides for ("" = jax.default_backend(); plan compiles for "tpu").
     attention_kernel: str = "auto"
@@ -453,8 +456,8 @@ class TransformerEncoder(nnx.Module):
     def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = Embeddings(config, rngs=rngs)
-        self.layers = nnx.List(
-            [EncoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        self.layers = _scan.layer_stack(
+            lambda: EncoderLayer(config, rngs=rngs), config.num_hidden_layers, config.scan_layers
         )
 
     def __call__(
@@ -494,6 +497,15 @@ class TransformerEncoder(nnx.Module):
                 )
         rngs = _split(dropout_rng, cfg.num_hidden_layers + 1)
         x = self.embeddings(input_ids, token_type_ids, position_ids, rngs[0])
+        if cfg.scan_layers:
+            keys = None if dropout_rng is None else jnp.stack(rngs[1:])  # one key per layer
+            return _scan.run(
+                self.layers,
+                lambda layer, x, key: _layer_forward(layer, x, mask, key),
+                x,
+                keys,
+                remat=cfg.remat,
+            )  # [batch, length, embed]
         forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
         for layer, rng in zip(self.layers, rngs[1:], strict=True):
             x = forward(layer, x, mask, rng)  # [batch, length, embed]

@@ -70,6 +70,7 @@ from flax import nnx
 
 import gte_jax.models.attention as attn
 import gte_jax.models.lora_layer as lora
+import gte_jax.models.scan as _scan
 from gte_jax.models.bert import ACTIVATIONS, dropout, segment_positions
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,8 @@ class DecoderConfig:
     # the platform "auto" decides for ("" = jax.default_backend(); plan compiles for "tpu").
     attention_kernel: str = "auto"
     attention_platform: str = ""
+    # Ours: the layers stored stacked and run as one scan (gte_jax/models/scan.py).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -707,6 +710,34 @@ def _layer_forward(
     return layer(x, rope, mask, dropout_rng)
 
 
+def _scanned_layers(
+    layers: DecoderLayer,
+    cfg: DecoderConfig,
+    x: jax.Array,
+    ropes: dict[str, tuple[jax.Array, jax.Array]],
+    masks: dict[str, jax.Array],
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """The stacked layers as one scan. Layers differ only by their type's mask and RoPE table
+    (Gemma3 / Qwen3 sliding windows): both types' are stacked [types, ...] and each layer picks
+    its own by a scanned type index (one layer body for any interleaving, where scanning groups of
+    same-type layers would compile one body per group)."""
+    types = sorted(masks)
+    index = jnp.asarray([types.index(t) for t in cfg.layer_types], jnp.int32)  # [layers]
+    mask_stack = jnp.stack([masks[t] for t in types])  # [types, batch, 1, length, length]
+    cos_stack = jnp.stack([ropes[t][0] for t in types])  # [types, batch, length, head_dim]
+    sin_stack = jnp.stack([ropes[t][1] for t in types])
+    keys = None
+    if dropout_rng is not None:
+        keys = jax.random.split(dropout_rng, cfg.num_hidden_layers)  # the unrolled loop's keys
+
+    def forward(layer: DecoderLayer, x: jax.Array, xs: tuple) -> jax.Array:
+        t, key = xs
+        return _layer_forward(layer, x, (cos_stack[t], sin_stack[t]), mask_stack[t], key)
+
+    return _scan.run(layers, forward, x, (index, keys), remat=cfg.remat)
+
+
 class DecoderTower(nnx.Module):
     """Llama / Mistral / Qwen2 / Qwen3 / Gemma3 decoder: ids -> final-normed hidden [B, L, D]."""
 
@@ -719,8 +750,8 @@ class DecoderTower(nnx.Module):
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        self.layers = _scan.layer_stack(
+            lambda: DecoderLayer(config, rngs=rngs), config.num_hidden_layers, config.scan_layers
         )
         self.norm = RMSNorm(config.hidden_size, config)
         self.lm_head = nnx.data(
@@ -763,9 +794,12 @@ class DecoderTower(nnx.Module):
             if dropout_rng is None
             else list(jax.random.split(dropout_rng, cfg.num_hidden_layers))
         )
-        forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
-        for layer, layer_type, rng in zip(self.layers, cfg.layer_types, rngs, strict=True):
-            x = forward(layer, x, ropes[layer_type], masks[layer_type], rng)
+        if cfg.scan_layers:
+            x = _scanned_layers(self.layers, cfg, x, ropes, masks, dropout_rng)
+        else:
+            forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
+            for layer, layer_type, rng in zip(self.layers, cfg.layer_types, rngs, strict=True):
+                x = forward(layer, x, ropes[layer_type], masks[layer_type], rng)
         return self.norm(x)
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:

@@ -62,10 +62,16 @@ class LoRALinear(nnx.Module):
         self.rank, self.alpha, self.dropout_rate = int(rank), float(alpha), float(dropout_rate)
         self.kernel = nnx.Param(base.kernel[...])  # [in, out]
         self.bias = nnx.data(nnx.Param(base.bias[...]) if base.bias is not None else None)
+        # A scanned tower's projection is stacked ([layers, in, out]): so are its factors.
+        lead = tuple(base.kernel.shape[:-2])
         # torch.nn.Linear's default init (kaiming_uniform, a=sqrt(5)): U(±1/sqrt(in)), as PEFT.
-        init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-        self.lora_a = LoRAParam(init_a(rngs.params(), (self.in_features, rank), self.param_dtype))
-        self.lora_b = LoRAParam(jnp.zeros((rank, self.out_features), self.param_dtype))
+        init_a = nnx.initializers.variance_scaling(
+            1.0 / 3.0, "fan_in", "uniform", batch_axis=tuple(range(len(lead)))
+        )
+        self.lora_a = LoRAParam(
+            init_a(rngs.params(), lead + (self.in_features, rank), self.param_dtype)
+        )
+        self.lora_b = LoRAParam(jnp.zeros(lead + (rank, self.out_features), self.param_dtype))
 
     @property
     def scale(self) -> float:

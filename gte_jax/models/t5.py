@@ -33,6 +33,7 @@ from flax import nnx
 
 import gte_jax.models.attention as attn
 import gte_jax.models.lora_layer as lora
+import gte_jax.models.scan as _scan
 from gte_jax.models.bert import (
     ACTIVATIONS,
     _drop,
@@ -121,6 +122,8 @@ class T5EncoderConfig:
     # is the reference einsum on TPU; xla / cudnn take the bias.
     attention_kernel: str = "auto"
     attention_platform: str = ""
+    # Ours: the layers stored stacked and run as one scan (gte_jax/models/scan.py).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -390,7 +393,9 @@ class T5Encoder(nnx.Module):
             embedding_init=nnx.initializers.normal(config.d_model**-0.5),
             rngs=rngs,
         )
-        self.layers = nnx.List([T5Layer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = _scan.layer_stack(
+            lambda: T5Layer(config, rngs=rngs), config.num_layers, config.scan_layers
+        )
         self.final_layer_norm = _rms_norm(config, rngs)
 
     def position_bias(self, length: int) -> jax.Array:
@@ -428,9 +433,19 @@ class T5Encoder(nnx.Module):
         bias = self.position_bias(input_ids.shape[1])  # [1, heads, length, length]
         rngs = _split(dropout_rng, cfg.num_layers + 2)
         x = dropout(self.word_embeddings(input_ids), cfg.dropout_rate, rngs[0])  # float32
-        forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
-        for layer, rng in zip(self.layers, rngs[1:-1], strict=True):
-            x = forward(layer, x, mask, bias, rng)  # [batch, length, embed] float32
+        if cfg.scan_layers:
+            keys = None if dropout_rng is None else jnp.stack(rngs[1:-1])  # one key per layer
+            x = _scan.run(
+                self.layers,
+                lambda layer, x, key: _layer_forward(layer, x, mask, bias, key),
+                x,
+                keys,
+                remat=cfg.remat,
+            )  # [batch, length, embed] float32
+        else:
+            forward = nnx.remat(_layer_forward) if cfg.remat else _layer_forward
+            for layer, rng in zip(self.layers, rngs[1:-1], strict=True):
+                x = forward(layer, x, mask, bias, rng)  # [batch, length, embed] float32
         x = dropout(self.final_layer_norm(x), cfg.dropout_rate, rngs[-1])
         return x.astype(cfg.dtype)
 
