@@ -715,16 +715,16 @@ def _scanned_layers(
     cfg: DecoderConfig,
     x: jax.Array,
     ropes: dict[str, tuple[jax.Array, jax.Array]],
-    masks: dict[str, jax.Array],
+    masks: dict[str, attn.Mask],
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
     """The stacked layers as one scan. Layers differ only by their type's mask and RoPE table
-    (Gemma3 / Qwen3 sliding windows): both types' are stacked [types, ...] and each layer picks
-    its own by a scanned type index (one layer body for any interleaving, where scanning groups of
-    same-type layers would compile one body per group)."""
+    (Gemma3 / Qwen3 sliding windows): the RoPE tables are stacked [types, ...] and each layer
+    picks its own by a scanned type index; its mask (static: a window the fused kernels take as
+    it is) by ``lax.switch`` on that index, one branch per type. One scan for any interleaving;
+    with one layer type (Llama, Mistral, Qwen2) there is no switch."""
     types = sorted(masks)
     index = jnp.asarray([types.index(t) for t in cfg.layer_types], jnp.int32)  # [layers]
-    mask_stack = jnp.stack([masks[t] for t in types])  # [types, batch, 1, length, length]
     cos_stack = jnp.stack([ropes[t][0] for t in types])  # [types, batch, length, head_dim]
     sin_stack = jnp.stack([ropes[t][1] for t in types])
     keys = None
@@ -733,7 +733,13 @@ def _scanned_layers(
 
     def forward(layer: DecoderLayer, x: jax.Array, xs: tuple) -> jax.Array:
         t, key = xs
-        return _layer_forward(layer, x, (cos_stack[t], sin_stack[t]), mask_stack[t], key)
+        rope = (cos_stack[t], sin_stack[t])
+        if len(types) == 1:
+            return _layer_forward(layer, x, rope, masks[types[0]], key)
+        branches = [
+            lambda x, m=masks[name]: _layer_forward(layer, x, rope, m, key) for name in types
+        ]
+        return jax.lax.switch(t, branches, x)
 
     return _scan.run(layers, forward, x, (index, keys), remat=cfg.remat)
 
