@@ -127,7 +127,11 @@ def test_metrics_agree_with_pytrec_eval(quick_run):
     per_query = pytrec_eval.RelevanceEvaluator(data.qrels, measures).evaluate(run_)
     ref = {
         k: np.mean([m[name] for m in per_query.values()])
-        for k, name in (("mrr@10", "recip_rank"), ("ndcg@10", "ndcg_cut_10"), ("recall@10", "recall_10"))
+        for k, name in (
+            ("mrr@10", "recip_rank"),
+            ("ndcg@10", "ndcg_cut_10"),
+            ("recall@10", "recall_10"),
+        )
     }
     for k, v in ref.items():
         assert ours[k] == pytest.approx(v, abs=1e-4), k  # the record rounds to 4 decimals

@@ -86,7 +86,9 @@ def mine(model: pathlib.Path, pairs: pathlib.Path, out: pathlib.Path, seed: int)
     return out
 
 
-def recipe(name: str, base: str, pairs: pathlib.Path, weak: pathlib.Path, work: pathlib.Path, seed: int):
+def recipe(
+    name: str, base: str, pairs: pathlib.Path, weak: pathlib.Path, work: pathlib.Path, seed: int
+):
     """Train one recipe for one seed -> its model directory."""
     run_dir = work / f"{name}_s{seed}"
     if name == "st_mnrl":

@@ -72,7 +72,9 @@ def mean_spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def markdown(results: dict[str, dict[str, dict]], keys: tuple[str, ...] = ("mrr@10", "ndcg@10")) -> str:
+def markdown(
+    results: dict[str, dict[str, dict]], keys: tuple[str, ...] = ("mrr@10", "ndcg@10")
+) -> str:
     """One row per model, one column per (task, metric); a value is a number or a mean_spread."""
     names = list(tasks.TASKS)
     head = "| model | " + " | ".join(f"{t} {k}" for t in names for k in keys) + " |"
