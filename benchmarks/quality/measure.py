@@ -28,6 +28,7 @@ from benchmarks.quality import tasks
 IN_DOMAIN = "bible_ot"
 STAGE1_SOURCE = "wiki_lead"
 COMMON = {"batch_size": 64, "learning_rate": 2e-5, "max_length": 128, "temperature": 0.05}
+RECIPES = ("st_mnrl", "gte_1stage", "gte_2stage")
 
 
 def _first_lines(src: pathlib.Path, dst: pathlib.Path, n: int) -> pathlib.Path:
@@ -102,6 +103,9 @@ def recipe(
 
 def measure(args, suite: pathlib.Path) -> dict:
     """Base + every recipe x seed on the test split -> the record ``run.py`` prints."""
+    unknown = set(args.recipes.split(",")) - set(RECIPES)
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {sorted(unknown)}; choose from {RECIPES}")
     work = suite / "measure"
     work.mkdir(exist_ok=True)
     base = args.model[0] if args.model else suite_run.default_model()
@@ -114,7 +118,7 @@ def measure(args, suite: pathlib.Path) -> dict:
     runs = {"base": [evaluate(base)]}
     log.write(json.dumps({"recipe": "base", "result": runs["base"][0]}) + "\n")
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name in ("st_mnrl", "gte_1stage", "gte_2stage"):
+        for name in args.recipes.split(","):
             t0 = time.perf_counter()
             result = evaluate(recipe(name, base, pairs, weak, work, seed))
             runs.setdefault(name, []).append(result)

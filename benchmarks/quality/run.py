@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="train and compare the recipes")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train_pairs", type=int, default=2000)
+    p.add_argument("--recipes", default="st_mnrl,gte_1stage,gte_2stage", help="with --measure")
     return p
 
 
