@@ -130,6 +130,15 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     # KL term added to the contrastive loss; 0 = off. Ours.
     c.distill_weight = 0.0  # ours
     c.teacher_temperature = 0.02  # ours: FlagEmbedding's bge student τ, applied to the teacher
+    # Learn τ (gte_jax/objectives/temperature.py; CLIP learns its logit scale): θ in the train
+    # state, τ = exp(log min + (log max - log min)·sigmoid(θ)), started at loss.temperature and
+    # trained by its own Adam at temperature_learning_rate. Ours: off.
+    c.learn_temperature = False
+    c.temperature_min = 1e-3  # ours; must be < loss.temperature
+    c.temperature_max = 1.0  # ours; must be > loss.temperature
+    # Ours: the model's rate (2e-5) would leave τ where it started; 1e-3 moves log τ by up to
+    # ~0.0017 a step within these bounds.
+    c.temperature_learning_rate = 1e-3
     return c
 
 

@@ -392,7 +392,8 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
             "it, e.g. --config.train.num_steps=10000"
         )
     tx, schedule = make_optimizer(tcfg, total_steps)
-    state = abstract_train_state(trainable, tx, int(tcfg.seed), frozen)
+    objective_state = objectives.from_config(config).initial_state()
+    state = abstract_train_state(trainable, tx, int(tcfg.seed), frozen, objective_state)
     step = build_train_step(config, mesh, model_fn, tx, schedule, state, num_chunks=num_chunks)
     shapes, batch_size, towers = batch_shapes(config)
     return AbstractStep(

@@ -98,6 +98,9 @@ RANGES: dict[str, Range] = {
     "loss.temperature": _positive("GTE uses 0.01, MNRL 0.05; τ < 0 trains the embeddings apart"),
     "loss.distill_weight": _at_least(0, "weight of the KL to the teacher; 0: off"),
     "loss.teacher_temperature": _positive("softmax temperature of the teacher scores"),
+    "loss.temperature_min": _positive("the learnable τ's lower bound"),
+    "loss.temperature_max": _positive("the learnable τ's upper bound"),
+    "loss.temperature_learning_rate": _at_least(0, "Adam's rate for the learnable τ's θ"),
     # model
     "model.dropout": _rate("-1: the checkpoint's own rate", also=(-1,)),
     "model.attention_dropout": _rate("-1: the checkpoint's own rate", also=(-1,)),

@@ -13,9 +13,25 @@ import importlib
 import pkgutil
 from typing import Any
 
-from gte_jax.objectives.base import Objective, StepInputs, Workload, register, registered
+from gte_jax.objectives.base import (
+    STATE_KEY,
+    Objective,
+    StepInputs,
+    Workload,
+    register,
+    registered,
+)
 
-__all__ = ["Objective", "StepInputs", "Workload", "from_config", "get", "names", "register"]
+__all__ = [
+    "STATE_KEY",
+    "Objective",
+    "StepInputs",
+    "Workload",
+    "from_config",
+    "get",
+    "names",
+    "register",
+]
 
 
 def _import_all() -> None:

@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
+import optax
 
 import gte_jax.objectives.distill as distill
 import gte_jax.objectives.matryoshka as matryoshka
+import gte_jax.objectives.temperature as learnable
 from gte_jax import gradcache as gc
 from gte_jax import losses
 
@@ -27,6 +30,10 @@ Array = jax.Array
 
 # Bytes of a float32 logit: the losses score in float32 whatever the model computes in.
 _LOGIT_BYTES = 4
+
+# Where an objective's own trainable state (a learnable τ and its optimizer state) lives in the
+# train state, beside "params".
+STATE_KEY = "objective"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,11 @@ class Objective:
     matryoshka_weights: tuple[float, ...] = ()
     distill_weight: float = 0.0
     teacher_temperature: float = distill.TEACHER_TEMPERATURE
+    # A learnable τ (objectives/temperature.py): θ in the train state, τ(θ) inside the bounds,
+    # started at ``temperature``, trained by its own Adam at ``temperature_learning_rate``.
+    learn_temperature: bool = False
+    temperature_bounds: tuple[float, float] = (1e-3, 1.0)
+    temperature_learning_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -86,6 +98,12 @@ class Objective:
             teacher_temperature=float(
                 config.loss.get("teacher_temperature", distill.TEACHER_TEMPERATURE)
             ),
+            learn_temperature=bool(config.loss.get("learn_temperature", False)),
+            temperature_bounds=(
+                float(config.loss.get("temperature_min", 1e-3)),
+                float(config.loss.get("temperature_max", 1.0)),
+            ),
+            temperature_learning_rate=float(config.loss.get("temperature_learning_rate", 1e-3)),
         )
 
     def problems(self, config: Any) -> list[str]:
@@ -93,7 +111,37 @@ class Objective:
         range of ``loss.temperature`` is the range table's (:mod:`gte_jax.ranges`)."""
         if bool(config.loss.get("symmetric", False)):
             return [f"loss.symmetric=True: only loss.name=infonce has a d→q form, not {self.name}"]
+        if bool(config.loss.get("learn_temperature", False)):
+            low, high = (
+                config.loss.get("temperature_min", 1e-3),
+                config.loss.get("temperature_max", 1.0),
+            )
+            if not 0 < low < float(config.loss.temperature) < high:
+                return [
+                    f"loss.learn_temperature: needs 0 < loss.temperature_min ({low}) < "
+                    f"loss.temperature ({config.loss.temperature}) < loss.temperature_max ({high})"
+                ]
         return []
+
+    # ------------------------------------------------------------------ a learnable τ
+
+    def initial_state(self) -> dict[str, Any] | None:
+        """The objective's own trainable state (``state[STATE_KEY]``), or None: with a learnable
+        τ, θ with τ(θ) = ``temperature`` and its Adam state."""
+        if not self.learn_temperature:
+            return None
+        theta = jnp.asarray(
+            learnable.initial_theta(self.temperature, *self.temperature_bounds), jnp.float32
+        )
+        return {"theta": theta, "opt_state": self._tau_optimizer().init(theta)}
+
+    def _tau_optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.temperature_learning_rate)
+
+    def updated_state(self, state: Mapping[str, Any], grad: Array) -> dict[str, Any]:
+        """``state`` after one Adam step of θ along ``grad`` (d loss / d θ)."""
+        updates, opt_state = self._tau_optimizer().update(grad, state["opt_state"], state["theta"])
+        return {"theta": optax.apply_updates(state["theta"], updates), "opt_state": opt_state}
 
     # ------------------------------------------------------------------ the loss
 
@@ -120,10 +168,27 @@ class Objective:
         batch.pop("teacher_scores", None)
         return combined(q, d, teacher_scores=teacher, **{**self.loss_kwargs(), **batch})
 
-    def loss_fn(self) -> gc.LossFn:
+    def loss_fn(self, theta: Array | None = None) -> gc.LossFn:
         """``loss_fn(embeddings, batch)`` for :mod:`gte_jax.gradcache`: the batch's text ids,
-        ``valid`` and ``neg_valid`` read when present."""
+        ``valid`` and ``neg_valid`` read when present. With ``theta`` (a learnable τ), the loss
+        at τ(θ), and in its metrics ``temperature`` and ``temperature_grad`` (d loss / d θ,
+        taken here: GradCache differentiates the loss w.r.t. the embeddings only)."""
+        if theta is None:
+            return self._scored_fn({})
+        low, high = self.temperature_bounds
 
+        def loss_fn(embeddings: Mapping[str, Array], batch: Mapping[str, Array]):
+            def at(th):
+                scored = self._scored_fn({"temperature": learnable.temperature(th, low, high)})
+                return scored(embeddings, batch)
+
+            (loss, metrics), grad = jax.value_and_grad(at, has_aux=True)(theta)
+            tau = learnable.temperature(theta, low, high)
+            return loss, {**metrics, "temperature": tau, "temperature_grad": grad}
+
+        return loss_fn
+
+    def _scored_fn(self, settings: Mapping[str, Any]) -> gc.LossFn:
         def loss_fn(embeddings: Mapping[str, Array], batch: Mapping[str, Array]):
             return self.loss(
                 embeddings["query"],
@@ -135,6 +200,7 @@ class Objective:
                 valid=batch.get("valid"),
                 neg_valid=batch.get("neg_valid") if "neg" in embeddings else None,
                 teacher_scores=batch.get("teacher_scores"),
+                **settings,
             )
 
         return loss_fn
@@ -143,8 +209,9 @@ class Objective:
         """``((loss, metrics), grads)`` w.r.t. ``step.params``: every role embedded by
         ``step.embed_fn``, through GradCache when ``step.gradcache``."""
         run = gc.cached_value_and_grad if step.gradcache else gc.plain_value_and_grad
+        theta = None if step.objective_state is None else step.objective_state["theta"]
         return run(
-            step.embed_fn, self.loss_fn(), step.params, step.batch, step.rng, step.num_chunks,
+            step.embed_fn, self.loss_fn(theta), step.params, step.batch, step.rng, step.num_chunks,
             mesh=step.mesh, **step.gradcache_kwargs(),
         )  # fmt: skip
 
@@ -184,6 +251,7 @@ class StepInputs:
     mesh: jax.sharding.Mesh | None = None
     gather_params: str | None = None  # GradCache's one reduction per step (sharding.gather_params)
     param_shardings: Any = None  # the params' NamedSharding tree (which leaves FSDP splits)
+    objective_state: Any = None  # state[STATE_KEY]: the objective's own trainable state
 
     def gradcache_kwargs(self) -> dict[str, Any]:
         """The one-reduction settings of :func:`gte_jax.gradcache.cached_value_and_grad`."""

@@ -95,6 +95,8 @@ class MNTP(Objective):
         return dataclasses.replace(self, mask_probability=float(config.mntp.mask_probability))
 
     def problems(self, config: Any) -> list[str]:
+        if bool(config.loss.get("learn_temperature", False)):
+            return ["loss.learn_temperature: MNTP has no temperature (kind=mntp)"]
         return []  # loss.* is unused; the stage checks are training.checks.stage_kind_problems
 
     def loss(self, q, d, **batch):

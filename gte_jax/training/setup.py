@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from gte_jax import hf, storage
+from gte_jax import hf, objectives, storage
 from gte_jax import sharding as shd
 from gte_jax import workdir as wd
 from gte_jax.checkpoint import Checkpointer, abstract_like
@@ -182,7 +182,15 @@ def initial_training(config: Any, model: Any, mesh: Any, total_steps: int):
     trainable, frozen = model_fn.split_params(params)
     tx, schedule = make_optimizer(config.train, total_steps)
     seed = int(config.train.seed)
-    state = initial_state(trainable, tx, seed, mesh, config.sharding, frozen=frozen)
+    state = initial_state(
+        trainable,
+        tx,
+        seed,
+        mesh,
+        config.sharding,
+        frozen=frozen,
+        objective_state=objectives.from_config(config).initial_state(),
+    )
     return model_fn, tx, schedule, state, frozen
 
 

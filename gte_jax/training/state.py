@@ -13,14 +13,20 @@ import optax
 
 from gte_jax import sharding as shd
 from gte_jax.models.encoder import ModelFn
+from gte_jax.objectives.base import STATE_KEY
 
 
 def init_train_state(
-    params: Any, tx: optax.GradientTransformation, seed: int, frozen: Any = None
+    params: Any,
+    tx: optax.GradientTransformation,
+    seed: int,
+    frozen: Any = None,
+    objective_state: Any = None,
 ) -> dict[str, Any]:
     """The train state every step, checkpoint and test uses: params, optimizer state, step, RNG;
     with ``frozen`` (LoRA's frozen base: ``ModelFn.split_params``) also "frozen", which is in
-    neither the optimizer state nor the checkpoints (:func:`checkpointed`)."""
+    neither the optimizer state nor the checkpoints (:func:`checkpointed`); with
+    ``objective_state`` (``Objective.initial_state()``: a learnable τ) also "objective"."""
     state = {
         "params": params,
         "opt_state": tx.init(params),
@@ -29,14 +35,22 @@ def init_train_state(
     }
     if frozen:
         state["frozen"] = frozen
+    if objective_state is not None:
+        state[STATE_KEY] = objective_state
     return state
 
 
 def abstract_train_state(
-    params: Any, tx: optax.GradientTransformation, seed: int, frozen: Any = None
+    params: Any,
+    tx: optax.GradientTransformation,
+    seed: int,
+    frozen: Any = None,
+    objective_state: Any = None,
 ) -> Any:
     """:func:`init_train_state`'s shapes and dtypes (nothing allocated: ``gte-jax plan``)."""
-    return jax.eval_shape(lambda p, f: init_train_state(p, tx, seed, f), params, frozen or None)
+    return jax.eval_shape(
+        lambda p, f, o: init_train_state(p, tx, seed, f, o), params, frozen or None, objective_state
+    )
 
 
 def checkpointed(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,16 +65,22 @@ def full_params(model_fn: ModelFn, state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def initial_state(
-    params: Any, tx, seed: int, mesh, sharding_cfg: Any, frozen: Any = None
+    params: Any,
+    tx,
+    seed: int,
+    mesh,
+    sharding_cfg: Any,
+    frozen: Any = None,
+    objective_state: Any = None,
 ) -> dict[str, Any]:
     """``init_train_state`` created where it lives: each parameter goes from host memory straight
     to its shards (``sharding.place``), and the optimizer state is made by a jitted init with the
     state's shardings, so under FSDP no device ever holds a whole model or its Adam moments (a
     7B model starts on chips that could not hold it). ``frozen``: LoRA's frozen base, placed the
-    same way."""
+    same way. ``objective_state``: the objective's own (a learnable τ), replicated."""
 
     def init(p, f):
-        return init_train_state(p, tx, seed, f)
+        return init_train_state(p, tx, seed, f, objective_state)
 
     frozen = frozen or None
     shardings = shd.state_shardings(jax.eval_shape(init, params, frozen), mesh, sharding_cfg)

@@ -94,14 +94,16 @@ def make_train_step(
         inputs = objectives.StepInputs(
             model_fn, state["params"], state.get("frozen"), embed_fn, batch, rng, num_chunks,
             gradcache, mesh, None if "frozen" in state else gather_params, param_shardings,
+            state.get(objectives.STATE_KEY),
         )  # fmt: skip
         with shd.mesh_context(mesh):  # the towers' activation constraints (sharding.constrain)
             (loss, metrics), grads = objective.value_and_grad(inputs)
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        metrics = dict(metrics)
+        tau_grad = metrics.pop("temperature_grad", None)  # a learnable τ's d loss / d θ
+        finite = jnp.isfinite(loss) & _all_finite((grads, tau_grad))
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["finite"] = finite
         if schedule is not None:
@@ -114,6 +116,9 @@ def make_train_step(
             "opt_state": keep(new_opt, state["opt_state"]),
             "step": state["step"] + 1,
         }
+        if tau_grad is not None:
+            own = state[objectives.STATE_KEY]
+            new_state[objectives.STATE_KEY] = keep(objective.updated_state(own, tau_grad), own)
         return new_state, metrics
 
     return step_fn
