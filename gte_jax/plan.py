@@ -797,9 +797,7 @@ def _time_report(
         "sharding": step.sharding,
         # GradCache's weight gathers (sharding.gather_params): rerun plan with the other value
         # to see the collective bytes and memory of each.
-        "gather_params": str(config.sharding.get("gather_params", "per_chunk"))
-        if config.train.gradcache
-        else None,
+        "gather_params": str(config.sharding.gather_params) if config.train.gradcache else None,
         "parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.params))),
         # What the optimizer holds: every parameter, or the LoRA factors alone.
         "trainable_parameters": int(

@@ -91,7 +91,7 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if model_cfg.remat:
         overrides["remat"] = True
-    if model_cfg.get("scan_layers", False):
+    if model_cfg.scan_layers:
         overrides["scan_layers"] = True
     if model_cfg.dropout >= 0:
         overrides["dropout"] = float(model_cfg.dropout)
@@ -99,7 +99,7 @@ def model_overrides(model_cfg: Any) -> dict[str, Any]:
         overrides["attention_dropout"] = float(model_cfg.attention_dropout)
     if str(model_cfg.attention) != "auto":
         overrides["attention"] = str(model_cfg.attention)
-    if str(model_cfg.get("attention_kernel", "auto")) != "auto":
+    if str(model_cfg.attention_kernel) != "auto":
         overrides["attention_kernel"] = str(model_cfg.attention_kernel)
     return overrides
 

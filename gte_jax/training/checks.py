@@ -150,7 +150,7 @@ def check_config(config: Any, mesh: jax.sharding.Mesh) -> int:
             f"mesh.model={config.mesh.model}: only sharding.params=fsdp_tp uses the model axis "
             "(tensor parallelism); otherwise it would only waste devices: set mesh.model=1"
         )
-    if config.sharding.get("gather_params", "per_chunk") not in GATHER_MODES:
+    if config.sharding.gather_params not in GATHER_MODES:
         problems.append(
             f"sharding.gather_params={config.sharding.gather_params!r}: use one of "
             + ", ".join(GATHER_MODES)

@@ -191,7 +191,7 @@ def build_train_step(
         dropout=bool(config.model.train_dropout),
         mesh=mesh,
         schedule=schedule,
-        gather_params=str(config.sharding.get("gather_params", "per_chunk")),
+        gather_params=str(config.sharding.gather_params),
         param_shardings=shardings["params"],
     )
     return TrainStep(fn, shardings, shd.batch_sharding(mesh), objective, num_chunks)
