@@ -98,12 +98,12 @@ class Objective:
             teacher_temperature=float(
                 config.loss.get("teacher_temperature", distill.TEACHER_TEMPERATURE)
             ),
-            learn_temperature=bool(config.loss.get("learn_temperature", False)),
+            learn_temperature=bool(config.loss.learn_temperature),
             temperature_bounds=(
-                float(config.loss.get("temperature_min", 1e-3)),
-                float(config.loss.get("temperature_max", 1.0)),
+                float(config.loss.temperature_min),
+                float(config.loss.temperature_max),
             ),
-            temperature_learning_rate=float(config.loss.get("temperature_learning_rate", 1e-3)),
+            temperature_learning_rate=float(config.loss.temperature_learning_rate),
         )
 
     def problems(self, config: Any) -> list[str]:
@@ -111,19 +111,22 @@ class Objective:
         range of ``loss.temperature`` is the range table's (:mod:`gte_jax.ranges`)."""
         if bool(config.loss.get("symmetric", False)):
             return [f"loss.symmetric=True: only loss.name=infonce has a d→q form, not {self.name}"]
-        if bool(config.loss.get("learn_temperature", False)):
-            low, high = (
-                config.loss.get("temperature_min", 1e-3),
-                config.loss.get("temperature_max", 1.0),
-            )
-            if not 0 < low < float(config.loss.temperature) < high:
-                return [
-                    f"loss.learn_temperature: needs 0 < loss.temperature_min ({low}) < "
-                    f"loss.temperature ({config.loss.temperature}) < loss.temperature_max ({high})"
-                ]
-        return []
+        return self.temperature_problems(config)
 
     # ------------------------------------------------------------------ a learnable τ
+
+    def temperature_problems(self, config: Any) -> list[str]:
+        """A learnable τ must start strictly inside its bounds (the sigmoid never reaches one)."""
+        loss = config.loss
+        if not loss.learn_temperature:
+            return []
+        low, high, start = loss.temperature_min, loss.temperature_max, loss.temperature
+        if 0 < low < start < high:
+            return []
+        return [
+            f"loss.learn_temperature: needs 0 < loss.temperature_min ({low}) < "
+            f"loss.temperature ({start}) < loss.temperature_max ({high})"
+        ]
 
     def initial_state(self) -> dict[str, Any] | None:
         """The objective's own trainable state (``state[STATE_KEY]``), or None: with a learnable

@@ -18,7 +18,7 @@ class InfoNCE(Objective):
     loss_function = staticmethod(losses.infonce_loss)
 
     def problems(self, config: Any) -> list[str]:
-        return []  # loss.symmetric is its own setting
+        return self.temperature_problems(config)  # loss.symmetric is its own setting
 
     def loss_kwargs(self) -> dict[str, Any]:
         return {**super().loss_kwargs(), "symmetric": self.symmetric}

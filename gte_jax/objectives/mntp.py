@@ -95,7 +95,7 @@ class MNTP(Objective):
         return dataclasses.replace(self, mask_probability=float(config.mntp.mask_probability))
 
     def problems(self, config: Any) -> list[str]:
-        if bool(config.loss.get("learn_temperature", False)):
+        if config.loss.learn_temperature:
             return ["loss.learn_temperature: MNTP has no temperature (kind=mntp)"]
         return []  # loss.* is unused; the stage checks are training.checks.stage_kind_problems
 
