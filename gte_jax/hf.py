@@ -423,17 +423,87 @@ def load_model(
     """``load_pretrained`` without the tokenizer (weights + sentence-transformers settings).
 
     ``host=True`` leaves the parameters as NumPy arrays in host memory, so a caller can place
-    them straight onto their shards (training a 7B model under FSDP: no device ever holds it
-    whole); otherwise they are put on the default device."""
+    them straight onto their shards; otherwise they are put on the default device. A model too
+    big for one host's memory loads with :func:`gte_jax.sharded_io.load_model_sharded` (each
+    host reads only the slices its devices hold)."""
+    tensors: dict[str, np.ndarray] = {}
+
+    def read_all(transformer_dir: epath.Path) -> set[str]:
+        tensors.update(load_safetensors(transformer_dir))
+        return set(tensors)
+
+    plan = plan_load(path, read_all, dtype=dtype, **config_overrides)
+    canonical = {plan.family.canonical_name(k): v for k, v in tensors.items()}
+    pure = nnx.to_pure_dict(plan.state)
+    for name, (where, transpose) in plan.names.items():
+        array = canonical[name].astype(np.float32)
+        _set_leaf(pure, where, array.T if transpose else array, name)
+    for leaf, array in plan.st.get("projection_tensors", {}).items():
+        _set_leaf(pure, ("projection", leaf), array.astype(np.float32), f"Dense {leaf}")
+    if not host:
+        pure = jax.tree.map(jnp.asarray, pure)
+    extra = {k: canonical[k] for k in plan.extra_names}
+    return plan.finish(pure, extra)
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    """What a model directory says before its weights are read: the config, the abstract model
+    (``nnx.eval_shape``: nothing allocated) and the map from checkpoint names to its leaves.
+    ``load_model`` fills it from whole tensors, ``gte_jax.sharded_io`` slice by slice."""
+
+    directory: epath.Path
+    transformer_dir: epath.Path
+    st: dict[str, Any]
+    hf_config: dict[str, Any]
+    family: Any
+    config: Any
+    graphdef: Any
+    state: Any
+    # {canonical torch name: (path in the param state, transpose?)} (the family's param_names)
+    names: dict[str, tuple[tuple[Any, ...], bool]]
+    # {canonical name: the name in the files}, every tensor the checkpoint holds
+    file_names: dict[str, str]
+    extra_names: list[str]
+
+    def finish(self, pure: dict, extra: dict[str, np.ndarray]) -> tuple[BiEncoder, PretrainedInfo]:
+        """The model with ``pure`` (every leaf filled) as its state, and its info."""
+        self.state.replace_by_pure_dict(pure)
+        model = nnx.merge(self.graphdef, self.state)
+        st, config = self.st, self.config
+        max_len = st.get("max_seq_length") or config.max_length
+        info = PretrainedInfo(
+            source=str(self.directory),
+            hf_config=self.hf_config,
+            max_seq_length=min(int(max_len), config.max_length),
+            include_prompt=st.get("include_prompt", True),
+            prompts=st.get("prompts", {}),
+            default_prompt_name=st.get("default_prompt_name"),
+            instruction_templates=st.get("instruction_templates", []),
+            similarity_fn_name=st.get("similarity_fn_name"),
+            truncate_dim=st.get("truncate_dim"),
+            extra_tensors=extra,
+            transformer_dir=str(self.transformer_dir),
+        )
+        return model, info
+
+
+def plan_load(
+    path: epath.PathLike,
+    tensor_names: Any,
+    *,
+    dtype: Any = jnp.float32,
+    **config_overrides: Any,
+) -> LoadPlan:
+    """The :class:`LoadPlan` of a model directory; ``tensor_names(transformer_dir)`` gives the
+    names of the tensors its weight files hold. Refuses remote code, missing encoder tensors."""
     directory = epath.Path(path)
     transformer_dir, st = _model_dirs(directory)
     hf_config = hf_bidirectional.plain_config(_read_json(transformer_dir / "config.json"))
     family = registry.family_for(hf_config.get("model_type", "bert"))
     config = family.config_from_hf(hf_config, dtype=dtype, **config_overrides)
-    tensors = load_safetensors(transformer_dir)
-    canonical = {family.canonical_name(k): v for k, v in tensors.items()}
-    config = family.fit_to_tensors(config, set(canonical))
-
+    file_names = {family.canonical_name(k): k for k in tensor_names(transformer_dir)}
+    config = family.fit_to_tensors(config, set(file_names))
     model = nnx.eval_shape(
         lambda: BiEncoder(
             config,
@@ -446,52 +516,27 @@ def load_model(
         )
     )
     graphdef, state = nnx.split(model)
-    pure = nnx.to_pure_dict(state)
     names = family.param_names(config)
-    missing = sorted(set(names) - set(canonical))
+    missing = sorted(set(names) - set(file_names))
     if missing:
         raise ValueError(
             f"{transformer_dir}: {len(missing)} encoder tensors missing, e.g. {missing[:8]}. "
             f"Expected a {config.model_type} checkpoint as transformers writes it "
             f"({family.architecture(config)})."
         )
-    for name, (where, transpose) in names.items():
-        array = canonical[name].astype(np.float32)
-        _set_leaf(pure, where, array.T if transpose else array, name)
-    if "projection_tensors" in st:
-        for leaf, array in st["projection_tensors"].items():
-            _set_leaf(pure, ("projection", leaf), array.astype(np.float32), f"Dense {leaf}")
-    extra = {k: v for k, v in canonical.items() if k not in names and family.keep.search(k)}
+    extra = sorted(k for k in file_names if k not in names and family.keep.search(k))
     ignored = sorted(
-        k for k in canonical if k not in names and k not in extra and family.ignored.search(k)
+        k for k in file_names if k not in names and k not in extra and family.ignored.search(k)
     )
-    unexpected = sorted(set(canonical) - set(names) - set(extra) - set(ignored))
+    unexpected = sorted(set(file_names) - set(names) - set(extra) - set(ignored))
     if extra or ignored:
-        logger.info(
-            "%s: not part of the encoder, not trained: %s", transformer_dir, sorted(extra) + ignored
-        )
+        logger.info("%s: not part of the encoder, not trained: %s", transformer_dir, extra + ignored)
     if unexpected:
         logger.warning("%s: ignoring unexpected tensors %s", transformer_dir, unexpected[:20])
-    if not host:
-        pure = jax.tree.map(jnp.asarray, pure)
-    state.replace_by_pure_dict(pure)
-    model = nnx.merge(graphdef, state)
-
-    max_len = st.get("max_seq_length") or config.max_length
-    info = PretrainedInfo(
-        source=str(directory),
-        hf_config=hf_config,
-        max_seq_length=min(int(max_len), config.max_length),
-        include_prompt=st.get("include_prompt", True),
-        prompts=st.get("prompts", {}),
-        default_prompt_name=st.get("default_prompt_name"),
-        instruction_templates=st.get("instruction_templates", []),
-        similarity_fn_name=st.get("similarity_fn_name"),
-        truncate_dim=st.get("truncate_dim"),
-        extra_tensors=extra,
-        transformer_dir=str(transformer_dir),
-    )
-    return model, info
+    return LoadPlan(
+        directory, transformer_dir, st, hf_config, family, config, graphdef, state, names,
+        file_names, extra,
+    )  # fmt: skip
 
 
 def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> None:
