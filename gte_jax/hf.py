@@ -44,6 +44,7 @@ import gte_jax.models.lora as lora
 from gte_jax import hf_bidirectional
 from gte_jax.models import registry, scan
 from gte_jax.models.encoder import BiEncoder
+from gte_jax.sharding import host_value
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +127,93 @@ def _load_tensors(path: epath.Path) -> dict[str, np.ndarray]:
     return load_bytes(path.read_bytes())
 
 
-def _save_tensors(tensors: dict[str, np.ndarray], path: epath.Path) -> None:
-    # Serialised bytes, one write (one upload on gs://). Not safetensors' save_file: it creates
-    # the file with mode 600 whatever the umask, so the weights were the one file of an export
-    # that other users could not read.
-    path.write_bytes(save_bytes(tensors, metadata={"format": "pt"}))
+# safetensors' dtype names (the header's "dtype").
+_SAFETENSORS_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16",
+    "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32",
+    "float64": "F64", "int64": "I64", "uint64": "U64",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTensor:
+    """A tensor an export writes, brought to host memory only when its bytes are written: a leaf
+    of the (possibly sharded) parameters, a row of a scanned tower's stacked leaf, or their
+    transpose. One at a time, so no device or host ever holds the whole model
+    (``sharding.host_value`` gathers the one array)."""
+
+    source: Any  # a jax.Array or NumPy array
+    row: int | None = None
+    transpose: bool = False
+    dtype: Any = np.float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.source.shape)[(0 if self.row is None else 1) :]
+        return shape[::-1] if self.transpose else shape
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    @property
+    def T(self) -> HostTensor:  # noqa: N802 (NumPy's name)
+        return dataclasses.replace(self, transpose=not self.transpose)
+
+    def __getitem__(self, row: int) -> HostTensor:
+        if self.row is not None or self.transpose:
+            raise IndexError("HostTensor: only a whole leaf's rows can be taken")
+        return dataclasses.replace(self, row=int(row))
+
+    def value(self) -> np.ndarray:
+        x = self.source if self.row is None else self.source[self.row]
+        out = host_value(x).astype(self.dtype, copy=False)
+        return out.T if self.transpose else out
+
+
+def _save_tensors(tensors: dict[str, Any], path: epath.Path) -> None:
+    """The bytes ``safetensors.numpy.save`` writes (tested equal), streamed: the header from the
+    shapes alone, then each tensor fetched and written in turn (``tensors``: NumPy arrays or
+    :class:`HostTensor`s). Not safetensors' save_file: it creates the file with mode 600 whatever
+    the umask, so the weights were the one file of an export that other users could not read."""
+    metas = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tensors.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in _safetensors_order(metas):
+        shape, dtype = metas[name]
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype.name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    with path.open("wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in list(header)[1:]:
+            value = tensors[name]
+            array = value.value() if isinstance(value, HostTensor) else value
+            array = np.asarray(array, dtype=metas[name][1])
+            if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+                array = array.copy(order="C")
+            if array.shape != metas[name][0]:
+                raise ValueError(f"{name}: {array.shape} is not its header's {metas[name][0]}")
+            f.write(array.reshape(-1).view(np.uint8).data)
+
+
+def _safetensors_order(metas: dict[str, tuple[tuple[int, ...], np.dtype]]) -> list[str]:
+    """The order safetensors lays tensors out in (by dtype, then name), taken from safetensors
+    itself on empty stand-ins, so the streamed file is the one it would write."""
+    dummies = {name: np.zeros((0,), dtype) for name, (_, dtype) in metas.items()}
+    data = save_bytes(dummies)
+    n = int.from_bytes(data[:8], "little")
+    return [k for k in json.loads(data[8 : 8 + n]) if k != "__metadata__"]
 
 
 def save_safetensors(
@@ -552,10 +635,10 @@ def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> 
 # ----------------------------------------------------------------------------- export
 
 
-def _params_numpy(model: BiEncoder) -> dict[str, Any]:
+def _params_host(model: BiEncoder) -> dict[str, Any]:
+    """The model's parameters as :class:`HostTensor`s (float32): fetched one by one as written."""
     return jax.tree_util.tree_map(
-        lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
-        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        HostTensor, nnx.to_pure_dict(nnx.state(model, nnx.Param))
     )
 
 
@@ -606,8 +689,8 @@ def _write_transformer(
     sequence length written. ``config``: the model's, or a variant of it to write."""
     config = model.config if config is None else config
     family = registry.family_of(config)
-    tensors = {
-        family.export_name(config, name): np.ascontiguousarray(
+    tensors: dict[str, Any] = {
+        family.export_name(config, name): (
             _get_leaf(params, where).T if transpose else _get_leaf(params, where)
         )
         for name, (where, transpose) in family.param_names(config).items()
@@ -674,9 +757,9 @@ def _write_sentence_transformers_modules(
     if model.projection is not None:
         dense_dir = out / f"{len(modules)}_Dense"
         proj = params["projection"]
-        dense = {"linear.weight": np.ascontiguousarray(proj["kernel"].T)}
+        dense = {"linear.weight": proj["kernel"].T}
         if "bias" in proj:
-            dense["linear.bias"] = np.ascontiguousarray(proj["bias"])
+            dense["linear.bias"] = proj["bias"]
         dense_dir.mkdir(parents=True, exist_ok=True)
         _save_tensors(dense, dense_dir / SAFETENSORS_FILE)
         _write_json(
@@ -772,7 +855,7 @@ def export_pretrained(
     config = model.config
     if not lm_head and getattr(config, "has_lm_head", False):
         config = dataclasses.replace(config, causal_lm=False)
-    params = _params_numpy(model)
+    params = _params_host(model)
     max_seq_length = _write_transformer(
         model, params, tokenizer, out, info, max_shard_size, config=config
     )
@@ -822,7 +905,7 @@ def export_lora_adapter(
             modules.append(module)
             # torch Linear weights are (out, in): A^T [r, in], B^T [out, r].
             for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-                array = np.asarray(jax.device_get(getattr(layer, ours)[...]), dtype=np.float32)
+                array = host_value(getattr(layer, ours)[...]).astype(np.float32)
                 array = array if row is None else array[row]
                 tensors[f"base_model.model.{module}.{theirs}.weight"] = np.ascontiguousarray(
                     array.T

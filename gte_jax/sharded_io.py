@@ -11,8 +11,8 @@ whole tensor it does not hold, let alone the whole float32 model. ``gs://`` weig
 local cache directory first (safetensors memory-maps local files only): the copy is on disk, not
 in memory.
 
-:func:`host_value` is the other direction, one array at a time: what the export writes tensor by
-tensor (``gte_jax.hf``) and what the frozen-base fingerprint samples.
+The other direction is ``gte_jax.sharding.host_value``, one array at a time: the export writes
+tensor by tensor (``gte_jax.hf.HostTensor``), never the whole model on one device or host.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 from flax import nnx
 from safetensors import safe_open
 
@@ -176,15 +175,3 @@ def _slice_reader(
         return np.stack([one(rows[i], index[1:]) for i in range(len(rows))[index[0]]])
 
     return read
-
-
-def host_value(x: Any) -> np.ndarray:
-    """One array's whole value in this host's memory: a NumPy array as it is, a local or fully
-    addressable ``jax.Array`` assembled from its shards (``jax.device_get``), a global one across
-    processes gathered with ``multihost_utils.process_allgather`` (a collective: every process
-    calls it for the same array). Never more than this one array on any host."""
-    if isinstance(x, jax.Array):
-        if x.is_fully_addressable:
-            return np.asarray(jax.device_get(x))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)

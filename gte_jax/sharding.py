@@ -229,6 +229,21 @@ def local_copy(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
+def host_value(x: Any) -> np.ndarray:
+    """One array's whole value in this host's memory: a NumPy array as it is, a fully addressable
+    ``jax.Array`` assembled from its shards (``jax.device_get``), a global one spanning processes
+    gathered with ``multihost_utils.process_allgather`` (a collective: every process calls it for
+    the same array). No device ever holds more than its shards (unlike :func:`local_copy`), no
+    host more than this one array: what an export writes tensor by tensor."""
+    if isinstance(x, jax.Array):
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        from jax.experimental import multihost_utils  # only multi-process runs get here
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 # --------------------------------------------------------------------------------------------------
 # Parameter and optimizer-state shardings: parameter path -> logical axes -> mesh axes
 # --------------------------------------------------------------------------------------------------
