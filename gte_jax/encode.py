@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gte_jax import sharding as shd
 from gte_jax.data.batching import pack_rows, packed_arrays
 from gte_jax.models.encoder import BiEncoder
 from gte_jax.models.pooling import POOLING_MODES, truncate_embeddings
@@ -149,8 +150,12 @@ class Embedder:
         prompts: dict[str, str] | None = None,
         instruction_templates: Sequence[str] = (),
         truncate_dim: int | None = None,
+        mesh: Any = None,
     ):
         self.model = model
+        # A mesh: the model's parameters stay as they are sharded (in-training eval: the train
+        # step's shardings) and each batch is split over "data" where its rows divide.
+        self.mesh = mesh
         self.tokenizer = tokenizer
         model_limit = model.config.max_length
         tokenizer_limit = getattr(tokenizer, "model_max_length", None) or model_limit
@@ -290,13 +295,10 @@ class Embedder:
             embeddings = _embed(
                 self._graphdef,
                 self._state,
-                input_ids,
-                attention_mask,
-                token_types,
-                pool_mask,
+                *self._on_mesh((input_ids, attention_mask, token_types, pool_mask)),
                 **options,
             )
-            yield rows, np.asarray(embeddings)[: len(rows)]
+            yield rows, shd.host_value(embeddings)[: len(rows)]
 
     def _run_packed(self, encoded, prompt_length, batch_size, max_length, options):
         """Yields (text indices, their embeddings) per packed batch, all of one shape. A packed
@@ -317,5 +319,21 @@ class Embedder:
             arrays, members = _packed_batch(
                 ids, type_ids, pools, batch, rows_per_batch, slots, length, pad_id
             )
-            embeddings = _embed_packed(self._graphdef, self._state, arrays, **options)
-            yield members, np.asarray(embeddings)[: len(members)]
+            embeddings = _embed_packed(self._graphdef, self._state, self._on_mesh(arrays), **options)
+            yield members, shd.host_value(embeddings)[: len(members)]
+
+    def _on_mesh(self, batch: Any) -> Any:
+        """``batch``'s arrays on :attr:`mesh` (rows over "data" where they divide, else
+        replicated; every process holds the same batch and cuts its own shards); as it is
+        without a mesh."""
+        if self.mesh is None:
+            return batch
+        data = self.mesh.shape[shd.DATA_AXIS]
+
+        def one(x: np.ndarray) -> jax.Array:
+            x = np.asarray(x)
+            split = x.ndim > 0 and x.shape[0] % data == 0
+            sharding = shd.batch_sharding(self.mesh) if split else shd.replicated(self.mesh)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(one, batch)

@@ -254,7 +254,10 @@ class EvalSuite:
         *,
         include_prompt: bool = True,
         instruction_templates: Sequence[str] = (),
+        mesh: Any = None,
     ) -> dict[str, float]:
+        """``mesh``: the model's parameters are arrays sharded on it (in-training eval), used as
+        they are; batches are split over its "data" axis (``Embedder``)."""
         return self.evaluate_embedder(
             Embedder(
                 model,
@@ -262,6 +265,7 @@ class EvalSuite:
                 max_length=self.max_length,
                 include_prompt=include_prompt,
                 instruction_templates=instruction_templates,
+                mesh=mesh,
             )
         )
 

@@ -175,10 +175,11 @@ class HostTensor:
         return out.T if self.transpose else out
 
 
-def _save_tensors(tensors: dict[str, Any], path: epath.Path) -> None:
+def _save_tensors(tensors: dict[str, Any], path: epath.Path | None) -> None:
     """The bytes ``safetensors.numpy.save`` writes (tested equal), streamed: the header from the
     shapes alone, then each tensor fetched and written in turn (``tensors``: NumPy arrays or
-    :class:`HostTensor`s). Not safetensors' save_file: it creates the file with mode 600 whatever
+    :class:`HostTensor`s). ``path`` None: the tensors are fetched in the same order and dropped
+    (a process that takes part in each gather while another writes). Not safetensors' save_file: it creates the file with mode 600 whatever
     the umask, so the weights were the one file of an export that other users could not read."""
     metas = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in tensors.items()}
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -194,6 +195,12 @@ def _save_tensors(tensors: dict[str, Any], path: epath.Path) -> None:
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    if path is None:
+        for name in list(header)[1:]:
+            value = tensors[name]
+            if isinstance(value, HostTensor):
+                value.value()
+        return
     with path.open("wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for name in list(header)[1:]:
@@ -217,8 +224,8 @@ def _safetensors_order(metas: dict[str, tuple[tuple[int, ...], np.dtype]]) -> li
 
 
 def save_safetensors(
-    tensors: dict[str, np.ndarray],
-    directory: epath.PathLike,
+    tensors: dict[str, Any],
+    directory: epath.PathLike | None,
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> list[str]:
@@ -230,10 +237,12 @@ def save_safetensors(
     than the limit gets a shard of its own); the index is what transformers writes
     (``metadata.total_size`` / ``total_parameters``, ``weight_map``). Weight files of an earlier
     export in ``directory`` are removed first, so a reader never mixes the two. Returns the
-    written file names.
+    written file names. ``tensors``: NumPy arrays or :class:`HostTensor`s (each fetched as it is
+    written); ``directory`` None: fetched in the same order, nothing written (``_save_tensors``).
     """
-    directory = epath.Path(directory)
-    for stale in [SAFETENSORS_FILE, SAFETENSORS_INDEX, *_shard_names(directory)]:
+    directory = None if directory is None else epath.Path(directory)
+    stale_files = [SAFETENSORS_FILE, SAFETENSORS_INDEX, *_shard_names(directory)]
+    for stale in stale_files if directory is not None else []:
         if (directory / stale).exists():
             (directory / stale).unlink()
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -245,6 +254,10 @@ def save_safetensors(
             size = 0
         shards[-1][name] = array
         size += nbytes
+    if directory is None:
+        for shard in shards:
+            _save_tensors(shard, None)
+        return []
     if len(shards) == 1:
         _save_tensors(shards[0], directory / SAFETENSORS_FILE)
         return [SAFETENSORS_FILE]
@@ -266,7 +279,9 @@ def save_safetensors(
     return [*files, SAFETENSORS_INDEX]
 
 
-def _shard_names(directory: epath.Path) -> list[str]:
+def _shard_names(directory: epath.Path | None) -> list[str]:
+    if directory is None:
+        return []
     return sorted(p.name for p in directory.glob("model-*-of-*.safetensors"))
 
 
@@ -675,19 +690,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _write_transformer(
-    model: BiEncoder,
-    params: dict,
-    tokenizer: Any,
-    out: epath.Path,
-    info: PretrainedInfo,
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-    *,
-    config: Any = None,
-) -> int:
-    """model.safetensors, config.json and the tokenizer (what AutoModel loads); returns the max
-    sequence length written. ``config``: the model's, or a variant of it to write."""
-    config = model.config if config is None else config
+def _transformer_tensors(params: dict, info: PretrainedInfo, config: Any) -> dict[str, Any]:
+    """{name in the export: HostTensor or array} of model.safetensors, in the family's names."""
     family = registry.family_of(config)
     tensors: dict[str, Any] = {
         family.export_name(config, name): (
@@ -701,6 +705,32 @@ def _write_transformer(
             for k, v in info.extra_tensors.items()
         }
     )
+    return tensors
+
+
+def _dense_tensors(params: dict) -> dict[str, Any]:
+    """The sentence-transformers Dense module's tensors (torch Linear: [out, in])."""
+    proj = params["projection"]
+    dense = {"linear.weight": proj["kernel"].T}
+    if "bias" in proj:
+        dense["linear.bias"] = proj["bias"]
+    return dense
+
+
+def _write_transformer(
+    model: BiEncoder,
+    params: dict,
+    tokenizer: Any,
+    out: epath.Path,
+    info: PretrainedInfo,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    *,
+    config: Any = None,
+) -> int:
+    """model.safetensors, config.json and the tokenizer (what AutoModel loads); returns the max
+    sequence length written. ``config``: the model's, or a variant of it to write."""
+    config = model.config if config is None else config
+    tensors = _transformer_tensors(params, info, config)
     save_safetensors(tensors, out, max_shard_size=max_shard_size)
 
     hf = {
@@ -755,13 +785,10 @@ def _write_sentence_transformers_modules(
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": _ST_MODULE_TYPES["Pooling"]}
     )
     if model.projection is not None:
-        dense_dir = out / f"{len(modules)}_Dense"
         proj = params["projection"]
-        dense = {"linear.weight": proj["kernel"].T}
-        if "bias" in proj:
-            dense["linear.bias"] = proj["bias"]
+        dense_dir = out / f"{len(modules)}_Dense"
         dense_dir.mkdir(parents=True, exist_ok=True)
-        _save_tensors(dense, dense_dir / SAFETENSORS_FILE)
+        _save_tensors(_dense_tensors(params), dense_dir / SAFETENSORS_FILE)
         _write_json(
             dense_dir / "config.json",
             {
@@ -819,8 +846,15 @@ def export_pretrained(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     atomic: bool = True,
     lm_head: bool = True,
+    write: bool = True,
 ) -> epath.Path:
     """Write a directory that transformers' AutoModel and SentenceTransformer both load.
+
+    Tensor by tensor: each parameter is brought to host memory alone as it is written
+    (:class:`HostTensor`), never the whole model. Parameters sharded across processes are
+    gathered one array at a time, a collective: call this on every process, with ``write`` True
+    on one (process 0) and False on the others, which take part in each gather, in the same
+    order, and write nothing.
 
     ``atomic``: written as :func:`gte_jax.storage.complete_dir` writes (under a temporary name,
     the completion marker last), so a full disk or a kill never leaves a half-written model
@@ -840,6 +874,9 @@ def export_pretrained(
     ``stages`` (list of str or dict), ``data_sources`` (list), ``metrics`` (dict name -> value).
     """
     out = epath.Path(out_dir)
+    if not write:
+        _gather_for_export(model, info or PretrainedInfo(), max_shard_size, lm_head)
+        return out
     if atomic:
         from gte_jax import storage
 
@@ -867,6 +904,21 @@ def export_pretrained(
         "exported %s (%s, dim %d) to %s", config.model_type, model.pooling, model.embedding_dim, out
     )
     return out
+
+
+def _gather_for_export(
+    model: BiEncoder, info: PretrainedInfo, max_shard_size: int, lm_head: bool
+) -> None:
+    """What a process that does not write does in ``export_pretrained(write=False)``: every
+    tensor the writer writes, gathered in the writer's order (the same functions), dropped."""
+    model = lora.merge(model)
+    config = model.config
+    if not lm_head and getattr(config, "has_lm_head", False):
+        config = dataclasses.replace(config, causal_lm=False)
+    params = _params_host(model)
+    save_safetensors(_transformer_tensors(params, info, config), None, max_shard_size=max_shard_size)
+    if model.projection is not None:
+        _save_tensors(_dense_tensors(params), None)
 
 
 PEFT_CONFIG_FILE = "adapter_config.json"

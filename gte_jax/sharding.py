@@ -199,8 +199,10 @@ def place(tree: Any, shardings: Any) -> Any:
     """
 
     def one(x, sharding):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x  # already there (loaded onto its shards: gte_jax.sharded_io)
+        if isinstance(x, jax.Array) and (not x.is_fully_addressable or len(x.devices()) > 1):
+            return jax.device_put(x, sharding)  # resharded on the devices, no host copy
         host = np.asarray(x)
         # Why a callback and not device_put: it builds the global array from host data on every
         # process without assuming the value is already on the (non-addressable) devices.
@@ -227,6 +229,16 @@ def local_copy(tree: Any) -> Any:
         return x.addressable_data(0)
 
     return jax.tree.map(one, tree)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh the arrays of ``tree`` are sharded on (its first ``NamedSharding`` leaf's); None
+    for host arrays or arrays on one device."""
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
 
 
 def host_value(x: Any) -> np.ndarray:

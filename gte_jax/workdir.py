@@ -109,15 +109,23 @@ def load_model(
     *,
     dtype: Any = jnp.float32,
     host: bool = False,
+    shardings_of: Any = None,
     **config_overrides: Any,
 ):
     """(BiEncoder, tokenizer, PretrainedInfo) for a model spec (see the module doc). A workdir
     gives its newest readable checkpoint's parameters (e.g. stage 1 for stage 2). ``host``: an
-    HF directory's parameters stay NumPy arrays (``gte_jax.hf.load_model``)."""
-    from gte_jax import hf
+    HF directory's parameters stay NumPy arrays (``gte_jax.hf.load_model``). ``shardings_of``
+    (abstract params -> shardings): an HF directory's parameters are read slice by slice straight
+    onto them (``gte_jax.sharded_io.load_model_sharded``); a workdir loads as without it."""
+    from gte_jax import hf, sharded_io
     from gte_jax.models import lora
 
     path = resolve_model_path(spec)
+    if not is_workdir(path) and shardings_of is not None:
+        model, info = sharded_io.load_model_sharded(
+            path, shardings_of, dtype=dtype, **config_overrides
+        )
+        return model, hf.load_tokenizer(info.transformer_dir), info
     if not is_workdir(path):
         return hf.load_pretrained(path, dtype=dtype, host=host, **config_overrides)
     model, tokenizer, info, step = _checkpoint_model(

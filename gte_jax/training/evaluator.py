@@ -50,17 +50,18 @@ class Evaluator:
         return self.enabled and (step == total_steps or (self.every > 0 and step % self.every == 0))
 
     def __call__(self, step: int, params: Any) -> dict[str, float]:
-        # A full copy on a local device (gathered first when sharded: every process calls this).
-        local = shd.local_copy(params)
-        # float32 whatever the training computes in: the figures are the export's, as
+        # Sharded as the train step holds them (no gathered or replicated copy: a 7B model fits
+        # only sharded); every process calls this, each batch is split over "data".
+        # float32 compute whatever the training computes in: the figures are the export's, as
         # `gte-jax eval` / `encode` compute them (models/precision.py).
-        model = as_float32(self.model_fn.module(local))
+        model = as_float32(self.model_fn.module(params))
         t0 = time.perf_counter()
         metrics = self.suite(
             model,
             self.tokenizer,
             include_prompt=self.info.include_prompt,
             instruction_templates=self.info.instruction_templates,
+            mesh=shd.mesh_of(params),
         )
         log.info("eval at step %d (%.1f s): %s", step, time.perf_counter() - t0, metrics)
         self.writer.write(step, metrics, prefix="eval/")
@@ -80,8 +81,7 @@ class Evaluator:
         if self.best is not None and self.sign * value <= self.sign * self.best[1]:
             return
         self.best = (step, value)
-        if jax.process_index() != 0:
-            return
+        # Every process takes part in each tensor's gather; process 0 writes.
         hf.export_pretrained(
             model,
             self.tokenizer,
@@ -89,7 +89,10 @@ class Evaluator:
             info=self.info,
             card={"metrics": dict(metrics), "description": f"Best {self.metric} at step {step}."},
             lm_head=False,
+            write=jax.process_index() == 0,
         )
+        if jax.process_index() != 0:
+            return
         write_json(
             self.workdir / "best.json",
             {"step": step, "metric": self.metric, "value": value, **metrics},

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from gte_jax import hf, objectives, storage
+from gte_jax import hf, objectives, sharded_io, storage
 from gte_jax import sharding as shd
 from gte_jax import workdir as wd
 from gte_jax.checkpoint import Checkpointer, abstract_like
@@ -38,10 +38,12 @@ from gte_jax.training.summary import finished_summary
 log = logging.getLogger("gte_jax.train")
 
 
-def load_model_for_training(model_cfg: Any):
+def load_model_for_training(model_cfg: Any, shardings_of: Callable | None = None):
     """(BiEncoder, tokenizer, PretrainedInfo) from ``model.init_from`` (the one rule of
     :mod:`gte_jax.workdir`), with the stage's normalisation and ``include_prompt`` applied so that
-    the loss, in-training eval and every export see the same embedding."""
+    the loss, in-training eval and every export see the same embedding. ``shardings_of``: the
+    parameters of a model directory are read straight onto these shardings, each host reading
+    only its devices' slices (``gte_jax.sharded_io``); without it they stay host arrays."""
     dtype = compute_dtype(model_cfg.dtype)
     if str(model_cfg.dtype) == "auto":
         log.info("model.dtype=auto: %s compute on %s", dtype.name, jax.default_backend())
@@ -49,6 +51,7 @@ def load_model_for_training(model_cfg: Any):
         str(model_cfg.init_from),
         dtype=dtype,
         host=True,  # placed shard by shard by initial_state
+        shardings_of=shardings_of,
         **wd.model_overrides(model_cfg),
     )
     if model.normalize != bool(model_cfg.normalize):
@@ -137,11 +140,11 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         workdir.mkdir(parents=True, exist_ok=True)
         storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
-    model, tokenizer, info = _stage_model(config, data_cfg, sources)
+    model, tokenizer, info = _stage_model(config, data_cfg, sources, mesh)
     # A base_model/ without its completion marker (a full disk or a kill while it was written):
-    # written again, whole.
-    if is_main and not storage.is_complete(workdir / "base_model"):
-        hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info)
+    # written again, whole. Every process takes part in gathering sharded tensors; process 0 writes.
+    if not storage.is_complete(workdir / "base_model"):
+        hf.export_pretrained(model, tokenizer, workdir / "base_model", info=info, write=is_main)
     iterator = build_iterator(
         data_cfg,
         tokenizer=tokenizer,
@@ -191,13 +194,17 @@ def initial_training(config: Any, model: Any, mesh: Any, total_steps: int):
         frozen=frozen,
         objective_state=objectives.from_config(config).initial_state(),
     )
-    return model_fn, tx, schedule, state, frozen
+    # The placed frozen base (the host arrays or loaded shards were donated to the state).
+    return model_fn, tx, schedule, state, state.get("frozen", {})
 
 
-def _stage_model(config: Any, data_cfg: Any, sources: Any):
+def _stage_model(config: Any, data_cfg: Any, sources: Any, mesh: Any):
     """(model, tokenizer, info) of a stage, its info carrying the prompts and templates this
-    stage trains with (what the export records)."""
-    model, tokenizer, info = load_model_for_training(config.model)
+    stage trains with (what the export records); its parameters loaded onto the train state's
+    shardings."""
+    model, tokenizer, info = load_model_for_training(
+        config.model, lambda abstract: sharded_io.param_shardings(abstract, mesh, config.sharding)
+    )
     longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
     if longest > model.config.max_length:
         raise TrainingError(
@@ -242,9 +249,9 @@ def frozen_fingerprint(frozen: Any) -> str:
         (jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(frozen)
     )
     for name, x in leaves:
-        a = np.asarray(x).reshape(-1)
-        digest.update(f"{name}:{a.shape}:{a.dtype};".encode())
-        digest.update(np.ascontiguousarray(a[:: max(1, a.size // 4096)]).tobytes())
+        a = x.reshape(-1)  # a sharded array is sampled where it lives: 4096 entries come back
+        digest.update(f"{name}:{a.shape}:{np.dtype(a.dtype)};".encode())
+        digest.update(np.ascontiguousarray(shd.host_value(a[:: max(1, a.size // 4096)])).tobytes())
     return digest.hexdigest()
 
 
