@@ -319,7 +319,9 @@ class Embedder:
             arrays, members = _packed_batch(
                 ids, type_ids, pools, batch, rows_per_batch, slots, length, pad_id
             )
-            embeddings = _embed_packed(self._graphdef, self._state, self._on_mesh(arrays), **options)
+            embeddings = _embed_packed(
+                self._graphdef, self._state, self._on_mesh(arrays), **options
+            )
             yield members, shd.host_value(embeddings)[: len(members)]
 
     def _on_mesh(self, batch: Any) -> Any:

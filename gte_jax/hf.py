@@ -628,7 +628,9 @@ def plan_load(
     )
     unexpected = sorted(set(file_names) - set(names) - set(extra) - set(ignored))
     if extra or ignored:
-        logger.info("%s: not part of the encoder, not trained: %s", transformer_dir, extra + ignored)
+        logger.info(
+            "%s: not part of the encoder, not trained: %s", transformer_dir, extra + ignored
+        )
     if unexpected:
         logger.warning("%s: ignoring unexpected tensors %s", transformer_dir, unexpected[:20])
     return LoadPlan(
@@ -652,9 +654,7 @@ def _set_leaf(tree: dict, path: Iterable[Any], array: np.ndarray, name: str) -> 
 
 def _params_host(model: BiEncoder) -> dict[str, Any]:
     """The model's parameters as :class:`HostTensor`s (float32): fetched one by one as written."""
-    return jax.tree_util.tree_map(
-        HostTensor, nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    )
+    return jax.tree_util.tree_map(HostTensor, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _get_leaf(tree: dict, path: Iterable[Any]) -> np.ndarray:
@@ -916,7 +916,9 @@ def _gather_for_export(
     if not lm_head and getattr(config, "has_lm_head", False):
         config = dataclasses.replace(config, causal_lm=False)
     params = _params_host(model)
-    save_safetensors(_transformer_tensors(params, info, config), None, max_shard_size=max_shard_size)
+    save_safetensors(
+        _transformer_tensors(params, info, config), None, max_shard_size=max_shard_size
+    )
     if model.projection is not None:
         _save_tensors(_dense_tensors(params), None)
 

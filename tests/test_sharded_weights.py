@@ -176,7 +176,9 @@ def test_export_tensor_by_tensor_is_todays_export(
     (sharded shards too), and no array brought to the host bigger than the bound."""
     tok = tiny_tokenizer()
     host, info = hf.load_model(mistral_dir, host=True, scan_layers=scan_layers)
-    sharded, info2 = sharded_io.load_model_sharded(mistral_dir, _fsdp(mesh), scan_layers=scan_layers)
+    sharded, info2 = sharded_io.load_model_sharded(
+        mistral_dir, _fsdp(mesh), scan_layers=scan_layers
+    )
     hf.export_pretrained(host, tok, tmp_path / "today", info=info, max_shard_size=40_000)
     fetched: list[int] = []
 
