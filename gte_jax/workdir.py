@@ -138,19 +138,28 @@ def load_model(
 
 
 def _checkpoint_model(
-    workdir: epath.Path, step: int | None, *, host: bool = False, **load_kwargs: Any
+    workdir: epath.Path,
+    step: int | None,
+    *,
+    host: bool = False,
+    shardings_of: Any = None,
+    **load_kwargs: Any,
 ):
     """(model, tokenizer, info, step): ``base_model/`` with a checkpoint's parameters (default:
     the newest readable one; ``host``: NumPy arrays); a LoRA run's model keeps its LoRA layers
-    (``lora.json``)."""
+    (``lora.json``). ``shardings_of``: ``base_model/`` is read slice by slice onto those
+    shardings (``gte_jax.sharded_io``) and the checkpoint's parameters come as host arrays, so
+    no device holds the whole model."""
     from flax import nnx
 
-    from gte_jax import hf
     from gte_jax.checkpoint import Checkpointer
     from gte_jax.models import lora
     from gte_jax.models.encoder import ModelFn
 
-    model, tokenizer, info = hf.load_pretrained(workdir / "base_model", host=host, **load_kwargs)
+    model, tokenizer, info = load_model(
+        workdir / "base_model", host=host, shardings_of=shardings_of, **load_kwargs
+    )
+    host = host or shardings_of is not None
     if (workdir / LORA_FILE).exists():
         lora_cfg = lora.LoRAConfig.from_json((workdir / LORA_FILE).read_text())
         lora.inject(model, lora_cfg, rngs=nnx.Rngs(0))  # A and B are the checkpoint's
@@ -217,12 +226,15 @@ def export_workdir(
     card: Mapping[str, Any] | None = None,
     truncate_dim: int | None = None,
     interpolate: Any = None,
+    shardings_of: Any = None,
 ) -> tuple[epath.Path, int]:
     """Writes the HF / sentence-transformers directory for a checkpoint of ``workdir`` (default:
     its newest readable one); returns (output, the step exported). ``truncate_dim``: written as
     sentence-transformers' ``truncate_dim`` (ValueError outside [1, the model's dim]).
     ``interpolate`` (:class:`gte_jax.interpolate.Interpolation`): the weights written are
-    (1 - w)·this checkpoint's + w·the partner's (both LoRA-merged; no adapter is written)."""
+    (1 - w)·this checkpoint's + w·the partner's (both LoRA-merged; no adapter is written).
+    ``shardings_of`` (the end of a training stage: the train state's shardings): the base model
+    is loaded sharded and written tensor by tensor; every process calls this, process 0 writes."""
     from gte_jax import hf, storage
     from gte_jax.models import lora
 
@@ -231,7 +243,7 @@ def export_workdir(
         raise ModelNotFoundError(
             f"{workdir} is not a gte-jax workdir (no checkpoints/ and base_model/)"
         )
-    model, tokenizer, info, step = _checkpoint_model(workdir, step)
+    model, tokenizer, info, step = _checkpoint_model(workdir, step, shardings_of=shardings_of)
     mixed = ""
     if interpolate is not None:
         model, mixed = _interpolated(model, workdir, interpolate)
@@ -239,7 +251,9 @@ def export_workdir(
         if not 1 <= truncate_dim <= model.embedding_dim:
             raise ValueError(f"--dim {truncate_dim}: must be in [1, {model.embedding_dim}]")
         info.truncate_dim = int(truncate_dim)
-    if jax.process_index() == 0:
+    if jax.process_index() != 0:  # takes part in gathering sharded tensors; writes nothing
+        hf.export_pretrained(model, tokenizer, output, info=info, lm_head=False, write=False)
+    else:
         card = dict(card or {})
         card.setdefault(
             "description", f"Exported by gte-jax from {hf.card_ref(workdir)} at step {step}."

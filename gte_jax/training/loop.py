@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from gte_jax import interpolate, storage
+from gte_jax import interpolate, sharded_io, storage
 from gte_jax import sharding as shd
 from gte_jax import workdir as wd
 from gte_jax.checkpoint import PreemptionFlag, absolute_path
@@ -171,6 +171,9 @@ class Loop:
                     st.workdir / "export",
                     card=card,
                     interpolate=interpolate.from_config(st.config.export),
+                    shardings_of=lambda abstract: sharded_io.param_shardings(
+                        abstract, st.mesh, st.config.sharding
+                    ),
                 )[0]
             )
         if self.is_main:
