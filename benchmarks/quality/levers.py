@@ -11,7 +11,7 @@ of the finished two-stage workdir (no training). Every finished row is appended 
 as it ends, with its training and evaluation seconds, so a partial table survives; rows already
 in ``--out`` are skipped on a rerun. ``--summary`` prints the table of what ``--out`` holds.
 
-Order: the recipes the goal is about (peer, 1-stage, 2-stage) for every seed first, then every
+Order: the recipes the goal is about (peer, 2-stage, 1-stage) for every seed first, then every
 lever at the first seed, then the levers at the other seeds.
 """
 
@@ -31,7 +31,7 @@ if str(REPO) not in sys.path:  # run as a script: make ``benchmarks`` importable
 from benchmarks.quality import build, measure, tasks  # noqa: E402
 from benchmarks.quality import run as suite_run  # noqa: E402
 
-MAIN = ("st_mnrl", "gte_1stage", "gte_2stage")
+MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 # the levers on top of the two-stage recipe (mined negatives, τ 0.05), one thing changed each;
 # interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
 LEVERS = ("interp_0.3", "interp_0.5", "no_mining", "tau_0.02", "replay_0.2", "tau_learned",
