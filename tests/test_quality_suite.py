@@ -22,7 +22,7 @@ if (
 ):  # benchmarks/ is not installed: a bare `pytest` puts only tests/ on the path
     sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import build, run, tasks  # noqa: E402
+from benchmarks.quality import build, levers, run, tasks  # noqa: E402
 
 
 def _key(text: str) -> str:
@@ -158,3 +158,31 @@ def test_markdown_table_shows_mean_and_spread():
     table = run.markdown({"m": row}, keys=("mrr@10",))
     assert table.splitlines()[-1].count("0.500 ± 0.010") == len(tasks.TASKS)
     assert build.QUICK.eval_queries < build.FULL.eval_queries
+
+
+def test_the_lever_table_summarises_rows_against_base_and_peer_per_seed(tmp_path):
+    """levers.summary: mean and spread over seeds of MRR@10 and of its difference to the base
+    model and to the peer of the same seed (NumPy float64 on the same rows)."""
+    rng = np.random.default_rng(0)
+    seeds, names = [0, 1, 2], ["st_mnrl", "gte_2stage", "tau_0.02"]
+    value = {(n, s, t): float(rng.uniform(0, 1)) for n in names for s in seeds for t in tasks.TASKS}
+    base = {t: float(rng.uniform(0, 1)) for t in tasks.TASKS}
+    rows = [{"recipe": "base", "result": {t: {"mrr@10": base[t]} for t in tasks.TASKS}}]
+    rows += [{"recipe": n, "seed": s, "result": {t: {"mrr@10": value[n, s, t]} for t in tasks.TASKS}}
+             for n in names for s in seeds[: 2 if n == "tau_0.02" else 3]]  # fmt: skip
+    out = tmp_path / "levers.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = levers.summary(out)
+    for n in names:
+        got_seeds = seeds[: 2 if n == "tau_0.02" else 3]
+        for t in tasks.TASKS:
+            v = np.array([value[n, s, t] for s in got_seeds], dtype=np.float64)
+            p = np.array([value["st_mnrl", s, t] for s in got_seeds], dtype=np.float64)
+            cell = table[n][t]
+            assert cell["mrr@10"]["n"] == len(got_seeds)
+            assert cell["mrr@10"]["mean"] == pytest.approx(v.mean(), abs=5e-5)  # rounded to 4
+            assert cell["mrr@10"]["spread"] == pytest.approx(np.ptp(v), abs=5e-5)
+            assert cell["vs_base"]["mean"] == pytest.approx(v.mean() - base[t], abs=5e-5)
+            assert cell["vs_peer"]["mean"] == pytest.approx((v - p).mean(), abs=5e-5)
+            assert cell["vs_peer"]["spread"] == pytest.approx(np.ptp(v - p), abs=5e-5)
+    assert "tau_0.02" in levers.markdown(table)

@@ -4,6 +4,7 @@ step at batch 16384 with GradCache traces end to end, with BERT-base's real para
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
@@ -168,3 +169,31 @@ def test_llm_recipe_step_traces_at_full_size(config_file, shape, architecture):
     new_state, metrics = jax.eval_shape(step, state, batch)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+
+
+def test_two_stage_recipe_runs_locally_and_points_at_the_suite(tiny_model_dir, tmp_path):
+    """configs/two_stage.py: the full recipe reads the quality suite's train splits (stage 2 from
+    stage 1, negatives mined into bible_ot/train_mined.jsonl); ``:weak`` is stage 1 alone; and
+    ``:runlocal`` trains both stages end to end on a tiny model in seconds, stage 2 on pairs with
+    negatives, its export interpolated with the base as the interpolation lever does."""
+    full = load_config(CONFIGS / "two_stage.py")
+    assert list(full.stages) == ["weak", "indomain"]
+    suite = pathlib.Path(os.environ.get("GTE_JAX_QUALITY_DIR", "~/.cache/gte_jax_quality"))
+    suite = suite.expanduser() / "full"
+    assert full.weak.data.train_files == str(suite / "wiki_lead" / "train.jsonl")
+    assert full.indomain.data.train_files == str(suite / "bible_ot" / "train_mined.jsonl")
+    assert full.indomain.model.init_from == "stage:weak"
+    assert list(load_config(f"{CONFIGS / 'two_stage.py'}:weak").stages) == ["weak"]
+    with pytest.raises(ValueError, match="variants"):
+        load_config(f"{CONFIGS / 'two_stage.py'}:nope")
+    config = load_config(
+        f"{CONFIGS / 'two_stage.py'}:runlocal",
+        [f"--config.weak.model.init_from={tiny_model_dir}",
+         f"--config.indomain.export.interpolate_from={tiny_model_dir}",
+         "--config.indomain.export.interpolate_weight=0.5"],
+    )  # fmt: skip
+    weak, indomain = train.run(config, tmp_path / "run")
+    assert weak["completed"] and indomain["completed"] and indomain["steps"] == 2
+    assert list(indomain["sources"]) == ["bible_finetune"]
+    assert (tmp_path / "run" / "indomain" / "export" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "weak" / "export").exists()  # runlocal: stage 1 not exported

@@ -45,8 +45,11 @@ def _call(cmd: list[str], log: pathlib.Path) -> float:
     return time.perf_counter() - t0
 
 
-def gte_train(init: str, pairs: pathlib.Path, workdir: pathlib.Path, seed: int) -> pathlib.Path:
-    """``gte-jax train`` with configs/finetune.py -> the exported model directory."""
+def gte_train(
+    init: str, pairs: pathlib.Path, workdir: pathlib.Path, seed: int, extra: tuple[str, ...] = ()
+) -> pathlib.Path:
+    """``gte-jax train`` with configs/finetune.py (+ ``extra`` ``--config.*`` flags) -> the
+    exported model directory."""
     cmd = [
         sys.executable, "-m", "gte_jax.cli", "train", "--config",
         str(suite_run.REPO / "configs" / "finetune.py"), "--workdir", str(workdir),
@@ -55,7 +58,7 @@ def gte_train(init: str, pairs: pathlib.Path, workdir: pathlib.Path, seed: int) 
         f"--config.train.learning_rate={COMMON['learning_rate']}",
         f"--config.data.max_length={COMMON['max_length']}",
         f"--config.loss.temperature={COMMON['temperature']}", f"--config.train.seed={seed}",
-        "--config.train.progress_bar=false", "--config.model.dtype=float32",
+        "--config.train.progress_bar=false", "--config.model.dtype=float32", *extra,
     ]  # fmt: skip
     _call(cmd, workdir.with_suffix(".log"))
     return workdir / "export"

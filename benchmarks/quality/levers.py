@@ -1,0 +1,230 @@
+"""The lever table: base, the sentence-transformers peer, gte-jax one stage, gte-jax two stages,
+and each lever on top of the two-stage recipe switched on or off, every seed, on the quality suite.
+
+    python -m benchmarks.quality.levers --seeds 0,1,2 --train_pairs 2000 --learning_rate 1e-4
+
+Where the time goes (one seed measured first): each training is its own process (JAX start-up
+and compile, then the steps) and each model's evaluation encodes the three test corpora once. The
+base model is evaluated once for all seeds (not once per seed); stage 1 and its mined negatives
+are made once per seed and shared by every stage-2 variant; the interpolation levers are an export
+of the finished two-stage workdir (no training). Every finished row is appended to ``--out`` (JSONL)
+as it ends, with its training and evaluation seconds, so a partial table survives; rows already
+in ``--out`` are skipped on a rerun. ``--summary`` prints the table of what ``--out`` holds.
+
+Order: the recipes the goal is about (peer, 2-stage, 1-stage) for every seed first, then every
+lever at the first seed, then the levers at the other seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.quality import build, measure, tasks  # noqa: E402
+from benchmarks.quality import run as suite_run  # noqa: E402
+
+MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
+# the levers on top of the two-stage recipe (mined negatives, τ 0.05), one thing changed each;
+# interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
+LEVERS = ("interp_0.3", "interp_0.5", "no_mining", "tau_0.02", "replay_0.2", "tau_learned",
+          "tau_0.01")  # fmt: skip
+VARIANTS = {
+    "no_mining": None,  # the in-domain pairs without negatives
+    "replay_0.2": ("--config.data.replay.share=0.2",),  # + data.replay.train_files (stage 1's)
+    "tau_0.01": ("--config.loss.temperature=0.01",),
+    "tau_0.02": ("--config.loss.temperature=0.02",),
+    "tau_learned": ("--config.loss.learn_temperature=true",),  # starts at 0.05
+}
+
+
+def _done(out: pathlib.Path) -> set[tuple[str, int]]:
+    if not out.exists():
+        return set()
+    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    return {(r["recipe"], r.get("seed", -1)) for r in rows}
+
+
+def _append(out: pathlib.Path, row: dict) -> None:
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class Runner:
+    """One seed's shared pieces (stage 1, mined pairs) built on first use."""
+
+    def __init__(self, args, suite: pathlib.Path, work: pathlib.Path):
+        self.args, self.suite, self.work = args, suite, work
+        self.base = suite_run.default_model()
+        self.pairs = measure._first_lines(
+            suite / measure.IN_DOMAIN / "train.jsonl", work / "pairs.jsonl", args.train_pairs
+        )
+        self.weak = measure._first_lines(
+            suite / measure.STAGE1_SOURCE / "train.jsonl", work / "weak.jsonl", args.weak_pairs
+        )
+        self.cache: dict = {}
+
+    def _once(self, key, make):
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            self.cache[key] = make()
+            self.cache[key + "_s"] = round(time.perf_counter() - t0, 1)
+        return self.cache[key]
+
+    def stage1(self, seed: int) -> pathlib.Path:
+        return self._once(f"stage1_{seed}", lambda: measure.gte_train(
+            self.base, self.weak, self.work / f"stage1_s{seed}", seed))  # fmt: skip
+
+    def mined(self, seed: int) -> pathlib.Path:
+        return self._once(f"mined_{seed}", lambda: measure.mine(
+            self.stage1(seed), self.pairs, self.work / f"mined_s{seed}.jsonl", seed))  # fmt: skip
+
+    def train(self, name: str, seed: int) -> pathlib.Path:
+        """The model directory of one row (training it, or exporting for interpolation)."""
+        w = self.work
+        if name == "st_mnrl":
+            return measure.st_train(self.base, self.pairs, w / f"st_mnrl_s{seed}", seed)
+        if name == "gte_1stage":
+            return measure.gte_train(self.base, self.pairs, w / f"gte_1stage_s{seed}", seed)
+        if name == "gte_2stage":
+            return self.two_stage(seed)
+        if name.startswith("interp_"):
+            return self.interpolate(seed, float(name.split("_")[1]))
+        flags = VARIANTS[name]
+        data = self.pairs if flags is None else self.mined(seed)
+        extra = tuple(flags or ())
+        if name.startswith("replay"):
+            extra += (f"--config.data.replay.train_files={self.weak}",)
+        return measure.gte_train(str(self.stage1(seed)), data, w / f"{name}_s{seed}", seed, extra)
+
+    def two_stage(self, seed: int) -> pathlib.Path:
+        return self._once(f"2stage_{seed}", lambda: measure.gte_train(
+            str(self.stage1(seed)), self.mined(seed), self.work / f"gte_2stage_s{seed}", seed))  # fmt: skip
+
+    def interpolate(self, seed: int, weight: float) -> pathlib.Path:
+        """WiSE-FT: (1 - w) · the two-stage model + w · the base model, at export."""
+        self.two_stage(seed)
+        workdir = self.work / f"gte_2stage_s{seed}"
+        out = self.work / f"interp_{weight}_s{seed}"
+        cmd = [sys.executable, "-m", "gte_jax.cli", "export", "--workdir", str(workdir),
+               "--output", str(out), "--interpolate", f"{self.base}={weight}"]  # fmt: skip
+        measure._call(cmd, out.with_suffix(".log"))
+        return out
+
+
+def run_row(runner: Runner, name: str, seed: int) -> dict:
+    t0 = time.perf_counter()
+    model = runner.train(name, seed)
+    t1 = time.perf_counter()
+    result = suite_run.evaluate_model(model, runner.suite, split=runner.args.split)
+    t2 = time.perf_counter()
+    return {"recipe": name, "seed": seed, "train_s": round(t1 - t0, 1),
+            "eval_s": round(t2 - t1, 1), "result": result}  # fmt: skip
+
+
+def measure_all(args) -> None:
+    suite = build.build_suite(pathlib.Path(args.workdir).expanduser())
+    measure.COMMON["learning_rate"] = args.learning_rate
+    work = suite / "levers"
+    work.mkdir(exist_ok=True)
+    out = pathlib.Path(args.out)
+    done = _done(out)
+    runner = Runner(args, suite, work)
+    if ("base", -1) not in done:
+        t0 = time.perf_counter()
+        result = suite_run.evaluate_model(runner.base, suite, split=args.split)
+        _append(out, {"recipe": "base", "eval_s": round(time.perf_counter() - t0, 1),
+                      "result": result, "settings": settings(args)})  # fmt: skip
+    seeds = [int(s) for s in args.seeds.split(",")]
+    order = [(n, s) for s in seeds for n in MAIN] + [(n, seeds[0]) for n in LEVERS]
+    order += [(n, s) for s in seeds[1:] for n in LEVERS]
+    for name, seed in order:
+        if (name, seed) in done:
+            continue
+        row = run_row(runner, name, seed)
+        row["shared_s"] = {k: v for k, v in runner.cache.items() if k.endswith("_s")}
+        _append(out, row)
+
+
+def settings(args) -> dict:
+    return {**measure.COMMON, "train_pairs": args.train_pairs, "weak_pairs": args.weak_pairs,
+            "epochs": 1, "split": args.split}  # fmt: skip
+
+
+def summary(out: pathlib.Path) -> dict:
+    """Mean ± spread per row and task, and the MRR@10 deltas to the base and to the peer."""
+    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    base = next(r["result"] for r in rows if r["recipe"] == "base")
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["recipe"] != "base":
+            by.setdefault(r["recipe"], {})[r["seed"]] = r["result"]
+    peer = by.get("st_mnrl", {})
+    table = {"base": {t: {"mrr@10": base[t]["mrr@10"]} for t in tasks.TASKS}}
+    for name, per_seed in by.items():
+        table[name] = {}
+        for t in tasks.TASKS:
+            vals = [per_seed[s][t]["mrr@10"] for s in per_seed]
+            vs_peer = [per_seed[s][t]["mrr@10"] - peer[s][t]["mrr@10"] for s in per_seed
+                       if s in peer]  # fmt: skip
+            table[name][t] = {
+                "mrr@10": suite_run.mean_spread(vals),
+                "vs_base": suite_run.mean_spread([v - base[t]["mrr@10"] for v in vals]),
+                "vs_peer": suite_run.mean_spread(vs_peer) if vs_peer else None,
+            }
+    return table
+
+
+def markdown(table: dict) -> str:
+    names = list(tasks.TASKS)
+    head = "| row | n | " + " | ".join(f"{t} MRR@10 (Δ base, Δ peer)" for t in names) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(names)]
+    for name, per_task in table.items():
+        n = per_task[names[0]]["mrr@10"]["n"] if name != "base" else 1
+        lines.append(f"| {name} | {n} | " + " | ".join(_cell(per_task[t]) for t in names) + " |")
+    return "\n".join(lines)
+
+
+def _cell(c: dict) -> str:
+    m = c["mrr@10"]
+    if not isinstance(m, dict):
+        return f"{m:.4f}"
+    f = lambda d: f"{d['mean']:+.4f}" if d else "–"  # noqa: E731
+    return f"{m['mean']:.4f} ± {m['spread'] / 2:.4f} ({f(c['vs_base'])}, {f(c['vs_peer'])})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=str(suite_run.DEFAULT_WORKDIR))
+    p.add_argument("--out", default="levers.jsonl", help="JSONL of finished rows (appended)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--train_pairs", type=int, default=2000, help="in-domain (bible_ot) pairs")
+    p.add_argument("--weak_pairs", type=int, default=1723, help="stage-1 (wiki_lead) pairs")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--summary", action="store_true", help="only print the table of --out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if not args.summary:
+        measure_all(args)
+    table = summary(pathlib.Path(args.out))
+    print(json.dumps(table))
+    print()
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
