@@ -27,6 +27,9 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.model = _model_defaults()
     c.mntp = _mntp_defaults()
     c.data = default_data_config()
+    # A stage's batch size has one home, train.batch_size: data.batch_size is the data-only
+    # commands' setting (gte-jax data), not a stage's.
+    del c.data["batch_size"]
     c.loss = _loss_defaults()
     c.train = _train_defaults()
     c.checkpoint = _checkpoint_defaults()

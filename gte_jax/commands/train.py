@@ -12,6 +12,7 @@ import sys
 from gte_jax.commands.common import USER_ERRORS, error, setup_logging
 from gte_jax.training.checks import TrainingDiverged, TrainingError
 from gte_jax.training.loop import run
+from gte_jax.training.spec import stage_specs
 from gte_jax.training.summary import json_safe
 
 _PRINTED = (
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
         )
     setup_logging(args.log_level)
-    try:
-        config = load_config(args.config, overrides)
+    try:  # the config file, its overrides and every stage's settings: parsed and checked once
+        specs = stage_specs(load_config(args.config, overrides))
     except ConfigError as e:
         return error("gte-jax train", e)
     try:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # incomplete or inconsistent multi-process settings
         return error("gte-jax train", e)
     try:
-        summaries = run(config, args.workdir)
+        summaries = run(specs, args.workdir)
     except KeyboardInterrupt:  # Ctrl-C before the loop (or a second one): nothing half-done
         print(
             "gte-jax train: interrupted (Ctrl-C) before a checkpoint of this start; rerun the "

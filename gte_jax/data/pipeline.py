@@ -167,11 +167,11 @@ def _group_specs(group: Any, key: str) -> list[dict[str, Any]]:
             spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
             specs.append({**spec, "kind": "text", "config_key": f"{key}.text_files"})
     for i, raw in enumerate(group.sources):
-        specs.append(_checked_spec(dict(raw), f"{key}.sources[{i}]"))
+        specs.append(checked_source(dict(raw), f"{key}.sources[{i}]"))
     return specs
 
 
-def _checked_spec(raw: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_source(raw: dict[str, Any], where: str) -> dict[str, Any]:
     if "pool_query_prefix" in raw:
         raise ConfigError(
             f"{where}.pool_query_prefix is gone: whether prompt tokens are pooled is "
@@ -328,13 +328,15 @@ def build_iterator(
     process_count: int = 1,
     local_data_devices: int = 1,
     layout: BatchLayout | None = None,
+    batch_size: int | None = None,
     **kwargs: Any,
 ) -> PairBatchIterator:
     """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`).
 
     ``layout``: this process's rows of every batch (``BatchLayout.of_mesh``); without it, process
     p holds the p-th of ``process_count`` blocks of ``local_data_devices`` devices each (with
-    packing, each device packs its own examples into its own rows)."""
+    packing, each device packs its own examples into its own rows). ``batch_size``: the global
+    batch (a training stage's ``train.batch_size``; default: ``data.batch_size``)."""
     sources = sources if sources is not None else build_sources(data)
     if "weights" not in kwargs and any(is_replay(s.name) for s in sources):
         kwargs["weights"] = replay_weights(
@@ -343,7 +345,7 @@ def build_iterator(
     return PairBatchIterator(
         sources,
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
-        global_batch_size=int(data.batch_size),
+        global_batch_size=int(data.batch_size if batch_size is None else batch_size),
         seed=int(data.seed),
         alpha=float(data.alpha),
         mixed=bool(data.mixed_batches),
