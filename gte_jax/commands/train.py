@@ -73,13 +73,18 @@ def main(argv: list[str] | None = None) -> int:
             f"unrecognised arguments: {' '.join(bad)} (overrides look like --config.a.b=v)"
         )
     setup_logging(args.log_level)
-    try:  # the config file, its overrides and every stage's settings: parsed and checked once
-        specs = stage_specs(load_config(args.config, overrides))
+    try:
+        config = load_config(args.config, overrides)
     except ConfigError as e:
         return error("gte-jax train", e)
     try:
         shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     except ValueError as e:  # incomplete or inconsistent multi-process settings
+        return error("gte-jax train", e)
+    try:  # every stage's settings, parsed and checked once (after the distributed start:
+        # checking model.dtype=auto asks JAX for its backend)
+        specs = stage_specs(config)
+    except ConfigError as e:
         return error("gte-jax train", e)
     try:
         summaries = run(specs, args.workdir)
@@ -99,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         from gte_jax.storage import os_error_line
 
         return error("gte-jax train", os_error_line(e))
+    return _report(summaries)
+
+
+def _report(summaries: list[dict]) -> int:
+    """One JSON line per stage; the exit code (0 done, 3 stopped early, 130 Ctrl-C)."""
     for s in summaries:
         line = {k: s.get(k) for k in _PRINTED}
         if eval_change(s):
