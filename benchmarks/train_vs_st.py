@@ -149,9 +149,8 @@ def run_st(args, queries, docs, out_dir: pathlib.Path) -> dict:
 def run_gte(
     args, name: str, overrides: dict, out_dir: pathlib.Path, clock: CompileClock, dtype="auto"
 ) -> dict:
-    from gte_jax import train
-    from gte_jax.training import loop
     from gte_jax.config import load_config
+    from gte_jax.training import loop
 
     config = load_config(REPO / "configs" / "finetune.py")
     config.model.dtype = dtype

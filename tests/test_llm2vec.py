@@ -23,12 +23,12 @@ import transformers
 from tiny_models import tiny_decoder_dir
 
 from gte_jax import hf, losses, train
-from gte_jax.training import loop
 from gte_jax.data.batching import PairBatchIterator
 from gte_jax.data.mntp import IGNORE, MntpMasking
 from gte_jax.data.pipeline import DEMO_DIR
 from gte_jax.data.sources import from_files
 from gte_jax.models.encoder import ModelFn
+from gte_jax.training import loop
 
 TOL = 1e-5
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"

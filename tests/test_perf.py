@@ -75,8 +75,8 @@ def test_the_startup_heap_is_frozen_while_the_step_compiles(tiny_model_dir, tmp_
     import gc
 
     from gte_jax import train
-    from gte_jax.training import loop
     from gte_jax.config import load_config
+    from gte_jax.training import loop
 
     config = load_config(str(REPO / "configs" / "finetune.py"))
     config.model.init_from = str(tiny_model_dir)

@@ -15,7 +15,6 @@ from safetensors.numpy import load_file
 from scipy import stats
 
 from gte_jax import cli, plan, train
-from gte_jax.training import loop
 from gte_jax.data.cli import training_data_config
 from gte_jax.data.mixture import REPLAY_PREFIX, mixture_weights, replay_weights
 from gte_jax.data.pipeline import (
@@ -29,6 +28,7 @@ from gte_jax.data.pipeline import (
 from gte_jax.defaults import stage_config
 from gte_jax.errors import ConfigError
 from gte_jax.ranges import range_problems
+from gte_jax.training import loop
 from gte_jax.workdir import export_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -21,10 +21,10 @@ import pytest
 from etils import epath
 
 from gte_jax import storage, train
-from gte_jax.training import loop
 from gte_jax.data.pipeline import DEMO_DIR, SOURCE_DEFAULTS
 from gte_jax.defaults import stage_config
 from gte_jax.ranges import RANGES, Range, range_problems
+from gte_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FINETUNE_FILE = DEMO_DIR / "bible_finetune.jsonl"

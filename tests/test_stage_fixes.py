@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from gte_jax import train
-from gte_jax.training import loop
 from gte_jax.data.pipeline import DEMO_DIR, build_iterator, build_sources
 from gte_jax.defaults import stage_config
 from gte_jax.gradcache import role_inputs
+from gte_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUERY_PREFIX, DOC_PREFIX = "query: ", "passage: "

@@ -34,7 +34,9 @@ def trains_lm_head(spec: StageSpec) -> bool:
     return spec.kind == "mntp"
 
 
-def run_mesh(config: StageSpec | ml_collections.ConfigDict, devices: Any = None) -> jax.sharding.Mesh:
+def run_mesh(
+    config: StageSpec | ml_collections.ConfigDict, devices: Any = None
+) -> jax.sharding.Mesh:
     """The run's mesh (``config.mesh``) over ``devices`` (default: every device of every
     process; ``gte-jax plan``: a TPU topology's); a mesh that cannot be built is a
     :class:`TrainingError` naming the setting."""

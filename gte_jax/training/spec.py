@@ -435,7 +435,9 @@ def config_problems(spec: StageSpec) -> list[str]:
     :func:`gte_jax.training.checks.check_config`'s)."""
     problems = stage_kind_problems(spec)
     if spec.kind != "mntp" and spec.loss.name not in objectives.contrastive_names():
-        problems.append(f"loss.name={spec.loss.name!r}: use one of {objectives.contrastive_names()}")
+        problems.append(
+            f"loss.name={spec.loss.name!r}: use one of {objectives.contrastive_names()}"
+        )
     else:
         problems.extend(objectives.from_config(spec).problems(spec))
     problems.extend(matryoshka_problems(spec.loss))
