@@ -14,7 +14,7 @@ from gte_jax.data.pipeline import default_data_config
 def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage  # ours
-    # What the stage trains (default ours; one loop for all; gte_jax/train.py STAGE_KINDS):
+    # What the stage trains (default ours; one loop for all; gte_jax/training/spec.py STAGE_KINDS):
     # "contrastive": pair sources, the loss.* contrastive loss (GTE stages 1 and 2);
     # "simcse": unsupervised SimCSE (Gao et al., 2021) on text sources: each text is encoded twice
     #   with independent dropout masks (the query and doc roles' keys) and the two views are the
