@@ -96,7 +96,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # ours
     c.alpha = 0.5  # GTE §3.1: p_i ∝ n_i^0.5
     c.seed = 0  # ours
-    c.batch_size = 32  # a data-only config's (gte-jax data) global batch; a stage's: train.batch_size; ours
+    # A data-only config's (gte-jax data) global batch; a stage's is train.batch_size. Ours.
+    c.batch_size = 32
     c.mixed_batches = False  # ours
     # Ours.
     c.max_length = 0  # > 0: one token budget for queries and documents (wins over the two below)
