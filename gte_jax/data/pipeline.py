@@ -343,10 +343,12 @@ def build_iterator(
         kwargs["weights"] = replay_weights(
             {s.name: len(s) for s in sources}, **_replay_mixture(data)
         )
+    if batch_size is None:  # a data-only config (gte-jax data): a stage passes train.batch_size
+        batch_size = data["batch_size"]
     return PairBatchIterator(
         sources,
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
-        global_batch_size=int(data.batch_size if batch_size is None else batch_size),
+        global_batch_size=int(batch_size),
         seed=int(data.seed),
         alpha=float(data.alpha),
         mixed=bool(data.mixed_batches),
