@@ -15,7 +15,7 @@ negatives ignored) with in-batch negatives only:
 
 - sentence-transformers: ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss``
   (scale 20, query -> doc), CPU, no evaluation or saving during training;
-- gte-jax: ``train.train_stage`` on ``configs/finetune.py`` (InfoNCE, τ = 0.05 = 1 / 20), once per
+- gte-jax: ``loop.train_stage`` on ``configs/finetune.py`` (InfoNCE, τ = 0.05 = 1 / 20), once per
   ``--variants`` entry (data layout only: power-of-two buckets, buckets in multiples of 16,
   sequence packing, ...).
 
@@ -149,8 +149,8 @@ def run_st(args, queries, docs, out_dir: pathlib.Path) -> dict:
 def run_gte(
     args, name: str, overrides: dict, out_dir: pathlib.Path, clock: CompileClock, dtype="auto"
 ) -> dict:
-    from gte_jax import train
     from gte_jax.config import load_config
+    from gte_jax.training import loop
 
     config = load_config(REPO / "configs" / "finetune.py")
     config.model.dtype = dtype
@@ -175,7 +175,7 @@ def run_gte(
     config.eval.sets = []
     workdir = out_dir / f"gte_{name}"
     clock.start()
-    summary = train.train_stage(config, workdir)
+    summary = loop.train_stage(config, workdir)
     compile_info = clock.stop()
     seconds = summary["train_seconds"]
     steady = seconds - compile_info["compile_seconds"]

@@ -188,6 +188,10 @@ def check_schema(config: ml_collections.ConfigDict, origin: Any = "config") -> N
         _check_tree(config, schema, "", origin)
 
 
+# Keys a training stage does not have, and where their setting lives.
+_MOVED = {"data.batch_size": " (a stage's batch size is train.batch_size, the global batch)"}
+
+
 def _check_tree(node: Any, schema: Any, prefix: str, origin: Any) -> None:
     import difflib
 
@@ -196,6 +200,7 @@ def _check_tree(node: Any, schema: Any, prefix: str, origin: Any) -> None:
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema.keys()), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            hint = _MOVED.get(path, hint)
             raise ConfigError(
                 f"{origin}: unknown config key {path!r}{hint}; every key is declared with its "
                 "default in gte_jax/defaults.py (data: gte_jax/data/pipeline.py)"

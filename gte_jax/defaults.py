@@ -14,7 +14,7 @@ from gte_jax.data.pipeline import default_data_config
 def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage  # ours
-    # What the stage trains (default ours; one loop for all; gte_jax/train.py STAGE_KINDS):
+    # What the stage trains (default ours; one loop for all; gte_jax/training/spec.py STAGE_KINDS):
     # "contrastive": pair sources, the loss.* contrastive loss (GTE stages 1 and 2);
     # "simcse": unsupervised SimCSE (Gao et al., 2021) on text sources: each text is encoded twice
     #   with independent dropout masks (the query and doc roles' keys) and the two views are the
@@ -27,6 +27,9 @@ def stage_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.model = _model_defaults()
     c.mntp = _mntp_defaults()
     c.data = default_data_config()
+    # A stage's batch size has one home, train.batch_size: data.batch_size is the data-only
+    # commands' setting (gte-jax data), not a stage's.
+    del c.data["batch_size"]
     c.loss = _loss_defaults()
     c.train = _train_defaults()
     c.checkpoint = _checkpoint_defaults()

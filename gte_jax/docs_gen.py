@@ -160,7 +160,16 @@ def _sections() -> dict[str, list[tuple[str, Any]]]:
         if key.startswith("data.") and "data.sources[]" not in sections:
             sources = pipeline.SOURCE_DEFAULTS.items()
             sections["data.sources[]"] = [(f"data.sources[].{k}", v) for k, v in sources]
+    stage_keys = {key for rows in sections.values() for key, _ in rows}
+    data = pipeline.default_data_config()
+    sections[_DATA_ONLY] = [
+        (f"data.{k}", v) for k, v in _leaves(data) if f"data.{k}" not in stage_keys
+    ]
     return sections
+
+
+# Keys of a data-only config (`gte-jax data`) that a training stage does not have.
+_DATA_ONLY = "data-only"
 
 
 _HEADER = f"""# Configuration: every key
@@ -180,6 +189,11 @@ work: [recipes.md](recipes.md#configs-how-they-work).
 
 def _section(prefix: str, rows: list[tuple[str, Any]], comments: dict[str, str]) -> list[str]:
     out = [f"## `{prefix}`" if prefix else "## The stage's own keys", ""]
+    if prefix == _DATA_ONLY:
+        out = [
+            "## Data-only keys (`gte-jax data`; not a stage's: its batch is `train.batch_size`)",
+            "",
+        ]
     intro = comments.get(f"group:{prefix}." if prefix else "group:", "")
     if prefix == "data":
         intro = (inspect.getdoc(pipeline) or "").split("\n\n", 1)[-1]  # its field list

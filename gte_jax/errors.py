@@ -8,5 +8,9 @@ class ConfigError(ValueError):
     """A config file or an override that cannot be applied; the message says what to change."""
 
 
+class TrainingError(RuntimeError):
+    """The run cannot start or go on with this config / input; the message says what to do."""
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint in a workdir could be restored."""

@@ -46,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from gte_jax import objectives, plan_cost
@@ -63,6 +64,7 @@ from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where user
 )
 from gte_jax.training import checks
 from gte_jax.training.optimizer import make_optimizer
+from gte_jax.training.spec import ModelSpec, StageSpec, parse
 from gte_jax.training.state import abstract_train_state
 from gte_jax.training.step import TrainStep, build_train_step
 
@@ -152,7 +154,9 @@ def _config_json_of(path: Any) -> dict[str, Any] | None:
     return None
 
 
-def model_shape(model_cfg: Any, model_config: str | None, stages: Mapping[str, Any] | None = None):
+def model_shape(
+    model_cfg: ModelSpec, model_config: str | None, stages: Mapping[str, Any] | None = None
+):
     """(HF config dict, where it came from) for a stage's ``model`` group.
 
     ``model_config`` (``--model-config``) wins: a name of :data:`KNOWN_MODELS` or a path to a
@@ -171,7 +175,7 @@ def model_shape(model_cfg: Any, model_config: str | None, stages: Mapping[str, A
                 "nor a config.json file / model directory"
             )
         return found, f"{model_config} (config.json)"
-    init = str(model_cfg.init_from)
+    init = model_cfg.init_from
     seen = set()
     while init.startswith("stage:") and stages is not None:
         name = init.split(":", 1)[1]
@@ -198,7 +202,7 @@ def model_shape(model_cfg: Any, model_config: str | None, stages: Mapping[str, A
     return found, f"{init} (config.json)"
 
 
-def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
+def encoder_config(hf_config: Mapping[str, Any], model_cfg: ModelSpec):
     """The tower config of the stage: the architecture plus its dtype, remat and dropout."""
     from gte_jax import workdir as wd
     from gte_jax.models import registry
@@ -219,15 +223,15 @@ def encoder_config(hf_config: Mapping[str, Any], model_cfg: Any):
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tuple[int, int]]]:
+def batch_shapes(
+    config: StageSpec | ml_collections.ConfigDict,
+) -> tuple[dict[str, tuple[int, ...]], int, list[tuple[int, int]]]:
     """(shapes of the padded global batch at the longest lengths, batch size, towers as
-    [(texts, length)]) for a stage config, in the format of :mod:`gte_jax.data.batching`."""
-    data = config.data
-    lq, ld = int(data.query_max_length), int(data.doc_max_length)
-    if int(data.get("max_length", 0) or 0):
-        lq = ld = int(data.max_length)
-    sources = [dict(s) for s in data.sources]
-    b = max([int(config.train.batch_size)] + [int(s.get("batch_size", 0) or 0) for s in sources])
+    [(texts, length)]) for a stage, in the format of :mod:`gte_jax.data.batching`."""
+    config = parse(config)
+    data = config.data  # data.max_length already resolved into both lengths
+    lq, ld = data.query_max_length, data.doc_max_length
+    b = max([config.train.batch_size] + [s.batch_size for s in data.sources])
     shapes = {
         "query_input_ids": (b, lq),
         "query_attention_mask": (b, lq),
@@ -238,7 +242,7 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
         "valid": (b,),
     }
     towers = [(b, lq), (b, ld)]
-    if str(config.get("kind", "contrastive")) == "mntp":  # one tower: the masked query role
+    if config.kind == "mntp":  # one tower: the masked query role
         shapes["query_labels"] = (b, lq)
         return shapes, b, [(b, lq)]
     k = num_negatives(config)
@@ -253,7 +257,7 @@ def batch_shapes(config: Any) -> tuple[dict[str, tuple[int, ...]], int, list[tup
     return shapes, b, towers
 
 
-def num_negatives(config: Any) -> int:
+def num_negatives(config: StageSpec | ml_collections.ConfigDict) -> int:
     """K of the stage's batches as training gets it: the largest over the pair sources of each
     source's ``num_negatives``, or, where that is auto (-1), the count training reads from the
     data (:attr:`gte_jax.data.sources.Source.num_negatives`, from the same
@@ -264,6 +268,7 @@ def num_negatives(config: Any) -> int:
     from gte_jax.errors import ConfigError
     from gte_jax.textio import InputError
 
+    config = parse(config)
     try:
         specs = pipeline._source_specs(config.data)
     except ConfigError as e:
@@ -327,7 +332,7 @@ def model_flops(
     )
 
 
-def _with_lora(model: Any, config: Any) -> Any:
+def _with_lora(model: Any, config: StageSpec) -> Any:
     """``model`` with the stage's LoRA layers (``model.lora``), as training injects them."""
     from flax import nnx
 
@@ -357,13 +362,18 @@ class AbstractStep:
     train_step: TrainStep
 
 
-def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, Any]):
+def abstract_step(
+    config: StageSpec | ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    hf_config: Mapping[str, Any],
+):
     """The stage's real train step (:func:`gte_jax.training.step.build_train_step`) and
     abstract arguments (with its shardings) on ``mesh``."""
     from flax import nnx
 
     from gte_jax.models.encoder import BiEncoder, ModelFn
 
+    config = parse(config)
     enc = encoder_config(hf_config, config.model)
     try:
         num_chunks = checks.check_config(config, mesh)
@@ -373,8 +383,8 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
         lambda: _with_lora(
             BiEncoder(
                 enc,
-                pooling="mean" if config.model.pooling == "auto" else str(config.model.pooling),
-                normalize=bool(config.model.normalize),
+                pooling="mean" if config.model.pooling == "auto" else config.model.pooling,
+                normalize=config.model.normalize,
                 rngs=nnx.Rngs(0),
             ),
             config,
@@ -385,7 +395,7 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
     )
     trainable, frozen = model_fn.split_params(params)  # LoRA: the base frozen, as in training
     tcfg = config.train
-    total_steps = int(tcfg.num_steps)
+    total_steps = tcfg.num_steps
     if total_steps < 1:
         raise PlanError(
             "train.num_steps is 0 (derived from the data's size and train.epochs): plan needs "
@@ -393,12 +403,12 @@ def abstract_step(config: Any, mesh: jax.sharding.Mesh, hf_config: Mapping[str, 
         )
     tx, schedule = make_optimizer(tcfg, total_steps)
     objective_state = objectives.from_config(config).initial_state()
-    state = abstract_train_state(trainable, tx, int(tcfg.seed), frozen, objective_state)
+    state = abstract_train_state(trainable, tx, tcfg.seed, frozen, objective_state)
     step = build_train_step(config, mesh, model_fn, tx, schedule, state, num_chunks=num_chunks)
     shapes, batch_size, towers = batch_shapes(config)
     return AbstractStep(
         step.fn, step.abstract_state(state), step.abstract_batch(shapes), step.state_shardings,
-        str(config.sharding.params), num_chunks, batch_size, towers, params, enc, total_steps,
+        config.sharding.params, num_chunks, batch_size, towers, params, enc, total_steps,
         step,
     )  # fmt: skip
 
@@ -447,10 +457,10 @@ def compile_step(step: AbstractStep):
         raise
 
 
-def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hbm: float):
+def _advice(config: StageSpec, step: AbstractStep, sharding: str, arg_bytes: float, hbm: float):
     tcfg, data_devices = config.train, step.state["step"].sharding.mesh.shape["data"]
     out = []
-    if not bool(tcfg.gradcache):
+    if not tcfg.gradcache:
         chunk = max(data_devices, 2 ** int(math.log2(max(step.batch_size // 16, 1))))
         while step.batch_size % chunk or chunk % data_devices:
             chunk //= 2
@@ -464,7 +474,7 @@ def _advice(config: Any, step: AbstractStep, sharding: str, arg_bytes: float, hb
         half = chunk // 2
         if half >= data_devices and half % data_devices == 0:
             out.append(f"smaller GradCache chunks: --config.train.gradcache_chunk_size={half}")
-    if not bool(config.model.remat):
+    if not config.model.remat:
         out.append("recompute activations per layer: --config.model.remat=true")
     if sharding == "replicate" and arg_bytes > 0.25 * hbm:
         out.append(
@@ -544,7 +554,7 @@ def with_layers(hf_config: Mapping[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
-def _extrapolated(config, mesh, hf_config, layers: Sequence[int]):
+def _extrapolated(config: StageSpec, mesh, hf_config, layers: Sequence[int]):
     """(bytes per chip extrapolated to the model's depth, or None; OOM text; the points).
 
     Compiles the step at each depth of ``layers`` (the same widths, batch and sharding) and fits
@@ -584,7 +594,7 @@ def _checked_layers(layers: Sequence[int] | None, hf_config: Mapping[str, Any]) 
 
 
 def plan(
-    config: Any,
+    config: StageSpec | ml_collections.ConfigDict,
     topology: str | Topology,
     *,
     model_config: str | None = None,
@@ -602,21 +612,21 @@ def plan(
     own (:func:`_extrapolated`), for models whose full compile needs more host memory than this
     machine has (a 7B unrolled step); FLOPs and the state size are the full model's."""
     topo = topology if isinstance(topology, Topology) else parse_topology(topology)
+    config = parse(config)
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: must be in (0, 1]")
     hf_config, model_source = model_shape(config.model, model_config, stages)
     layers = _checked_layers(layers, hf_config)
     if num_slices is not None:
-        config = config.copy_and_resolve_references()
-        config.mesh.slices = int(num_slices)
-    slices = int(config.mesh.get("slices", 1))
+        config = config.replace(mesh=dataclasses.replace(config.mesh, slices=num_slices))
+    slices = config.mesh.slices
     if slices < 1:
         raise PlanError(f"--num-slices / mesh.slices={slices}: must be >= 1")
     devices = topology_devices(topo, slices)
     mesh, start = start_checks(config, devices)
     step = abstract_step(config, mesh, hf_config)  # the full model, abstract (nothing compiled)
     head: dict[str, Any] = {
-        "stage": str(config.get("stage", "")),
+        "stage": config.stage,
         "topology": topo.name,
         "accelerator_type": topo.accelerator_type,
         "device_kind": devices[0].device_kind,
@@ -690,7 +700,9 @@ def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: Abstra
     )
 
 
-def start_checks(config: Any, devices: Sequence[Any]) -> tuple[jax.sharding.Mesh, dict[str, Any]]:
+def start_checks(
+    config: StageSpec, devices: Sequence[Any]
+) -> tuple[jax.sharding.Mesh, dict[str, Any]]:
     """The mesh ``train`` builds over ``devices`` and ``train``'s start-up checks for every
     process (host) of it: the config's (:func:`gte_jax.training.checks.check_config`, which
     includes each host's batch layout), and the per-source batch sizes the config names. (mesh,
@@ -698,10 +710,7 @@ def start_checks(config: Any, devices: Sequence[Any]) -> tuple[jax.sharding.Mesh
     try:
         mesh = checks.run_mesh(config, devices)
         num_chunks = checks.check_config(config, mesh)
-        sizes = {
-            str(s.get("name", i)): int(s.get("batch_size", 0) or 0)
-            for i, s in enumerate(config.data.get("sources", ()))
-        }
+        sizes = {s.name or str(i): s.batch_size for i, s in enumerate(config.data.sources)}
         bad = checks.source_batch_problems(sizes, num_chunks, mesh.shape[shd.DATA_AXIS])
         if bad:
             raise checks.TrainingError("this config cannot run:\n  - " + "\n  - ".join(bad))
@@ -741,7 +750,7 @@ def dcn_bytes(step: AbstractStep, slices: int) -> dict[str, int]:
 
 
 def _time_report(
-    config: Any, step: AbstractStep, topo: Topology, mfu: float, slices: int = 1
+    config: StageSpec, step: AbstractStep, topo: Topology, mfu: float, slices: int = 1
 ) -> dict[str, Any]:
     """Analytic model FLOPs, time at ``mfu``, and what the step is (batch, lengths, settings)."""
     # Attention's width is heads x head_dim: hidden_size for BERT, not always for T5 (T5-11B).
@@ -788,16 +797,16 @@ def _time_report(
             for role, (_, length) in zip(("query", "doc"), step.towers[:2], strict=False)
         },
         "num_negatives": step.towers[2][0] // step.batch_size if len(step.towers) > 2 else 0,
-        "gradcache": bool(config.train.gradcache),
+        "gradcache": config.train.gradcache,
         "gradcache_chunk_size": step.batch_size // step.num_chunks
         if config.train.gradcache
         else None,
-        "remat": bool(config.model.remat),
+        "remat": config.model.remat,
         "dtype": compute_dtype(config.model.dtype, "tpu").name,
         "sharding": step.sharding,
         # GradCache's weight gathers (sharding.gather_params): rerun plan with the other value
         # to see the collective bytes and memory of each.
-        "gather_params": str(config.sharding.gather_params) if config.train.gradcache else None,
+        "gather_params": config.sharding.gather_params if config.train.gradcache else None,
         "parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(step.params))),
         # What the optimizer holds: every parameter, or the LoRA factors alone.
         "trainable_parameters": int(
@@ -811,11 +820,14 @@ def _time_report(
 # --------------------------------------------------------------------------------------------------
 
 
-def stage_configs(config: Any, stage: str | None) -> list[Any]:
+def stage_configs(
+    config: ml_collections.ConfigDict, stage: str | None
+) -> list[ml_collections.ConfigDict]:
+    """The stage(s) of ``config`` to plan, as one-stage configs (named, replay filled in)."""
     from gte_jax.data import pipeline
 
     if "stages" not in config:
-        if stage and stage != str(config.get("stage", "")):
+        if stage and stage != config.get("stage", ""):
             raise PlanError(
                 f"--stage {stage!r}: this config has one stage, {config.get('stage')!r}"
             )

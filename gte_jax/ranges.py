@@ -123,7 +123,6 @@ RANGES: dict[str, Range] = {
     # data
     "data.alpha": _at_least(0, "p_i ∝ n_i^alpha: 0 is uniform, 1 proportional (GTE: 0.5)"),
     "data.seed": _at_least(0, "NumPy seeds are unsigned"),
-    "data.batch_size": _at_least(1, "examples per batch (training uses train.batch_size)"),
     "data.max_length": _at_least(0, "0: query_max_length / doc_max_length"),
     "data.query_max_length": _at_least(1, "tokens per query"),
     "data.doc_max_length": _at_least(1, "tokens per document"),

@@ -1,6 +1,7 @@
 """``gte_jax.train``: the names of the training package (:mod:`gte_jax.training`) under their
 former module, for code and notebooks written against it. New code imports from
-``gte_jax.training.<module>`` (docs/design.md, "Map of the package")."""
+``gte_jax.training.<module>`` (docs/design.md, "Map of the package"). The loop is not here:
+only ``gte_jax/commands/`` import :mod:`gte_jax.training.loop` (``run``, ``train_stage``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from gte_jax.training.checks import (  # noqa: F401
     trains_lm_head,
 )
 from gte_jax.training.evaluator import Evaluator  # noqa: F401
-from gte_jax.training.loop import Loop, frozen_heap, run, train_stage  # noqa: F401
 from gte_jax.training.optimizer import make_optimizer, update_count, weight_decay_mask  # noqa: F401
 from gte_jax.training.setup import (  # noqa: F401
     FROZEN_BASE_FILE,

@@ -28,6 +28,7 @@ from gte_jax.data.mntp import IGNORE, MntpMasking
 from gte_jax.data.pipeline import DEMO_DIR
 from gte_jax.data.sources import from_files
 from gte_jax.models.encoder import ModelFn
+from gte_jax.training import loop
 
 TOL = 1e-5
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -236,7 +237,7 @@ def test_mntp_without_an_lm_head_is_refused_at_start_up(tmp_path, monkeypatch):
     config = load_config(f"{CONFIGS / 'llm2vec.py'}:runlocal").mntp
     config.model.init_from = str(path)
     with pytest.raises(train.TrainingError, match="has none"):
-        train.train_stage(config, tmp_path / "run")
+        loop.train_stage(config, tmp_path / "run")
 
 
 # ------------------------------------------------------------------ bidirectional, really
@@ -404,13 +405,13 @@ def test_mntp_stage_resumes_bitwise_on_8_devices(tmp_path, monkeypatch):
         return step, jax.device_get(state)
 
     workdir = tmp_path / "mntp"
-    first = train.train_stage(config, workdir)
+    first = loop.train_stage(config, workdir)
     assert first["completed"] and first["loss_floor"] == 0.0 and first["final_accuracy"] >= 0
     step, want = final(workdir)
     assert step == 4 and set(want) == {"params", "opt_state", "step", "rng"}
     shutil.rmtree(workdir / "checkpoints" / "4")
     (workdir / "summary.json").unlink()
-    again = train.train_stage(config, workdir)
+    again = loop.train_stage(config, workdir)
     assert again["resumed_from_step"] == 2 and again["completed"]
     step, got = final(workdir)
     assert step == 4 and jax.tree.structure(got) == jax.tree.structure(want)

@@ -76,6 +76,7 @@ def test_the_startup_heap_is_frozen_while_the_step_compiles(tiny_model_dir, tmp_
 
     from gte_jax import train
     from gte_jax.config import load_config
+    from gte_jax.training import loop
 
     config = load_config(str(REPO / "configs" / "finetune.py"))
     config.model.init_from = str(tiny_model_dir)
@@ -92,7 +93,7 @@ def test_the_startup_heap_is_frozen_while_the_step_compiles(tiny_model_dir, tmp_
 
     monkeypatch.setattr(train.hooks_lib, "track_finite", counting)
     assert gc.get_freeze_count() == 0
-    summary = train.train_stage(config, tmp_path / "run")
+    summary = loop.train_stage(config, tmp_path / "run")
     assert summary["steps"] == 2 and len(frozen) == 2
     assert all(n > 10_000 for n in frozen), frozen  # the modules and the model, at least
     assert gc.get_freeze_count() == 0
@@ -105,7 +106,7 @@ def test_a_callers_frozen_heap_stays_frozen():
     an executor's) may free frozen objects meanwhile, and the count drops by those."""
     import gc
 
-    from gte_jax.train import frozen_heap
+    from gte_jax.training.loop import frozen_heap
 
     def collectable(objects):  # in a GC generation, i.e. not frozen
         ids = {id(o) for o in gc.get_objects()}

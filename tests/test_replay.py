@@ -28,6 +28,7 @@ from gte_jax.data.pipeline import (
 from gte_jax.defaults import stage_config
 from gte_jax.errors import ConfigError
 from gte_jax.ranges import range_problems
+from gte_jax.training import loop
 from gte_jax.workdir import export_workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_replay_settings_that_cannot_work_are_refused_before_any_stage(change, m
     config.ft.data.replay.update(change)
     assert any(message in p for p in replay_problems(config))
     with pytest.raises(train.TrainingError, match=message):
-        train.run(config, tmp_path / "w")
+        loop.run(config, tmp_path / "w")
     assert not (tmp_path / "w" / "pre").exists()  # stage 1 did not run
 
 
@@ -197,7 +198,7 @@ def test_a_run_reports_replayed_sources_and_exports_the_interpolated_mix(tiny_mo
     config.data.packing_row_length = 32  # one row length: the same
     config.export.interpolate_from = str(tiny_model_dir)
     config.export.interpolate_weight = 0.25
-    (summary,) = train.run(config, tmp_path / "ft")
+    (summary,) = loop.run(config, tmp_path / "ft")
     assert summary["completed"] and summary["steps"] == 4
     sources = summary["sources"]
     assert set(sources) == {"bible", f"{REPLAY_PREFIX}chat"}

@@ -24,6 +24,7 @@ from gte_jax import storage, train
 from gte_jax.data.pipeline import DEMO_DIR, SOURCE_DEFAULTS
 from gte_jax.defaults import stage_config
 from gte_jax.ranges import RANGES, Range, range_problems
+from gte_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FINETUNE_FILE = DEMO_DIR / "bible_finetune.jsonl"
@@ -133,7 +134,7 @@ def test_a_later_stage_out_of_range_is_refused_before_the_first_stage_runs(tmp_p
     config.ft = stage_config("ft")
     config.ft.train.learning_rate = -1.0
     with pytest.raises(train.TrainingError, match=r"ft\.train\.learning_rate=-1\.0: must be >= 0"):
-        train.run(config, tmp_path / "w")
+        loop.run(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 

@@ -23,6 +23,7 @@ from gte_jax import train
 from gte_jax.data.pipeline import DEMO_DIR, build_iterator, build_sources
 from gte_jax.defaults import stage_config
 from gte_jax.gradcache import role_inputs
+from gte_jax.training import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUERY_PREFIX, DOC_PREFIX = "query: ", "passage: "
@@ -93,7 +94,7 @@ def _two_stage_config(raw_bert_dir) -> ml_collections.ConfigDict:
 def two_stage(raw_bert_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("two_stage")
     config = _two_stage_config(raw_bert_dir)
-    summaries = train.run(config, workdir)
+    summaries = loop.run(config, workdir)
     assert [s["completed"] for s in summaries] == [True, True]
     return config, workdir, summaries
 
@@ -216,7 +217,7 @@ def test_rerunning_a_finished_stage_is_a_no_op(two_stage, raw_bert_dir):
     files = [workdir / s / "summary.json" for s in ("pre", "ft")]
     files += [workdir / "ft" / "export" / "README.md", workdir / "ft" / "card.json"]
     before = {f: f.read_bytes() for f in files}
-    again = train.run(_two_stage_config(raw_bert_dir), workdir)
+    again = loop.run(_two_stage_config(raw_bert_dir), workdir)
     assert all(s["already_complete"] and s["completed"] for s in again)
     assert {f: f.read_bytes() for f in files} == before
     assert "## Evaluation" in (workdir / "ft" / "export" / "README.md").read_text()

@@ -19,6 +19,7 @@ from gte_jax.plan import (
     plan,
     stage_configs,
 )
+from gte_jax.training.spec import StageSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--layers {args.layers!r}: give depths such as 1,2") from None
         config = load_config(args.config, overrides)
         stages = config if "stages" in config else None
-        for stage_cfg in stage_configs(config, args.stage):
+        # Each planned stage's settings parsed and checked once, before anything compiles.
+        specs = [StageSpec.from_config(c) for c in stage_configs(config, args.stage)]
+        for spec in specs:
             report = plan(
-                stage_cfg,
+                spec,
                 topology,
                 model_config=args.model_config,
                 mfu=args.mfu,

@@ -12,6 +12,7 @@ import sys
 from gte_jax.commands.common import USER_ERRORS, error, setup_logging
 from gte_jax.training.checks import TrainingDiverged, TrainingError
 from gte_jax.training.loop import run
+from gte_jax.training.spec import stage_specs
 from gte_jax.training.summary import json_safe
 
 _PRINTED = (
@@ -80,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         shd.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     except ValueError as e:  # incomplete or inconsistent multi-process settings
         return error("gte-jax train", e)
+    try:  # every stage's settings, parsed and checked once (after the distributed start:
+        # checking model.dtype=auto asks JAX for its backend)
+        specs = stage_specs(config)
+    except ConfigError as e:
+        return error("gte-jax train", e)
     try:
-        summaries = run(config, args.workdir)
+        summaries = run(specs, args.workdir)
     except KeyboardInterrupt:  # Ctrl-C before the loop (or a second one): nothing half-done
         print(
             "gte-jax train: interrupted (Ctrl-C) before a checkpoint of this start; rerun the "
@@ -98,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         from gte_jax.storage import os_error_line
 
         return error("gte-jax train", os_error_line(e))
+    return _report(summaries)
+
+
+def _report(summaries: list[dict]) -> int:
+    """One JSON line per stage; the exit code (0 done, 3 stopped early, 130 Ctrl-C)."""
     for s in summaries:
         line = {k: s.get(k) for k in _PRINTED}
         if eval_change(s):

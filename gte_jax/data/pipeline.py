@@ -96,7 +96,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # ours
     c.alpha = 0.5  # GTE §3.1: p_i ∝ n_i^0.5
     c.seed = 0  # ours
-    c.batch_size = 32  # ours
+    # A data-only config's (gte-jax data) global batch; a stage's is train.batch_size. Ours.
+    c.batch_size = 32
     c.mixed_batches = False  # ours
     # Ours.
     c.max_length = 0  # > 0: one token budget for queries and documents (wins over the two below)
@@ -167,11 +168,11 @@ def _group_specs(group: Any, key: str) -> list[dict[str, Any]]:
             spec = {**SOURCE_DEFAULTS, "name": pathlib.Path(path).stem, "path": path}
             specs.append({**spec, "kind": "text", "config_key": f"{key}.text_files"})
     for i, raw in enumerate(group.sources):
-        specs.append(_checked_spec(dict(raw), f"{key}.sources[{i}]"))
+        specs.append(checked_source(dict(raw), f"{key}.sources[{i}]"))
     return specs
 
 
-def _checked_spec(raw: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_source(raw: dict[str, Any], where: str) -> dict[str, Any]:
     if "pool_query_prefix" in raw:
         raise ConfigError(
             f"{where}.pool_query_prefix is gone: whether prompt tokens are pooled is "
@@ -328,22 +329,26 @@ def build_iterator(
     process_count: int = 1,
     local_data_devices: int = 1,
     layout: BatchLayout | None = None,
+    batch_size: int | None = None,
     **kwargs: Any,
 ) -> PairBatchIterator:
     """The training iterator for this process (``kwargs`` go to :class:`PairBatchIterator`).
 
     ``layout``: this process's rows of every batch (``BatchLayout.of_mesh``); without it, process
     p holds the p-th of ``process_count`` blocks of ``local_data_devices`` devices each (with
-    packing, each device packs its own examples into its own rows)."""
+    packing, each device packs its own examples into its own rows). ``batch_size``: the global
+    batch (a training stage's ``train.batch_size``; default: ``data.batch_size``)."""
     sources = sources if sources is not None else build_sources(data)
     if "weights" not in kwargs and any(is_replay(s.name) for s in sources):
         kwargs["weights"] = replay_weights(
             {s.name: len(s) for s in sources}, **_replay_mixture(data)
         )
+    if batch_size is None:  # a data-only config (gte-jax data): a stage passes train.batch_size
+        batch_size = data["batch_size"]
     return PairBatchIterator(
         sources,
         tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer),
-        global_batch_size=int(data.batch_size),
+        global_batch_size=int(batch_size),
         seed=int(data.seed),
         alpha=float(data.alpha),
         mixed=bool(data.mixed_batches),

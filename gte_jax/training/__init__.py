@@ -5,6 +5,6 @@
 ``plan`` compiles it for a TPU), ``checks`` (start-up refusals), ``setup`` (a stage's data,
 model, state and step), ``hooks`` (what runs around the step, each with its own interval),
 ``evaluator`` (in-training evaluation), ``summary`` (the run summary and JSON helpers) and
-``loop`` (setup -> step -> hooks -> finish). Only ``gte_jax/commands/`` (and the ``gte_jax.train``
-re-export) import ``loop``.
+``loop`` (setup -> step -> hooks -> finish). ``spec`` holds the typed stage specs every part
+reads (parsed and checked once at the command line). Only ``gte_jax/commands/`` import ``loop``.
 """

@@ -15,6 +15,7 @@ from gte_jax import sharding as shd
 from gte_jax.evaluation import EvalSuite
 from gte_jax.models.precision import as_float32
 from gte_jax.training.checks import TrainingError
+from gte_jax.training.spec import EvalSpec
 from gte_jax.training.summary import write_json
 
 log = logging.getLogger("gte_jax.train")
@@ -26,7 +27,7 @@ class Evaluator:
     summary (``eval_at_start``: step 0 only; ``eval``: the last); with ``eval.best_metric`` the
     best model so far is exported to ``<workdir>/best`` (with ``best.json`` naming its step)."""
 
-    def __init__(self, eval_cfg, workdir, model_fn, tokenizer, info, writer):
+    def __init__(self, eval_cfg: EvalSpec, workdir, model_fn, tokenizer, info, writer):
         self.enabled = bool(eval_cfg.sets)
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}

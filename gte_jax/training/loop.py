@@ -1,32 +1,34 @@
 """The one training loop. Every stage (weakly supervised pre-training, fine-tuning, MNTP,
 SimCSE) is this loop with another config: setup (:mod:`gte_jax.training.setup`) -> step
 (:mod:`gte_jax.training.step`) -> hooks (:mod:`gte_jax.training.hooks`) -> finish (the summary,
-the model card and the export). Only ``gte_jax/commands/`` (and the ``gte_jax.train``
-re-export) import this module."""
+the model card and the export). Only ``gte_jax/commands/`` import this module
+(``tests/test_architecture.py``); it runs :class:`gte_jax.training.spec.StageSpec` values."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 from etils import epath
 
 from gte_jax import interpolate, sharded_io, storage
 from gte_jax import sharding as shd
 from gte_jax import workdir as wd
 from gte_jax.checkpoint import PreemptionFlag, absolute_path
-from gte_jax.data.pipeline import replay_problems, resolve_replay
 from gte_jax.metrics import MetricWriter
-from gte_jax.ranges import range_problems
 from gte_jax.timing import StageTimer
 from gte_jax.training import hooks as hooks_lib
-from gte_jax.training.checks import TrainingError, cannot_run, check_config, run_mesh
+from gte_jax.training.checks import check_config, run_mesh
 from gte_jax.training.evaluator import Evaluator
 from gte_jax.training.setup import Stage, setup_stage
+from gte_jax.training.spec import StageSpec, parse, stage_specs
 from gte_jax.training.state import full_params
 from gte_jax.training.step import StepRunner
 from gte_jax.training.summary import stage_summary, write_json
@@ -53,12 +55,14 @@ def frozen_heap():
         gc.unfreeze()
 
 
-def train_stage(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
+def train_stage(
+    config: StageSpec | ml_collections.ConfigDict, workdir: str | epath.PathLike
+) -> dict[str, Any]:
     """Runs one stage to its last step (resuming from ``workdir`` if it holds checkpoints) and
-    returns the run summary; a stage that already finished is not run again."""
+    returns the run summary; a stage that already finished is not run again. A one-stage
+    ``ConfigDict`` is parsed first (:func:`gte_jax.training.spec.parse`)."""
     workdir = absolute_path(workdir)
-    if problems := range_problems(config):  # before the mesh: mesh.data=0 is one of them
-        raise TrainingError(cannot_run(problems))
+    config = parse(config)  # settings refused here, before the mesh: mesh.data=0 is one of them
     mesh = run_mesh(config)
     num_chunks = check_config(config, mesh)
     storage.check_writable(workdir)  # read-only, full or unreachable: one line, nothing loaded
@@ -83,7 +87,7 @@ class Loop:
         self.evaluator = Evaluator(
             st.config.eval, st.workdir, st.model_fn, st.tokenizer, st.info, self.writer
         )
-        self.preempt = PreemptionFlag(fallback_every=max(1, int(tcfg.log_every)))
+        self.preempt = PreemptionFlag(fallback_every=max(1, tcfg.log_every))
         self.tracker = hooks_lib.new_tracker()
         self.timer = StageTimer()
         self.examples = 0
@@ -94,16 +98,16 @@ class Loop:
 
     def _hooks(self) -> hooks_lib.Hooks:
         st, tcfg = self.st, self.st.config.train
-        log_every = max(1, int(tcfg.log_every))
+        log_every = max(1, tcfg.log_every)
         hooks = hooks_lib.Hooks()
         log_metrics = hooks_lib.LogMetrics(self.writer, log_every)
-        max_bad = int(tcfg.max_consecutive_nonfinite)
+        max_bad = tcfg.max_consecutive_nonfinite
         hooks.register(hooks_lib.NonFiniteGuard(max_bad, log_every, log_metrics, st.ckpt.directory))
         hooks.register(log_metrics)
-        if self.is_main and bool(tcfg.progress_bar):
+        if self.is_main and tcfg.progress_bar:
             self.progress = hooks.register(
                 hooks_lib.ProgressBar(
-                    st.total_steps, st.start_step, str(st.config.stage), self.timer,
+                    st.total_steps, st.start_step, st.config.stage, self.timer,
                     lambda: self.runner.programs,
                 )
             )  # fmt: skip
@@ -181,29 +185,27 @@ class Loop:
         return summary
 
 
-def run(config: Any, workdir: str | epath.PathLike) -> list[dict[str, Any]]:
-    """One stage, or each stage of a multi-stage config in order (``config.stages``), each in
-    ``workdir/<stage>``; a stage whose ``model.init_from`` is ``"stage:<name>"`` starts from that
-    stage's final checkpoint."""
+def run(
+    config: StageSpec | Sequence[StageSpec] | ml_collections.ConfigDict,
+    workdir: str | epath.PathLike,
+) -> list[dict[str, Any]]:
+    """One stage (a spec: in ``workdir``), or each stage of a multi-stage config in order (a
+    sequence of specs, :func:`gte_jax.training.spec.stage_specs`: each in ``workdir/<stage>``); a
+    stage whose ``model.init_from`` is ``"stage:<name>"`` starts from that stage's final
+    checkpoint. A ``ConfigDict`` is parsed first."""
     workdir = absolute_path(workdir)
-    if "stages" not in config:
+    if isinstance(config, ml_collections.ConfigDict):
+        config = stage_specs(config)
+    if isinstance(config, StageSpec):
         return [train_stage(config, workdir)]
-    # Every stage's ranges before the first stage starts: a later stage's typo must not cost the
-    # hours of the earlier ones.
-    problems = [p for name in config.stages for p in range_problems(config[name], f"{name}.")]
-    problems += replay_problems(config) + interpolate.stage_problems(config)
-    if problems:
-        raise TrainingError(cannot_run(problems))
     storage.check_writable(workdir)
     summaries = []
-    for name in config.stages:
-        stage_cfg = config[name].copy_and_resolve_references()
-        stage_cfg.stage = name
-        resolve_replay(stage_cfg.data, config)
-        init = str(stage_cfg.model.init_from)
+    for spec in config:
+        init = spec.model.init_from
         if init.startswith("stage:"):
-            stage_cfg.model.init_from = str(workdir / init.split(":", 1)[1])
-        summaries.append(train_stage(stage_cfg, workdir / name))
+            model = dataclasses.replace(spec.model, init_from=str(workdir / init.split(":", 1)[1]))
+            spec = spec.replace(model=model)
+        summaries.append(train_stage(spec, workdir / spec.stage))
         if not summaries[-1]["completed"]:
             break
     return summaries

@@ -7,9 +7,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import optax
 
-from gte_jax.defaults import stage_config
+from gte_jax.training.spec import TrainSpec, train_spec
 
 
 def weight_decay_mask(params: Mapping[str, Any]) -> Any:
@@ -26,19 +27,18 @@ def weight_decay_mask(params: Mapping[str, Any]) -> Any:
 
 
 def make_optimizer(
-    train_cfg: Any, total_steps: int
+    train_cfg: TrainSpec | ml_collections.ConfigDict, total_steps: int
 ) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW with linear warmup then linear or cosine decay to zero, global-norm clipping.
 
-    ``train_cfg`` is a config's ``train`` group; fields it lacks take their defaults from
-    :func:`gte_jax.defaults.stage_config` (the one place defaults live)."""
-    cfg = stage_config().train
-    cfg.update(dict(train_cfg))
-    warmup = int(cfg.warmup_steps)
+    ``train_cfg`` is a stage spec's ``train``, or a config's ``train`` group (its unset fields at
+    their defaults: :func:`gte_jax.training.spec.train_spec`)."""
+    cfg = train_spec(train_cfg)
+    warmup = cfg.warmup_steps
     if not warmup and cfg.warmup_ratio:
-        warmup = int(round(float(cfg.warmup_ratio) * total_steps))
+        warmup = int(round(cfg.warmup_ratio * total_steps))
     warmup = min(warmup, max(total_steps - 1, 0))
-    peak = float(cfg.learning_rate)
+    peak = cfg.learning_rate
     decay_steps = max(total_steps - warmup, 1)
     kind = cfg.schedule
     if kind == "cosine":
@@ -56,14 +56,14 @@ def make_optimizer(
     )
     parts = []
     if cfg.max_grad_norm:
-        parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
     parts.append(
         optax.adamw(
             schedule,
-            b1=float(cfg.adam_b1),
-            b2=float(cfg.adam_b2),
-            eps=float(cfg.adam_eps),
-            weight_decay=float(cfg.weight_decay),
+            b1=cfg.adam_b1,
+            b2=cfg.adam_b2,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
             mask=weight_decay_mask,
         )
     )

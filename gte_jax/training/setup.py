@@ -31,6 +31,7 @@ from gte_jax.models.precision import compute_dtype
 from gte_jax.prompts import configure_tokenizer, training_prompts, training_templates
 from gte_jax.training.checks import TrainingError, check_source_batches, trains_lm_head
 from gte_jax.training.optimizer import make_optimizer
+from gte_jax.training.spec import ModelSpec, StageSpec, TrainSpec
 from gte_jax.training.state import EXAMPLES_SEEN, checkpointed, initial_state
 from gte_jax.training.step import TrainStep, build_train_step
 from gte_jax.training.summary import finished_summary
@@ -38,40 +39,40 @@ from gte_jax.training.summary import finished_summary
 log = logging.getLogger("gte_jax.train")
 
 
-def load_model_for_training(model_cfg: Any, shardings_of: Callable | None = None):
+def load_model_for_training(model_cfg: ModelSpec, shardings_of: Callable | None = None):
     """(BiEncoder, tokenizer, PretrainedInfo) from ``model.init_from`` (the one rule of
     :mod:`gte_jax.workdir`), with the stage's normalisation and ``include_prompt`` applied so that
     the loss, in-training eval and every export see the same embedding. ``shardings_of``: the
     parameters of a model directory are read straight onto these shardings, each host reading
     only its devices' slices (``gte_jax.sharded_io``); without it they stay host arrays."""
     dtype = compute_dtype(model_cfg.dtype)
-    if str(model_cfg.dtype) == "auto":
+    if model_cfg.dtype == "auto":
         log.info("model.dtype=auto: %s compute on %s", dtype.name, jax.default_backend())
     model, tokenizer, info = wd.load_model(
-        str(model_cfg.init_from),
+        model_cfg.init_from,
         dtype=dtype,
         host=True,  # placed shard by shard by initial_state
         shardings_of=shardings_of,
         **wd.model_overrides(model_cfg),
     )
-    if model.normalize != bool(model_cfg.normalize):
+    if model.normalize != model_cfg.normalize:
         log.info(
             "model.normalize=%s (the model directory said %s): the loss and the export use %s",
-            bool(model_cfg.normalize),
+            model_cfg.normalize,
             model.normalize,
             "unit-norm (cosine) embeddings" if model_cfg.normalize else "raw embeddings",
         )
-        model.normalize = bool(model_cfg.normalize)
-    if str(model_cfg.pooling) not in ("auto", model.pooling):
+        model.normalize = model_cfg.normalize
+    if model_cfg.pooling not in ("auto", model.pooling):
         log.info("model.pooling=%s (the model directory said %s)", model_cfg.pooling, model.pooling)
-        model.pooling = str(model_cfg.pooling)
-    choice = str(model_cfg.include_prompt).lower()
+        model.pooling = model_cfg.pooling
+    choice = model_cfg.include_prompt.lower()
     if choice != "auto":
         info.include_prompt = choice == "true"
     # On the tokenizer itself, so batches, in-training eval and every export (base_model/, whose
     # tokenizer sentence-transformers applies) pad and end texts alike.
     configure_tokenizer(
-        tokenizer, padding_side=str(model_cfg.padding_side), append_eos=bool(model_cfg.append_eos)
+        tokenizer, padding_side=model_cfg.padding_side, append_eos=model_cfg.append_eos
     )
     embeddings = getattr(model.encoder, "embeddings", None)
     if tokenizer.padding_side == "left" and hasattr(embeddings, "position_embeddings"):
@@ -84,10 +85,10 @@ def load_model_for_training(model_cfg: Any, shardings_of: Callable | None = None
     return model, tokenizer, info
 
 
-def _total_steps(train_cfg: Any, num_records: int, batch_size: int) -> int:
+def _total_steps(train_cfg: TrainSpec, num_records: int, batch_size: int) -> int:
     if train_cfg.num_steps:
-        return int(train_cfg.num_steps)
-    epochs = float(train_cfg.epochs)
+        return train_cfg.num_steps
+    epochs = train_cfg.epochs
     if epochs <= 0:
         raise TrainingError("set train.num_steps or train.epochs (> 0)")
     return max(1, math.ceil(epochs * num_records / batch_size))
@@ -97,7 +98,7 @@ def _total_steps(train_cfg: Any, num_records: int, batch_size: int) -> int:
 class Stage:
     """What ``train_stage`` sets up once and the loop then uses."""
 
-    config: Any
+    config: StageSpec
     workdir: epath.Path
     mesh: Any
     iterator: Any
@@ -113,24 +114,20 @@ class Stage:
     start_examples: int = 0  # examples of the steps before start_step (a resumed run)
 
 
-def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
+def setup_stage(config: StageSpec, workdir: epath.Path, mesh: Any, num_chunks: int):
     """Sources, model, iterator, optimizer, state (restored when the workdir has checkpoints) and
     the compiled step; or the existing summary when this stage already finished."""
     is_main = jax.process_index() == 0
-    tcfg, batch_size = config.train, int(config.train.batch_size)
+    tcfg, batch_size, data_cfg = config.train, config.train.batch_size, config.data
     # Sources first: a bad data config fails in seconds, before the model is loaded or written.
-    data_cfg = config.data.copy_and_resolve_references()
-    data_cfg.batch_size = batch_size
-    if data_cfg.max_length:  # one budget for queries and documents
-        data_cfg.query_max_length = data_cfg.doc_max_length = int(data_cfg.max_length)
     sources = build_sources(data_cfg)
     check_source_batches(sources, num_chunks, mesh.shape[shd.DATA_AXIS])
     total_steps = _total_steps(tcfg, epoch_records(data_cfg, sources), batch_size)
     ckpt = Checkpointer(
         workdir / "checkpoints",
-        every_steps=int(config.checkpoint.every_steps),
-        max_to_keep=int(config.checkpoint.max_to_keep),
-        async_save=bool(config.checkpoint.async_save),
+        every_steps=config.checkpoint.every_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
     )
     done = finished_summary(workdir, ckpt.latest_step(), total_steps)
     if done is not None:
@@ -138,9 +135,9 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         return done
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        storage.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+        storage.write_text(workdir / "config.json", config.to_json())
 
-    model, tokenizer, info = _stage_model(config, data_cfg, sources, mesh)
+    model, tokenizer, info = _stage_model(config, sources, mesh)
     # A base_model/ without its completion marker (a full disk or a kill while it was written):
     # written again, whole. Every process takes part in gathering sharded tensors; process 0 writes.
     if not storage.is_complete(workdir / "base_model"):
@@ -152,11 +149,12 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         layout=shd.BatchLayout.of_mesh(mesh),
+        batch_size=batch_size,
         include_prompt=info.include_prompt,
         pack_chunks=num_chunks,  # packing + GradCache: rows dealt to chunks by token budget
         mntp=_mntp_masking(config, model, tokenizer),
     )
-    iterator.prime_row_floor(int(data_cfg.packing_estimate_batches), run_batches=total_steps)
+    iterator.prime_row_floor(data_cfg.packing_estimate_batches, run_batches=total_steps)
     _inject_lora(config, model, workdir, is_main)
     model_fn, tx, schedule, state, frozen = initial_training(config, model, mesh, total_steps)
     restored = ckpt.restore(abstract_like(checkpointed(state)))
@@ -169,7 +167,7 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
         start_examples = int(data_state.pop(EXAMPLES_SEEN, start_step * batch_size))
         iterator.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start_step)
-    iterator = with_prefetch(iterator, int(data_cfg.prefetch))
+    iterator = with_prefetch(iterator, data_cfg.prefetch)
     step = build_train_step(config, mesh, model_fn, tx, schedule, state, num_chunks=num_chunks)
     return Stage(
         config, workdir, mesh, iterator, total_steps, schedule, model_fn, tokenizer, info,
@@ -177,18 +175,17 @@ def setup_stage(config: Any, workdir: epath.Path, mesh: Any, num_chunks: int):
     )  # fmt: skip
 
 
-def initial_training(config: Any, model: Any, mesh: Any, total_steps: int):
+def initial_training(config: StageSpec, model: Any, mesh: Any, total_steps: int):
     """(model_fn, optimizer, schedule, initial train state on ``mesh``, LoRA's frozen base as
     host arrays) of a stage's model (LoRA already injected): what the step is built from, before
     a checkpoint is restored."""
     model_fn, params = ModelFn.from_module(model, train_lm_head=trains_lm_head(config))
     trainable, frozen = model_fn.split_params(params)
     tx, schedule = make_optimizer(config.train, total_steps)
-    seed = int(config.train.seed)
     state = initial_state(
         trainable,
         tx,
-        seed,
+        config.train.seed,
         mesh,
         config.sharding,
         frozen=frozen,
@@ -198,14 +195,14 @@ def initial_training(config: Any, model: Any, mesh: Any, total_steps: int):
     return model_fn, tx, schedule, state, state.get("frozen", {})
 
 
-def _stage_model(config: Any, data_cfg: Any, sources: Any, mesh: Any):
+def _stage_model(config: StageSpec, sources: Any, mesh: Any):
     """(model, tokenizer, info) of a stage, its info carrying the prompts and templates this
     stage trains with (what the export records); its parameters loaded onto the train state's
     shardings."""
     model, tokenizer, info = load_model_for_training(
         config.model, lambda abstract: sharded_io.param_shardings(abstract, mesh, config.sharding)
     )
-    longest = max(int(data_cfg.query_max_length), int(data_cfg.doc_max_length))
+    longest = max(config.data.query_max_length, config.data.doc_max_length)
     if longest > model.config.max_length:
         raise TrainingError(
             f"data max length {longest} exceeds the model's {model.config.max_length} positions: "
@@ -220,10 +217,10 @@ def _stage_model(config: Any, data_cfg: Any, sources: Any, mesh: Any):
     return model, tokenizer, info
 
 
-def _mntp_masking(config: Any, model: Any, tokenizer: Any):
+def _mntp_masking(config: StageSpec, model: Any, tokenizer: Any):
     """The MNTP masking rule of a ``kind="mntp"`` stage (None for other kinds); the model must
     have an LM head (a decoder with tied embeddings or a ``*ForCausalLM`` head)."""
-    if str(config.kind) != "mntp":
+    if config.kind != "mntp":
         return None
     tower = model.encoder
     has_head = getattr(tower, "lm_head", None) is not None or getattr(
@@ -235,7 +232,7 @@ def _mntp_masking(config: Any, model: Any, tokenizer: Any):
             "has none: start from a decoder's *ForCausalLM checkpoint (lm_head.weight) or one "
             "with tied embeddings"
         )
-    return masking_from_config(config.mntp, tokenizer, int(config.data.seed))
+    return masking_from_config(config.mntp, tokenizer, config.data.seed)
 
 
 FROZEN_BASE_FILE = "frozen_base.sha256"
@@ -273,13 +270,13 @@ def _check_frozen_base(frozen: Any, workdir: epath.Path, *, resuming: bool, is_m
         storage.write_text(path, fingerprint + "\n")
 
 
-def _inject_lora(config: Any, model: Any, workdir: epath.Path, is_main: bool) -> None:
+def _inject_lora(config: StageSpec, model: Any, workdir: epath.Path, is_main: bool) -> None:
     """With ``model.lora.enabled``: LoRA layers on the target projections (A from the run's seed)
     and ``<workdir>/lora.json``, which export and later stages read to rebuild the model."""
     lora_cfg = lora.LoRAConfig.from_config(config.model.lora)
     if lora_cfg is None:
         return
-    paths = lora.inject(model, lora_cfg, rngs=nnx.Rngs(int(config.train.seed)))
+    paths = lora.inject(model, lora_cfg, rngs=nnx.Rngs(config.train.seed))
     log.info("LoRA (rank %d, alpha %g) on %d layers", lora_cfg.rank, lora_cfg.alpha, len(paths))
     if is_main:
         storage.write_text(workdir / wd.LORA_FILE, lora_cfg.to_json())

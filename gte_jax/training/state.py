@@ -14,6 +14,7 @@ import optax
 from gte_jax import sharding as shd
 from gte_jax.models.encoder import ModelFn
 from gte_jax.objectives.base import STATE_KEY
+from gte_jax.training.spec import ShardingSpec
 
 
 def init_train_state(
@@ -69,7 +70,7 @@ def initial_state(
     tx,
     seed: int,
     mesh,
-    sharding_cfg: Any,
+    sharding_cfg: ShardingSpec,
     frozen: Any = None,
     objective_state: Any = None,
 ) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from gte_jax import objectives
 from gte_jax import sharding as shd
 from gte_jax.models.encoder import ModelFn
 from gte_jax.training.optimizer import update_count
+from gte_jax.training.spec import StageSpec
 
 
 def make_embed_fn(model_fn: ModelFn, frozen: Mapping[str, Any] | None = None):
@@ -166,7 +167,7 @@ class TrainStep:
 
 
 def build_train_step(
-    config: Any,
+    config: StageSpec,
     mesh: jax.sharding.Mesh,
     model_fn: ModelFn,
     tx: optax.GradientTransformation,
@@ -187,11 +188,11 @@ def build_train_step(
         tx,
         objective,
         num_chunks=num_chunks,
-        gradcache=bool(config.train.gradcache),
-        dropout=bool(config.model.train_dropout),
+        gradcache=config.train.gradcache,
+        dropout=config.model.train_dropout,
         mesh=mesh,
         schedule=schedule,
-        gather_params=str(config.sharding.gather_params),
+        gather_params=config.sharding.gather_params,
         param_shardings=shardings["params"],
     )
     return TrainStep(fn, shardings, shd.batch_sharding(mesh), objective, num_chunks)

@@ -15,6 +15,7 @@ from gte_jax import objectives, storage
 from gte_jax.data.sources import skipped_records
 from gte_jax.models.precision import compute_dtype
 from gte_jax.training import hooks as hooks_lib
+from gte_jax.training.spec import StageSpec
 
 log = logging.getLogger("gte_jax.train")
 
@@ -72,7 +73,7 @@ def finished_summary(workdir: epath.Path, last_step: int | None, total_steps: in
 
 
 def stage_summary(
-    config: Any,
+    config: StageSpec,
     iterator: Any,
     evaluator: Any,
     *,
@@ -96,7 +97,7 @@ def stage_summary(
     stats = iterator.stats()
     packed = bool(iterator.packing)
     summary = {
-        "stage": str(config.stage),
+        "stage": config.stage,
         # The whole run's counts; the rate is of this process's part (resumed_from_step on).
         "steps": int(steps),
         "examples": int(start_examples + examples),
