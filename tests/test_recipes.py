@@ -17,6 +17,7 @@ from gte_jax import train
 from gte_jax.config import load_config
 from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder
+from gte_jax.training import loop
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 BERT_BASE = dict(
@@ -192,7 +193,7 @@ def test_two_stage_recipe_runs_locally_and_points_at_the_suite(tiny_model_dir, t
          f"--config.indomain.export.interpolate_from={tiny_model_dir}",
          "--config.indomain.export.interpolate_weight=0.5"],
     )  # fmt: skip
-    weak, indomain = train.run(config, tmp_path / "run")
+    weak, indomain = loop.run(config, tmp_path / "run")
     assert weak["completed"] and indomain["completed"] and indomain["steps"] == 2
     assert list(indomain["sources"]) == ["bible_finetune"]
     assert (tmp_path / "run" / "indomain" / "export" / "model.safetensors").is_file()
