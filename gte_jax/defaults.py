@@ -100,6 +100,10 @@ def _lora_defaults() -> ml_collections.ConfigDict:
     # Attribute names of the tower's projections, e.g. ["query", "value"] (BERT) or ["q_proj",
     # "v_proj"] (decoders); empty: every projection of the tower (PEFT's "all-linear").
     c.target_modules = ()  # ours
+    # The frozen tower's stored dtype: "float32" | "bfloat16" (read straight to bfloat16 from the
+    # safetensors, half the memory of the 7B base; compute stays model.dtype, the LoRA factors and
+    # their optimizer state stay float32). Ours: float32 (the values the checkpoint holds).
+    c.base_dtype = "float32"
     return c
 
 

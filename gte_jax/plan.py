@@ -51,6 +51,7 @@ import numpy as np
 
 from gte_jax import objectives, plan_cost
 from gte_jax import sharding as shd
+from gte_jax.models import lora
 from gte_jax.models.precision import compute_dtype
 from gte_jax.topologies import (  # noqa: F401  (re-exported: plan is where users look)
     CHIPS,
@@ -336,8 +337,6 @@ def _with_lora(model: Any, config: StageSpec) -> Any:
     """``model`` with the stage's LoRA layers (``model.lora``), as training injects them."""
     from flax import nnx
 
-    from gte_jax.models import lora
-
     lora_cfg = lora.LoRAConfig.from_config(config.model.lora)
     if lora_cfg is not None:
         lora.inject(model, lora_cfg, rngs=nnx.Rngs(0))
@@ -394,6 +393,7 @@ def abstract_step(
         abstract_model, train_lm_head=checks.trains_lm_head(config)
     )
     trainable, frozen = model_fn.split_params(params)  # LoRA: the base frozen, as in training
+    frozen = lora.cast_frozen(frozen, lora.base_dtype(config.model.lora))
     tcfg = config.train
     total_steps = tcfg.num_steps
     if total_steps < 1:

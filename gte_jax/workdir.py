@@ -110,6 +110,7 @@ def load_model(
     dtype: Any = jnp.float32,
     host: bool = False,
     shardings_of: Any = None,
+    param_dtype: Any = None,
     **config_overrides: Any,
 ):
     """(BiEncoder, tokenizer, PretrainedInfo) for a model spec (see the module doc). A workdir
@@ -123,7 +124,7 @@ def load_model(
     path = resolve_model_path(spec)
     if not is_workdir(path) and shardings_of is not None:
         model, info = sharded_io.load_model_sharded(
-            path, shardings_of, dtype=dtype, **config_overrides
+            path, shardings_of, dtype=dtype, param_dtype=param_dtype, **config_overrides
         )
         return model, hf.load_tokenizer(info.transformer_dir), info
     if not is_workdir(path):

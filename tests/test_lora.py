@@ -446,6 +446,44 @@ def test_lora_run_resumes_bitwise_after_a_restart(tiny_model_dir, tmp_path, lora
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _bf16_rounded_copy(model_dir, out):
+    """``model_dir`` with every float tensor rounded to bfloat16 and stored as float32 again."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    for file in out.rglob("*.safetensors"):
+        tensors = load_file(file)
+        rounded = {
+            k: v.astype(ml_dtypes.bfloat16).astype(np.float32) if v.dtype == np.float32 else v
+            for k, v in tensors.items()
+        }
+        save_file(rounded, file, metadata={"format": "pt"})
+    return out
+
+
+def test_bfloat16_frozen_base_trains_as_its_float32_rounding(tiny_model_dir, tmp_path):
+    """model.lora.base_dtype=bfloat16 stores the frozen tower in bfloat16 (read straight to it).
+    Compute promotes it to float32 exactly, so the run must equal a float32 run on a copy of the
+    model whose weights were rounded to bfloat16 beforehand: the same values in every product,
+    hence the same factors and Adam moments to the bit. A base left in float32 (the key ignored)
+    differs from that reference by the rounding (~2^-9 relative), far above any reordering."""
+    rounded = _bf16_rounded_copy(tiny_model_dir, tmp_path / "rounded")
+    steps = ("--config.train.num_steps=3",)
+    bf16 = _train(
+        tiny_model_dir, tmp_path / "bf16", *steps, "--config.model.lora.base_dtype=bfloat16"
+    )
+    ref = _train(rounded, tmp_path / "ref", *steps)
+    assert bf16["steps"] == ref["steps"] == 3
+    (_, a), (_, b) = _saved(tmp_path / "bf16"), _saved(tmp_path / "ref")
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    moved = 0
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        moved += 1
+    assert moved
+
+
 def test_resume_on_other_base_weights_is_refused(tiny_model_dir, tmp_path, lora_workdir):
     """Checkpoints hold the LoRA factors only: resuming a finished LoRA run with more steps on a
     base whose weights changed exits 2 before any step, naming the fingerprint file; the same

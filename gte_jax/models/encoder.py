@@ -174,7 +174,16 @@ class ModelFn:
 
     def join_params(self, trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
         """The full param dict from :meth:`split_params`'s two parts."""
-        return lora.combine(trainable, frozen) if frozen else dict(trainable)
+        if not frozen:
+            return dict(trainable)
+        # A frozen base stored in bfloat16 (model.lora.base_dtype) is seen as float32, the dtype
+        # the model declares: every forward (train, eval, export) is that of the float32 model
+        # with bfloat16-rounded weights, whatever model.dtype computes in. Under jit the cast
+        # fuses into the ops that read the weights.
+        frozen = jax.tree.map(
+            lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, frozen
+        )
+        return lora.combine(trainable, frozen)
 
     def module(self, params: Mapping[str, Any]) -> nnx.Module:
         state = jax.tree.map(lambda v: v, self.template)

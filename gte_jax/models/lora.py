@@ -24,6 +24,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import gte_jax.models.registry as registry
@@ -84,6 +87,27 @@ class LoRAConfig:
         return cls(**d)
 
 
+# ``model.lora.base_dtype``: how the frozen tower is stored (training only; exports are float32).
+BASE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+
+
+def base_dtype(group: Any) -> np.dtype:
+    """The frozen base's dtype under a ``model.lora`` group (float32 when LoRA is off)."""
+    return BASE_DTYPES[group.base_dtype] if group.enabled else BASE_DTYPES["float32"]
+
+
+def cast_frozen(frozen: Any, dtype: Any) -> Any:
+    """The frozen base in ``dtype``: arrays cast (a no-op when they already are, e.g. read
+    straight to it by ``gte_jax.sharded_io``), abstract leaves given the dtype (``plan``)."""
+
+    def cast(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    return jax.tree.map(cast, frozen)
+
+
 def config_problems(group: Any) -> list[str]:
     """What is wrong with an enabled ``model.lora`` group (empty when it can work)."""
     problems = []
@@ -93,6 +117,10 @@ def config_problems(group: Any) -> list[str]:
         problems.append(f"model.lora.alpha={group.alpha!r}: must be > 0 (the scale is alpha/rank)")
     if not 0.0 <= float(group.dropout) < 1.0:
         problems.append(f"model.lora.dropout={group.dropout!r}: must be in [0, 1)")
+    if group.get("base_dtype", "float32") not in BASE_DTYPES:
+        problems.append(
+            f"model.lora.base_dtype={group.base_dtype!r}: use one of {sorted(BASE_DTYPES)}"
+        )
     unknown = sorted(set(group.target_modules) - KNOWN_TARGETS)
     if unknown:
         problems.append(

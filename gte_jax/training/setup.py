@@ -48,11 +48,13 @@ def load_model_for_training(model_cfg: ModelSpec, shardings_of: Callable | None 
     dtype = compute_dtype(model_cfg.dtype)
     if model_cfg.dtype == "auto":
         log.info("model.dtype=auto: %s compute on %s", dtype.name, jax.default_backend())
+    base = lora.base_dtype(model_cfg.lora)  # every loaded parameter is frozen under LoRA
     model, tokenizer, info = wd.load_model(
         model_cfg.init_from,
         dtype=dtype,
         host=True,  # placed shard by shard by initial_state
         shardings_of=shardings_of,
+        param_dtype=None if base == np.float32 else (lambda _path: base),
         **wd.model_overrides(model_cfg),
     )
     if model.normalize != model_cfg.normalize:
@@ -181,6 +183,8 @@ def initial_training(config: StageSpec, model: Any, mesh: Any, total_steps: int)
     a checkpoint is restored."""
     model_fn, params = ModelFn.from_module(model, train_lm_head=trains_lm_head(config))
     trainable, frozen = model_fn.split_params(params)
+    # A workdir's base comes as float32 host arrays; a model directory's is already in it.
+    frozen = lora.cast_frozen(frozen, lora.base_dtype(config.model.lora))
     tx, schedule = make_optimizer(config.train, total_steps)
     state = initial_state(
         trainable,

@@ -99,6 +99,7 @@ class LoraSpec(_Group):
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    base_dtype: str
 
 
 @_frozen
