@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import optax
 import pytest
+from conftest import XLA_CACHE, child_cache_env
 
 from gte_jax import sharding as shd
 from gte_jax import train
@@ -123,14 +123,14 @@ def test_gradcache_step_equals_plain_step(tiny_model_dir):
 # ----------------------------------------------------------------------------- CLI runs
 
 
-# The CLI persists XLA executables (gte_jax.cli): restarts after a kill reuse them.
-XLA_CACHE = os.path.join(tempfile.gettempdir(), "gte_jax_test_xla_cache")
+# The CLI persists XLA executables (gte_jax.cli) in the session's cache (conftest): restarts after
+# a kill reuse them.
 
 
 def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(
-        GTE_JAX_COMPILATION_CACHE=XLA_CACHE,
+        **child_cache_env(),
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
