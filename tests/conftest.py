@@ -11,8 +11,52 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+
+# One persistent XLA compilation cache per test session, shared by the xdist workers, by every
+# `gte-jax` child process (GTE_JAX_COMPILATION_CACHE, which the CLI reads) and by the tests' own
+# jits (pytest_configure): a program that another test, worker or process already compiled (the
+# same tiny model rebuilt, the processes of a multi-process run, a resumed run) is read back
+# instead of compiled again. The controller creates it (the workers inherit its environment) and
+# removes it at the end; a new session starts cold, as a fresh CI clone does. A cached executable
+# is the one XLA would compile: XLA_FLAGS (the AVX2 pass), jax version and devices are in its key.
+# GTE_JAX_TEST_SESSION_XLA_CACHE= (empty) runs the session without it (to measure or to bisect).
+_SESSION_CACHE_VAR = "GTE_JAX_TEST_SESSION_XLA_CACHE"
+_OWNS_SESSION_CACHE = _SESSION_CACHE_VAR not in os.environ
+if _OWNS_SESSION_CACHE:
+    os.environ[_SESSION_CACHE_VAR] = tempfile.mkdtemp(prefix="gte_jax_test_xla_")
+XLA_CACHE = os.environ[_SESSION_CACHE_VAR]
+os.environ["GTE_JAX_COMPILATION_CACHE"] = XLA_CACHE
+# Every compile is cached, not only those over jax's default 1 s: on a loaded 2-core machine the
+# tiny models' programs take 0.1-1 s each and reading one back costs milliseconds.
+CACHE_MIN_COMPILE_SECS = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = CACHE_MIN_COMPILE_SECS
+
+
+def child_cache_env() -> dict[str, str]:
+    """The environment entries that put a child process on the session's compilation cache (for
+    the tests that build a child's environment without this one's JAX_ variables)."""
+    return {
+        "GTE_JAX_COMPILATION_CACHE": XLA_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": CACHE_MIN_COMPILE_SECS,
+    }
+
+
+def pytest_configure(config):
+    if not XLA_CACHE:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(CACHE_MIN_COMPILE_SECS))
+
+
+def pytest_unconfigure(config):
+    if XLA_CACHE and _OWNS_SESSION_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

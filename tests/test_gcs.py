@@ -13,18 +13,16 @@ import pathlib
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
+from conftest import child_cache_env
 
 BUCKET = "gte-jax-test"
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Shared with tests/test_train.py: XLA executables persist across the runs of a test session.
-XLA_CACHE = os.path.join(tempfile.gettempdir(), "gte_jax_test_xla_cache")
 
 
 def _free_port() -> int:
@@ -211,8 +209,8 @@ def _train(config_file, workdir, *overrides, runlocal=False):
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
         JAX_PLATFORMS="cpu",
-        GTE_JAX_COMPILATION_CACHE=XLA_CACHE,
         HF_HUB_OFFLINE="1",
+        **child_cache_env(),  # XLA executables persist across the runs of a test session
     )
     out = subprocess.run(
         [sys.executable, "-m", "gte_jax.cli", "train", "--config",

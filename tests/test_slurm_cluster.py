@@ -15,12 +15,12 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import child_cache_env
 
 from gte_jax.checkpoint import Checkpointer
 from gte_jax.data.pipeline import DEMO_DIR
@@ -28,7 +28,6 @@ from gte_jax.data.pipeline import DEMO_DIR
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm_gpu.sbatch"
 FINETUNE_FILE = DEMO_DIR / "bible_finetune.jsonl"
-XLA_CACHE = os.path.join(tempfile.gettempdir(), "gte_jax_test_xla_cache")
 
 _spec = importlib.util.spec_from_file_location("local_slurm", REPO / "launch" / "local_slurm.py")
 local_slurm = importlib.util.module_from_spec(_spec)
@@ -75,7 +74,7 @@ def _job_env(cluster, workdir) -> dict[str, str]:
     env.update(
         CONFIG=str(REPO / "configs" / "finetune.py"),
         WORKDIR=str(workdir),
-        GTE_JAX_COMPILATION_CACHE=XLA_CACHE,
+        **child_cache_env(),
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
         # `gte-jax` from this interpreter's environment, activated or not.
@@ -147,7 +146,7 @@ def one_process(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_process")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
     env.update(
-        GTE_JAX_COMPILATION_CACHE=XLA_CACHE,
+        **child_cache_env(),
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",

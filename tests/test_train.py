@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import optax
 import pytest
+from conftest import child_cache_env
 
 from gte_jax import sharding as shd
 from gte_jax import train
@@ -123,14 +123,14 @@ def test_gradcache_step_equals_plain_step(tiny_model_dir):
 # ----------------------------------------------------------------------------- CLI runs
 
 
-# The CLI persists XLA executables (gte_jax.cli): restarts after a kill reuse them.
-XLA_CACHE = os.path.join(tempfile.gettempdir(), "gte_jax_test_xla_cache")
+# The CLI persists XLA executables (gte_jax.cli) in the session's cache (conftest): the processes
+# of one run, a rerun and a restart after a kill reuse them.
 
 
 def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(
-        GTE_JAX_COMPILATION_CACHE=XLA_CACHE,
+        **child_cache_env(),
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
@@ -263,8 +263,11 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
     tiny_model_dir, tmp_path, uninterrupted
 ):
     workdir = tmp_path / "killed"
-    kill_and_resume(_train_cmd(tiny_model_dir, workdir), _env(2), workdir, kills=3, seed=1234)
-    assert any(pathlib.Path(XLA_CACHE).iterdir())  # executables persisted for the restarts
+    # A cache of its own: the session's (conftest) also holds the in-process tests' programs.
+    cache = tmp_path / "xla"
+    env = dict(_env(2), GTE_JAX_COMPILATION_CACHE=str(cache))
+    kill_and_resume(_train_cmd(tiny_model_dir, workdir), env, workdir, kills=3, seed=1234)
+    assert any(cache.iterdir())  # executables persisted for the restarts
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] > 0
     step_a, a = _final_state(uninterrupted)
