@@ -1,6 +1,6 @@
 """The two-stage recipe on the quality suite's train splits (docs/quality.md): GTE's weak pairs,
-then in-domain pairs with hard negatives mined by the stage-1 model, with the levers that
-measured best (benchmarks/README.md, "Quality levers, 3 seeds").
+then in-domain pairs with hard negatives mined by the stage-1 model, with the levers off
+until the lever table (benchmarks/README.md, "Quality levers, 3 seeds") measures them.
 
     python -m benchmarks.quality.run                      # builds the suite (~/.cache/gte_jax_quality)
     S=~/.cache/gte_jax_quality/full
@@ -75,10 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     ind = _stage("indomain", str(suite / "bible_ot" / "train_mined.jsonl"))
     ind.model.init_from = "stage:weak"  # paper: stage 2 starts from stage 1
-    ind.data.replay.share = 0.0  # ours: replay of stage 1's pairs, measured, off
+    ind.data.replay.share = 0.0  # ours: off until the lever table has measured replay
     ind.data.replay.stage = ""  # ours: "weak" with a share above
-    ind.loss.learn_temperature = False  # ours: measured, off
-    ind.export.interpolate_from = ""  # ours: WiSE-FT with the base model, measured, off
+    ind.loss.learn_temperature = False  # ours: off until the lever table has measured it
+    ind.export.interpolate_from = ""  # ours: WiSE-FT with the base model; off, not yet measured
     ind.export.interpolate_weight = 0.0  # ours
     config.weak, config.indomain = weak, ind
     if arg == "runlocal":
