@@ -25,7 +25,7 @@ query). The second ``gte-jax train`` resumes the finished stage 1 (no steps) and
 (``--config.weak.model.init_from=... --config.indomain.export.interpolate_from=...``).
 
 Labels: "paper" = GTE (Li et al., 2023); "release" = all-MiniLM-L6-v2 / sentence-transformers'
-defaults; "ours" = chosen here, on the lever table's measurements.
+defaults; "ours" = chosen here (the levers wait for the lever table's measurements).
 """
 
 from __future__ import annotations
