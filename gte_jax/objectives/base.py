@@ -13,7 +13,6 @@ or plain value-and-grad. An objective that does not embed (MNTP) overrides
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -26,7 +25,6 @@ import gte_jax.objectives.matryoshka as matryoshka
 import gte_jax.objectives.temperature as learnable
 from gte_jax import gradcache as gc
 from gte_jax import losses
-from gte_jax.sharding import DATA_AXIS
 
 Array = jax.Array
 
@@ -153,16 +151,12 @@ class Objective:
     def loss_kwargs(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "block_size": self.block_size}
 
-    def loss(
-        self, q: Array, d: Array, *, mesh: jax.sharding.Mesh | None = None, **batch: Any
-    ) -> tuple[Array, dict[str, Array]]:
+    def loss(self, q: Array, d: Array, **batch: Any) -> tuple[Array, dict[str, Array]]:
         """The loss on the global batch: ``q``, ``d`` [n, D], ``neg`` [n, K, D], the ids and
         validity of :mod:`gte_jax.losses` as keywords (``teacher_scores`` [n, 1+K] too: read
         when ``distill_weight`` > 0). With ``matryoshka_dims``, summed over the embedding's
-        prefixes; with ``distill_weight``, plus the weighted KL to the teacher's scores.
-        ``mesh``: the rows split over its ``"data"`` axis are scored where they live
-        (:func:`_rows_where_they_live`)."""
-        base = _rows_where_they_live(type(self).loss_function, mesh, q.shape[0])
+        prefixes; with ``distill_weight``, plus the weighted KL to the teacher's scores."""
+        base = type(self).loss_function
         if self.matryoshka_dims:
             dims, weights = self.matryoshka_dims, self.matryoshka_weights or None
 
@@ -177,22 +171,18 @@ class Objective:
         batch.pop("teacher_scores", None)
         return combined(q, d, teacher_scores=teacher, **{**self.loss_kwargs(), **batch})
 
-    def loss_fn(
-        self, theta: Array | None = None, mesh: jax.sharding.Mesh | None = None
-    ) -> gc.LossFn:
+    def loss_fn(self, theta: Array | None = None) -> gc.LossFn:
         """``loss_fn(embeddings, batch)`` for :mod:`gte_jax.gradcache`: the batch's text ids,
         ``valid`` and ``neg_valid`` read when present. With ``theta`` (a learnable τ), the loss
         at τ(θ), and in its metrics ``temperature`` and ``temperature_grad`` (d loss / d θ,
-        taken here: GradCache differentiates the loss w.r.t. the embeddings only). ``mesh``:
-        see :meth:`loss`."""
+        taken here: GradCache differentiates the loss w.r.t. the embeddings only)."""
         if theta is None:
-            return self._scored_fn({"mesh": mesh})
+            return self._scored_fn({})
         low, high = self.temperature_bounds
 
         def loss_fn(embeddings: Mapping[str, Array], batch: Mapping[str, Array]):
             def at(th):
-                tau = learnable.temperature(th, low, high)
-                scored = self._scored_fn({"temperature": tau, "mesh": mesh})
+                scored = self._scored_fn({"temperature": learnable.temperature(th, low, high)})
                 return scored(embeddings, batch)
 
             (loss, metrics), grad = jax.value_and_grad(at, has_aux=True)(theta)
@@ -224,8 +214,7 @@ class Objective:
         run = gc.cached_value_and_grad if step.gradcache else gc.plain_value_and_grad
         theta = None if step.objective_state is None else step.objective_state["theta"]
         return run(
-            step.embed_fn, self.loss_fn(theta, step.mesh), step.params, step.batch, step.rng,
-            step.num_chunks,
+            step.embed_fn, self.loss_fn(theta), step.params, step.batch, step.rng, step.num_chunks,
             mesh=step.mesh, **step.gradcache_kwargs(),
         )  # fmt: skip
 
@@ -248,22 +237,6 @@ class Objective:
         n, k = work.batch_size, work.num_negatives
         rows = n if self.block_size is None else min(n, self.block_size)
         return float(rows * self.similarity_columns(n, k) * _LOGIT_BYTES)
-
-
-def _rows_where_they_live(function: Callable, mesh: jax.sharding.Mesh | None, n: int) -> Callable:
-    """A :mod:`gte_jax.losses` function as its ``shard_map`` twin
-    (:func:`gte_jax.losses.sharded_contrastive_loss`) when the n rows split evenly over a
-    ``"data"`` axis of more than one device: each device gathers the candidates once and scores
-    its own rows, so the gradient w.r.t. the embeddings is one reduce-scatter of [n, D] per
-    role. The global form, partitioned by XLA, gathers each row block (as an all-reduce, on
-    TPU) in the forward and again in the rematerialised backward and all-reduces each block's
-    gradient: 6x those bytes (``benchmarks/README.md``, "What the reductions are"). Same
-    numbers (tests/test_losses.py)."""
-    name = {fn: key for key, fn in losses.LOSSES.items()}.get(function)
-    shards = 1 if mesh is None or DATA_AXIS not in mesh.shape else mesh.shape[DATA_AXIS]
-    if name is None or shards == 1 or n % shards:
-        return function
-    return functools.partial(losses.sharded_contrastive_loss, name, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
