@@ -282,11 +282,34 @@ def _is_int(ins: Instr) -> bool:
 
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 _GROUPS_LIST = re.compile(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def _mesh_groups(attrs: str) -> list[list[int]] | None:
+    """The mesh form ``mesh['a'=4,'b'=2] {'a'}`` (newer XLA: the group varies the listed axes,
+    devices numbered row-major over the mesh), else None."""
+    m = _GROUPS_MESH.search(attrs)
+    if not m:
+        return None
+    axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+    names = [a for a, _ in axes]
+    listed = re.findall(r"'(\w+)'", m.group(2))
+    if not axes or not listed or any(a not in names for a in listed):
+        return None
+    ids = np.arange(math.prod(int(n) for _, n in axes)).reshape([int(n) for _, n in axes])
+    kept = [i for i, a in enumerate(names) if a not in listed]
+    order = kept + [names.index(a) for a in listed]
+    size = math.prod(int(axes[names.index(a)][1]) for a in listed)
+    return ids.transpose(order).reshape(-1, size).tolist()
 
 
 def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
     """The device groups of a collective: the explicit ``{{0,1},{2,3}}`` form, the iota form
-    ``[G,S]<=[dims]T(perm)``, or all devices when none are listed."""
+    ``[G,S]<=[dims]T(perm)``, the mesh form ``mesh['a'=4,'b'=2] {'a'}``, or all devices when
+    none are listed."""
+    mesh = _mesh_groups(attrs)
+    if mesh is not None:
+        return mesh
     iota = _GROUPS_IOTA.search(attrs)
     if iota:
         shape = [int(x) for x in iota.group(1).split(",")]
@@ -373,9 +396,46 @@ class ProgramCost:
         return out | {f"dcn_bytes:{k}": v for k, v in self.dcn.items()}
 
 
-def _kind(opcode: str) -> str | None:
-    kind = opcode.removesuffix("-start")
-    return kind if kind in COLLECTIVE_KINDS else None
+def _users(instrs: Sequence[Instr]) -> dict[str, list[Instr]]:
+    out: dict[str, list[Instr]] = {}
+    for ins in instrs:
+        for o in ins.operands:
+            out.setdefault(o, []).append(ins)
+    return out
+
+
+def _scatters(ins: Instr, num_devices: int, users: Mapping[str, list[Instr]]) -> bool:
+    """Whether an all-reduce's results are only sliced, each to 1/n on a chip of its n-chip
+    group: a reduce-scatter in all-reduce form (XLA:TPU's ``all-reduce-scatter`` fusions: the
+    all-reduce, then each chip's ``dynamic-slice``), which a ring runs as a reduce-scatter."""
+    n = len(replica_groups(ins.attrs, num_devices)[0])
+    frontier, sliced = [ins], 0
+    while frontier:
+        source = frontier.pop()
+        for user in users.get(source.name, []):
+            if user.opcode in ("get-tuple-element", "all-reduce-done"):
+                frontier.append(user)
+                continue
+            whole = _arrays(source.type)
+            if user.opcode != "dynamic-slice" or user.operands[0] != source.name or len(whole) != 1:
+                return False
+            if math.prod(_dims(user.type)) * n != math.prod(whole[0][1]):
+                return False
+            sliced += 1
+    return sliced > 0 and n > 1
+
+
+def _kind(
+    ins: Instr, users: Mapping[str, list[Instr]] | None = None, num_devices: int = 1
+) -> str | None:
+    """The collective kind of an instruction (None: not a collective). An all-reduce whose
+    results are only sliced per chip counts as the reduce-scatter it is (:func:`_scatters`)."""
+    kind = ins.opcode.removesuffix("-start")
+    if kind not in COLLECTIVE_KINDS:
+        return None
+    if kind == "all-reduce" and users is not None:
+        return "reduce-scatter" if _scatters(ins, num_devices, users) else kind
+    return kind
 
 
 def _walk(
@@ -386,13 +446,13 @@ def _walk(
     if name in memo:
         return memo[name]
     instrs = module.computations.get(name, [])
-    table = {i.name: i for i in instrs}
+    table, users = {i.name: i for i in instrs}, _users(instrs)
     cost = ProgramCost()
     for ins in instrs:
         op = ins.opcode
         if op in ("dot", "convolution"):
             cost.flops += _matmul_flops(ins, table)
-        elif (kind := _kind(op)) is not None:
+        elif (kind := _kind(ins, users, module.num_partitions)) is not None:
             ici, dcn = _collective_bytes(kind, ins, table, module.num_partitions, slice_of)
             cost.ici[kind] += ici
             cost.dcn[kind] += dcn
@@ -446,9 +506,9 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
 
     def walk(name: str, runs: int) -> None:
         instrs = module.computations.get(name, [])
-        table = {i.name: i for i in instrs}
+        table, users = {i.name: i for i in instrs}, _users(instrs)
         for ins in instrs:
-            if (kind := _kind(ins.opcode)) is not None:
+            if (kind := _kind(ins, users, module.num_partitions)) is not None:
                 operands = tuple(
                     dims for o in ins.operands if o in table for _, dims in _arrays(table[o].type)
                 )

@@ -197,6 +197,27 @@ def test_splash_kernel_equals_the_oracle_on_real_tokens():
     np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=tol)
 
 
+def test_splash_inside_a_shard_map_over_data_runs_per_device():
+    """GradCache's pass 2 runs the tower per device (a shard_map over "data"); the splash call
+    there must not split the already local rows again (it failed to lower before)."""
+    n = 2  # devices (interpreting the kernel is slow)
+    mesh = shd.make_mesh(n, 1, jax.devices()[:n])
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(n, 128, 1, 128)), jnp.float32) for _ in range(3))
+
+    def run(q, k, v):
+        mask = attn.Mask(jnp.ones(q.shape[:2], jnp.int32))
+        return attn.splash_attention(q, k, v, mask, scale=0.1, interpret=True)
+
+    rows = jax.sharding.PartitionSpec("data")
+    with jax.set_mesh(mesh):
+        per_device = jax.shard_map(
+            run, in_specs=(rows,) * 3, out_specs=rows, axis_names={"data"}, check_vma=False
+        )
+        got = jax.jit(per_device)(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(run(q, k, v)), rtol=0, atol=1e-5)
+
+
 def test_auto_picks_the_platform_kernel_where_the_call_allows():
     q, k, v = _inputs(length=128, dtype=jnp.bfloat16)
     short, _, _ = _inputs(length=12, dtype=jnp.bfloat16)

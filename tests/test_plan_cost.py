@@ -199,3 +199,73 @@ def test_tpu_program_counts_loops_and_collectives():
     cost = plan_cost.program_cost(compiled.as_text())
     assert cost.ici["all-reduce"] == pytest.approx(2 * 7 / 8 * k * 128 * F32, rel=1e-12)
     assert cost.flops == pytest.approx(2 * 2 * 1024 // 8 * k * 128, rel=1e-12)  # fwd + dW
+
+
+def test_tpu_reduce_scatter_in_all_reduce_form_is_counted_as_one():
+    """XLA:TPU writes the reduce-scatter of an FSDP gradient (global view: GSPMD) as an
+    ``all-reduce-scatter`` fusion: an all-reduce whose result each chip slices to its 1/n. A
+    ring runs it as a reduce-scatter, (n-1)/n of the array, not an all-reduce's 2 (n-1)/n."""
+    mesh = _tpu_mesh()
+    rows = NamedSharding(mesh, P("data"))
+    k, h = 512, 128
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(x @ w))
+
+    text = (
+        jax.jit(jax.grad(loss), out_shardings=rows)
+        .lower(_abstract((k, h), jnp.float32, rows), _abstract((1024, k), jnp.float32, rows))
+        .compile()
+        .as_text()
+    )
+    assert re.search(r"all-reduce\(", text), "no all-reduce form: the check would be vacuous"
+    cost = plan_cost.program_cost(text)
+    assert cost.ici["reduce-scatter"] == pytest.approx(_ring(8, k * h * F32)["reduce-scatter"])
+    assert cost.ici["all-reduce"] == 0
+    kinds = [op.kind for op in plan_cost.collective_ops(text)]
+    assert "reduce-scatter" in kinds and "all-reduce" not in kinds
+
+
+_SCATTER_HLO = """HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (p: f32[64,16]) -> (f32[8,16], f32[64,16]) {
+  %p = f32[64,16]{1,0} parameter(0)
+  %ar = f32[64,16]{1,0} all-reduce(%p), channel_id=1, GROUPS, to_apply=%add
+  %pid = u32[] partition-id()
+  %c8 = u32[] constant(8)
+  %off = u32[] multiply(%pid, %c8)
+  %z = u32[] constant(0)
+  %ds = f32[8,16]{1,0} dynamic-slice(%ar, %off, %z), dynamic_slice_sizes={8,16}
+  %other = f32[64,16]{1,0} negate(%OTHER)
+  ROOT %t = (f32[8,16]{1,0}, f32[64,16]{1,0}) tuple(%ds, %other)
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "groups", ["replica_groups={{0,1,2,3,4,5,6,7}}", "replica_groups=mesh['axis_0'=8] {'axis_0'}"]
+)
+def test_an_all_reduce_used_whole_stays_an_all_reduce(groups):
+    """Hand-built: the same all-reduce counts as a reduce-scatter when its only user slices
+    1/8 per chip, and as an all-reduce when the whole result is also read."""
+    size = 64 * 16 * F32
+    text = _SCATTER_HLO.replace("GROUPS", groups)
+    sliced = plan_cost.program_cost(text.replace("%OTHER", "%p"))
+    assert sliced.ici["reduce-scatter"] == pytest.approx(_ring(8, size)["reduce-scatter"])
+    assert sliced.ici["all-reduce"] == 0
+    whole = plan_cost.program_cost(text.replace("%OTHER", "%ar"))
+    assert whole.ici["all-reduce"] == pytest.approx(_ring(8, size)["all-reduce"])
+    assert whole.ici["reduce-scatter"] == 0
+
+
+def test_mesh_form_replica_groups():
+    attrs = "x, replica_groups=mesh['data'=4,'model'=2] {'data'}, dimensions={0}"
+    assert plan_cost.replica_groups(attrs, 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    attrs = attrs.replace("{'data'}", "{'model'}")
+    assert plan_cost.replica_groups(attrs, 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]

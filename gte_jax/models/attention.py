@@ -260,7 +260,8 @@ def splash_attention(
         return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)  # [batch, t, heads, h]
 
     abstract = jax.sharding.get_abstract_mesh()
-    if abstract.empty or "data" not in abstract.axis_names:
+    # Already per device inside a shard_map over "data" (GradCache's pass 2): the rows are local.
+    if abstract.empty or "data" not in abstract.axis_names or "data" in abstract.manual_axes:
         return rows(q, k, v, segments)
     spec = jax.sharding.PartitionSpec("data")
     return jax.shard_map(rows, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(
