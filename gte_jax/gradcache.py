@@ -188,8 +188,9 @@ def _loops(batch: Batch, roles: tuple[str, ...], chunks, keys) -> list[tuple[str
     """The roles as chunk loops: consecutive unpacked roles whose chunks have the same count and
     the same row shapes (queries, documents and one hard negative at one length) run as one loop
     over their chunks in role order, so XLA compiles the tower once instead of once per role
-    (a 7B plan's compile time is its number of kernels). The sum over chunks keeps its order:
-    the gradients are the per-role loops' to the bit. Packed roles keep a loop each."""
+    (a 7B plan's compile time is its number of kernels). The sum over chunks keeps its order
+    (role by role, chunk by chunk) and each chunk its inputs and dropout key, so the numbers are
+    the per-role loops' (tests/test_gradcache.py). Packed roles keep a loop each."""
 
     def signature(role):
         if is_packed(batch):
