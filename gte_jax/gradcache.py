@@ -338,20 +338,11 @@ def cached_value_and_grad(
         frozen = jax.tree.map(lambda x: _constrain(x, mesh, PartitionSpec()), frozen)
 
     # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
-    packed, neg_k = is_packed(batch), _neg_k(batch)
-    loops = _loops(batch, roles, chunks, keys)
+    packed, loops = is_packed(batch), _loops(batch, roles, chunks, keys)
     inputs = {role: chunks[role][0] for role in roles}
-    counts = {role: chunks[role][1] for role in roles}
-    embeddings, shapes = {}, {}
-    for loop in loops:
-
-        def embed_one(xs, loop=loop):
-            return _embed_rows(embed_fn, frozen, *xs, loop, packed)
-
-        out = lax.map(embed_one, (_joined(loop, inputs, packed), _joined(loop, keys, None)))
-        for role, emb in _parts(out, loop, counts, neg_k).items():  # [C, B/C, (K,) D]
-            shapes[role] = emb.shape
-            embeddings[role] = _merge(emb, batch, role, mesh, data_axis)  # [B, (K,) D]
+    embeddings, shapes = _pass_one(
+        embed_fn, frozen, batch, loops, inputs, keys, chunks, mesh, data_axis
+    )
 
     (loss, metrics), emb_grads = jax.value_and_grad(lambda e: loss_fn(e, batch), has_aux=True)(
         embeddings
@@ -384,13 +375,29 @@ def cached_value_and_grad(
             (chunk_grads,) = pullback(emb_grad)
             return jax.tree.map(jnp.add, acc, chunk_grads), None
 
-        xs = (
-            _joined(loop, inputs, packed),
-            _joined(loop, keys, None),
-            _joined(loop, cached, packed),
+        xs = tuple(
+            _joined(loop, x, flat) for x, flat in ((inputs, packed), (keys, None), (cached, packed))
         )
         grads, _ = lax.scan(backward_one, grads, xs)
     return (loss, metrics), grads
+
+
+def _pass_one(embed_fn, frozen, batch, loops, inputs, keys, chunks, mesh, data_axis):
+    """GradCache's pass 1, loop by loop (:func:`_loops`): ({role: [B, (K,) D]}, {role: its
+    chunk outputs' shape [C, B/C, (K,) D]})."""
+    packed, neg_k = is_packed(batch), _neg_k(batch)
+    counts = {role: n for role, (_, n) in chunks.items()}
+    embeddings, shapes = {}, {}
+    for loop in loops:
+
+        def embed_one(xs, loop=loop):
+            return _embed_rows(embed_fn, frozen, *xs, loop, packed)
+
+        out = lax.map(embed_one, (_joined(loop, inputs, packed), _joined(loop, keys, None)))
+        for role, emb in _parts(out, loop, counts, neg_k).items():  # [C, B/C, (K,) D]
+            shapes[role] = emb.shape
+            embeddings[role] = _merge(emb, batch, role, mesh, data_axis)  # [B, (K,) D]
+    return embeddings, shapes
 
 
 def _neg_k(batch: Batch) -> int:
