@@ -176,6 +176,71 @@ def _chunked_inputs(batch, num_chunks, mesh, data_axis):
     return roles, out
 
 
+def _flat(x: Array, role: str, packed: bool) -> Array:
+    """A role's chunks as rows: unpacked hard negatives [C, c, K, ...] -> [C, c*K, ...] (the
+    flattening :func:`_embed_chunk` does per chunk); any other role unchanged."""
+    if role != "neg" or packed:
+        return x
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _loops(batch: Batch, roles: tuple[str, ...], chunks, keys) -> list[tuple[str, ...]]:
+    """The roles as chunk loops: consecutive unpacked roles whose chunks have the same count and
+    the same row shapes (queries, documents and one hard negative at one length) run as one loop
+    over their chunks in role order, so XLA compiles the tower once instead of once per role
+    (a 7B plan's compile time is its number of kernels). The sum over chunks keeps its order
+    (role by role, chunk by chunk) and each chunk its inputs and dropout key, so the numbers are
+    the per-role loops' (tests/test_gradcache.py). Packed roles keep a loop each."""
+
+    def signature(role):
+        if is_packed(batch):
+            return None
+        flat = jax.tree.map(lambda x: _flat(x, role, False), chunks[role][0])
+        shapes = jax.tree.map(lambda x: (x.shape, x.dtype), flat)
+        return (jax.tree.structure(flat), tuple(jax.tree.leaves(shapes)), keys[role] is None)
+
+    loops: list[tuple[str, ...]] = []
+    for role in roles:
+        if loops and signature(role) is not None and signature(role) == signature(loops[-1][0]):
+            loops[-1] += (role,)
+        else:
+            loops.append((role,))
+    return loops
+
+
+def _joined(loop: tuple[str, ...], per_role: Mapping[str, Any], packed: bool | None) -> Any:
+    """One loop's per-role chunk trees ([C, ...] each) as one [sum C, ...] tree (role order);
+    rows flattened (:func:`_flat`) unless ``packed`` is None (the dropout keys, [C])."""
+    flat = [
+        per_role[r]
+        if packed is None
+        else jax.tree.map(lambda x, r=r: _flat(x, r, packed), per_role[r])
+        for r in loop
+    ]
+    return flat[0] if len(loop) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs), *flat)
+
+
+def _embed_rows(embed_fn, params, inputs, key, loop: tuple[str, ...], packed: bool) -> Array:
+    """One chunk of a loop: packed rows through :func:`_embed_chunk` (one role per loop), else
+    the rows (hard negatives already flat) through ``embed_fn``."""
+    if packed:
+        return _embed_chunk(embed_fn, params, inputs, key, loop[0])
+    return embed_fn(params, inputs, key)  # [rows, D]
+
+
+def _parts(out: Array, loop: tuple[str, ...], counts: Mapping[str, int], neg_k: int) -> dict:
+    """The loop's outputs [sum C, rows, D] back per role ([C, c, (K,) D]); ``neg_k``: K of
+    unpacked hard negatives (0: packed, outputs already in ``slot_index``'s shape)."""
+    parts, start = {}, 0
+    for role in loop:
+        part = out[start : start + counts[role]]
+        start += counts[role]
+        if role == "neg" and neg_k:
+            part = part.reshape(part.shape[0], part.shape[1] // neg_k, neg_k, part.shape[-1])
+        parts[role] = part
+    return parts
+
+
 def _merge(emb: Array, batch: Batch, role: str, mesh, data_axis) -> Array:
     """Chunk outputs [C, n, (K,) D] -> the role's embeddings in example order [B, (K,) D]."""
     if not is_chunk_packed(batch, role):
@@ -273,16 +338,11 @@ def cached_value_and_grad(
         frozen = jax.tree.map(lambda x: _constrain(x, mesh, PartitionSpec()), frozen)
 
     # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
-    embeddings, shapes = {}, {}
-    for role in roles:
-
-        def embed_one(xs, role=role):
-            inputs, key = xs
-            return _embed_chunk(embed_fn, frozen, inputs, key, role)
-
-        emb = lax.map(embed_one, (chunks[role][0], keys[role]))  # [C, B/C, (K,) D]
-        shapes[role] = emb.shape
-        embeddings[role] = _merge(emb, batch, role, mesh, data_axis)  # [B, (K,) D]
+    packed, loops = is_packed(batch), _loops(batch, roles, chunks, keys)
+    inputs = {role: chunks[role][0] for role in roles}
+    embeddings, shapes = _pass_one(
+        embed_fn, frozen, batch, loops, inputs, keys, chunks, mesh, data_axis
+    )
 
     (loss, metrics), emb_grads = jax.value_and_grad(lambda e: loss_fn(e, batch), has_aux=True)(
         embeddings
@@ -294,23 +354,56 @@ def cached_value_and_grad(
     }  # [C, B/C, (K,) D] per role
     mesh = _mesh_of(mesh)
     if gather is not None and _reducible_once(batch, mesh, data_axis):
+        joined = [
+            (loop, _joined(loop, inputs, packed), _joined(loop, keys, None),
+             _joined(loop, cached, packed))
+            for loop in loops
+        ]  # fmt: skip
         grads = _backward_reduce_once(
-            embed_fn, params, roles, chunks, keys, cached, mesh, data_axis, param_shardings, gather
+            embed_fn, params, joined, packed, mesh, data_axis, param_shardings, gather
         )
         return (loss, metrics), grads
 
     # Pass 2: per chunk, vjp of the encoder with the cached embedding gradient; sum over chunks.
     grads = jax.tree.map(jnp.zeros_like, params)
-    for role in roles:
+    for loop in loops:
 
-        def backward_one(acc, xs, role=role):
-            inputs, key, emb_grad = xs
-            _, pullback = jax.vjp(lambda p: _embed_chunk(embed_fn, p, inputs, key, role), params)
+        def backward_one(acc, xs, loop=loop):
+            chunk, key, emb_grad = xs
+            embed = lambda p: _embed_rows(embed_fn, p, chunk, key, loop, packed)  # noqa: E731
+            _, pullback = jax.vjp(embed, params)
             (chunk_grads,) = pullback(emb_grad)
             return jax.tree.map(jnp.add, acc, chunk_grads), None
 
-        grads, _ = lax.scan(backward_one, grads, (chunks[role][0], keys[role], cached[role]))
+        xs = tuple(
+            _joined(loop, x, flat) for x, flat in ((inputs, packed), (keys, None), (cached, packed))
+        )
+        grads, _ = lax.scan(backward_one, grads, xs)
     return (loss, metrics), grads
+
+
+def _pass_one(embed_fn, frozen, batch, loops, inputs, keys, chunks, mesh, data_axis):
+    """GradCache's pass 1, loop by loop (:func:`_loops`): ({role: [B, (K,) D]}, {role: its
+    chunk outputs' shape [C, B/C, (K,) D]})."""
+    packed, neg_k = is_packed(batch), _neg_k(batch)
+    counts = {role: n for role, (_, n) in chunks.items()}
+    embeddings, shapes = {}, {}
+    for loop in loops:
+
+        def embed_one(xs, loop=loop):
+            return _embed_rows(embed_fn, frozen, *xs, loop, packed)
+
+        out = lax.map(embed_one, (_joined(loop, inputs, packed), _joined(loop, keys, None)))
+        for role, emb in _parts(out, loop, counts, neg_k).items():  # [C, B/C, (K,) D]
+            shapes[role] = emb.shape
+            embeddings[role] = _merge(emb, batch, role, mesh, data_axis)  # [B, (K,) D]
+    return embeddings, shapes
+
+
+def _neg_k(batch: Batch) -> int:
+    """K of unpacked hard negatives ([B, K, L] ids), else 0."""
+    ids = batch.get("neg_input_ids")
+    return int(ids.shape[1]) if ids is not None and not is_packed(batch) else 0
 
 
 GATHER_MODES = ("per_chunk", "per_step")
@@ -366,7 +459,7 @@ def _local_slots(inputs: dict[str, Array], data_axis: str) -> dict[str, Array]:
 
 
 def _backward_reduce_once(
-    embed_fn, params, roles, chunks, keys, cached, mesh, data_axis, param_shardings, gather
+    embed_fn, params, loops, packed, mesh, data_axis, param_shardings, gather
 ) -> Params:
     """Pass 2 per device (``shard_map`` over ``data_axis``): each device pulls its rows of every
     chunk back to the full parameters and sums over chunks and roles into its own accumulator;
@@ -375,7 +468,8 @@ def _backward_reduce_once(
     chunk (``per_chunk``: one layer's weights at a time, the FSDP memory) or once before the
     scans (``per_step``: full parameters resident for the step, fewer collectives). Dropout
     masks match pass 1: :mod:`gte_jax.models.dropout` offsets the batch index by the device's
-    block."""
+    block. ``loops``: (roles, chunk inputs, dropout keys, cached gradients) of each chunk loop
+    (:func:`_loops`, :func:`_joined`)."""
     if gather not in GATHER_MODES:
         raise ValueError(f"gather={gather!r}: use one of {GATHER_MODES}")
     if param_shardings is None:
@@ -390,18 +484,18 @@ def _backward_reduce_once(
         full = lambda q: jax.tree.map(lambda x, s: _gather(x, s, data_axis), q, specs)  # noqa: E731
         resident = full(p) if per_chunk else p  # per_chunk: only its shape is used here
         acc = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), resident)
-        for role in roles:
+        for i, (loop, *_) in enumerate(loops):
 
-            def backward_one(acc, xs, role=role):
+            def backward_one(acc, xs, loop=loop):
                 inputs, key, emb_grad = xs
                 weights = full(p) if per_chunk else p
                 inputs = _local_slots(inputs, data_axis)
-                embed = lambda w: _embed_chunk(embed_fn, w, inputs, key, role)  # noqa: E731
+                embed = lambda w: _embed_rows(embed_fn, w, inputs, key, loop, packed)  # noqa: E731
                 _, pullback = jax.vjp(embed, weights)
                 (chunk_grads,) = pullback(emb_grad)
                 return jax.tree.map(jnp.add, acc, chunk_grads), None
 
-            acc, _ = lax.scan(backward_one, acc, (chunks[role], keys[role], cached[role]))
+            acc, _ = lax.scan(backward_one, acc, (chunks[i], keys[i], cached[i]))
         return jax.tree.map(lambda g, s: _reduce(g, s, data_axis), acc, specs)
 
     run = jax.shard_map(
@@ -412,8 +506,8 @@ def _backward_reduce_once(
         axis_names={data_axis},
         check_vma=False,  # the per-device sums are reduced by hand (_reduce)
     )
-    inputs = {role: chunks[role][0] for role in roles}
-    return run(params, inputs, {r: keys[r] for r in roles}, cached)
+    inputs, keys, cached = ([x[i] for x in loops] for i in (1, 2, 3))
+    return run(params, inputs, keys, cached)
 
 
 def make_loss_fn(name: str = "gte", **loss_kwargs: Any) -> LossFn:

@@ -1,13 +1,14 @@
 """Activation sharding and GradCache's one gradient reduction per step, on 8 fake devices.
 
-The compiled FSDP + GradCache train step of a tiny BERT is read with :mod:`gte_jax.plan_cost`'s
-parser: no collective moves an activation (the batch stays split over "data"), and every
-parameter's gradient is reduced once per step, not once per chunk and role. The numbers stay
-those of the replicated, plain (non-GradCache) step.
+The compiled FSDP + GradCache train step of a tiny BERT, Mistral-shaped decoder and T5 encoder
+is read with :mod:`gte_jax.plan_cost`'s parser: no collective moves an activation (the batch
+stays split over "data"), and every parameter's gradient is reduced once per step, not once per
+chunk and role. The numbers stay those of the replicated, plain (non-GradCache) step.
 
 Sizes are picked so that shapes cannot be confused: the length L = 13 divides no parameter dim
-(the tiny BERT's are 5000, 128, 64, 32, 16 and 2), so a collective with a dim divisible by 13
-carries an activation ([rows, L, ...], attention [rows, heads, L, L]) or token ids.
+(the tiny towers' are 5000, 128, 64, 32, 16, 8, 4 and 2), so a collective with a dim divisible
+by 13 carries an activation ([rows, L, ...], attention [rows, heads, L, L], RoPE tables, T5's
+position bias) or token ids.
 """
 
 from __future__ import annotations
@@ -23,21 +24,37 @@ from conftest import TINY_BERT
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from test_fsdp import GRAD_ATOL, GRAD_REL_TOL, _close
+from tiny_models import TINY_T5
+from transformers import MistralConfig
 
 from gte_jax import gradcache as gc
 from gte_jax import plan_cost, train
 from gte_jax import sharding as shd
-from gte_jax.models.bert import EncoderConfig
+from gte_jax.models import registry
 from gte_jax.models.encoder import BiEncoder
 
 BATCH, LENGTH, CHUNKS = 48, 13, 2  # chunks of 24 rows, 3 per device
 VOCAB = 5000
 
 
-def _model():
-    # One layer and a 5000-token table (test time): every constraint site and every parameter
-    # kind is in it.
-    config = EncoderConfig.from_hf({**TINY_BERT, "num_hidden_layers": 1, "vocab_size": VOCAB})
+TOWERS = ("bert", "mistral", "t5")
+
+
+def _hf_config(tower: str) -> dict:
+    """One layer and a 5000-token table (test time): every constraint site and every parameter
+    kind of the tower is in it. Dropout on where the family has it."""
+    if tower == "bert":
+        return {**TINY_BERT, "num_hidden_layers": 1, "vocab_size": VOCAB}
+    if tower == "mistral":  # grouped-query heads, RoPE, gated MLP; no dropout in Mistral
+        return MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        ).to_dict()  # fmt: skip
+    return {"model_type": "t5", **TINY_T5, "num_layers": 1, "vocab_size": VOCAB}
+
+
+def _model(tower: str = "bert"):
+    config = registry.config_from_hf(_hf_config(tower))
     model = BiEncoder(config, pooling="mean", normalize=True, rngs=nnx.Rngs(0))
     return train.ModelFn.from_module(model)
 
@@ -52,10 +69,10 @@ def _batch(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module")
-def compiled_step():
+@pytest.fixture(scope="module", params=TOWERS)
+def compiled_step(request):
     """(per-chip HLO text, params) of the jitted FSDP + GradCache train step, AOT from shapes."""
-    model_fn, params = _model()
+    model_fn, params = _model(request.param)
     tcfg = ml_collections.ConfigDict(
         {"learning_rate": 1e-3, "warmup_steps": 0, "warmup_ratio": 0.0, "schedule": "constant",
          "max_grad_norm": 1.0, "adam_eps": 1e-6}
@@ -108,8 +125,8 @@ def test_each_gradient_is_reduced_once_per_step(compiled_step):
     assert reduced == shapes
 
 
-def _grads(params, mesh, mode, *, gradcache, gather, batch, rng):
-    embed_fn = train.make_embed_fn(_model()[0])
+def _grads(tower, params, mesh, mode, *, gradcache, gather, batch, rng):
+    embed_fn = train.make_embed_fn(_model(tower)[0])
     loss_fn = gc.make_loss_fn("gte", temperature=0.05)
     shardings = shd.state_shardings(params, mesh, mode)
     run = gc.cached_value_and_grad if gradcache else gc.plain_value_and_grad
@@ -123,22 +140,23 @@ def _grads(params, mesh, mode, *, gradcache, gather, batch, rng):
     return float(loss), jax.device_get(grads)
 
 
-def test_one_reduction_gradcache_equals_the_plain_replicated_step():
-    """FSDP, weights gathered per chunk and per step. Dropout on (the tiny BERT's 0.1): the
-    per-device backward draws the masks of the global forward. Tolerances of
+@pytest.mark.parametrize("tower", TOWERS)
+def test_one_reduction_gradcache_equals_the_plain_replicated_step(tower):
+    """FSDP, weights gathered per chunk and per step. Dropout on (the tiny BERT's and T5's 0.1):
+    the per-device backward draws the masks of the global forward. Tolerances of
     tests/test_fsdp.py (float32 sums in another order)."""
-    _, params = _model()
+    _, params = _model(tower)
     params = jax.device_get(params)
     mesh = shd.make_mesh()
     batch = shd.global_batch(_batch(1), mesh)
     rng = jax.random.key(3)
     ref_loss, ref = _grads(
-        params, mesh, "replicate", gradcache=False, gather=None, batch=batch, rng=rng
+        tower, params, mesh, "replicate", gradcache=False, gather=None, batch=batch, rng=rng
     )
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(ref)) > 1e-2
     for gather in gc.GATHER_MODES:
         loss, got = _grads(
-            params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng
+            tower, params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng
         )
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         _close(got, ref, atol=GRAD_ATOL, rel=GRAD_REL_TOL)

@@ -73,7 +73,7 @@ def make_batch(n: int = 16, k: int = 2, lq: int = 5, ld: int = 7, seed: int = 0,
     if negatives:
         batch["neg_input_ids"], batch["neg_attention_mask"] = tokens(n, k, ld)
         batch["neg_text_id"] = (2 * n + np.arange(n * k, dtype=np.int32)).reshape(n, k)
-        batch["neg_text_id"][0, 1] = batch["doc_text_id"][4]
+        batch["neg_text_id"][0, -1] = batch["doc_text_id"][4]
     return batch
 
 
@@ -145,6 +145,29 @@ def test_gradcache_equals_plain_with_dropout(loss_name, negatives):
         (p_loss, _), p_grads = PLAIN(encode, loss_fn, params, batch, rng, NUM_CHUNKS)
         assert_close(p_loss, ref_loss)
         assert_close(p_grads, ref_grads)
+
+
+def _loops(batch, rng, num_chunks=NUM_CHUNKS):
+    roles, chunks = gradcache._chunked_inputs(batch, num_chunks, None, "data")
+    keys = {role: gradcache.chunk_keys(rng, role, chunks[role][1]) for role in roles}
+    return gradcache._loops(batch, roles, chunks, keys)
+
+
+def test_roles_of_one_shape_share_a_chunk_loop():
+    """Documents and one hard negative at one length run as one loop (one compiled tower);
+    queries with a pool mask, other lengths or K > 1 keep their own. The numbers stay the
+    hand-written per-role reference's, dropout keys per role and chunk included."""
+    rng = key(7)
+    assert _loops(make_batch(), rng) == [("query",), ("doc",), ("neg",)]  # ld != lq, K = 2
+    batch = make_batch(n=32, k=1)
+    assert _loops(batch, rng) == [("query",), ("doc", "neg")]
+    no_prompt = {k: v for k, v in make_batch(k=1, lq=7).items() if k != "query_pool_mask"}
+    assert _loops(no_prompt, rng) == [("query", "doc", "neg")]
+    params, loss_fn = init_params(), gradcache.make_loss_fn("infonce")
+    (ref_loss, _), ref_grads = reference_value_and_grad(params, batch, rng, NUM_CHUNKS, loss_fn)
+    (loss, _), grads = CACHED(encode, loss_fn, params, batch, rng, NUM_CHUNKS)
+    assert_close(loss, ref_loss)
+    assert_close(grads, ref_grads)
 
 
 def test_dropout_is_on_and_keys_differ_by_chunk_and_role():

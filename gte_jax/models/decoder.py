@@ -71,7 +71,8 @@ from flax import nnx
 import gte_jax.models.attention as attn
 import gte_jax.models.lora_layer as lora
 import gte_jax.models.scan as _scan
-from gte_jax.models.bert import ACTIVATIONS, dropout, segment_positions
+from gte_jax.models.bert import ACTIVATIONS, BLE, BLHK, dropout, segment_positions
+from gte_jax.models.partitioning import constrain, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -631,6 +632,7 @@ class Attention(nnx.Module):
         q = lora.dense(self.q_proj, x, q_key).reshape(b, n, cfg.num_attention_heads, cfg.head_dim)
         k = lora.dense(self.k_proj, x, k_key).reshape(b, n, cfg.num_key_value_heads, cfg.head_dim)
         v = lora.dense(self.v_proj, x, v_key).reshape(b, n, cfg.num_key_value_heads, cfg.head_dim)
+        q, k, v = (constrain(t, BLHK) for t in (q, k, v))  # as BERT's (partitioning.py)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -638,7 +640,8 @@ class Attention(nnx.Module):
         ctx = decoder_attention(
             q, k, v, mask, config=cfg, scale=float(scalar) ** -0.5, dropout_rng=dropout_rng
         )  # [batch, length, heads, head_dim]
-        return lora.dense(self.o_proj, ctx.reshape(b, n, -1), o_key)  # [batch, length, embed]
+        ctx = constrain(ctx, BLHK).reshape(b, n, -1)  # [batch, length, heads * head_dim]
+        return lora.dense(self.o_proj, ctx, o_key)  # [batch, length, embed]
 
 
 class MLP(nnx.Module):
@@ -659,6 +662,7 @@ class MLP(nnx.Module):
         h = ACTIVATIONS[self.act](lora.dense(self.gate_proj, x, gate_key)) * lora.dense(
             self.up_proj, x, up_key
         )  # [batch, length, mlp]
+        h = constrain(h, ("batch", "length", "mlp"))
         return lora.dense(self.down_proj, h, down_key)  # [batch, length, embed]
 
 
@@ -687,6 +691,7 @@ class DecoderLayer(nnx.Module):
         attn_rng, attn_out_rng, mlp_rng = (
             [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         )
+        x = constrain(x, BLE)
         h = self.self_attn(self.input_layernorm(x), rope, mask, attn_rng)
         if cfg.gemma:
             h = self.post_attention_layernorm(h)
@@ -697,7 +702,7 @@ class DecoderLayer(nnx.Module):
             )
         else:
             h = self.mlp(self.post_attention_layernorm(x), mlp_rng)
-        return x + dropout(h, cfg.hidden_dropout, mlp_rng)  # [batch, length, embed]
+        return constrain(x + dropout(h, cfg.hidden_dropout, mlp_rng), BLE)  # [batch, length, embed]
 
 
 def _layer_forward(
@@ -789,7 +794,8 @@ class DecoderTower(nnx.Module):
                 if segment_ids is not None
                 else default_positions(attention_mask)
             )
-        x = self.embed_tokens(input_ids)  # [batch, length, embed] float32
+        # The table whole, its output split by batch (partitioning.lookup): as nnx.Embed.
+        x = lookup(self.embed_tokens.embedding[...], input_ids)  # [batch, length, embed] float32
         if cfg.gemma:
             x = x * jnp.float32(cfg.hidden_size**0.5)
         x = x.astype(cfg.dtype)

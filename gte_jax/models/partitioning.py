@@ -65,6 +65,14 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
+def whole(x: jax.Array) -> jax.Array:
+    """``x`` whole on every device when a mesh is in context (else unchanged): a small table
+    (T5's relative position bias) that FSDP split, gathered before it is indexed."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
 def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     """``table[ids]`` ([vocab, embed] -> [*ids.shape, embed]) with the table whole on every
     device when a mesh is in context. Why: FSDP splits a table on its embed dim, and left alone
@@ -72,9 +80,7 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     swaps the [batch, length, embed] output back to a batch split (an all-to-all of the
     activations); gathering the table, as FSDP does for every other weight, moves no
     activation."""
-    if not jax.sharding.get_abstract_mesh().empty:
-        table = jax.lax.with_sharding_constraint(table, PartitionSpec())
-    out = jax.numpy.take(table, ids, axis=0)
+    out = jax.numpy.take(whole(table), ids, axis=0)
     return constrain(out, ("batch",) + (None,) * (out.ndim - 1))
 
 

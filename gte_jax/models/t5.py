@@ -36,11 +36,14 @@ import gte_jax.models.lora_layer as lora
 import gte_jax.models.scan as _scan
 from gte_jax.models.bert import (
     ACTIVATIONS,
+    BLE,
+    BLHK,
     _drop,
     _split,
     _uniforms,
     dropout,
 )
+from gte_jax.models.partitioning import constrain, lookup, whole
 
 # HF model_type -> the encoder-only class sentence-transformers loads for it (mT5 is T5 v1.1's
 # architecture with a multilingual vocabulary; UMT5's per-layer position biases are not this).
@@ -344,11 +347,13 @@ class T5Layer(nnx.Module):
             [self.query, self.key, self.value, self.attention_output, self.intermediate,
              self.gate, self.output],
         )  # fmt: skip
+        x = constrain(x, BLE)  # as BERT's layers (partitioning.py)
         h = self.attention_layer_norm(x).astype(cfg.dtype)  # [batch, length, embed]
         q = lora.dense(self.query, h, q_key).reshape(heads)  # [batch, length, heads, d_kv]
         k = lora.dense(self.key, h, k_key).reshape(heads)  # [batch, length, heads, d_kv]
         v = lora.dense(self.value, h, v_key).reshape(heads)  # [batch, length, heads, d_kv]
-        ctx = _attention(q, k, v, mask, bias, cfg, attn_u)
+        q, k, v = (constrain(t, BLHK) for t in (q, k, v))
+        ctx = constrain(_attention(q, k, v, mask, bias, cfg, attn_u), BLHK)
         ctx = ctx.reshape(b, n, cfg.inner_dim)  # [batch, length, heads * d_kv]
         o = lora.dense(self.attention_output, ctx, o_key)  # [batch, length, embed]
         x = x + _drop(o, cfg.dropout_rate, attn_out_u).astype(jnp.float32)
@@ -358,9 +363,9 @@ class T5Layer(nnx.Module):
             h = ACTIVATIONS[cfg.activation](up)
         else:
             h = ACTIVATIONS[cfg.activation](lora.dense(self.gate, h, g_key)) * up
-        h = _drop(h, cfg.dropout_rate, hidden_u)  # [batch, length, mlp]
+        h = constrain(_drop(h, cfg.dropout_rate, hidden_u), ("batch", "length", "mlp"))
         h = lora.dense(self.output, h, out_key)  # [batch, length, embed]
-        return x + _drop(h, cfg.dropout_rate, mlp_out_u).astype(jnp.float32)
+        return constrain(x + _drop(h, cfg.dropout_rate, mlp_out_u).astype(jnp.float32), BLE)
 
 
 def _layer_forward(
@@ -407,7 +412,9 @@ class T5Encoder(nnx.Module):
             num_buckets=cfg.relative_attention_num_buckets,
             max_distance=cfg.relative_attention_max_distance,
         )  # [length, length]
-        values = self.relative_attention_bias(buckets).astype(jnp.float32)  # [q, k, heads]
+        # The table whole first: indexing FSDP's row split would all-reduce [q, k, heads].
+        table = whole(self.relative_attention_bias.embedding[...])  # [buckets, heads]
+        values = jnp.take(table, buckets, axis=0).astype(jnp.float32)  # [q, k, heads]
         return jnp.transpose(values, (2, 0, 1))[None]
 
     def __call__(
@@ -432,7 +439,9 @@ class T5Encoder(nnx.Module):
         mask = attn.Mask(attention_mask, segment_ids)
         bias = self.position_bias(input_ids.shape[1])  # [1, heads, length, length]
         rngs = _split(dropout_rng, cfg.num_layers + 2)
-        x = dropout(self.word_embeddings(input_ids), cfg.dropout_rate, rngs[0])  # float32
+        # The table whole, its output split by batch (partitioning.lookup): as nnx.Embed.
+        x = lookup(self.word_embeddings.embedding[...], input_ids)  # [batch, length, embed]
+        x = dropout(x, cfg.dropout_rate, rngs[0])  # float32
         if cfg.scan_layers:
             keys = None if dropout_rng is None else jnp.stack(rngs[1:-1])  # one key per layer
             x = _scan.run(
