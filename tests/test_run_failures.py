@@ -153,13 +153,52 @@ _TINY = [
 
 class _FullDisk:
     """Makes the ``nth`` write of a file matching ``match(path)`` write half of its bytes, then
-    raise ENOSPC, as a full disk does; every other write goes through."""
+    raise ENOSPC, as a full disk does; every other write goes through. Whole-file writes
+    (``write_bytes`` / ``write_text``) and streamed ones (``open("wb")``: the safetensors writer
+    writes tensor by tensor) alike."""
 
     def __init__(self, monkeypatch, match, nth: int = 1):
         self.match, self.nth, self.seen, self.failed = match, nth, 0, None
         cls = type(epath.Path("/"))
         for name in ("write_bytes", "write_text"):
             monkeypatch.setattr(cls, name, self._wrap(getattr(cls, name)))
+        monkeypatch.setattr(cls, "open", self._wrap_open(cls.open))
+
+    def _wrap_open(self, real_open):
+        disk = self
+
+        class _Failing:
+            """A file whose first write writes half of its bytes, then raises ENOSPC."""
+
+            def __init__(self, f, path):
+                self.f, self.path = f, path
+
+            def write(self, data):
+                data = memoryview(data).cast("B")
+                self.f.write(data[: len(data) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self.path))
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+                return False
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        def open_(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if "w" in mode and disk.failed is None and disk.match(path):
+                disk.seen += 1
+                if disk.seen == disk.nth:
+                    disk.failed = path
+                    return _Failing(f, path)
+            return f
+
+        return open_
 
     def _wrap(self, real):
         def write(path, data, *args, **kwargs):
