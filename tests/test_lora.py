@@ -244,6 +244,7 @@ def _lora_config(**lora_fields):
         ({"alpha": -1.0}, "alpha=-1.0"),
         ({"dropout": 1.0}, "dropout=1.0"),
         ({"target_modules": ("query", "qproj")}, "unknown \\['qproj'\\]"),
+        ({"base_dtype": "float16"}, "base_dtype='float16'"),
     ],
 )
 def test_check_config_refuses_impossible_lora(fields, message):

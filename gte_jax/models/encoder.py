@@ -177,7 +177,7 @@ class ModelFn:
         if not frozen:
             return dict(trainable)
         # A frozen base stored in bfloat16 (model.lora.base_dtype) is seen as float32, the dtype
-        # the model declares: every forward (train, eval, export) is that of the float32 model
+        # every tower declares its parameters in (config.param_dtype): every forward (train, eval, export) is that of the float32 model
         # with bfloat16-rounded weights, whatever model.dtype computes in. Under jit the cast
         # fuses into the ops that read the weights.
         frozen = jax.tree.map(

@@ -117,7 +117,7 @@ def config_problems(group: Any) -> list[str]:
         problems.append(f"model.lora.alpha={group.alpha!r}: must be > 0 (the scale is alpha/rank)")
     if not 0.0 <= float(group.dropout) < 1.0:
         problems.append(f"model.lora.dropout={group.dropout!r}: must be in [0, 1)")
-    if group.get("base_dtype", "float32") not in BASE_DTYPES:
+    if group.base_dtype not in BASE_DTYPES:
         problems.append(
             f"model.lora.base_dtype={group.base_dtype!r}: use one of {sorted(BASE_DTYPES)}"
         )
