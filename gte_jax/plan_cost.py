@@ -5,9 +5,12 @@ module reads the compiled program's text (``compiled.as_text()``: the per-chip S
 XLA's optimisations) and counts, per chip and per step:
 
 - **hardware FLOPs**: 2 x (output elements) x (contraction length) of every ``dot`` and
-  ``convolution`` (XLA:TPU writes matmuls as convolutions), inside fusions too, each multiplied by
-  the trip counts of the ``while`` loops around it (GradCache's chunks and ``lax.map`` /
-  ``lax.scan`` loops). Remat's recomputation and GradCache's extra forward are in the program,
+  ``convolution`` (XLA:TPU writes matmuls as convolutions; of a convolution's window only the
+  taps on real input elements, not on the holes of a dilated input or on padding), inside fusions
+  too, plus the splash attention kernels' matmuls (Mosaic custom calls, read from their operand
+  shapes: dense, so the blocks a causal or local mask lets the kernel skip are counted; other
+  Mosaic kernels are reported as not counted), each multiplied by the trip counts of the
+  ``while`` loops around it (GradCache's chunks and ``lax.map`` / ``lax.scan`` loops). Remat's recomputation and GradCache's extra forward are in the program,
   so they are counted. XLA's own ``cost_analysis()`` counts a loop body once, whatever its trip
   count (checked on CPU and TPU: ``tests/test_plan_cost.py``), hence the parse. Element-wise work
   (softmax, norms, the optimizer) is not counted: it runs on the vector unit, not the MXU.
@@ -230,17 +233,17 @@ def _matmul_flops(ins: Instr, table: Mapping[str, Instr]) -> float:
     # XLA:TPU writes batched matmuls and outer products as convolutions whose window walks a
     # dilated (lhs_dilate) or padded input, so most taps may land on holes or padding: the taps
     # are counted per spatial dimension, summed over that dimension's output positions.
+    lhs_labels, kernel_labels, out_labels = labels.groups()
     lhs_dims, out_dims = _dims(lhs.type), _dims(ins.type)
-    spatial = sorted(c for c in labels.group(2) if c.isdigit())
-    window = _window(ins.attrs, len(spatial))
-    flops = 2.0 * kernel[labels.group(2).index("i")]
-    for d in range(len(spatial)):
-        size_in = lhs_dims[labels.group(1).index(str(d))]
-        size_out = out_dims[labels.group(3).index(str(d))]
-        flops *= _real_taps(size_in, size_out, *(w[d] for w in window))
-    non_spatial = out // max(math.prod(out_dims[labels.group(3).index(str(d))]
-                                       for d in range(len(spatial))), 1)  # fmt: skip
-    return flops * non_spatial
+    rank = sum(c.isdigit() for c in kernel_labels)
+    window = _window(ins.attrs, rank)
+    flops = 2.0 * kernel[kernel_labels.index("i")]
+    positions = 1  # output positions along the spatial dimensions
+    for d in range(rank):
+        size_out = out_dims[out_labels.index(str(d))]
+        flops *= _real_taps(lhs_dims[lhs_labels.index(str(d))], size_out, *(w[d] for w in window))
+        positions *= size_out
+    return flops * (out // max(positions, 1))  # x the output's batch and features
 
 
 def _window(attrs: str, rank: int) -> tuple[list[int], ...]:
@@ -276,7 +279,8 @@ def _real_taps(
     total = 0
     for start in offset:
         positions = start + stride * np.arange(size_out, dtype=np.int64)
-        total += int(np.count_nonzero((positions >= 0) & (positions <= last) & (positions % lhs == 0)))
+        real = (positions >= 0) & (positions <= last) & (positions % lhs == 0)
+        total += int(np.count_nonzero(real))
     return total
 
 
@@ -310,7 +314,8 @@ def kernel_flops(ins: Instr, table: Mapping[str, Instr]) -> float | None:
         return None
     seq_minor = re.search(r'k_layout\\?"\s*:\s*2', ins.attrs)  # QKVLayout.SEQ_MINOR: [.., d, s]
     keys = k[-1] if seq_minor else k[-2]
-    units = _SPLASH_MATMULS[phase.group(1)] + (phase.group(1) == "dkv" and len(_arrays(ins.type)) > 4)
+    fused = phase.group(1) == "dkv" and len(_arrays(ins.type)) > 4  # dQ too
+    units = _SPLASH_MATMULS[phase.group(1)] + fused
     return 2.0 * units * math.prod(q) * keys
 
 
