@@ -162,7 +162,9 @@ def _lines(text: str) -> list[str]:
     out: list[str] = []
     depth = 0
     for line in text.splitlines():
-        if depth > 0:
+        # (a line that starts an instruction or a computation is never a continuation: an
+        # unbalanced line cannot swallow the rest of the module)
+        if depth > 0 and not (_HEAD.match(line) or _COMPUTATION.match(line)):
             out[-1] += " " + line.strip()
             depth += _depth(line)
             continue
