@@ -5,9 +5,12 @@ module reads the compiled program's text (``compiled.as_text()``: the per-chip S
 XLA's optimisations) and counts, per chip and per step:
 
 - **hardware FLOPs**: 2 x (output elements) x (contraction length) of every ``dot`` and
-  ``convolution`` (XLA:TPU writes matmuls as convolutions), inside fusions too, each multiplied by
-  the trip counts of the ``while`` loops around it (GradCache's chunks and ``lax.map`` /
-  ``lax.scan`` loops). Remat's recomputation and GradCache's extra forward are in the program,
+  ``convolution`` (XLA:TPU writes matmuls as convolutions; of a convolution's window only the
+  taps on real input elements, not on the holes of a dilated input or on padding), inside fusions
+  too, plus the splash attention kernels' matmuls (Mosaic custom calls, read from their operand
+  shapes: dense, so the blocks a causal or local mask lets the kernel skip are counted; other
+  Mosaic kernels are reported as not counted), each multiplied by the trip counts of the
+  ``while`` loops around it (GradCache's chunks and ``lax.map`` / ``lax.scan`` loops). Remat's recomputation and GradCache's extra forward are in the program,
   so they are counted. XLA's own ``cost_analysis()`` counts a loop body once, whatever its trip
   count (checked on CPU and TPU: ``tests/test_plan_cost.py``), hence the parse. Element-wise work
   (softmax, norms, the optimizer) is not counted: it runs on the vector unit, not the MXU.
@@ -143,11 +146,38 @@ class Module:
     num_partitions: int
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _depth(line: str) -> int:
+    """Brackets a line opens minus those it closes, outside quoted strings."""
+    bare = _QUOTED.sub("", line)
+    return sum(bare.count(c) for c in "([{") - sum(bare.count(c) for c in ")]}")
+
+
+def _lines(text: str) -> list[str]:
+    """The text's lines, an instruction's continuation lines joined to it: XLA prints some
+    attributes over several lines (a Mosaic kernel's ``frontend_attributes={kernel_metadata={``
+    then a line that starts with ``}}``), which read line by line would end the computation."""
+    out: list[str] = []
+    depth = 0
+    for line in text.splitlines():
+        # (a line that starts an instruction or a computation is never a continuation: an
+        # unbalanced line cannot swallow the rest of the module)
+        if depth > 0 and not (_HEAD.match(line) or _COMPUTATION.match(line)):
+            out[-1] += " " + line.strip()
+            depth += _depth(line)
+            continue
+        out.append(line)
+        depth = max(_depth(line), 0) if _HEAD.match(line) else 0
+    return out
+
+
 def parse_hlo(text: str) -> Module:
     """The computations of an HLO module's text (``compiled.as_text()``)."""
     computations: dict[str, list[Instr]] = {}
     entry, current = "", None
-    for line in text.splitlines():
+    for line in _lines(text):
         start = _COMPUTATION.match(line)
         if start:
             current = computations.setdefault(start.group(2), [])
@@ -196,23 +226,99 @@ def _matmul_flops(ins: Instr, table: Mapping[str, Instr]) -> float:
     if ins.opcode == "dot":
         dims = _dims(lhs.type) if lhs else ()
         return 2.0 * out * math.prod(dims[c] for c in _attr_ints(ins.attrs, "lhs_contracting_dims"))
-    # convolution: each output element reduces over the kernel's elements of one output feature
-    # (its input features and window); dim_labels name the kernel's output-feature dimension "o".
-    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
     kernel = _dims(rhs.type) if rhs else ()
-    if not labels or len(labels.group(1)) != len(kernel):
+    if not labels or lhs is None or len(labels.group(2)) != len(kernel):
         return 0.0
-    # XLA:TPU writes batched matmuls as convolutions whose "window" walks a dilated input
-    # (lhs_dilate = window size): of a window of k positions over an input dilated by l, only
-    # ceil(k / l) touch real elements.
-    dilate = re.search(r"lhs_dilate=([\dx]+)", ins.attrs)
-    dilation = [int(x) for x in dilate.group(1).split("x")] if dilate else []
-    per_output = 1
-    for size, label in zip(kernel, labels.group(1), strict=True):
-        if label.isdigit() and int(label) < len(dilation):
-            size = -(-size // dilation[int(label)])
-        per_output *= size if label != "o" else 1
-    return 2.0 * out * per_output
+    # Each output element reduces over the kernel's input features ("i": already the input
+    # features / feature_group_count) and the window's taps that land on real input elements.
+    # XLA:TPU writes batched matmuls and outer products as convolutions whose window walks a
+    # dilated (lhs_dilate) or padded input, so most taps may land on holes or padding: the taps
+    # are counted per spatial dimension, summed over that dimension's output positions.
+    lhs_labels, kernel_labels, out_labels = labels.groups()
+    lhs_dims, out_dims = _dims(lhs.type), _dims(ins.type)
+    rank = sum(c.isdigit() for c in kernel_labels)
+    window = _window(ins.attrs, rank)
+    flops = 2.0 * kernel[kernel_labels.index("i")]
+    positions = 1  # output positions along the spatial dimensions
+    for d in range(rank):
+        size_out = out_dims[out_labels.index(str(d))]
+        flops *= _real_taps(lhs_dims[lhs_labels.index(str(d))], size_out, *(w[d] for w in window))
+        positions *= size_out
+    return flops * (out // max(positions, 1))  # x the output's batch and features
+
+
+def _window(attrs: str, rank: int) -> tuple[list[int], ...]:
+    """(size, stride, pad_low, pad_high, lhs_dilate, rhs_dilate) per spatial dimension of a
+    convolution's ``window={...}`` (XLA's defaults where a field is not written)."""
+    text = m.group(1) if (m := re.search(r"window=\{([^}]*)\}", attrs)) else ""
+
+    def field(key: str, default: int) -> list[int]:
+        f = re.search(rf"\b{key}=([\dx]+)", text)
+        return [int(x) for x in f.group(1).split("x")] if f else [default] * rank
+
+    pads = re.search(r"\bpad=([\d_x-]+)", text)
+    low_high = [p.split("_") for p in pads.group(1).split("x")] if pads else [["0", "0"]] * rank
+    return (
+        field("size", 1), field("stride", 1), [int(p[0]) for p in low_high],
+        [int(p[1]) for p in low_high], field("lhs_dilate", 1), field("rhs_dilate", 1),
+    )  # fmt: skip
+
+
+def _real_taps(
+    size_in: int, size_out: int, size: int, stride: int, low: int, _high: int, lhs: int, rhs: int
+) -> int:
+    """Window taps on real input elements, summed over a spatial dimension's output positions:
+    tap k of output p reads position p * stride + k * rhs - low of the input dilated by ``lhs``
+    (real elements at multiples of ``lhs`` up to (size_in - 1) * lhs; the rest holes or
+    padding)."""
+    last = (size_in - 1) * lhs
+    offset = np.arange(size, dtype=np.int64) * rhs - low  # tap k of output 0; output p: + p stride
+    if lhs == 1:  # every position in [0, last] is real: count the outputs p per tap k
+        first = np.maximum(-(offset // stride), 0)  # ceil(-offset / stride)
+        final = np.minimum((last - offset) // stride, size_out - 1)
+        return int(np.maximum(final - first + 1, 0).sum())
+    total = 0
+    for start in offset:
+        positions = start + stride * np.arange(size_out, dtype=np.int64)
+        real = (positions >= 0) & (positions <= last) & (positions % lhs == 0)
+        total += int(np.count_nonzero(real))
+    return total
+
+
+# Splash attention's Pallas kernels (jax.experimental.pallas.ops.tpu.splash_attention) are
+# Mosaic custom calls named splash_{mqa|mha}_{fwd|dq|dkv}...; their matmuls, in units of
+# 2 x (query heads x queries x keys x head dim): fwd QK^T and PV; dq recomputes QK^T, dP = dO V^T,
+# dQ = dS K; dkv recomputes QK^T and dP, dV = P^T dO, dK = dS^T Q, and dQ too when the backward is
+# fused (its dkv kernel then returns dQ's per-block partial sums: more than 4 results).
+_SPLASH = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_FLOAT = ("bf16", "f16", "f32", "f64")
+
+
+def kernel_flops(ins: Instr, table: Mapping[str, Instr]) -> float | None:
+    """Matmul FLOPs of a ``custom-call``: 0 for XLA's own (buffers, layout hints), a splash
+    attention kernel's from its operand shapes, dense (blocks its mask skips included: an upper
+    bound under a causal or local mask), None for another Mosaic kernel (not counted)."""
+    if 'custom_call_target="tpu_custom_call"' not in ins.attrs:
+        return 0.0
+    phase = _SPLASH.search(ins.name) or _SPLASH.search(ins.attrs)
+    if not phase:
+        return None
+    listed = re.search(r"operand_layout_constraints=\{(.*?)\}\s*,\s*\w+=", ins.attrs)
+    shapes = (
+        _arrays(listed.group(1))
+        if listed
+        else [a for o in ins.operands if o in table for a in _arrays(table[o].type)]
+    )
+    q, k = ([dims for dt, dims in shapes if dt in _FLOAT] + [(), ()])[:2]
+    if not q or len(k) < 2:
+        return None
+    seq_minor = re.search(r'k_layout\\?"\s*:\s*2', ins.attrs)  # QKVLayout.SEQ_MINOR: [.., d, s]
+    keys = k[-1] if seq_minor else k[-2]
+    fused = phase.group(1) == "dkv" and len(_arrays(ins.type)) > 4  # dQ too
+    units = _SPLASH_MATMULS[phase.group(1)] + fused
+    return 2.0 * units * math.prod(q) * keys
 
 
 def _constant(name: str, table: Mapping[str, Instr]) -> int | None:
@@ -378,9 +484,13 @@ class ProgramCost:
         default_factory=lambda: dict.fromkeys(COLLECTIVE_KINDS, 0.0)
     )
     unknown_trip_counts: int = 0
+    attention_kernel_flops: float = 0.0  # of ``flops``: splash kernels (:func:`kernel_flops`)
+    uncounted_kernels: int = 0  # Mosaic kernels whose FLOPs are not known (not in ``flops``)
 
     def add(self, other: ProgramCost, times: float = 1.0) -> None:
         self.flops += times * other.flops
+        self.attention_kernel_flops += times * other.attention_kernel_flops
+        self.uncounted_kernels += other.uncounted_kernels
         for k in COLLECTIVE_KINDS:
             self.ici[k] += times * other.ici[k]
             self.dcn[k] += times * other.dcn[k]
@@ -391,6 +501,8 @@ class ProgramCost:
         out = {
             "hardware_flops_per_chip": self.flops,
             "unknown_trip_counts": float(self.unknown_trip_counts),
+            "attention_kernel_flops_per_chip": self.attention_kernel_flops,
+            "uncounted_kernels": float(self.uncounted_kernels),
         }
         out |= {f"ici_bytes:{k}": v for k, v in self.ici.items()}
         return out | {f"dcn_bytes:{k}": v for k, v in self.dcn.items()}
@@ -456,6 +568,13 @@ def _walk(
             ici, dcn = _collective_bytes(kind, ins, table, module.num_partitions, slice_of)
             cost.ici[kind] += ici
             cost.dcn[kind] += dcn
+        elif op == "custom-call":
+            flops = kernel_flops(ins, table)
+            if flops is None:
+                cost.uncounted_kernels += 1
+            else:
+                cost.flops += flops
+                cost.attention_kernel_flops += flops
         elif op == "while":
             trips = trip_count(module, ins, table)
             if trips is None:
@@ -592,6 +711,10 @@ def time_fields(
     }
     if cost.get("unknown_trip_counts", 0) >= 0.5:  # a loop counted once: FLOPs are a lower bound
         out["loops_without_trip_count"] = round(cost["unknown_trip_counts"])
+    if cost.get("attention_kernel_flops_per_chip", 0) > 0:  # of hardware_flops, dense
+        out["attention_kernel_flops"] = _sig(cost["attention_kernel_flops_per_chip"] * chips)
+    if cost.get("uncounted_kernels", 0) >= 0.5:  # Mosaic kernels left out: a lower bound
+        out["kernels_without_flops"] = round(cost["uncounted_kernels"])
     return out
 
 

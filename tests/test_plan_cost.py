@@ -143,6 +143,54 @@ def test_a_mutated_trip_count_changes_the_flops():
     assert plan_cost.program_cost(mutated).flops == 2 * m * k * k * 7
 
 
+@pytest.mark.parametrize("lhs_dilate", [1, 2, 3])
+def test_convolution_taps_on_real_elements_match_an_enumeration(lhs_dilate):
+    """Taps summed over a spatial dimension's outputs, against enumerating every (output, tap)
+    pair of the padded, dilated input (XLA's convolution semantics)."""
+    rng = np.random.default_rng(lhs_dilate)
+    for _ in range(200):
+        n, k, stride, rhs = (int(x) for x in rng.integers(1, [12, 6, 4, 3]))
+        low, high = (int(x) for x in rng.integers(-2, 4, size=2))
+        span = (n - 1) * lhs_dilate + 1 + low + high - ((k - 1) * rhs + 1)
+        if span < 0:
+            continue
+        out = span // stride + 1
+        real = [
+            0 <= x <= (n - 1) * lhs_dilate and x % lhs_dilate == 0
+            for p in range(out)
+            for t in range(k)
+            for x in [p * stride + t * rhs - low]
+        ]
+        args = (n, out, k, stride, low, high, lhs_dilate, rhs)
+        assert plan_cost._real_taps(*args) == sum(real), args
+
+
+_MULTILINE_HLO = """HloModule m, num_partitions=1
+
+ENTRY %main (a: f32[8,16], b: f32[16,4]) -> f32[8,4] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[16,4]{1,0} parameter(1)
+  %kernel = f32[8,16]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="my_kernel"}, backend_config={"custom_call_config":{"body":"x"}}
+  ROOT %dot = f32[8,4]{1,0} dot(%kernel, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_an_instruction_printed_over_several_lines_keeps_its_computation():
+    """XLA prints a Mosaic kernel's frontend_attributes over three lines, the last starting with
+    ``}}``: the instructions after it are still the computation's (the matmul is counted) and
+    the kernel, whose FLOPs are unknown, is reported, not silently taken as 0."""
+    module = plan_cost.parse_hlo(_MULTILINE_HLO)
+    assert [i.opcode for i in module.computations["main"]][-2:] == ["custom-call", "dot"]
+    cost = plan_cost.program_cost(_MULTILINE_HLO)
+    assert cost.flops == 2 * 8 * 16 * 4
+    assert cost.uncounted_kernels == 1 and cost.attention_kernel_flops == 0
+    named = _MULTILINE_HLO.replace("%kernel", "%splash_mqa_fwd_no_residuals")
+    assert plan_cost.program_cost(named).uncounted_kernels == 1  # no q, k operands: unknown
+
+
 def test_seconds_and_bound_follow_the_table():
     flat = {"hardware_flops_per_chip": 197e12 * 0.5 * 2.0, "unknown_trip_counts": 0.0}
     for k in plan_cost.COLLECTIVE_KINDS:
@@ -269,3 +317,78 @@ def test_mesh_form_replica_groups():
     assert plan_cost.replica_groups(attrs, 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
     attrs = attrs.replace("{'data'}", "{'model'}")
     assert plan_cost.replica_groups(attrs, 8) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+@pytest.mark.parametrize(
+    "equation, lhs, rhs",
+    [
+        ("btkgh,bskh->bkgts", (16, 512, 2, 2, 32), (16, 512, 2, 32)),  # grouped-query scores
+        ("bkgts,bskh->btkgh", (16, 2, 2, 512, 512), (16, 512, 2, 32)),  # their values
+    ],
+)
+def test_tpu_batched_matmul_written_as_a_padded_convolution(equation, lhs, rhs):
+    """XLA:TPU writes these einsums as convolutions whose window also walks a padded dimension
+    (``pad=..x1_1``): half of those taps read padding. FLOPs: 2 x b x t x s x heads x head_dim."""
+    mesh = _tpu_mesh()
+    rep = NamedSharding(mesh, P())
+    text = (
+        jax.jit(lambda x, y: jnp.einsum(equation, x, y, preferred_element_type=jnp.float32))
+        .lower(_abstract(lhs, jnp.bfloat16, rep), _abstract(rhs, jnp.bfloat16, rep))
+        .compile()
+        .as_text()
+    )
+    assert re.search(r"window=\{[^}]*pad=", text), "no padded window: the check would be vacuous"
+    b, t, k, g, h = 16, 512, 2, 2, 32
+    assert plan_cost.program_cost(text).flops == 2 * b * t * t * k * g * h
+
+
+def _splash_layers(mesh, scan, batch, length, width, heads, kv_heads, head_dim, layers):
+    """The gradient (input and weights) of ``layers`` remat'd attention blocks (q/k/v/o
+    projections around the splash kernel, causal) in a ``lax.scan`` or unrolled, compiled."""
+    from gte_jax.models.attention import Mask, splash_attention
+
+    def block(x, w, seg):
+        b = x.shape[0]
+        q = (x @ w[0]).reshape(b, length, heads, head_dim)
+        k = (x @ w[1]).reshape(b, length, kv_heads, head_dim)
+        v = (x @ w[2]).reshape(b, length, kv_heads, head_dim)
+        a = splash_attention(q, k, v, Mask(seg, causal=True), scale=head_dim**-0.5)
+        return x + a.reshape(b, length, heads * head_dim) @ w[3]
+
+    def loss(x, ws, seg):
+        f = jax.checkpoint(block)
+        if scan:
+            x, _ = lax.scan(lambda x, w: (f(x, w, seg), None), x, ws)
+        else:
+            for i in range(layers):
+                x = f(x, [w[i] for w in ws], seg)
+        return jnp.sum(x.astype(jnp.float32) ** 2)
+
+    rows, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    shapes = [(width, q_out), (width, kv_out), (width, kv_out), (q_out, width)]
+    ws = [_abstract((layers, *s), jnp.bfloat16, rep) for s in shapes]
+    x = _abstract((batch, length, width), jnp.bfloat16, rows)
+    seg = _abstract((batch, length), jnp.int32, rows)
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws, seg).compile().as_text()
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_tpu_splash_decoder_layers_count_every_matmul_and_kernel(scan):
+    """The same remat'd attention layers, scanned or unrolled, against a count from the shapes.
+    Projections: forward, remat's recomputation (less the output projection, whose result the
+    backward never reads), backward (input and weight gradients). Splash kernels, dense, in units
+    of 2 x queries x keys x heads x head_dim: forward (QK^T, PV) twice (remat), dq (QK^T, dP,
+    dQ), dkv (QK^T, dP, dV, dK)."""
+    mesh = _tpu_mesh()
+    batch, length, width, heads, kv_heads, head_dim, layers = 16, 256, 128, 4, 2, 32, 2
+    text = _splash_layers(mesh, scan, batch, length, width, heads, kv_heads, head_dim, layers)
+    tokens = batch // 8 * length  # per chip
+    q_o, k_v = width * heads * head_dim, width * kv_heads * head_dim  # each of the two
+    projections = 2 * tokens * layers * ((2 * q_o + 2 * k_v) * 3 + (q_o + 2 * k_v))
+    attention = 2 * (batch // 8) * heads * length * length * head_dim * layers * (2 + 2 + 3 + 4)
+    cost = plan_cost.program_cost(text)
+    assert cost.flops == projections + attention
+    assert cost.attention_kernel_flops == attention
+    assert (cost.unknown_trip_counts, cost.uncounted_kernels) == (0, 0)
