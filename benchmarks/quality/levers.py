@@ -1,7 +1,7 @@
 """The lever table: base, the sentence-transformers peer, gte-jax one stage, gte-jax two stages,
 and each lever on top of the two-stage recipe switched on or off, every seed, on the quality suite.
 
-    python -m benchmarks.quality.levers --seeds 0,1,2 --train_pairs 2000 --learning_rate 1e-4
+    python -m benchmarks.quality.levers --seeds 0,1,2 --train_pairs 11783 --split dev,test
 
 Where the time goes (one seed measured first): each training is its own process (JAX start-up
 and compile, then the steps) and each model's evaluation encodes the three test corpora once. The
@@ -45,11 +45,17 @@ VARIANTS = {
 }
 
 
-def _done(out: pathlib.Path) -> set[tuple[str, int]]:
+def _rows(out: pathlib.Path, split: str | None = None) -> list[dict]:
+    """The rows of ``out`` (of one evaluation split when ``split`` is given; a row without a
+    ``split`` field is a test-split row)."""
     if not out.exists():
-        return set()
+        return []
     rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
-    return {(r["recipe"], r.get("seed", -1)) for r in rows}
+    return [r for r in rows if split is None or r.get("split", "test") == split]
+
+
+def _done(out: pathlib.Path) -> set[tuple[str, int, str]]:
+    return {(r["recipe"], r.get("seed", -1), r.get("split", "test")) for r in _rows(out)}
 
 
 def _append(out: pathlib.Path, row: dict) -> None:
@@ -119,14 +125,18 @@ class Runner:
         return out
 
 
-def run_row(runner: Runner, name: str, seed: int) -> dict:
+def run_rows(runner: Runner, name: str, seed: int, splits: list[str]) -> list[dict]:
+    """One model trained once, evaluated on each of ``splits``: a row per split."""
     t0 = time.perf_counter()
     model = runner.train(name, seed)
-    t1 = time.perf_counter()
-    result = suite_run.evaluate_model(model, runner.suite, split=runner.args.split)
-    t2 = time.perf_counter()
-    return {"recipe": name, "seed": seed, "train_s": round(t1 - t0, 1),
-            "eval_s": round(t2 - t1, 1), "result": result}  # fmt: skip
+    train_s = round(time.perf_counter() - t0, 1)
+    rows = []
+    for split in splits:
+        t1 = time.perf_counter()
+        result = suite_run.evaluate_model(model, runner.suite, split=split)
+        rows.append({"recipe": name, "seed": seed, "split": split, "train_s": train_s,
+                     "eval_s": round(time.perf_counter() - t1, 1), "result": result})  # fmt: skip
+    return rows
 
 
 def measure_all(args) -> None:
@@ -137,30 +147,35 @@ def measure_all(args) -> None:
     out = pathlib.Path(args.out)
     done = _done(out)
     runner = Runner(args, suite, work)
-    if ("base", -1) not in done:
-        t0 = time.perf_counter()
-        result = suite_run.evaluate_model(runner.base, suite, split=args.split)
-        _append(out, {"recipe": "base", "eval_s": round(time.perf_counter() - t0, 1),
-                      "result": result, "settings": settings(args)})  # fmt: skip
+    splits = args.split.split(",")
+    for split in splits:
+        if ("base", -1, split) not in done:
+            t0 = time.perf_counter()
+            result = suite_run.evaluate_model(runner.base, suite, split=split)
+            _append(out, {"recipe": "base", "split": split, "result": result,
+                          "eval_s": round(time.perf_counter() - t0, 1),
+                          "settings": settings(args)})  # fmt: skip
     seeds = [int(s) for s in args.seeds.split(",")]
     order = [(n, s) for s in seeds for n in MAIN] + [(n, seeds[0]) for n in LEVERS]
     order += [(n, s) for s in seeds[1:] for n in LEVERS]
     for name, seed in order:
-        if (name, seed) in done:
+        todo = [s for s in splits if (name, seed, s) not in done]
+        if not todo:
             continue
-        row = run_row(runner, name, seed)
-        row["shared_s"] = {k: v for k, v in runner.cache.items() if k.endswith("_s")}
-        _append(out, row)
+        for row in run_rows(runner, name, seed, todo):
+            row["shared_s"] = {k: v for k, v in runner.cache.items() if k.endswith("_s")}
+            _append(out, row)
 
 
 def settings(args) -> dict:
     return {**measure.COMMON, "train_pairs": args.train_pairs, "weak_pairs": args.weak_pairs,
-            "epochs": 1, "split": args.split}  # fmt: skip
+            "epochs": 1}  # fmt: skip
 
 
-def summary(out: pathlib.Path) -> dict:
-    """Mean ± spread per row and task, and the MRR@10 deltas to the base and to the peer."""
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+def summary(out: pathlib.Path, split: str = "test") -> dict:
+    """Mean ± spread per row and task, and the MRR@10 deltas to the base and to the peer, on one
+    evaluation split."""
+    rows = _rows(out, split)
     base = next(r["result"] for r in rows if r["recipe"] == "base")
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
@@ -208,7 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train_pairs", type=int, default=2000, help="in-domain (bible_ot) pairs")
     p.add_argument("--weak_pairs", type=int, default=1723, help="stage-1 (wiki_lead) pairs")
     p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--split", default="test",
+                   help="dev, test, or dev,test: each model evaluated on each (a row per split); "
+                   "--summary: the split tabled (the first)")  # fmt: skip
     p.add_argument("--summary", action="store_true", help="only print the table of --out")
     return p
 
@@ -219,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if not args.summary:
         measure_all(args)
-    table = summary(pathlib.Path(args.out))
+    if set(args.split.split(",")) - {"dev", "test"}:
+        raise SystemExit(f"--split {args.split}: dev, test or dev,test")
+    table = summary(pathlib.Path(args.out), args.split.split(",")[0])
     print(json.dumps(table))
     print()
     print(markdown(table))
