@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 from simulated import process_tokenizer, run_processes
 from test_train import (
-    FINAL_CHECKPOINT_ONLY,
     _assert_trees_close,
     _env,
     _final_state,
@@ -203,8 +202,8 @@ def _pod_run_preempted_then_resumed(tiny_model_dir, workdir, batch, topology, pr
 
 def _one_process(tiny_model_dir, workdir, batch, devices):
     out = subprocess.run(
-        _cmd(tiny_model_dir, workdir, batch, *FINAL_CHECKPOINT_ONLY), env=_env(devices),
-        capture_output=True, text=True, timeout=500,
+        _cmd(tiny_model_dir, workdir, batch), env=_env(devices), capture_output=True, text=True,
+        timeout=500,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir

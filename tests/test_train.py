@@ -203,16 +203,11 @@ def _final_state(workdir):
     return step, jax.device_get(state)
 
 
-# The runs that nothing interrupts save their final checkpoint only (8 saves fewer a process):
-# what they are compared on is the final state; the killed run keeps a checkpoint every step.
-FINAL_CHECKPOINT_ONLY = ("--config.checkpoint.every_steps=0",)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     out = subprocess.run(
-        _train_cmd(tiny_model_dir, workdir, *FINAL_CHECKPOINT_ONLY),
+        _train_cmd(tiny_model_dir, workdir),
         env=_env(2),
         capture_output=True,
         text=True,
@@ -298,7 +293,7 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, uninterrupted):
     """The uninterrupted run used one process with 2 devices; here 2 processes x 1 device each
     read their own half of every global batch."""
-    run_two_processes(tiny_model_dir, tmp_path / "two", *FINAL_CHECKPOINT_ONLY)
+    run_two_processes(tiny_model_dir, tmp_path / "two")
     step_a, a = _final_state(uninterrupted)
     step_b, b = _final_state(tmp_path / "two")
     assert step_a == step_b == 8
