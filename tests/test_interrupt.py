@@ -13,13 +13,19 @@ from test_train import _env, _steps, _train_cmd
 
 def test_ctrl_c_saves_a_checkpoint_exits_130_with_one_line_then_resumes(tiny_model_dir, tmp_path):
     workdir = tmp_path / "run"
-    cmd = _train_cmd(tiny_model_dir, workdir, "--config.train.num_steps=40")
+    # No periodic checkpoint before step 40 (rather than one every step, 40 saves per run): the
+    # checkpoint of the step it stopped at can only be the one Ctrl-C asked for.
+    cmd = _train_cmd(
+        tiny_model_dir, workdir, "--config.train.num_steps=40", "--config.checkpoint.every_steps=40"
+    )
     proc = subprocess.Popen(cmd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    while not _steps(workdir) and time.monotonic() < deadline and proc.poll() is None:
+    # Once a step is logged (log_every=1), the training loop and its SIGINT handler run.
+    while not _logged(workdir) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert not _steps(workdir)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
@@ -35,3 +41,8 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_with_one_line_then_resumes(tiny_mod
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] == stopped
     assert summary["steps"] == 40 and summary["examples"] == 40 * 8
+
+
+def _logged(workdir) -> bool:
+    log = workdir / "logs" / "metrics.jsonl"
+    return log.exists() and '"train/loss"' in log.read_text()

@@ -235,10 +235,12 @@ def _initial(workdir):
     return jax.device_get(train.ModelFn.from_module(model)[1])
 
 
+# One topology of real processes: v5p-16's 2 hosts already sit at interleaved places of the data
+# axis (the in-process test above checks that for every topology, v4-32's 4 hosts included), so
+# the multi-process run exercises the same non-contiguous feeding, stop and resume code; a 4-host
+# v4-32 run (16 devices, 4 processes twice) doubled the cost for no other path.
 @pytest.mark.parametrize(
-    "topology,processes,devices,batch",
-    [("v5p-16", 2, 4, 16), ("v4-32", 4, 4, 32)],
-    ids=["v5p-16_2_hosts", "v4-32_4_hosts"],
+    "topology,processes,devices,batch", [("v5p-16", 2, 4, 16)], ids=["v5p-16_2_hosts"]
 )
 def test_pod_layout_processes_train_preempt_resume_and_equal_one_process(
     tiny_model_dir, tmp_path, topology, processes, devices, batch

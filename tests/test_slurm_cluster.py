@@ -161,25 +161,17 @@ def one_process(tiny_model_dir, tmp_path_factory):
     return workdir
 
 
-def test_slurm_cluster_two_task_job_equals_one_process(
-    slurm_cluster, tiny_model_dir, tmp_path, one_process
-):
-    workdir = tmp_path / "slurm_run"
-    job = _submit(slurm_cluster, workdir, tiny_model_dir, NUM_STEPS)
-    state = _wait_job(slurm_cluster, job)
-    log = _job_log(workdir, job)
-    assert state == "COMPLETED", f"{state}\n{log[-4000:]}\n{slurm_cluster.logs()}"
-    # Two processes, set up from Slurm's environment (no --process_id etc. on the command line).
+def _assert_two_slurm_processes(log: str) -> None:
+    """Two processes, set up from Slurm's environment (no --process_id etc. on the command
+    line)."""
     assert "gte-jax: 2 processes on 1 nodes" in log
     assert log.count("of 2, coordinator") == log.count("(from SlurmCluster)") == 2, log[-4000:]
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == NUM_STEPS and summary["examples"] == 8 * NUM_STEPS
-    step_a, a = _final_params(one_process)
-    step_b, b = _final_params(workdir)
-    assert step_a == step_b == NUM_STEPS
-    _assert_params_close(a, b)
 
 
+# One job cancelled mid-run and submitted again (rather than also an uninterrupted job: each job
+# is two processes starting jax): the resubmitted job is a 2-task job set up from Slurm's
+# environment that runs to the end, and its params equal the 1-process run's, which is all that
+# an uninterrupted job showed.
 def test_slurm_cluster_scancel_mid_run_then_resubmit_resumes(
     slurm_cluster, tiny_model_dir, tmp_path, one_process
 ):
@@ -196,6 +188,7 @@ def test_slurm_cluster_scancel_mid_run_then_resubmit_resumes(
     log = _job_log(workdir, job)
     assert state == "CANCELLED", f"{state}: the run ended before scancel\n{log[-4000:]}"
     assert "stopped by SIGTERM at step" in log, log[-4000:]
+    _assert_two_slurm_processes(log)
     stopped_at = max(_steps(workdir))
     assert 0 < stopped_at < NUM_STEPS, _steps(workdir)
     assert not (workdir / "summary.json").exists() or not json.loads(
@@ -205,9 +198,12 @@ def test_slurm_cluster_scancel_mid_run_then_resubmit_resumes(
     again = _submit(slurm_cluster, workdir, tiny_model_dir, NUM_STEPS)
     state = _wait_job(slurm_cluster, again)
     log = _job_log(workdir, again)
-    assert state == "COMPLETED", f"{state}\n{log[-4000:]}"
+    assert state == "COMPLETED", f"{state}\n{log[-4000:]}\n{slurm_cluster.logs()}"
+    _assert_two_slurm_processes(log)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["completed"] and summary["resumed_from_step"] == stopped_at, summary
+    # The whole run counted (the summary of a resumed run: tests/test_run_failures.py).
+    assert summary["steps"] == NUM_STEPS and summary["examples"] == 8 * NUM_STEPS
     step_a, a = _final_params(one_process)
     step_b, b = _final_params(workdir)
     assert step_a == step_b == NUM_STEPS
