@@ -186,3 +186,23 @@ def test_the_lever_table_summarises_rows_against_base_and_peer_per_seed(tmp_path
             assert cell["vs_peer"]["mean"] == pytest.approx((v - p).mean(), abs=5e-5)
             assert cell["vs_peer"]["spread"] == pytest.approx(np.ptp(v - p), abs=5e-5)
     assert "tau_0.02" in levers.markdown(table)
+
+
+def test_the_lever_table_of_a_split_reads_only_that_splits_rows(tmp_path):
+    """``--split dev,test`` appends a row per split: the dev table is made of dev rows only (a
+    row without a split is a test row, as the files written before splits were)."""
+    rows = []
+    for split, shift in (("dev", 0.5), (None, 0.0)):
+        extra = {"split": split} if split else {}
+        rows.append({"recipe": "base", **extra,
+                     "result": {t: {"mrr@10": 0.1 + shift} for t in tasks.TASKS}})  # fmt: skip
+        rows += [{"recipe": "st_mnrl", "seed": s, **extra,
+                  "result": {t: {"mrr@10": 0.2 + shift + s / 100} for t in tasks.TASKS}}
+                 for s in (0, 1)]  # fmt: skip
+    out = tmp_path / "levers.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split, shift in (("dev", 0.5), ("test", 0.0)):
+        cell = levers.summary(out, split)["st_mnrl"][next(iter(tasks.TASKS))]
+        assert cell["mrr@10"]["n"] == 2
+        assert cell["mrr@10"]["mean"] == pytest.approx(0.205 + shift, abs=5e-5)
+        assert cell["vs_base"]["mean"] == pytest.approx(0.105, abs=5e-5)
