@@ -170,7 +170,7 @@ def test_bf16_towers_track_float32_and_as_float32_is_the_float32_model(
         def loss(p):
             return jnp.sum(fn.module(p)(ids, mask) * probe)
 
-        return jax.value_and_grad(loss)(params)
+        return jax.jit(jax.value_and_grad(loss))(params)  # one compile, not one per op
 
     (v32, g32), (v16, g16) = value_and_grads(f32), value_and_grads(b16)
     g32 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
