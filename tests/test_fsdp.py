@@ -215,9 +215,8 @@ def test_check_config_allows_the_model_axis_only_with_tensor_parallelism():
 
 def test_two_processes_with_fsdp_equal_one_process(tiny_model_dir, tmp_path):
     """`gte-jax train --config.sharding.params=fsdp`: 1 process x 2 devices vs 2 processes x 1
-    device (each holds half of every matrix), packed batches, dropout on, 2 steps (the second
-    starts from the first's sharded update)."""
-    fsdp = ("--config.sharding.params=fsdp", "--config.train.num_steps=2")
+    device (each holds half of every matrix), packed batches, dropout on, 4 steps."""
+    fsdp = ("--config.sharding.params=fsdp", "--config.train.num_steps=4")
     one = subprocess.run(
         _train_cmd(tiny_model_dir, tmp_path / "one", *fsdp),
         env=_env(2),
@@ -226,11 +225,11 @@ def test_two_processes_with_fsdp_equal_one_process(tiny_model_dir, tmp_path):
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    assert json.loads(one.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert json.loads(one.stdout.strip().splitlines()[-1])["steps"] == 4
     run_two_processes(tiny_model_dir, tmp_path / "two", *fsdp)
     step_a, a = _final_state(tmp_path / "one")
     step_b, b = _final_state(tmp_path / "two")
-    assert step_a == step_b == 2
+    assert step_a == step_b == 4
     _close(b["params"], a["params"], atol=PARAM_TOL)
     _close(b["opt_state"], a["opt_state"], atol=PARAM_TOL)
 

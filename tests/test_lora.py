@@ -416,17 +416,12 @@ def _train(tiny_model_dir, workdir, *extra):
     return run_train(_train_cmd(tiny_model_dir, workdir, *LORA_FLAGS, *extra), _env(2), workdir)
 
 
-# The fixture run's length: 4 steps (not _train_cmd's 8) leave steps on both sides of the
-# restart below (2 + 2) and move every factor; the properties read do not grow with steps.
-FIXTURE_STEPS = ("--config.train.num_steps=4",)
-
-
 @pytest.fixture(scope="module")
 def lora_workdir(tiny_model_dir, tmp_path_factory):
-    """4 steps of LoRA fine-tuning (dropout on), exported."""
+    """8 steps of LoRA fine-tuning (dropout on), exported."""
     workdir = tmp_path_factory.mktemp("lora_run")
-    summary = _train(tiny_model_dir, workdir, "--config.export.enabled=true", *FIXTURE_STEPS)
-    assert summary["steps"] == 4 and summary["completed"]
+    summary = _train(tiny_model_dir, workdir, "--config.export.enabled=true")
+    assert summary["steps"] == 8 and summary["completed"]
     return workdir
 
 
@@ -438,14 +433,14 @@ def _saved(workdir):
 
 @pytest.mark.slow
 def test_lora_run_resumes_bitwise_after_a_restart(tiny_model_dir, tmp_path, lora_workdir):
-    """2 steps, a new process, 2 more (constant rate: the 2-step run's schedule is the 4-step
-    one's): the same A, B, Adam moments and step as the fixture's 4 steps in one go."""
+    """4 steps, a new process, 4 more (constant rate: the 4-step run's schedule is the 8-step
+    one's): the same A, B, Adam moments and step as 8 steps in one go."""
     workdir = tmp_path / "restarted"
-    assert _train(tiny_model_dir, workdir, "--config.train.num_steps=2")["steps"] == 2
-    summary = _train(tiny_model_dir, workdir, *FIXTURE_STEPS)
-    assert summary["resumed_from_step"] == 2 and summary["completed"]
+    assert _train(tiny_model_dir, workdir, "--config.train.num_steps=4")["steps"] == 4
+    summary = _train(tiny_model_dir, workdir)
+    assert summary["resumed_from_step"] == 4 and summary["completed"]
     (step_a, a), (step_b, b) = _saved(lora_workdir), _saved(workdir)
-    assert step_a == step_b == 4
+    assert step_a == step_b == 8
     assert set(a) == {"params", "opt_state", "step", "rng"}  # the frozen base is not saved
     assert all(p.endswith(("/lora_a", "/lora_b")) for p in _paths(a["params"]))
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -476,12 +471,12 @@ def test_bfloat16_frozen_base_trains_as_its_float32_rounding(tiny_model_dir, tmp
     hence the same factors and Adam moments to the bit. A base left in float32 (the key ignored)
     differs from that reference by the rounding (~2^-9 relative), far above any reordering."""
     rounded = _bf16_rounded_copy(tiny_model_dir, tmp_path / "rounded")
-    steps = ("--config.train.num_steps=2",)
+    steps = ("--config.train.num_steps=3",)
     bf16 = _train(
         tiny_model_dir, tmp_path / "bf16", *steps, "--config.model.lora.base_dtype=bfloat16"
     )
     ref = _train(rounded, tmp_path / "ref", *steps)
-    assert bf16["steps"] == ref["steps"] == 2
+    assert bf16["steps"] == ref["steps"] == 3
     (_, a), (_, b) = _saved(tmp_path / "bf16"), _saved(tmp_path / "ref")
     assert jax.tree.structure(a) == jax.tree.structure(b)
     moved = 0
@@ -494,7 +489,7 @@ def test_bfloat16_frozen_base_trains_as_its_float32_rounding(tiny_model_dir, tmp
 def test_resume_on_other_base_weights_is_refused(tiny_model_dir, tmp_path, lora_workdir):
     """Checkpoints hold the LoRA factors only: resuming a finished LoRA run with more steps on a
     base whose weights changed exits 2 before any step, naming the fingerprint file; the same
-    base resumes (the fixture run finished 4 steps on it)."""
+    base resumes (the fixture run finished 8 steps on it)."""
     from test_train import _env, _train_cmd
 
     from gte_jax import hf
@@ -507,7 +502,7 @@ def test_resume_on_other_base_weights_is_refused(tiny_model_dir, tmp_path, lora_
     workdir = tmp_path / "run"
     shutil.copytree(lora_workdir, workdir)
     out = subprocess.run(
-        _train_cmd(other, workdir, *LORA_FLAGS, "--config.train.num_steps=5"),
+        _train_cmd(other, workdir, *LORA_FLAGS, "--config.train.num_steps=9"),
         env=_env(2),
         capture_output=True,
         text=True,
@@ -515,7 +510,7 @@ def test_resume_on_other_base_weights_is_refused(tiny_model_dir, tmp_path, lora_
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "frozen_base.sha256" in out.stderr and "other base weights" in out.stderr
-    assert _saved(workdir)[0] == 4  # nothing trained
+    assert _saved(workdir)[0] == 8  # nothing trained
     fp = (workdir / "frozen_base.sha256").read_text().strip()
     assert fp == (lora_workdir / "frozen_base.sha256").read_text().strip()
 
@@ -692,7 +687,7 @@ def test_decoder_lora_gradcache_remat_packing_on_8_devices_equals_1(tmp_path):
             f"--config.model.init_from={model_dir}",
             f"--config.data.train_files={DEMO_DIR / 'bible_finetune.jsonl'}",
             "--config.data.query_max_length=32", "--config.data.doc_max_length=32",
-            "--config.train.batch_size=16", "--config.train.num_steps=2",
+            "--config.train.batch_size=16", "--config.train.num_steps=3",
             "--config.train.learning_rate=1e-2", "--config.train.warmup_ratio=0",
             "--config.train.gradcache=true", "--config.train.gradcache_chunk_size=8",
             "--config.model.remat=true", "--config.model.train_dropout=false",
