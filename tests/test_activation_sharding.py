@@ -125,8 +125,8 @@ def test_each_gradient_is_reduced_once_per_step(compiled_step):
     assert reduced == shapes
 
 
-def _grads(tower, params, mesh, mode, *, gradcache, gather, batch, rng):
-    embed_fn = train.make_embed_fn(_model(tower)[0])
+def _grads(model_fn, params, mesh, mode, *, gradcache, gather, batch, rng):
+    embed_fn = train.make_embed_fn(model_fn)
     loss_fn = gc.make_loss_fn("gte", temperature=0.05)
     shardings = shd.state_shardings(params, mesh, mode)
     run = gc.cached_value_and_grad if gradcache else gc.plain_value_and_grad
@@ -145,18 +145,18 @@ def test_one_reduction_gradcache_equals_the_plain_replicated_step(tower):
     """FSDP, weights gathered per chunk and per step. Dropout on (the tiny BERT's and T5's 0.1):
     the per-device backward draws the masks of the global forward. Tolerances of
     tests/test_fsdp.py (float32 sums in another order)."""
-    _, params = _model(tower)
+    model_fn, params = _model(tower)  # one model for every run below (its init is eager)
     params = jax.device_get(params)
     mesh = shd.make_mesh()
     batch = shd.global_batch(_batch(1), mesh)
     rng = jax.random.key(3)
     ref_loss, ref = _grads(
-        tower, params, mesh, "replicate", gradcache=False, gather=None, batch=batch, rng=rng
+        model_fn, params, mesh, "replicate", gradcache=False, gather=None, batch=batch, rng=rng
     )
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(ref)) > 1e-2
     for gather in gc.GATHER_MODES:
         loss, got = _grads(
-            tower, params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng
+            model_fn, params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng
         )
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         _close(got, ref, atol=GRAD_ATOL, rel=GRAD_REL_TOL)

@@ -19,6 +19,13 @@ from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder
 
 
+@pytest.fixture(scope="module")
+def setup(minilm_dir):
+    """One model, state and jitted step for the module: a batch shape another test already ran
+    does not trace or compile again."""
+    return _setup(minilm_dir)
+
+
 def _setup(minilm_dir):
     """A 1-layer, 32-wide random BERT with the real MiniLM tokenizer (short compiles), its
     AdamW state and the 8-device mesh."""
@@ -56,11 +63,11 @@ def _setup(minilm_dir):
 
 
 @pytest.mark.parametrize("rows", ["max_length", "fitted"])
-def test_packed_train_step_equals_unpacked_on_8_devices(minilm_dir, rows):
+def test_packed_train_step_equals_unpacked_on_8_devices(setup, rows):
     """Dropout off: its masks are drawn per [rows, length] layout, so they differ by layout.
     ``fitted``: rows as long as the primed texts (data.packing_row_length=0), shorter than the
     max length 128 and no multiple of 16."""
-    tok, params, run = _setup(minilm_dir)
+    tok, params, run = setup
     max_length = 32 if rows == "max_length" else 128
     kw = dict(global_batch_size=16, seed=0, query_max_length=max_length, doc_max_length=max_length)
     src = [from_files("bible_hn", DEMO_DIR / "bible_finetune.jsonl")]
@@ -91,11 +98,11 @@ def test_packed_train_step_equals_unpacked_on_8_devices(minilm_dir, rows):
     assert moved > 100
 
 
-def test_train_step_with_records_short_of_negatives(minilm_dir):
+def test_train_step_with_records_short_of_negatives(setup):
     """A batch with records short of K negatives trains (padded and packed
     layouts agree), and what stands in for a missing negative does not matter: other token ids
     in the masked slots give the same loss and update."""
-    tok, _, run = _setup(minilm_dir)
+    tok, _, run = setup
     rows = [json.loads(x) for x in (DEMO_DIR / "bible_finetune.jsonl").read_text().splitlines()]
     records = [
         PairRecord(r["query"], r["positive"], tuple(r["negatives"]) if i % 3 else ())
