@@ -4,7 +4,6 @@ same bf16-rounded operands; every tower family in bf16 against itself in float32
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -186,29 +185,6 @@ def test_bf16_towers_track_float32_and_as_float32_is_the_float32_model(
     np.testing.assert_array_equal(np.asarray(twin(ids, mask)), np.asarray(f32(ids, mask)))
 
 
-def _small_beir(src, out, queries):
-    """The first ``queries`` queries of a BEIR directory, their relevant documents and as many
-    others: what the eval reads is the model it is handed, not the set's size (the bundled 945
-    documents cost two encodes of the whole corpus, at step 0 and at the end)."""
-    out.mkdir()
-    (out / "qrels").mkdir()
-    header, *rows = (src / "qrels" / "test.tsv").read_text().splitlines()
-    rows = rows[:queries]
-    (out / "qrels" / "test.tsv").write_text("\n".join([header, *rows]) + "\n")
-    qids = {r.split("\t")[0] for r in rows}
-    relevant = {r.split("\t")[1] for r in rows}
-    lines = (src / "queries.jsonl").read_text().splitlines()
-    (out / "queries.jsonl").write_text(
-        "".join(q + "\n" for q in lines if json.loads(q)["_id"] in qids)
-    )
-    docs = [json.loads(d) for d in (src / "corpus.jsonl").read_text().splitlines()]
-    others = [d for d in docs if d["_id"] not in relevant][: len(relevant)]
-    kept = [d for d in docs if d["_id"] in relevant] + others
-    (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in kept))
-    assert len(kept) == 2 * len(relevant) and len(qids) == queries
-    return out
-
-
 def test_in_training_eval_runs_the_export_in_float32(tiny_model_dir, tmp_path, monkeypatch):
     """A bf16 run's in-training eval sees the float32 model: at the last eval its embeddings are
     bitwise those of the export loaded as `gte-jax eval` / `encode` load it."""
@@ -225,7 +201,6 @@ def test_in_training_eval_runs_the_export_in_float32(tiny_model_dir, tmp_path, m
         return call(self, model, tokenizer, **kwargs)
 
     monkeypatch.setattr(evaluation.EvalSuite, "__call__", spy)
-    eval_dir = _small_beir(DEMO_DIR / "bible_eval", tmp_path / "bible_eval", queries=8)
     config = tmp_path / "eval_config.py"
     config.write_text(
         "import importlib.util\n"
@@ -233,7 +208,7 @@ def test_in_training_eval_runs_the_export_in_float32(tiny_model_dir, tmp_path, m
         "ft = importlib.util.module_from_spec(spec); spec.loader.exec_module(ft)\n"
         "def get_config():\n"
         "    c = ft.get_config()\n"
-        f"    c.eval.sets = [{{'name': 'bible', 'kind': 'beir', 'path': {str(eval_dir)!r}}}]\n"
+        f"    c.eval.sets = [{{'name': 'bible', 'kind': 'beir', 'path': {str(DEMO_DIR / 'bible_eval')!r}}}]\n"
         "    return c\n"
     )
     workdir = tmp_path / "w"
