@@ -10,10 +10,11 @@ XLA's optimisations) and counts, per chip and per step:
   too, plus the splash attention kernels' matmuls (Mosaic custom calls, read from their operand
   shapes: dense, so the blocks a causal or local mask lets the kernel skip are counted; other
   Mosaic kernels are reported as not counted), each multiplied by the trip counts of the
-  ``while`` loops around it (GradCache's chunks and ``lax.map`` / ``lax.scan`` loops). Remat's recomputation and GradCache's extra forward are in the program,
-  so they are counted. XLA's own ``cost_analysis()`` counts a loop body once, whatever its trip
-  count (checked on CPU and TPU: ``tests/test_plan_cost.py``), hence the parse. Element-wise work
-  (softmax, norms, the optimizer) is not counted: it runs on the vector unit, not the MXU.
+  ``while`` loops around it (GradCache's chunks and ``lax.map`` / ``lax.scan`` loops). Remat's
+  recomputation and GradCache's extra forward are in the program, so they are counted. XLA's
+  own ``cost_analysis()`` counts a loop body once, whatever its trip count (checked on CPU and
+  TPU: ``tests/test_plan_cost.py``), hence the parse. Element-wise work (softmax, norms, the
+  optimizer) is not counted: it runs on the vector unit, not the MXU.
 - **collective bytes** by kind (all-gather, all-reduce, reduce-scatter, all-to-all,
   collective-permute): what one chip sends, with the ring algorithm's share: over a group of
   ``n`` chips an all-gather or a reduce-scatter moves (n-1)/n x the full (gathered / unreduced)

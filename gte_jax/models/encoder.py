@@ -177,9 +177,9 @@ class ModelFn:
         if not frozen:
             return dict(trainable)
         # A frozen base stored in bfloat16 (model.lora.base_dtype) is seen as float32, the dtype
-        # every tower declares its parameters in (config.param_dtype): every forward (train, eval, export) is that of the float32 model
-        # with bfloat16-rounded weights, whatever model.dtype computes in. Under jit the cast
-        # fuses into the ops that read the weights.
+        # every tower declares its parameters in (config.param_dtype): every forward (train,
+        # eval, export) is that of the float32 model with bfloat16-rounded weights, whatever
+        # model.dtype computes in. Under jit the cast fuses into the ops that read the weights.
         frozen = jax.tree.map(
             lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, frozen
         )
