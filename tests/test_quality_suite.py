@@ -206,3 +206,17 @@ def test_the_lever_table_of_a_split_reads_only_that_splits_rows(tmp_path):
         assert cell["mrr@10"]["n"] == 2
         assert cell["mrr@10"]["mean"] == pytest.approx(0.205 + shift, abs=5e-5)
         assert cell["vs_base"]["mean"] == pytest.approx(0.105, abs=5e-5)
+
+
+@pytest.mark.parametrize("split", ["dve", "dev,dev", "test,train"])
+def test_the_lever_driver_refuses_an_unknown_split_before_it_trains(split, monkeypatch, capsys):
+    """A misspelt ``--split`` exits 2 at start-up, naming the value, before anything is built."""
+
+    def measure_all(args):
+        raise AssertionError(f"--split {split!r} was accepted: the grid started")
+
+    monkeypatch.setattr(levers, "measure_all", measure_all)
+    with pytest.raises(SystemExit) as exc:
+        levers.main(["--split", split])
+    assert exc.value.code == 2
+    assert repr(split) in capsys.readouterr().err

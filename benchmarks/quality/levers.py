@@ -215,6 +215,14 @@ def _cell(c: dict) -> str:
     return f"{m['mean']:.4f} ± {m['spread'] / 2:.4f} ({f(c['vs_base'])}, {f(c['vs_peer'])})"
 
 
+def _splits(text: str) -> str:
+    """``--split``: refused at start-up (exit 2) unless each name is dev or test, once."""
+    names = text.split(",")
+    if set(names) - {"dev", "test"} or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: dev, test or dev,test")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=str(suite_run.DEFAULT_WORKDIR))
@@ -223,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train_pairs", type=int, default=2000, help="in-domain (bible_ot) pairs")
     p.add_argument("--weak_pairs", type=int, default=1723, help="stage-1 (wiki_lead) pairs")
     p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--split", default="test",
+    p.add_argument("--split", default="test", type=_splits,
                    help="dev, test, or dev,test: each model evaluated on each (a row per split); "
                    "--summary: the split tabled (the first)")  # fmt: skip
     p.add_argument("--summary", action="store_true", help="only print the table of --out")
@@ -236,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if not args.summary:
         measure_all(args)
-    if set(args.split.split(",")) - {"dev", "test"}:
-        raise SystemExit(f"--split {args.split}: dev, test or dev,test")
     table = summary(pathlib.Path(args.out), args.split.split(",")[0])
     print(json.dumps(table))
     print()
