@@ -85,6 +85,12 @@ def _constrain(x: Array, mesh: jax.sharding.Mesh | None, spec: PartitionSpec) ->
     return x
 
 
+def replicate(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:
+    """``tree`` gathered whole on every device (a sharding constraint; ``mesh`` or the one in
+    context; unchanged without either)."""
+    return jax.tree.map(lambda x: _constrain(x, mesh, PartitionSpec()), tree)
+
+
 def split_chunks(
     x: Array, num_chunks: int, mesh: jax.sharding.Mesh | None = None, data_axis: str = DATA_AXIS
 ) -> Array:
@@ -335,7 +341,7 @@ def cached_value_and_grad(
     frozen = lax.stop_gradient(params)
     if gather == "per_step" and _reducible_once(batch, _mesh_of(mesh), data_axis):
         # Gathered whole once, before the chunk loop (else XLA gathers each weight per chunk).
-        frozen = jax.tree.map(lambda x: _constrain(x, mesh, PartitionSpec()), frozen)
+        frozen = replicate(frozen, mesh)
 
     # Pass 1: embeddings without gradient; lax.map keeps one chunk's activations alive at a time.
     packed, loops = is_packed(batch), _loops(batch, roles, chunks, keys)

@@ -6,6 +6,7 @@ transformers) and its PEFT adapter (peft + transformers) embed as our LoRA forwa
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import shutil
@@ -21,8 +22,8 @@ import pytest
 from flax import nnx
 from numerics import F32_EPS, reorder_atol, reorder_rtol
 
+from gte_jax import plan_cost, train
 from gte_jax import sharding as shd
-from gte_jax import train
 from gte_jax.errors import ConfigError
 from gte_jax.models import dropout as dropout_bits
 from gte_jax.models import lora
@@ -295,7 +296,9 @@ def _pairs(tokenizer, batch_size):
     return next(build_iterator(data, tokenizer=tokenizer, sources=build_sources(data)))
 
 
-def _step(model_fn, tx, mesh, state, batch, shardings=None, **kwargs):
+def _step(model_fn, tx, mesh, state, batch, shardings=None, hlo=None, **kwargs):
+    """(placed state, state after one step, metrics); ``hlo`` (a list): the compiled program's
+    text is appended to it."""
     step = jax.jit(
         train.make_train_step(
             model_fn, tx, loss_name="gte", loss_kwargs={"temperature": 0.05}, mesh=mesh, **kwargs
@@ -303,7 +306,11 @@ def _step(model_fn, tx, mesh, state, batch, shardings=None, **kwargs):
         out_shardings=(shardings, None) if shardings is not None else None,
     )
     placed = shd.place(state, shardings) if shardings is not None else shd.shard_params(state, mesh)
-    new, metrics = step(placed, shd.global_batch(batch, mesh))
+    batch = shd.global_batch(batch, mesh)
+    compiled = step.lower(placed, batch).compile()
+    if hlo is not None:
+        hlo.append(compiled.as_text())
+    new, metrics = compiled(placed, batch)
     return placed, jax.device_get(new), jax.device_get(metrics)
 
 
@@ -324,13 +331,16 @@ def lora_steps(tiny_model_dir):
     fsdp_shardings = shd.state_shardings(state, fsdp_mesh, "fsdp")
     # tokens summed into each LoRA factor's gradient (every row of every role)
     tokens = sum(v.size for k, v in batch.items() if k.endswith("_input_ids"))
-    runs = {"init": state, "fsdp_shardings": fsdp_shardings, "tokens": tokens}
+    runs = {"init": state, "fsdp_shardings": fsdp_shardings, "tokens": tokens, "hlo": []}
     two = shd.make_mesh(2, 1, jax.devices()[:2])
+    once = {"gather_params": "per_step", "param_shardings": fsdp_shardings["params"]}
     for name, fn, mesh, kwargs in (
         ("plain", model_fn, two, {}),
         ("gradcache", remat_fn, two, {"gradcache": True}),
         ("fsdp", model_fn, fsdp_mesh, {"gradcache": True, "shardings": fsdp_shardings}),
-    ):
+        ("fsdp_once", model_fn, fsdp_mesh,
+         {"gradcache": True, "shardings": fsdp_shardings, "hlo": runs["hlo"], **once}),
+    ):  # fmt: skip
         placed, new, metrics = _step(fn, tx, mesh, state, batch, num_chunks=4, **kwargs)
         runs[name] = (new, metrics)
         runs[f"{name}_placed"] = placed
@@ -394,6 +404,28 @@ def test_fsdp_shards_lora_like_its_kernel_and_equals_replicated(lora_steps):
         m_fsdp["grad_norm"], m_cached["grad_norm"], rtol=reorder_rtol(tokens)
     )
     _assert_same_gradients(fsdp["params"], cached["params"], lora_steps["init"]["params"], tokens)
+
+
+@pytest.mark.numerics
+def test_lora_per_step_gather_reduces_each_factor_gradient_once(lora_steps):
+    """sharding.gather_params=per_step with LoRA: the frozen base gathered whole once, the
+    per-device backward, each LoRA factor's gradient reduce-scattered once per step (not once
+    per chunk and role: 4 chunks x 2 roles); the step equals the replicated GradCache one."""
+    (once, m_once), (cached, m_cached) = lora_steps["fsdp_once"], lora_steps["gradcache"]
+    tokens = lora_steps["tokens"]
+    np.testing.assert_allclose(
+        m_once["grad_norm"], m_cached["grad_norm"], rtol=reorder_rtol(tokens)
+    )
+    _assert_same_gradients(once["params"], cached["params"], lora_steps["init"]["params"], tokens)
+    init = lora_steps["init"]
+    factors = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(init["params"]))
+    reduced: collections.Counter = collections.Counter()
+    for op in plan_cost.collective_ops(lora_steps["hlo"][0]):
+        if op.kind in ("all-reduce", "reduce-scatter"):
+            for shape in op.operand_shapes:  # a reduce-scatter's operand: the unreduced gradient
+                if shape in factors:
+                    reduced[shape] += op.runs
+    assert reduced == factors
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax._src import distributed
 
+from gte_jax import gradcache as gc
 from gte_jax import objectives
 from gte_jax import sharding as shd
 from gte_jax.models.encoder import ModelFn
@@ -80,8 +81,9 @@ def make_train_step(
     says so; the loop counts and stops after too many in a row). With ``schedule``,
     ``metrics["learning_rate"]`` is the rate of this step's update (skipped steps do not advance
     it: :func:`update_count`). ``gather_params`` / ``param_shardings``: GradCache's one gradient
-    reduction per step (:func:`gte_jax.gradcache.cached_value_and_grad`; not with LoRA, whose
-    frozen base it would gather whole).
+    reduction per step (:func:`gte_jax.gradcache.cached_value_and_grad`); with LoRA only
+    ``per_step`` (the frozen base gathered whole once per step), ``per_chunk`` runs the
+    global-view scan (the base gathered layer by layer, the LoRA gradients reduced per chunk).
     """
     if objective is None:
         name = "mntp" if kind == "mntp" else loss_name
@@ -90,12 +92,23 @@ def make_train_step(
             objective = dataclasses.replace(objective, **dict(loss_kwargs or {}))
 
     def step_fn(state, batch):
-        embed_fn = make_embed_fn(model_fn, state.get("frozen"))
+        frozen, gather = state.get("frozen"), gather_params
+        if frozen is not None and gradcache:
+            if gather_params == "per_step":
+                # LoRA, one reduction per step: the frozen base gathered whole once, resident
+                # for the step (both GradCache passes read it; the per-device backward closes
+                # over it), so each LoRA factor's gradient is reduced once, not once per chunk.
+                frozen = gc.replicate(frozen, mesh)
+            else:
+                # per_chunk would gather the whole base in every chunk of the per-device
+                # backward; the global-view scan gathers it layer by layer (the FSDP memory)
+                # and reduces the LoRA gradients once per chunk.
+                gather = None
+        embed_fn = make_embed_fn(model_fn, frozen)
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         inputs = objectives.StepInputs(
-            model_fn, state["params"], state.get("frozen"), embed_fn, batch, rng, num_chunks,
-            gradcache, mesh, None if "frozen" in state else gather_params, param_shardings,
-            state.get(objectives.STATE_KEY),
+            model_fn, state["params"], frozen, embed_fn, batch, rng, num_chunks,
+            gradcache, mesh, gather, param_shardings, state.get(objectives.STATE_KEY),
         )  # fmt: skip
         with shd.mesh_context(mesh):  # the towers' activation constraints (sharding.constrain)
             (loss, metrics), grads = objective.value_and_grad(inputs)
