@@ -211,7 +211,9 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
     # GradCache's backward runs per device and reduces each gradient once per step (not once per
     # chunk): FSDP-split weights are all-gathered "per_chunk" (one layer's weights resident, the
     # FSDP memory) or "per_step" (gathered once; full weights resident for the step, fewer
-    # collectives: run `gte-jax plan` with each value for both figures); ours.
+    # collectives: run `gte-jax plan` with each value for both figures). With LoRA, "per_step"
+    # gathers the frozen base once and reduces each LoRA gradient once; "per_chunk" gathers the
+    # base layer by layer per chunk and reduces the LoRA gradients per chunk; ours.
     c.gather_params = "per_chunk"
     return c
 
