@@ -208,12 +208,15 @@ def _sharding_defaults() -> ml_collections.ConfigDict:
     # (("word_embeddings", ("data", None)),). Paths look like "params/encoder/layers/3/query/kernel"
     # and the regex is searched, so it also matches the Adam moments of those parameters.
     c.rules = ()  # ours
-    # GradCache's backward runs per device and reduces each gradient once per step (not once per
-    # chunk): FSDP-split weights are all-gathered "per_chunk" (one layer's weights resident, the
-    # FSDP memory) or "per_step" (gathered once; full weights resident for the step, fewer
-    # collectives: run `gte-jax plan` with each value for both figures). With LoRA, "per_step"
-    # gathers the frozen base once and reduces each LoRA gradient once; "per_chunk" gathers the
-    # base layer by layer per chunk and reduces the LoRA gradients per chunk; ours.
+    # GradCache's gradients with FSDP. "per_chunk" / "per_step": the backward runs per device and
+    # reduces each gradient once per step (not once per chunk), at the price of a full-size float32
+    # gradient accumulator on every device; FSDP-split weights are all-gathered in every chunk
+    # ("per_chunk"; scanned layers gather the whole stack at once) or once per step ("per_step",
+    # fewer collectives). "per_layer": XLA's global view, each layer's weights gathered as it runs
+    # and the gradients reduce-scattered in every chunk: FSDP's memory, for models whose full
+    # weights or gradient do not fit a chip. Run `gte-jax plan` with each value for both figures.
+    # With LoRA, "per_step" gathers the frozen base once and reduces each LoRA gradient once;
+    # "per_chunk" runs as "per_layer"; ours.
     c.gather_params = "per_chunk"
     return c
 

@@ -333,8 +333,9 @@ def cached_value_and_grad(
     ``gather`` (``per_chunk`` | ``per_step``; ``sharding.gather_params``) runs pass 2 per device
     with one gradient reduction per parameter per step (:func:`_backward_reduce_once`);
     ``param_shardings`` (the params' ``NamedSharding`` tree) says which leaves FSDP splits, so
-    their gradients come out reduce-scattered to the same split. ``None``: the global-view scan,
-    which XLA partitions with one reduction per chunk.
+    their gradients come out reduce-scattered to the same split. ``None`` or ``per_layer``: the
+    global-view scan, which XLA partitions with one reduction per chunk and, with FSDP, each
+    layer's weights gathered as it runs (no full-size weights or gradient on any device).
     """
     roles, chunks = _chunked_inputs(batch, num_chunks, mesh, data_axis)
     keys = {role: chunk_keys(rng, role, chunks[role][1]) for role in roles}
@@ -359,7 +360,7 @@ def cached_value_and_grad(
         for role in roles
     }  # [C, B/C, (K,) D] per role
     mesh = _mesh_of(mesh)
-    if gather is not None and _reducible_once(batch, mesh, data_axis):
+    if gather in REDUCE_ONCE_MODES and _reducible_once(batch, mesh, data_axis):
         joined = [
             (loop, _joined(loop, inputs, packed), _joined(loop, keys, None),
              _joined(loop, cached, packed))
@@ -412,7 +413,11 @@ def _neg_k(batch: Batch) -> int:
     return int(ids.shape[1]) if ids is not None and not is_packed(batch) else 0
 
 
-GATHER_MODES = ("per_chunk", "per_step")
+# per_layer: the global-view scan (XLA gathers each layer's weights as the layer runs and
+# reduce-scatters the gradients in every chunk: FSDP's memory); per_chunk / per_step: the
+# per-device backward, one reduction per step, a full-size gradient accumulator per device.
+GATHER_MODES = ("per_layer", "per_chunk", "per_step")
+REDUCE_ONCE_MODES = ("per_chunk", "per_step")
 
 
 def _mesh_of(mesh: Any) -> Any:
@@ -470,14 +475,15 @@ def _backward_reduce_once(
     """Pass 2 per device (``shard_map`` over ``data_axis``): each device pulls its rows of every
     chunk back to the full parameters and sums over chunks and roles into its own accumulator;
     one reduction per parameter after the scans (not one per chunk, role and parameter, as the
-    global-view scan partitions). ``gather``: FSDP-split parameters are all-gathered in every
-    chunk (``per_chunk``: one layer's weights at a time, the FSDP memory) or once before the
-    scans (``per_step``: full parameters resident for the step, fewer collectives). Dropout
+    global-view scan partitions). The price: each device holds a full-size gradient accumulator.
+    ``gather``: FSDP-split parameters are all-gathered in every chunk (``per_chunk``; with
+    scanned layers the whole stack at once, so the full weights are resident as with
+    ``per_step``) or once before the scans (``per_step``: fewer collectives). Dropout
     masks match pass 1: :mod:`gte_jax.models.dropout` offsets the batch index by the device's
     block. ``loops``: (roles, chunk inputs, dropout keys, cached gradients) of each chunk loop
     (:func:`_loops`, :func:`_joined`)."""
-    if gather not in GATHER_MODES:
-        raise ValueError(f"gather={gather!r}: use one of {GATHER_MODES}")
+    if gather not in REDUCE_ONCE_MODES:
+        raise ValueError(f"gather={gather!r}: use one of {REDUCE_ONCE_MODES}")
     if param_shardings is None:
         specs = jax.tree.map(lambda x: PartitionSpec(), params)
     else:

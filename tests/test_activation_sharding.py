@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from conftest import TINY_BERT
 from flax import nnx
@@ -154,12 +155,52 @@ def test_one_reduction_gradcache_equals_the_plain_replicated_step(tower):
         model_fn, params, mesh, "replicate", gradcache=False, gather=None, batch=batch, rng=rng
     )
     assert max(float(np.abs(x).max()) for x in jax.tree.leaves(ref)) > 1e-2
-    for gather in gc.GATHER_MODES:
+    for gather in gc.REDUCE_ONCE_MODES:  # per_layer is the global view of tests/test_fsdp.py
         loss, got = _grads(
             model_fn, params, mesh, "fsdp", gradcache=True, gather=gather, batch=batch, rng=rng
         )
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         _close(got, ref, atol=GRAD_ATOL, rel=GRAD_REL_TOL)
+
+
+def _step_memory(gather: str, layers: int = 8, width: int = 128) -> tuple[float, float]:
+    """(compiled temp bytes per device, float32 parameter bytes) of the FSDP + GradCache step of
+    a scanned BERT on the 8 CPU devices, AOT from shapes."""
+    hf = {**TINY_BERT, "num_hidden_layers": layers, "hidden_size": width, "vocab_size": 1000,
+          "intermediate_size": 4 * width, "num_attention_heads": 4}  # fmt: skip
+    config = registry.config_from_hf(hf, scan_layers=True)
+    model = BiEncoder(config, pooling="mean", normalize=True, rngs=nnx.Rngs(0))
+    model_fn, params = train.ModelFn.from_module(model)
+    tx = optax.sgd(0.1)
+    state = jax.eval_shape(lambda p: train.init_train_state(p, tx, seed=0), params)
+    mesh = shd.make_mesh()
+    shardings = shd.state_shardings(state, mesh, "fsdp")
+    step = train.make_train_step(
+        model_fn, tx, loss_name="gte", loss_kwargs={"temperature": 0.05}, num_chunks=4,
+        gradcache=True, mesh=mesh, gather_params=gather, param_shardings=shardings["params"],
+    )  # fmt: skip
+    spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    batch = {
+        f"{role}_{k}": jax.ShapeDtypeStruct((32, 8), jnp.int32, sharding=shd.batch_sharding(mesh))
+        for role in ("query", "doc")
+        for k in ("input_ids", "attention_mask")
+    }
+    compiled = (
+        jax.jit(step, out_shardings=(shardings, None))
+        .lower(jax.tree.map(spec, state, shardings), batch)
+        .compile()
+    )
+    weights = sum(x.size * 4 for x in jax.tree.leaves(params))
+    return float(compiled.memory_analysis().temp_size_in_bytes), float(weights)
+
+
+def test_per_layer_gathers_keep_fsdp_memory_and_the_reduce_once_modes_do_not():
+    """per_layer (the global view) never holds the full weights or a full-size gradient on a
+    device; the per-device backward holds both (weights gathered whole, its own accumulator)."""
+    per_layer, weights = _step_memory("per_layer")
+    per_step, _ = _step_memory("per_step")
+    assert per_step >= 2 * weights, (per_step, weights)  # full weights + full accumulator
+    assert per_layer < weights, (per_layer, weights)  # not even the whole weights once
 
 
 def test_activation_spec_follows_the_rules():

@@ -81,9 +81,10 @@ def make_train_step(
     says so; the loop counts and stops after too many in a row). With ``schedule``,
     ``metrics["learning_rate"]`` is the rate of this step's update (skipped steps do not advance
     it: :func:`update_count`). ``gather_params`` / ``param_shardings``: GradCache's one gradient
-    reduction per step (:func:`gte_jax.gradcache.cached_value_and_grad`); with LoRA only
-    ``per_step`` (the frozen base gathered whole once per step), ``per_chunk`` runs the
-    global-view scan (the base gathered layer by layer, the LoRA gradients reduced per chunk).
+    reduction per step (:func:`gte_jax.gradcache.cached_value_and_grad`; ``per_layer``: the
+    global-view scan, one reduction per chunk). With LoRA ``per_step`` gathers the frozen base
+    whole once per step; ``per_chunk`` runs as ``per_layer`` (the base gathered layer by layer,
+    the LoRA gradients reduced per chunk).
     """
     if objective is None:
         name = "mntp" if kind == "mntp" else loss_name
@@ -101,9 +102,9 @@ def make_train_step(
                 frozen = gc.replicate(frozen, mesh)
             else:
                 # per_chunk would gather the whole base in every chunk of the per-device
-                # backward; the global-view scan gathers it layer by layer (the FSDP memory)
-                # and reduces the LoRA gradients once per chunk.
-                gather = None
+                # backward: LoRA runs it as per_layer (the global-view scan gathers the base
+                # layer by layer, the FSDP memory, and reduces the LoRA gradients per chunk).
+                gather = "per_layer"
         embed_fn = make_embed_fn(model_fn, frozen)
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         inputs = objectives.StepInputs(
