@@ -260,9 +260,19 @@ def splash_attention(
         return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)  # [batch, t, heads, h]
 
     abstract = jax.sharding.get_abstract_mesh()
-    # Already per device inside a shard_map over "data" (GradCache's pass 2): the rows are local.
-    if abstract.empty or "data" not in abstract.axis_names or "data" in abstract.manual_axes:
+    if abstract.empty or "data" not in abstract.axis_names:
         return rows(q, k, v, segments)
+    if "data" in abstract.manual_axes:
+        # Already per device inside a shard_map over "data" (GradCache's pass 2): the rows are
+        # local, but a Mosaic kernel must be manual on every axis, so the mesh's other axes
+        # ("model") get a shard_map of their own, the kernel's inputs whole along them.
+        rest = {a for a in abstract.axis_names if a not in abstract.manual_axes}
+        if not rest:
+            return rows(q, k, v, segments)
+        whole = jax.sharding.PartitionSpec()
+        return jax.shard_map(
+            rows, in_specs=(whole,) * 4, out_specs=whole, axis_names=rest, check_vma=False
+        )(q, k, v, segments)
     spec = jax.sharding.PartitionSpec("data")
     return jax.shard_map(rows, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(
         q, k, v, segments
