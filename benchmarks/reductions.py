@@ -21,6 +21,7 @@ import numpy as np
 from gte_jax import plan, plan_cost
 from gte_jax.config import load_config
 from gte_jax.topologies import parse_topology, topology_devices
+from gte_jax.training.spec import StageSpec
 
 
 def rows(text: str):
@@ -63,7 +64,8 @@ def main() -> None:
     parser.add_argument("--hlo", default=None, help="also write the compiled program's text here")
     args, overrides = parser.parse_known_args()
     jax.config.update("jax_platforms", "cpu")
-    config = load_config(args.config, overrides)
+    # the first stage's typed spec, as `gte-jax plan` parses it
+    config = StageSpec.from_config(plan.stage_configs(load_config(args.config, overrides), None)[0])
     mesh, _ = plan.start_checks(config, topology_devices(parse_topology(args.topology)))
     hf_config, _ = plan.model_shape(config.model, args.model_config)
     if args.layers:
