@@ -470,6 +470,17 @@ def _advice(config: StageSpec, step: AbstractStep, sharding: str, arg_bytes: flo
                 f"--config.train.gradcache_chunk_size={chunk}"
             )
     else:
+        gather, lora_run = config.sharding.gather_params, "frozen" in step.state
+        if sharding != "replicate" and (
+            gather == "per_step" or (gather, lora_run) == ("per_chunk", False)
+        ):
+            # the reduce-once modes hold the full weights (LoRA: its base) or a full-size
+            # gradient per chip; per_layer gathers one layer at a time (FSDP's memory); LoRA
+            # runs per_chunk as per_layer
+            out.append(
+                "gather FSDP weights layer by layer (one reduction per chunk): "
+                "--config.sharding.gather_params=per_layer"
+            )
         chunk = step.batch_size // step.num_chunks
         half = chunk // 2
         if half >= data_devices and half % data_devices == 0:

@@ -300,3 +300,30 @@ def test_mntp_flops_count_the_lm_head_on_the_masked_positions(lora):
     assert report["lm_head_tflops_per_step"] * 1e12 == pytest.approx(head, rel=1e-3)
     assert report["model_tflops_per_step"] * 1e12 == pytest.approx(tower + head, rel=1e-3)
     assert head > 0.05 * tower  # a real share of the step, not a rounding
+
+
+@pytest.mark.parametrize(
+    "gather, lora_run, advised",
+    [("per_step", False, True), ("per_chunk", False, True), ("per_layer", False, False),
+     ("per_step", True, True), ("per_chunk", True, False)],
+)  # fmt: skip
+def test_out_of_memory_advice_names_layer_by_layer_gathers(gather, lora_run, advised):
+    """An FSDP GradCache step that does not fit is told to gather layer by layer unless it
+    already does (per_layer; LoRA runs per_chunk as per_layer): 7B LoRA with per_step needs
+    42 GiB per v4 chip, 14 with per_layer (benchmarks/README.md)."""
+    import types
+
+    from gte_jax.defaults import stage_config
+    from gte_jax.training.spec import parse
+
+    c = stage_config("tiny")
+    c.train.batch_size, c.train.gradcache, c.train.gradcache_chunk_size = 64, True, 16
+    c.sharding.params, c.sharding.gather_params = "fsdp", gather
+    mesh = types.SimpleNamespace(shape={"data": 4})
+    state = {"step": types.SimpleNamespace(sharding=types.SimpleNamespace(mesh=mesh))}
+    if lora_run:
+        state["frozen"] = {}
+    step = types.SimpleNamespace(state=state, batch_size=64, num_chunks=4)
+    advice = " ".join(plan._advice(parse(c), step, "fsdp", 0.0, 16.0))
+    assert ("--config.sharding.gather_params=per_layer" in advice) is advised
+    assert "--config.train.gradcache_chunk_size=8" in advice
