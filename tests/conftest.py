@@ -8,10 +8,10 @@ import os
 # and each other, not their speed, and XLA:CPU's LLVM optimisation passes are most of the compile
 # time of the tiny models (measured: test_fsdp's sharded steps 37.6 -> 26.6 s, test_packing_gradcache
 # 57.3 -> 41.4 s). A run that sets XLA_FLAGS itself (.ci/run's AVX2 pass) keeps XLA's default level,
-# so the default code path is still tested; `gte-jax` children build their own XLA_FLAGS.
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-)
+# so the default code path is still tested; children that set their own device count take the
+# same level (child_xla_flags).
+_OPT_LEVEL_0 = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {_OPT_LEVEL_0}")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,6 +41,15 @@ os.environ["GTE_JAX_COMPILATION_CACHE"] = XLA_CACHE
 # tiny models' programs take 0.1-1 s each and reading one back costs milliseconds.
 CACHE_MIN_COMPILE_SECS = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = CACHE_MIN_COMPILE_SECS
+
+
+def child_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a child process with ``devices`` CPU devices, at this session's backend
+    optimisation level (level 0 unless the run set XLA_FLAGS itself, as .ci/run's AVX2 pass)."""
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    if _OPT_LEVEL_0 in os.environ.get("XLA_FLAGS", "").split():
+        flags += " " + _OPT_LEVEL_0
+    return flags
 
 
 def child_cache_env() -> dict[str, str]:

@@ -19,7 +19,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import child_cache_env
+from conftest import child_cache_env, child_xla_flags
 
 BUCKET = "gte-jax-test"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def _train(config_file, workdir, *overrides, runlocal=False):
     directory: a gs:// path mistaken for a local one would land there, in ./gs:/..."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=child_xla_flags(1),
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
         **child_cache_env(),  # XLA executables persist across the runs of a test session

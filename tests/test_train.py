@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import child_cache_env
+from conftest import child_cache_env, child_xla_flags
 
 from gte_jax import sharding as shd
 from gte_jax import train
@@ -131,7 +131,7 @@ def _env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(
         **child_cache_env(),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=child_xla_flags(devices),
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
