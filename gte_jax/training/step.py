@@ -49,6 +49,21 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
+def _frozen_and_gather(frozen, gradcache: bool, gather_params: str | None, mesh):
+    """LoRA's frozen base as the step uses it, and the GradCache gather mode."""
+    if frozen is None or not gradcache:
+        return frozen, gather_params
+    if gather_params == "per_step":
+        # One reduction per step: the frozen base gathered whole once, resident for the step
+        # (both GradCache passes read it; the per-device backward closes over it), so each LoRA
+        # factor's gradient is reduced once, not once per chunk.
+        return gc.replicate(frozen, mesh), gather_params
+    # per_chunk would gather the whole base in every chunk of the per-device backward: LoRA runs
+    # it as per_layer (the global-view scan gathers the base layer by layer, the FSDP memory, and
+    # reduces the LoRA gradients per chunk).
+    return frozen, "per_layer"
+
+
 def make_train_step(
     model_fn: ModelFn,
     tx: optax.GradientTransformation,
@@ -93,18 +108,7 @@ def make_train_step(
             objective = dataclasses.replace(objective, **dict(loss_kwargs or {}))
 
     def step_fn(state, batch):
-        frozen, gather = state.get("frozen"), gather_params
-        if frozen is not None and gradcache:
-            if gather_params == "per_step":
-                # LoRA, one reduction per step: the frozen base gathered whole once, resident
-                # for the step (both GradCache passes read it; the per-device backward closes
-                # over it), so each LoRA factor's gradient is reduced once, not once per chunk.
-                frozen = gc.replicate(frozen, mesh)
-            else:
-                # per_chunk would gather the whole base in every chunk of the per-device
-                # backward: LoRA runs it as per_layer (the global-view scan gathers the base
-                # layer by layer, the FSDP memory, and reduces the LoRA gradients per chunk).
-                gather = "per_layer"
+        frozen, gather = _frozen_and_gather(state.get("frozen"), gradcache, gather_params, mesh)
         embed_fn = make_embed_fn(model_fn, frozen)
         rng = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         inputs = objectives.StepInputs(
