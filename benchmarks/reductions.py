@@ -34,7 +34,7 @@ def rows(text: str):
         instrs = module.computations.get(name, [])
         table, users = {i.name: i for i in instrs}, plan_cost._users(instrs)
         for ins in instrs:
-            kind = plan_cost._kind(ins, users, n)
+            kind = plan_cost._kind(ins, users, n, module)
             if kind:
                 ici, dcn = plan_cost._collective_bytes(kind, ins, table, n, [0] * n)
                 types = [table[o].type.split("{")[0] for o in ins.operands if o in table]

@@ -517,10 +517,36 @@ def _users(instrs: Sequence[Instr]) -> dict[str, list[Instr]]:
     return out
 
 
-def _scatters(ins: Instr, num_devices: int, users: Mapping[str, list[Instr]]) -> bool:
+def _slices_in_fusion(user: Instr, source: str, size: int, module: Module | None) -> int | None:
+    """How many ``dynamic-slice`` of ``size`` elements read operand ``source`` inside the fused
+    computation ``user`` calls (XLA:TPU fuses each chip's slice of an all-reduce with what uses
+    it, e.g. the optimizer update); None when anything else reads it there."""
+    callees = _called(user, "calls")
+    if module is None or user.opcode != "fusion" or len(callees) != 1:
+        return None
+    body = module.computations.get(callees[0], [])
+    slots = {str(i) for i, o in enumerate(user.operands) if o == source}
+    params = [
+        i.name for i in body if i.opcode == "parameter" and i.operands[:1] in ([s] for s in slots)
+    ]
+    inner, count = _users(body), 0
+    for param in params:
+        for use in inner.get(param, []):
+            if use.opcode != "dynamic-slice" or use.operands[0] != param:
+                return None
+            if math.prod(_dims(use.type)) != size:
+                return None
+            count += 1
+    return count or None
+
+
+def _scatters(
+    ins: Instr, num_devices: int, users: Mapping[str, list[Instr]], module: Module | None = None
+) -> bool:
     """Whether an all-reduce's results are only sliced, each to 1/n on a chip of its n-chip
     group: a reduce-scatter in all-reduce form (XLA:TPU's ``all-reduce-scatter`` fusions: the
-    all-reduce, then each chip's ``dynamic-slice``), which a ring runs as a reduce-scatter."""
+    all-reduce, then each chip's ``dynamic-slice``, maybe inside the fusion that uses the slice:
+    :func:`_slices_in_fusion`), which a ring runs as a reduce-scatter."""
     n = len(replica_groups(ins.attrs, num_devices)[0])
     frontier, sliced = [ins], 0
     while frontier:
@@ -530,16 +556,26 @@ def _scatters(ins: Instr, num_devices: int, users: Mapping[str, list[Instr]]) ->
                 frontier.append(user)
                 continue
             whole = _arrays(source.type)
-            if user.opcode != "dynamic-slice" or user.operands[0] != source.name or len(whole) != 1:
+            if len(whole) != 1 or math.prod(whole[0][1]) % n:
                 return False
-            if math.prod(_dims(user.type)) * n != math.prod(whole[0][1]):
+            size = math.prod(whole[0][1]) // n
+            if user.opcode == "dynamic-slice" and user.operands[0] == source.name:
+                if math.prod(_dims(user.type)) != size:
+                    return False
+                sliced += 1
+                continue
+            fused = _slices_in_fusion(user, source.name, size, module)
+            if fused is None:
                 return False
-            sliced += 1
+            sliced += fused
     return sliced > 0 and n > 1
 
 
 def _kind(
-    ins: Instr, users: Mapping[str, list[Instr]] | None = None, num_devices: int = 1
+    ins: Instr,
+    users: Mapping[str, list[Instr]] | None = None,
+    num_devices: int = 1,
+    module: Module | None = None,
 ) -> str | None:
     """The collective kind of an instruction (None: not a collective). An all-reduce whose
     results are only sliced per chip counts as the reduce-scatter it is (:func:`_scatters`)."""
@@ -547,7 +583,7 @@ def _kind(
     if kind not in COLLECTIVE_KINDS:
         return None
     if kind == "all-reduce" and users is not None:
-        return "reduce-scatter" if _scatters(ins, num_devices, users) else kind
+        return "reduce-scatter" if _scatters(ins, num_devices, users, module) else kind
     return kind
 
 
@@ -565,7 +601,7 @@ def _walk(
         op = ins.opcode
         if op in ("dot", "convolution"):
             cost.flops += _matmul_flops(ins, table)
-        elif (kind := _kind(ins, users, module.num_partitions)) is not None:
+        elif (kind := _kind(ins, users, module.num_partitions, module)) is not None:
             ici, dcn = _collective_bytes(kind, ins, table, module.num_partitions, slice_of)
             cost.ici[kind] += ici
             cost.dcn[kind] += dcn
@@ -628,7 +664,7 @@ def collective_ops(hlo_text: str) -> list[CollectiveOp]:
         instrs = module.computations.get(name, [])
         table, users = {i.name: i for i in instrs}, _users(instrs)
         for ins in instrs:
-            if (kind := _kind(ins, users, module.num_partitions)) is not None:
+            if (kind := _kind(ins, users, module.num_partitions, module)) is not None:
                 operands = tuple(
                     dims for o in ins.operands if o in table for _, dims in _arrays(table[o].type)
                 )
