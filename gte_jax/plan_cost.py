@@ -548,17 +548,22 @@ def _scatters(
     all-reduce, then each chip's ``dynamic-slice``, maybe inside the fusion that uses the slice:
     :func:`_slices_in_fusion`), which a ring runs as a reduce-scatter."""
     n = len(replica_groups(ins.attrs, num_devices)[0])
-    frontier, sliced = [ins], 0
+    frontier, sliced = [(ins, None)], 0
     while frontier:
-        source = frontier.pop()
-        for user in users.get(source.name, []):
-            if user.opcode in ("get-tuple-element", "all-reduce-done"):
-                frontier.append(user)
-                continue
-            whole = _arrays(source.type)
-            if len(whole) != 1 or math.prod(whole[0][1]) % n:
+        source, size = frontier.pop()
+        if size is None and len(whole := _arrays(source.type)) == 1:
+            if math.prod(whole[0][1]) % n:
                 return False
             size = math.prod(whole[0][1]) // n
+        for user in users.get(source.name, []):
+            if user.opcode in ("get-tuple-element", "all-reduce-done"):
+                frontier.append((user, None))
+                continue
+            if user.opcode in ("copy-start", "copy-done", "copy"):  # a move between memories
+                frontier.append((user, size))
+                continue
+            if size is None:
+                return False
             if user.opcode == "dynamic-slice" and user.operands[0] == source.name:
                 if math.prod(_dims(user.type)) != size:
                     return False

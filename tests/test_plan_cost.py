@@ -347,6 +347,48 @@ def test_an_all_reduce_used_whole_stays_an_all_reduce(groups):
     assert whole.ici["reduce-scatter"] == 0
 
 
+_FUSED_SCATTER_HLO = """HloModule m, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%update (g: f32[64,16], w: f32[8,16], off: u32[]) -> f32[8,16] {
+  %g = f32[64,16]{1,0} parameter(0)
+  %w = f32[8,16]{1,0} parameter(1)
+  %off = u32[] parameter(2)
+  %z = u32[] constant(0)
+  %mine = f32[8,16]{1,0} dynamic-slice(%g, %off, %z), dynamic_slice_sizes={8,16}
+  ROOT %new = f32[8,16]{1,0} subtract(%w, READ)
+}
+
+ENTRY %main (p: f32[64,16], w: f32[8,16]) -> f32[8,16] {
+  %p = f32[64,16]{1,0} parameter(0)
+  %w = f32[8,16]{1,0} parameter(1)
+  %ar = f32[64,16]{1,0} all-reduce(%p), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %cs = (f32[64,16]{1,0}, f32[64,16]{1,0}, u32[]) copy-start(%ar)
+  %cd = f32[64,16]{1,0} copy-done(%cs)
+  %pid = u32[] partition-id()
+  %c8 = u32[] constant(8)
+  %off = u32[] multiply(%pid, %c8)
+  ROOT %f = f32[8,16]{1,0} fusion(%cd, %w, %off), kind=kLoop, calls=%update
+}
+"""
+
+
+@pytest.mark.parametrize("read, kind", [("%mine", "reduce-scatter"), ("%g", "all-reduce")])
+def test_an_all_reduce_sliced_inside_a_fusion_after_a_copy(read, kind):
+    """Hand-built: the all-reduce moves between memories (copy-start / copy-done) and the
+    fusion that updates the chip's 1/8 takes its slice inside; it stays an all-reduce when the
+    fusion also reads the whole array (the subtraction's shape is then wrong, but only the
+    reads matter to the classification)."""
+    text = _FUSED_SCATTER_HLO.replace("READ", read)
+    kinds = [op.kind for op in plan_cost.collective_ops(text)]
+    assert kinds == [kind]
+
+
 def test_mesh_form_replica_groups():
     attrs = "x, replica_groups=mesh['data'=4,'model'=2] {'data'}, dimensions={0}"
     assert plan_cost.replica_groups(attrs, 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
