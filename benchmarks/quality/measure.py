@@ -38,6 +38,17 @@ def _first_lines(src: pathlib.Path, dst: pathlib.Path, n: int) -> pathlib.Path:
     return dst
 
 
+def _finished_json(log: pathlib.Path) -> bool:
+    """Whether ``log`` ends in the JSON summary a finished gte-jax command prints last."""
+    if not log.exists():
+        return False
+    lines = [x for x in log.read_text(encoding="utf-8", errors="replace").splitlines() if x]
+    try:
+        return bool(lines) and isinstance(json.loads(lines[-1]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _call(cmd: list[str], log: pathlib.Path) -> float:
     t0 = time.perf_counter()
     with open(log, "w") as out:
@@ -60,7 +71,10 @@ def gte_train(
         f"--config.loss.temperature={COMMON['temperature']}", f"--config.train.seed={seed}",
         "--config.train.progress_bar=false", "--config.model.dtype=float32", *extra,
     ]  # fmt: skip
-    _call(cmd, workdir.with_suffix(".log"))
+    # a finished run (the export is renamed into place last) is reused: a rerun of an interrupted
+    # grid does not retrain, nor overwrite the log it was measured with
+    if not (workdir / "export" / "model.safetensors").exists():
+        _call(cmd, workdir.with_suffix(".log"))
     return workdir / "export"
 
 
@@ -86,7 +100,8 @@ def mine(model: pathlib.Path, pairs: pathlib.Path, out: pathlib.Path, seed: int)
         "--corpus", str(corpus), "--output", str(out), "--num-negatives", "1",
         "--seed", str(seed),
     ]  # fmt: skip
-    _call(cmd, out.with_suffix(".log"))
+    if not (out.exists() and _finished_json(out.with_suffix(".log"))):  # a finished mine: reused
+        _call(cmd, out.with_suffix(".log"))
     return out
 
 
