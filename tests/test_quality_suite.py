@@ -216,3 +216,62 @@ def test_the_lever_driver_refuses_an_unknown_split_before_it_trains(split, monke
         levers.main(["--split", split])
     assert exc.value.code == 2
     assert repr(split) in capsys.readouterr().err
+
+
+def test_a_rerun_reuses_finished_trainings_and_minings_and_redoes_cut_short_ones(
+    tmp_path, monkeypatch
+):
+    """An interrupted grid resumes: a training whose export is in place and a mining whose log ends
+    in its JSON summary are not run again (nor their logs overwritten); a cut-short one is."""
+    from benchmarks.quality import measure
+
+    calls = []
+    monkeypatch.setattr(measure, "_call", lambda cmd, log: calls.append(cmd[3]) or 0.0)
+    done, cut = tmp_path / "done", tmp_path / "cut"
+    (done / "export").mkdir(parents=True)
+    (done / "export" / "model.safetensors").write_bytes(b"")
+    (cut / ".export.partial").mkdir(parents=True)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    assert measure.gte_train("base", pairs, done, 0) == done / "export"
+    assert measure.gte_train("base", pairs, cut, 0) == cut / "export"
+    assert calls == ["train"]  # only the cut-short one
+    mined, half = tmp_path / "mined.jsonl", tmp_path / "half.jsonl"
+    for out, log in ((mined, '{"pairs_read": 1}\n'), (half, "INFO encoding\n")):
+        out.write_text("")
+        out.with_suffix(".log").write_text(log)
+    calls.clear()
+    measure.mine(tmp_path, pairs, mined, 0)
+    measure.mine(tmp_path, pairs, half, 0, ("--perc-pos", "none"))
+    assert calls == ["mine"]
+    assert mined.with_suffix(".log").read_text() == '{"pairs_read": 1}\n'
+
+
+def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_own_file(
+    tmp_path, monkeypatch
+):
+    """Each name in LEVERS trains something (no KeyError at hour three of a grid), and a mining
+    lever's negatives come from its own ``gte-jax mine`` flags, not the recipe's file."""
+    from benchmarks.quality import measure
+
+    mines, trains = [], []
+    monkeypatch.setattr(
+        measure, "mine", lambda model, pairs, out, seed, extra=(): mines.append((out, extra)) or out
+    )
+    monkeypatch.setattr(
+        measure,
+        "gte_train",
+        lambda init, data, workdir, seed, extra=(): trains.append((data, extra)) or workdir,
+    )
+    runner = levers.Runner.__new__(levers.Runner)
+    runner.base, runner.work, runner.cache = "base", tmp_path, {}
+    runner.pairs, runner.weak = tmp_path / "pairs.jsonl", tmp_path / "weak.jsonl"
+    runner.interpolate = lambda seed, weight: tmp_path / f"interp_{weight}"
+    for name in levers.LEVERS:
+        runner.train(name, 0)
+    by_flags = {extra: out.name for out, extra in mines}
+    for name, flags in levers.MINING.items():
+        assert flags in by_flags, name
+    assert len(set(by_flags.values())) == len(levers.MINING)  # one file per way of mining
+    window = next(d for d, _ in trains if "mine_window" in d.name)
+    assert "--skip-top" in dict(mines)[window]

@@ -34,10 +34,20 @@ from benchmarks.quality import run as suite_run  # noqa: E402
 MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 # the levers on top of the two-stage recipe (mined negatives, τ 0.05), one thing changed each;
 # interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
-LEVERS = ("interp_0.3", "interp_0.5", "no_mining", "tau_0.02", "replay_0.2", "tau_learned",
-          "tau_0.01")  # fmt: skip
+LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "replay_0.2", "tau_learned",
+          "mine_top", "tau_0.02", "tau_0.01")  # fmt: skip
+# how the two-stage recipe's negatives are mined (``gte-jax mine`` flags); "default" is the recipe's
+# own (TopK-PercPos 0.95, the best of the top 100); the others retrain stage 2 on their own file
+MINING = {
+    "default": (),
+    # BGE's practice: a negative drawn at random from ranks 10..100, no positive-aware filter
+    "mine_window": ("--skip-top", "10", "--sampling", "random", "--perc-pos", "none"),
+    "mine_top": ("--perc-pos", "none"),  # the best-scoring candidate, no filter (naive top-k)
+}
 VARIANTS = {
     "no_mining": None,  # the in-domain pairs without negatives
+    "mine_window": (),
+    "mine_top": (),
     "replay_0.2": ("--config.data.replay.share=0.2",),  # + data.replay.train_files (stage 1's)
     "tau_0.01": ("--config.loss.temperature=0.01",),
     "tau_0.02": ("--config.loss.temperature=0.02",),
@@ -88,9 +98,11 @@ class Runner:
         return self._once(f"stage1_{seed}", lambda: measure.gte_train(
             self.base, self.weak, self.work / f"stage1_s{seed}", seed))  # fmt: skip
 
-    def mined(self, seed: int) -> pathlib.Path:
-        return self._once(f"mined_{seed}", lambda: measure.mine(
-            self.stage1(seed), self.pairs, self.work / f"mined_s{seed}.jsonl", seed))  # fmt: skip
+    def mined(self, seed: int, how: str = "default") -> pathlib.Path:
+        stem = "mined" if how == "default" else f"mined_{how}"
+        return self._once(f"{stem}_{seed}", lambda: measure.mine(
+            self.stage1(seed), self.pairs, self.work / f"{stem}_s{seed}.jsonl", seed,
+            MINING[how]))  # fmt: skip
 
     def train(self, name: str, seed: int) -> pathlib.Path:
         """The model directory of one row (training it, or exporting for interpolation)."""
@@ -104,7 +116,9 @@ class Runner:
         if name.startswith("interp_"):
             return self.interpolate(seed, float(name.split("_")[1]))
         flags = VARIANTS[name]
-        data = self.pairs if flags is None else self.mined(seed)
+        data = (
+            self.pairs if flags is None else self.mined(seed, name if name in MINING else "default")
+        )
         extra = tuple(flags or ())
         if name.startswith("replay"):
             extra += (f"--config.data.replay.train_files={self.weak}",)

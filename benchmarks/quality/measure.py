@@ -89,8 +89,11 @@ def st_train(init: str, pairs: pathlib.Path, out: pathlib.Path, seed: int) -> pa
     return out
 
 
-def mine(model: pathlib.Path, pairs: pathlib.Path, out: pathlib.Path, seed: int) -> pathlib.Path:
-    """One hard negative per pair (GTE §4.1), the pairs' own positives as the corpus."""
+def mine(
+    model: pathlib.Path, pairs: pathlib.Path, out: pathlib.Path, seed: int, extra: tuple = ()
+) -> pathlib.Path:
+    """One hard negative per pair (GTE §4.1), the pairs' own positives as the corpus; ``extra``:
+    more ``gte-jax mine`` flags."""
     corpus = out.with_name(out.stem + "_corpus.jsonl")
     with open(pairs, encoding="utf-8") as f:
         docs = dict.fromkeys(json.loads(x)["positive"] for x in f if x.strip())
@@ -98,7 +101,7 @@ def mine(model: pathlib.Path, pairs: pathlib.Path, out: pathlib.Path, seed: int)
     cmd = [
         sys.executable, "-m", "gte_jax.cli", "mine", "--model", str(model), "--pairs", str(pairs),
         "--corpus", str(corpus), "--output", str(out), "--num-negatives", "1",
-        "--seed", str(seed),
+        "--seed", str(seed), *extra,
     ]  # fmt: skip
     if not (out.exists() and _finished_json(out.with_suffix(".log"))):  # a finished mine: reused
         _call(cmd, out.with_suffix(".log"))
