@@ -3,7 +3,16 @@
 Both are written as plain math on global arrays (big_vision style): inside one ``jax.jit`` with the
 batch sharded over ``"data"``, XLA inserts the all-gathers of the candidate embeddings. A
 ``shard_map`` twin (:func:`sharded_contrastive_loss`) computes the same numbers with an explicit
-``all_gather`` for when the gather pattern must be pinned down; both call the same row kernel.
+``all_gather``; both call the same row kernel.
+
+Sharding: given the train step's ``mesh`` (every loss takes ``mesh=``; the objectives pass it),
+the loss runs as the twin: each device scores its own rows against the batch gathered once, and
+the gradient of the gather is one reduce-scatter of the embeddings' gradients back to their rows.
+Left to partition the global-view blocked loss by itself, XLA all-reduced each block's rows and
+their gradients in every block: compiled for v5e-64 (GTE-base stage 1, batch 16,384, 16 blocks
+of 1,024 rows), 0.93 x the float32 parameter bytes of all-reduce per step plus 0.23 x of
+reduce-scatter; per device, one reduce-scatter of 0.23 x (``benchmarks/README.md``, "Activation
+sharding and one reduction").
 
 Conventions (see docs/design.md):
   * ``q``, ``d``: [n, D] L2-normalised query / positive-document embeddings; ``neg``: [n, K, D]
@@ -251,9 +260,37 @@ def _finalize(sums: dict[str, Array]) -> tuple[Array, Metrics]:
     return loss, metrics
 
 
+def _split_rows(mesh: jax.sharding.Mesh | None, n: int, data_axis: str = DATA_AXIS) -> bool:
+    """Whether a batch of ``n`` rows on ``mesh`` is scored per device (rows split over a
+    ``data_axis`` of size > 1 that divides ``n``)."""
+    if mesh is None or data_axis not in mesh.shape:
+        return False
+    shards = mesh.shape[data_axis]
+    return shards > 1 and n % shards == 0
+
+
 def _global_loss(
-    kind, q, d, *, temperature, q_ids, d_ids, neg, neg_ids, valid, neg_valid, symmetric, block_size
+    kind,
+    q,
+    d,
+    *,
+    temperature,
+    q_ids,
+    d_ids,
+    neg,
+    neg_ids,
+    valid,
+    neg_valid,
+    symmetric,
+    block_size,
+    mesh=None,
 ):
+    if _split_rows(mesh, q.shape[0]):
+        return sharded_contrastive_loss(
+            kind, mesh, q, d, temperature=temperature, q_ids=q_ids, d_ids=d_ids, neg=neg,
+            neg_ids=neg_ids, valid=valid, neg_valid=neg_valid, symmetric=symmetric,
+            block_size=block_size,
+        )  # fmt: skip
     q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid = _prepare(
         q, d, neg, q_ids, d_ids, neg_ids, valid, neg_valid
     )
@@ -275,6 +312,7 @@ def gte_loss(
     valid: Array | None = None,
     neg_valid: Array | None = None,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Array, Metrics]:
     """GTE's improved contrastive loss with one joint partition function (Li et al., 2023, §3).
 
@@ -296,7 +334,9 @@ def gte_loss(
     same candidates as the q→d sum), ``pos_sim`` (mean s(q_i, d_i)), ``neg_sim`` (mean q→d
     similarity over the unmasked negatives) and ``num_examples``. Computed in float32 (or
     float64 if given). ``block_size``: rows scored at once (module docstring, "Memory"); the
-    numbers do not depend on it beyond float rounding.
+    numbers do not depend on it beyond float rounding. ``mesh``: a mesh whose ``"data"`` axis
+    splits the batch (the train step's); the loss then runs as :func:`sharded_contrastive_loss`
+    (module docstring, "Sharding"), the same numbers.
     """
     return _global_loss(
         "gte",
@@ -311,6 +351,7 @@ def gte_loss(
         neg_valid=neg_valid,
         symmetric=False,
         block_size=block_size,
+        mesh=mesh,
     )
 
 
@@ -327,6 +368,7 @@ def infonce_loss(
     neg_valid: Array | None = None,
     symmetric: bool = False,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Array, Metrics]:
     """InfoNCE with in-batch negatives: L = -(1/n) Σ_i log(e^{s(q_i,d_i)/τ} / Σ_c e^{s(q_i,c)/τ}).
 
@@ -347,6 +389,7 @@ def infonce_loss(
         neg_valid=neg_valid,
         symmetric=symmetric,
         block_size=block_size,
+        mesh=mesh,
     )
 
 
@@ -362,6 +405,7 @@ def instructor_loss(
     valid: Array | None = None,
     neg_valid: Array | None = None,
     block_size: int | None = DEFAULT_BLOCK_SIZE,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[Array, Metrics]:
     """INSTRUCTOR's loss (Su et al., 2023; the release's ``InstructorTrainer.compute_loss``): the
     sum of two cross-entropies, each averaged over the examples::
@@ -387,6 +431,7 @@ def instructor_loss(
         neg_valid=neg_valid,
         symmetric=False,
         block_size=block_size,
+        mesh=mesh,
     )
 
 
@@ -443,13 +488,20 @@ def sharded_contrastive_loss(
     if n % shards:
         raise ValueError(f"batch size {n} is not divisible by the {data_axis!r} axis ({shards})")
     args = (q, d, q_ids, d_ids, valid) + (() if neg is None else (neg, neg_ids, neg_valid))
+    # τ is an operand (replicated), not a closure: a learnable τ is a traced value
+    tau = jnp.asarray(temperature, jnp.result_type(q.dtype, jnp.float32))
 
-    def local(q_l, d_l, q_ids_l, d_ids_l, valid_l, *neg_l):
+    def local(tau, q_l, d_l, q_ids_l, d_ids_l, valid_l, *neg_l):
         def gather(x):
             return lax.all_gather(x, data_axis, tiled=True)
 
+        def gather_rows(x):  # [r, K, ...] gathered as [r*K, ...]: XLA:TPU cannot compile
+            # the gradient's reduce-scatter of [r, 1, D<128] (v5e, "2nd-minor compaction")
+            flat = gather(x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]))
+            return flat.reshape(-1, *x.shape[1:])
+
         neg_all, neg_ids_all, neg_valid_all = (
-            (None, None, None) if not neg_l else tuple(gather(x) for x in neg_l)
+            (None, None, None) if not neg_l else tuple(gather_rows(x) for x in neg_l)
         )
         cands = _candidates(
             gather(q_l), gather(d_l), neg_all, gather(q_ids_l), gather(d_ids_l), neg_ids_all,
@@ -457,16 +509,16 @@ def sharded_contrastive_loss(
         )  # fmt: skip
         start = lax.axis_index(data_axis) * q_l.shape[0]
         rows = _Rows(q_l, d_l, start + jnp.arange(q_l.shape[0]), q_ids_l, d_ids_l)
-        per_row = _blocked_row_losses(name, rows, cands, temperature, symmetric, block_size)
+        per_row = _blocked_row_losses(name, rows, cands, tau, symmetric, block_size)
         return lax.psum(_row_sums(per_row, valid_l), data_axis)
 
     spec = jax.sharding.PartitionSpec(data_axis)
     sums = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=tuple(spec for _ in args),
+        in_specs=(jax.sharding.PartitionSpec(),) + tuple(spec for _ in args),
         out_specs=jax.sharding.PartitionSpec(),
-    )(*args)
+    )(tau, *args)
     return _finalize(sums)
 
 

@@ -171,18 +171,25 @@ class Objective:
         batch.pop("teacher_scores", None)
         return combined(q, d, teacher_scores=teacher, **{**self.loss_kwargs(), **batch})
 
-    def loss_fn(self, theta: Array | None = None) -> gc.LossFn:
+    def loss_fn(
+        self, theta: Array | None = None, mesh: jax.sharding.Mesh | None = None
+    ) -> gc.LossFn:
         """``loss_fn(embeddings, batch)`` for :mod:`gte_jax.gradcache`: the batch's text ids,
         ``valid`` and ``neg_valid`` read when present. With ``theta`` (a learnable τ), the loss
         at τ(θ), and in its metrics ``temperature`` and ``temperature_grad`` (d loss / d θ,
-        taken here: GradCache differentiates the loss w.r.t. the embeddings only)."""
+        taken here: GradCache differentiates the loss w.r.t. the embeddings only). With
+        ``mesh`` (the train step's), each device scores its own rows against the gathered
+        batch (:func:`gte_jax.losses.sharded_contrastive_loss`): one all-gather of the
+        embeddings, one reduce-scatter of their gradients."""
+        pinned = {} if mesh is None else {"mesh": mesh}
         if theta is None:
-            return self._scored_fn({})
+            return self._scored_fn(pinned)
         low, high = self.temperature_bounds
 
         def loss_fn(embeddings: Mapping[str, Array], batch: Mapping[str, Array]):
             def at(th):
-                scored = self._scored_fn({"temperature": learnable.temperature(th, low, high)})
+                tau = learnable.temperature(th, low, high)
+                scored = self._scored_fn({**pinned, "temperature": tau})
                 return scored(embeddings, batch)
 
             (loss, metrics), grad = jax.value_and_grad(at, has_aux=True)(theta)
@@ -214,7 +221,7 @@ class Objective:
         run = gc.cached_value_and_grad if step.gradcache else gc.plain_value_and_grad
         theta = None if step.objective_state is None else step.objective_state["theta"]
         return run(
-            step.embed_fn, self.loss_fn(theta), step.params, step.batch, step.rng, step.num_chunks,
+            step.embed_fn, self.loss_fn(theta, step.mesh), step.params, step.batch, step.rng, step.num_chunks,
             mesh=step.mesh, **step.gradcache_kwargs(),
         )  # fmt: skip
 
