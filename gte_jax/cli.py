@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"gte-jax: {e}", file=sys.stderr)
             return 2
+    if "-h" not in rest and "--help" not in rest:
+        from gte_jax import tpu_flags
+
+        tpu_flags.apply()  # before libtpu starts: train and plan build the same TPU program
     if name in _COMPILES and "-h" not in rest and "--help" not in rest:
         _enable_compilation_cache()
     module = importlib.import_module(SUBCOMMANDS[name][0])

@@ -138,6 +138,9 @@ def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
     # libtpu takes /tmp/libtpu_lockfile for the chips of the machine; compiling touches no chip,
     # so a plan may run beside a training job (or any JAX program that loaded libtpu).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from gte_jax import tpu_flags
+
+    tpu_flags.apply()  # the flags train runs with (the CLI set them already; a library caller too)
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(

@@ -16,6 +16,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from gte_jax import tpu_flags  # noqa: E402
+
+tpu_flags.apply()  # the tests' TPU compiles (libtpu, no TPU) are those train and plan run
 
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
