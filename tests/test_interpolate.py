@@ -219,3 +219,42 @@ def test_models_of_two_families_are_refused():
     t5 = abstract(config_from_hf({**t5_hf, "num_layers": 1, "num_heads": 2}))
     with pytest.raises(interpolate.InterpolationError, match="one family"):
         interpolate.mix_models(abstract(EncoderConfig.from_hf(TINY_BERT)), t5, 0.5)
+
+
+@pytest.mark.parametrize("name", ["ft", "lora"])
+def test_export_on_several_devices_loads_split_and_writes_the_one_device_bytes(
+    name, stages, plain, tmp_path, monkeypatch
+):
+    """`gte-jax export --workdir` on its own, with 8 devices: the model is loaded split over them
+    (no device holds more than a quarter of the model plus a layer, the bound of the end-of-stage
+    export's sharded load; the one-device path puts it all on one) and the files are the one-device
+    export's, byte for byte (LoRA: merged)."""
+    from gte_jax import workdir as wd
+
+    assert jax.device_count() == 8
+    one = tmp_path / "one"
+    with jax.default_device(jax.devices()[0]):
+        wd.export_workdir(stages[name], one)  # shardings_of=None: the model on one device
+    loaded = []
+    checkpoint_model = wd._checkpoint_model
+
+    def recording(*args, **kwargs):
+        out = checkpoint_model(*args, **kwargs)
+        loaded.append(out[0])
+        return out
+
+    monkeypatch.setattr(wd, "_checkpoint_model", recording)
+    assert _export(stages[name], tmp_path / "split") == 0
+    sizes = {k: v.nbytes for k, v in _tensors(one).items()}
+    layer = sum(v for k, v in sizes.items() if ".layer.0." in k)
+    held: dict = {}
+    for x in jax.tree.leaves(nnx.state(loaded[0], nnx.Param)):
+        # the checkpoint's leaves come as host arrays (the end-of-stage export's rule);
+        # base_model/'s (a LoRA run's frozen base) split over the devices
+        for shard in getattr(x, "addressable_shards", ()):
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    assert max(held.values(), default=0) <= sum(sizes.values()) // 4 + layer, held
+    assert name != "lora" or len(held) == 8  # the frozen base is on the devices, split
+    for f in sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file()):
+        if f.name != "README.md":  # the card names its output directory
+            assert (one / f).read_bytes() == (tmp_path / "split" / f).read_bytes(), f

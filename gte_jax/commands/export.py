@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mix = interpolate.parse(args.interpolate) if args.interpolate is not None else None
         out, step = export_workdir(
-            workdir, args.output, step=args.step, card=card, truncate_dim=args.dim, interpolate=mix
-        )
+            workdir, args.output, step=args.step, card=card, truncate_dim=args.dim,
+            interpolate=mix, shardings_of=_split_over_devices(),
+        )  # fmt: skip
     except USER_ERRORS as e:
         return error("gte-jax export", e)
     except OSError as e:  # a read-only or full output directory: one line, exit 2
@@ -70,6 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         line["interpolate"] = {"model": mix.partner, "weight": mix.weight}
     print(json.dumps(line))
     return 0
+
+
+def _split_over_devices():
+    """With several devices (a TPU VM's chips), the model is loaded split over them (FSDP over
+    every device, ``base_model/`` read slice by slice) and written tensor by tensor, as the end of
+    a training stage does: a 7B float32 model (28 GB) fits no one chip. One device: None (the
+    model on it, as before)."""
+    import jax
+
+    if jax.device_count() == 1:
+        return None
+    from gte_jax import sharded_io, sharding
+
+    mesh = sharding.make_mesh()
+    return lambda abstract: sharded_io.param_shardings(abstract, mesh, "fsdp")
 
 
 if __name__ == "__main__":
