@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -679,6 +680,8 @@ def plan(
     report |= _time_report(config, step, topo, mfu, slices) | {
         "model": model_source,
         "compile_seconds": round(compile_s, 1),
+        # what libtpu compiled with (gte_jax/tpu_flags.py: the same for train)
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
     }
     report |= _cost_report(compiled, mesh, report, topo, step, mfu) if compiled is not None else {}
     if not fits:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from gte_jax import cli, plan
+from gte_jax import cli, plan, tpu_flags
 from gte_jax.models.bert import EncoderConfig
 from gte_jax.models.encoder import BiEncoder, ModelFn
 
@@ -130,6 +130,9 @@ def test_tiny_config_fits_on_v5e_2x2(tiny, capsys):
     assert r["fits"] is True and r["verdict"] == "fits" and "advice" not in r
     assert 0 < r["argument_gib_per_chip"] <= r["peak_gib_per_chip"] < 1
     assert r["gradcache"] and r["gradcache_chunk_size"] == 16 and r["sharding"] == "replicate"
+    # the libtpu flags it compiled with: train's defaults (gte_jax/tpu_flags.py)
+    for name, value in tpu_flags.DEFAULT_FLAGS.items():
+        assert f"--{name}={value}" in r["libtpu_init_args"].split()
     assert (r["batch_size"], r["num_negatives"], r["lengths"]) == (64, 1, {"query": 32, "doc": 64})
     # The compiled program's cost: hardware FLOPs at the assumed MFU of the chips' peak, the
     # collectives at the table's bandwidth, the step the larger of the two.
