@@ -275,3 +275,12 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     assert len(set(by_flags.values())) == len(levers.MINING)  # one file per way of mining
     window = next(d for d, _ in trains if "mine_window" in d.name)
     assert "--skip-top" in dict(mines)[window]
+
+
+def test_each_run_directory_has_its_own_log(tmp_path):
+    """Levers whose names hold a dot (tau_0.01, tau_0.02) log to different files."""
+    from benchmarks.quality import measure
+
+    logs = {measure.log_of(tmp_path / f"{name}_s0") for name in levers.LEVERS + levers.MAIN}
+    assert len(logs) == len(levers.LEVERS + levers.MAIN)
+    assert measure.log_of(tmp_path / "tau_0.01_s0").name == "tau_0.01_s0.log"

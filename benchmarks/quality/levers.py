@@ -135,7 +135,7 @@ class Runner:
         out = self.work / f"interp_{weight}_s{seed}"
         cmd = [sys.executable, "-m", "gte_jax.cli", "export", "--workdir", str(workdir),
                "--output", str(out), "--interpolate", f"{self.base}={weight}"]  # fmt: skip
-        measure._call(cmd, out.with_suffix(".log"))
+        measure._call(cmd, measure.log_of(out))
         return out
 
 

@@ -38,6 +38,12 @@ def _first_lines(src: pathlib.Path, dst: pathlib.Path, n: int) -> pathlib.Path:
     return dst
 
 
+def log_of(directory: pathlib.Path) -> pathlib.Path:
+    """A run directory's log beside it: ``<name>.log`` (not ``with_suffix``, which would cut
+    ``tau_0.01_s0`` to ``tau_0.log``, the same file as ``tau_0.02_s0``'s)."""
+    return directory.parent / f"{directory.name}.log"
+
+
 def _finished_json(log: pathlib.Path) -> bool:
     """Whether ``log`` ends in the JSON summary a finished gte-jax command prints last."""
     if not log.exists():
@@ -74,7 +80,7 @@ def gte_train(
     # a finished run (the export is renamed into place last) is reused: a rerun of an interrupted
     # grid does not retrain, nor overwrite the log it was measured with
     if not (workdir / "export" / "model.safetensors").exists():
-        _call(cmd, workdir.with_suffix(".log"))
+        _call(cmd, log_of(workdir))
     return workdir / "export"
 
 
@@ -85,7 +91,7 @@ def st_train(init: str, pairs: pathlib.Path, out: pathlib.Path, seed: int) -> pa
         "--batch_size", str(COMMON["batch_size"]), "--learning_rate", str(COMMON["learning_rate"]),
         "--max_length", str(COMMON["max_length"]), "--temperature", str(COMMON["temperature"]),
     ]  # fmt: skip
-    _call(cmd, out.with_suffix(".log"))
+    _call(cmd, log_of(out))
     return out
 
 
@@ -104,7 +110,7 @@ def mine(
         "--seed", str(seed), *extra,
     ]  # fmt: skip
     if not (out.exists() and _finished_json(out.with_suffix(".log"))):  # a finished mine: reused
-        _call(cmd, out.with_suffix(".log"))
+        _call(cmd, out.with_suffix(".log"))  # mined_s0.jsonl -> mined_s0.log
     return out
 
 
