@@ -677,16 +677,21 @@ def plan(
             for p in points
         ]
         report["state_gib_per_chip"] = _sig(arg / GIB)  # exact: the full model's sharded state
-    report |= _time_report(config, step, topo, mfu, slices) | {
-        "model": model_source,
-        "compile_seconds": round(compile_s, 1),
-        # what libtpu compiled with (gte_jax/tpu_flags.py: the same for train)
-        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
-    }
+    report |= _time_report(config, step, topo, mfu, slices) | {"model": model_source}
+    report |= _compile_fields(compile_s)
     report |= _cost_report(compiled, mesh, report, topo, step, mfu) if compiled is not None else {}
     if not fits:
         report["advice"] = _advice(config, step, step.sharding, arg, hbm)
     return report
+
+
+def _compile_fields(seconds: float) -> dict[str, Any]:
+    """How the step was compiled: its seconds, and the libtpu flags (gte_jax/tpu_flags.py: the
+    same ``train`` starts libtpu with)."""
+    return {
+        "compile_seconds": round(seconds, 1),
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+    }
 
 
 def _cost_report(compiled: Any, mesh, report: dict, topo: Topology, step: AbstractStep, mfu: float):
