@@ -55,9 +55,13 @@ def libtpu_path() -> pathlib.Path | None:
 
 
 def known_to(library: pathlib.Path, names: list[str]) -> set[str]:
-    """Which of ``names`` the library's bytes contain (libtpu's flag table holds each name)."""
-    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return {name for name in names if data.find(name.encode()) >= 0}
+    """Which of ``names`` the library's bytes contain (libtpu's flag table holds each name). An
+    unreadable or empty file names none: libtpu itself will then say what is wrong with it."""
+    try:
+        with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return {name for name in names if data.find(name.encode()) >= 0}
+    except (OSError, ValueError):  # ValueError: mmap of an empty file
+        return set()
 
 
 def apply(

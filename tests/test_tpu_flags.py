@@ -44,6 +44,11 @@ def test_a_flag_the_library_does_not_name_is_not_added_and_the_opt_out_adds_none
     knows, blank = library
     env: dict[str, str] = {}
     assert tpu_flags.apply(env, blank) == [] and "LIBTPU_INIT_ARGS" not in env
+    empty = blank.with_name("empty.so")
+    empty.write_bytes(b"")  # a truncated install: no flag added, no crash at every command
+    assert (
+        tpu_flags.apply(env, empty) == [] and tpu_flags.apply(env, blank.with_name("no.so")) == []
+    )
     env = {"GTE_JAX_LIBTPU_DEFAULTS": "0"}
     assert tpu_flags.apply(env, knows) == [] and "LIBTPU_INIT_ARGS" not in env
 
