@@ -15,6 +15,7 @@ gold score (MTEB's ``cosine_spearman`` / ``cosine_pearson``, here on a -1..1 sca
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import pathlib
 import time
@@ -25,7 +26,7 @@ import numpy as np
 
 from gte_jax.encode import Embedder
 from gte_jax.eval_data import BeirData, doc_text, read_beir, read_sts  # noqa: F401
-from gte_jax.models.pooling import l2_normalize
+from gte_jax.models.pooling import l2_normalize, truncate_embeddings
 from gte_jax.prompts import instruction_template, resolve_template, side_prompt
 from gte_jax.ranking import (  # noqa: F401
     DEFAULT_CUTOFFS,
@@ -57,8 +58,11 @@ def evaluate_beir(
     cutoffs: Mapping[str, Sequence[int]] = DEFAULT_CUTOFFS,
     ignore_identical_ids: bool = True,
     chunk_size: int = 65536,
-) -> dict[str, float]:
-    """Encode corpus and queries, search exactly, score against the qrels."""
+    dims: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Encode corpus and queries, search exactly, score against the qrels. ``dims``: also score
+    each embedding prefix (Matryoshka) from the same encoding, truncated by the one rule of
+    training, ``encode --dim`` and the export (:func:`truncate_embeddings`) -> ``by_dim``."""
     doc_ids = list(data.corpus)
     query_ids = list(data.queries)
     t0 = time.perf_counter()
@@ -75,6 +79,26 @@ def evaluate_beir(
         prefix=prefix_query,
     )
     t1 = time.perf_counter()
+    score = functools.partial(
+        _score, data=data, doc_ids=doc_ids, query_ids=query_ids, similarity=similarity,
+        cutoffs=cutoffs, ignore_identical_ids=ignore_identical_ids, chunk_size=chunk_size,
+    )  # fmt: skip
+    out: dict[str, Any] = score(query_emb, doc_emb)
+    t2 = time.perf_counter()
+    if dims:
+        norm = embedder.model.normalize
+        out["by_dim"] = {
+            int(d): score(truncate_embeddings(query_emb, d, normalize=norm),
+                          truncate_embeddings(doc_emb, d, normalize=norm))
+            for d in dims
+        }  # fmt: skip
+    out.update(num_docs=len(doc_ids), encode_seconds=t1 - t0, search_seconds=t2 - t1)
+    return out
+
+
+def _score(query_emb, doc_emb, *, data, doc_ids, query_ids, similarity, cutoffs,
+           ignore_identical_ids, chunk_size) -> dict[str, float]:  # fmt: skip
+    """Exact search of the embeddings -> the retrieval metrics against ``data``'s qrels."""
     depth = max(k for ks in cutoffs.values() for k in ks)
     _, indices = search(
         query_emb,
@@ -83,16 +107,13 @@ def evaluate_beir(
         chunk_size=chunk_size,
         similarity=similarity,
     )
-    t2 = time.perf_counter()
     ranking = {}
     for qid, row in zip(query_ids, indices, strict=True):
         ranked = [doc_ids[i] for i in row]
         if ignore_identical_ids:
             ranked = [d for d in ranked if d != qid]
         ranking[qid] = ranked[:depth]
-    out = retrieval_metrics(ranking, data.qrels, cutoffs)
-    out.update(num_docs=len(doc_ids), encode_seconds=t1 - t0, search_seconds=t2 - t1)
-    return out
+    return retrieval_metrics(ranking, data.qrels, cutoffs)
 
 
 def evaluate_sts(

@@ -295,6 +295,37 @@ def test_evaluate_beir_and_sts_match_sentence_transformers(tmp_path, embedder, s
     assert result["sts"]["pearson"] == pytest.approx(scipy.stats.pearsonr(cosine, gold)[0], 1e-5)
 
 
+def test_evaluate_beir_per_dimension_matches_sentence_transformers_truncate_dim(
+    tmp_path, embedder, st_model
+):
+    """``dims``: each prefix scored from one encoding equals sentence-transformers' own
+    ``truncate_dim`` encode, searched by a NumPy full sort (the Matryoshka quality per dimension
+    the quality suite reports); the full dim equals the untruncated result."""
+    data = evaluation.read_beir(_beir_subset(tmp_path / "beir"))
+    full = embedder.model.embedding_dim
+    result = evaluation.evaluate_beir(embedder, data, max_length=32, dims=(8, 48, full))
+    st_model.max_seq_length = 32
+    doc_ids, query_ids = list(data.corpus), list(data.queries)
+    for dim in (8, 48):
+        st_model.truncate_dim = dim
+        try:
+            d = st_model.encode([data.corpus[i] for i in doc_ids], normalize_embeddings=True)
+            q = st_model.encode([data.queries[i] for i in query_ids], normalize_embeddings=True)
+        finally:
+            st_model.truncate_dim = None
+        assert d.shape[1] == dim
+        order = np.argsort(-(q.astype(np.float64) @ d.T.astype(np.float64)), axis=1, kind="stable")
+        ranking = {
+            qid: [doc_ids[j] for j in row[:100]] for qid, row in zip(query_ids, order, strict=True)
+        }
+        ref = evaluation.retrieval_metrics(ranking, data.qrels)
+        for key in ("ndcg@10", "mrr@10", "recall@10"):
+            assert result["by_dim"][dim][key] == pytest.approx(ref[key], abs=1e-9), (dim, key)
+    assert result["by_dim"][8]["mrr@10"] != result["mrr@10"]  # the prefix is really scored
+    for key in ("ndcg@10", "mrr@10", "recall@100"):
+        assert result["by_dim"][full][key] == result[key]
+
+
 def test_ignore_identical_ids(tmp_path, embedder):
     # A query that is also in the corpus under its own id must not retrieve itself.
     _write(

@@ -49,7 +49,7 @@ def quick_run(tmp_path_factory, minilm_dir):
     from gte_jax.encode import Embedder
 
     work = tmp_path_factory.mktemp("quality")
-    args = run._parser().parse_args(["--quick", "--workdir", str(work)])
+    args = run._parser().parse_args(["--quick", "--workdir", str(work), "--dims", "64"])
     suite = build.build_suite(work, quick=True)
     assert build.build_suite(work, quick=True) == suite  # cached: the manifest matches
     embedder = Embedder.from_pretrained(minilm_dir)
@@ -107,18 +107,20 @@ def test_split_rule_is_deterministic_and_groupwise():
     assert sum(map(len, out.values())) == (1 if len(groups) == 2 else 2)
 
 
-def test_metrics_agree_with_pytrec_eval(quick_run):
+@pytest.mark.parametrize("dim", [None, 64])
+def test_metrics_agree_with_pytrec_eval(quick_run, dim):
     """bible_ot's test split: the suite's MRR@10 / nDCG@10 / Recall@10 against pytrec_eval on
-    NumPy float64 scores of the same embeddings."""
+    NumPy float64 scores of the same embeddings (dim 64: of their first 64 coordinates, the
+    record's ``by_dim``)."""
     pytrec_eval = pytest.importorskip("pytrec_eval")
     from gte_jax import evaluation
 
     suite, embedder, results = quick_run
-    ours = results["bible_ot"]
+    ours = results["bible_ot"] if dim is None else results["bible_ot"]["by_dim"][str(dim)]
     data = evaluation.read_beir(suite / "bible_ot" / "test", "test")
     doc_ids, query_ids = list(data.corpus), list(data.queries)
-    d = embedder.encode([data.corpus[i] for i in doc_ids]).astype(np.float64)
-    q = embedder.encode([data.queries[i] for i in query_ids]).astype(np.float64)
+    d = embedder.encode([data.corpus[i] for i in doc_ids]).astype(np.float64)[:, :dim]
+    q = embedder.encode([data.queries[i] for i in query_ids]).astype(np.float64)[:, :dim]
     scores = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
         d / np.linalg.norm(d, axis=1, keepdims=True)
     ).T
@@ -182,6 +184,28 @@ def test_the_lever_table_summarises_rows_against_base_and_peer_per_seed(tmp_path
             assert cell["vs_peer"]["mean"] == pytest.approx((v - p).mean(), abs=5e-5)
             assert cell["vs_peer"]["spread"] == pytest.approx(np.ptp(v - p), abs=5e-5)
     assert "tau_0.02" in levers.markdown(table)
+
+
+def test_the_per_dimension_table_averages_each_prefix_over_seeds(tmp_path):
+    """levers.summary_dims: per row, task and embedding prefix, the mean and spread over seeds of
+    the rows scored per dimension (NumPy float64); rows without ``by_dim`` are left out."""
+    rng = np.random.default_rng(1)
+    dims = [str(d) for d in levers.DIMS]
+    value = {(n, s, t, d): float(rng.uniform(0, 1)) for n in ("gte_2stage", "matryoshka")
+             for s in (0, 1) for t in tasks.TASKS for d in ["full", *dims]}  # fmt: skip
+    rows = [{"recipe": "st_mnrl", "seed": 0, "result": {t: {"mrr@10": 0.5} for t in tasks.TASKS}}]
+    rows += [{"recipe": n, "seed": s, "result": {t: {
+        "mrr@10": value[n, s, t, "full"], "by_dim": {d: {"mrr@10": value[n, s, t, d]} for d in dims}}
+        for t in tasks.TASKS}} for n in ("gte_2stage", "matryoshka") for s in (0, 1)]  # fmt: skip
+    out = tmp_path / "levers.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = levers.summary_dims(out)
+    assert set(table) == {"gte_2stage", "matryoshka"}  # the peer's row has no by_dim
+    for n, _, t, d in value:
+        v = np.array([value[n, s, t, d] for s in (0, 1)], dtype=np.float64)
+        assert table[n][t][d]["mean"] == pytest.approx(v.mean(), abs=5e-5)
+        assert table[n][t][d]["spread"] == pytest.approx(np.ptp(v), abs=5e-5)
+    assert levers.markdown_dims(table).count("| matryoshka | 2 |") == 1
 
 
 def test_the_lever_table_of_a_split_reads_only_that_splits_rows(tmp_path):

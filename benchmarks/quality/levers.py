@@ -34,8 +34,8 @@ from benchmarks.quality import run as suite_run  # noqa: E402
 MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 # the levers on top of the two-stage recipe (mined negatives, τ 0.05), one thing changed each;
 # interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
-LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "replay_0.2", "tau_learned",
-          "mine_top", "tau_0.02", "tau_0.01")  # fmt: skip
+LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "tau_0.02", "tau_learned",
+          "matryoshka", "replay_0.2", "distill", "tau_0.01", "mine_top")  # fmt: skip
 # how the two-stage recipe's negatives are mined (``gte-jax mine`` flags); "default" is the recipe's
 # own (TopK-PercPos 0.95, the best of the top 100); the others retrain stage 2 on their own file
 MINING = {
@@ -43,11 +43,18 @@ MINING = {
     # BGE's practice: a negative drawn at random from ranks 10..100, no positive-aware filter
     "mine_window": ("--skip-top", "10", "--sampling", "random", "--perc-pos", "none"),
     "mine_top": ("--perc-pos", "none"),  # the best-scoring candidate, no filter (naive top-k)
+    # the recipe's negatives + the miner's (stage 1's) cosines with the positive and negative
+    "distill": ("--teacher-scores",),
 }
+# every row is also scored at these prefixes of MiniLM's 384 dims (Matryoshka quality per dim)
+DIMS = (256, 128, 64)
 VARIANTS = {
     "no_mining": None,  # the in-domain pairs without negatives
     "mine_window": (),
     "mine_top": (),
+    "matryoshka": ("--config.loss.matryoshka_dims=(384,256,128,64)",),  # weights 1 each (ST's)
+    # KL to the stage-1 miner's score distribution over (positive, negative), added at weight 1
+    "distill": ("--config.loss.distill_weight=1.0",),
     "replay_0.2": ("--config.data.replay.share=0.2",),  # + data.replay.train_files (stage 1's)
     "tau_0.01": ("--config.loss.temperature=0.01",),
     "tau_0.02": ("--config.loss.temperature=0.02",),
@@ -147,7 +154,7 @@ def run_rows(runner: Runner, name: str, seed: int, splits: list[str]) -> list[di
     rows = []
     for split in splits:
         t1 = time.perf_counter()
-        result = suite_run.evaluate_model(model, runner.suite, split=split)
+        result = suite_run.evaluate_model(model, runner.suite, split=split, dims=DIMS)
         rows.append({"recipe": name, "seed": seed, "split": split, "train_s": train_s,
                      "eval_s": round(time.perf_counter() - t1, 1), "result": result})  # fmt: skip
     return rows
@@ -211,6 +218,37 @@ def summary(out: pathlib.Path, split: str = "test") -> dict:
     return table
 
 
+def summary_dims(out: pathlib.Path, split: str = "test") -> dict:
+    """Matryoshka quality per dimension: {row: {task: {dim: mean ± spread of MRR@10}}} over the
+    rows scored at :data:`DIMS` (the full dim is the row's own MRR@10)."""
+    table: dict[str, dict] = {}
+    for r in _rows(out, split):
+        res = r["result"]
+        if r["recipe"] == "base" or "by_dim" not in res[next(iter(tasks.TASKS))]:
+            continue
+        for t in tasks.TASKS:
+            per_dim = {"full": res[t]["mrr@10"]} | {
+                d: v["mrr@10"] for d, v in res[t]["by_dim"].items()
+            }
+            for d, v in per_dim.items():
+                table.setdefault(r["recipe"], {}).setdefault(t, {}).setdefault(d, []).append(v)
+    return {name: {t: {d: suite_run.mean_spread(v) for d, v in per.items()}
+                   for t, per in by_task.items()} for name, by_task in table.items()}  # fmt: skip
+
+
+def markdown_dims(table: dict) -> str:
+    if not table:
+        return ""
+    dims = list(next(iter(next(iter(table.values())).values())))
+    head = "| row | n | " + " | ".join(f"{t} @{d}" for t in tasks.TASKS for d in dims) + " |"
+    lines = [head, "|---|---:|" + "---:|" * (len(dims) * len(tasks.TASKS))]
+    for name, per_task in table.items():
+        n = per_task[next(iter(tasks.TASKS))][dims[0]]["n"]
+        cells = [f"{per_task[t][d]['mean']:.4f}" for t in tasks.TASKS for d in dims]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict) -> str:
     names = list(tasks.TASKS)
     head = "| row | n | " + " | ".join(f"{t} MRR@10 (Δ base, Δ peer)" for t in names) + " |"
@@ -262,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(table))
     print()
     print(markdown(table))
+    dims = markdown_dims(summary_dims(pathlib.Path(args.out), args.split.split(",")[0]))
+    if dims:
+        print("\nMRR@10 per embedding dimension (Matryoshka):\n" + dims)
     return 0
 
 

@@ -45,9 +45,11 @@ def evaluate_model(
     query_prefix: str = "",
     doc_prefix: str = "",
     batch_size: int = 64,
-) -> dict[str, dict[str, float]]:
+    dims: tuple[int, ...] = (),
+) -> dict[str, dict[str, Any]]:
     """{task: {metric: value}} of one model (a directory or an ``Embedder``) on every task's
-    ``split``."""
+    ``split``; ``dims``: also each embedding prefix's metrics, ``by_dim: {"256": {...}}``
+    (Matryoshka quality per dimension, scored from the same encoding)."""
     from gte_jax import evaluation
     from gte_jax.encode import Embedder
 
@@ -56,10 +58,15 @@ def evaluate_model(
     for name in tasks.TASKS:
         data = evaluation.read_beir(suite / name / split, split)
         m = evaluation.evaluate_beir(
-            embedder, data, prefix_query=query_prefix, prefix_doc=doc_prefix, batch_size=batch_size
-        )
+            embedder, data, prefix_query=query_prefix, prefix_doc=doc_prefix,
+            batch_size=batch_size, dims=dims,
+        )  # fmt: skip
         out[name] = {k: round(m[k], 4) for k in KEYS}
         out[name].update(queries=m["num_queries"], docs=m["num_docs"])
+        if dims:
+            out[name]["by_dim"] = {
+                str(d): {k: round(v[k], 4) for k in KEYS} for d, v in m["by_dim"].items()
+            }
     return out
 
 
@@ -100,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--query-prefix", default="")
     p.add_argument("--doc-prefix", default="")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--dims", default="", help="also score these embedding prefixes, e.g. 256,64")
     p.add_argument("--measure", action="store_true", help="train and compare the recipes")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train_pairs", type=int, default=2000)
@@ -117,6 +125,7 @@ def evaluate_record(models: list, suite: pathlib.Path, args: argparse.Namespace)
             query_prefix=args.query_prefix,
             doc_prefix=args.doc_prefix,
             batch_size=args.batch_size,
+            dims=tuple(int(d) for d in args.dims.split(",") if d),
         )
         for m in models
     }
