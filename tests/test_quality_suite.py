@@ -225,10 +225,17 @@ def test_the_per_dimension_table_averages_each_prefix_over_seeds(tmp_path):
     rows += [{"recipe": n, "seed": s, "result": {t: {
         "mrr@10": value[n, s, t, "full"], "by_dim": {d: {"mrr@10": value[n, s, t, d]} for d in dims}}
         for t in tasks.TASKS}} for n in ("gte_2stage", "matryoshka") for s in (0, 1)]  # fmt: skip
+    first = next(iter(tasks.TASKS))  # a row re-scored per dimension on one task only
+    rows.append(
+        {"recipe": "partial", "seed": 0, "result": {t: {"mrr@10": 0.3} for t in tasks.TASKS}}
+    )
+    rows[-1]["result"][first]["by_dim"] = {d: {"mrr@10": 0.2} for d in dims}
     out = tmp_path / "levers.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = levers.summary_dims(out)
-    assert set(table) == {"gte_2stage", "matryoshka"}  # the peer's row has no by_dim
+    assert set(table) == {"gte_2stage", "matryoshka", "partial"}  # the peer's row has no by_dim
+    assert set(table["partial"]) == {first}
+    assert levers.markdown_dims(table).count("–") == (len(tasks.TASKS) - 1) * (len(dims) + 1)
     for n, _, t, d in value:
         v = np.array([value[n, s, t, d] for s in (0, 1)], dtype=np.float64)
         assert table[n][t][d]["mean"] == pytest.approx(v.mean(), abs=5e-5)

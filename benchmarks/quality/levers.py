@@ -220,16 +220,16 @@ def summary(out: pathlib.Path, split: str = "test") -> dict:
 
 def summary_dims(out: pathlib.Path, split: str = "test") -> dict:
     """Matryoshka quality per dimension: {row: {task: {dim: mean ± spread of MRR@10}}} over the
-    rows scored at :data:`DIMS` (the full dim is the row's own MRR@10)."""
+    rows scored at :data:`DIMS` (the full dim is the row's own MRR@10); a task a row was not
+    scored per dimension on is left out of it."""
     table: dict[str, dict] = {}
     for r in _rows(out, split):
-        res = r["result"]
-        if r["recipe"] == "base" or "by_dim" not in res[next(iter(tasks.TASKS))]:
+        if r["recipe"] == "base":
             continue
-        for t in tasks.TASKS:
-            per_dim = {"full": res[t]["mrr@10"]} | {
-                d: v["mrr@10"] for d, v in res[t]["by_dim"].items()
-            }
+        for t, res in r["result"].items():
+            if "by_dim" not in res:
+                continue
+            per_dim = {"full": res["mrr@10"]} | {d: v["mrr@10"] for d, v in res["by_dim"].items()}
             for d, v in per_dim.items():
                 table.setdefault(r["recipe"], {}).setdefault(t, {}).setdefault(d, []).append(v)
     return {name: {t: {d: suite_run.mean_spread(v) for d, v in per.items()}
@@ -239,12 +239,14 @@ def summary_dims(out: pathlib.Path, split: str = "test") -> dict:
 def markdown_dims(table: dict) -> str:
     if not table:
         return ""
-    dims = list(next(iter(next(iter(table.values())).values())))
-    head = "| row | n | " + " | ".join(f"{t} @{d}" for t in tasks.TASKS for d in dims) + " |"
-    lines = [head, "|---|---:|" + "---:|" * (len(dims) * len(tasks.TASKS))]
+    dims = ["full", *(str(d) for d in DIMS)]
+    names = list(tasks.TASKS)
+    head = "| row | n | " + " | ".join(f"{t} @{d}" for t in names for d in dims) + " |"
+    lines = [head, "|---|---:|" + "---:|" * (len(dims) * len(names))]
     for name, per_task in table.items():
-        n = per_task[next(iter(tasks.TASKS))][dims[0]]["n"]
-        cells = [f"{per_task[t][d]['mean']:.4f}" for t in tasks.TASKS for d in dims]
+        n = max(c["n"] for per in per_task.values() for c in per.values())
+        cells = [f"{per_task[t][d]['mean']:.4f}" if d in per_task.get(t, {}) else "–"
+                 for t in names for d in dims]  # fmt: skip
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
