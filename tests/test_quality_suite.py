@@ -42,6 +42,13 @@ def _suite_texts(directory: pathlib.Path) -> dict[str, set[str]]:
     return out
 
 
+def _write_rows(out: pathlib.Path, rows: list[dict], version: int | None = None) -> None:
+    """Lever rows as the driver writes them: each stamped with the suite version it was
+    evaluated on (this suite's unless ``version``)."""
+    v = build.VERSION if version is None else version
+    out.write_text("".join(json.dumps({**r, "suite_version": v}) + "\n" for r in rows))
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, minilm_dir):
     """What ``run.py --quick --model <MiniLM>`` does, with one Embedder kept for the checks below
@@ -197,7 +204,7 @@ def test_the_lever_table_summarises_rows_against_base_and_peer_per_seed(tmp_path
     rows += [{"recipe": n, "seed": s, "result": {t: {"mrr@10": value[n, s, t]} for t in tasks.TASKS}}
              for n in names for s in seeds[: 2 if n == "tau_0.02" else 3]]  # fmt: skip
     out = tmp_path / "levers.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_rows(out, rows)
     table = levers.summary(out)
     for n in names:
         got_seeds = seeds[: 2 if n == "tau_0.02" else 3]
@@ -231,7 +238,7 @@ def test_the_per_dimension_table_averages_each_prefix_over_seeds(tmp_path):
     )
     rows[-1]["result"][first]["by_dim"] = {d: {"mrr@10": 0.2} for d in dims}
     out = tmp_path / "levers.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_rows(out, rows)
     table = levers.summary_dims(out)
     assert set(table) == {"gte_2stage", "matryoshka", "partial"}  # the peer's row has no by_dim
     assert set(table["partial"]) == {first}
@@ -255,12 +262,27 @@ def test_the_lever_table_of_a_split_reads_only_that_splits_rows(tmp_path):
                   "result": {t: {"mrr@10": 0.2 + shift + s / 100} for t in tasks.TASKS}}
                  for s in (0, 1)]  # fmt: skip
     out = tmp_path / "levers.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_rows(out, rows)
     for split, shift in (("dev", 0.5), ("test", 0.0)):
         cell = levers.summary(out, split)["st_mnrl"][next(iter(tasks.TASKS))]
         assert cell["mrr@10"]["n"] == 2
         assert cell["mrr@10"]["mean"] == pytest.approx(0.205 + shift, abs=5e-5)
         assert cell["vs_base"]["mean"] == pytest.approx(0.105, abs=5e-5)
+
+
+def test_rows_of_an_older_suite_are_neither_tabled_nor_done(tmp_path):
+    """A row evaluated before suite version 4 (its bible_ot and chat_qa ranked a query's own
+    text) is not mixed into the table, and a rerun measures it again."""
+    row = lambda n, v: {"recipe": n, "seed": 0, "split": "test",  # noqa: E731
+                        "result": {t: {"mrr@10": v} for t in tasks.TASKS}}  # fmt: skip
+    base = {"recipe": "base", "split": "test", "result": {t: {"mrr@10": 0.1} for t in tasks.TASKS}}
+    out = tmp_path / "levers.jsonl"
+    _write_rows(out, [base, row("st_mnrl", 0.2)])
+    with open(out, "a") as f:  # an old row (no suite_version), then the same row re-measured
+        f.write(json.dumps(row("gte_2stage", 0.9)) + "\n")
+        f.write(json.dumps({**row("tau_0.02", 0.8), "suite_version": build.VERSION - 1}) + "\n")
+    assert set(levers.summary(out)) == {"base", "st_mnrl"}
+    assert levers._done(out) == {("base", -1, "test"), ("st_mnrl", 0, "test")}
 
 
 @pytest.mark.parametrize("split", ["dve", "dev,dev", "test,train"])

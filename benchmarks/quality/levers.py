@@ -63,11 +63,14 @@ VARIANTS = {
 
 
 def _rows(out: pathlib.Path, split: str | None = None) -> list[dict]:
-    """The rows of ``out`` (of one evaluation split when ``split`` is given; a row without a
-    ``split`` field is a test-split row)."""
+    """The rows of ``out`` evaluated on this suite version (of one evaluation split when ``split``
+    is given; a row without a ``split`` field is a test-split row). A row of an older suite (no
+    ``suite_version``: before version 4, whose bible_ot and chat_qa ranked a query's own text) is
+    neither tabled nor counted as done: a rerun measures it again."""
     if not out.exists():
         return []
     rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("suite_version") == build.VERSION]
     return [r for r in rows if split is None or r.get("split", "test") == split]
 
 
@@ -156,7 +159,8 @@ def run_rows(runner: Runner, name: str, seed: int, splits: list[str]) -> list[di
         t1 = time.perf_counter()
         result = suite_run.evaluate_model(model, runner.suite, split=split, dims=DIMS)
         rows.append({"recipe": name, "seed": seed, "split": split, "train_s": train_s,
-                     "eval_s": round(time.perf_counter() - t1, 1), "result": result})  # fmt: skip
+                     "eval_s": round(time.perf_counter() - t1, 1), "result": result,
+                     "suite_version": build.VERSION})  # fmt: skip
     return rows
 
 
@@ -175,7 +179,7 @@ def measure_all(args) -> None:
             result = suite_run.evaluate_model(runner.base, suite, split=split)
             _append(out, {"recipe": "base", "split": split, "result": result,
                           "eval_s": round(time.perf_counter() - t0, 1),
-                          "settings": settings(args)})  # fmt: skip
+                          "settings": settings(args), "suite_version": build.VERSION})  # fmt: skip
     seeds = [int(s) for s in args.seeds.split(",")]
     order = [(n, s) for s in seeds for n in MAIN] + [(n, seeds[0]) for n in LEVERS]
     order += [(n, s) for s in seeds[1:] for n in LEVERS]
