@@ -232,6 +232,11 @@ def test_the_per_dimension_table_averages_each_prefix_over_seeds(tmp_path):
     rows += [{"recipe": n, "seed": s, "result": {t: {
         "mrr@10": value[n, s, t, "full"], "by_dim": {d: {"mrr@10": value[n, s, t, d]} for d in dims}}
         for t in tasks.TASKS}} for n in ("gte_2stage", "matryoshka") for s in (0, 1)]  # fmt: skip
+    rows = rows[:1] + rows[:0:-1]  # written levers first: the table still lists recipes first
+    rescored = {t: {"mrr@10": 0.123, "by_dim": {d: {"mrr@10": 0.123} for d in dims}}
+                for t in tasks.TASKS}  # fmt: skip
+    rows.append({"recipe": "matryoshka", "seed": 0, "result": rescored})  # the later row wins
+    value.update({("matryoshka", 0, t, d): 0.123 for t in tasks.TASKS for d in ["full", *dims]})
     first = next(iter(tasks.TASKS))  # a row re-scored per dimension on one task only
     rows.append(
         {"recipe": "partial", "seed": 0, "result": {t: {"mrr@10": 0.3} for t in tasks.TASKS}}
@@ -240,7 +245,7 @@ def test_the_per_dimension_table_averages_each_prefix_over_seeds(tmp_path):
     out = tmp_path / "levers.jsonl"
     _write_rows(out, rows)
     table = levers.summary_dims(out)
-    assert set(table) == {"gte_2stage", "matryoshka", "partial"}  # the peer's row has no by_dim
+    assert list(table) == ["gte_2stage", "matryoshka", "partial"]  # the peer's row has no by_dim
     assert set(table["partial"]) == {first}
     assert levers.markdown_dims(table).count("–") == (len(tasks.TASKS) - 1) * (len(dims) + 1)
     for n, _, t, d in value:

@@ -197,13 +197,20 @@ def settings(args) -> dict:
             "epochs": 1}  # fmt: skip
 
 
+def _ordered(rows) -> list[dict]:
+    """Rows in the table's order: the recipes, then the levers as :data:`LEVERS` lists them (a
+    stable sort: a later row of the same recipe and seed still comes later)."""
+    rank = {n: i for i, n in enumerate(("base", *MAIN, *LEVERS))}
+    return sorted(rows, key=lambda r: rank.get(r["recipe"], len(rank)))
+
+
 def summary(out: pathlib.Path, split: str = "test") -> dict:
     """Mean ± spread per row and task, and the MRR@10 deltas to the base and to the peer, on one
     evaluation split."""
     rows = _rows(out, split)
     base = next(r["result"] for r in rows if r["recipe"] == "base")
     by: dict[str, dict[int, dict]] = {}
-    for r in rows:
+    for r in _ordered(rows):
         if r["recipe"] != "base":
             by.setdefault(r["recipe"], {})[r["seed"]] = r["result"]
     peer = by.get("st_mnrl", {})
@@ -226,8 +233,9 @@ def summary_dims(out: pathlib.Path, split: str = "test") -> dict:
     """Matryoshka quality per dimension: {row: {task: {dim: mean ± spread of MRR@10}}} over the
     rows scored at :data:`DIMS` (the full dim is the row's own MRR@10); a task a row was not
     scored per dimension on is left out of it."""
+    latest = {(r["recipe"], r.get("seed")): r for r in _rows(out, split)}  # a re-scored row wins
     table: dict[str, dict] = {}
-    for r in _rows(out, split):
+    for r in _ordered(latest.values()):
         if r["recipe"] == "base":
             continue
         for t, res in r["result"].items():
