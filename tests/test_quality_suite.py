@@ -282,11 +282,16 @@ def test_rows_of_an_older_suite_are_neither_tabled_nor_done(tmp_path):
                         "result": {t: {"mrr@10": v} for t in tasks.TASKS}}  # fmt: skip
     base = {"recipe": "base", "split": "test", "result": {t: {"mrr@10": 0.1} for t in tasks.TASKS}}
     out = tmp_path / "levers.jsonl"
-    _write_rows(out, [base, row("st_mnrl", 0.2)])
+    _write_rows(out, [{**base, "result": {t: {"mrr@10": 0.7} for t in tasks.TASKS}}, base])
+    with open(out, "a") as f:
+        f.write(json.dumps({**row("st_mnrl", 0.2), "suite_version": build.VERSION}) + "\n")
     with open(out, "a") as f:  # an old row (no suite_version), then the same row re-measured
         f.write(json.dumps(row("gte_2stage", 0.9)) + "\n")
         f.write(json.dumps({**row("tau_0.02", 0.8), "suite_version": build.VERSION - 1}) + "\n")
-    assert set(levers.summary(out)) == {"base", "st_mnrl"}
+    table = levers.summary(out)
+    assert set(table) == {"base", "st_mnrl"}
+    first = next(iter(tasks.TASKS))  # the base model re-scored: its later row is the base
+    assert table["st_mnrl"][first]["vs_base"]["mean"] == pytest.approx(0.1)
     assert levers._done(out) == {("base", -1, "test"), ("st_mnrl", 0, "test")}
 
 
