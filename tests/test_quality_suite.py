@@ -218,6 +218,11 @@ def test_the_lever_table_summarises_rows_against_base_and_peer_per_seed(tmp_path
             assert cell["vs_base"]["mean"] == pytest.approx(v.mean() - base[t], abs=5e-5)
             assert cell["vs_peer"]["mean"] == pytest.approx((v - p).mean(), abs=5e-5)
             assert cell["vs_peer"]["spread"] == pytest.approx(np.ptp(v - p), abs=5e-5)
+            r = np.array([value["gte_2stage", s, t] for s in got_seeds], dtype=np.float64)
+            if n in levers.LEVERS:  # a lever's on/off effect: against the recipe's same seed
+                assert cell["vs_recipe"]["mean"] == pytest.approx((v - r).mean(), abs=5e-5)
+            else:
+                assert cell["vs_recipe"] is None
     assert "tau_0.02" in levers.markdown(table)
 
 

@@ -204,27 +204,33 @@ def _ordered(rows) -> list[dict]:
     return sorted(rows, key=lambda r: rank.get(r["recipe"], len(rank)))
 
 
+def _diffs(per_seed: dict, other: dict, task: str) -> list[float]:
+    """MRR@10 on ``task`` minus ``other``'s of the same seed, for the seeds both have."""
+    return [per_seed[s][task]["mrr@10"] - other[s][task]["mrr@10"] for s in per_seed if s in other]
+
+
 def summary(out: pathlib.Path, split: str = "test") -> dict:
-    """Mean ± spread per row and task, and the MRR@10 deltas to the base and to the peer, on one
-    evaluation split."""
+    """Mean ± spread per row and task, and the MRR@10 deltas to the base, to the peer and (a
+    lever's on/off effect) to the two-stage recipe of the same seed, on one evaluation split."""
     rows = _rows(out, split)
     base = [r["result"] for r in rows if r["recipe"] == "base"][-1]  # a re-scored row wins
     by: dict[str, dict[int, dict]] = {}
     for r in _ordered(rows):
         if r["recipe"] != "base":
             by.setdefault(r["recipe"], {})[r["seed"]] = r["result"]
-    peer = by.get("st_mnrl", {})
+    peer, recipe = by.get("st_mnrl", {}), by.get("gte_2stage", {})
     table = {"base": {t: {"mrr@10": base[t]["mrr@10"]} for t in tasks.TASKS}}
     for name, per_seed in by.items():
         table[name] = {}
         for t in tasks.TASKS:
             vals = [per_seed[s][t]["mrr@10"] for s in per_seed]
-            vs_peer = [per_seed[s][t]["mrr@10"] - peer[s][t]["mrr@10"] for s in per_seed
-                       if s in peer]  # fmt: skip
+            vs_peer, vs_recipe = _diffs(per_seed, peer, t), _diffs(per_seed, recipe, t)
+            vs_recipe = vs_recipe if name in LEVERS else []
             table[name][t] = {
                 "mrr@10": suite_run.mean_spread(vals),
                 "vs_base": suite_run.mean_spread([v - base[t]["mrr@10"] for v in vals]),
                 "vs_peer": suite_run.mean_spread(vs_peer) if vs_peer else None,
+                "vs_recipe": suite_run.mean_spread(vs_recipe) if vs_recipe else None,
             }
     return table
 
@@ -265,7 +271,7 @@ def markdown_dims(table: dict) -> str:
 
 def markdown(table: dict) -> str:
     names = list(tasks.TASKS)
-    head = "| row | n | " + " | ".join(f"{t} MRR@10 (Δ base, Δ peer)" for t in names) + " |"
+    head = "| row | n | " + " | ".join(f"{t} MRR@10 (Δ base, Δ peer, Δ off)" for t in names) + " |"
     lines = [head, "|---|---:|" + "---:|" * len(names)]
     for name, per_task in table.items():
         n = per_task[names[0]]["mrr@10"]["n"] if name != "base" else 1
@@ -278,7 +284,8 @@ def _cell(c: dict) -> str:
     if not isinstance(m, dict):
         return f"{m:.4f}"
     f = lambda d: f"{d['mean']:+.4f}" if d else "–"  # noqa: E731
-    return f"{m['mean']:.4f} ± {m['spread'] / 2:.4f} ({f(c['vs_base'])}, {f(c['vs_peer'])})"
+    deltas = ", ".join(f(c.get(k)) for k in ("vs_base", "vs_peer", "vs_recipe"))
+    return f"{m['mean']:.4f} ± {m['spread'] / 2:.4f} ({deltas})"
 
 
 def _splits(text: str) -> str:
