@@ -363,6 +363,7 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     runner.base, runner.work, runner.cache = "base", tmp_path, {}
     runner.pairs, runner.weak = tmp_path / "pairs.jsonl", tmp_path / "weak.jsonl"
     runner.interpolate = lambda seed, weight: tmp_path / f"interp_{weight}"
+    runner.weak_sentences = lambda: tmp_path / "weak_sentences.jsonl"
     for name in levers.LEVERS:
         runner.train(name, 0)
     by_flags = {extra: out.name for out, extra in mines}
@@ -371,6 +372,26 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     assert len(set(by_flags.values())) == len(levers.MINING)  # one file per way of mining
     window = next(d for d, _ in trains if "mine_window" in d.name)
     assert "--skip-top" in dict(mines)[window]
+    stage1 = [d for d, _ in trains if d.name.startswith("weak")]  # stage 1's two sources
+    assert [d.name for d in stage1] == ["weak.jsonl", "weak_sentences.jsonl"]
+
+
+def test_the_larger_stage_1_adds_adjacent_sentences_of_train_articles_only(quick_run, tmp_path):
+    """``stage1_sentences``' weak file: the recipe's weak pairs first, then adjacent Wikipedia
+    sentences, none of whose texts is in wiki_lead's dev or test files (by the test's own text
+    key), so the out-of-domain measurement stays held out."""
+    suite, _, _ = quick_run
+    runner = levers.Runner.__new__(levers.Runner)
+    runner.suite, runner.work = suite, tmp_path
+    runner.weak = tmp_path / "weak.jsonl"
+    runner.weak.write_text(json.dumps({"query": "a lead sentence", "positive": "the rest"}) + "\n")
+    lines = runner.weak_sentences().read_text().splitlines()
+    assert lines[0] == runner.weak.read_text().strip() and len(lines) > 1000
+    held = _suite_texts(suite / "wiki_lead")
+    for line in lines[1:]:
+        r = json.loads(line)
+        assert not {_key(r["query"]), _key(r["positive"])} & (held["dev"] | held["test"]), r
+        assert len(r["query"]) >= 40 and len(r["positive"]) >= 40
 
 
 def test_each_run_directory_has_its_own_log(tmp_path):

@@ -35,7 +35,7 @@ MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 # the levers on top of the two-stage recipe (mined negatives, τ 0.05), one thing changed each;
 # interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
 LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "tau_0.02", "tau_learned",
-          "matryoshka", "replay_0.2", "distill", "tau_0.01", "mine_top")  # fmt: skip
+          "matryoshka", "replay_0.2", "stage1_sentences", "distill", "tau_0.01", "mine_top")  # fmt: skip
 # how the two-stage recipe's negatives are mined (``gte-jax mine`` flags); "default" is the recipe's
 # own (TopK-PercPos 0.95, the best of the top 100); the others retrain stage 2 on their own file
 MINING = {
@@ -46,6 +46,9 @@ MINING = {
     # the recipe's negatives + the miner's (stage 1's) cosines with the positive and negative
     "distill": ("--teacher-scores",),
 }
+# stage 1's weak pairs: the recipe's (wiki_lead's train split, lead sentence -> the rest), or
+# ``stage1_sentences``: those plus every two adjacent sentences of the same train-split articles
+# (8,153 continuation pairs from another source than the Bible), mined and stage 2 as the recipe
 # every row is also scored at these prefixes of MiniLM's 384 dims (Matryoshka quality per dim)
 DIMS = (256, 128, 64)
 VARIANTS = {
@@ -104,15 +107,37 @@ class Runner:
             self.cache[key + "_s"] = round(time.perf_counter() - t0, 1)
         return self.cache[key]
 
-    def stage1(self, seed: int) -> pathlib.Path:
-        return self._once(f"stage1_{seed}", lambda: measure.gte_train(
-            self.base, self.weak, self.work / f"stage1_s{seed}", seed))  # fmt: skip
+    def stage1(self, seed: int, source: str = "lead") -> pathlib.Path:
+        stem = "stage1" if source == "lead" else f"stage1_{source}"
+        data = self.weak if source == "lead" else self.weak_sentences()
+        return self._once(f"{stem}_{seed}", lambda: measure.gte_train(
+            self.base, data, self.work / f"{stem}_s{seed}", seed))  # fmt: skip
 
-    def mined(self, seed: int, how: str = "default") -> pathlib.Path:
-        stem = "mined" if how == "default" else f"mined_{how}"
+    def mined(self, seed: int, how: str = "default", source: str = "lead") -> pathlib.Path:
+        stem = "mined" + ("" if how == "default" else f"_{how}")
+        stem += "" if source == "lead" else f"_{source}"
         return self._once(f"{stem}_{seed}", lambda: measure.mine(
-            self.stage1(seed), self.pairs, self.work / f"{stem}_s{seed}.jsonl", seed,
+            self.stage1(seed, source), self.pairs, self.work / f"{stem}_s{seed}.jsonl", seed,
             MINING[how]))  # fmt: skip
+
+    def weak_sentences(self) -> pathlib.Path:
+        """The recipe's weak pairs + wiki_lead's train-split adjacent sentences, none sharing a
+        text with wiki_lead's dev / test files or the reserved texts (written once)."""
+        out = self.work / "weak_sentences.jsonl"
+        if not out.exists():
+            held = tasks.reserved_texts()
+            for split in ("dev", "test"):
+                for name in ("corpus.jsonl", "queries.jsonl"):
+                    with open(self.suite / measure.STAGE1_SOURCE / split / name) as f:
+                        held |= {tasks.norm(json.loads(x)["text"]) for x in f if x.strip()}
+            pairs = [p for p in tasks.wiki_sentence_pairs()
+                     if tasks.split_of(measure.STAGE1_SOURCE, p.group) == "train"
+                     and not {tasks.norm(p.query), tasks.norm(p.positive)} & held]  # fmt: skip
+            lines = [json.dumps({"query": p.query, "positive": p.positive}) + "\n" for p in pairs]
+            tmp = out.with_suffix(".partial")
+            tmp.write_text(self.weak.read_text(encoding="utf-8") + "".join(lines), encoding="utf-8")
+            tmp.rename(out)
+        return out
 
     def train(self, name: str, seed: int) -> pathlib.Path:
         """The model directory of one row (training it, or exporting for interpolation)."""
@@ -125,6 +150,9 @@ class Runner:
             return self.two_stage(seed)
         if name.startswith("interp_"):
             return self.interpolate(seed, float(name.split("_")[1]))
+        if name == "stage1_sentences":
+            init, data = self.stage1(seed, "sentences"), self.mined(seed, source="sentences")
+            return measure.gte_train(str(init), data, w / f"{name}_s{seed}", seed)
         flags = VARIANTS[name]
         data = (
             self.pairs if flags is None else self.mined(seed, name if name in MINING else "default")

@@ -125,6 +125,25 @@ def wiki_pairs(max_per_article: int = 60) -> list[Pair]:
     return out
 
 
+def wiki_sentence_pairs() -> list[Pair]:
+    """Every two adjacent sentences of a Wikipedia paragraph (both >= 40 characters), grouped by
+    article as :func:`wiki_pairs`: weak continuation pairs from another source than the Bible,
+    for a larger stage 1 (not a task: no dev / test files of their own)."""
+    from gensim.corpora import wikicorpus
+
+    path = _gensim_test_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    out = []
+    with bz2.BZ2File(path) as f:
+        for title, text, _ in wikicorpus.extract_pages(f):
+            if text.lstrip().upper().startswith("#REDIRECT"):
+                continue
+            for paragraph in _MARKUP.sub("", wikicorpus.filter_wiki(text)).split("\n\n"):
+                s = _SENTENCE_END.split(" ".join(paragraph.split()))
+                out += [Pair(f"wiki:{title}", a, b) for a, b in zip(s, s[1:], strict=False)
+                        if len(a) >= 40 and len(b) >= 40]  # fmt: skip
+    return out
+
+
 def _lead_and_rest(paragraph: str) -> tuple[str, str] | None:
     text = " ".join(paragraph.split())
     parts = _SENTENCE_END.split(text, maxsplit=1)
