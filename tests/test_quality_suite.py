@@ -350,14 +350,16 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     lever's negatives come from its own ``gte-jax mine`` flags, not the recipe's file."""
     from benchmarks.quality import measure
 
-    mines, trains = [], []
+    mines, trains, workdirs = [], [], []
     monkeypatch.setattr(
         measure, "mine", lambda model, pairs, out, seed, extra=(): mines.append((out, extra)) or out
     )
     monkeypatch.setattr(
         measure,
         "gte_train",
-        lambda init, data, workdir, seed, extra=(): trains.append((data, extra)) or workdir,
+        lambda init, data, workdir, seed, extra=(): (
+            trains.append((data, extra)) or workdirs.append(workdir) or workdir
+        ),
     )
     runner = levers.Runner.__new__(levers.Runner)
     runner.base, runner.work, runner.cache = "base", tmp_path, {}
@@ -374,6 +376,9 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     assert "--skip-top" in dict(mines)[window]
     stage1 = [d for d, _ in trains if d.name.startswith("weak")]  # stage 1's two sources
     assert [d.name for d in stage1] == ["weak.jsonl", "weak_sentences.jsonl"]
+    # no two trainings share a workdir (a finished one's export is reused: a collision would
+    # table stage 1's model as a lever's stage 2)
+    assert len(set(workdirs)) == len(workdirs), sorted(map(str, workdirs))
 
 
 def test_the_larger_stage_1_adds_adjacent_sentences_of_train_articles_only(quick_run, tmp_path):

@@ -108,7 +108,8 @@ class Runner:
         return self.cache[key]
 
     def stage1(self, seed: int, source: str = "lead") -> pathlib.Path:
-        stem = "stage1" if source == "lead" else f"stage1_{source}"
+        # not "stage1_<source>": that is the stage-2 directory of the lever of the same name
+        stem = "stage1" if source == "lead" else f"weak_{source}_stage1"
         data = self.weak if source == "lead" else self.weak_sentences()
         return self._once(f"{stem}_{seed}", lambda: measure.gte_train(
             self.base, data, self.work / f"{stem}_s{seed}", seed))  # fmt: skip
