@@ -111,17 +111,10 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(])")
 def wiki_pairs(max_per_article: int = 60) -> list[Pair]:
     """Wikipedia paragraph: first sentence -> the rest of the paragraph; grouped by article (the
     shortened English dump shipped in gensim's wheel, CC BY-SA)."""
-    from gensim.corpora import wikicorpus
-
-    path = _gensim_test_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     out = []
-    with bz2.BZ2File(path) as f:
-        for title, text, _ in wikicorpus.extract_pages(f):
-            if text.lstrip().upper().startswith("#REDIRECT"):
-                continue
-            body = _MARKUP.sub("", wikicorpus.filter_wiki(text))
-            pairs = [p for p in map(_lead_and_rest, body.split("\n\n")) if p]
-            out += [Pair(f"wiki:{title}", q, d) for q, d in pairs[:max_per_article]]
+    for title, paragraphs in _wiki_articles():
+        pairs = [p for p in map(_lead_and_rest, paragraphs) if p]
+        out += [Pair(f"wiki:{title}", q, d) for q, d in pairs[:max_per_article]]
     return out
 
 
@@ -129,19 +122,24 @@ def wiki_sentence_pairs() -> list[Pair]:
     """Every two adjacent sentences of a Wikipedia paragraph (both >= 40 characters), grouped by
     article as :func:`wiki_pairs`: weak continuation pairs from another source than the Bible,
     for a larger stage 1 (not a task: no dev / test files of their own)."""
+    out = []
+    for title, paragraphs in _wiki_articles():
+        for paragraph in paragraphs:
+            s = _SENTENCE_END.split(" ".join(paragraph.split()))
+            out += [Pair(f"wiki:{title}", a, b) for a, b in zip(s, s[1:], strict=False)
+                    if len(a) >= 40 and len(b) >= 40]  # fmt: skip
+    return out
+
+
+def _wiki_articles() -> Iterator[tuple[str, list[str]]]:
+    """(title, its paragraphs, markup removed) of each article of the dump, redirects skipped."""
     from gensim.corpora import wikicorpus
 
     path = _gensim_test_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
-    out = []
     with bz2.BZ2File(path) as f:
         for title, text, _ in wikicorpus.extract_pages(f):
-            if text.lstrip().upper().startswith("#REDIRECT"):
-                continue
-            for paragraph in _MARKUP.sub("", wikicorpus.filter_wiki(text)).split("\n\n"):
-                s = _SENTENCE_END.split(" ".join(paragraph.split()))
-                out += [Pair(f"wiki:{title}", a, b) for a, b in zip(s, s[1:], strict=False)
-                        if len(a) >= 40 and len(b) >= 40]  # fmt: skip
-    return out
+            if not text.lstrip().upper().startswith("#REDIRECT"):
+                yield title, _MARKUP.sub("", wikicorpus.filter_wiki(text)).split("\n\n")
 
 
 def _lead_and_rest(paragraph: str) -> tuple[str, str] | None:
