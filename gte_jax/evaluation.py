@@ -62,7 +62,11 @@ def evaluate_beir(
 ) -> dict[str, Any]:
     """Encode corpus and queries, search exactly, score against the qrels. ``dims``: also score
     each embedding prefix (Matryoshka) from the same encoding, truncated by the one rule of
-    training, ``encode --dim`` and the export (:func:`truncate_embeddings`) -> ``by_dim``."""
+    training, ``encode --dim`` and the export (:func:`truncate_embeddings`) -> ``by_dim``; a dim
+    the embeddings do not have is a ValueError before anything is encoded."""
+    width = embedder.truncate_dim or embedder.model.embedding_dim
+    if any(not 1 <= int(d) <= width for d in dims):
+        raise ValueError(f"dims {list(dims)}: each must be in [1, {width}] (the embedding's size)")
     doc_ids = list(data.corpus)
     query_ids = list(data.queries)
     t0 = time.perf_counter()

@@ -314,7 +314,20 @@ def test_evaluate_beir_per_dimension_matches_sentence_transformers_truncate_dim(
         finally:
             st_model.truncate_dim = None
         assert d.shape[1] == dim
-        order = np.argsort(-(q.astype(np.float64) @ d.T.astype(np.float64)), axis=1, kind="stable")
+        scores = q.astype(np.float64) @ d.T.astype(np.float64)
+        # the comparison is well posed: the two implementations' cosines differ by less than half
+        # the smallest gap between two of the reference's scores, so they rank alike
+        embedder.set_truncate_dim(dim)
+        try:
+            ours = (
+                embedder.encode(list(data.queries.values()), max_length=32)
+                @ embedder.encode([data.corpus[i] for i in doc_ids], max_length=32).T
+            )
+        finally:
+            embedder.set_truncate_dim(None)
+        gap = np.diff(-np.sort(scores, axis=1)[:, ::-1], axis=1).min()
+        assert np.abs(ours - scores).max() < gap / 2, (dim, np.abs(ours - scores).max(), gap)
+        order = np.argsort(-scores, axis=1, kind="stable")
         ranking = {
             qid: [doc_ids[j] for j in row[:100]] for qid, row in zip(query_ids, order, strict=True)
         }
@@ -324,6 +337,16 @@ def test_evaluate_beir_per_dimension_matches_sentence_transformers_truncate_dim(
     assert result["by_dim"][8]["mrr@10"] != result["mrr@10"]  # the prefix is really scored
     for key in ("ndcg@10", "mrr@10", "recall@100"):
         assert result["by_dim"][full][key] == result[key]
+
+
+@pytest.mark.parametrize("dims", [(0,), (385,), (64, 999)])
+def test_evaluate_beir_refuses_a_dimension_the_embedding_lacks_before_encoding(
+    tmp_path, embedder, dims, monkeypatch
+):
+    data = evaluation.read_beir(_beir_subset(tmp_path / "beir"))
+    monkeypatch.setattr(embedder, "encode", lambda *a, **k: pytest.fail("encoded first"))
+    with pytest.raises(ValueError, match=r"must be in \[1, 384\]"):
+        evaluation.evaluate_beir(embedder, data, dims=dims)
 
 
 def test_ignore_identical_ids(tmp_path, embedder):

@@ -300,6 +300,21 @@ def test_rows_of_an_older_suite_are_neither_tabled_nor_done(tmp_path):
     assert levers._done(out) == {("base", -1, "test"), ("st_mnrl", 0, "test")}
 
 
+def test_a_summary_of_only_older_rows_says_so(tmp_path):
+    out = tmp_path / "levers.jsonl"
+    _write_rows(out, [{"recipe": "base", "result": {t: {"mrr@10": 0.1} for t in tasks.TASKS}}],
+                version=build.VERSION - 1)  # fmt: skip
+    with pytest.raises(SystemExit, match=f"no test rows of suite version {build.VERSION}"):
+        levers.summary(out)
+
+
+@pytest.mark.parametrize("dims", ["abc", "0", "256,-1", ""])
+def test_the_suite_refuses_bad_dims_at_start_up(dims, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run._parser().parse_args(["--dims", dims])
+    assert exc.value.code == 2 and repr(dims) in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("split", ["dve", "dev,dev", "test,train"])
 def test_the_lever_driver_refuses_an_unknown_split_before_it_trains(split, monkeypatch, capsys):
     """A misspelt ``--split`` exits 2 at start-up, naming the value, before anything is built."""

@@ -46,9 +46,6 @@ MINING = {
     # the recipe's negatives + the miner's (stage 1's) cosines with the positive and negative
     "distill": ("--teacher-scores",),
 }
-# stage 1's weak pairs: the recipe's (wiki_lead's train split, lead sentence -> the rest), or
-# ``stage1_sentences``: those plus every two adjacent sentences of the same train-split articles
-# (8,153 continuation pairs from another source than the Bible), mined and stage 2 as the recipe
 # every row is also scored at these prefixes of MiniLM's 384 dims (Matryoshka quality per dim)
 DIMS = (256, 128, 64)
 VARIANTS = {
@@ -108,6 +105,9 @@ class Runner:
         return self.cache[key]
 
     def stage1(self, seed: int, source: str = "lead") -> pathlib.Path:
+        """Stage 1 on the recipe's weak pairs (``lead``: wiki_lead's train split, lead sentence ->
+        the rest) or, for ``stage1_sentences``, those plus every two adjacent sentences of the
+        same train-split articles (:meth:`weak_sentences`)."""
         # not "stage1_<source>": that is the stage-2 directory of the lever of the same name
         stem = "stage1" if source == "lead" else f"weak_{source}_stage1"
         data = self.weak if source == "lead" else self.weak_sentences()
@@ -129,7 +129,8 @@ class Runner:
             held = tasks.reserved_texts()
             for split in ("dev", "test"):
                 for name in ("corpus.jsonl", "queries.jsonl"):
-                    with open(self.suite / measure.STAGE1_SOURCE / split / name) as f:
+                    path = self.suite / measure.STAGE1_SOURCE / split / name
+                    with open(path, encoding="utf-8") as f:
                         held |= {tasks.norm(json.loads(x)["text"]) for x in f if x.strip()}
             pairs = [p for p in tasks.wiki_sentence_pairs()
                      if tasks.split_of(measure.STAGE1_SOURCE, p.group) == "train"
@@ -242,7 +243,11 @@ def summary(out: pathlib.Path, split: str = "test") -> dict:
     """Mean ± spread per row and task, and the MRR@10 deltas to the base, to the peer and (a
     lever's on/off effect) to the two-stage recipe of the same seed, on one evaluation split."""
     rows = _rows(out, split)
-    base = [r["result"] for r in rows if r["recipe"] == "base"][-1]  # a re-scored row wins
+    bases = [r["result"] for r in rows if r["recipe"] == "base"]
+    if not bases:
+        raise SystemExit(f"{out}: no {split} rows of suite version {build.VERSION} (older rows "
+                         "are not tabled): run the grid without --summary to measure them")  # fmt: skip
+    base = bases[-1]  # a re-scored row wins
     by: dict[str, dict[int, dict]] = {}
     for r in _ordered(rows):
         if r["recipe"] != "base":

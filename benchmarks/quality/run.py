@@ -98,6 +98,18 @@ def _cell(v) -> str:
     return "" if v is None else f"{v:.3f}"
 
 
+def _dims(text: str) -> tuple[int, ...]:
+    """``--dims``: positive integers, comma-separated (refused at start-up, exit 2, otherwise;
+    one above the model's dimension is refused by ``evaluate_beir`` before it encodes)."""
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive integers, e.g. 256,64")
+    return dims
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], help="model dir (repeatable)")
@@ -107,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--query-prefix", default="")
     p.add_argument("--doc-prefix", default="")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--dims", default="", help="also score these embedding prefixes, e.g. 256,64")
+    p.add_argument("--dims", default=(), type=_dims,
+                   help="also score these embedding prefixes, e.g. 256,64")  # fmt: skip
     p.add_argument("--measure", action="store_true", help="train and compare the recipes")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train_pairs", type=int, default=2000)
@@ -125,7 +138,7 @@ def evaluate_record(models: list, suite: pathlib.Path, args: argparse.Namespace)
             query_prefix=args.query_prefix,
             doc_prefix=args.doc_prefix,
             batch_size=args.batch_size,
-            dims=tuple(int(d) for d in args.dims.split(",") if d),
+            dims=args.dims,
         )
         for m in models
     }
