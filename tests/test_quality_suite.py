@@ -329,6 +329,30 @@ def test_the_lever_driver_refuses_an_unknown_split_before_it_trains(split, monke
     assert repr(split) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chosen", ["stage1_sentence", "no_mining,no_mining", "st_mnrl", ","])
+def test_the_lever_driver_refuses_an_unknown_lever_before_it_trains(chosen, monkeypatch, capsys):
+    """A misspelt or repeated ``--levers`` name exits 2 at start-up, naming the value."""
+
+    def measure_all(args):
+        raise AssertionError(f"--levers {chosen!r} was accepted: the grid started")
+
+    monkeypatch.setattr(levers, "measure_all", measure_all)
+    with pytest.raises(SystemExit) as exc:
+        levers.main(["--levers", chosen])
+    assert exc.value.code == 2
+    assert repr(chosen) in capsys.readouterr().err
+
+
+def test_chosen_levers_run_in_the_order_given_after_the_recipes():
+    args = levers._parser().parse_args(["--levers", "no_mining,distill", "--seeds", "0,1"])
+    order = levers.grid_order([0, 1], args.levers.split(","))
+    recipes = [(n, s) for s in (0, 1) for n in levers.MAIN]
+    tail = [("no_mining", 0), ("distill", 0), ("no_mining", 1), ("distill", 1)]
+    assert order == recipes + tail
+    every = levers.grid_order([0, 1])  # the default: every lever, in the table's order
+    assert every[len(recipes) :] == [(n, s) for s in (0, 1) for n in levers.LEVERS]
+
+
 def test_a_rerun_reuses_finished_trainings_and_minings_and_redoes_cut_short_ones(
     tmp_path, monkeypatch
 ):

@@ -12,7 +12,8 @@ as it ends, with its training and evaluation seconds, so a partial table survive
 in ``--out`` are skipped on a rerun. ``--summary`` prints the table of what ``--out`` holds.
 
 Order: the recipes the goal is about (peer, 2-stage, 1-stage) for every seed first, then every
-lever at the first seed, then the levers at the other seeds.
+lever at the first seed, then the levers at the other seeds. ``--levers stage1_sentences,no_mining``
+runs only those levers, in that order (the table still shows every row ``--out`` holds).
 """
 
 from __future__ import annotations
@@ -194,6 +195,13 @@ def run_rows(runner: Runner, name: str, seed: int, splits: list[str]) -> list[di
     return rows
 
 
+def grid_order(seeds: list[int], chosen=LEVERS) -> list[tuple[str, int]]:
+    """(recipe, seed) in the order the grid runs them: the recipes for every seed, then the
+    chosen levers at the first seed, then at the others."""
+    order = [(n, s) for s in seeds for n in MAIN] + [(n, seeds[0]) for n in chosen]
+    return order + [(n, s) for s in seeds[1:] for n in chosen]
+
+
 def measure_all(args) -> None:
     suite = build.build_suite(pathlib.Path(args.workdir).expanduser())
     measure.COMMON["learning_rate"] = args.learning_rate
@@ -211,9 +219,7 @@ def measure_all(args) -> None:
                           "eval_s": round(time.perf_counter() - t0, 1),
                           "settings": settings(args), "suite_version": build.VERSION})  # fmt: skip
     seeds = [int(s) for s in args.seeds.split(",")]
-    order = [(n, s) for s in seeds for n in MAIN] + [(n, seeds[0]) for n in LEVERS]
-    order += [(n, s) for s in seeds[1:] for n in LEVERS]
-    for name, seed in order:
+    for name, seed in grid_order(seeds, args.levers.split(",") if args.levers else LEVERS):
         todo = [s for s in splits if (name, seed, s) not in done]
         if not todo:
             continue
@@ -330,6 +336,15 @@ def _splits(text: str) -> str:
     return text
 
 
+def _levers(text: str) -> str:
+    """``--levers``: refused at start-up (exit 2) unless each name is a lever of :data:`LEVERS`."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: names from {', '.join(LEVERS)}, each once")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=str(suite_run.DEFAULT_WORKDIR))
@@ -341,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", type=_splits,
                    help="dev, test, or dev,test: each model evaluated on each (a row per split); "
                    "--summary: the split tabled (the first)")  # fmt: skip
+    p.add_argument("--levers", default="", type=_levers,
+                   help="only these levers, in this order (comma-separated; default: all, "
+                   "table order); the recipes are always run first")  # fmt: skip
     p.add_argument("--summary", action="store_true", help="only print the table of --out")
     return p
 
