@@ -315,32 +315,23 @@ def test_the_suite_refuses_bad_dims_at_start_up(dims, capsys):
     assert exc.value.code == 2 and repr(dims) in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("split", ["dve", "dev,dev", "test,train"])
-def test_the_lever_driver_refuses_an_unknown_split_before_it_trains(split, monkeypatch, capsys):
-    """A misspelt ``--split`` exits 2 at start-up, naming the value, before anything is built."""
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--split", v) for v in ("dve", "dev,dev", "test,train")]
+    + [("--levers", v) for v in ("stage1_sentence", "no_mining,no_mining", "st_mnrl", ",")],
+)
+def test_the_lever_driver_refuses_a_bad_flag_before_it_trains(flag, value, monkeypatch, capsys):
+    """A misspelt ``--split``, or a ``--levers`` name that is not a lever (or is repeated), exits
+    2 at start-up, naming the value, before anything is built."""
 
     def measure_all(args):
-        raise AssertionError(f"--split {split!r} was accepted: the grid started")
+        raise AssertionError(f"{flag} {value!r} was accepted: the grid started")
 
     monkeypatch.setattr(levers, "measure_all", measure_all)
     with pytest.raises(SystemExit) as exc:
-        levers.main(["--split", split])
+        levers.main([flag, value])
     assert exc.value.code == 2
-    assert repr(split) in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("chosen", ["stage1_sentence", "no_mining,no_mining", "st_mnrl", ","])
-def test_the_lever_driver_refuses_an_unknown_lever_before_it_trains(chosen, monkeypatch, capsys):
-    """A misspelt or repeated ``--levers`` name exits 2 at start-up, naming the value."""
-
-    def measure_all(args):
-        raise AssertionError(f"--levers {chosen!r} was accepted: the grid started")
-
-    monkeypatch.setattr(levers, "measure_all", measure_all)
-    with pytest.raises(SystemExit) as exc:
-        levers.main(["--levers", chosen])
-    assert exc.value.code == 2
-    assert repr(chosen) in capsys.readouterr().err
+    assert repr(value) in capsys.readouterr().err
 
 
 def test_chosen_levers_run_in_the_order_given_after_the_recipes():
