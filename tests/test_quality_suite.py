@@ -340,7 +340,9 @@ def test_chosen_levers_run_in_the_order_given_after_the_recipes():
     recipes = [(n, s) for s in (0, 1) for n in levers.MAIN]
     tail = [("no_mining", 0), ("distill", 0), ("no_mining", 1), ("distill", 1)]
     assert order == recipes + tail
-    every = levers.grid_order([0, 1])  # the default: every lever, in the table's order
+    default = levers._parser().parse_args([])  # no --levers: every lever, in the table's order
+    assert default.levers is None and default.split == "test"
+    every = levers.grid_order([0, 1])
     assert every[len(recipes) :] == [(n, s) for s in (0, 1) for n in levers.LEVERS]
 
 

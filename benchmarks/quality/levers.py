@@ -356,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", type=_splits,
                    help="dev, test, or dev,test: each model evaluated on each (a row per split); "
                    "--summary: the split tabled (the first)")  # fmt: skip
-    p.add_argument("--levers", default="", type=_levers,
+    p.add_argument("--levers", default=None, type=_levers,
                    help="only these levers, in this order (comma-separated; default: all, "
                    "table order); the recipes are always run first")  # fmt: skip
     p.add_argument("--summary", action="store_true", help="only print the table of --out")
