@@ -318,11 +318,13 @@ def test_the_suite_refuses_bad_dims_at_start_up(dims, capsys):
 @pytest.mark.parametrize(
     "flag,value",
     [("--split", v) for v in ("dve", "dev,dev", "test,train")]
-    + [("--levers", v) for v in ("stage1_sentence", "no_mining,no_mining", "st_mnrl", ",")],
+    + [("--levers", v) for v in ("stage1_sentence", "no_mining,no_mining", "st_mnrl", ",")]
+    + [("--seeds", v) for v in ("0,x", "0,0", "")],
 )
 def test_the_lever_driver_refuses_a_bad_flag_before_it_trains(flag, value, monkeypatch, capsys):
-    """A misspelt ``--split``, or a ``--levers`` name that is not a lever (or is repeated), exits
-    2 at start-up, naming the value, before anything is built."""
+    """A misspelt ``--split``, a ``--levers`` name that is not a lever (or is repeated) or a
+    ``--seeds`` that is not distinct integers exits 2 at start-up, naming the value, before
+    anything is built."""
 
     def measure_all(args):
         raise AssertionError(f"{flag} {value!r} was accepted: the grid started")

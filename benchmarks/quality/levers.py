@@ -336,6 +336,17 @@ def _splits(text: str) -> str:
     return text
 
 
+def _seeds(text: str) -> str:
+    """``--seeds``: refused at start-up (exit 2) unless comma-separated distinct integers."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: distinct integers, e.g. 0,1,2")
+    return text
+
+
 def _levers(text: str) -> str:
     """``--levers``: refused at start-up (exit 2) unless each name is a lever of :data:`LEVERS`."""
     names = text.split(",")
@@ -349,7 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=str(suite_run.DEFAULT_WORKDIR))
     p.add_argument("--out", default="levers.jsonl", help="JSONL of finished rows (appended)")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", type=_seeds)
     p.add_argument("--train_pairs", type=int, default=2000, help="in-domain (bible_ot) pairs")
     p.add_argument("--weak_pairs", type=int, default=1723, help="stage-1 (wiki_lead) pairs")
     p.add_argument("--learning_rate", type=float, default=1e-4)
