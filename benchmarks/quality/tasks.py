@@ -71,6 +71,30 @@ def bible_pairs(version: str = "WORLD_ENGLISH") -> list[Pair]:
     return out
 
 
+def bible_chapter_pairs(version: str = "KING_JAMES", min_gap: int = 2) -> list[Pair]:
+    """Two verses of one Old Testament chapter at least ``min_gap`` verses apart, in another
+    translation than the task's (the KJV), grouped by chapter as :func:`bible_pairs`: weak
+    in-domain pairs from raw text (Contriever's "two spans of one document"), never the task's own
+    relation (a verse and the next one). One pair per verse; its partner is drawn by a hash of the
+    verse id, so the file never changes. Not a task (no dev / test files of its own): a larger
+    stage 1 restricted to the in-domain task's train chapters (``levers.Runner.weak_more``)."""
+    import pythonbible as pb
+
+    v = pb.Version[version]
+    chapters: dict[int, list[tuple[int, str]]] = {}
+    for vid in _verse_ids(pb):
+        if vid < FIRST_NT_VERSE and (text := _verse(pb, vid, v)):
+            chapters.setdefault(vid // 1000, []).append((vid, text))
+    out = []
+    for chapter, verses in chapters.items():
+        for i, (vid, text) in enumerate(verses):
+            partners = [t for j, (_, t) in enumerate(verses) if abs(i - j) >= min_gap]
+            if partners:
+                h = int.from_bytes(hashlib.sha256(f"partner\0{vid}".encode()).digest()[:8], "big")
+                out.append(Pair(f"ot:{chapter}", text, partners[h % len(partners)]))
+    return out
+
+
 def _verse(pb, verse_id: int, version) -> str:
     """A verse's text, "" where the translation lacks it (the WEB omits a few)."""
     try:
