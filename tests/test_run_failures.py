@@ -148,6 +148,9 @@ _TINY = [
     "--config.train.batch_size=8", "--config.model.dtype=float32",
     "--config.train.progress_bar=false", "--config.checkpoint.every_steps=1",
     "--config.checkpoint.async_save=false", "--config.data.packing=false", "--log_level=WARNING",
+    # what these tests are about is the workdir, not the step: without dropout's random bits the
+    # tiny step on 8 devices compiles ~35 % faster (12.5 s against 18-20 s, loaded 2-core CPU)
+    "--config.model.dropout=0",
 ]  # fmt: skip
 
 
