@@ -219,7 +219,8 @@ def test_in_training_eval_runs_the_export_in_float32(tiny_model_dir, tmp_path, m
          "--config.model.dtype=bfloat16", "--config.data.max_length=32",
          "--config.train.batch_size=16", "--config.train.num_steps=2",
          "--config.train.learning_rate=1e-3", "--config.train.progress_bar=false",
-         "--config.checkpoint.async_save=false"]
+         "--config.checkpoint.async_save=false",
+         "--config.model.dropout=0"]  # the eval's dtype, not dropout (~1/3 of the compile)
     )  # fmt: skip
     assert rc == 0 and len(seen) >= 2  # at step 0 and at the end
     model, tokenizer = seen[-1]
