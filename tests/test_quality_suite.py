@@ -415,17 +415,25 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     assert len(set(workdirs)) == len(workdirs), sorted(map(str, workdirs))
 
 
+def _weak_more_lines(suite, tmp_path, source: str) -> list[str]:
+    """A larger stage 1's weak file (``Runner.weak_more``) over a one-pair recipe file: its lines,
+    the recipe's pair checked first."""
+    runner = levers.Runner.__new__(levers.Runner)
+    runner.suite, runner.work = suite, tmp_path
+    runner.weak = tmp_path / "weak.jsonl"
+    runner.weak.write_text(json.dumps({"query": "a lead sentence", "positive": "the rest"}) + "\n")
+    lines = runner.weak_more(source).read_text().splitlines()
+    assert lines[0] == runner.weak.read_text().strip()
+    return lines
+
+
 def test_the_larger_stage_1_adds_adjacent_sentences_of_train_articles_only(quick_run, tmp_path):
     """``stage1_sentences``' weak file: the recipe's weak pairs first, then adjacent Wikipedia
     sentences, none of whose texts is in wiki_lead's dev or test files (by the test's own text
     key), so the out-of-domain measurement stays held out."""
     suite, _, _ = quick_run
-    runner = levers.Runner.__new__(levers.Runner)
-    runner.suite, runner.work = suite, tmp_path
-    runner.weak = tmp_path / "weak.jsonl"
-    runner.weak.write_text(json.dumps({"query": "a lead sentence", "positive": "the rest"}) + "\n")
-    lines = runner.weak_more("sentences").read_text().splitlines()
-    assert lines[0] == runner.weak.read_text().strip() and len(lines) > 1000
+    lines = _weak_more_lines(suite, tmp_path, "sentences")
+    assert len(lines) > 1000
     held = _suite_texts(suite / "wiki_lead")
     for line in lines[1:]:
         r = json.loads(line)
@@ -443,12 +451,7 @@ def test_the_in_domain_stage_1_pairs_verses_of_one_train_chapter_never_the_next_
     import pythonbible as pb
 
     suite, _, _ = quick_run
-    runner = levers.Runner.__new__(levers.Runner)
-    runner.suite, runner.work = suite, tmp_path
-    runner.weak = tmp_path / "weak.jsonl"
-    runner.weak.write_text(json.dumps({"query": "a lead sentence", "positive": "the rest"}) + "\n")
-    lines = runner.weak_more("bible").read_text().splitlines()
-    assert lines[0] == runner.weak.read_text().strip()
+    lines = _weak_more_lines(suite, tmp_path, "bible")
     where: dict[str, set[tuple[int, int]]] = {}  # KJV text -> its (chapter id, index in it)
     index: dict[int, int] = {}
     nt = set()
