@@ -339,7 +339,8 @@ def test_lora_decoder_recipe_resumes_and_exports_in_a_gs_workdir(gcs, tmp_path):
     # is read below.
     flags = ["--config.checkpoint.every_steps=2", "--config.train.log_every=1",
              "--config.train.schedule=constant", "--config.train.warmup_steps=0",
-             "--config.train.warmup_ratio=0"]  # fmt: skip
+             "--config.train.warmup_ratio=0",
+             "--config.model.lora.dropout=0"]  # storage, not dropout (~1/3 of a compile) # fmt: skip
     first, last = 2, 4  # steps on both sides of the restart
     with pytest.MonkeyPatch.context() as m:
         m.setenv("GTE_JAX_CACHE", str(cache))
