@@ -14,10 +14,11 @@ from test_train import _env, _steps, _train_cmd
 def test_ctrl_c_saves_a_checkpoint_exits_130_with_one_line_then_resumes(tiny_model_dir, tmp_path):
     workdir = tmp_path / "run"
     # No periodic checkpoint before step 40 (rather than one every step, 40 saves per run): the
-    # checkpoint of the step it stopped at can only be the one Ctrl-C asked for.
+    # checkpoint of the step it stopped at can only be the one Ctrl-C asked for. No dropout: signals
+    # are what is checked, and dropout's random bits are ~1/3 of the step's compile.
     cmd = _train_cmd(
-        tiny_model_dir, workdir, "--config.train.num_steps=40", "--config.checkpoint.every_steps=40",
-        "--config.model.dropout=0",  # signals, not dropout: its random bits are ~1/3 of a compile
+        tiny_model_dir, workdir, "--config.train.num_steps=40",
+        "--config.checkpoint.every_steps=40", "--config.model.dropout=0",
     )  # fmt: skip
     proc = subprocess.Popen(cmd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip

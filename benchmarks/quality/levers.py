@@ -38,10 +38,10 @@ MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "tau_0.02", "tau_learned",
           "matryoshka", "replay_0.2", "stage1_sentences", "distill", "tau_0.01", "mine_top",
           "stage1_bible")  # fmt: skip
-# a larger stage 1 (``stage1_<source>``): the recipe's weak pairs + (task whose train groups only
-# are read, its pairs). sentences: every two adjacent sentences of a Wikipedia paragraph (another
-# source); bible: two verses >= 2 apart in one Old Testament chapter, KJV (in-domain raw text,
-# never the task's verse -> next verse)
+# a larger stage 1 (``stage1_<source>``): the recipe's weak pairs + the source's pairs, as
+# (the task whose train groups alone are read, the pairs' builder). sentences: every two adjacent
+# sentences of a Wikipedia paragraph (another source than the Bible); bible: two verses >= 2
+# apart in one Old Testament chapter, KJV (in-domain raw text, never the task's verse -> next)
 WEAK_MORE = {
     "sentences": (measure.STAGE1_SOURCE, tasks.wiki_sentence_pairs),
     "bible": (measure.IN_DOMAIN, tasks.bible_chapter_pairs),
