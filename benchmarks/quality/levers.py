@@ -37,7 +37,7 @@ MAIN = ("st_mnrl", "gte_2stage", "gte_1stage")
 # interp_<w>: its export interpolated with the base model; the others: stage 2 retrained
 LEVERS = ("interp_0.3", "interp_0.5", "mine_window", "no_mining", "tau_0.02", "tau_learned",
           "matryoshka", "replay_0.2", "stage1_sentences", "distill", "tau_0.01", "mine_top",
-          "stage1_bible")  # fmt: skip
+          "stage1_bible", "loss_gte", "loss_symmetric")  # fmt: skip
 # a larger stage 1 (``stage1_<source>``): the recipe's weak pairs + the source's pairs, as
 # (the task whose train groups alone are read, the pairs' builder). sentences: every two adjacent
 # sentences of a Wikipedia paragraph (another source than the Bible); bible: two verses >= 2
@@ -69,6 +69,10 @@ VARIANTS = {
     "tau_0.01": ("--config.loss.temperature=0.01",),
     "tau_0.02": ("--config.loss.temperature=0.02",),
     "tau_learned": ("--config.loss.learn_temperature=true",),  # starts at 0.05
+    # GTE's improved contrastive loss (§3: one partition over q->d, q->q, d->q, d->d) at the
+    # recipe's τ 0.05, in place of the peer's MNRL (q->d only)
+    "loss_gte": ("--config.loss.name=gte",),
+    "loss_symmetric": ("--config.loss.symmetric=true",),  # MNRL + the d->q direction, averaged
 }
 
 
