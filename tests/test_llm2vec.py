@@ -20,6 +20,7 @@ import optax
 import pytest
 import torch
 import transformers
+from conftest import child_cache_env, child_xla_flags
 from tiny_models import tiny_decoder_dir
 
 from gte_jax import hf, losses, train
@@ -293,6 +294,7 @@ def recipe(tmp_path_factory):
     cache = tmp_path_factory.mktemp("gte_jax_cache")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.update(XLA_FLAGS=child_xla_flags(1), **child_cache_env())  # the session's level and cache
     env["GTE_JAX_CACHE"] = str(cache)
     workdir = tmp_path_factory.mktemp("llm2vec") / "run"
     cmd = [

@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import child_xla_flags
 
 from gte_jax.data.pipeline import DEMO_DIR
 
@@ -58,8 +59,9 @@ def executed(tiny_model_dir, tmp_path_factory):
         "GTE_JAX_NOTEBOOK_BATCH_SIZE": "8",
         "GTE_JAX_NOTEBOOK_MAX_LENGTH": "32",  # one padded length: the train step compiles once
         "GTE_JAX_NOTEBOOK_LR": "1e-3",  # a few steps that visibly move the tiny model
-        # The kernel is a new process: one CPU device (not conftest's 8), no network.
-        "XLA_FLAGS": "",
+        # The kernel is a new process: one CPU device (not conftest's 8) at the session's
+        # backend optimisation level, no network.
+        "XLA_FLAGS": child_xla_flags(1),
         "JAX_PLATFORMS": "cpu",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import child_cache_env
+from conftest import child_cache_env, child_xla_flags
 
 from gte_jax.checkpoint import Checkpointer
 from gte_jax.data.pipeline import DEMO_DIR
@@ -75,6 +75,7 @@ def _job_env(cluster, workdir) -> dict[str, str]:
         CONFIG=str(REPO / "configs" / "finetune.py"),
         WORKDIR=str(workdir),
         **child_cache_env(),
+        XLA_FLAGS=child_xla_flags(1),  # one device per job process, the session's level
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
         # `gte-jax` from this interpreter's environment, activated or not.
@@ -147,7 +148,7 @@ def one_process(tiny_model_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
     env.update(
         **child_cache_env(),
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=child_xla_flags(2),  # the jobs' backend optimisation level (_job_env)
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
     )
