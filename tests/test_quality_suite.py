@@ -381,7 +381,8 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     tmp_path, monkeypatch
 ):
     """Each name in LEVERS trains something (no KeyError at hour three of a grid), and a mining
-    lever's negatives come from its own ``gte-jax mine`` flags, not the recipe's file."""
+    lever's negatives come from its own ``gte-jax mine`` flags, not the recipe's file, and a
+    retrained lever's ``--config`` flags reach its own stage 2."""
     from benchmarks.quality import measure
 
     mines, trains, workdirs = [], [], []
@@ -413,6 +414,10 @@ def test_every_lever_is_a_recipe_the_driver_knows_and_mining_levers_mine_their_o
     # no two trainings share a workdir (a finished one's export is reused: a collision would
     # table stage 1's model as a lever's stage 2)
     assert len(set(workdirs)) == len(workdirs), sorted(map(str, workdirs))
+    # each retrained lever's own flags (loss_gte's loss, tau_*'s τ, ...) reach its own stage 2
+    flags_of = {w.name: extra for w, (_, extra) in zip(workdirs, trains, strict=True)}
+    for name, flags in levers.VARIANTS.items():
+        assert set(flags or ()) <= set(flags_of[f"{name}_s0"]), (name, flags_of[f"{name}_s0"])
 
 
 def _weak_more_lines(suite, tmp_path, source: str) -> list[str]:
