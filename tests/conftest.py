@@ -64,6 +64,21 @@ def child_cache_env() -> dict[str, str]:
     }
 
 
+def child_env(devices: int, *, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment of a child ``gte-jax`` process: this one's without its ``XLA_`` / ``JAX_``
+    settings (nor any prefix in ``drop``), on CPU with ``devices`` devices at the session's backend
+    level (:func:`child_xla_flags`), on the session's compilation cache, offline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", *drop))}
+    env.update(
+        **child_cache_env(),
+        XLA_FLAGS=child_xla_flags(devices),
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 def pytest_configure(config):
     if not XLA_CACHE:
         return

@@ -8,7 +8,6 @@ objects in a temporary directory, which the tests also inspect directly.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import child_cache_env, child_xla_flags
+from conftest import child_env
 
 BUCKET = "gte-jax-test"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -206,13 +205,7 @@ def get_config():
 def _train(config_file, workdir, *overrides, runlocal=False):
     """`gte-jax train` in a child process (one CPU device), as a user runs it, in the config's
     directory: a gs:// path mistaken for a local one would land there, in ./gs:/..."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(
-        XLA_FLAGS=child_xla_flags(1),
-        JAX_PLATFORMS="cpu",
-        HF_HUB_OFFLINE="1",
-        **child_cache_env(),  # XLA executables persist across the runs of a test session
-    )
+    env = child_env(1)  # XLA executables persist across the runs of a test session
     out = subprocess.run(
         [sys.executable, "-m", "gte_jax.cli", "train", "--config",
          f"{config_file}:runlocal" if runlocal else str(config_file),

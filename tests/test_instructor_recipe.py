@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import child_cache_env, child_xla_flags
+from conftest import child_env
 
 from gte_jax import prompts
 from gte_jax.data.pipeline import DEMO_DIR
@@ -47,9 +47,7 @@ def gtr_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(gtr_cache, tmp_path_factory):
     """(workdir, stderr) of `gte-jax train --config configs/instructor.py:runlocal`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    env.update(XLA_FLAGS=child_xla_flags(1), **child_cache_env())  # the session's level and cache
+    env = {**child_env(1), "PYTHONPATH": str(REPO)}
     workdir = tmp_path_factory.mktemp("instructor") / "run"
     cmd = [
         sys.executable, "-m", "gte_jax.cli", "train", "--config", CONFIG,

@@ -8,7 +8,6 @@ bidirectionally, without remote code."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import optax
 import pytest
 import torch
 import transformers
-from conftest import child_cache_env, child_xla_flags
+from conftest import child_env
 from tiny_models import tiny_decoder_dir
 
 from gte_jax import hf, losses, train
@@ -292,9 +291,7 @@ def recipe(tmp_path_factory):
     """`gte-jax train --config configs/llm2vec.py:runlocal`: mntp -> simcse -> supervised on a
     tiny random Gemma3 built offline into a fresh cache."""
     cache = tmp_path_factory.mktemp("gte_jax_cache")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    env.update(XLA_FLAGS=child_xla_flags(1), **child_cache_env())  # the session's level and cache
+    env = {**child_env(1), "PYTHONPATH": str(REPO)}
     env["GTE_JAX_CACHE"] = str(cache)
     workdir = tmp_path_factory.mktemp("llm2vec") / "run"
     cmd = [

@@ -9,18 +9,15 @@ import pathlib
 import subprocess
 import sys
 
-from conftest import child_xla_flags
+from conftest import child_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = REPO / "gte_jax" / "resources" / "demo" / "bible_finetune.jsonl"
 
 
 def _train(tiny_model_dir, workdir, *extra) -> dict:
-    import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", GTE_JAX_COMPILATION_CACHE="")
-    env["XLA_FLAGS"] = child_xla_flags(1)  # one device at the session's level (programs counted)
+    env = {**child_env(1), "GTE_JAX_COMPILATION_CACHE": ""}  # no cache: programs are counted
     cmd = [
         sys.executable, "-m", "gte_jax.cli", "train", "--config",
         str(REPO / "configs" / "finetune.py"), "--workdir", str(workdir),

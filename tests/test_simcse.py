@@ -8,7 +8,6 @@ configs/simcse.py trains a tiny BERT end to end and its export loads in sentence
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import child_xla_flags
+from conftest import child_env
 from flax import nnx
 
 from gte_jax import gradcache as gc
@@ -200,9 +199,7 @@ def test_gte_jax_train_simcse_end_to_end_and_export_round_trip(tiny_model_dir, t
     corpus.write_text("".join(json.loads(line)["query"] + "\n" for line in lines) + "\n\n")
     workdir = tmp_path / "run"
     # One CPU device (a shorter compile than 8 fake ones): its own process.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS=child_xla_flags(1))
-    env.update(GTE_JAX_COMPILATION_CACHE="")
+    env = {**child_env(1), "GTE_JAX_COMPILATION_CACHE": ""}
     out = subprocess.run(
         [sys.executable, "-m", "gte_jax.cli", "train",
          "--config", str(REPO / "configs" / "simcse.py") + ":runlocal",

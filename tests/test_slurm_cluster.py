@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import child_cache_env, child_xla_flags
+from conftest import child_cache_env, child_env, child_xla_flags
 
 from gte_jax.checkpoint import Checkpointer
 from gte_jax.data.pipeline import DEMO_DIR
@@ -145,13 +145,7 @@ NUM_STEPS = 8
 def one_process(tiny_model_dir, tmp_path_factory):
     """The same config in one process with 2 CPU devices, outside Slurm."""
     workdir = tmp_path_factory.mktemp("one_process")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "SLURM_"))}
-    env.update(
-        **child_cache_env(),
-        XLA_FLAGS=child_xla_flags(2),  # the jobs' backend optimisation level (_job_env)
-        JAX_PLATFORMS="cpu",
-        HF_HUB_OFFLINE="1",
-    )
+    env = child_env(2, drop=("SLURM_",))  # the jobs' backend optimisation level (_job_env)
     out = subprocess.run(
         [sys.executable, "-m", "gte_jax.cli", "train", "--config",
          str(REPO / "configs" / "finetune.py"), "--workdir", str(workdir),

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import child_xla_flags
+from conftest import child_env
 from flax import nnx
 
 torch = pytest.importorskip("torch")
@@ -289,8 +289,7 @@ def test_gte_jax_train_packs_t5_and_exports_for_sentence_transformers(t5_v11, tm
         "--config.train.gradcache=true", "--config.train.gradcache_chunk_size=4",
         "--config.model.remat=true", "--log_level=WARNING",
     ]  # fmt: skip
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("XLA_")}
-    env["XLA_FLAGS"] = child_xla_flags(1)  # one device, the session's backend optimisation level
+    env = child_env(1)  # one device, the session's backend optimisation level
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])

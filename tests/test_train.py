@@ -4,7 +4,6 @@ after SIGKILL, two processes == one, NaN handling, CLI errors."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import child_cache_env, child_xla_flags
+from conftest import child_env
 
 from gte_jax import sharding as shd
 from gte_jax import train
@@ -127,16 +126,7 @@ def test_gradcache_step_equals_plain_step(tiny_model_dir):
 # of one run, a rerun and a restart after a kill reuse them.
 
 
-def _env(devices: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(
-        **child_cache_env(),
-        XLA_FLAGS=child_xla_flags(devices),
-        JAX_PLATFORMS="cpu",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+_env = child_env  # the name the other test modules import
 
 
 def _train_cmd(tiny_model_dir, workdir, *extra):
